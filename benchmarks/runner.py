@@ -1,0 +1,121 @@
+"""Measure one system in this process and record the figures as JSON, step by step.
+
+    bench.py ──> python -m benchmarks.runner SYSTEM --mode smoke|full --time-limit S --out PATH
+                   open_target(SYSTEM) ─┐
+                   first result        ─┴─ "start to first result"
+                   warm-up, submit, map, latency, 50 MB   each step recorded when it ends
+                   close                                   phase "shutdown"
+
+The JSON file is rewritten after every step, so when ``bench.py`` kills a runner that overran its
+time limit the figures measured before the overrun survive, and the recorded phase says where it
+stuck. A step that fails records its error and the next step still runs. Every wait inside a step
+is bounded by a deadline set a little before the time limit, to leave time for a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.metrics import SIZES, Deadline, Sizes
+from benchmarks.systems import open_target
+
+__all__ = ["Record", "main", "measure"]
+
+SHUTDOWN_MARGIN_S = 5.0
+
+
+class Record:
+    """What one runner has measured so far, mirrored to a JSON file after every change."""
+
+    def __init__(self, system: str, path: Path) -> None:
+        self._path = path
+        self.data: dict[str, Any] = {
+            "system": system,
+            "status": "running",
+            "phase": "start",
+            "metrics": {},
+            "errors": {},
+            "error": None,
+        }
+        self._write()
+
+    def phase(self, name: str) -> None:
+        self.data["phase"] = name
+        self._write()
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.data["metrics"].update(metrics)
+        self._write()
+
+    def step_failed(self, step: str, exc: BaseException) -> None:
+        self.data["errors"][step] = _describe(exc)
+        self._write()
+
+    def failed(self, exc: BaseException) -> None:
+        self.data["status"] = "error"
+        self.data["error"] = f"{_describe(exc)} (during {self.data['phase']})"
+        self._write()
+
+    def finish(self) -> None:
+        self.data["status"] = "error" if self.data["errors"] else "ok"
+        self.data["phase"] = "done"
+        self._write()
+
+    def _write(self) -> None:
+        """Atomic replace, so a reader never sees half a file even if we are killed mid-write."""
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self._path)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def measure(system: str, sizes: Sizes, deadline: Deadline, record: Record) -> None:
+    """Open ``system``, time the first result, run every step, close."""
+    started = time.perf_counter()
+    with open_target(system) as target:
+        record.phase("first result")
+        target.first_result(deadline)
+        record.add({"startup_s": time.perf_counter() - started})
+        for name, step in target.steps(sizes):
+            record.phase(name)
+            try:
+                record.add(step(deadline))
+            except Exception as exc:
+                traceback.print_exc()
+                record.step_failed(name, exc)
+        record.phase("shutdown")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 when every step succeeded, 1 otherwise; the JSON file says what happened."""
+    parser = argparse.ArgumentParser(description="Measure one system (run by bench.py).")
+    parser.add_argument("system")
+    parser.add_argument("--mode", choices=sorted(SIZES), default="smoke")
+    parser.add_argument("--time-limit", type=float, required=True, metavar="SECONDS")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    record = Record(args.system, args.out)
+    margin = min(SHUTDOWN_MARGIN_S, args.time_limit / 5)
+    try:
+        measure(args.system, SIZES[args.mode], Deadline(args.time_limit - margin), record)
+    except Exception as exc:
+        traceback.print_exc()
+        record.failed(exc)
+        return 1
+    record.finish()
+    return 0 if record.data["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

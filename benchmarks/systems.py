@@ -1,0 +1,191 @@
+"""The systems under test, each opened as a context manager that yields a measurable target.
+
+    name           what is started                                       transport
+    fade-tcp       fade.broker + fade.worker --processes 2 (subprocesses), tcp loopback
+                   then fade.Executor("tcp://127.0.0.1:PORT")
+    fade-embedded  fade.Executor(max_workers=2)                          fade's choice
+    processpool    concurrent.futures.ProcessPoolExecutor(2)             pipes
+    raw-zmq        rawzmq.py: guide LRU broker + 2 DEALER workers        tcp loopback
+    loky           loky.ProcessPoolExecutor(2)                           pipes
+    dask           distributed LocalCluster, 2 worker processes x 1 thread  tcp loopback
+    ray            ray.init(num_cpus=2) behind a small Executor adapter  ray
+
+Opening a system starts everything it needs and closing it stops everything, error or not, so the
+runner can time "start to first result" from before ``open_target`` is entered. Optional peers are
+imported only inside their opener; ``missing`` tells ``bench.py`` which ones to skip and why.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from benchmarks.metrics import WORKERS, ExecutorTarget, Target
+from benchmarks.procs import free_tcp_address, module_processes
+from benchmarks.rawclient import open_raw
+from benchmarks.tasks import call_chunk
+
+__all__ = ["BASELINES", "FADE_SYSTEMS", "SYSTEMS", "System", "missing", "open_target"]
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """A row of the results table and what it needs installed."""
+
+    name: str
+    requires: tuple[str, ...]  # importable modules; a missing optional peer is skipped
+    optional: bool
+
+
+SYSTEMS: tuple[System, ...] = (
+    System("fade-tcp", ("fade",), optional=False),
+    System("fade-embedded", ("fade",), optional=False),
+    System("processpool", (), optional=False),
+    System("raw-zmq", ("zmq", "cloudpickle"), optional=False),
+    System("loky", ("loky",), optional=True),
+    System("dask", ("distributed",), optional=True),
+    System("ray", ("ray",), optional=True),
+)
+FADE_SYSTEMS = ("fade-tcp", "fade-embedded")
+BASELINES = tuple(s.name for s in SYSTEMS if s.name not in FADE_SYSTEMS)
+
+
+def missing(system: System) -> str | None:
+    """Why an optional peer cannot run here, or None. fade itself is never skipped: its
+    ImportError belongs in the table."""
+    if not system.optional:
+        return None
+    absent = [m for m in system.requires if importlib.util.find_spec(m) is None]
+    return f"not installed (pip install {' '.join(absent)})" if absent else None
+
+
+def open_target(name: str) -> AbstractContextManager[Target]:
+    """Start system ``name``; the context manager yields a ready ``Target``."""
+    if name == "raw-zmq":
+        return open_raw()
+    return _executor_target(_OPENERS[name])
+
+
+@contextmanager
+def _executor_target(opener: Callable[[], AbstractContextManager[cf.Executor]]) -> Iterator[Target]:
+    with opener() as executor:
+        yield ExecutorTarget(executor)
+
+
+@contextmanager
+def _fade_tcp() -> Iterator[cf.Executor]:
+    import fade
+
+    address = free_tcp_address()
+    commands = [["fade.broker", address], ["fade.worker", address, "--processes", str(WORKERS)]]
+    with module_processes(commands), fade.Executor(address) as executor:
+        yield executor
+
+
+@contextmanager
+def _fade_embedded() -> Iterator[cf.Executor]:
+    import fade
+
+    with fade.Executor(max_workers=WORKERS) as executor:
+        yield executor
+
+
+@contextmanager
+def _processpool() -> Iterator[cf.Executor]:
+    with cf.ProcessPoolExecutor(WORKERS) as executor:
+        yield executor
+
+
+@contextmanager
+def _loky() -> Iterator[cf.Executor]:
+    import loky
+
+    with loky.ProcessPoolExecutor(max_workers=WORKERS) as executor:
+        yield executor
+
+
+@contextmanager
+def _dask() -> Iterator[cf.Executor]:
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=WORKERS,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    with cluster, Client(cluster) as client:
+        # pure=False: identical calls are separate tasks, as with every other system.
+        with client.get_executor(pure=False) as executor:
+            yield executor
+
+
+@contextmanager
+def _ray() -> Iterator[cf.Executor]:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no telemetry; loopback only
+    import ray
+
+    ray.init(
+        num_cpus=WORKERS,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    try:
+        with RayExecutor() as executor:
+            yield executor
+    finally:
+        ray.shutdown()
+
+
+class RayExecutor(cf.Executor):
+    """The ``Executor`` face ray lacks: ``submit`` is ``remote(...).future()``; ``map`` sends one
+    remote task per chunk of ``chunksize`` calls, as ``ProcessPoolExecutor`` does."""
+
+    def __init__(self) -> None:
+        self._remotes: dict[Callable[..., Any], Any] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        import ray
+
+        remote = self._remotes.get(fn)
+        if remote is None:
+            remote = self._remotes[fn] = ray.remote(fn)
+        future: cf.Future[Any] = remote.remote(*args, **kwargs).future()
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        end = None if timeout is None else time.monotonic() + timeout
+        calls = iter(zip(*iterables))
+        chunks = iter(lambda: list(islice(calls, chunksize)), [])
+        futures = [self.submit(call_chunk, fn, chunk) for chunk in chunks]
+
+        def results() -> Iterator[Any]:
+            for future in futures:
+                yield from future.result(None if end is None else end - time.monotonic())
+
+        return results()
+
+
+_OPENERS: dict[str, Callable[[], AbstractContextManager[cf.Executor]]] = {
+    "fade-tcp": _fade_tcp,
+    "fade-embedded": _fade_embedded,
+    "processpool": _processpool,
+    "loky": _loky,
+    "dask": _dask,
+    "ray": _ray,
+}

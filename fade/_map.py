@@ -1,0 +1,106 @@
+"""``Executor.map`` with chunks and a bounded window, as in Python 3.14.
+
+Each chunk of ``chunksize`` calls travels as one task. Within a chunk the calls
+run in order until one raises; the caller gets every result before it, then the
+exception: an exception surfaces exactly when its element is reached.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from fade.errors import RemoteTraceback
+
+__all__ = ["map_in_order", "run_chunk"]
+
+T = TypeVar("T")
+
+_ChunkResult = tuple[list[Any], "BaseException | None", str]
+
+
+def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> _ChunkResult:
+    """Run on a worker: the results of ``fn`` over ``chunk`` up to the first exception."""
+    values = []
+    for args in chunk:
+        try:
+            values.append(fn(*args))
+        except Exception as exc:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            return values, exc, tb
+    return values, None, ""
+
+
+def _validate(chunksize: int, buffersize: int | None) -> None:
+    if not isinstance(chunksize, int) or chunksize < 1:
+        raise ValueError("chunksize must be >= 1.")
+    if buffersize is not None:
+        if not isinstance(buffersize, int) or isinstance(buffersize, bool):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+
+
+def map_in_order(
+    executor: cf.Executor,
+    fn: Callable[..., T],
+    iterables: tuple[Iterable[Any], ...],
+    timeout: float | None,
+    chunksize: int,
+    buffersize: int | None,
+) -> Iterator[T]:
+    """Submit the calls now (or the first ``buffersize`` of them) and return an iterator
+    over their results in order."""
+    _validate(chunksize, buffersize)
+    end_time = None if timeout is None else timeout + time.monotonic()
+    args = zip(*iterables)
+    calls: Iterator[Any] = args
+    if chunksize > 1:
+        calls = iter(lambda: list(itertools.islice(args, chunksize)), [])
+
+    def submit(task: Any) -> cf.Future[Any]:
+        if chunksize > 1:
+            return executor.submit(run_chunk, fn, task)
+        return executor.submit(fn, *task)
+
+    first = calls if buffersize is None else itertools.islice(calls, buffersize)
+    futures = collections.deque(submit(task) for task in first)
+    return _results(futures, calls, submit, buffersize, end_time, chunked=chunksize > 1)
+
+
+def _results(
+    futures: collections.deque[cf.Future[Any]],
+    calls: Iterator[Any],
+    submit: Callable[[Any], cf.Future[Any]],
+    buffersize: int | None,
+    end_time: float | None,
+    *,
+    chunked: bool,
+) -> Iterator[Any]:
+    try:
+        while futures:
+            if buffersize is not None:
+                task = next(calls, None)
+                if task is not None:
+                    futures.append(submit(task))
+            future = futures.popleft()
+            if end_time is None:
+                result = future.result()
+            else:
+                result = future.result(end_time - time.monotonic())
+            if not chunked:
+                yield result
+                continue
+            values, exc, tb = result
+            yield from values
+            if exc is not None:
+                exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+                raise exc
+    finally:
+        for future in futures:
+            future.cancel()

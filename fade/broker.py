@@ -1,0 +1,700 @@
+"""The broker: one ROUTER socket, one poll loop, no threads.
+
+::
+
+    clients (DEALER)                 broker (ROUTER)                 workers (DEALER)
+      SUBMIT --------> tasks{key} + queue / suspects ---- TASK ------->  run
+      RESULT <-------- route by key <------------------- DONE(credits) <-
+                       ready workers: idle first, then busy-with-credit
+
+* A worker receives tasks only against credits it granted (READY, DONE); a
+  worker holding nothing is served before one that is busy.
+* Payloads are forwarded as the frames they arrived in: never unpickled, never
+  copied.
+* A lost worker's tasks are re-queued as *suspects*: each runs alone on an
+  idle worker, so a task that kills its worker cannot take innocent neighbours
+  down with it; after ``max_attempts`` losses it fails with Status.LOST.
+* Every message from a peer counts as a heartbeat; peers silent for
+  interval x liveness are expired. Expiry and heartbeat bookkeeping use
+  ordered dicts kept in time order, so each pass costs O(due peers), not
+  O(all peers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import enum
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from fade import protocol as p
+from fade._logutil import RateLimitedLog
+from fade._version import __version__
+from fade.errors import ProtocolError
+
+__all__ = ["Broker", "main"]
+
+log = logging.getLogger("fade.broker")
+
+#: A worker may not grant itself more than this many outstanding tasks.
+MAX_CREDITS = 4096
+DEFAULT_MAX_ATTEMPTS = 3
+
+_TASK_ID = struct.Struct("<Q")
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # finished, failed or dropped: no longer owned by the broker
+
+
+class WorkerState(enum.Enum):
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass(slots=True, eq=False)
+class _Task:
+    key: bytes
+    client: bytes
+    task_id: int
+    payload: list[p.Frame]
+    timeout: float
+    max_attempts: int
+    state: TaskState = TaskState.QUEUED
+    worker: bytes | None = None
+    losses: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    identity: bytes
+    info: dict[str, Any]
+    credits: int = 0
+    tasks: dict[bytes, _Task] = field(default_factory=dict)
+    state: WorkerState = WorkerState.READY
+    isolated: bool = False  # running a suspect task alone: no other work meanwhile
+    counted: int = 0  # this worker's share of the pool capacity, as last counted
+    done: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Client:
+    identity: bytes
+    info: dict[str, Any]
+    keys: set[bytes] = field(default_factory=set)
+
+
+class Broker:
+    """A fade broker bound to ``address``. Call :meth:`run`; :meth:`stop` ends it."""
+
+    def __init__(
+        self,
+        address: str = p.DEFAULT_ADDRESS,
+        *,
+        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        parent_pid: int | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        if heartbeat_interval <= 0 or heartbeat_liveness < 1:
+            raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.address = address
+        self.broker_id = uuid.uuid4().hex
+        self.interval = heartbeat_interval
+        self.liveness = heartbeat_liveness
+        self.max_attempts = max_attempts
+        self._expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
+        self._parent_pid = parent_pid
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._stopping = False
+        self._bad_input = RateLimitedLog(log)
+
+        self._tasks: dict[bytes, _Task] = {}
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._suspects: collections.deque[_Task] = collections.deque()
+        self._workers: dict[bytes, _Worker] = {}
+        self._clients: dict[bytes, _Client] = {}
+        self._idle: dict[bytes, None] = {}  # ready, credits > 0, holding nothing
+        self._busy: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._heard: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._told: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._capacity = 0
+        self._outbox: dict[bytes, list[tuple[p.ResultRecord, list[p.Frame]]]] = {}
+        self.started = time.monotonic()
+        self.tasks_done = 0
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Bind the ROUTER socket; returns the endpoint actually bound."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A reconnecting peer keeps its identity; the new pipe replaces the old.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Never drop a message to a slow peer: credits and client windows
+        # already bound what is in flight to each one.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.bind(self.address)
+        self._socket = sock
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("fade-broker %s listening on %s", __version__, endpoint)
+        return endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to end after its current pass; safe from a signal handler."""
+        self._stopping = True
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def run(self) -> None:
+        """Serve until :meth:`stop` is called (or the parent process dies)."""
+        if self._socket is None:
+            self.bind()
+        sock = self._socket
+        assert sock is not None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                timeout = self._poll_timeout()
+                if poller.poll(int(timeout * 1000)):
+                    self._drain_socket(sock)
+                self._flush_results()
+                now = time.monotonic()
+                self._purge_silent_peers(now)
+                self._send_due_heartbeats(now)
+                if self._parent_pid is not None and os.getppid() != self._parent_pid:
+                    log.info("parent process %d is gone; stopping", self._parent_pid)
+                    break
+        finally:
+            self.close()
+
+    def _poll_timeout(self) -> float:
+        """Seconds until the next heartbeat or expiry is due (at most one interval)."""
+        now = time.monotonic()
+        due = now + self.interval
+        if self._told:
+            due = min(due, next(iter(self._told.values())) + self.interval)
+        if self._heard:
+            due = min(due, next(iter(self._heard.values())) + self._expiry)
+        return max(0.0, min(due - now, self.interval))
+
+    def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
+        """Handle every message waiting, up to a bound, without blocking."""
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    # -- dispatch on command --------------------------------------------------------
+
+    def _handle(self, frames: Sequence[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            self._bad_input.warning("dropped a message with no body")
+            return
+        identity = frames[0].bytes
+        try:
+            message = p.parse(frames[1:])
+            self._heard_from(identity)
+            handler = self._HANDLERS.get(message.command)
+            if handler is None:
+                raise ProtocolError(f"{message.command.name} is not for the broker")
+            handler(self, identity, message.body)
+        except ProtocolError as exc:
+            self._bad_input.warning("dropped a message from %s: %s", identity.hex(), exc)
+
+    def _on_hello(self, identity: bytes, body: list[p.Frame]) -> None:
+        hello = p.decode_hello(body)
+        if hello.role == "worker":
+            self._register_worker(identity, hello.info)
+        else:
+            self._register_client(identity, hello.info)
+        self._send(
+            identity,
+            p.encode_welcome(
+                p.Welcome(self.broker_id, self.interval, self.liveness, self._capacity)
+            ),
+        )
+        self._dispatch()
+
+    def _on_heartbeat(self, identity: bytes, body: list[p.Frame]) -> None:
+        if identity not in self._workers and identity not in self._clients:
+            self._reset(identity)
+
+    def _on_ready(self, identity: bytes, body: list[p.Frame]) -> None:
+        credits = p.decode_ready(body)
+        worker = self._workers.get(identity)
+        if worker is None:
+            self._reset(identity)
+            return
+        self._grant(worker, credits)
+        self._dispatch()
+
+    def _on_submit(self, identity: bytes, body: list[p.Frame]) -> None:
+        tasks = p.decode_submit(body)
+        client = self._clients.get(identity)
+        if client is None:
+            # Unknown client (e.g. this broker restarted): it will re-send
+            # everything after the WELCOME that follows our RESET.
+            self._reset(identity)
+            return
+        for record, payload in tasks:
+            key = identity + _TASK_ID.pack(record.task_id)
+            if key in self._tasks:
+                continue  # a re-send of a task we already hold
+            task = _Task(
+                key=key,
+                client=identity,
+                task_id=record.task_id,
+                payload=payload,
+                timeout=record.timeout,
+                max_attempts=record.max_attempts or self.max_attempts,
+            )
+            self._tasks[key] = task
+            client.keys.add(key)
+            self._queue.append(task)
+        self._dispatch()
+
+    def _on_done(self, identity: bytes, body: list[p.Frame]) -> None:
+        credits, results = p.decode_done(body)
+        worker = self._workers.get(identity)
+        for record, payload in results:
+            task = self._tasks.get(record.key)
+            if task is None:
+                continue  # late or duplicate: someone else already answered
+            if record.status is p.Status.RETURNED:
+                if task.worker == identity and task.state is TaskState.RUNNING:
+                    self._unassign(task)
+                    self._enqueue_again(task)
+                continue
+            self._complete(task, record.status, payload)
+            if worker is not None:
+                worker.done += 1
+        if worker is None:
+            self._reset(identity)
+            return
+        self._grant(worker, credits)
+        self._dispatch()
+
+    def _on_drain(self, identity: bytes, body: list[p.Frame]) -> None:
+        p.decode_drain(body)
+        worker = self._workers.get(identity)
+        if worker is None:
+            self._reset(identity)
+            return
+        worker.state = WorkerState.DRAINING
+        self._file(worker)
+        log.info("worker %s is draining (%d tasks held)", _name(worker), len(worker.tasks))
+        # Messages on one connection are ordered: once this DRAIN reaches the
+        # worker, it knows no further TASK is on its way.
+        self._send(identity, p.encode(p.Command.DRAIN))
+
+    def _on_disconnect(self, identity: bytes, body: list[p.Frame]) -> None:
+        worker = self._workers.get(identity)
+        if worker is not None:
+            log.info("worker %s left", _name(worker))
+            for task in list(worker.tasks.values()):
+                self._unassign(task)
+                self._enqueue_again(task)
+            self._forget_worker(worker)
+        client = self._clients.get(identity)
+        if client is not None:
+            log.debug("client %s left", identity.hex())
+            self._forget_client(client)
+        self._forget_peer(identity)
+
+    def _on_obituary(self, identity: bytes, body: list[p.Frame]) -> None:
+        dead, info = p.decode_obituary(body)
+        worker = self._workers.get(dead)
+        if worker is not None:
+            worker.info.update({k: v for k, v in info.items() if k in ("exitcode", "signal")})
+            self._lose_worker(worker, f"its process exited ({_exit_text(info)})")
+            self._dispatch()
+
+    _HANDLERS = {
+        p.Command.HELLO: _on_hello,
+        p.Command.HEARTBEAT: _on_heartbeat,
+        p.Command.READY: _on_ready,
+        p.Command.SUBMIT: _on_submit,
+        p.Command.DONE: _on_done,
+        p.Command.DRAIN: _on_drain,
+        p.Command.DISCONNECT: _on_disconnect,
+        p.Command.OBITUARY: _on_obituary,
+    }
+
+    # -- peers --------------------------------------------------------------------------
+
+    def _register_worker(self, identity: bytes, info: dict[str, Any]) -> None:
+        if identity in self._clients:
+            self._forget_client(self._clients[identity])
+        credits = _int_field(info, "credits", 1)
+        worker = self._workers.get(identity)
+        if worker is None:
+            worker = _Worker(identity=identity, info=info)
+            self._workers[identity] = worker
+            log.info(
+                "worker %s joined (host %s, pid %s); %d workers",
+                _name(worker),
+                info.get("host"),
+                info.get("pid"),
+                len(self._workers),
+            )
+        worker.info.update(info)
+        worker.state = WorkerState.READY
+        worker.credits = 0
+        self._grant(worker, credits)
+        self._broadcast_capacity()
+
+    def _register_client(self, identity: bytes, info: dict[str, Any]) -> None:
+        if identity in self._workers:
+            self._lose_worker(self._workers[identity], "it re-registered as a client")
+        if identity not in self._clients:
+            self._clients[identity] = _Client(identity=identity, info=info)
+            log.debug("client %s connected (host %s)", identity.hex(), info.get("host"))
+
+    def _heard_from(self, identity: bytes) -> None:
+        heard = self._heard
+        heard[identity] = time.monotonic()
+        heard.move_to_end(identity)
+
+    def _forget_peer(self, identity: bytes) -> None:
+        self._heard.pop(identity, None)
+        self._told.pop(identity, None)
+
+    def _reset(self, identity: bytes) -> None:
+        """Tell a peer we do not know it, so that it says HELLO again."""
+        self._send(identity, p.encode(p.Command.RESET))
+        if identity not in self._workers and identity not in self._clients:
+            self._forget_peer(identity)
+
+    def _purge_silent_peers(self, now: float) -> None:
+        """Expire every peer not heard from within the expiry; oldest first, so O(expired)."""
+        deadline = now - self._expiry
+        heard = self._heard
+        while heard:
+            identity, last = next(iter(heard.items()))
+            if last > deadline:
+                break
+            del heard[identity]
+            self._told.pop(identity, None)
+            worker = self._workers.get(identity)
+            if worker is not None:
+                self._lose_worker(worker, f"no heartbeat for {now - last:.1f}s")
+            client = self._clients.get(identity)
+            if client is not None:
+                log.info(
+                    "client %s expired; dropping its %d tasks", identity.hex(), len(client.keys)
+                )
+                self._forget_client(client)
+        self._dispatch()
+
+    def _send_due_heartbeats(self, now: float) -> None:
+        told = self._told
+        due = now - self.interval
+        while told:
+            identity, last = next(iter(told.items()))
+            if last > due:
+                break
+            if identity in self._clients:
+                self._send(identity, p.encode_capacity(p.Command.HEARTBEAT, self._capacity))
+            else:
+                self._send(identity, p.encode(p.Command.HEARTBEAT))
+
+    def _broadcast_capacity(self) -> None:
+        """Tell every client the pool's size changed, so their windows follow it."""
+        for identity in self._clients:
+            self._send(identity, p.encode_capacity(p.Command.HEARTBEAT, self._capacity))
+
+    # -- workers and credits ----------------------------------------------------------
+
+    def _grant(self, worker: _Worker, credits: int) -> None:
+        worker.credits = min(worker.credits + credits, MAX_CREDITS)
+        self._file(worker)
+
+    def _file(self, worker: _Worker) -> None:
+        """The one place that decides which dispatch set a worker belongs to."""
+        identity = worker.identity
+        self._idle.pop(identity, None)
+        self._busy.pop(identity, None)
+        ready = worker.state is WorkerState.READY and not worker.isolated
+        if ready and worker.credits > 0:
+            if worker.tasks:
+                self._busy[identity] = None
+            else:
+                self._idle[identity] = None
+        share = worker.credits + len(worker.tasks) + 1 if worker.state is WorkerState.READY else 0
+        self._capacity += share - worker.counted
+        worker.counted = share
+
+    def _forget_worker(self, worker: _Worker) -> None:
+        worker.state = WorkerState.DRAINING
+        worker.credits = 0
+        worker.tasks.clear()
+        self._file(worker)
+        del self._workers[worker.identity]
+        self._forget_peer(worker.identity)
+        self._broadcast_capacity()
+
+    def _lose_worker(self, worker: _Worker, reason: str) -> None:
+        """A worker died: re-queue what it held as suspects, or fail those out of attempts."""
+        held = list(worker.tasks.values())
+        log.warning("worker %s lost (%s); re-queueing %d tasks", _name(worker), reason, len(held))
+        for task in held:
+            self._unassign(task)
+            task.losses += 1
+            if task.losses >= task.max_attempts:
+                log.error(
+                    "task %d of client %s failed: its worker was lost %d times",
+                    task.task_id,
+                    task.client.hex(),
+                    task.losses,
+                )
+                self._complete(task, p.Status.LOST, [self._lost_report(task, worker, reason)])
+            else:
+                task.state = TaskState.QUEUED
+                self._suspects.append(task)
+        self._forget_worker(worker)
+
+    def _lost_report(self, task: _Task, worker: _Worker, reason: str) -> bytes:
+        info = worker.info
+        report = {
+            "attempts": task.losses,
+            "identity": worker.identity.hex(),
+            "host": info.get("host"),
+            "pid": info.get("pid"),
+            "exitcode": info.get("exitcode"),
+            "signal": info.get("signal"),
+            "reason": reason,
+        }
+        return json.dumps(report).encode()
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand queued tasks to workers with credit: suspects alone to idle workers first."""
+        while self._suspects and self._idle:
+            task = self._suspects.popleft()
+            if task.state is not TaskState.QUEUED:
+                continue
+            worker = self._workers[next(iter(self._idle))]
+            worker.isolated = True
+            self._assign(worker, [task])
+        while self._queue and (self._idle or self._busy):
+            identity = next(iter(self._idle)) if self._idle else next(iter(self._busy))
+            worker = self._workers[identity]
+            batch = self._take(worker.credits)
+            if batch:
+                self._assign(worker, batch)
+
+    def _take(self, limit: int) -> list[_Task]:
+        batch: list[_Task] = []
+        queue = self._queue
+        while queue and len(batch) < limit:
+            task = queue.popleft()
+            if task.state is TaskState.QUEUED:
+                batch.append(task)
+        return batch
+
+    def _assign(self, worker: _Worker, batch: list[_Task]) -> None:
+        records = []
+        for task in batch:
+            task.state = TaskState.RUNNING
+            task.worker = worker.identity
+            worker.tasks[task.key] = task
+            records.append((p.TaskRecord(task.key, len(task.payload), task.timeout), task.payload))
+        worker.credits -= len(batch)
+        self._file(worker)
+        self._send(worker.identity, p.encode_task(records))
+
+    def _unassign(self, task: _Task) -> None:
+        if task.worker is not None:
+            worker = self._workers.get(task.worker)
+            if worker is not None and worker.tasks.pop(task.key, None) is not None:
+                if not worker.tasks:
+                    worker.isolated = False
+                self._file(worker)
+            task.worker = None
+
+    def _enqueue_again(self, task: _Task) -> None:
+        """Put a task back at the head of the line (it was handed back, not lost)."""
+        task.state = TaskState.QUEUED
+        if task.losses:
+            self._suspects.appendleft(task)
+        else:
+            self._queue.appendleft(task)
+
+    def _complete(self, task: _Task, status: p.Status, payload: list[p.Frame]) -> None:
+        """Remove a finished task everywhere and queue its result for its client."""
+        self._unassign(task)
+        task.state = TaskState.DONE
+        del self._tasks[task.key]
+        self.tasks_done += 1
+        client = self._clients.get(task.client)
+        if client is None:
+            return
+        client.keys.discard(task.key)
+        record = p.ResultRecord(task.task_id, status, len(payload))
+        self._outbox.setdefault(task.client, []).append((record, payload))
+
+    def _flush_results(self) -> None:
+        """Send each client one RESULT message with everything finished this pass."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for identity, results in outbox.items():
+            self._send(identity, p.encode_result(self._capacity, results))
+
+    def _forget_client(self, client: _Client) -> None:
+        for key in client.keys:
+            task = self._tasks.pop(key, None)
+            if task is not None:
+                self._unassign(task)
+                task.state = TaskState.DONE
+        client.keys.clear()
+        self._outbox.pop(client.identity, None)
+        del self._clients[client.identity]
+        self._forget_peer(client.identity)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
+        sock = self._socket
+        assert sock is not None
+        try:
+            sock.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("could not send to %s: %s", identity.hex(), exc)
+            return
+        told = self._told
+        told[identity] = time.monotonic()
+        told.move_to_end(identity)
+
+    # -- introspection (tests, status) ---------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready picture of the pool, for status tools."""
+        return {
+            "broker_id": self.broker_id,
+            "version": __version__,
+            "uptime": time.monotonic() - self.started,
+            "workers": [
+                {
+                    "identity": w.identity.hex(),
+                    "host": w.info.get("host"),
+                    "pid": w.info.get("pid"),
+                    "state": _worker_state(w),
+                    "running": len(w.tasks),
+                    "credits": w.credits,
+                    "done": w.done,
+                }
+                for w in self._workers.values()
+            ],
+            "clients": len(self._clients),
+            "queued": len(self._queue) + len(self._suspects),
+            "tasks": len(self._tasks),
+            "tasks_done": self.tasks_done,
+            "capacity": self._capacity,
+        }
+
+
+def _worker_state(worker: _Worker) -> str:
+    if worker.state is WorkerState.DRAINING:
+        return "draining"
+    return "busy" if worker.tasks else "idle"
+
+
+def _name(worker: _Worker) -> str:
+    info = worker.info
+    return f"{worker.identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
+
+
+def _int_field(info: dict[str, Any], name: str, default: int) -> int:
+    value = info.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CREDITS:
+        raise ProtocolError(f"HELLO field {name!r} must be an int in 0..{MAX_CREDITS}")
+    return value
+
+
+def _exit_text(info: dict[str, Any]) -> str:
+    if info.get("signal"):
+        return f"killed by signal {info['signal']}"
+    return f"exit code {info.get('exitcode')}"
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fade-broker", description="Run a fade broker that clients and workers connect to."
+    )
+    parser.add_argument(
+        "address", nargs="?", default=p.DEFAULT_ADDRESS, help="ZeroMQ endpoint to bind"
+    )
+    parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
+    parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="worker losses a task may suffer before it fails (default %(default)s)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"fade {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fade-broker``."""
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s fade-broker[{os.getpid()}@{socket.gethostname()}] "
+        "%(levelname)s %(message)s",
+    )
+    try:
+        broker = Broker(
+            args.address,
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_liveness=args.heartbeat_liveness,
+            max_attempts=args.max_attempts,
+            parent_pid=args.parent_pid,
+        )
+        broker.bind()
+    except (ValueError, zmq.ZMQError) as exc:
+        print(f"fade-broker: {exc}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: broker.stop())
+    broker.run()
+    log.info("fade-broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""The client: :class:`Executor`, a drop-in ``concurrent.futures.Executor``.
+
+::
+
+    user threads                        I/O thread (owns the DEALER socket)          broker
+    submit(fn, *args) --pickle-->  outbox ---wake pipe--->  SUBMIT (batched) ------->
+    Future <--set_result--------- in_flight{id} <---------- RESULT (batched) <-------
+                                                            HEARTBEAT <----------->
+
+* User threads pickle (so a bad argument raises at ``submit``), then append to
+  the outbox and poke a pipe; only the I/O thread touches ZeroMQ.
+* Flow control: the client keeps at most the pool's *capacity* (as the broker
+  reports it) of tasks at the broker. The rest wait here, still PENDING, so
+  ``cancel()`` on them succeeds and they never run, and a map over a huge
+  iterable never floods the broker.
+* Reliability: after every WELCOME (a first connection, a broker restart, a
+  reconnection) the client re-sends every task that has no result yet; the
+  broker ignores ids it already holds and a second result for an id is
+  dropped here, so each future completes exactly once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures as cf
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import zmq
+
+from fade import protocol as p
+from fade import serialization as ser
+from fade._logutil import RateLimitedLog
+from fade._version import __version__
+from fade.embedded import EmbeddedPool
+from fade.errors import BrokenPoolError, FadeError, ProtocolError, WorkerLostError
+
+__all__ = ["Executor"]
+
+log = logging.getLogger("fade.client")
+
+T = TypeVar("T")
+
+#: At most this many tasks travel in one SUBMIT message.
+MAX_BATCH = 512
+
+
+@dataclass(slots=True, eq=False)
+class _WorkItem:
+    """A submitted task as the client keeps it: it has the Future; only ``frames`` travel."""
+
+    task_id: int
+    future: cf.Future[Any]
+    frames: list[Any]
+
+
+class _ClientIO:
+    """The I/O thread: the only code that touches the client's socket."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        heartbeat_interval: float,
+        heartbeat_liveness: int,
+        max_attempts: int,
+        task_timeout: float | None,
+        pool: EmbeddedPool | None,
+    ) -> None:
+        self.address = address
+        self.identity = b"C" + uuid.uuid4().bytes[1:]
+        self.interval = heartbeat_interval
+        self.expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
+        self.max_attempts = max_attempts
+        self.timeout = task_timeout or 0.0
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.outbox: collections.deque[_WorkItem] = collections.deque()
+        self.in_flight: dict[int, _WorkItem] = {}
+        self.closing = False
+        self.broken: BaseException | None = None
+        self._capacity = 0
+        self._welcomed = False
+        self._woken = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._context = zmq.Context()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._poller = zmq.Poller()
+        self._heard = self._told = time.monotonic()
+        self._bad_input = RateLimitedLog(log)
+        self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
+
+    # -- called from user threads --------------------------------------------------------
+
+    def enqueue(self, item: _WorkItem) -> None:
+        with self.lock:
+            self.outbox.append(item)
+            wake = not self._woken
+            self._woken = True
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._connect()
+            while not self._finished():
+                self._pass()
+            self._send(p.encode(p.Command.DISCONNECT))
+        except BaseException as exc:
+            log.exception("the client I/O thread failed")
+            self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
+        finally:
+            if self._socket is not None:
+                self._socket.close(linger=200)
+            self._context.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _finished(self) -> bool:
+        if self.broken is not None:
+            return True
+        with self.lock:
+            return self.closing and not self.outbox and not self.in_flight
+
+    def _pass(self) -> None:
+        sock = self._socket
+        assert sock is not None
+        events = dict(self._poller.poll(int(self._poll_timeout() * 1000)))
+        if self._wake_r in events:
+            with self.lock:
+                self._woken = False
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if sock in events:
+            self._read_all(sock)
+        self._send_tasks()
+        now = time.monotonic()
+        if now - self._heard > self.expiry:
+            log.warning("broker silent for %.1fs; reconnecting", now - self._heard)
+            self._connect()
+        elif now - self._told >= self.interval:
+            self._send(p.encode(p.Command.HEARTBEAT))
+        if self.pool is not None:
+            problem = self.pool.problem()
+            if problem is not None:
+                self._break(BrokenPoolError(problem))
+
+    def _poll_timeout(self) -> float:
+        return max(0.0, min(self.interval - (time.monotonic() - self._told), self.interval))
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(self.address)
+        self._socket = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._heard = time.monotonic()
+        self._hello()
+
+    def _hello(self) -> None:
+        self._welcomed = False
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+        self._send(p.encode_hello("client", info))
+
+    def _send(self, frames: list[Any]) -> None:
+        assert self._socket is not None
+        self._socket.send_multipart(frames, copy=False)
+        self._told = time.monotonic()
+
+    # -- input -------------------------------------------------------------------------------------
+
+    def _read_all(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._heard = time.monotonic()
+            try:
+                self._handle(p.parse(frames))
+            except ProtocolError as exc:
+                self._bad_input.warning("dropped a message from the broker: %s", exc)
+
+    def _handle(self, message: p.Message) -> None:
+        command = message.command
+        if command is p.Command.RESULT:
+            capacity, results = p.decode_result(message.body)
+            self._capacity = capacity
+            for record, payload in results:
+                self._complete(record, payload)
+        elif command is p.Command.HEARTBEAT:
+            announced = p.decode_capacity(message.body)
+            if announced is not None:
+                self._capacity = announced
+        elif command is p.Command.WELCOME:
+            self._on_welcome(p.decode_welcome(message.body))
+        elif command is p.Command.RESET:
+            log.info("broker does not know this client (it may have restarted)")
+            self._hello()
+        else:
+            raise ProtocolError(f"{command.name} is not for a client")
+
+    def _on_welcome(self, welcome: p.Welcome) -> None:
+        self._capacity = welcome.capacity
+        self._welcomed = True
+        if self.in_flight:
+            # Whatever the broker had of ours may be gone: send it all again.
+            # The broker skips ids it still holds.
+            log.info(
+                "re-sending %d unfinished tasks to broker %s",
+                len(self.in_flight),
+                welcome.broker_id,
+            )
+            items = sorted(self.in_flight.values(), key=lambda item: item.task_id)
+            for start in range(0, len(items), MAX_BATCH):
+                self._send(self._submit_frames(items[start : start + MAX_BATCH]))
+
+    def _complete(self, record: p.ResultRecord, payload: list[Any]) -> None:
+        item = self.in_flight.pop(record.task_id, None)
+        if item is None:
+            return  # a duplicate: this future already has its result
+        future = item.future
+        if record.status is p.Status.OK:
+            try:
+                value = ser.loads_value(payload)
+            except FadeError as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
+        elif record.status is p.Status.RAISED:
+            future.set_exception(ser.loads_exception(payload))
+        elif record.status is p.Status.LOST:
+            future.set_exception(_lost_error(payload))
+        else:
+            future.set_exception(ProtocolError(f"unexpected result status {record.status.name}"))
+
+    # -- output ------------------------------------------------------------------------
+
+    def _send_tasks(self) -> None:
+        """Move tasks from the outbox to the broker while the pool has room for them."""
+        if not self._welcomed:
+            return
+        while True:
+            room = min(MAX_BATCH, self._capacity - len(self.in_flight))
+            if room <= 0:
+                return
+            batch = self._take(room)
+            if not batch:
+                return
+            self._send(self._submit_frames(batch))
+
+    def _take(self, room: int) -> list[_WorkItem]:
+        batch: list[_WorkItem] = []
+        with self.lock:
+            while self.outbox and len(batch) < room:
+                item = self.outbox.popleft()
+                if item.future.set_running_or_notify_cancel():
+                    batch.append(item)
+        for item in batch:
+            self.in_flight[item.task_id] = item
+        return batch
+
+    def _submit_frames(self, items: list[_WorkItem]) -> list[Any]:
+        return p.encode_submit(
+            [
+                (
+                    p.SubmitRecord(item.task_id, len(item.frames), self.max_attempts, self.timeout),
+                    item.frames,
+                )
+                for item in items
+            ]
+        )
+
+    def _break(self, error: BaseException) -> None:
+        """The pool is unusable: fail every future that is not done."""
+        if self.broken is not None:
+            return
+        self.broken = error
+        with self.lock:
+            items = [*self.outbox, *self.in_flight.values()]
+            self.outbox.clear()
+            self.in_flight.clear()
+        for item in items:
+            if not item.future.done():
+                try:
+                    item.future.set_exception(error)
+                except cf.InvalidStateError:
+                    pass
+
+
+def _lost_error(payload: list[Any]) -> WorkerLostError:
+    try:
+        info = json.loads(ser._as_bytes(payload[0]))
+    except (IndexError, ValueError):
+        return WorkerLostError("the task's worker was lost too many times")
+    identity = str(info.get("identity", "?"))[:12]
+    where = f"worker {identity} on host {info.get('host')} pid {info.get('pid')}"
+    if info.get("signal"):
+        where += f", killed by {info['signal']}"
+    elif info.get("exitcode") is not None:
+        where += f", exit code {info['exitcode']}"
+    return WorkerLostError(
+        f"the task was attempted {info.get('attempts')} times and lost its worker each time "
+        f"(it may crash its worker: a segfault, os._exit, running out of memory); "
+        f"last seen: {where} ({info.get('reason')})"
+    )
+
+
+class Executor(cf.Executor):
+    """Run calls on a fade pool: an embedded one (no address) or a broker at ``address``.
+
+    Behaves like ``concurrent.futures.ProcessPoolExecutor``: ``submit`` returns a
+    real ``concurrent.futures.Future``; ``map`` yields results in order.
+
+    Args:
+        address: a broker endpoint such as ``"tcp://head:5555"``. None starts an
+            embedded broker and ``max_workers`` worker processes on this machine.
+        max_workers: worker processes of the embedded pool (default: one per
+            core). Ignored with an address.
+        max_attempts: how many times a task may lose its worker (crash, kill,
+            lost heartbeats) before its future fails with WorkerLostError.
+        task_timeout: seconds a task may run; past that its worker process is
+            replaced and the future fails with TaskTimeoutError.
+        heartbeat_interval, heartbeat_liveness: failure detection takes
+            interval x liveness seconds.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        max_workers: int | None = None,
+        max_attempts: int = 3,
+        task_timeout: float | None = None,
+        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+    ) -> None:
+        if max_workers is not None and max_workers < 1:
+            raise ValueError("max_workers must be greater than 0")
+        if not 1 <= max_attempts <= 65535:
+            raise ValueError("max_attempts must be between 1 and 65535")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be positive (or None for no limit)")
+        if heartbeat_interval <= 0 or heartbeat_liveness < 1:
+            raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+        self._pool: EmbeddedPool | None = None
+        if address is None:
+            self._pool = EmbeddedPool(
+                max_workers or os.cpu_count() or 1,
+                heartbeat_interval=heartbeat_interval,
+                heartbeat_liveness=heartbeat_liveness,
+            )
+            address = self._pool.address
+        self.address = address
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._ids = itertools.count(1)
+        self._io = _ClientIO(
+            address,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+            max_attempts=max_attempts,
+            task_timeout=task_timeout,
+            pool=self._pool,
+        )
+        self._io.thread.start()
+        _live_executors.add(self)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; raises SerializationError if it cannot be pickled."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._io.broken is not None:
+            raise BrokenPoolError(str(self._io.broken))
+        frames = ser.dumps_call(fn, args, kwargs)
+        future: cf.Future[T] = cf.Future()
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._io.enqueue(_WorkItem(next(self._ids), future, frames))
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """Like ``Executor.map`` (Python 3.14): results in order, ``chunksize`` calls per
+        task, at most ``buffersize`` tasks in flight."""
+        from fade._map import map_in_order
+
+        return map_in_order(self, fn, iterables, timeout, chunksize, buffersize)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; with ``wait`` block until every future is done and the
+        embedded pool (if any) has stopped."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        io = self._io
+        if cancel_futures:
+            with io.lock:
+                items = list(io.outbox)
+                io.outbox.clear()
+            for item in items:
+                item.future.cancel()
+        with io.lock:
+            io.closing = True
+        io.wake()
+        if wait:
+            io.thread.join()
+            self._stop_pool()
+        else:
+            threading.Thread(target=self._finish_later, name="fade-shutdown", daemon=True).start()
+            return  # still finished at interpreter exit, as the standard library does
+        _live_executors.discard(self)
+
+    def _finish_later(self) -> None:
+        self._io.thread.join()
+        self._stop_pool()
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+
+
+_live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    # As the standard library does: let submitted work finish when the
+    # interpreter exits, and leave no embedded pool behind.
+    for executor in list(_live_executors):
+        executor.shutdown(wait=True)

@@ -1,0 +1,463 @@
+"""fade's wire protocol: the only module that builds or parses frames.
+
+Every peer (client, worker, supervisor) talks to the broker through one DEALER
+socket; the broker has one ROUTER socket. A message is a list of frames::
+
+    [header, body...]          header = b"fd" + VERSION + COMMAND   (4 bytes)
+
+The ROUTER adds/strips the peer's identity frame; nothing here sees it.
+
+    client                      broker                        worker
+      | HELLO(role=client) ----> |  <---- HELLO(role=worker)    |
+      | <------------- WELCOME   |   WELCOME ------------------>|
+      |                          |  <---- READY(credits)        |
+      | SUBMIT(tasks) ---------> | TASK(tasks) ---------------->|
+      |                          |  <---- DONE(credits, results)|
+      | <------ RESULT(results)  |                              |
+      | <-> HEARTBEAT <------->  | <-------> HEARTBEAT <------> |
+
+Task and result payloads are opaque frames to the broker: it forwards them
+without unpickling or copying. Records that describe them travel in one packed
+``meta`` frame per message, so a batch of many tasks costs one message.
+See docs/protocol.md for the full description.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import zmq
+
+from fade.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_LIVENESS",
+    "MAGIC",
+    "VERSION",
+    "Command",
+    "DoneRecord",
+    "Hello",
+    "Message",
+    "ResultRecord",
+    "Status",
+    "SubmitRecord",
+    "TaskRecord",
+    "Welcome",
+    "decode_capacity",
+    "decode_done",
+    "decode_drain",
+    "decode_hello",
+    "decode_obituary",
+    "decode_ready",
+    "decode_result",
+    "decode_submit",
+    "decode_task",
+    "decode_welcome",
+    "encode",
+    "encode_done",
+    "encode_hello",
+    "encode_obituary",
+    "encode_ready",
+    "encode_result",
+    "encode_submit",
+    "encode_task",
+    "encode_welcome",
+    "expiry",
+    "parse",
+]
+
+MAGIC = b"fd"
+VERSION = 1
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+#: Seconds between heartbeats, in both directions.
+HEARTBEAT_INTERVAL = 1.0
+#: Heartbeats a peer may miss before it is presumed dead.
+HEARTBEAT_LIVENESS = 3
+
+#: The largest key a worker echoes back (a client identity plus an 8-byte id).
+MAX_KEY = 255
+
+Frame = Union[bytes, zmq.Frame, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
+
+
+def expiry(interval: float, liveness: int) -> float:
+    """Seconds of silence after which a peer is presumed dead."""
+    return interval * liveness
+
+
+class Command(enum.IntEnum):
+    """One-byte commands; the direction each travels is in its comment."""
+
+    HELLO = 1  # client|worker -> broker: who I am (JSON)
+    WELCOME = 2  # broker -> client|worker: broker id and settings (JSON)
+    RESET = 3  # broker -> peer: "I do not know you", say HELLO again
+    HEARTBEAT = 4  # both ways; broker -> client carries the pool capacity
+    READY = 5  # worker -> broker: grant N more task credits
+    SUBMIT = 6  # client -> broker: a batch of tasks
+    TASK = 7  # broker -> worker: a batch of tasks
+    DONE = 8  # worker -> broker: a batch of results, plus new credits
+    RESULT = 9  # broker -> client: a batch of results
+    DRAIN = 10  # worker -> broker: send me nothing more; broker answers DRAIN
+    DISCONNECT = 11  # client|worker -> broker: I am leaving
+    OBITUARY = 12  # supervisor -> broker: this worker process died (JSON)
+
+
+class Status(enum.IntEnum):
+    """How a task ended, in DONE and RESULT records."""
+
+    OK = 0  # payload: the pickled return value
+    RAISED = 1  # payload: the pickled (exception, traceback text)
+    LOST = 2  # broker-made; payload: JSON about the lost worker
+    RETURNED = 3  # worker hands the task back unrun; no payload
+
+
+_HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
+_COMMANDS = {h: c for c, h in _HEADERS.items()}
+
+_SUBMIT = struct.Struct("<QHHd")  # task id, payload frames, max attempts, timeout
+_TASK = struct.Struct("<HdB")  # payload frames, timeout, key length (key follows)
+_DONE = struct.Struct("<BHB")  # status, payload frames, key length (key follows)
+_RESULT = struct.Struct("<QBH")  # task id, status, payload frames
+_U32 = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class Message:
+    """A parsed envelope: the command and the frames after the header."""
+
+    command: Command
+    body: list[Frame]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What a peer says about itself when it (re)connects."""
+
+    role: str  # "client" or "worker"
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The broker's answer to HELLO."""
+
+    broker_id: str
+    heartbeat_interval: float
+    heartbeat_liveness: int
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRecord:
+    """One task as a client submits it (the payload frames follow separately)."""
+
+    task_id: int
+    nframes: int
+    max_attempts: int  # 0: the broker's default
+    timeout: float  # seconds; 0: none
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One task as the broker hands it to a worker."""
+
+    key: bytes
+    nframes: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class DoneRecord:
+    """One result as a worker returns it."""
+
+    key: bytes
+    status: Status
+    nframes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """One result as the broker returns it to the client."""
+
+    task_id: int
+    status: Status
+    nframes: int
+
+
+# -- envelope ---------------------------------------------------------------
+
+
+def encode(command: Command, *body: Frame) -> list[Frame]:
+    """Frames for a message with no structured body (RESET, DRAIN, ...)."""
+    return [_HEADERS[command], *body]
+
+
+def parse(frames: Sequence[Frame]) -> Message:
+    """Check the envelope and split off the command. Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    header = _bytes(frames[0])
+    command = _COMMANDS.get(header)
+    if command is None:
+        if len(header) == 4 and header[:2] == MAGIC and header[2] != VERSION:
+            raise ProtocolError(f"protocol version {header[2]} is not {VERSION}")
+        raise ProtocolError(f"unknown header {header[:8]!r}")
+    return Message(command, list(frames[1:]))
+
+
+# -- HELLO / WELCOME / OBITUARY (rare: JSON is fine) --------------------------
+
+
+def encode_hello(role: str, info: dict[str, Any]) -> list[Frame]:
+    return [_HEADERS[Command.HELLO], _json({"role": role, **info})]
+
+
+def decode_hello(body: Sequence[Frame]) -> Hello:
+    data = _unjson(body, "HELLO")
+    role = data.get("role")
+    if role not in ("client", "worker"):
+        raise ProtocolError(f"HELLO with unknown role {role!r}")
+    return Hello(role=role, info={k: v for k, v in data.items() if k != "role"})
+
+
+def encode_welcome(welcome: Welcome) -> list[Frame]:
+    return [
+        _HEADERS[Command.WELCOME],
+        _json(
+            {
+                "broker_id": welcome.broker_id,
+                "heartbeat_interval": welcome.heartbeat_interval,
+                "heartbeat_liveness": welcome.heartbeat_liveness,
+                "capacity": welcome.capacity,
+            }
+        ),
+    ]
+
+
+def decode_welcome(body: Sequence[Frame]) -> Welcome:
+    data = _unjson(body, "WELCOME")
+    try:
+        return Welcome(
+            broker_id=str(data["broker_id"]),
+            heartbeat_interval=float(data["heartbeat_interval"]),
+            heartbeat_liveness=int(data["heartbeat_liveness"]),
+            capacity=int(data["capacity"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad WELCOME: {exc}") from None
+
+
+def encode_obituary(identity: bytes, info: dict[str, Any]) -> list[Frame]:
+    return [_HEADERS[Command.OBITUARY], identity, _json(info)]
+
+
+def decode_obituary(body: Sequence[Frame]) -> tuple[bytes, dict[str, Any]]:
+    if len(body) != 2:
+        raise ProtocolError(f"OBITUARY needs 2 frames, got {len(body)}")
+    return _bytes(body[0]), _unjson(body[1:], "OBITUARY")
+
+
+# -- small numeric bodies -------------------------------------------------------
+
+
+def encode_ready(credits: int) -> list[Frame]:
+    return [_HEADERS[Command.READY], _U32.pack(credits)]
+
+
+def decode_ready(body: Sequence[Frame]) -> int:
+    return _one_u32(body, "READY")
+
+
+def encode_capacity(command: Command, capacity: int) -> list[Frame]:
+    """HEARTBEAT from broker to client, telling the pool's current capacity."""
+    return [_HEADERS[command], _U32.pack(capacity)]
+
+
+def decode_capacity(body: Sequence[Frame]) -> int | None:
+    """The capacity carried by a broker HEARTBEAT, or None when it carries none."""
+    if not body:
+        return None
+    return _one_u32(body, "HEARTBEAT")
+
+
+def decode_drain(body: Sequence[Frame]) -> None:
+    if body:
+        raise ProtocolError("DRAIN carries no body")
+
+
+# -- task batches -----------------------------------------------------------------
+
+
+def encode_submit(
+    tasks: Sequence[tuple[SubmitRecord, Sequence[Frame]]],
+) -> list[Frame]:
+    """SUBMIT: [header, meta, payload frames of task 1, of task 2, ...]."""
+    meta = b"".join(_SUBMIT.pack(r.task_id, r.nframes, r.max_attempts, r.timeout) for r, _ in tasks)
+    frames: list[Frame] = [_HEADERS[Command.SUBMIT], meta]
+    for _, payload in tasks:
+        frames.extend(payload)
+    return frames
+
+
+def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, list[Frame]]]:
+    meta = _meta(body, "SUBMIT", _SUBMIT.size)
+    records = [SubmitRecord(*fields) for fields in _SUBMIT.iter_unpack(meta)]
+    return _attach_payloads(records, body, "SUBMIT")
+
+
+def encode_task(tasks: Sequence[tuple[TaskRecord, Sequence[Frame]]]) -> list[Frame]:
+    """TASK: [header, meta, payload frames...]; meta repeats (nframes, timeout, key)."""
+    meta = b"".join(_TASK.pack(r.nframes, r.timeout, len(r.key)) + r.key for r, _ in tasks)
+    frames: list[Frame] = [_HEADERS[Command.TASK], meta]
+    for _, payload in tasks:
+        frames.extend(payload)
+    return frames
+
+
+def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, list[Frame]]]:
+    meta = _meta(body, "TASK", 1)
+    records = [
+        TaskRecord(key=key, nframes=nframes, timeout=timeout)
+        for (nframes, timeout), key in _keyed_records(meta, _TASK, "TASK")
+    ]
+    return _attach_payloads(records, body, "TASK")
+
+
+def encode_done(credits: int, results: Sequence[tuple[DoneRecord, Sequence[Frame]]]) -> list[Frame]:
+    """DONE: [header, meta, payload frames...]; meta is credits then (status, nframes, key)."""
+    meta = _U32.pack(credits) + b"".join(
+        _DONE.pack(r.status, r.nframes, len(r.key)) + r.key for r, _ in results
+    )
+    frames: list[Frame] = [_HEADERS[Command.DONE], meta]
+    for _, payload in results:
+        frames.extend(payload)
+    return frames
+
+
+def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, list[Frame]]]]:
+    meta = _meta(body, "DONE", 1)
+    if len(meta) < _U32.size:
+        raise ProtocolError("DONE meta too short")
+    (credits,) = _U32.unpack_from(meta)
+    records = [
+        DoneRecord(key=key, status=_status(status), nframes=nframes)
+        for (status, nframes), key in _keyed_records(meta[_U32.size :], _DONE, "DONE")
+    ]
+    return credits, _attach_payloads(records, body, "DONE")
+
+
+def encode_result(
+    capacity: int, results: Sequence[tuple[ResultRecord, Sequence[Frame]]]
+) -> list[Frame]:
+    """RESULT: [header, meta, payload frames...]; meta is capacity then records."""
+    meta = _U32.pack(capacity) + b"".join(
+        _RESULT.pack(r.task_id, r.status, r.nframes) for r, _ in results
+    )
+    frames: list[Frame] = [_HEADERS[Command.RESULT], meta]
+    for _, payload in results:
+        frames.extend(payload)
+    return frames
+
+
+def decode_result(body: Sequence[Frame]) -> tuple[int, list[tuple[ResultRecord, list[Frame]]]]:
+    meta = _meta(body, "RESULT", 1)
+    if (len(meta) - _U32.size) % _RESULT.size:
+        raise ProtocolError("RESULT meta has a partial record")
+    (capacity,) = _U32.unpack_from(meta)
+    records = [
+        ResultRecord(task_id, _status(status), nframes)
+        for task_id, status, nframes in _RESULT.iter_unpack(meta[_U32.size :])
+    ]
+    return capacity, _attach_payloads(records, body, "RESULT")
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _bytes(frame: Frame) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, zmq.Frame):
+        return frame.bytes
+    return bytes(frame)
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _unjson(body: Sequence[Frame], what: str) -> dict[str, Any]:
+    if len(body) != 1:
+        raise ProtocolError(f"{what} needs 1 body frame, got {len(body)}")
+    try:
+        data = json.loads(_bytes(body[0]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{what} body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} body is not a JSON object")
+    return data
+
+
+def _one_u32(body: Sequence[Frame], what: str) -> int:
+    if len(body) != 1:
+        raise ProtocolError(f"{what} needs 1 body frame, got {len(body)}")
+    raw = _bytes(body[0])
+    if len(raw) != _U32.size:
+        raise ProtocolError(f"{what} body must be 4 bytes, got {len(raw)}")
+    value: int = _U32.unpack(raw)[0]
+    return value
+
+
+def _meta(body: Sequence[Frame], what: str, record_size: int) -> bytes:
+    if not body:
+        raise ProtocolError(f"{what} has no meta frame")
+    meta = _bytes(body[0])
+    if record_size > 1 and len(meta) % record_size:
+        raise ProtocolError(f"{what} meta has a partial record")
+    return meta
+
+
+def _keyed_records(
+    meta: bytes, layout: struct.Struct, what: str
+) -> list[tuple[tuple[Any, ...], bytes]]:
+    """Records of a fixed layout whose last field is the length of a key that follows."""
+    out = []
+    offset, end = 0, len(meta)
+    while offset < end:
+        if offset + layout.size > end:
+            raise ProtocolError(f"{what} meta has a partial record")
+        *fields, key_len = layout.unpack_from(meta, offset)
+        offset += layout.size
+        if key_len == 0 or offset + key_len > end:
+            raise ProtocolError(f"{what} record has a bad key length")
+        out.append((tuple(fields), meta[offset : offset + key_len]))
+        offset += key_len
+    return out
+
+
+def _attach_payloads(records: list[Any], body: Sequence[Frame], what: str) -> list[Any]:
+    """Pair each record with its run of payload frames, checking the counts add up."""
+    payloads = body[1:]
+    if sum(r.nframes for r in records) != len(payloads):
+        raise ProtocolError(f"{what} frame counts do not match its records")
+    out = []
+    offset = 0
+    for record in records:
+        out.append((record, list(payloads[offset : offset + record.nframes])))
+        offset += record.nframes
+    return out
+
+
+def _status(value: int) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise ProtocolError(f"unknown status {value}") from None

@@ -1,0 +1,211 @@
+"""Turning calls and results into frames and back (cloudpickle, pickle protocol 5).
+
+A task's payload is ``[function, arguments, buffer...]``:
+
+* the function is pickled on its own, so its bytes can be reused: a function
+  that pickles *by reference* (an importable module-level function) always
+  pickles to the same bytes, and those are cached per function object;
+  workers cache what they unpickle by those bytes;
+* the arguments ``(args, kwargs)`` are pickled with protocol 5; every buffer of
+  at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
+  a frame of its own, sent without copying and rebuilt without copying.
+
+A result payload is ``[value, buffer...]`` the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import traceback
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from fade.errors import RemoteTraceback, ResultDecodeError, SerializationError
+
+__all__ = [
+    "OUT_OF_BAND_MIN",
+    "FunctionCache",
+    "dumps_call",
+    "dumps_exception",
+    "dumps_value",
+    "loads_call",
+    "loads_exception",
+    "loads_value",
+]
+
+#: Buffers at least this large travel as their own zero-copy frames.
+OUT_OF_BAND_MIN = 64 * 1024
+
+Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
+
+_by_reference: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
+def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes >= OUT_OF_BAND_MIN:
+            buffers.append(raw)
+            return False  # out of band
+        return True
+
+    out = io.BytesIO()
+    cloudpickle.CloudPickler(out, protocol=5, buffer_callback=keep_large).dump(obj)
+    return out.getvalue()
+
+
+def _pickles_by_reference(fn: Any) -> bool:
+    """True when cloudpickle would store ``fn`` as module + name (so its bytes never change)."""
+    module_name = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module_name or not qualname or module_name == "__main__" or "<" in qualname:
+        return False
+    if module_name in cloudpickle.list_registry_pickle_by_value():
+        return False
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
+def dumps_function(fn: Callable[..., Any]) -> bytes:
+    """The function's pickle; cached when it pickles by reference (the bytes cannot go stale)."""
+    try:
+        cached = _by_reference.get(fn)
+    except TypeError:  # not weak-referenceable (a bound method, a partial...)
+        cached = None
+    if cached is not None:
+        return bytes(cached)
+    try:
+        data: bytes = cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
+    if _pickles_by_reference(fn):
+        try:
+            _by_reference[fn] = data
+        except TypeError:
+            pass
+    return data
+
+
+def dumps_call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[Frame]:
+    """Frames for calling ``fn(*args, **kwargs)`` remotely. Raises SerializationError."""
+    fn_bytes = dumps_function(fn)
+    buffers: list[Frame] = []
+    try:
+        arg_bytes = _dumps((args, kwargs), buffers)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
+    return [fn_bytes, arg_bytes, *buffers]
+
+
+class FunctionCache:
+    """Worker-side cache from a function's pickle bytes to the function (LRU)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._cache: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+
+    def load(self, data: bytes) -> Callable[..., Any]:
+        fn = self._cache.get(data)
+        if fn is None:
+            fn = pickle.loads(data)
+            self._cache[data] = fn
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(data)
+        return fn
+
+
+def loads_call(
+    frames: Sequence[Frame], functions: FunctionCache
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s frames."""
+    if len(frames) < 2:
+        raise SerializationError(f"a task payload needs 2 frames or more, got {len(frames)}")
+    fn = functions.load(_as_bytes(frames[0]))
+    args, kwargs = pickle.loads(_as_buffer(frames[1]), buffers=[_as_buffer(f) for f in frames[2:]])
+    return fn, args, kwargs
+
+
+def dumps_value(value: Any) -> list[Frame]:
+    """Frames for a return value. Raises ResultDecodeError naming the cause."""
+    buffers: list[Frame] = []
+    try:
+        data = _dumps(value, buffers)
+    except Exception as exc:
+        raise ResultDecodeError(
+            f"the task's result of type {type(value).__qualname__} cannot be pickled: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    return [data, *buffers]
+
+
+def loads_value(frames: Sequence[Frame]) -> Any:
+    if not frames:
+        raise ResultDecodeError("a result carried no frames")
+    try:
+        return pickle.loads(_as_buffer(frames[0]), buffers=[_as_buffer(f) for f in frames[1:]])
+    except Exception as exc:
+        raise ResultDecodeError(
+            f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def dumps_exception(exc: BaseException) -> list[Frame]:
+    """Frames for an exception raised by a task, with its traceback as text.
+
+    An exception that cannot be pickled is replaced by a ResultDecodeError that
+    names its type and message, so the client still learns what happened.
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return [cloudpickle.dumps((exc, tb), protocol=5)]
+    except Exception as why:
+        stand_in = ResultDecodeError(
+            f"the task raised {type(exc).__qualname__}: {exc}, "
+            f"which cannot be pickled ({type(why).__name__}: {why})"
+        )
+        return [cloudpickle.dumps((stand_in, tb), protocol=5)]
+
+
+def loads_exception(frames: Sequence[Frame]) -> BaseException:
+    """The task's exception, with the remote traceback attached as ``__cause__``."""
+    try:
+        exc, tb = pickle.loads(_as_buffer(frames[0]))
+    except Exception as why:
+        return ResultDecodeError(
+            f"the task raised an exception that could not be unpickled here: "
+            f"{type(why).__name__}: {why}"
+        )
+    if not isinstance(exc, BaseException):
+        return ResultDecodeError(f"the worker sent {type(exc).__name__} as an exception")
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return exc
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _as_buffer(frame: Frame) -> Any:
+    buffer = getattr(frame, "buffer", None)
+    return frame if buffer is None else buffer
+
+
+def _as_bytes(frame: Frame) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    data = getattr(frame, "bytes", None)
+    if isinstance(data, bytes):
+        return data
+    return bytes(frame)

@@ -1,0 +1,141 @@
+"""Keeps N worker processes alive on one host (``fade-worker --processes N``).
+
+::
+
+    supervisor --spawn--> worker 1 ... worker N        (each with its own DEALER)
+        |  waitpid: a worker died abnormally
+        +--OBITUARY(identity, exit status)--> broker    (re-queues its tasks at once)
+        +--spawn a replacement (with back-off if they keep dying at start-up)
+
+* A worker that exits with status 0 left on purpose (it was drained): it is
+  not replaced. When every worker has left, the supervisor exits.
+* SIGTERM/SIGINT are passed on to the workers, which drain; a second signal
+  kills them.
+* With ``--parent-pid`` (the embedded pool) the supervisor and its workers
+  exit when that process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from fade import protocol as p
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("fade.supervisor")
+
+#: A worker that dies sooner than this after its start counts as failing to start.
+QUICK_DEATH = 1.0
+MAX_BACKOFF = 10.0
+
+
+@dataclass(slots=True)
+class _Child:
+    identity: bytes
+    process: subprocess.Popen[bytes]
+    started: float
+
+
+class Supervisor:
+    """Run ``args.processes`` worker processes and replace those that die."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._children: dict[int, _Child] = {}
+        self._stopping = 0
+        self._backoff = 0.0
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 500)
+        self._socket.connect(args.address)
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        log.info("starting %d worker processes for %s", self.args.processes, self.args.address)
+        for _ in range(self.args.processes):
+            self._spawn()
+        try:
+            while self._children:
+                time.sleep(0.05)
+                self._reap()
+                if self.args.parent_pid is not None and os.getppid() != self.args.parent_pid:
+                    log.info("parent process is gone; stopping workers")
+                    self._signal_all(signal.SIGKILL)
+                    self._stopping = 2
+        finally:
+            self._signal_all(signal.SIGKILL)
+            self._socket.close()
+            self._context.term()
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping += 1
+        self._signal_all(signal.SIGTERM if self._stopping == 1 else signal.SIGKILL)
+
+    def _signal_all(self, sig: int) -> None:
+        for child in self._children.values():
+            if child.process.poll() is None:
+                try:
+                    child.process.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _spawn(self) -> None:
+        from fade.worker import child_argv
+
+        identity = b"W" + uuid.uuid4().bytes[1:]
+        # Its own session: a terminal's Ctrl-C reaches the supervisor alone, which
+        # then drains the workers once, instead of every process at once.
+        process = subprocess.Popen(
+            child_argv(self.args, identity, os.getpid()), start_new_session=True
+        )
+        self._children[process.pid] = _Child(identity, process, time.monotonic())
+        log.debug("started worker process %d (%s)", process.pid, identity.hex())
+
+    def _reap(self) -> None:
+        for pid, child in list(self._children.items()):
+            status = child.process.poll()
+            if status is None:
+                continue
+            del self._children[pid]
+            if status == 0 or self._stopping:
+                log.info("worker process %d left (status %d)", pid, status)
+                continue
+            self._report_death(child, status)
+            self._replace(child)
+
+    def _report_death(self, child: _Child, status: int) -> None:
+        info: dict[str, object] = {"host": socket.gethostname(), "pid": child.process.pid}
+        if status < 0:
+            info["signal"] = signal.Signals(-status).name
+            what = f"was killed by {info['signal']}"
+        else:
+            info["exitcode"] = status
+            what = f"exited with status {status}"
+        log.warning("worker process %d %s; replacing it", child.process.pid, what)
+        try:
+            self._socket.send_multipart(p.encode_obituary(child.identity, info), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the broker will notice the silence instead
+
+    def _replace(self, child: _Child) -> None:
+        if time.monotonic() - child.started < QUICK_DEATH:
+            self._backoff = min(MAX_BACKOFF, max(0.1, self._backoff * 2))
+            log.warning("workers are dying at start-up; waiting %.1fs", self._backoff)
+            time.sleep(self._backoff)
+        else:
+            self._backoff = 0.0
+        if not self._stopping:
+            self._spawn()

@@ -1,0 +1,505 @@
+"""A worker process: runs tasks on its main thread, talks to the broker on another.
+
+::
+
+    broker ==TASK==> [I/O thread: owns the DEALER socket] --inbox--> [main thread: runs fn]
+    broker <==DONE== [  heartbeats, credits, time limits ] <-outbox-- [  pickles the result ]
+
+* The I/O thread keeps heartbeating while a task runs, so a long task never
+  looks like a dead worker; it also enforces ``task_timeout`` by reporting
+  TaskTimeoutError, handing back what it has not started, and ending the
+  process (its supervisor starts a fresh one).
+* Credits: the worker asks for as many tasks as it wants to hold: one to run
+  plus a prefetch sized to cover a round trip to the broker for the tasks it
+  has been seeing (none for slow tasks, up to ``MAX_PREFETCH`` for tiny ones).
+* SIGTERM/SIGINT drain: DRAIN is sent, unstarted tasks are handed back, the
+  running one finishes, then DISCONNECT. A second signal hands back even the
+  running one and leaves at once.
+* If the broker is silent for interval x liveness the worker opens a new
+  socket and says HELLO again, keeping what it holds (the broker may have
+  restarted).
+
+``fade-worker ADDRESS --processes N`` runs a :class:`~fade.supervisor.Supervisor`
+that keeps N such processes alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import zmq
+
+from fade import protocol as p
+from fade import serialization as ser
+from fade._logutil import RateLimitedLog
+from fade._version import __version__
+from fade.errors import ProtocolError, TaskTimeoutError
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger("fade.worker")
+
+#: Tasks a worker may hold beyond the one it runs.
+MAX_PREFETCH = 64
+#: Seconds of queued work a worker tries to keep at hand.
+PREFETCH_HORIZON = 0.002
+#: Exit status of a worker that ended itself after a task timed out.
+EXIT_TIMEOUT = 75
+
+
+@dataclass(slots=True)
+class _Job:
+    record: p.TaskRecord
+    payload: list[p.Frame]
+
+
+class _Inbox:
+    """Tasks waiting for the main thread; the I/O thread can take unstarted ones back."""
+
+    def __init__(self) -> None:
+        self._jobs: collections.deque[_Job | None] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, job: _Job | None) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def get(self) -> _Job | None:
+        with self._cond:
+            while not self._jobs:
+                self._cond.wait()
+            return self._jobs.popleft()
+
+    def take_all(self) -> list[_Job]:
+        with self._cond:
+            jobs = [j for j in self._jobs if j is not None]
+            self._jobs = collections.deque(j for j in self._jobs if j is None)
+            return jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+class Worker:
+    """One worker process. :meth:`run` blocks until the worker has left the pool."""
+
+    def __init__(
+        self,
+        address: str = p.DEFAULT_ADDRESS,
+        *,
+        identity: bytes | None = None,
+        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        prefetch: int | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.address = address
+        self.identity = identity or b"W" + uuid.uuid4().bytes[1:]
+        self.interval = heartbeat_interval
+        self.liveness = heartbeat_liveness
+        self._fixed_prefetch = prefetch
+        self._parent_pid = parent_pid
+        self._inbox = _Inbox()
+        self._outbox: collections.deque[tuple[p.DoneRecord, list[p.Frame]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._current: tuple[bytes, float, float] | None = None  # key, started, timeout
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._drain_requests = 0
+        self._functions = ser.FunctionCache()
+        self._avg_duration: float | None = None
+        self._bad_input = RateLimitedLog(log)
+        self.tasks_done = 0
+
+    # -- main thread: run tasks --------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve tasks until drained or stopped; returns the process exit status."""
+        io = _WorkerIO(self)
+        thread = threading.Thread(target=io.run, name="fade-worker-io", daemon=True)
+        thread.start()
+        while True:
+            job = self._inbox.get()
+            if job is None:
+                break
+            self._execute(job)
+        thread.join(timeout=5)
+        return io.exit_status
+
+    def request_drain(self) -> None:
+        """Called from a signal handler: start draining (a second call: leave now)."""
+        self._drain_requests += 1
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _execute(self, job: _Job) -> None:
+        started = time.monotonic()
+        self._current = (job.record.key, started, job.record.timeout)
+        try:
+            fn, args, kwargs = ser.loads_call(job.payload, self._functions)
+            value = fn(*args, **kwargs)
+            status, frames = p.Status.OK, ser.dumps_value(value)
+        except BaseException as exc:  # the task's own failure, SystemExit included
+            status, frames = p.Status.RAISED, ser.dumps_exception(exc)
+        duration = time.monotonic() - started
+        with self._lock:
+            if self._current is None:  # the I/O thread already reported a timeout
+                return
+            self._current = None
+            self._outbox.append((p.DoneRecord(job.record.key, status, len(frames)), frames))
+        self.tasks_done += 1
+        avg = self._avg_duration
+        self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
+        self.wake()
+
+    # -- shared with the I/O thread ------------------------------------------------------------
+
+    def wanted(self) -> int:
+        """How many tasks this worker wants to hold: one to run plus its prefetch."""
+        if self._fixed_prefetch is not None:
+            return 1 + self._fixed_prefetch
+        avg = self._avg_duration
+        if avg is None:
+            return 1
+        return 1 + min(MAX_PREFETCH, int(PREFETCH_HORIZON / max(avg, 1e-6)))
+
+    def held(self) -> int:
+        return len(self._inbox) + (1 if self._current is not None else 0)
+
+
+class _WorkerIO:
+    """The I/O thread's state and loop. Only this thread touches the socket."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.exit_status = 0
+        self._context = zmq.Context()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._poller = zmq.Poller()
+        self._expiry = p.expiry(worker.interval, worker.liveness)
+        self._heard = self._told = time.monotonic()
+        self._credits = 0  # credits the broker believes we have unused
+        self._draining = False
+        self._drain_acked = False
+        self._stopped = False
+        self._bad_input = RateLimitedLog(log)
+
+    def run(self) -> None:
+        try:
+            self._connect()
+            while not self._stopped:
+                self._pass()
+        except Exception:
+            log.exception("worker I/O thread failed")
+            self.exit_status = 1
+        finally:
+            self._close()
+            self.w._inbox.put(None)
+
+    def _pass(self) -> None:
+        """One turn of the loop; never blocks longer than a heartbeat interval."""
+        sock = self._socket
+        assert sock is not None
+        events = dict(self._poller.poll(int(self._poll_timeout() * 1000)))
+        if self.w._wake_r in events:
+            _drain_pipe(self.w._wake_r)
+        if sock in events:
+            self._read_all(sock)
+        if self.w._drain_requests and not self._draining:
+            self._start_drain()
+        if self.w._drain_requests > 1:
+            self._leave_now()
+            return
+        self._flush()
+        now = time.monotonic()
+        self._check_timeout(now)
+        if now - self._heard > self._expiry:
+            log.warning("broker silent for %.1fs; reconnecting", now - self._heard)
+            self._connect()
+        elif now - self._told >= self.w.interval:
+            self._send(p.encode(p.Command.HEARTBEAT))
+        if self._draining and self._drain_acked and self.w.held() == 0 and not self.w._outbox:
+            self._send(p.encode(p.Command.DISCONNECT))
+            self._stopped = True
+        if self.w._parent_pid is not None and os.getppid() != self.w._parent_pid:
+            log.info("parent process is gone; exiting")
+            os._exit(0)
+
+    def _poll_timeout(self) -> float:
+        timeout = self.w.interval - (time.monotonic() - self._told)
+        current = self.w._current
+        if current is not None and current[2] > 0:
+            timeout = min(timeout, current[1] + current[2] - time.monotonic())
+        return max(0.0, min(timeout, self.w.interval))
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._close()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.IDENTITY, self.w.identity)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(self.w.address)
+        self._socket = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self.w._wake_r, zmq.POLLIN)
+        self._heard = time.monotonic()
+        self._hello()
+
+    def _hello(self) -> None:
+        """(Re-)register; the broker's view of our credits restarts from what we say here."""
+        self._credits = 0 if self._draining else max(0, self.w.wanted() - self.w.held())
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "credits": self._credits,
+            "python": sys.version.split()[0],
+        }
+        self._send(p.encode_hello("worker", info))
+        if self._draining:
+            self._send(p.encode(p.Command.DRAIN))
+
+    def _close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _send(self, frames: list[p.Frame]) -> None:
+        assert self._socket is not None
+        self._socket.send_multipart(frames, copy=False)
+        self._told = time.monotonic()
+
+    # -- input ----------------------------------------------------------------------------
+
+    def _read_all(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._heard = time.monotonic()
+            try:
+                self._handle(p.parse(frames))
+            except ProtocolError as exc:
+                self._bad_input.warning("dropped a message from the broker: %s", exc)
+
+    def _handle(self, message: p.Message) -> None:
+        command = message.command
+        if command is p.Command.TASK:
+            self._on_task(p.decode_task(message.body))
+        elif command is p.Command.RESET:
+            log.info("broker does not know us (it may have restarted); registering again")
+            self._hello()
+        elif command is p.Command.WELCOME:
+            welcome = p.decode_welcome(message.body)
+            log.debug("registered with broker %s", welcome.broker_id)
+        elif command is p.Command.DRAIN:
+            self._drain_acked = True
+        elif command is not p.Command.HEARTBEAT:
+            raise ProtocolError(f"{command.name} is not for a worker")
+
+    def _on_task(self, tasks: list[tuple[p.TaskRecord, list[p.Frame]]]) -> None:
+        self._credits = max(0, self._credits - len(tasks))
+        if self._draining:
+            self._outbox_returned([_Job(r, f) for r, f in tasks])
+            return
+        for record, payload in tasks:
+            self.w._inbox.put(_Job(record, payload))
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send every finished result in one DONE, granting the credits we now want."""
+        with self.w._lock:
+            results = list(self.w._outbox)
+            self.w._outbox.clear()
+        grant = 0
+        if not self._draining:
+            grant = max(0, self.w.wanted() - self.w.held() - self._credits)
+        if not results and not grant:
+            return
+        self._credits += grant
+        if results:
+            self._send(p.encode_done(grant, results))
+        else:
+            self._send(p.encode_ready(grant))
+
+    def _outbox_returned(self, jobs: list[_Job]) -> None:
+        returned: list[tuple[p.DoneRecord, list[p.Frame]]] = [
+            (p.DoneRecord(j.record.key, p.Status.RETURNED, 0), []) for j in jobs
+        ]
+        with self.w._lock:
+            self.w._outbox.extend(returned)
+
+    def _start_drain(self) -> None:
+        log.info("draining: handing back unstarted tasks, finishing the running one")
+        self._draining = True
+        self._outbox_returned(self.w._inbox.take_all())
+        self._send(p.encode(p.Command.DRAIN))
+
+    def _leave_now(self) -> None:
+        """Second signal: hand back everything, the running task included, and go."""
+        log.warning("leaving now: handing back every task held")
+        with self.w._lock:
+            current, self.w._current = self.w._current, None
+        jobs = self.w._inbox.take_all()
+        self._outbox_returned(jobs)
+        if current is not None:
+            with self.w._lock:
+                self.w._outbox.append((p.DoneRecord(current[0], p.Status.RETURNED, 0), []))
+        self._draining = True
+        self._flush()
+        self._send(p.encode(p.Command.DISCONNECT))
+        self._linger_and_exit(0)
+
+    def _check_timeout(self, now: float) -> None:
+        with self.w._lock:
+            current = self.w._current
+            if current is None or current[2] <= 0 or now - current[1] < current[2]:
+                return
+            self.w._current = None
+            key, started, limit = current
+            error = TaskTimeoutError(
+                f"the task ran for {now - started:.1f}s, past its task_timeout of {limit:g}s; "
+                f"worker process {os.getpid()} on {socket.gethostname()} was stopped"
+            )
+            frames = ser.dumps_exception(error)
+            self.w._outbox.append((p.DoneRecord(key, p.Status.RAISED, len(frames)), frames))
+        log.warning("task exceeded its %gs limit; replacing this worker process", limit)
+        self._outbox_returned(self.w._inbox.take_all())
+        self._draining = True
+        self._flush()
+        self._send(p.encode(p.Command.DISCONNECT))
+        self._linger_and_exit(EXIT_TIMEOUT)
+
+    def _linger_and_exit(self, status: int) -> None:
+        """Give queued messages a moment to leave, then end the process (the task may hang)."""
+        assert self._socket is not None
+        self._socket.close(linger=2000)
+        self._context.term()
+        os._exit(status)
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fade-worker", description="Run fade worker processes connected to a broker."
+    )
+    parser.add_argument(
+        "address", nargs="?", default=p.DEFAULT_ADDRESS, help="the broker's ZeroMQ endpoint"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes to keep running on this host (default %(default)s)",
+    )
+    parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
+    parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="tasks to hold beyond the running one (default: adapt to task duration)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--version", action="version", version=f"fade {__version__}")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--identity", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
+        parser.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
+    return args
+
+
+def child_argv(args: argparse.Namespace, identity: bytes, parent_pid: int) -> list[str]:
+    """The command line of one supervised worker process."""
+    argv = [
+        sys.executable,
+        "-m",
+        "fade.worker",
+        args.address,
+        "--child",
+        "--identity",
+        identity.hex(),
+        "--parent-pid",
+        str(parent_pid),
+        "--heartbeat-interval",
+        str(args.heartbeat_interval),
+        "--heartbeat-liveness",
+        str(args.heartbeat_liveness),
+        "--log-level",
+        args.log_level,
+    ]
+    if args.prefetch is not None:
+        argv += ["--prefetch", str(args.prefetch)]
+    return argv
+
+
+def _run_child(args: argparse.Namespace) -> int:
+    worker = Worker(
+        args.address,
+        identity=bytes.fromhex(args.identity) if args.identity else None,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_liveness=args.heartbeat_liveness,
+        prefetch=args.prefetch,
+        parent_pid=args.parent_pid,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.request_drain())
+    return worker.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fade-worker``."""
+    args = _parse_args(argv)
+    role = "fade-worker" if args.child else "fade-supervisor"
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s {role}[{os.getpid()}@{socket.gethostname()}] "
+        "%(levelname)s %(message)s",
+    )
+    if args.child:
+        return _run_child(args)
+    from fade.supervisor import Supervisor
+
+    return Supervisor(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
