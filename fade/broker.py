@@ -126,6 +126,11 @@ class Broker:
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
         self._stopping = False
+        # stop() may be called from a signal handler: it pokes this pipe so the
+        # poll returns at once instead of at the end of its timeout.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._bad_input = RateLimitedLog(log)
 
         self._tasks: dict[bytes, _Task] = {}
@@ -162,11 +167,17 @@ class Broker:
     def stop(self) -> None:
         """Ask the loop to end after its current pass; safe from a signal handler."""
         self._stopping = True
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def run(self) -> None:
         """Serve until :meth:`stop` is called (or the parent process dies)."""
@@ -176,10 +187,11 @@ class Broker:
         assert sock is not None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stopping:
                 timeout = self._poll_timeout()
-                if poller.poll(int(timeout * 1000)):
+                if dict(poller.poll(int(timeout * 1000))).get(sock):
                     self._drain_socket(sock)
                 self._flush_results()
                 now = time.monotonic()

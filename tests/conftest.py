@@ -1,0 +1,221 @@
+"""Fixtures that start real brokers and workers on loopback and clean up after them.
+
+Every process a test starts is tracked; teardown kills what is left and the
+session ends by checking that no child process of the test run survived.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+import fade
+
+TESTS = Path(__file__).resolve().parent
+# Worker processes import the test helpers (tests/tasks.py) by name.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p
+)
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+#: Fast failure detection for tests: a silent peer is dead after 0.6 s.
+INTERVAL = 0.2
+LIVENESS = 3
+EXPIRY = INTERVAL * LIVENESS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; fail the test (never hang) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal a process and all its descendants; with SIGKILL, wait until they are gone."""
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                proc.send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
+    if sig == signal.SIGKILL:
+        wait_for(lambda: not any(_alive(p) for p in procs), 10, f"process tree {pid} to die")
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Running and not a zombie (orphans reparented to a non-reaping init stay zombies)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class Pool:
+    """A broker and worker processes on a loopback port, started and ended by the test."""
+
+    port: int = field(default_factory=free_port)
+    interval: float = INTERVAL
+    liveness: int = LIVENESS
+    broker: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _timing(self) -> list[str]:
+        return [
+            "--heartbeat-interval",
+            str(self.interval),
+            "--heartbeat-liveness",
+            str(self.liveness),
+        ]
+
+    def start_broker(self, *extra: str) -> subprocess.Popen[bytes]:
+        self.broker = subprocess.Popen(
+            [sys.executable, "-m", "fade.broker", self.address, *self._timing(), *extra]
+        )
+        return self.broker
+
+    def start_worker(
+        self, processes: int = 1, env: dict[str, str] | None = None, *extra: str
+    ) -> subprocess.Popen[bytes]:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fade.worker",
+                self.address,
+                "--processes",
+                str(processes),
+                *self._timing(),
+                *extra,
+            ],
+            env={**os.environ, **(env or {})},
+        )
+        self.workers.append(worker)
+        return worker
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the worker processes (the supervisors' children)."""
+        pids = []
+        for sup in self.workers:
+            try:
+                pids += [c.pid for c in psutil.Process(sup.pid).children()]
+            except psutil.NoSuchProcess:
+                pass
+        return pids
+
+    def wait_workers(self, count: int, timeout: float = 20) -> list[int]:
+        wait_for(lambda: len(self.worker_pids()) >= count, timeout, f"{count} worker processes")
+        return self.worker_pids()
+
+    def kill_broker(self) -> None:
+        if self.broker is not None:
+            kill_tree(self.broker.pid)
+            self.broker.wait()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            kill_tree(worker.pid)
+        self.kill_broker()
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    """An empty pool description: the test starts what it needs; all is killed after."""
+    p = Pool()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def tcp_pool(pool: Pool) -> Pool:
+    """A broker and two worker processes (one ``fade-worker`` each) on loopback TCP."""
+    pool.start_broker()
+    pool.start_worker()
+    pool.start_worker()
+    pool.wait_workers(2)
+    return pool
+
+
+def make_executor(kind: str, request: pytest.FixtureRequest) -> cf.Executor:
+    if kind == "processpool":
+        return cf.ProcessPoolExecutor(2)
+    if kind == "embedded":
+        return fade.Executor(
+            max_workers=2, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS
+        )
+    pool: Pool = request.getfixturevalue("tcp_pool")
+    return fade.Executor(pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS)
+
+
+@pytest.fixture(params=["embedded", "tcp", "processpool"])
+def executor(request: pytest.FixtureRequest) -> Iterator[cf.Executor]:
+    """The behaviour suite runs against each of these."""
+    ex = make_executor(request.param, request)
+    ex.kind = request.param  # type: ignore[attr-defined]
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def fade_executor(tcp_pool: Pool) -> Iterator[fade.Executor]:
+    ex = fade.Executor(tcp_pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS)
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Each test must leave no process of its own behind."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    me = psutil.Process()
+
+    def leftovers() -> list[psutil.Process]:
+        return [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
+
+    deadline = time.monotonic() + 10
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = leftovers()
+    for proc in left:
+        kill_tree(proc.pid)
+    assert not left, f"processes left running: {[(p.pid, p.cmdline()) for p in left]}"

@@ -1,0 +1,106 @@
+"""Functions the tests run on workers (importable there by name through PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def sleep_and_return(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad value {x}")
+    return x
+
+
+def takes_fn_and_self(*, fn: int, self: int) -> int:
+    return fn + self
+
+
+def record(path: str, value: Any) -> Any:
+    """Append a line to ``path`` (to count how often a task really ran), return value."""
+    with open(path, "a") as f:
+        f.write(f"{value} {os.getpid()}\n")
+    return value
+
+
+def record_then_sleep(path: str, value: Any, seconds: float) -> Any:
+    record(path, value)
+    time.sleep(seconds)
+    return value
+
+
+def slow_where_marked(x: int, seconds: float) -> tuple[int, int]:
+    """Sleep ``seconds`` on a worker started with FADE_TEST_SLOW=1; return (x, pid)."""
+    if os.environ.get("FADE_TEST_SLOW"):
+        time.sleep(seconds)
+    return x, os.getpid()
+
+
+def die(code: int = 13) -> None:
+    os._exit(code)
+
+
+def die_if_first(marker: str, value: Any) -> Any:
+    """Kill the worker the first time (creating ``marker``); succeed on a re-run."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        os._exit(7)
+    return value
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("this object refuses to be pickled")
+
+
+def return_unpicklable() -> Unpicklable:
+    return Unpicklable()
+
+
+class UnpicklableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("boom")
+        self.lock = __import__("threading").Lock()
+
+
+def raise_unpicklable() -> None:
+    raise UnpicklableError()
+
+
+class BadRebuild(Exception):
+    """Pickles fine on the worker, but cannot be rebuilt (its __init__ needs two arguments)."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(a)
+
+
+def raise_bad_rebuild() -> None:
+    raise BadRebuild(1, 2)
+
+
+def array_roundtrip(arr: Any) -> Any:
+    return arr * 2

@@ -1,0 +1,215 @@
+"""One behaviour suite, run against fade (embedded and TCP) and ProcessPoolExecutor.
+
+Where ProcessPoolExecutor cannot do what fade does (lambdas, buffersize before
+Python 3.14), the test says so and runs for fade only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tasks
+
+import fade
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _fade_only(executor: cf.Executor, why: str) -> None:
+    if not isinstance(executor, fade.Executor):
+        pytest.skip(f"ProcessPoolExecutor: {why}")
+
+
+def test_submit_returns_a_real_future(executor: cf.Executor) -> None:
+    future = executor.submit(tasks.add, 2, b=3)
+    assert isinstance(future, cf.Future)
+    assert future.result(timeout=30) == 5
+
+
+def test_kwargs_named_fn_and_self(executor: cf.Executor) -> None:
+    assert executor.submit(tasks.takes_fn_and_self, fn=1, self=2).result(timeout=30) == 3
+
+
+def test_map_keeps_order(executor: cf.Executor) -> None:
+    assert list(executor.map(tasks.square, range(200))) == [x * x for x in range(200)]
+
+
+def test_map_several_iterables_of_unequal_length(executor: cf.Executor) -> None:
+    assert list(executor.map(tasks.add, range(10), range(100, 104))) == [100, 102, 104, 106]
+
+
+@pytest.mark.parametrize("chunksize", [1, 7, 100])
+def test_map_chunksize(executor: cf.Executor, chunksize: int) -> None:
+    result = list(executor.map(tasks.square, range(250), chunksize=chunksize))
+    assert result == [x * x for x in range(250)]
+
+
+def test_map_rejects_bad_chunksize(executor: cf.Executor) -> None:
+    with pytest.raises(ValueError):
+        executor.map(tasks.square, range(3), chunksize=0)
+
+
+def test_map_timeout(executor: cf.Executor) -> None:
+    results = executor.map(tasks.sleep_and_return, [0.0, 2.0], timeout=0.5)
+    assert next(results) is None
+    with pytest.raises(cf.TimeoutError):
+        next(results)
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_exception_surfaces_at_its_element(executor: cf.Executor, chunksize: int) -> None:
+    if chunksize > 1:
+        _fade_only(executor, "raises at the start of the failing chunk, not at the element")
+    results = executor.map(tasks.fail_on, range(10), itertools.repeat(4), chunksize=chunksize)
+    assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="bad value 4"):
+        next(results)
+
+
+def test_map_buffersize_bounds_work_in_flight(executor: cf.Executor) -> None:
+    if sys.version_info < (3, 14):
+        _fade_only(executor, "has buffersize only from Python 3.14")
+    pulled = itertools.count()
+
+    def endless() -> itertools.count[int]:
+        for x in itertools.count():
+            next(pulled)
+            yield x
+
+    results = executor.map(tasks.square, endless(), buffersize=4)  # type: ignore[call-arg]
+    first = list(itertools.islice(results, 50))
+    assert first == [x * x for x in range(50)]
+    # Only what was yielded plus the buffer has been pulled from the iterator.
+    assert next(pulled) <= 50 + 4 + 1
+
+
+def test_map_buffersize_validates(executor: cf.Executor) -> None:
+    if sys.version_info < (3, 14):
+        _fade_only(executor, "has buffersize only from Python 3.14")
+    with pytest.raises(ValueError):
+        executor.map(tasks.square, range(3), buffersize=0)  # type: ignore[call-arg]
+
+
+def test_exception_keeps_type_message_and_remote_traceback(executor: cf.Executor) -> None:
+    future = executor.submit(tasks.fail_on, 3, 3)
+    with pytest.raises(ValueError, match="bad value 3") as info:
+        future.result(timeout=30)
+    assert info.value.__cause__ is not None
+    assert "fail_on" in str(info.value.__cause__)
+
+
+def test_cancel_queued_future_never_runs(executor: cf.Executor, tmp_path: Path) -> None:
+    log = tmp_path / "ran.txt"
+    # Enough long tasks to fill every worker and whatever the executor keeps in flight.
+    blockers = [executor.submit(tasks.sleep_and_return, 0.5) for _ in range(8)]
+    queued = [executor.submit(tasks.record, str(log), i) for i in range(10)]
+    assert all(f.cancel() for f in queued)
+    assert all(f.cancelled() for f in queued)
+    cf.wait(blockers, timeout=30)
+    after = executor.submit(tasks.add, 1, 1)
+    assert after.result(timeout=30) == 2
+    assert not log.exists(), "a cancelled task ran"
+
+
+def test_shutdown_cancel_futures(executor: cf.Executor, tmp_path: Path) -> None:
+    log = tmp_path / "ran.txt"
+    blockers = [executor.submit(tasks.sleep_and_return, 0.3) for _ in range(8)]
+    queued = [executor.submit(tasks.record, str(log), i) for i in range(20)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert all(f.done() for f in blockers)
+    assert any(f.cancelled() for f in queued)
+    ran = log.read_text().split("\n") if log.exists() else []
+    assert len([line for line in ran if line]) == sum(not f.cancelled() for f in queued)
+
+
+def test_submit_after_shutdown_raises(executor: cf.Executor) -> None:
+    executor.shutdown()
+    with pytest.raises(RuntimeError):
+        executor.submit(tasks.add, 1, 2)
+
+
+def test_context_manager_waits_for_work(executor: cf.Executor) -> None:
+    with executor as ex:
+        futures = [ex.submit(tasks.sleep_and_return, 0.05, i) for i in range(6)]
+    assert [f.result(timeout=0) for f in futures] == list(range(6))
+
+
+def test_as_completed_and_wait(executor: cf.Executor) -> None:
+    futures = [executor.submit(tasks.sleep_and_return, 0.01 * (i % 3), i) for i in range(30)]
+    assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) == list(range(30))
+    done, not_done = cf.wait(futures, timeout=30)
+    assert len(done) == 30 and not not_done
+    slow = executor.submit(tasks.sleep_and_return, 0.3, "slow")
+    fast = executor.submit(tasks.add, 1, 1)
+    done, _ = cf.wait([slow, fast], timeout=30, return_when=cf.FIRST_COMPLETED)
+    assert fast in done or slow in done
+
+
+def test_done_callbacks_run_once(executor: cf.Executor) -> None:
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def callback(future: cf.Future[int]) -> None:
+        with lock:
+            calls.append(future.result())
+
+    futures = [executor.submit(tasks.square, i) for i in range(50)]
+    for f in futures:
+        f.add_done_callback(callback)
+    cf.wait(futures, timeout=30)
+    deadline = time.monotonic() + 5
+    while len(calls) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(calls) == sorted(x * x for x in range(50))
+
+
+def test_ten_thousand_small_tasks(executor: cf.Executor) -> None:
+    futures = [executor.submit(tasks.add, i, 1) for i in range(10_000)]
+    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(10_000)]
+
+
+def test_fifty_megabyte_array_argument_and_result(executor: cf.Executor) -> None:
+    arr = np.arange(50 * 2**20 // 8, dtype=np.float64)
+    result = executor.submit(tasks.array_roundtrip, arr).result(timeout=60)
+    assert result.shape == arr.shape
+    assert np.array_equal(result, arr * 2)
+    result += 1  # results are ordinary writable arrays
+
+
+def test_closures_and_lambdas(executor: cf.Executor) -> None:
+    _fade_only(executor, "cannot pickle lambdas or closures")
+    offset = 10
+
+    def shifted(x: int) -> int:
+        return x + offset
+
+    assert executor.submit(lambda x: x * 3, 5).result(timeout=30) == 15
+    assert list(executor.map(shifted, range(5))) == [10, 11, 12, 13, 14]
+
+
+def test_submit_from_many_threads(executor: cf.Executor) -> None:
+    results: dict[int, list[int]] = {}
+
+    def client(n: int) -> None:
+        futures = [executor.submit(tasks.add, n * 1000, i) for i in range(200)]
+        results[n] = [f.result(timeout=60) for f in futures]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {n: [n * 1000 + i for i in range(200)] for n in range(8)}
+
+
+def test_unpicklable_result_fails_that_future_only(executor: cf.Executor) -> None:
+    with pytest.raises(Exception, match="refuses to be pickled"):
+        executor.submit(tasks.return_unpicklable).result(timeout=30)
+    assert executor.submit(tasks.add, 2, 2).result(timeout=30) == 4

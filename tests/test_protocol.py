@@ -1,0 +1,92 @@
+"""The wire format as data: round trips and rejections, no sockets involved."""
+
+from __future__ import annotations
+
+import pytest
+
+from fade import protocol as p
+from fade.errors import ProtocolError
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_submit_round_trip() -> None:
+    tasks = [
+        (p.SubmitRecord(1, 2, 3, 0.0), [b"fn", b"args"]),
+        (p.SubmitRecord(2**64 - 1, 3, 0, 1.5), [b"fn", b"args", b"buffer"]),
+    ]
+    message = p.parse(p.encode_submit(tasks))
+    assert message.command is p.Command.SUBMIT
+    assert p.decode_submit(message.body) == [(r, list(f)) for r, f in tasks]
+
+
+def test_task_done_result_round_trips() -> None:
+    key = b"C" * 16 + b"\x00" * 8
+    task = [(p.TaskRecord(key, 1, 2.5), [b"x"])]
+    assert p.decode_task(p.parse(p.encode_task(task)).body) == [(task[0][0], [b"x"])]
+    done = [(p.DoneRecord(key, p.Status.RAISED, 2), [b"e", b"tb"])]
+    assert p.decode_done(p.parse(p.encode_done(7, done)).body) == (7, [(done[0][0], [b"e", b"tb"])])
+    result = [(p.ResultRecord(5, p.Status.OK, 1), [b"v"])]
+    assert p.decode_result(p.parse(p.encode_result(9, result)).body) == (
+        9,
+        [(result[0][0], [b"v"])],
+    )
+
+
+def test_hello_welcome_obituary_round_trip() -> None:
+    hello = p.decode_hello(p.parse(p.encode_hello("worker", {"credits": 2})).body)
+    assert hello == p.Hello("worker", {"credits": 2})
+    welcome = p.Welcome("abc", 1.0, 3, 4)
+    assert p.decode_welcome(p.parse(p.encode_welcome(welcome)).body) == welcome
+    assert p.decode_obituary(p.parse(p.encode_obituary(b"id", {"exitcode": 3})).body) == (
+        b"id",
+        {"exitcode": 3},
+    )
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b"xx\x01\x01"],
+        [b"fd\x02\x01"],
+        [b"fd\x01\x63"],
+    ],
+)
+def test_bad_envelopes_are_protocol_errors(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        p.parse(frames)
+
+
+def test_wrong_version_is_named() -> None:
+    with pytest.raises(ProtocolError, match="version 2 is not 1"):
+        p.parse([b"fd\x02\x01"])
+
+
+@pytest.mark.parametrize(
+    ("decoder", "body"),
+    [
+        (p.decode_submit, []),
+        (p.decode_submit, [b"\x00" * 19]),
+        (p.decode_submit, [p.encode_submit([(p.SubmitRecord(1, 2, 0, 0), [b"a", b"b"])])[1]]),
+        (p.decode_task, [b"\x01\x00" + b"\x00" * 8 + b"\x05abc"]),
+        (p.decode_task, [b"\x01\x00" + b"\x00" * 8 + b"\x00"]),
+        (p.decode_done, [b"\x00\x00"]),
+        (p.decode_done, [b"\x00\x00\x00\x00" + b"\x07\x00\x00\x01k"]),
+        (p.decode_result, [b"\x00\x00\x00\x00\x01"]),
+        (p.decode_hello, [b"{}"]),
+        (p.decode_hello, [b"\xff"]),
+        (p.decode_hello, [b"1", b"2"]),
+        (p.decode_welcome, [b'{"broker_id": 1}']),
+        (p.decode_ready, [b"\x00"]),
+        (p.decode_obituary, [b"x"]),
+        (p.decode_drain, [b"x"]),
+    ],
+)
+def test_malformed_bodies_are_protocol_errors(decoder, body) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ProtocolError):
+        decoder(body)
+
+
+def test_expiry_is_interval_times_liveness() -> None:
+    assert p.expiry(0.5, 4) == 2.0
