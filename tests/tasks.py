@@ -104,3 +104,30 @@ def raise_bad_rebuild() -> None:
 
 def array_roundtrip(arr: Any) -> Any:
     return arr * 2
+
+
+def fail_or_die(x: int, poison: int) -> int:
+    """Return x, except that element ``poison`` kills its worker every time."""
+    if x == poison:
+        os._exit(9)
+    return x
+
+
+def record_then_raise(path: str) -> None:
+    record(path, "raise")
+    raise ValueError("raised on purpose")
+
+
+def spin(seconds: float) -> int:
+    """Busy-loop in pure Python (holding the GIL between switches) for ``seconds``."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def pid_after(x: int, seconds: float) -> tuple[int, int]:
+    """Sleep, then return (x, the worker's pid)."""
+    time.sleep(seconds)
+    return x, os.getpid()
