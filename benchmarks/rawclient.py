@@ -11,6 +11,7 @@ the results back in order, latency is one request at a time.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,7 +70,7 @@ class RawTarget:
         try:
             frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            if not self._sock.poll(deadline.remaining() * 1000):
+            if not self._sock.poll(math.ceil(deadline.remaining() * 1000)):
                 raise TimeoutError("no reply from the raw-zmq broker before the deadline") from None
             frames = self._sock.recv_multipart(copy=False)
         request_id, ok, value = decode(frames)

@@ -1,8 +1,8 @@
 """Raw pyzmq baseline: the load-balancing broker of the ZeroMQ guide, with no fade code at all.
 
-    client DEALER ──tcp──> ROUTER frontend ┐ broker        ┌ ROUTER backend <──tcp── worker DEALER x2
-                  <───────                 └ LRU deque of  ┘                 ───────>
-                                             ready workers
+    client DEALER ──tcp──> ROUTER frontend ┐ broker:     ┌ ROUTER backend <──tcp── DEALER worker
+                  <───────                 └ LRU deque   ┘                 ───────> (x2)
+                                             of idle workers
 
     worker -> broker  [READY]                   once, at start: "I am idle"
     client -> broker  [payload...]              broker prepends the client id and hands it to
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import signal
-import sys
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +87,9 @@ def run_broker(frontend_address: str, backend_address: str) -> None:
         ctx.destroy(linger=0)
 
 
-def _on_worker(backend: zmq.Socket[bytes], frontend: zmq.Socket[bytes], idle: deque[zmq.Frame]) -> None:
+def _on_worker(
+    backend: zmq.Socket[bytes], frontend: zmq.Socket[bytes], idle: deque[zmq.Frame]
+) -> None:
     """A worker said READY or replied: either way it is idle now."""
     worker, *rest = backend.recv_multipart(copy=False)
     idle.append(worker)
@@ -97,7 +97,9 @@ def _on_worker(backend: zmq.Socket[bytes], frontend: zmq.Socket[bytes], idle: de
         frontend.send_multipart(rest, copy=False)
 
 
-def _on_client(frontend: zmq.Socket[bytes], backend: zmq.Socket[bytes], idle: deque[zmq.Frame]) -> None:
+def _on_client(
+    frontend: zmq.Socket[bytes], backend: zmq.Socket[bytes], idle: deque[zmq.Frame]
+) -> None:
     """Hand one request ([client id, payload...]) to the least recently idle worker."""
     frames = frontend.recv_multipart(copy=False)
     backend.send_multipart([idle.popleft(), *frames], copy=False)
@@ -129,12 +131,13 @@ def _run(payload: Sequence[zmq.Frame]) -> tuple[int, bool, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``broker FRONTEND BACKEND`` or ``worker BACKEND``; SIGTERM or SIGINT exits cleanly."""
+    """``broker FRONTEND BACKEND`` or ``worker BACKEND``; runs until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=["broker", "worker"])
     parser.add_argument("addresses", nargs="+", metavar="ADDRESS")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM keeps its default action, ending the process at once: nothing here needs cleaning
+    # up, and a Python handler would only run once a blocking zmq call returns.
     try:
         if args.role == "broker":
             run_broker(*args.addresses)

@@ -61,8 +61,9 @@ class Target:
         label = METRIC_BY_KEY[self.metric].label
         op = "≥" if self.op == ">=" else "≤"
         if self.baseline is None:
-            return f"{self.system} {label} {op} {self.threshold:g} {METRIC_BY_KEY[self.metric].unit}"
-        return f"{self.system} {label} {op} {self.threshold:g}× {self.baseline}"
+            unit = METRIC_BY_KEY[self.metric].unit
+            return f"{self.system} {label} {op} {self.threshold:g} {unit}"
+        return f"{self.system} {label} {op} {self.threshold:g}x {self.baseline}"
 
 
 # From the issue. Targets against processpool are checked for both fade systems (embedded is the
@@ -164,7 +165,7 @@ def ratio_tables(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
 
 
 def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}×"
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def evaluate_targets(

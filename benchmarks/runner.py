@@ -77,7 +77,9 @@ class Record:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """``Type: message``; a bare ``future.result(timeout)`` timeout has no message of its own."""
+    message = str(exc) or "no result before the deadline" * isinstance(exc, TimeoutError)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def measure(system: str, sizes: Sizes, deadline: Deadline, record: Record) -> None:

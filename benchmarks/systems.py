@@ -20,10 +20,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import importlib.util
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -122,10 +122,40 @@ def _dask() -> Iterator[cf.Executor]:
         host="127.0.0.1",
         dashboard_address=None,
     )
-    with cluster, Client(cluster) as client:
+    with cluster, Client(cluster) as client, DaskExecutor(client) as executor:
+        yield executor
+
+
+class DaskExecutor(cf.Executor):
+    """dask's own ``ClientExecutor`` for ``submit``. Its ``map`` ignores ``chunksize`` and fetches
+    results one by one, so ``map`` here does what a dask user would: one task per chunk through
+    ``client.map``, collected with one ``client.gather``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
         # pure=False: identical calls are separate tasks, as with every other system.
-        with client.get_executor(pure=False) as executor:
-            yield executor
+        self._executor = client.get_executor(pure=False)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        future: cf.Future[Any] = self._executor.submit(fn, *args, **kwargs)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        from distributed import wait
+
+        chunks = _chunks(iterables, chunksize)
+        futures = self._client.map(partial(call_chunk, fn), chunks, pure=False)
+        wait(futures, timeout=timeout)
+        return (value for chunk in self._client.gather(futures) for value in chunk)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._executor.shutdown(wait=wait)
 
 
 @contextmanager
@@ -148,18 +178,21 @@ def _ray() -> Iterator[cf.Executor]:
 
 class RayExecutor(cf.Executor):
     """The ``Executor`` face ray lacks: ``submit`` is ``remote(...).future()``; ``map`` sends one
-    remote task per chunk of ``chunksize`` calls, as ``ProcessPoolExecutor`` does."""
+    remote task per chunk of ``chunksize`` calls and collects them with one ``ray.get``."""
 
     def __init__(self) -> None:
         self._remotes: dict[Callable[..., Any], Any] = {}
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+    def _remote(self, fn: Callable[..., Any]) -> Any:
         import ray
 
         remote = self._remotes.get(fn)
         if remote is None:
             remote = self._remotes[fn] = ray.remote(fn)
-        future: cf.Future[Any] = remote.remote(*args, **kwargs).future()
+        return remote
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        future: cf.Future[Any] = self._remote(fn).remote(*args, **kwargs).future()
         return future
 
     def map(
@@ -169,16 +202,17 @@ class RayExecutor(cf.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[Any]:
-        end = None if timeout is None else time.monotonic() + timeout
-        calls = iter(zip(*iterables))
-        chunks = iter(lambda: list(islice(calls, chunksize)), [])
-        futures = [self.submit(call_chunk, fn, chunk) for chunk in chunks]
+        import ray
 
-        def results() -> Iterator[Any]:
-            for future in futures:
-                yield from future.result(None if end is None else end - time.monotonic())
+        chunk_task = self._remote(call_chunk)
+        refs = [chunk_task.remote(fn, chunk) for chunk in _chunks(iterables, chunksize)]
+        return (value for chunk in ray.get(refs, timeout=timeout) for value in chunk)
 
-        return results()
+
+def _chunks(iterables: tuple[Iterable[Any], ...], chunksize: int) -> list[list[tuple[Any, ...]]]:
+    """The argument tuples of ``map(fn, *iterables)``, ``chunksize`` calls per list."""
+    calls = iter(zip(*iterables))
+    return list(iter(lambda: list(islice(calls, chunksize)), []))
 
 
 _OPENERS: dict[str, Callable[[], AbstractContextManager[cf.Executor]]] = {

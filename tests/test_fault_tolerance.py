@@ -74,7 +74,7 @@ def test_task_timeout_stops_the_task_and_replaces_its_process(tcp_pool: Pool) ->
         started = time.monotonic()
         hung = ex.submit(tasks.sleep_and_return, 60)
         quick = [ex.submit(tasks.square, i) for i in range(20)]
-        with pytest.raises(fade.TaskTimeoutError, match="task_timeout of 0.5s"):
+        with pytest.raises(fade.TaskTimeoutError, match=r"task_timeout of 0\.5s"):
             hung.result(timeout=30)
         assert time.monotonic() - started < 5
         assert [f.result(timeout=30) for f in quick] == [i * i for i in range(20)]
