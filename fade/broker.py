@@ -44,6 +44,7 @@ from fade import protocol as p
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.errors import ProtocolError
+from fade.sockets import bind_router
 
 __all__ = ["Broker", "main"]
 
@@ -151,14 +152,7 @@ class Broker:
 
     def bind(self) -> str:
         """Bind the ROUTER socket; returns the endpoint actually bound."""
-        sock = self._context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # A reconnecting peer keeps its identity; the new pipe replaces the old.
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        # Never drop a message to a slow peer: credits and client windows
-        # already bound what is in flight to each one.
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.bind(self.address)
+        sock = bind_router(self._context, self.address)
         self._socket = sock
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("fade-broker %s listening on %s", __version__, endpoint)

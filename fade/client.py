@@ -45,6 +45,7 @@ from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.embedded import EmbeddedPool
 from fade.errors import BrokenPoolError, FadeError, ProtocolError, WorkerLostError
+from fade.sockets import connect_dealer
 
 __all__ = ["Executor"]
 
@@ -177,13 +178,7 @@ class _ClientIO:
     def _connect(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.connect(self.address)
+        sock = connect_dealer(self._context, self.address, identity=self.identity)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)

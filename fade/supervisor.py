@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import zmq
 
 from fade import protocol as p
+from fade.sockets import connect_dealer
 
 __all__ = ["Supervisor"]
 
@@ -56,9 +57,7 @@ class Supervisor:
         self._stopping = 0
         self._backoff = 0.0
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 500)
-        self._socket.connect(args.address)
+        self._socket = connect_dealer(self._context, args.address, linger_ms=500)
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -45,6 +45,7 @@ from fade import serialization as ser
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.errors import ProtocolError, TaskTimeoutError
+from fade.sockets import connect_dealer
 
 __all__ = ["Worker", "main"]
 
@@ -253,13 +254,9 @@ class _WorkerIO:
 
     def _connect(self) -> None:
         self._close()
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.IDENTITY, self.w.identity)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.connect(self.w.address)
+        sock = connect_dealer(
+            self._context, self.w.address, identity=self.w.identity, linger_ms=1000
+        )
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
