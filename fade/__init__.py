@@ -14,7 +14,9 @@ from fade._version import __version__
 from fade.client import Executor
 from fade.errors import (
     BrokenPoolError,
+    CodeShippingError,
     FadeError,
+    MissingDependencyError,
     ProtocolError,
     RemoteTraceback,
     ResultDecodeError,
@@ -25,8 +27,10 @@ from fade.errors import (
 
 __all__ = [
     "BrokenPoolError",
+    "CodeShippingError",
     "Executor",
     "FadeError",
+    "MissingDependencyError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",

@@ -341,6 +341,25 @@ class Broker:
             self._lose_worker(worker, f"its process exited ({_exit_text(info)})")
             self._dispatch()
 
+    def _on_fetch(self, identity: bytes, body: list[p.Frame]) -> None:
+        """A worker asks a client for code: relay it, or answer GONE for a missing client."""
+        client, request_id, request = p.decode_fetch(body)
+        if identity not in self._workers:
+            self._reset(identity)
+            return
+        if client not in self._clients:
+            self._send(identity, p.encode_code(client, request_id, p.CodeStatus.GONE, []))
+            return
+        self._send(client, p.encode_fetch(identity, request_id, request))
+
+    def _on_code(self, identity: bytes, body: list[p.Frame]) -> None:
+        """A client answers a worker's FETCH: relay the answer as it came."""
+        worker, request_id, status, frames = p.decode_code(body)
+        if identity not in self._clients:
+            self._reset(identity)
+            return
+        self._send(worker, p.encode_code(identity, request_id, status, frames))
+
     _HANDLERS = {
         p.Command.HELLO: _on_hello,
         p.Command.HEARTBEAT: _on_heartbeat,
@@ -350,6 +369,8 @@ class Broker:
         p.Command.DRAIN: _on_drain,
         p.Command.DISCONNECT: _on_disconnect,
         p.Command.OBITUARY: _on_obituary,
+        p.Command.FETCH: _on_fetch,
+        p.Command.CODE: _on_code,
     }
 
     # -- peers --------------------------------------------------------------------------

@@ -13,6 +13,9 @@
   reports it) of tasks at the broker. The rest wait here, still PENDING, so
   ``cancel()`` on them succeeds and they never run, and a map over a huge
   iterable never floods the broker.
+* Code shipping: each task names the version of the client's local code
+  (fade/shipping.py); workers that lack it FETCH it, and the I/O thread
+  answers with CODE.
 * Reliability: after every WELCOME (a first connection, a broker restart, a
   reconnection) the client re-sends every task that has no result yet; the
   broker ignores ids it already holds and a second result for an id is
@@ -44,10 +47,21 @@ from fade import serialization as ser
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.embedded import EmbeddedPool
-from fade.errors import BrokenPoolError, FadeError, ProtocolError, WorkerLostError
+from fade.errors import (
+    BrokenPoolError,
+    FadeError,
+    MissingDependencyError,
+    ProtocolError,
+    WorkerLostError,
+)
+from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
 from fade.sockets import connect_dealer
 
 __all__ = ["Executor"]
+
+# Record the source of local modules as they are imported from now on, so that
+# what the workers run is what this process runs (see fade/shipping.py).
+install_import_hook()
 
 log = logging.getLogger("fade.client")
 
@@ -78,6 +92,7 @@ class _ClientIO:
         max_attempts: int,
         task_timeout: float | None,
         pool: EmbeddedPool | None,
+        code: LocalCode | None,
     ) -> None:
         self.address = address
         self.identity = b"C" + uuid.uuid4().bytes[1:]
@@ -86,6 +101,7 @@ class _ClientIO:
         self.max_attempts = max_attempts
         self.timeout = task_timeout or 0.0
         self.pool = pool
+        self.code = code
         self.lock = threading.Lock()
         self.outbox: collections.deque[_WorkItem] = collections.deque()
         self.in_flight: dict[int, _WorkItem] = {}
@@ -226,6 +242,8 @@ class _ClientIO:
         elif command is p.Command.RESET:
             log.info("broker does not know this client (it may have restarted)")
             self._hello()
+        elif command is p.Command.FETCH:
+            self._on_fetch(*p.decode_fetch(message.body))
         else:
             raise ProtocolError(f"{command.name} is not for a client")
 
@@ -244,6 +262,13 @@ class _ClientIO:
             for start in range(0, len(items), MAX_BATCH):
                 self._send(self._submit_frames(items[start : start + MAX_BATCH]))
 
+    def _on_fetch(self, worker: bytes, request_id: int, request: Any) -> None:
+        """A worker asks for our code: the manifest of a version, or file contents."""
+        status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
+        if self.code is not None:
+            status, frames = _serve(self.code, p.unpack_request(request))
+        self._send(p.encode_code(worker, request_id, status, frames))
+
     def _complete(self, record: p.ResultRecord, payload: list[Any]) -> None:
         item = self.in_flight.pop(record.task_id, None)
         if item is None:
@@ -257,7 +282,7 @@ class _ClientIO:
             else:
                 future.set_result(value)
         elif record.status is p.Status.RAISED:
-            future.set_exception(ser.loads_exception(payload))
+            future.set_exception(_name_distribution(ser.loads_exception(payload)))
         elif record.status is p.Status.LOST:
             future.set_exception(_lost_error(payload))
         else:
@@ -317,6 +342,55 @@ class _ClientIO:
                     pass
 
 
+def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
+    kind = request.get("kind")
+    if kind == "manifest":
+        try:
+            manifest = code.manifest_json(bytes.fromhex(str(request.get("version"))))
+        except ValueError:
+            manifest = None
+        if manifest is not None:
+            return p.CodeStatus.OK, [manifest]
+        return p.CodeStatus.MISSING, [b"unknown code version"]
+    hashes = request.get("hashes")
+    if kind == "blobs" and isinstance(hashes, list):
+        blobs = code.blobs([str(h) for h in hashes])
+        if blobs is not None:
+            return p.CodeStatus.OK, blobs
+        return p.CodeStatus.MISSING, [b"unknown file hash"]
+    return p.CodeStatus.MISSING, [b"malformed request"]
+
+
+def _name_distribution(exc: BaseException) -> BaseException:
+    """Add to a worker's MissingDependencyError the distribution the client has it from."""
+    if not isinstance(exc, MissingDependencyError) or not exc.module:
+        return exc
+    top = exc.module.partition(".")[0]
+    try:
+        import importlib.metadata as md
+
+        dists = md.packages_distributions().get(top, [])
+    except Exception:  # metadata is advisory; never hide the real error
+        dists = []
+    if dists:
+        versions = ", ".join(f"{d} {_version_of(d)}" for d in dists)
+        hint = f"; this client has it from the distribution {versions}: install that on the workers"
+    else:
+        hint = "; install it on the workers"
+    enriched = MissingDependencyError(str(exc) + hint, module=exc.module, host=exc.host)
+    enriched.__cause__ = exc.__cause__
+    return enriched
+
+
+def _version_of(distribution: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(distribution)
+    except md.PackageNotFoundError:
+        return "?"
+
+
 def _lost_error(payload: list[Any]) -> WorkerLostError:
     try:
         info = json.loads(ser._as_bytes(payload[0]))
@@ -352,6 +426,11 @@ class Executor(cf.Executor):
             replaced and the future fails with TaskTimeoutError.
         heartbeat_interval, heartbeat_liveness: failure detection takes
             interval x liveness seconds.
+        ship_code: ``"auto"`` sends the client's local modules (those not
+            installed in its Python environment) to the workers, following
+            edits and reloads; ``"pin"`` freezes them as they are at the first
+            submit; ``"off"`` sends none (workers must have the code).
+        ship_code_limit: the most bytes of local code and data to ship.
     """
 
     def __init__(
@@ -363,7 +442,11 @@ class Executor(cf.Executor):
         task_timeout: float | None = None,
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        ship_code: str = "auto",
+        ship_code_limit: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        if ship_code not in ("auto", "pin", "off"):
+            raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
         if max_workers is not None and max_workers < 1:
             raise ValueError("max_workers must be greater than 0")
         if not 1 <= max_attempts <= 65535:
@@ -384,6 +467,11 @@ class Executor(cf.Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._ids = itertools.count(1)
+        self._code = (
+            None
+            if ship_code == "off"
+            else LocalCode(pinned=ship_code == "pin", max_bytes=ship_code_limit)
+        )
         self._io = _ClientIO(
             address,
             heartbeat_interval=heartbeat_interval,
@@ -391,6 +479,7 @@ class Executor(cf.Executor):
             max_attempts=max_attempts,
             task_timeout=task_timeout,
             pool=self._pool,
+            code=self._code,
         )
         self._io.thread.start()
         _live_executors.add(self)
@@ -401,7 +490,11 @@ class Executor(cf.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._io.broken is not None:
             raise BrokenPoolError(str(self._io.broken))
-        frames = ser.dumps_call(fn, args, kwargs)
+        code = b""
+        if self._code is not None:
+            code = self._code.version()
+            self._code.check_function(fn)
+        frames = ser.dumps_call(fn, args, kwargs, code)
         future: cf.Future[T] = cf.Future()
         with self._shutdown_lock:
             if self._shutdown:

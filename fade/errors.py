@@ -9,6 +9,8 @@
      |    +-- ResultDecodeError  a result or exception did not survive the trip back
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
+     +-- CodeShippingError       local code could not travel to a worker
+     |    +-- MissingDependencyError  a worker lacks an installed package the task needs
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
@@ -21,7 +23,9 @@ from concurrent.futures import BrokenExecutor
 
 __all__ = [
     "BrokenPoolError",
+    "CodeShippingError",
     "FadeError",
+    "MissingDependencyError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
@@ -57,6 +61,27 @@ class WorkerLostError(FadeError):
 
 class TaskTimeoutError(FadeError):
     """The task ran longer than its ``task_timeout``; its worker process was replaced."""
+
+
+class CodeShippingError(FadeError):
+    """The client's local code could not be shipped to, or set up on, a worker."""
+
+
+class MissingDependencyError(CodeShippingError, ModuleNotFoundError):
+    """A worker cannot import an installed package the task needs; install it there."""
+
+    def __init__(self, message: str, *, module: str = "", host: str = "") -> None:
+        super().__init__(message)
+        self.name = module
+        self.module = module
+        self.host = host
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_missing, (str(self), self.module, self.host))
+
+
+def _rebuild_missing(message: str, module: str, host: str) -> MissingDependencyError:
+    return MissingDependencyError(message, module=module, host=host)
 
 
 class RemoteTraceback(FadeError):

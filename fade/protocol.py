@@ -41,6 +41,7 @@ __all__ = [
     "HEARTBEAT_LIVENESS",
     "MAGIC",
     "VERSION",
+    "CodeStatus",
     "Command",
     "DoneRecord",
     "Hello",
@@ -51,8 +52,10 @@ __all__ = [
     "TaskRecord",
     "Welcome",
     "decode_capacity",
+    "decode_code",
     "decode_done",
     "decode_drain",
+    "decode_fetch",
     "decode_hello",
     "decode_obituary",
     "decode_ready",
@@ -61,7 +64,10 @@ __all__ = [
     "decode_task",
     "decode_welcome",
     "encode",
+    "encode_capacity",
+    "encode_code",
     "encode_done",
+    "encode_fetch",
     "encode_hello",
     "encode_obituary",
     "encode_ready",
@@ -70,7 +76,9 @@ __all__ = [
     "encode_task",
     "encode_welcome",
     "expiry",
+    "pack_request",
     "parse",
+    "unpack_request",
 ]
 
 MAGIC = b"fd"
@@ -108,6 +116,8 @@ class Command(enum.IntEnum):
     DRAIN = 10  # worker -> broker: send me nothing more; broker answers DRAIN
     DISCONNECT = 11  # client|worker -> broker: I am leaving
     OBITUARY = 12  # supervisor -> broker: this worker process died (JSON)
+    FETCH = 13  # worker -> broker -> client: send me this code (JSON request)
+    CODE = 14  # client -> broker -> worker: the code asked for
 
 
 class Status(enum.IntEnum):
@@ -117,6 +127,14 @@ class Status(enum.IntEnum):
     RAISED = 1  # payload: the pickled (exception, traceback text)
     LOST = 2  # broker-made; payload: JSON about the lost worker
     RETURNED = 3  # worker hands the task back unrun; no payload
+
+
+class CodeStatus(enum.IntEnum):
+    """How a FETCH was answered, in CODE."""
+
+    OK = 0  # frames: what was asked for
+    MISSING = 1  # the client does not have it; frame: a reason
+    GONE = 2  # broker-made: the client is not connected
 
 
 _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
@@ -291,6 +309,45 @@ def decode_capacity(body: Sequence[Frame]) -> int | None:
 def decode_drain(body: Sequence[Frame]) -> None:
     if body:
         raise ProtocolError("DRAIN carries no body")
+
+
+# -- code shipping: FETCH and CODE, relayed by the broker -------------------------
+
+
+def encode_fetch(peer: bytes, request_id: int, request: Frame) -> list[Frame]:
+    """FETCH: [header, peer, request id, request]; peer is the client (to the broker)
+    or the asking worker (from the broker)."""
+    return [_HEADERS[Command.FETCH], peer, _U32.pack(request_id), request]
+
+
+def decode_fetch(body: Sequence[Frame]) -> tuple[bytes, int, Frame]:
+    if len(body) != 3:
+        raise ProtocolError(f"FETCH needs 3 frames, got {len(body)}")
+    return _bytes(body[0]), _one_u32(body[1:2], "FETCH"), body[2]
+
+
+def pack_request(request: dict[str, Any]) -> bytes:
+    return _json(request)
+
+
+def unpack_request(frame: Frame) -> dict[str, Any]:
+    return _unjson([frame], "FETCH request")
+
+
+def encode_code(
+    peer: bytes, request_id: int, status: CodeStatus, frames: Sequence[Frame]
+) -> list[Frame]:
+    """CODE: [header, peer, request id, status, frames...]."""
+    return [_HEADERS[Command.CODE], peer, _U32.pack(request_id), bytes((status,)), *frames]
+
+
+def decode_code(body: Sequence[Frame]) -> tuple[bytes, int, CodeStatus, list[Frame]]:
+    if len(body) < 3:
+        raise ProtocolError(f"CODE needs at least 3 frames, got {len(body)}")
+    status = _bytes(body[2])
+    if len(status) != 1 or status[0] not in CodeStatus._value2member_map_:
+        raise ProtocolError("CODE has a bad status")
+    return _bytes(body[0]), _one_u32(body[1:2], "CODE"), CodeStatus(status[0]), list(body[3:])
 
 
 # -- task batches -----------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Turning calls and results into frames and back (cloudpickle, pickle protocol 5).
 
-A task's payload is ``[function, arguments, buffer...]``:
+A task's payload is ``[code version, function, arguments, buffer...]``:
+
+* the code version is the 16-byte id of the client's local code (see
+  fade/shipping.py), or empty; workers set that code up before unpickling;
 
 * the function is pickled on its own, so its bytes can be reused: a function
   that pickles *by reference* (an importable module-level function) always
@@ -31,6 +34,7 @@ from fade.errors import RemoteTraceback, ResultDecodeError, SerializationError
 __all__ = [
     "OUT_OF_BAND_MIN",
     "FunctionCache",
+    "code_version",
     "dumps_call",
     "dumps_exception",
     "dumps_value",
@@ -95,7 +99,7 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
 
 
 def dumps_call(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], code: bytes = b""
 ) -> list[Frame]:
     """Frames for calling ``fn(*args, **kwargs)`` remotely. Raises SerializationError."""
     fn_bytes = dumps_function(fn)
@@ -104,37 +108,48 @@ def dumps_call(
         arg_bytes = _dumps((args, kwargs), buffers)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    return [fn_bytes, arg_bytes, *buffers]
+    return [code, fn_bytes, arg_bytes, *buffers]
 
 
 class FunctionCache:
-    """Worker-side cache from a function's pickle bytes to the function (LRU)."""
+    """Worker-side cache from (code version, function pickle) to the function (LRU).
+
+    The same pickle (``mypkg.f`` by reference) means a different function under
+    another code version, hence the version in the key.
+    """
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._cache: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+        self._cache: OrderedDict[tuple[bytes, bytes], Callable[..., Any]] = OrderedDict()
 
-    def load(self, data: bytes) -> Callable[..., Any]:
-        fn = self._cache.get(data)
+    def load(self, code: bytes, data: bytes) -> Callable[..., Any]:
+        key = (code, data)
+        fn = self._cache.get(key)
         if fn is None:
             fn = pickle.loads(data)
-            self._cache[data] = fn
+            self._cache[key] = fn
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         else:
-            self._cache.move_to_end(data)
+            self._cache.move_to_end(key)
         return fn
 
 
 def loads_call(
     frames: Sequence[Frame], functions: FunctionCache
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s frames."""
-    if len(frames) < 2:
-        raise SerializationError(f"a task payload needs 2 frames or more, got {len(frames)}")
-    fn = functions.load(_as_bytes(frames[0]))
-    args, kwargs = pickle.loads(_as_buffer(frames[1]), buffers=[_as_buffer(f) for f in frames[2:]])
+    """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s frames (once the code
+    version they name is active)."""
+    if len(frames) < 3:
+        raise SerializationError(f"a task payload needs 3 frames or more, got {len(frames)}")
+    fn = functions.load(_as_bytes(frames[0]), _as_bytes(frames[1]))
+    args, kwargs = pickle.loads(_as_buffer(frames[2]), buffers=[_as_buffer(f) for f in frames[3:]])
     return fn, args, kwargs
+
+
+def code_version(frames: Sequence[Frame]) -> bytes:
+    """The code version a task payload names (b"" for none)."""
+    return _as_bytes(frames[0]) if frames else b""
 
 
 def dumps_value(value: Any) -> list[Frame]:

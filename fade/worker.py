@@ -15,6 +15,10 @@
 * SIGTERM/SIGINT drain: DRAIN is sent, unstarted tasks are handed back, the
   running one finishes, then DISCONNECT. A second signal hands back even the
   running one and leaves at once.
+* Code shipping: before a task runs, the code version it names is made active
+  (see fade/codecache.py); a version this host lacks is fetched from the
+  task's client through the broker, the main thread waiting while the I/O
+  thread keeps heartbeating.
 * If the broker is silent for interval x liveness the worker opens a new
   socket and says HELLO again, keeping what it holds (the broker may have
   restarted).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -44,7 +49,8 @@ from fade import protocol as p
 from fade import serialization as ser
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
-from fade.errors import ProtocolError, TaskTimeoutError
+from fade.codecache import CodeCache, CodeRunner
+from fade.errors import CodeShippingError, MissingDependencyError, ProtocolError, TaskTimeoutError
 from fade.sockets import connect_dealer
 
 __all__ = ["Worker", "main"]
@@ -57,6 +63,20 @@ MAX_PREFETCH = 64
 PREFETCH_HORIZON = 0.002
 #: Exit status of a worker that ended itself after a task timed out.
 EXIT_TIMEOUT = 75
+#: Seconds to wait for a client to send code before the task fails.
+FETCH_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class _Fetch:
+    """A code request from the main thread, answered through the I/O thread."""
+
+    request_id: int
+    client: bytes
+    request: bytes
+    answered: threading.Event
+    status: p.CodeStatus = p.CodeStatus.MISSING
+    frames: list[bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +125,7 @@ class Worker:
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         prefetch: int | None = None,
         parent_pid: int | None = None,
+        code_cache: str | None = None,
     ) -> None:
         self.address = address
         self.identity = identity or b"W" + uuid.uuid4().bytes[1:]
@@ -123,6 +144,11 @@ class Worker:
         self._avg_duration: float | None = None
         self._bad_input = RateLimitedLog(log)
         self.tasks_done = 0
+        self._code = CodeRunner(CodeCache(code_cache), self._fetch)
+        self._fetch_ids = itertools.count(1)
+        self._fetches: dict[int, _Fetch] = {}  # guarded by _lock
+        self._fetch_outbox: collections.deque[_Fetch] = collections.deque()
+        self.host = socket.gethostname()
 
     # -- main thread: run tasks --------------------------------------------------------
 
@@ -154,9 +180,10 @@ class Worker:
         started = time.monotonic()
         self._current = (job.record.key, started, job.record.timeout)
         try:
-            fn, args, kwargs = ser.loads_call(job.payload, self._functions)
-            value = fn(*args, **kwargs)
+            value = self._call(job)
             status, frames = p.Status.OK, ser.dumps_value(value)
+        except ModuleNotFoundError as exc:
+            status, frames = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
         except BaseException as exc:  # the task's own failure, SystemExit included
             status, frames = p.Status.RAISED, ser.dumps_exception(exc)
         duration = time.monotonic() - started
@@ -169,6 +196,52 @@ class Worker:
         avg = self._avg_duration
         self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
         self.wake()
+
+    def _call(self, job: _Job) -> object:
+        code = ser.code_version(job.payload)
+        # The key is the client's identity plus an 8-byte task id.
+        self._code.ensure(code, job.record.key[:-8])
+        fn, args, kwargs = ser.loads_call(job.payload, self._functions)
+        return fn(*args, **kwargs)
+
+    def _missing(self, exc: ModuleNotFoundError) -> BaseException:
+        """Name the module and this host; the client adds the distribution it came from."""
+        if isinstance(exc, MissingDependencyError) or not exc.name:
+            return exc
+        error = MissingDependencyError(
+            f"worker pid {os.getpid()} on host {self.host} cannot import {exc.name!r}",
+            module=exc.name,
+            host=self.host,
+        )
+        error.__cause__ = exc
+        return error
+
+    def _fetch(self, client: bytes, request: dict[str, object]) -> list[bytes]:
+        """Ask ``client`` for code and wait for the answer (main thread only)."""
+        fetch = _Fetch(next(self._fetch_ids), client, p.pack_request(request), threading.Event())
+        with self._lock:
+            self._fetches[fetch.request_id] = fetch
+            self._fetch_outbox.append(fetch)
+        self.wake()
+        answered = fetch.answered.wait(FETCH_TIMEOUT)
+        with self._lock:
+            self._fetches.pop(fetch.request_id, None)
+        if not answered:
+            raise CodeShippingError(f"the client sent no code within {FETCH_TIMEOUT:g}s")
+        if fetch.status is p.CodeStatus.GONE:
+            raise CodeShippingError("the task's client is gone, so its code cannot be fetched")
+        if fetch.status is not p.CodeStatus.OK or fetch.frames is None:
+            reason = fetch.frames[0].decode(errors="replace") if fetch.frames else "?"
+            raise CodeShippingError(f"the client could not send the code asked for: {reason}")
+        return fetch.frames
+
+    def answer_fetch(self, request_id: int, status: p.CodeStatus, frames: list[bytes]) -> None:
+        """Called by the I/O thread when CODE arrives."""
+        with self._lock:
+            fetch = self._fetches.get(request_id)
+        if fetch is not None:
+            fetch.status, fetch.frames = status, frames
+            fetch.answered.set()
 
     # -- shared with the I/O thread ------------------------------------------------------------
 
@@ -314,6 +387,9 @@ class _WorkerIO:
             log.debug("registered with broker %s", welcome.broker_id)
         elif command is p.Command.DRAIN:
             self._drain_acked = True
+        elif command is p.Command.CODE:
+            _, request_id, status, frames = p.decode_code(message.body)
+            self.w.answer_fetch(request_id, status, [_frame_bytes(f) for f in frames])
         elif command is not p.Command.HEARTBEAT:
             raise ProtocolError(f"{command.name} is not for a worker")
 
@@ -329,6 +405,11 @@ class _WorkerIO:
 
     def _flush(self) -> None:
         """Send every finished result in one DONE, granting the credits we now want."""
+        with self.w._lock:
+            fetches = list(self.w._fetch_outbox)
+            self.w._fetch_outbox.clear()
+        for fetch in fetches:
+            self._send(p.encode_fetch(fetch.client, fetch.request_id, fetch.request))
         with self.w._lock:
             results = list(self.w._outbox)
             self.w._outbox.clear()
@@ -399,6 +480,10 @@ class _WorkerIO:
         os._exit(status)
 
 
+def _frame_bytes(frame: p.Frame) -> bytes:
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+
+
 def _drain_pipe(fd: int) -> None:
     try:
         while os.read(fd, 4096):
@@ -430,6 +515,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="tasks to hold beyond the running one (default: adapt to task duration)",
+    )
+    parser.add_argument(
+        "--code-cache",
+        default=None,
+        help="where shipped code is cached on this host (default: $FADE_CODE_CACHE or "
+        "~/.cache/fade/code)",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
@@ -465,6 +556,8 @@ def child_argv(args: argparse.Namespace, identity: bytes, parent_pid: int) -> li
     ]
     if args.prefetch is not None:
         argv += ["--prefetch", str(args.prefetch)]
+    if args.code_cache is not None:
+        argv += ["--code-cache", args.code_cache]
     return argv
 
 
@@ -476,6 +569,7 @@ def _run_child(args: argparse.Namespace) -> int:
         heartbeat_liveness=args.heartbeat_liveness,
         prefetch=args.prefetch,
         parent_pid=args.parent_pid,
+        code_cache=args.code_cache,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.request_drain())

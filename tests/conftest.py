@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+# Shipped code is cached per host; keep the test run's cache out of the home directory.
+os.environ.setdefault(
+    "FADE_CODE_CACHE", os.path.join(tempfile.gettempdir(), f"fade-test-code-{os.getpid()}")
+)
 
 #: Fast failure detection for tests: a silent peer is dead after 0.6 s.
 INTERVAL = 0.2
@@ -148,6 +153,7 @@ class Pool:
     def stop(self) -> None:
         for worker in self.workers:
             kill_tree(worker.pid)
+            worker.wait()
         self.kill_broker()
 
 

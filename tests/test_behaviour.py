@@ -57,7 +57,8 @@ def test_map_rejects_bad_chunksize(executor: cf.Executor) -> None:
 
 
 def test_map_timeout(executor: cf.Executor) -> None:
-    results = executor.map(tasks.sleep_and_return, [0.0, 2.0], timeout=0.5)
+    executor.submit(tasks.add, 0, 0).result(timeout=30)  # the pool is up and warm
+    results = executor.map(tasks.sleep_and_return, [0.0, 3.0], timeout=1.5)
     assert next(results) is None
     with pytest.raises(cf.TimeoutError):
         next(results)
