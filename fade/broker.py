@@ -73,7 +73,7 @@ class _Task:
     key: bytes
     client: bytes
     task_id: int
-    payload: list[p.Frame]
+    payload: p.Payload
     timeout: float
     max_attempts: int
     state: TaskState = TaskState.QUEUED
@@ -144,7 +144,7 @@ class Broker:
         self._heard: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._told: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._capacity = 0
-        self._outbox: dict[bytes, list[tuple[p.ResultRecord, list[p.Frame]]]] = {}
+        self._outbox: dict[bytes, list[tuple[p.ResultRecord, p.Payload]]] = {}
         self.started = time.monotonic()
         self.tasks_done = 0
 
@@ -500,13 +500,13 @@ class Broker:
                     task.client.hex(),
                     task.losses,
                 )
-                self._complete(task, p.Status.LOST, [self._lost_report(task, worker, reason)])
+                self._complete(task, p.Status.LOST, self._lost_report(task, worker, reason))
             else:
                 task.state = TaskState.QUEUED
                 self._suspects.append(task)
         self._forget_worker(worker)
 
-    def _lost_report(self, task: _Task, worker: _Worker, reason: str) -> bytes:
+    def _lost_report(self, task: _Task, worker: _Worker, reason: str) -> p.Payload:
         info = worker.info
         report = {
             "attempts": task.losses,
@@ -517,7 +517,7 @@ class Broker:
             "signal": info.get("signal"),
             "reason": reason,
         }
-        return json.dumps(report).encode()
+        return p.Payload(json.dumps(report).encode())
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -552,7 +552,7 @@ class Broker:
             task.state = TaskState.RUNNING
             task.worker = worker.identity
             worker.tasks[task.key] = task
-            records.append((p.TaskRecord(task.key, len(task.payload), task.timeout), task.payload))
+            records.append((p.TaskRecord(task.key, task.timeout), task.payload))
         worker.credits -= len(batch)
         self._file(worker)
         self._send(worker.identity, p.encode_task(records))
@@ -574,7 +574,7 @@ class Broker:
         else:
             self._queue.appendleft(task)
 
-    def _complete(self, task: _Task, status: p.Status, payload: list[p.Frame]) -> None:
+    def _complete(self, task: _Task, status: p.Status, payload: p.Payload) -> None:
         """Remove a finished task everywhere and queue its result for its client."""
         self._unassign(task)
         task.state = TaskState.DONE
@@ -584,7 +584,7 @@ class Broker:
         if client is None:
             return
         client.keys.discard(task.key)
-        record = p.ResultRecord(task.task_id, status, len(payload))
+        record = p.ResultRecord(task.task_id, status)
         self._outbox.setdefault(task.client, []).append((record, payload))
 
     def _flush_results(self) -> None:

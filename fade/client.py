@@ -77,7 +77,7 @@ class _WorkItem:
 
     task_id: int
     future: cf.Future[Any]
-    frames: list[Any]
+    payload: p.Payload
 
 
 class _ClientIO:
@@ -269,7 +269,7 @@ class _ClientIO:
             status, frames = _serve(self.code, p.unpack_request(request))
         self._send(p.encode_code(worker, request_id, status, frames))
 
-    def _complete(self, record: p.ResultRecord, payload: list[Any]) -> None:
+    def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
         item = self.in_flight.pop(record.task_id, None)
         if item is None:
             return  # a duplicate: this future already has its result
@@ -317,10 +317,7 @@ class _ClientIO:
     def _submit_frames(self, items: list[_WorkItem]) -> list[Any]:
         return p.encode_submit(
             [
-                (
-                    p.SubmitRecord(item.task_id, len(item.frames), self.max_attempts, self.timeout),
-                    item.frames,
-                )
+                (p.SubmitRecord(item.task_id, self.max_attempts, self.timeout), item.payload)
                 for item in items
             ]
         )
@@ -391,10 +388,10 @@ def _version_of(distribution: str) -> str:
         return "?"
 
 
-def _lost_error(payload: list[Any]) -> WorkerLostError:
+def _lost_error(payload: p.Payload) -> WorkerLostError:
     try:
-        info = json.loads(ser._as_bytes(payload[0]))
-    except (IndexError, ValueError):
+        info = json.loads(payload.inline)
+    except ValueError:
         return WorkerLostError("the task's worker was lost too many times")
     identity = str(info.get("identity", "?"))[:12]
     where = f"worker {identity} on host {info.get('host')} pid {info.get('pid')}"
@@ -494,12 +491,12 @@ class Executor(cf.Executor):
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        frames = ser.dumps_call(fn, args, kwargs, code)
+        payload = ser.dumps_call(fn, args, kwargs, code)
         future: cf.Future[T] = cf.Future()
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._io.enqueue(_WorkItem(next(self._ids), future, frames))
+            self._io.enqueue(_WorkItem(next(self._ids), future, payload))
         return future
 
     def map(

@@ -46,6 +46,7 @@ __all__ = [
     "DoneRecord",
     "Hello",
     "Message",
+    "Payload",
     "ResultRecord",
     "Status",
     "SubmitRecord",
@@ -140,11 +141,23 @@ class CodeStatus(enum.IntEnum):
 _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
-_SUBMIT = struct.Struct("<QHHd")  # task id, payload frames, max attempts, timeout
-_TASK = struct.Struct("<HdB")  # payload frames, timeout, key length (key follows)
-_DONE = struct.Struct("<BHB")  # status, payload frames, key length (key follows)
-_RESULT = struct.Struct("<QBH")  # task id, status, payload frames
+_SUBMIT = struct.Struct("<QIHHd")  # task id, inline size, buffers, max attempts, timeout
+_TASK = struct.Struct("<IHdB")  # inline size, buffers, timeout, key length (key follows)
+_DONE = struct.Struct("<BIHB")  # status, inline size, buffers, key length (key follows)
+_RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A task's or result's data: small parts packed ``inline``, large buffers apart.
+
+    In a batch, every payload's inline bytes travel together in one frame and
+    each large buffer (a numpy array's memory) in a frame of its own, never copied.
+    """
+
+    inline: bytes
+    buffers: tuple[Frame, ...] = ()
 
 
 @dataclass(slots=True)
@@ -178,7 +191,6 @@ class SubmitRecord:
     """One task as a client submits it (the payload frames follow separately)."""
 
     task_id: int
-    nframes: int
     max_attempts: int  # 0: the broker's default
     timeout: float  # seconds; 0: none
 
@@ -188,7 +200,6 @@ class TaskRecord:
     """One task as the broker hands it to a worker."""
 
     key: bytes
-    nframes: int
     timeout: float
 
 
@@ -198,7 +209,6 @@ class DoneRecord:
 
     key: bytes
     status: Status
-    nframes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +217,6 @@ class ResultRecord:
 
     task_id: int
     status: Status
-    nframes: int
 
 
 # -- envelope ---------------------------------------------------------------
@@ -351,89 +360,94 @@ def decode_code(body: Sequence[Frame]) -> tuple[bytes, int, CodeStatus, list[Fra
 
 
 # -- task batches -----------------------------------------------------------------
+#
+# SUBMIT, TASK, DONE and RESULT share one layout:
+#     [header, meta, inline, buffer frames...]
+# meta packs one record per item (with the sizes of its inline part and its
+# buffer count); inline is every item's inline bytes, concatenated. So a batch
+# of a thousand small tasks is four frames, whatever it holds.
 
 
-def encode_submit(
-    tasks: Sequence[tuple[SubmitRecord, Sequence[Frame]]],
-) -> list[Frame]:
-    """SUBMIT: [header, meta, payload frames of task 1, of task 2, ...]."""
-    meta = b"".join(_SUBMIT.pack(r.task_id, r.nframes, r.max_attempts, r.timeout) for r, _ in tasks)
-    frames: list[Frame] = [_HEADERS[Command.SUBMIT], meta]
-    for _, payload in tasks:
-        frames.extend(payload)
+def _batch(command: Command, meta: bytes, payloads: Sequence[Payload]) -> list[Frame]:
+    frames: list[Frame] = [_HEADERS[command], meta, b"".join(pl.inline for pl in payloads)]
+    for payload in payloads:
+        frames.extend(payload.buffers)
     return frames
 
 
-def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, list[Frame]]]:
-    meta = _meta(body, "SUBMIT", _SUBMIT.size)
-    records = [SubmitRecord(*fields) for fields in _SUBMIT.iter_unpack(meta)]
-    return _attach_payloads(records, body, "SUBMIT")
-
-
-def encode_task(tasks: Sequence[tuple[TaskRecord, Sequence[Frame]]]) -> list[Frame]:
-    """TASK: [header, meta, payload frames...]; meta repeats (nframes, timeout, key)."""
-    meta = b"".join(_TASK.pack(r.nframes, r.timeout, len(r.key)) + r.key for r, _ in tasks)
-    frames: list[Frame] = [_HEADERS[Command.TASK], meta]
-    for _, payload in tasks:
-        frames.extend(payload)
-    return frames
-
-
-def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, list[Frame]]]:
-    meta = _meta(body, "TASK", 1)
-    records = [
-        TaskRecord(key=key, nframes=nframes, timeout=timeout)
-        for (nframes, timeout), key in _keyed_records(meta, _TASK, "TASK")
-    ]
-    return _attach_payloads(records, body, "TASK")
-
-
-def encode_done(credits: int, results: Sequence[tuple[DoneRecord, Sequence[Frame]]]) -> list[Frame]:
-    """DONE: [header, meta, payload frames...]; meta is credits then (status, nframes, key)."""
-    meta = _U32.pack(credits) + b"".join(
-        _DONE.pack(r.status, r.nframes, len(r.key)) + r.key for r, _ in results
+def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
+    meta = b"".join(
+        _SUBMIT.pack(r.task_id, len(pl.inline), len(pl.buffers), r.max_attempts, r.timeout)
+        for r, pl in tasks
     )
-    frames: list[Frame] = [_HEADERS[Command.DONE], meta]
-    for _, payload in results:
-        frames.extend(payload)
-    return frames
+    return _batch(Command.SUBMIT, meta, [pl for _, pl in tasks])
 
 
-def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, list[Frame]]]]:
+def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
+    meta = _meta(body, "SUBMIT", _SUBMIT.size)
+    records, sizes = [], []
+    for task_id, size, nbuf, attempts, timeout in _SUBMIT.iter_unpack(meta):
+        records.append(SubmitRecord(task_id, attempts, timeout))
+        sizes.append((size, nbuf))
+    return list(zip(records, _split_payloads(body, sizes, "SUBMIT")))
+
+
+def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
+    meta = b"".join(
+        _TASK.pack(len(pl.inline), len(pl.buffers), r.timeout, len(r.key)) + r.key
+        for r, pl in tasks
+    )
+    return _batch(Command.TASK, meta, [pl for _, pl in tasks])
+
+
+def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
+    meta = _meta(body, "TASK", 1)
+    records, sizes = [], []
+    for (size, nbuf, timeout), key in _keyed_records(meta, _TASK, "TASK"):
+        records.append(TaskRecord(key=key, timeout=timeout))
+        sizes.append((size, nbuf))
+    return list(zip(records, _split_payloads(body, sizes, "TASK")))
+
+
+def encode_done(credits: int, results: Sequence[tuple[DoneRecord, Payload]]) -> list[Frame]:
+    """DONE: meta is the credits granted, then one record per result."""
+    meta = _U32.pack(credits) + b"".join(
+        _DONE.pack(r.status, len(pl.inline), len(pl.buffers), len(r.key)) + r.key
+        for r, pl in results
+    )
+    return _batch(Command.DONE, meta, [pl for _, pl in results])
+
+
+def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, Payload]]]:
     meta = _meta(body, "DONE", 1)
     if len(meta) < _U32.size:
         raise ProtocolError("DONE meta too short")
     (credits,) = _U32.unpack_from(meta)
-    records = [
-        DoneRecord(key=key, status=_status(status), nframes=nframes)
-        for (status, nframes), key in _keyed_records(meta[_U32.size :], _DONE, "DONE")
-    ]
-    return credits, _attach_payloads(records, body, "DONE")
+    records, sizes = [], []
+    for (status, size, nbuf), key in _keyed_records(meta[_U32.size :], _DONE, "DONE"):
+        records.append(DoneRecord(key=key, status=_status(status)))
+        sizes.append((size, nbuf))
+    return credits, list(zip(records, _split_payloads(body, sizes, "DONE")))
 
 
-def encode_result(
-    capacity: int, results: Sequence[tuple[ResultRecord, Sequence[Frame]]]
-) -> list[Frame]:
-    """RESULT: [header, meta, payload frames...]; meta is capacity then records."""
+def encode_result(capacity: int, results: Sequence[tuple[ResultRecord, Payload]]) -> list[Frame]:
+    """RESULT: meta is the pool's capacity, then one record per result."""
     meta = _U32.pack(capacity) + b"".join(
-        _RESULT.pack(r.task_id, r.status, r.nframes) for r, _ in results
+        _RESULT.pack(r.task_id, r.status, len(pl.inline), len(pl.buffers)) for r, pl in results
     )
-    frames: list[Frame] = [_HEADERS[Command.RESULT], meta]
-    for _, payload in results:
-        frames.extend(payload)
-    return frames
+    return _batch(Command.RESULT, meta, [pl for _, pl in results])
 
 
-def decode_result(body: Sequence[Frame]) -> tuple[int, list[tuple[ResultRecord, list[Frame]]]]:
+def decode_result(body: Sequence[Frame]) -> tuple[int, list[tuple[ResultRecord, Payload]]]:
     meta = _meta(body, "RESULT", 1)
-    if (len(meta) - _U32.size) % _RESULT.size:
+    if len(meta) < _U32.size or (len(meta) - _U32.size) % _RESULT.size:
         raise ProtocolError("RESULT meta has a partial record")
     (capacity,) = _U32.unpack_from(meta)
-    records = [
-        ResultRecord(task_id, _status(status), nframes)
-        for task_id, status, nframes in _RESULT.iter_unpack(meta[_U32.size :])
-    ]
-    return capacity, _attach_payloads(records, body, "RESULT")
+    records, sizes = [], []
+    for task_id, status, size, nbuf in _RESULT.iter_unpack(meta[_U32.size :]):
+        records.append(ResultRecord(task_id, _status(status)))
+        sizes.append((size, nbuf))
+    return capacity, list(zip(records, _split_payloads(body, sizes, "RESULT")))
 
 
 # -- helpers --------------------------------------------------------------------
@@ -500,16 +514,23 @@ def _keyed_records(
     return out
 
 
-def _attach_payloads(records: list[Any], body: Sequence[Frame], what: str) -> list[Any]:
-    """Pair each record with its run of payload frames, checking the counts add up."""
-    payloads = body[1:]
-    if sum(r.nframes for r in records) != len(payloads):
-        raise ProtocolError(f"{what} frame counts do not match its records")
+def _split_payloads(
+    body: Sequence[Frame], sizes: Sequence[tuple[int, int]], what: str
+) -> list[Payload]:
+    """Cut the inline frame and the buffer frames back into one payload per record,
+    checking that the sizes and counts add up exactly."""
+    if len(body) < 2:
+        raise ProtocolError(f"{what} has no inline frame")
+    inline = _bytes(body[1])
+    buffers = body[2:]
+    if sum(size for size, _ in sizes) != len(inline) or sum(n for _, n in sizes) != len(buffers):
+        raise ProtocolError(f"{what} sizes do not match its records")
     out = []
-    offset = 0
-    for record in records:
-        out.append((record, list(payloads[offset : offset + record.nframes])))
-        offset += record.nframes
+    offset = frame = 0
+    for size, nbuf in sizes:
+        out.append(Payload(inline[offset : offset + size], tuple(buffers[frame : frame + nbuf])))
+        offset += size
+        frame += nbuf
     return out
 
 

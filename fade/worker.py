@@ -67,6 +67,9 @@ EXIT_TIMEOUT = 75
 FETCH_TIMEOUT = 60.0
 
 
+_EMPTY = p.Payload(b"")
+
+
 @dataclass(slots=True)
 class _Fetch:
     """A code request from the main thread, answered through the I/O thread."""
@@ -82,7 +85,7 @@ class _Fetch:
 @dataclass(slots=True)
 class _Job:
     record: p.TaskRecord
-    payload: list[p.Frame]
+    payload: p.Payload
 
 
 class _Inbox:
@@ -134,7 +137,7 @@ class Worker:
         self._fixed_prefetch = prefetch
         self._parent_pid = parent_pid
         self._inbox = _Inbox()
-        self._outbox: collections.deque[tuple[p.DoneRecord, list[p.Frame]]] = collections.deque()
+        self._outbox: collections.deque[tuple[p.DoneRecord, p.Payload]] = collections.deque()
         self._lock = threading.Lock()
         self._current: tuple[bytes, float, float] | None = None  # key, started, timeout
         self._wake_r, self._wake_w = os.pipe()
@@ -181,17 +184,17 @@ class Worker:
         self._current = (job.record.key, started, job.record.timeout)
         try:
             value = self._call(job)
-            status, frames = p.Status.OK, ser.dumps_value(value)
+            status, payload = p.Status.OK, ser.dumps_value(value)
         except ModuleNotFoundError as exc:
-            status, frames = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
+            status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
         except BaseException as exc:  # the task's own failure, SystemExit included
-            status, frames = p.Status.RAISED, ser.dumps_exception(exc)
+            status, payload = p.Status.RAISED, ser.dumps_exception(exc)
         duration = time.monotonic() - started
         with self._lock:
             if self._current is None:  # the I/O thread already reported a timeout
                 return
             self._current = None
-            self._outbox.append((p.DoneRecord(job.record.key, status, len(frames)), frames))
+            self._outbox.append((p.DoneRecord(job.record.key, status), payload))
         self.tasks_done += 1
         avg = self._avg_duration
         self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
@@ -393,7 +396,7 @@ class _WorkerIO:
         elif command is not p.Command.HEARTBEAT:
             raise ProtocolError(f"{command.name} is not for a worker")
 
-    def _on_task(self, tasks: list[tuple[p.TaskRecord, list[p.Frame]]]) -> None:
+    def _on_task(self, tasks: list[tuple[p.TaskRecord, p.Payload]]) -> None:
         self._credits = max(0, self._credits - len(tasks))
         if self._draining:
             self._outbox_returned([_Job(r, f) for r, f in tasks])
@@ -425,9 +428,7 @@ class _WorkerIO:
             self._send(p.encode_ready(grant))
 
     def _outbox_returned(self, jobs: list[_Job]) -> None:
-        returned: list[tuple[p.DoneRecord, list[p.Frame]]] = [
-            (p.DoneRecord(j.record.key, p.Status.RETURNED, 0), []) for j in jobs
-        ]
+        returned = [(p.DoneRecord(j.record.key, p.Status.RETURNED), _EMPTY) for j in jobs]
         with self.w._lock:
             self.w._outbox.extend(returned)
 
@@ -446,7 +447,7 @@ class _WorkerIO:
         self._outbox_returned(jobs)
         if current is not None:
             with self.w._lock:
-                self.w._outbox.append((p.DoneRecord(current[0], p.Status.RETURNED, 0), []))
+                self.w._outbox.append((p.DoneRecord(current[0], p.Status.RETURNED), _EMPTY))
         self._draining = True
         self._flush()
         self._send(p.encode(p.Command.DISCONNECT))
@@ -463,8 +464,7 @@ class _WorkerIO:
                 f"the task ran for {now - started:.1f}s, past its task_timeout of {limit:g}s; "
                 f"worker process {os.getpid()} on {socket.gethostname()} was stopped"
             )
-            frames = ser.dumps_exception(error)
-            self.w._outbox.append((p.DoneRecord(key, p.Status.RAISED, len(frames)), frames))
+            self.w._outbox.append((p.DoneRecord(key, p.Status.RAISED), ser.dumps_exception(error)))
         log.warning("task exceeded its %gs limit; replacing this worker process", limit)
         self._outbox_returned(self.w._inbox.take_all())
         self._draining = True

@@ -12,25 +12,28 @@ pytestmark = pytest.mark.timeout(10)
 
 def test_submit_round_trip() -> None:
     tasks = [
-        (p.SubmitRecord(1, 2, 3, 0.0), [b"fn", b"args"]),
-        (p.SubmitRecord(2**64 - 1, 3, 0, 1.5), [b"fn", b"args", b"buffer"]),
+        (p.SubmitRecord(1, 3, 0.0), p.Payload(b"small")),
+        (p.SubmitRecord(2**64 - 1, 0, 1.5), p.Payload(b"", (b"buffer", b"another"))),
+        (p.SubmitRecord(7, 1, 0.0), p.Payload(b"x" * 300, (b"b",))),
     ]
-    message = p.parse(p.encode_submit(tasks))
+    frames = p.encode_submit(tasks)
+    assert len(frames) == 3 + 3  # header, meta, one inline frame, then the buffers
+    message = p.parse(frames)
     assert message.command is p.Command.SUBMIT
-    assert p.decode_submit(message.body) == [(r, list(f)) for r, f in tasks]
+    assert p.decode_submit(message.body) == tasks
 
 
 def test_task_done_result_round_trips() -> None:
     key = b"C" * 16 + b"\x00" * 8
-    task = [(p.TaskRecord(key, 1, 2.5), [b"x"])]
-    assert p.decode_task(p.parse(p.encode_task(task)).body) == [(task[0][0], [b"x"])]
-    done = [(p.DoneRecord(key, p.Status.RAISED, 2), [b"e", b"tb"])]
-    assert p.decode_done(p.parse(p.encode_done(7, done)).body) == (7, [(done[0][0], [b"e", b"tb"])])
-    result = [(p.ResultRecord(5, p.Status.OK, 1), [b"v"])]
-    assert p.decode_result(p.parse(p.encode_result(9, result)).body) == (
-        9,
-        [(result[0][0], [b"v"])],
-    )
+    task = [(p.TaskRecord(key, 2.5), p.Payload(b"x", (b"big",)))]
+    assert p.decode_task(p.parse(p.encode_task(task)).body) == task
+    done = [
+        (p.DoneRecord(key, p.Status.RAISED), p.Payload(b"e")),
+        (p.DoneRecord(key, p.Status.RETURNED), p.Payload(b"")),
+    ]
+    assert p.decode_done(p.parse(p.encode_done(7, done)).body) == (7, done)
+    result = [(p.ResultRecord(5, p.Status.OK), p.Payload(b"v", (b"w",)))]
+    assert p.decode_result(p.parse(p.encode_result(9, result)).body) == (9, result)
 
 
 def test_hello_welcome_obituary_round_trip() -> None:
@@ -67,13 +70,22 @@ def test_wrong_version_is_named() -> None:
     ("decoder", "body"),
     [
         (p.decode_submit, []),
-        (p.decode_submit, [b"\x00" * 19]),
-        (p.decode_submit, [p.encode_submit([(p.SubmitRecord(1, 2, 0, 0), [b"a", b"b"])])[1]]),
-        (p.decode_task, [b"\x01\x00" + b"\x00" * 8 + b"\x05abc"]),
-        (p.decode_task, [b"\x01\x00" + b"\x00" * 8 + b"\x00"]),
-        (p.decode_done, [b"\x00\x00"]),
-        (p.decode_done, [b"\x00\x00\x00\x00" + b"\x07\x00\x00\x01k"]),
-        (p.decode_result, [b"\x00\x00\x00\x00\x01"]),
+        (p.decode_submit, [b"\x00" * 23, b""]),
+        # Records that claim more inline bytes or buffers than the message has.
+        (
+            p.decode_submit,
+            p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab", (b"c",)))])[1:3],
+        ),
+        (
+            p.decode_submit,
+            [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[1], b"a"],
+        ),
+        (p.decode_submit, [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[1]]),
+        (p.decode_task, [b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x05abc", b"x"]),
+        (p.decode_task, [b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x00", b"x"]),
+        (p.decode_done, [b"\x00\x00", b""]),
+        (p.decode_done, [b"\x00\x00\x00\x00" + b"\x07\x00\x00\x00\x00\x00\x00\x01k", b""]),
+        (p.decode_result, [b"\x00\x00\x00\x00\x01", b""]),
         (p.decode_hello, [b"{}"]),
         (p.decode_hello, [b"\xff"]),
         (p.decode_hello, [b"1", b"2"]),
