@@ -696,9 +696,26 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _raise_open_file_limit() -> None:
+    """Every connected peer costs the broker a file descriptor: allow as many as the
+    system does, since the common default of 1024 would cap a pool at ~1000 workers."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 65536 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fade-broker``."""
     args = _parse_args(argv)
+    _raise_open_file_limit()
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s fade-broker[{os.getpid()}@{socket.gethostname()}] "

@@ -38,6 +38,10 @@ def connect_dealer(
 
 def bind_router(context: zmq.Context[zmq.Socket[bytes]], address: str) -> zmq.Socket[bytes]:
     """The broker's ROUTER, bound to ``address``."""
+    # Each peer is a socket inside libzmq too; its default cap (1023) would limit the
+    # broker to about a thousand workers and clients.
+    if context.get(zmq.MAX_SOCKETS) < 65536:
+        context.set(zmq.MAX_SOCKETS, 65536)
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     # A reconnecting peer keeps its identity; the new pipe replaces the old.
