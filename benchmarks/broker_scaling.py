@@ -89,7 +89,7 @@ def _expect(sock: zmq.Socket[bytes], command: p.Command) -> p.Message:
 def _allow_many_sockets() -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 

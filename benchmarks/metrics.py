@@ -30,6 +30,7 @@ __all__ = [
     "BIG_ARRAY_MB",
     "METRICS",
     "SIZES",
+    "WORKERS",
     "Deadline",
     "ExecutorTarget",
     "Metric",
@@ -37,12 +38,14 @@ __all__ = [
     "Step",
     "Target",
     "big_array",
+    "big_mbps",
+    "check_big",
     "latency_summary",
     "rate",
 ]
 
 BIG_ARRAY_MB = 50
-WORKERS = 2
+WORKERS = 2  # worker processes per system
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,21 +1,26 @@
-"""Starting and stopping the broker and worker processes that a benchmark launches.
+"""Starting and stopping the processes a benchmark launches, and finding any it left behind.
 
-Every process is a fresh interpreter (``python -m MODULE ...``) in the runner's process group,
-so ``bench.py`` can always kill whatever a runner left behind with one ``killpg``.
+Every broker and worker is a fresh interpreter (``python -m MODULE ...``). ``bench.py`` gives each
+runner a unique ``FADE_BENCH_RUN`` environment tag, which every descendant inherits, even one that
+moved to a process group of its own (fade's embedded pool does) or was orphaned; ``tagged_pids``
+finds them all afterwards.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
-__all__ = ["free_tcp_address", "module_processes"]
+__all__ = ["TAG_VARIABLE", "describe_pid", "free_tcp_address", "module_processes", "tagged_pids"]
 
 STOP_TIMEOUT_S = 5.0
+TAG_VARIABLE = "FADE_BENCH_RUN"
 
 
 def free_tcp_address() -> str:
@@ -53,3 +58,27 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             print(f"pid {proc.pid} {proc.args!r} ignored SIGTERM; killing", file=sys.stderr)
             proc.kill()
             proc.wait()
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes whose environment has ``FADE_BENCH_RUN=tag``. Reads /proc, so on a system
+    without it this finds nothing; zombies have an empty environment and are never found."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if needle in environ.split(b"\0") and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def describe_pid(pid: int) -> str:
+    """``pid: command line``, for reports about processes left behind."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmdline = "?"
+    return f"{pid}: {cmdline.strip()}"

@@ -45,6 +45,7 @@ class SystemResult:
     errors: dict[str, str] = field(default_factory=dict)  # failed step -> error
     elapsed_s: float | None = None
     log_tail: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # processes bench.py had to kill
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,8 @@ def status_lines(results: dict[str, SystemResult]) -> list[str]:
             detail += f" ({result.elapsed_s:.1f} s)"
         if result.reason:
             detail += f": {result.reason}"
+        if result.leftovers:
+            detail += f"; left {len(result.leftovers)} process(es) running, killed"
         lines.append(f"{name.ljust(width)} : {detail}")
     return lines
 

@@ -1,6 +1,7 @@
 """Measure one system in this process and record the figures as JSON, step by step.
 
     bench.py ──> python -m benchmarks.runner SYSTEM --mode smoke|full --time-limit S --out PATH
+                   preload(SYSTEM)                         imports, not timed
                    open_target(SYSTEM) ─┐
                    first result        ─┴─ "start to first result"
                    warm-up, submit, map, latency, 50 MB   each step recorded when it ends
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics import SIZES, Deadline, Sizes
-from benchmarks.systems import open_target
+from benchmarks.systems import open_target, preload
 
 __all__ = ["Record", "main", "measure"]
 
@@ -84,6 +85,7 @@ def _describe(exc: BaseException) -> str:
 
 def measure(system: str, sizes: Sizes, deadline: Deadline, record: Record) -> None:
     """Open ``system``, time the first result, run every step, close."""
+    preload(system)
     started = time.perf_counter()
     with open_target(system) as target:
         record.phase("first result")

@@ -3,7 +3,7 @@
     name           what is started                                       transport
     fade-tcp       fade.broker + fade.worker --processes 2 (subprocesses), tcp loopback
                    then fade.Executor("tcp://127.0.0.1:PORT")
-    fade-embedded  fade.Executor(max_workers=2)                          fade's choice
+    fade-embedded  fade.Executor(max_workers=2)                          ipc (fade's choice)
     processpool    concurrent.futures.ProcessPoolExecutor(2)             pipes
     raw-zmq        rawzmq.py: guide LRU broker + 2 DEALER workers        tcp loopback
     loky           loky.ProcessPoolExecutor(2)                           pipes
@@ -11,8 +11,9 @@
     ray            ray.init(num_cpus=2) behind a small Executor adapter  ray
 
 Opening a system starts everything it needs and closing it stops everything, error or not, so the
-runner can time "start to first result" from before ``open_target`` is entered. Optional peers are
-imported only inside their opener; ``missing`` tells ``bench.py`` which ones to skip and why.
+runner can time "start to first result" from before ``open_target`` is entered; ``preload`` does
+the imports first, so that time leaves them out. Optional peers are imported only here, never at
+module level; ``missing`` tells ``bench.py`` which ones to skip and why.
 """
 
 from __future__ import annotations
@@ -32,7 +33,17 @@ from benchmarks.procs import free_tcp_address, module_processes
 from benchmarks.rawclient import open_raw
 from benchmarks.tasks import call_chunk
 
-__all__ = ["BASELINES", "FADE_SYSTEMS", "SYSTEMS", "System", "missing", "open_target"]
+__all__ = [
+    "BASELINES",
+    "FADE_SYSTEMS",
+    "SYSTEMS",
+    "DaskExecutor",
+    "RayExecutor",
+    "System",
+    "missing",
+    "open_target",
+    "preload",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,7 @@ SYSTEMS: tuple[System, ...] = (
     System("dask", ("distributed",), optional=True),
     System("ray", ("ray",), optional=True),
 )
+_BY_NAME = {s.name: s for s in SYSTEMS}
 FADE_SYSTEMS = ("fade-tcp", "fade-embedded")
 BASELINES = tuple(s.name for s in SYSTEMS if s.name not in FADE_SYSTEMS)
 
@@ -64,6 +76,13 @@ def missing(system: System) -> str | None:
         return None
     absent = [m for m in system.requires if importlib.util.find_spec(m) is None]
     return f"not installed (pip install {' '.join(absent)})" if absent else None
+
+
+def preload(name: str) -> None:
+    """Import what system ``name`` needs, so that its start-up time leaves imports out."""
+    _quiet_ray()
+    for module in _BY_NAME[name].requires:
+        importlib.import_module(module)
 
 
 def open_target(name: str) -> AbstractContextManager[Target]:
@@ -160,7 +179,7 @@ class DaskExecutor(cf.Executor):
 
 @contextmanager
 def _ray() -> Iterator[cf.Executor]:
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no telemetry; loopback only
+    _quiet_ray()
     import ray
 
     ray.init(
@@ -174,6 +193,11 @@ def _ray() -> Iterator[cf.Executor]:
             yield executor
     finally:
         ray.shutdown()
+
+
+def _quiet_ray() -> None:
+    """No usage statistics sent anywhere: ray must talk to nothing but loopback."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 class RayExecutor(cf.Executor):
