@@ -9,6 +9,7 @@
      |    +-- ResultDecodeError  a result or exception did not survive the trip back
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
+ +-- NoWorkersError          no worker answered in time (also a TimeoutError)
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
@@ -22,6 +23,7 @@ from concurrent.futures import BrokenExecutor
 __all__ = [
     "BrokenPoolError",
     "FadeError",
+    "NoWorkersError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
@@ -68,3 +70,7 @@ class RemoteTraceback(FadeError):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class NoWorkersError(FadeError, TimeoutError):
+    """No worker answered within the wait: start ``fade-worker`` processes or wait longer."""
