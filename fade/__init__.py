@@ -15,6 +15,7 @@ from fade.client import Executor
 from fade.errors import (
     BrokenPoolError,
     FadeError,
+    NoWorkersError,
     ProtocolError,
     RemoteTraceback,
     ResultDecodeError,
@@ -27,6 +28,7 @@ __all__ = [
     "BrokenPoolError",
     "Executor",
     "FadeError",
+    "NoWorkersError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
