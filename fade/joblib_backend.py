@@ -73,6 +73,7 @@ from joblib.parallel import (
 
 from fade.client import Executor
 from fade.errors import NoWorkersError
+from fade.worker import MAX_PREFETCH
 
 __all__ = ["FadeBackend", "count_workers", "register", "shutdown"]
 
@@ -83,7 +84,10 @@ PROBE_WINDOW = 0.2
 #: Seconds to wait past the window for probe answers (busy workers answer late).
 PROBE_GRACE = 1.0
 #: Probe tasks sent in a first round; rounds grow while every probe met a new worker.
-PROBE_TASKS = 64
+#: More than twice what one worker may hold (its prefetch and the one it runs), so a
+#: worker that has credit when the round arrives cannot take it all before the
+#: others, whose credit may be a moment late, get theirs.
+PROBE_TASKS = 4 * (1 + MAX_PREFETCH)
 MAX_PROBE_TASKS = 4096
 #: How long a counted pool size is trusted.
 SIZE_TTL = 30.0
@@ -142,8 +146,10 @@ def count_workers(executor: Executor, timeout: float) -> int:
     """Count the worker processes of the pool behind ``executor`` that take work now.
 
     The broker gives a task to every worker holding nothing before it gives a
-    second one to anybody, so a round of probe tasks that each hold their
-    worker for ``PROBE_WINDOW`` meets every idle worker once. A worker busy
+    second one to anybody, and a worker holds at most ``1 + MAX_PREFETCH``
+    tasks; each probe task holds its worker for up to ``PROBE_WINDOW``. So a
+    round of ``PROBE_TASKS`` cannot be drained by a few workers before the
+    others take some: every idle worker answers at least once. A worker busy
     with long tasks may be missed. Raises :class:`NoWorkersError` when no
     worker answers within ``timeout`` seconds.
     """

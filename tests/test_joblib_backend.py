@@ -207,3 +207,11 @@ def test_generator_output_in_completion_order(counting: CountingExecutor) -> Non
             joblib.delayed(et.square)(i) for i in range(100)
         )
         assert sorted(out) == [i * i for i in range(100)]
+
+
+def test_pool_is_counted_after_tiny_tasks_filled_the_prefetch(counting: CountingExecutor) -> None:
+    # After tiny tasks each worker holds credit for dozens of tasks: a round of
+    # probes must still reach both workers, not be drained by the first one.
+    for _ in range(5):
+        assert list(counting.map(et.square, range(300))) == [i * i for i in range(300)]
+        assert fjb.count_workers(counting, timeout=30) == 2
