@@ -159,8 +159,9 @@ def count_workers(executor: Executor, timeout: float) -> int:
     except cf.TimeoutError:
         first.cancel()
         raise NoWorkersError(
-            f"no fade worker answered within {timeout}s at {executor.address}; start "
-            f"fade-worker processes there or raise wait_for_workers_timeout"
+            f"no fade worker answered within {timeout}s at {executor.address}: none is "
+            f"connected, or all are busy; start fade-worker processes for that broker "
+            f"or raise wait_for_workers_timeout"
         ) from None
     probes = PROBE_TASKS
     while True:
