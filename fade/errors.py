@@ -9,7 +9,7 @@
      |    +-- ResultDecodeError  a result or exception did not survive the trip back
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
- +-- NoWorkersError          no worker answered in time (also a TimeoutError)
+     +-- NoWorkersError          no worker answered in time (also a TimeoutError)
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
