@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import concurrent.futures as cf
@@ -498,6 +499,16 @@ class Executor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._io.enqueue(_WorkItem(next(self._ids), future, payload))
         return future
+
+    def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.
+
+        No thread waits for it: the result reaches the loop through a done-callback.
+        Cancelling it cancels the task if it has not left this process yet. Call it
+        from a coroutine (it raises RuntimeError when no event loop is running).
+        """
+        loop = asyncio.get_running_loop()
+        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
 
     def map(
         self,

@@ -11,6 +11,7 @@
      +-- TaskTimeoutError        a task ran past its time limit
      +-- CodeShippingError       local code could not travel to a worker
      |    +-- MissingDependencyError  a worker lacks an installed package the task needs
+     +-- NoWorkersError          no worker answered in time (also a TimeoutError)
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
@@ -26,6 +27,7 @@ __all__ = [
     "CodeShippingError",
     "FadeError",
     "MissingDependencyError",
+    "NoWorkersError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
@@ -93,3 +95,7 @@ class RemoteTraceback(FadeError):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class NoWorkersError(FadeError, TimeoutError):
+    """No worker answered within the wait: start ``fade-worker`` processes or wait longer."""
