@@ -41,7 +41,9 @@ from typing import Any
 import zmq
 
 from fade import protocol as p
+from fade._env import default_address
 from fade._logutil import RateLimitedLog
+from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError
 from fade.sockets import bind_router
@@ -147,6 +149,15 @@ class Broker:
         self._outbox: dict[bytes, list[tuple[p.ResultRecord, list[p.Frame]]]] = {}
         self.started = time.monotonic()
         self.tasks_done = 0
+        self.tasks_failed = 0  # of tasks_done: raised an exception
+        self.tasks_lost = 0  # of tasks_done: lost their worker max_attempts times
+        self._throughput = Throughput(self.started)
+        #: Seconds between snapshots published for other threads (None: never).
+        self.publish_interval: float | None = None
+        #: The latest published snapshot. The loop replaces it whole and never
+        #: changes one it has published, so a reader thread needs no lock.
+        self.published: dict[str, Any] | None = None
+        self._next_publish = 0.0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -189,8 +200,10 @@ class Broker:
                     self._drain_socket(sock)
                 self._flush_results()
                 now = time.monotonic()
+                self._throughput.record(now, self.tasks_done)
                 self._purge_silent_peers(now)
                 self._send_due_heartbeats(now)
+                self._publish(now)
                 if self._parent_pid is not None and os.getppid() != self._parent_pid:
                     log.info("parent process %d is gone; stopping", self._parent_pid)
                     break
@@ -205,6 +218,8 @@ class Broker:
             due = min(due, next(iter(self._told.values())) + self.interval)
         if self._heard:
             due = min(due, next(iter(self._heard.values())) + self._expiry)
+        if self.publish_interval is not None:
+            due = min(due, self._next_publish)
         return max(0.0, min(due - now, self.interval))
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
@@ -341,6 +356,13 @@ class Broker:
             self._lose_worker(worker, f"its process exited ({_exit_text(info)})")
             self._dispatch()
 
+    def _on_status(self, identity: bytes, body: list[p.Frame]) -> None:
+        p.decode_status(body)
+        self._send(identity, p.encode_state(self.snapshot()))
+        if identity not in self._workers and identity not in self._clients:
+            # An operator's one-off question: keep no heartbeat state for it.
+            self._forget_peer(identity)
+
     _HANDLERS = {
         p.Command.HELLO: _on_hello,
         p.Command.HEARTBEAT: _on_heartbeat,
@@ -350,6 +372,7 @@ class Broker:
         p.Command.DRAIN: _on_drain,
         p.Command.DISCONNECT: _on_disconnect,
         p.Command.OBITUARY: _on_obituary,
+        p.Command.STATUS: _on_status,
     }
 
     # -- peers --------------------------------------------------------------------------
@@ -559,6 +582,10 @@ class Broker:
         task.state = TaskState.DONE
         del self._tasks[task.key]
         self.tasks_done += 1
+        if status is p.Status.RAISED:
+            self.tasks_failed += 1
+        elif status is p.Status.LOST:
+            self.tasks_lost += 1
         client = self._clients.get(task.client)
         if client is None:
             return
@@ -602,11 +629,22 @@ class Broker:
     # -- introspection (tests, status) ---------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready picture of the pool, for status tools."""
+        """A JSON-ready picture of the pool, for status tools; O(workers + clients).
+
+        The keys are described in docs/operating.md; tools may rely on them.
+        """
+        now = time.monotonic()
+        heard = self._heard
+        running = sum(len(w.tasks) for w in self._workers.values())
         return {
             "broker_id": self.broker_id,
             "version": __version__,
-            "uptime": time.monotonic() - self.started,
+            "address": self.address,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "uptime": now - self.started,
+            "heartbeat_interval": self.interval,
             "workers": [
                 {
                     "identity": w.identity.hex(),
@@ -616,15 +654,37 @@ class Broker:
                     "running": len(w.tasks),
                     "credits": w.credits,
                     "done": w.done,
+                    "last_heard": now - heard.get(w.identity, now),
                 }
                 for w in self._workers.values()
             ],
-            "clients": len(self._clients),
-            "queued": len(self._queue) + len(self._suspects),
-            "tasks": len(self._tasks),
+            "clients": [
+                {
+                    "identity": c.identity.hex(),
+                    "host": c.info.get("host"),
+                    "pid": c.info.get("pid"),
+                    "tasks": len(c.keys),
+                }
+                for c in self._clients.values()
+            ],
+            # The queues may still hold tasks dropped since (they are skipped
+            # lazily), so count what the broker owns instead.
+            "queued": len(self._tasks) - running,
+            "running": running,
             "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "tasks_lost": self.tasks_lost,
             "capacity": self._capacity,
+            "rate": self._throughput.rate(now),
+            "per_second": self._throughput.series(now),
         }
+
+    def _publish(self, now: float) -> None:
+        """Every ``publish_interval``, replace :attr:`published` with a fresh snapshot."""
+        if self.publish_interval is None or now < self._next_publish:
+            return
+        self.published = self.snapshot()
+        self._next_publish = now + self.publish_interval
 
 
 def _worker_state(worker: _Worker) -> str:
@@ -659,7 +719,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="fade-broker", description="Run a fade broker that clients and workers connect to."
     )
     parser.add_argument(
-        "address", nargs="?", default=p.DEFAULT_ADDRESS, help="ZeroMQ endpoint to bind"
+        "address",
+        nargs="?",
+        default=default_address(),
+        help="ZeroMQ endpoint to bind (default %(default)s; FADE_ADDRESS sets it)",
     )
     parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
     parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)

@@ -10,6 +10,8 @@
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
+ +-- BrokerUnreachableError  a status query got no answer in time
+ +-- MissingDependencyError  an optional feature's extra is not installed (an ImportError)
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
 with a :class:`RemoteTraceback` holding the worker's traceback as ``__cause__``.
@@ -21,7 +23,9 @@ from concurrent.futures import BrokenExecutor
 
 __all__ = [
     "BrokenPoolError",
+    "BrokerUnreachableError",
     "FadeError",
+    "MissingDependencyError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
@@ -68,3 +72,11 @@ class RemoteTraceback(FadeError):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class BrokerUnreachableError(FadeError):
+    """The broker did not answer in time: not running, not at that address, or unreachable."""
+
+
+class MissingDependencyError(FadeError, ImportError):
+    """An optional feature needs a library that is not installed; the message names the extra."""

@@ -57,6 +57,8 @@ __all__ = [
     "decode_obituary",
     "decode_ready",
     "decode_result",
+    "decode_state",
+    "decode_status",
     "decode_submit",
     "decode_task",
     "decode_welcome",
@@ -66,6 +68,8 @@ __all__ = [
     "encode_obituary",
     "encode_ready",
     "encode_result",
+    "encode_state",
+    "encode_status",
     "encode_submit",
     "encode_task",
     "encode_welcome",
@@ -108,6 +112,8 @@ class Command(enum.IntEnum):
     DRAIN = 10  # worker -> broker: send me nothing more; broker answers DRAIN
     DISCONNECT = 11  # client|worker -> broker: I am leaving
     OBITUARY = 12  # supervisor -> broker: this worker process died (JSON)
+    STATUS = 15  # any peer -> broker: describe the pool (no HELLO needed)
+    STATE = 16  # broker -> asker: the pool's state (JSON)
 
 
 class Status(enum.IntEnum):
@@ -263,6 +269,32 @@ def decode_obituary(body: Sequence[Frame]) -> tuple[bytes, dict[str, Any]]:
     if len(body) != 2:
         raise ProtocolError(f"OBITUARY needs 2 frames, got {len(body)}")
     return _bytes(body[0]), _unjson(body[1:], "OBITUARY")
+
+
+# -- STATUS / STATE (operators' tools; see fade/status.py) -------------------------
+
+
+def encode_status() -> list[Frame]:
+    """STATUS: no body. Any peer may ask, without HELLO; the broker answers STATE."""
+    return [_HEADERS[Command.STATUS]]
+
+
+def decode_status(body: Sequence[Frame]) -> None:
+    if body:
+        raise ProtocolError("STATUS carries no body")
+
+
+def encode_state(state: dict[str, Any]) -> list[Frame]:
+    """STATE: one JSON object, the broker's :meth:`~fade.broker.Broker.snapshot`."""
+    return [_HEADERS[Command.STATE], _json(state)]
+
+
+def decode_state(body: Sequence[Frame]) -> dict[str, Any]:
+    data = _unjson(body, "STATE")
+    for name, kind in (("broker_id", str), ("workers", list), ("tasks_done", int)):
+        if not isinstance(data.get(name), kind):
+            raise ProtocolError(f"STATE lacks {name!r} or it is not a {kind.__name__}")
+    return data
 
 
 # -- small numeric bodies -------------------------------------------------------
