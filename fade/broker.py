@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -48,6 +48,9 @@ from fade._version import __version__
 from fade.errors import ProtocolError
 from fade.sockets import bind_router
 
+if TYPE_CHECKING:
+    from fade.web import StatusServer
+
 __all__ = ["Broker", "main"]
 
 log = logging.getLogger("fade.broker")
@@ -55,6 +58,8 @@ log = logging.getLogger("fade.broker")
 #: A worker may not grant itself more than this many outstanding tasks.
 MAX_CREDITS = 4096
 DEFAULT_MAX_ATTEMPTS = 3
+#: Seconds between the snapshots the HTTP endpoint serves.
+PUBLISH_INTERVAL = 1.0
 
 _TASK_ID = struct.Struct("<Q")
 
@@ -732,6 +737,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_MAX_ATTEMPTS,
         help="worker losses a task may suffer before it fails (default %(default)s)",
     )
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve a live dashboard, /status (JSON) and /metrics (Prometheus) on this "
+        "address; off by default",
+    )
+    parser.add_argument(
+        "--http-public",
+        action="store_true",
+        help="allow --http on a host other machines can reach (the pages are read-only "
+        "but name every host and process of the pool)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
@@ -755,14 +773,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             parent_pid=args.parent_pid,
         )
         broker.bind()
-    except (ValueError, zmq.ZMQError) as exc:
+        web = _start_http(broker, args.http, public=args.http_public) if args.http else None
+    except (ValueError, OSError, zmq.ZMQError) as exc:
         print(f"fade-broker: {exc}", file=sys.stderr)
+        broker.close()
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        if web is not None:
+            web.stop()
     log.info("fade-broker stopped")
     return 0
+
+
+def _start_http(broker: Broker, address: str, *, public: bool) -> StatusServer:
+    """Serve the broker's published snapshots over HTTP from a daemon thread."""
+    from fade.web import StatusServer, check_host, parse_address
+
+    host, port = parse_address(address)
+    check_host(host, public=public)
+    broker.publish_interval = PUBLISH_INTERVAL
+    broker.published = broker.snapshot()
+    server = StatusServer(host, port, lambda: broker.published)
+    url = server.start()
+    log.info("dashboard at %s (JSON at %sstatus, Prometheus at %smetrics)", url, url, url)
+    return server
 
 
 if __name__ == "__main__":
