@@ -14,7 +14,9 @@ from fade._version import __version__
 from fade.client import Executor
 from fade.errors import (
     BrokenPoolError,
+    BrokerUnreachableError,
     FadeError,
+    MissingDependencyError,
     ProtocolError,
     RemoteTraceback,
     ResultDecodeError,
@@ -22,11 +24,14 @@ from fade.errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
+from fade.progress import as_completed
 
 __all__ = [
     "BrokenPoolError",
+    "BrokerUnreachableError",
     "Executor",
     "FadeError",
+    "MissingDependencyError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
@@ -34,4 +39,5 @@ __all__ = [
     "TaskTimeoutError",
     "WorkerLostError",
     "__version__",
+    "as_completed",
 ]
