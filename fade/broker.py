@@ -308,6 +308,7 @@ class Broker:
     def _on_done(self, identity: bytes, body: list[p.Frame]) -> None:
         credits, results = p.decode_done(body)
         worker = self._workers.get(identity)
+        returned = 0
         for record, payload in results:
             task = self._tasks.get(record.key)
             if task is None:
@@ -316,10 +317,14 @@ class Broker:
                 if task.worker == identity and task.state is TaskState.RUNNING:
                     self._unassign(task)
                     self._enqueue_again(task)
+                    returned += 1
                 continue
             self._complete(task, record.status, payload)
             if worker is not None:
                 worker.done += 1
+        if returned:
+            who = _name(worker) if worker is not None else identity.hex()[:12]
+            log.info("worker %s handed back %d unstarted tasks; re-queued them", who, returned)
         if worker is None:
             self._reset(identity)
             return
@@ -342,14 +347,20 @@ class Broker:
     def _on_disconnect(self, identity: bytes, body: list[p.Frame]) -> None:
         worker = self._workers.get(identity)
         if worker is not None:
-            log.info("worker %s left", _name(worker))
+            log.info(
+                "worker %s left; re-queueing the %d tasks it held", _name(worker), len(worker.tasks)
+            )
             for task in list(worker.tasks.values()):
                 self._unassign(task)
                 self._enqueue_again(task)
             self._forget_worker(worker)
         client = self._clients.get(identity)
         if client is not None:
-            log.debug("client %s left", identity.hex())
+            log.info(
+                "client %s left; %d clients",
+                _peer_name(identity, client.info),
+                len(self._clients) - 1,
+            )
             self._forget_client(client)
         self._forget_peer(identity)
 
@@ -390,13 +401,7 @@ class Broker:
         if worker is None:
             worker = _Worker(identity=identity, info=info)
             self._workers[identity] = worker
-            log.info(
-                "worker %s joined (host %s, pid %s); %d workers",
-                _name(worker),
-                info.get("host"),
-                info.get("pid"),
-                len(self._workers),
-            )
+            log.info("worker %s joined; %d workers", _name(worker), len(self._workers))
         worker.info.update(info)
         worker.state = WorkerState.READY
         worker.credits = 0
@@ -408,7 +413,9 @@ class Broker:
             self._lose_worker(self._workers[identity], "it re-registered as a client")
         if identity not in self._clients:
             self._clients[identity] = _Client(identity=identity, info=info)
-            log.debug("client %s connected (host %s)", identity.hex(), info.get("host"))
+            log.info(
+                "client %s connected; %d clients", _peer_name(identity, info), len(self._clients)
+            )
 
     def _heard_from(self, identity: bytes) -> None:
         heard = self._heard
@@ -440,8 +447,11 @@ class Broker:
                 self._lose_worker(worker, f"no heartbeat for {now - last:.1f}s")
             client = self._clients.get(identity)
             if client is not None:
-                log.info(
-                    "client %s expired; dropping its %d tasks", identity.hex(), len(client.keys)
+                log.warning(
+                    "client %s lost (no heartbeat for %.1fs); dropping its %d tasks",
+                    _peer_name(identity, client.info),
+                    now - last,
+                    len(client.keys),
                 )
                 self._forget_client(client)
         self._dispatch()
@@ -496,16 +506,25 @@ class Broker:
     def _lose_worker(self, worker: _Worker, reason: str) -> None:
         """A worker died: re-queue what it held as suspects, or fail those out of attempts."""
         held = list(worker.tasks.values())
-        log.warning("worker %s lost (%s); re-queueing %d tasks", _name(worker), reason, len(held))
+        doomed = sum(task.losses + 1 >= task.max_attempts for task in held)
+        log.warning(
+            "worker %s lost (%s); re-queueing %d of the %d tasks it held",
+            _name(worker),
+            reason,
+            len(held) - doomed,
+            len(held),
+        )
         for task in held:
             self._unassign(task)
             task.losses += 1
             if task.losses >= task.max_attempts:
                 log.error(
-                    "task %d of client %s failed: its worker was lost %d times",
+                    "task %d of client %s failed: it lost its worker %d times, last %s (%s)",
                     task.task_id,
-                    task.client.hex(),
+                    task.client.hex()[:12],
                     task.losses,
+                    _name(worker),
+                    reason,
                 )
                 self._complete(task, p.Status.LOST, [self._lost_report(task, worker, reason)])
             else:
@@ -699,8 +718,12 @@ def _worker_state(worker: _Worker) -> str:
 
 
 def _name(worker: _Worker) -> str:
-    info = worker.info
-    return f"{worker.identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
+    return _peer_name(worker.identity, worker.info)
+
+
+def _peer_name(identity: bytes, info: dict[str, Any]) -> str:
+    """How logs name a peer: identity prefix @ host : pid (what fade-status shows)."""
+    return f"{identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
 
 
 def _int_field(info: dict[str, Any], name: str, default: int) -> int:
