@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 from conftest import free_port, kill_tree, wait_for
 
 from fade.status import query
