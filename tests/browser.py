@@ -134,6 +134,13 @@ class Chromium:
             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
         )
         self.call("Page.navigate", {"url": url})
+        # Navigation answers before the page has loaded: wait for the document.
+        deadline = time.monotonic() + 30
+        loaded = f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+        while not self.evaluate(loaded):
+            if time.monotonic() > deadline:
+                raise BrowserError(f"{url} did not load within 30s")
+            time.sleep(0.05)
 
     def evaluate(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
