@@ -91,6 +91,7 @@ def _results(
     chunked: bool,
     bar: ProgressBar | None = None,
 ) -> Iterator[Any]:
+    finished = False
     try:
         while futures:
             if buffersize is not None:
@@ -110,8 +111,9 @@ def _results(
             if exc is not None:
                 exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
                 raise exc
+        finished = True
     finally:
         for future in futures:
             future.cancel()
         if bar is not None:
-            bar.close()
+            bar.close(all_done=finished)

@@ -15,6 +15,7 @@ install the ``progress`` extra (``pip install 'fade[progress]'``).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -39,26 +40,45 @@ class ProgressBar:
                 "progress=True needs tqdm: pip install 'fade[progress]'"
             ) from None
         self._bar = tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True, smoothing=0.05)
+        # Updates come from the threads where futures complete; close from the caller's.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._tracked = 0
 
     def update(self, count: int = 1) -> None:
-        self._bar.update(count)
+        with self._lock:
+            if not self._closed:
+                self._bar.update(count)
 
     def track(self, future: cf.Future[Any], count: int = 1) -> None:
         """Add ``count`` when ``future`` finishes (a cancelled one does not count).
 
-        The callback runs where the future completes (for fade, the client's I/O
-        thread); tqdm's update is cheap and throttles its own redrawing.
+        Call it from one thread. The callback runs where the future completes (for
+        fade, the client's I/O thread); tqdm's update is cheap and throttles its
+        own redrawing.
         """
+        self._tracked += count
 
         def finished(done: cf.Future[Any]) -> None:
             if not done.cancelled():
-                self._bar.update(count)
+                self.update(count)
 
         future.add_done_callback(finished)
 
-    def close(self) -> None:
-        """Draw the final state and release the line; a closed bar ignores updates."""
-        self._bar.close()
+    def close(self, *, all_done: bool = False) -> None:
+        """Draw the final state and release the line; later updates are ignored.
+
+        ``all_done``: every tracked future has finished. A waiter can see a result
+        before the future's callbacks have run, so the bar is brought up to the
+        tracked count here rather than left one short.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if all_done and self._bar.n < self._tracked:
+                self._bar.update(self._tracked - self._bar.n)
+            self._bar.close()
 
 
 def map_total(iterables: tuple[Iterable[Any], ...]) -> int | None:

@@ -128,3 +128,22 @@ def test_progress_bar_redraws_in_place_in_a_terminal(pool: Pool) -> None:
     assert len(draws) >= 3, text
     counts = [int(m.group(1)) for d in draws if (m := re.search(r"\| *(\d+)/100 ", d))]
     assert counts == sorted(counts) and counts[0] < 100 and counts[-1] == 100, text
+
+
+def test_bar_shows_every_call_done_even_before_the_last_callback_ran(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A waiter can get a result before the future's done-callbacks have run (they run
+    # after the waiters wake). At the end of a map the bar must still read n/n.
+    import concurrent.futures as cf
+
+    from fade.progress import ProgressBar
+
+    bar = ProgressBar(3)
+    futures: list[cf.Future[int]] = [cf.Future() for _ in range(2)]
+    bar.track(futures[0], 1)
+    bar.track(futures[1], 2)
+    futures[0].set_result(1)  # its callback counts 1; the other's is "still on its way"
+    bar.close(all_done=True)
+    futures[1].set_result(2)  # a late callback after close changes nothing
+    assert " 3/3 " in final_line(capsys.readouterr().err)
