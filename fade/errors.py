@@ -11,7 +11,7 @@
      +-- TaskTimeoutError        a task ran past its time limit
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
  +-- BrokerUnreachableError  a status query got no answer in time
- +-- MissingDependencyError  an optional feature's extra is not installed (an ImportError)
+ +-- MissingExtraError       an optional feature's extra is not installed (an ImportError)
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
 with a :class:`RemoteTraceback` holding the worker's traceback as ``__cause__``.
@@ -25,7 +25,7 @@ __all__ = [
     "BrokenPoolError",
     "BrokerUnreachableError",
     "FadeError",
-    "MissingDependencyError",
+    "MissingExtraError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
@@ -78,5 +78,5 @@ class BrokerUnreachableError(FadeError):
     """The broker did not answer in time: not running, not at that address, or unreachable."""
 
 
-class MissingDependencyError(FadeError, ImportError):
+class MissingExtraError(FadeError, ImportError):
     """An optional feature needs a library that is not installed; the message names the extra."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from fade.errors import MissingDependencyError
+from fade.errors import MissingExtraError
 
 __all__ = ["CONTENT_TYPE", "WORKER_STATES", "render"]
 
@@ -22,12 +22,12 @@ WORKER_STATES = ("idle", "busy", "draining")
 def render(state: Mapping[str, Any]) -> bytes:
     """The metrics of ``state`` in the Prometheus text exposition format.
 
-    Raises MissingDependencyError if ``prometheus-client`` is not installed.
+    Raises MissingExtraError if ``prometheus-client`` is not installed.
     """
     try:
         from prometheus_client import CollectorRegistry, generate_latest
     except ImportError:
-        raise MissingDependencyError(
+        raise MissingExtraError(
             "/metrics needs prometheus-client: pip install 'fade[metrics]'"
         ) from None
     registry = CollectorRegistry(auto_describe=False)

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from fade.errors import MissingDependencyError
+from fade.errors import MissingExtraError
 
 __all__ = ["ProgressBar", "as_completed"]
 
@@ -29,14 +29,14 @@ T = TypeVar("T")
 class ProgressBar:
     """A tqdm bar counting finished tasks; :meth:`close` it when the work is over.
 
-    Raises MissingDependencyError if tqdm is not installed.
+    Raises MissingExtraError if tqdm is not installed.
     """
 
     def __init__(self, total: int | None, desc: str | None = None) -> None:
         try:
             from tqdm.auto import tqdm
         except ImportError:
-            raise MissingDependencyError(
+            raise MissingExtraError(
                 "progress=True needs tqdm: pip install 'fade[progress]'"
             ) from None
         self._bar = tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True, smoothing=0.05)
@@ -104,7 +104,7 @@ def as_completed(
 
     Works with futures of any executor. The bar advances as each future is
     yielded and closes when the iteration ends (completed, broken off, or timed
-    out). Raises MissingDependencyError at once if ``progress`` and tqdm is missing.
+    out). Raises MissingExtraError at once if ``progress`` and tqdm is missing.
     """
     futures = set(fs)
     if not progress:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
-from fade.errors import MissingDependencyError
+from fade.errors import MissingExtraError
 
 __all__ = ["StatusServer", "check_host", "parse_address"]
 
@@ -155,7 +155,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             body = metrics.render(state)
-        except MissingDependencyError as exc:
+        except MissingExtraError as exc:
             self._send(501, "text/plain; charset=utf-8", f"{exc}\n".encode())
             return
         self._send(200, metrics.CONTENT_TYPE, body)

@@ -18,7 +18,7 @@ import tasks
 from conftest import INTERVAL, LIVENESS, Pool
 
 import fade
-from fade.errors import MissingDependencyError
+from fade.errors import MissingExtraError
 
 pytestmark = pytest.mark.timeout(90)
 pytest.importorskip("tqdm", reason="the progress extra is not installed")
@@ -85,7 +85,7 @@ def test_progress_without_tqdm_names_the_extra(
     fade_executor: fade.Executor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # "import tqdm.auto" now fails
-    with pytest.raises(MissingDependencyError, match=r"pip install 'fade\[progress\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'fade\[progress\]'"):
         fade_executor.map(tasks.square, range(3), progress=True)
     with pytest.raises(ImportError):
         fade.as_completed([fade_executor.submit(tasks.square, 2)], progress=True)
