@@ -10,8 +10,8 @@
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
- +-- BrokerUnreachableError  a status query got no answer in time
- +-- MissingExtraError       an optional feature's extra is not installed (an ImportError)
+     +-- BrokerUnreachableError  a status query got no answer in time
+     +-- MissingExtraError       an optional feature's extra is not installed (an ImportError)
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
 with a :class:`RemoteTraceback` holding the worker's traceback as ``__cause__``.
