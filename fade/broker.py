@@ -820,7 +820,7 @@ def _start_http(broker: Broker, address: str, *, public: bool) -> StatusServer:
     check_host(host, public=public)
     broker.publish_interval = PUBLISH_INTERVAL
     broker.published = broker.snapshot()
-    server = StatusServer(host, port, lambda: broker.published)
+    server = StatusServer(host, port, lambda: broker.published, public=public)
     url = server.start()
     log.info("dashboard at %s (JSON at %sstatus, Prometheus at %smetrics)", url, url, url)
     return server

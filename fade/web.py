@@ -15,6 +15,8 @@
   mutates a published dict).
 * Off by default, and loopback only unless the operator says ``--http-public``:
   the pages are read-only, but they name every host and process of the pool.
+  A loopback server also answers only requests addressed to a loopback name,
+  so a web page whose DNS name is rebound to 127.0.0.1 cannot read it.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ log = logging.getLogger("fade.web")
 #: from this server. Nothing else, so it works (and leaks nothing) offline.
 _CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
 )
+
+#: Host header names a loopback-only server answers to (its own host is added).
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 StateSource = Callable[[], "Mapping[str, Any] | None"]
 
@@ -75,10 +81,11 @@ def check_host(host: str, *, public: bool) -> None:
 class StatusServer:
     """Serve the dashboard, /status and /metrics from ``state()`` on ``host:port``."""
 
-    def __init__(self, host: str, port: int, state: StateSource) -> None:
+    def __init__(self, host: str, port: int, state: StateSource, *, public: bool = False) -> None:
         server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), _Handler)
         self._server.state = state
+        self._server.allowed_hosts = None if public else LOOPBACK_NAMES | {host.lower()}
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},
@@ -112,6 +119,7 @@ class StatusServer:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     state: StateSource
+    allowed_hosts: frozenset[str] | None  # None: any Host header
 
 
 class _Server6(_Server):
@@ -124,11 +132,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "fade"
 
     def state(self) -> Mapping[str, Any] | None:
+        return self._server().state()
+
+    def _server(self) -> _Server:
         server = self.server
         assert isinstance(server, _Server)
-        return server.state()
+        return server
+
+    def _host_allowed(self) -> bool:
+        allowed = self._server().allowed_hosts
+        if allowed is None:
+            return True
+        host = (self.headers.get("Host") or "").lower()
+        # "name:port", "[v6]:port" or a bare name: keep the name.
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0]
+        return (name or host) in allowed
 
     def do_GET(self) -> None:
+        if not self._host_allowed():
+            body = b"this server answers only to loopback names (start it with --http-public)\n"
+            self._send(403, "text/plain; charset=utf-8", body)
+            return
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             self._send(200, "text/html; charset=utf-8", _dashboard(), csp=True)

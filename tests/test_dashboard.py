@@ -20,7 +20,7 @@ from browser import Chromium, find_chromium
 from conftest import INTERVAL, LIVENESS, Pool, free_port, wait_for
 
 import fade
-from fade.web import check_host, parse_address
+from fade.web import StatusServer, check_host, parse_address
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,6 +184,42 @@ def test_dashboard_page_is_self_contained(http_pool: HttpPool) -> None:
     # Nothing loaded from elsewhere, and the browser is told to refuse it anyway.
     assert "http://" not in page and "https://" not in page and "src=" not in page
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+
+
+def test_loopback_server_answers_only_to_loopback_names(http_pool: HttpPool) -> None:
+    """A page on another site whose name is rebound to 127.0.0.1 must not read /status."""
+
+    def status_as(host: str) -> int:
+        request = urllib.request.Request(http_pool.url + "status", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                code: int = response.status
+                return code
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    port = http_pool.http_port
+    assert status_as(f"evil.example:{port}") == 403
+    assert status_as("evil.example") == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}"):
+        assert status_as(host) == 200, host
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_http_public_answers_any_host_name(public: bool) -> None:
+    server = StatusServer("127.0.0.1", 0, lambda: {"broker_id": "b"}, public=public)
+    url = server.start()
+    try:
+        request = urllib.request.Request(url + "status", headers={"Host": "fade.example:80"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                code = response.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+    finally:
+        server.stop()
+        server.stop()  # idempotent
+    assert code == (200 if public else 403)
 
 
 def test_http_on_a_public_host_is_refused_without_the_flag(pool: Pool) -> None:
