@@ -14,9 +14,11 @@ from fade._version import __version__
 from fade.client import Executor
 from fade.errors import (
     BrokenPoolError,
+    BrokerUnreachableError,
     CodeShippingError,
     FadeError,
     MissingDependencyError,
+    MissingExtraError,
     NoWorkersError,
     ProtocolError,
     RemoteTraceback,
@@ -25,13 +27,16 @@ from fade.errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
+from fade.progress import as_completed
 
 __all__ = [
     "BrokenPoolError",
+    "BrokerUnreachableError",
     "CodeShippingError",
     "Executor",
     "FadeError",
     "MissingDependencyError",
+    "MissingExtraError",
     "NoWorkersError",
     "ProtocolError",
     "RemoteTraceback",
@@ -40,4 +45,5 @@ __all__ = [
     "TaskTimeoutError",
     "WorkerLostError",
     "__version__",
+    "as_completed",
 ]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from fade.errors import RemoteTraceback
+from fade.progress import ProgressBar, map_description, map_total
 
 __all__ = ["map_in_order", "run_chunk"]
 
@@ -53,10 +54,12 @@ def map_in_order(
     timeout: float | None,
     chunksize: int,
     buffersize: int | None,
+    progress: bool = False,
 ) -> Iterator[T]:
     """Submit the calls now (or the first ``buffersize`` of them) and return an iterator
-    over their results in order."""
+    over their results in order; with ``progress``, a bar counts calls as they finish."""
     _validate(chunksize, buffersize)
+    bar = ProgressBar(map_total(iterables), map_description(fn)) if progress else None
     end_time = None if timeout is None else timeout + time.monotonic()
     args = zip(*iterables)
     calls: Iterator[Any] = args
@@ -64,13 +67,18 @@ def map_in_order(
         calls = iter(lambda: list(itertools.islice(args, chunksize)), [])
 
     def submit(task: Any) -> cf.Future[Any]:
+        future: cf.Future[Any]
         if chunksize > 1:
-            return executor.submit(run_chunk, fn, task)
-        return executor.submit(fn, *task)
+            future = executor.submit(run_chunk, fn, task)
+        else:
+            future = executor.submit(fn, *task)
+        if bar is not None:
+            bar.track(future, len(task) if chunksize > 1 else 1)
+        return future
 
     first = calls if buffersize is None else itertools.islice(calls, buffersize)
     futures = collections.deque(submit(task) for task in first)
-    return _results(futures, calls, submit, buffersize, end_time, chunked=chunksize > 1)
+    return _results(futures, calls, submit, buffersize, end_time, chunked=chunksize > 1, bar=bar)
 
 
 def _results(
@@ -81,7 +89,9 @@ def _results(
     end_time: float | None,
     *,
     chunked: bool,
+    bar: ProgressBar | None = None,
 ) -> Iterator[Any]:
+    finished = False
     try:
         while futures:
             if buffersize is not None:
@@ -101,6 +111,9 @@ def _results(
             if exc is not None:
                 exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
                 raise exc
+        finished = True
     finally:
         for future in futures:
             future.cancel()
+        if bar is not None:
+            bar.close(all_done=finished)

@@ -36,15 +36,20 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from fade import protocol as p
+from fade._env import default_address
 from fade._logutil import RateLimitedLog
+from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError
 from fade.sockets import bind_router
+
+if TYPE_CHECKING:
+    from fade.web import StatusServer
 
 __all__ = ["Broker", "main"]
 
@@ -53,6 +58,8 @@ log = logging.getLogger("fade.broker")
 #: A worker may not grant itself more than this many outstanding tasks.
 MAX_CREDITS = 4096
 DEFAULT_MAX_ATTEMPTS = 3
+#: Seconds between the snapshots the HTTP endpoint serves.
+PUBLISH_INTERVAL = 1.0
 
 _TASK_ID = struct.Struct("<Q")
 
@@ -147,6 +154,15 @@ class Broker:
         self._outbox: dict[bytes, list[tuple[p.ResultRecord, p.Payload]]] = {}
         self.started = time.monotonic()
         self.tasks_done = 0
+        self.tasks_failed = 0  # of tasks_done: raised an exception
+        self.tasks_lost = 0  # of tasks_done: lost their worker max_attempts times
+        self._throughput = Throughput(self.started)
+        #: Seconds between snapshots published for other threads (None: never).
+        self.publish_interval: float | None = None
+        #: The latest published snapshot. The loop replaces it whole and never
+        #: changes one it has published, so a reader thread needs no lock.
+        self.published: dict[str, Any] | None = None
+        self._next_publish = 0.0
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -189,8 +205,10 @@ class Broker:
                     self._drain_socket(sock)
                 self._flush_results()
                 now = time.monotonic()
+                self._throughput.record(now, self.tasks_done)
                 self._purge_silent_peers(now)
                 self._send_due_heartbeats(now)
+                self._publish(now)
                 if self._parent_pid is not None and os.getppid() != self._parent_pid:
                     log.info("parent process %d is gone; stopping", self._parent_pid)
                     break
@@ -205,6 +223,8 @@ class Broker:
             due = min(due, next(iter(self._told.values())) + self.interval)
         if self._heard:
             due = min(due, next(iter(self._heard.values())) + self._expiry)
+        if self.publish_interval is not None:
+            due = min(due, self._next_publish)
         return max(0.0, min(due - now, self.interval))
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
@@ -288,6 +308,7 @@ class Broker:
     def _on_done(self, identity: bytes, body: list[p.Frame]) -> None:
         credits, results = p.decode_done(body)
         worker = self._workers.get(identity)
+        returned = 0
         for record, payload in results:
             task = self._tasks.get(record.key)
             if task is None:
@@ -296,10 +317,14 @@ class Broker:
                 if task.worker == identity and task.state is TaskState.RUNNING:
                     self._unassign(task)
                     self._enqueue_again(task)
+                    returned += 1
                 continue
             self._complete(task, record.status, payload)
             if worker is not None:
                 worker.done += 1
+        if returned:
+            who = _name(worker) if worker is not None else identity.hex()[:12]
+            log.info("worker %s handed back %d unstarted tasks; re-queued them", who, returned)
         if worker is None:
             self._reset(identity)
             return
@@ -322,14 +347,20 @@ class Broker:
     def _on_disconnect(self, identity: bytes, body: list[p.Frame]) -> None:
         worker = self._workers.get(identity)
         if worker is not None:
-            log.info("worker %s left", _name(worker))
+            log.info(
+                "worker %s left; re-queueing the %d tasks it held", _name(worker), len(worker.tasks)
+            )
             for task in list(worker.tasks.values()):
                 self._unassign(task)
                 self._enqueue_again(task)
             self._forget_worker(worker)
         client = self._clients.get(identity)
         if client is not None:
-            log.debug("client %s left", identity.hex())
+            log.info(
+                "client %s left; %d clients",
+                _peer_name(identity, client.info),
+                len(self._clients) - 1,
+            )
             self._forget_client(client)
         self._forget_peer(identity)
 
@@ -360,6 +391,13 @@ class Broker:
             return
         self._send(worker, p.encode_code(identity, request_id, status, frames))
 
+    def _on_status(self, identity: bytes, body: list[p.Frame]) -> None:
+        p.decode_status(body)
+        self._send(identity, p.encode_state(self.snapshot()))
+        if identity not in self._workers and identity not in self._clients:
+            # An operator's one-off question: keep no heartbeat state for it.
+            self._forget_peer(identity)
+
     _HANDLERS = {
         p.Command.HELLO: _on_hello,
         p.Command.HEARTBEAT: _on_heartbeat,
@@ -371,6 +409,7 @@ class Broker:
         p.Command.OBITUARY: _on_obituary,
         p.Command.FETCH: _on_fetch,
         p.Command.CODE: _on_code,
+        p.Command.STATUS: _on_status,
     }
 
     # -- peers --------------------------------------------------------------------------
@@ -383,13 +422,7 @@ class Broker:
         if worker is None:
             worker = _Worker(identity=identity, info=info)
             self._workers[identity] = worker
-            log.info(
-                "worker %s joined (host %s, pid %s); %d workers",
-                _name(worker),
-                info.get("host"),
-                info.get("pid"),
-                len(self._workers),
-            )
+            log.info("worker %s joined; %d workers", _name(worker), len(self._workers))
         worker.info.update(info)
         worker.state = WorkerState.READY
         worker.credits = 0
@@ -401,7 +434,9 @@ class Broker:
             self._lose_worker(self._workers[identity], "it re-registered as a client")
         if identity not in self._clients:
             self._clients[identity] = _Client(identity=identity, info=info)
-            log.debug("client %s connected (host %s)", identity.hex(), info.get("host"))
+            log.info(
+                "client %s connected; %d clients", _peer_name(identity, info), len(self._clients)
+            )
 
     def _heard_from(self, identity: bytes) -> None:
         heard = self._heard
@@ -433,8 +468,11 @@ class Broker:
                 self._lose_worker(worker, f"no heartbeat for {now - last:.1f}s")
             client = self._clients.get(identity)
             if client is not None:
-                log.info(
-                    "client %s expired; dropping its %d tasks", identity.hex(), len(client.keys)
+                log.warning(
+                    "client %s lost (no heartbeat for %.1fs); dropping its %d tasks",
+                    _peer_name(identity, client.info),
+                    now - last,
+                    len(client.keys),
                 )
                 self._forget_client(client)
         self._dispatch()
@@ -489,16 +527,25 @@ class Broker:
     def _lose_worker(self, worker: _Worker, reason: str) -> None:
         """A worker died: re-queue what it held as suspects, or fail those out of attempts."""
         held = list(worker.tasks.values())
-        log.warning("worker %s lost (%s); re-queueing %d tasks", _name(worker), reason, len(held))
+        doomed = sum(task.losses + 1 >= task.max_attempts for task in held)
+        log.warning(
+            "worker %s lost (%s); re-queueing %d of the %d tasks it held",
+            _name(worker),
+            reason,
+            len(held) - doomed,
+            len(held),
+        )
         for task in held:
             self._unassign(task)
             task.losses += 1
             if task.losses >= task.max_attempts:
                 log.error(
-                    "task %d of client %s failed: its worker was lost %d times",
+                    "task %d of client %s failed: it lost its worker %d times, last %s (%s)",
                     task.task_id,
-                    task.client.hex(),
+                    task.client.hex()[:12],
                     task.losses,
+                    _name(worker),
+                    reason,
                 )
                 self._complete(task, p.Status.LOST, self._lost_report(task, worker, reason))
             else:
@@ -580,6 +627,10 @@ class Broker:
         task.state = TaskState.DONE
         del self._tasks[task.key]
         self.tasks_done += 1
+        if status is p.Status.RAISED:
+            self.tasks_failed += 1
+        elif status is p.Status.LOST:
+            self.tasks_lost += 1
         client = self._clients.get(task.client)
         if client is None:
             return
@@ -623,11 +674,22 @@ class Broker:
     # -- introspection (tests, status) ---------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready picture of the pool, for status tools."""
+        """A JSON-ready picture of the pool, for status tools; O(workers + clients).
+
+        The keys are described in docs/operating.md; tools may rely on them.
+        """
+        now = time.monotonic()
+        heard = self._heard
+        running = sum(len(w.tasks) for w in self._workers.values())
         return {
             "broker_id": self.broker_id,
             "version": __version__,
-            "uptime": time.monotonic() - self.started,
+            "address": self.address,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "uptime": now - self.started,
+            "heartbeat_interval": self.interval,
             "workers": [
                 {
                     "identity": w.identity.hex(),
@@ -637,15 +699,37 @@ class Broker:
                     "running": len(w.tasks),
                     "credits": w.credits,
                     "done": w.done,
+                    "last_heard": now - heard.get(w.identity, now),
                 }
                 for w in self._workers.values()
             ],
-            "clients": len(self._clients),
-            "queued": len(self._queue) + len(self._suspects),
-            "tasks": len(self._tasks),
+            "clients": [
+                {
+                    "identity": c.identity.hex(),
+                    "host": c.info.get("host"),
+                    "pid": c.info.get("pid"),
+                    "tasks": len(c.keys),
+                }
+                for c in self._clients.values()
+            ],
+            # The queues may still hold tasks dropped since (they are skipped
+            # lazily), so count what the broker owns instead.
+            "queued": len(self._tasks) - running,
+            "running": running,
             "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "tasks_lost": self.tasks_lost,
             "capacity": self._capacity,
+            "rate": self._throughput.rate(now),
+            "per_second": self._throughput.series(now),
         }
+
+    def _publish(self, now: float) -> None:
+        """Every ``publish_interval``, replace :attr:`published` with a fresh snapshot."""
+        if self.publish_interval is None or now < self._next_publish:
+            return
+        self.published = self.snapshot()
+        self._next_publish = now + self.publish_interval
 
 
 def _worker_state(worker: _Worker) -> str:
@@ -655,8 +739,12 @@ def _worker_state(worker: _Worker) -> str:
 
 
 def _name(worker: _Worker) -> str:
-    info = worker.info
-    return f"{worker.identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
+    return _peer_name(worker.identity, worker.info)
+
+
+def _peer_name(identity: bytes, info: dict[str, Any]) -> str:
+    """How logs name a peer: identity prefix @ host : pid (what fade-status shows)."""
+    return f"{identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
 
 
 def _int_field(info: dict[str, Any], name: str, default: int) -> int:
@@ -680,7 +768,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="fade-broker", description="Run a fade broker that clients and workers connect to."
     )
     parser.add_argument(
-        "address", nargs="?", default=p.DEFAULT_ADDRESS, help="ZeroMQ endpoint to bind"
+        "address",
+        nargs="?",
+        default=default_address(),
+        help="ZeroMQ endpoint to bind (default %(default)s; FADE_ADDRESS sets it)",
     )
     parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
     parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
@@ -689,6 +780,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_MAX_ATTEMPTS,
         help="worker losses a task may suffer before it fails (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        default=None,
+        help="serve a live dashboard, /status (JSON) and /metrics (Prometheus) on this "
+        "address; off by default",
+    )
+    parser.add_argument(
+        "--http-public",
+        action="store_true",
+        help="allow --http on a host other machines can reach (the pages are read-only "
+        "but name every host and process of the pool)",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -730,14 +834,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             parent_pid=args.parent_pid,
         )
         broker.bind()
-    except (ValueError, zmq.ZMQError) as exc:
+        web = _start_http(broker, args.http, public=args.http_public) if args.http else None
+    except (ValueError, OSError, zmq.ZMQError) as exc:
         print(f"fade-broker: {exc}", file=sys.stderr)
+        broker.close()
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())
-    broker.run()
+    try:
+        broker.run()
+    finally:
+        if web is not None:
+            web.stop()
     log.info("fade-broker stopped")
     return 0
+
+
+def _start_http(broker: Broker, address: str, *, public: bool) -> StatusServer:
+    """Serve the broker's published snapshots over HTTP from a daemon thread."""
+    from fade.web import StatusServer, check_host, parse_address
+
+    host, port = parse_address(address)
+    check_host(host, public=public)
+    broker.publish_interval = PUBLISH_INTERVAL
+    broker.published = broker.snapshot()
+    server = StatusServer(host, port, lambda: broker.published, public=public)
+    url = server.start()
+    log.info("dashboard at %s (JSON at %sstatus, Prometheus at %smetrics)", url, url, url)
+    return server
 
 
 if __name__ == "__main__":

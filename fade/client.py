@@ -517,12 +517,14 @@ class Executor(cf.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
         buffersize: int | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Like ``Executor.map`` (Python 3.14): results in order, ``chunksize`` calls per
-        task, at most ``buffersize`` tasks in flight."""
+        task, at most ``buffersize`` tasks in flight. ``progress=True`` draws a progress
+        bar (done/total, rate, time left) with tqdm, the ``progress`` extra."""
         from fade._map import map_in_order
 
-        return map_in_order(self, fn, iterables, timeout, chunksize, buffersize)
+        return map_in_order(self, fn, iterables, timeout, chunksize, buffersize, progress)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with ``wait`` block until every future is done and the

@@ -13,6 +13,8 @@
      |    +-- MissingDependencyError  a worker lacks an installed package the task needs
      +-- NoWorkersError          no worker answered in time (also a TimeoutError)
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
+     +-- BrokerUnreachableError  a status query got no answer in time
+     +-- MissingExtraError       an optional feature's extra is not installed (an ImportError)
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
 with a :class:`RemoteTraceback` holding the worker's traceback as ``__cause__``.
@@ -24,9 +26,11 @@ from concurrent.futures import BrokenExecutor
 
 __all__ = [
     "BrokenPoolError",
+    "BrokerUnreachableError",
     "CodeShippingError",
     "FadeError",
     "MissingDependencyError",
+    "MissingExtraError",
     "NoWorkersError",
     "ProtocolError",
     "RemoteTraceback",
@@ -99,3 +103,11 @@ class RemoteTraceback(FadeError):
 
 class NoWorkersError(FadeError, TimeoutError):
     """No worker answered within the wait: start ``fade-worker`` processes or wait longer."""
+
+
+class BrokerUnreachableError(FadeError):
+    """The broker did not answer in time: not running, not at that address, or unreachable."""
+
+
+class MissingExtraError(FadeError, ImportError):
+    """An optional feature needs a library that is not installed; the message names the extra."""

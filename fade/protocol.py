@@ -61,6 +61,8 @@ __all__ = [
     "decode_obituary",
     "decode_ready",
     "decode_result",
+    "decode_state",
+    "decode_status",
     "decode_submit",
     "decode_task",
     "decode_welcome",
@@ -73,6 +75,8 @@ __all__ = [
     "encode_obituary",
     "encode_ready",
     "encode_result",
+    "encode_state",
+    "encode_status",
     "encode_submit",
     "encode_task",
     "encode_welcome",
@@ -119,6 +123,8 @@ class Command(enum.IntEnum):
     OBITUARY = 12  # supervisor -> broker: this worker process died (JSON)
     FETCH = 13  # worker -> broker -> client: send me this code (JSON request)
     CODE = 14  # client -> broker -> worker: the code asked for
+    STATUS = 15  # any peer -> broker: describe the pool (no HELLO needed)
+    STATE = 16  # broker -> asker: the pool's state (JSON)
 
 
 class Status(enum.IntEnum):
@@ -290,6 +296,32 @@ def decode_obituary(body: Sequence[Frame]) -> tuple[bytes, dict[str, Any]]:
     if len(body) != 2:
         raise ProtocolError(f"OBITUARY needs 2 frames, got {len(body)}")
     return _bytes(body[0]), _unjson(body[1:], "OBITUARY")
+
+
+# -- STATUS / STATE (operators' tools; see fade/status.py) -------------------------
+
+
+def encode_status() -> list[Frame]:
+    """STATUS: no body. Any peer may ask, without HELLO; the broker answers STATE."""
+    return [_HEADERS[Command.STATUS]]
+
+
+def decode_status(body: Sequence[Frame]) -> None:
+    if body:
+        raise ProtocolError("STATUS carries no body")
+
+
+def encode_state(state: dict[str, Any]) -> list[Frame]:
+    """STATE: one JSON object, the broker's :meth:`~fade.broker.Broker.snapshot`."""
+    return [_HEADERS[Command.STATE], _json(state)]
+
+
+def decode_state(body: Sequence[Frame]) -> dict[str, Any]:
+    data = _unjson(body, "STATE")
+    for name, kind in (("broker_id", str), ("workers", list), ("tasks_done", int)):
+        if not isinstance(data.get(name), kind):
+            raise ProtocolError(f"STATE lacks {name!r} or it is not a {kind.__name__}")
+    return data
 
 
 # -- small numeric bodies -------------------------------------------------------

@@ -47,6 +47,7 @@ import zmq
 
 from fade import protocol as p
 from fade import serialization as ser
+from fade._env import default_address
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.codecache import CodeCache, CodeRunner
@@ -500,7 +501,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="fade-worker", description="Run fade worker processes connected to a broker."
     )
     parser.add_argument(
-        "address", nargs="?", default=p.DEFAULT_ADDRESS, help="the broker's ZeroMQ endpoint"
+        "address",
+        nargs="?",
+        default=default_address(),
+        help="the broker's ZeroMQ endpoint (default %(default)s; FADE_ADDRESS sets it)",
     )
     parser.add_argument(
         "--processes",

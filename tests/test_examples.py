@@ -21,6 +21,7 @@ pytestmark = pytest.mark.timeout(240)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODES = ["embedded", "broker"]
 
+
 def run_example(name: str, mode: str, request: pytest.FixtureRequest, cwd: Path) -> str:
     """Run ``examples/<name>.py --smoke``; return its output, fail the test on an error."""
     assert Path.cwd().resolve() != EXAMPLES

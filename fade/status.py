@@ -1,0 +1,197 @@
+"""``fade-status``: the pool at a glance, from any machine that reaches the broker.
+
+::
+
+    fade-status --(DEALER)-- STATUS --> broker
+                <----------- STATE (JSON: Broker.snapshot()) --
+
+The question needs no HELLO and leaves no trace at the broker. :func:`query`
+returns the state as a dict; :func:`format_status` turns it into the aligned
+text the command prints. The keys of the state are listed in docs/operating.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from fade import protocol as p
+from fade._env import default_address
+from fade._version import __version__
+from fade.errors import BrokerUnreachableError, ProtocolError
+from fade.sockets import connect_dealer
+
+__all__ = ["format_status", "main", "query"]
+
+DEFAULT_TIMEOUT = 5.0
+
+
+def query(address: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """Ask the broker at ``address`` for its state.
+
+    Raises BrokerUnreachableError if no answer comes within ``timeout`` seconds,
+    ProtocolError if the answer is not a STATE, and ``zmq.ZMQError`` for an
+    address ZeroMQ cannot parse.
+    """
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        return _ask(connect_dealer(context, address), address, timeout)
+    finally:
+        # destroy, not term: it also closes a socket whose connect() failed.
+        context.destroy(linger=0)
+
+
+def _ask(sock: zmq.Socket[bytes], address: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    sock.send_multipart(p.encode_status(), zmq.NOBLOCK)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000)):
+            raise BrokerUnreachableError(
+                f"no answer from a fade broker at {address} within {timeout:g}s "
+                "(is it running, and is that its address?)"
+            )
+        message = p.parse(sock.recv_multipart())
+        if message.command is p.Command.STATE:
+            return p.decode_state(message.body)
+        # Anything else (a HEARTBEAT, say) is not the answer: keep waiting.
+
+
+# -- text output ---------------------------------------------------------------------
+
+
+def format_status(state: dict[str, Any]) -> str:
+    """The state as aligned text: a summary, then a table of workers and of clients."""
+    workers = sorted(state.get("workers", []), key=lambda w: (str(w["host"]), w["pid"] or 0))
+    clients = state.get("clients", [])
+    lines = [*_summary(state, workers, clients), ""]
+    if workers:
+        lines += _table(
+            ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD"],
+            [
+                [
+                    w["identity"][:12],
+                    w["host"],
+                    w["pid"],
+                    w["state"],
+                    w["running"],
+                    w["done"],
+                    f"{w['last_heard']:.1f}s ago",
+                ]
+                for w in workers
+            ],
+        )
+    else:
+        lines.append("no workers")
+    if clients:
+        lines += [
+            "",
+            *_table(
+                ["CLIENT", "HOST", "PID", "TASKS"],
+                [[c["identity"][:12], c["host"], c["pid"], c["tasks"]] for c in clients],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def _summary(
+    state: dict[str, Any], workers: list[dict[str, Any]], clients: list[dict[str, Any]]
+) -> list[str]:
+    states = {name: sum(w["state"] == name for w in workers) for name in ("busy", "idle")}
+    draining = len(workers) - states["busy"] - states["idle"]
+    return [
+        f"fade {state.get('version')} broker {str(state.get('broker_id'))[:12]} "
+        f"at {state.get('address')} (pid {state.get('pid')} on {state.get('host')}), "
+        f"up {_duration(state.get('uptime', 0.0))}",
+        f"workers  {len(workers)} ({states['busy']} busy, {states['idle']} idle, "
+        f"{draining} draining)   clients {len(clients)}",
+        f"tasks    {state.get('queued')} queued, {state.get('running')} running, "
+        f"{state.get('tasks_done')} done ({state.get('tasks_failed')} raised, "
+        f"{state.get('tasks_lost')} lost)",
+        f"rate     {state.get('rate', 0.0):.1f} tasks/s over the last minute",
+    ]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Left-align text columns, right-align numeric ones."""
+    cells = [header, *[["-" if v is None else str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [all(isinstance(row[i], int) for row in rows) for i in range(len(header))]
+    out = []
+    for row in cells:
+        parts = [
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(row, widths, numeric)
+        ]
+        out.append("  ".join(parts).rstrip())
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    return f"{minutes}m{seconds:02d}s"
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fade-status", description="Show what a fade pool is doing."
+    )
+    parser.add_argument(
+        "address",
+        nargs="?",
+        default=default_address(),
+        help="the broker's ZeroMQ endpoint (default %(default)s; FADE_ADDRESS sets it)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds to wait for the broker's answer (default %(default)s)",
+    )
+    parser.add_argument("--version", action="version", version=f"fade {__version__}")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage."""
+    args = _parse_args(argv)
+    try:
+        state = query(args.address, args.timeout)
+    except BrokerUnreachableError as exc:
+        print(f"fade-status: {exc}", file=sys.stderr)
+        return 1
+    except ProtocolError as exc:
+        print(f"fade-status: the answer from {args.address} is not fade's: {exc}", file=sys.stderr)
+        return 1
+    except zmq.ZMQError as exc:
+        print(f"fade-status: cannot connect to {args.address!r}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+    else:
+        print(format_status(state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

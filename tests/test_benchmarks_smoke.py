@@ -1,0 +1,105 @@
+"""The benchmark harness must not rot: a smoke run of ``benchmarks/bench.py`` has to produce a
+positive figure for every metric of processpool, raw-zmq and both fade systems, and leave no
+process behind.
+
+Every process the run starts inherits a unique environment tag, so teardown finds and kills
+stragglers even after they were orphaned and re-parented away from this test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("processpool", "raw-zmq", "fade-tcp", "fade-embedded")
+TAG = "FADE_BENCH_SMOKE_TAG"
+RUN_TIMEOUT_S = 100.0  # under the test's 120 s, to leave time for teardown
+GRACE_S = 10.0
+
+
+def _tagged(tag: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``tag``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(TAG) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _stop(proc: subprocess.Popen[bytes], tag: str) -> list[str]:
+    """Stop bench.py and everything it started; return what had to be killed afterwards."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # bench.py then kills its runner's group
+        try:
+            proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    leftovers = _tagged(tag)
+    described = []
+    for straggler in leftovers:
+        try:
+            described.append(f"{straggler.pid}: {' '.join(straggler.cmdline())}")
+            straggler.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leftovers, timeout=GRACE_S)
+    return described
+
+
+def _bad_figures(document: dict[str, object]) -> list[str]:
+    keys = [metric["key"] for metric in document["metrics"]]  # type: ignore[attr-defined]
+    bad = []
+    for system in SYSTEMS:
+        result = document["systems"][system]  # type: ignore[index]
+        for key in keys:
+            value = result["metrics"].get(key)
+            if not (isinstance(value, float) and value > 0):
+                bad.append(f"{system} {key} = {value!r} ({result['status']}: {result['reason']})")
+    return bad
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_measures_every_metric(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    tag = uuid.uuid4().hex
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--smoke",
+        "--systems",
+        ",".join(SYSTEMS),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, TAG: tag},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        leftovers = _stop(proc, tag)
+
+    report = f"stdout:\n{stdout.decode()}\nstderr:\n{stderr.decode()}"
+    assert proc.returncode == 0, report
+    assert not leftovers, f"processes left running: {leftovers}"
+    bad = _bad_figures(json.loads(out.read_text()))
+    assert not bad, "\n".join(bad) + "\n" + report
