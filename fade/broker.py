@@ -663,7 +663,7 @@ class Broker:
         sock = self._socket
         assert sock is not None
         try:
-            sock.send_multipart([identity, *frames], copy=False)
+            sock.send_multipart([identity, *frames], copy=not p.needs_zero_copy(frames))
         except zmq.ZMQError as exc:
             log.debug("could not send to %s: %s", identity.hex(), exc)
             return

@@ -210,17 +210,15 @@ class _ClientIO:
 
     def _send(self, frames: list[Any]) -> None:
         assert self._socket is not None
-        self._socket.send_multipart(frames, copy=False)
+        self._socket.send_multipart(frames, copy=not p.needs_zero_copy(frames))
         self._told = time.monotonic()
 
     # -- input -------------------------------------------------------------------------------------
 
     def _read_all(self, sock: zmq.Socket[bytes]) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        # Asking EVENTS is far cheaper than the zmq.Again a drained socket raises.
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             self._heard = time.monotonic()
             try:
                 self._handle(p.parse(frames))

@@ -81,6 +81,7 @@ __all__ = [
     "encode_task",
     "encode_welcome",
     "expiry",
+    "needs_zero_copy",
     "pack_request",
     "parse",
     "unpack_request",
@@ -99,6 +100,24 @@ HEARTBEAT_LIVENESS = 3
 MAX_KEY = 255
 
 Frame = Union[bytes, zmq.Frame, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
+
+
+#: Frames at least this large are sent without copying (pyzmq copies smaller ones anyway).
+ZERO_COPY_MIN = 64 * 1024
+
+
+def needs_zero_copy(frames: Sequence[Frame]) -> bool:
+    """Whether a message carries a frame worth sending without a copy; small messages go
+    faster through pyzmq's copying path, which builds no Frame object per part."""
+    return any(_size(f) >= ZERO_COPY_MIN for f in frames if not isinstance(f, bytes))
+
+
+def _size(frame: Frame) -> int:
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer.nbytes
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    return len(frame)
 
 
 def expiry(interval: float, liveness: int) -> float:

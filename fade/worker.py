@@ -362,7 +362,7 @@ class _WorkerIO:
 
     def _send(self, frames: list[p.Frame]) -> None:
         assert self._socket is not None
-        self._socket.send_multipart(frames, copy=False)
+        self._socket.send_multipart(frames, copy=not p.needs_zero_copy(frames))
         self._told = time.monotonic()
 
     # -- input ----------------------------------------------------------------------------
