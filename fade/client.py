@@ -166,13 +166,18 @@ class _ClientIO:
         assert sock is not None
         events = dict(self._poller.poll(int(self._poll_timeout() * 1000)))
         if self._wake_r in events:
-            with self.lock:
-                self._woken = False
+            # Empty the pipe *before* clearing the flag: a submit that comes after the
+            # flag is cleared writes a fresh byte, and one that came before is already
+            # in the outbox, which _send_tasks reads below. The other order can leave
+            # the flag set with the pipe empty, and the next submit would wait for the
+            # poll to time out.
             try:
                 while os.read(self._wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
+            with self.lock:
+                self._woken = False
         if sock in events:
             self._read_all(sock)
         self._send_tasks()

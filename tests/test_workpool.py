@@ -271,3 +271,21 @@ def test_many_clients_share_one_pool(tcp_pool: Pool) -> None:
     with cf.ThreadPoolExecutor(4) as threads:
         results = list(threads.map(one_client, range(4)))
     assert results == [[i + n for i in range(50)] for n in range(4)]
+
+
+def test_no_submit_waits_for_a_heartbeat(pool: Pool) -> None:
+    """A lost wake-up between user threads and the I/O thread shows up as a call that
+    waits for the next poll timeout; with a 10 s interval it cannot hide in noise."""
+    pool.interval = 10.0
+    pool.start_broker()
+    pool.start_worker(2)
+    pool.wait_workers(2)
+    with fade.Executor(pool.address, heartbeat_interval=10.0) as ex:
+        for _ in range(5):
+            # Many submits while the I/O thread is busy, then one at a time.
+            list(ex.map(tasks.square, range(2000)))
+            for i in range(50):
+                started = time.monotonic()
+                assert ex.submit(tasks.square, i).result(timeout=30) == i * i
+                waited = time.monotonic() - started
+                assert waited < 5.0, f"a call waited {waited:.1f}s: a wake-up was lost"
