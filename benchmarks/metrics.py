@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -46,6 +46,7 @@ __all__ = [
 
 BIG_ARRAY_MB = 50
 WORKERS = 2  # worker processes per system
+SLOW_CALL_S = 0.1  # a sequential no-op call slower than this is reported as a stall
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,15 @@ class Sizes:
     calls: int  # M: sequential round trips for latency
     big_round_trips: int  # K: 50 MB round trips
     warmup_calls: int
+
+    def scaled(self, factor: float) -> Sizes:
+        """N and M times ``factor`` (rounded to hundreds, at least 100), for a system too slow
+        per task to do the full count in reasonable time; a rate needs no particular count."""
+
+        def scale(count: int) -> int:
+            return count if factor == 1 else max(100, int(round(count * factor, -2)))
+
+        return replace(self, tasks=scale(self.tasks), calls=scale(self.calls))
 
 
 SIZES: dict[str, Sizes] = {
@@ -180,10 +190,13 @@ class ExecutorTarget:
         return rate(n, started)
 
     def _latency(self, sizes: Sizes, deadline: Deadline) -> dict[str, float]:
-        samples = []
+        samples: list[float] = []
         for i in range(sizes.calls):
             started = time.perf_counter()
-            self.executor.submit(noop, i).result(timeout=deadline.remaining())
+            try:
+                self.executor.submit(noop, i).result(timeout=deadline.remaining())
+            except TimeoutError:
+                raise TimeoutError(_stalled(samples, sizes.calls)) from None
             samples.append(time.perf_counter() - started)
         return latency_summary(samples)
 
@@ -194,6 +207,16 @@ class ExecutorTarget:
         for _ in range(round_trips):
             check_big(self.executor.submit(identity, array).result(deadline.remaining()), array)
         return big_mbps(round_trips, started)
+
+
+def _stalled(samples: list[float], calls: int) -> str:
+    """Why the latency step ran out of time: how far it got, and how many calls were slow."""
+    slow = [t for t in samples if t > SLOW_CALL_S]
+    detail = f", the slowest {max(slow):.2f} s" if slow else ""
+    return (
+        f"call {len(samples) + 1} of {calls} had no result by the deadline; "
+        f"{len(slow)} of the {len(samples)} calls before it took over {SLOW_CALL_S} s{detail}"
+    )
 
 
 def _wait_all(futures: list[cf.Future[Any]], deadline: Deadline) -> None:

@@ -47,11 +47,11 @@ def module_processes(commands: Sequence[Sequence[str]]) -> Iterator[list[subproc
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM in reverse start order (workers before broker), then SIGKILL what lingers."""
+    """Stop in reverse start order, each fully before the next (workers drain back to a broker
+    that is still there): SIGTERM, then SIGKILL if it lingers."""
     for proc in reversed(procs):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    for proc in reversed(procs):
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

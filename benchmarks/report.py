@@ -46,6 +46,7 @@ class SystemResult:
     elapsed_s: float | None = None
     log_tail: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)  # processes bench.py had to kill
+    sizes: dict[str, int] | None = None  # what it ran, when not the mode's sizes
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,8 @@ def status_lines(results: dict[str, SystemResult]) -> list[str]:
         detail = result.status
         if result.elapsed_s is not None:
             detail += f" ({result.elapsed_s:.1f} s)"
+        if result.sizes:
+            detail += f" with N={result.sizes['tasks']:,}, M={result.sizes['calls']:,}"
         if result.reason:
             detail += f": {result.reason}"
         if result.leftovers:

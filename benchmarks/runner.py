@@ -22,11 +22,12 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics import SIZES, Deadline, Sizes
-from benchmarks.systems import open_target, preload
+from benchmarks.systems import open_target, preload, system
 
 __all__ = ["Record", "main", "measure"]
 
@@ -45,11 +46,16 @@ class Record:
             "metrics": {},
             "errors": {},
             "error": None,
+            "sizes": None,
         }
         self._write()
 
     def phase(self, name: str) -> None:
         self.data["phase"] = name
+        self._write()
+
+    def set_sizes(self, sizes: Sizes) -> None:
+        self.data["sizes"] = asdict(sizes)
         self._write()
 
     def add(self, metrics: dict[str, float]) -> None:
@@ -83,21 +89,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def measure(system: str, sizes: Sizes, deadline: Deadline, record: Record) -> None:
-    """Open ``system``, time the first result, run every step, close."""
-    preload(system)
+def measure(name: str, sizes: Sizes, deadline: Deadline, record: Record) -> None:
+    """Open system ``name``, time the first result, run every step, close."""
+    sizes = sizes.scaled(system(name).work)
+    record.set_sizes(sizes)
+    preload(name)
     started = time.perf_counter()
-    with open_target(system) as target:
+    with open_target(name) as target:
         record.phase("first result")
         target.first_result(deadline)
         record.add({"startup_s": time.perf_counter() - started})
-        for name, step in target.steps(sizes):
-            record.phase(name)
+        for step_name, step in target.steps(sizes):
+            record.phase(step_name)
             try:
                 record.add(step(deadline))
             except Exception as exc:
                 traceback.print_exc()
-                record.step_failed(name, exc)
+                record.step_failed(step_name, exc)
         record.phase("shutdown")
 
 

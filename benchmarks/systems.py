@@ -43,6 +43,7 @@ __all__ = [
     "missing",
     "open_target",
     "preload",
+    "system",
 ]
 
 
@@ -53,6 +54,12 @@ class System:
     name: str
     requires: tuple[str, ...]  # importable modules; a missing optional peer is skipped
     optional: bool
+    work: float = 1.0  # share of N and M it runs: dask costs ~5 ms a task on 2 cores
+
+
+def system(name: str) -> System:
+    """The ``System`` called ``name``; ``KeyError`` if there is none."""
+    return _BY_NAME[name]
 
 
 SYSTEMS: tuple[System, ...] = (
@@ -61,7 +68,7 @@ SYSTEMS: tuple[System, ...] = (
     System("processpool", (), optional=False),
     System("raw-zmq", ("zmq", "cloudpickle"), optional=False),
     System("loky", ("loky",), optional=True),
-    System("dask", ("distributed",), optional=True),
+    System("dask", ("distributed",), optional=True, work=0.1),
     System("ray", ("ray",), optional=True),
 )
 _BY_NAME = {s.name: s for s in SYSTEMS}
@@ -81,7 +88,7 @@ def missing(system: System) -> str | None:
 def preload(name: str) -> None:
     """Import what system ``name`` needs, so that its start-up time leaves imports out."""
     _quiet_ray()
-    for module in _BY_NAME[name].requires:
+    for module in system(name).requires:
         importlib.import_module(module)
 
 
