@@ -22,9 +22,12 @@ from concurrent.futures import BrokenExecutor
 __all__ = [
     "BrokenPoolError",
     "FadeError",
+    "InsecureAddressError",
+    "MessageTooLargeError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
+    "SecurityError",
     "SerializationError",
     "TaskTimeoutError",
     "WorkerLostError",
@@ -57,6 +60,18 @@ class WorkerLostError(FadeError):
 
 class TaskTimeoutError(FadeError):
     """The task ran longer than its ``task_timeout``; its worker process was replaced."""
+
+
+class MessageTooLargeError(FadeError):
+    """A task or result frame exceeds ``max_message_size``; raise the limit on every peer."""
+
+
+class SecurityError(FadeError):
+    """A key file or key folder is missing, malformed, or meant for another role."""
+
+
+class InsecureAddressError(SecurityError):
+    """A broker was asked to listen on a network address without keys; it refuses."""
 
 
 class RemoteTraceback(FadeError):

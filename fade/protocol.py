@@ -53,6 +53,7 @@ __all__ = [
     "decode_capacity",
     "decode_done",
     "decode_drain",
+    "decode_error",
     "decode_hello",
     "decode_obituary",
     "decode_ready",
@@ -62,6 +63,7 @@ __all__ = [
     "decode_welcome",
     "encode",
     "encode_done",
+    "encode_error",
     "encode_hello",
     "encode_obituary",
     "encode_ready",
@@ -71,6 +73,7 @@ __all__ = [
     "encode_welcome",
     "expiry",
     "parse",
+    "speaks_fade",
 ]
 
 MAGIC = b"fd"
@@ -84,6 +87,8 @@ HEARTBEAT_LIVENESS = 3
 
 #: The largest key a worker echoes back (a client identity plus an 8-byte id).
 MAX_KEY = 255
+#: ERROR reasons are cut to this many bytes: a refusal never costs more than it says.
+MAX_ERROR_TEXT = 200
 
 Frame = Union[bytes, zmq.Frame, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
 
@@ -108,6 +113,7 @@ class Command(enum.IntEnum):
     DRAIN = 10  # worker -> broker: send me nothing more; broker answers DRAIN
     DISCONNECT = 11  # client|worker -> broker: I am leaving
     OBITUARY = 12  # supervisor -> broker: this worker process died (JSON)
+    ERROR = 17  # broker -> peer: your message was refused, and why (UTF-8 text)
 
 
 class Status(enum.IntEnum):
@@ -153,6 +159,7 @@ class Welcome:
     heartbeat_interval: float
     heartbeat_liveness: int
     capacity: int
+    max_message_size: int = 0  # the broker's frame size limit; 0: not announced
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,15 +207,22 @@ def encode(command: Command, *body: Frame) -> list[Frame]:
     return [_HEADERS[command], *body]
 
 
+def speaks_fade(header: Frame) -> bool:
+    """True when a frame starts like a fade header (any version): its sender can read ERROR."""
+    return _head(header, 2) == MAGIC
+
+
 def parse(frames: Sequence[Frame]) -> Message:
     """Check the envelope and split off the command. Raises ProtocolError."""
     if not frames:
         raise ProtocolError("empty message")
-    header = _bytes(frames[0])
+    header = _head(frames[0], 5)  # a fifth byte means "too long": never copy a huge frame
     command = _COMMANDS.get(header)
     if command is None:
         if len(header) == 4 and header[:2] == MAGIC and header[2] != VERSION:
             raise ProtocolError(f"protocol version {header[2]} is not {VERSION}")
+        if len(header) == 4 and header[:2] == MAGIC:
+            raise ProtocolError(f"unknown command {header[3]}")
         raise ProtocolError(f"unknown header {header[:8]!r}")
     return Message(command, list(frames[1:]))
 
@@ -237,6 +251,7 @@ def encode_welcome(welcome: Welcome) -> list[Frame]:
                 "heartbeat_interval": welcome.heartbeat_interval,
                 "heartbeat_liveness": welcome.heartbeat_liveness,
                 "capacity": welcome.capacity,
+                "max_message_size": welcome.max_message_size,
             }
         ),
     ]
@@ -250,6 +265,7 @@ def decode_welcome(body: Sequence[Frame]) -> Welcome:
             heartbeat_interval=float(data["heartbeat_interval"]),
             heartbeat_liveness=int(data["heartbeat_liveness"]),
             capacity=int(data["capacity"]),
+            max_message_size=int(data.get("max_message_size", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad WELCOME: {exc}") from None
@@ -291,6 +307,18 @@ def decode_capacity(body: Sequence[Frame]) -> int | None:
 def decode_drain(body: Sequence[Frame]) -> None:
     if body:
         raise ProtocolError("DRAIN carries no body")
+
+
+def encode_error(reason: str) -> list[Frame]:
+    """ERROR: why the broker refused a message; cut to MAX_ERROR_TEXT bytes."""
+    text = reason.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
+    return [_HEADERS[Command.ERROR], text]
+
+
+def decode_error(body: Sequence[Frame]) -> str:
+    if len(body) != 1:
+        raise ProtocolError(f"ERROR needs 1 body frame, got {len(body)}")
+    return _bytes(body[0])[:MAX_ERROR_TEXT].decode("utf-8", "replace")
 
 
 # -- task batches -----------------------------------------------------------------
@@ -388,6 +416,15 @@ def _bytes(frame: Frame) -> bytes:
     if isinstance(frame, zmq.Frame):
         return frame.bytes
     return bytes(frame)
+
+
+def _head(frame: Frame, size: int) -> bytes:
+    """The first ``size`` bytes of a frame, without copying the rest."""
+    if isinstance(frame, bytes):
+        return frame[:size]
+    if isinstance(frame, zmq.Frame):
+        return bytes(frame.buffer[:size])
+    return bytes(frame[:size])
 
 
 def _json(data: dict[str, Any]) -> bytes:
