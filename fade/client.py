@@ -17,6 +17,10 @@
   reconnection) the client re-sends every task that has no result yet; the
   broker ignores ids it already holds and a second result for an id is
   dropped here, so each future completes exactly once.
+* Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
+  talks only to the holder of the broker's secret key; why a handshake fails is
+  logged. A frame larger than ``max_message_size`` (ours at ``submit``, the
+  broker's once it has said it) fails its future instead of being sent.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,12 +43,19 @@ from typing import Any, TypeVar
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade import serialization as ser
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.embedded import EmbeddedPool
-from fade.errors import BrokenPoolError, FadeError, ProtocolError, WorkerLostError
-from fade.sockets import connect_dealer
+from fade.errors import (
+    BrokenPoolError,
+    FadeError,
+    MessageTooLargeError,
+    ProtocolError,
+    WorkerLostError,
+)
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame
 
 __all__ = ["Executor"]
 
@@ -64,6 +74,7 @@ class _WorkItem:
     task_id: int
     future: cf.Future[Any]
     frames: list[Any]
+    largest: int = 0  # bytes in its largest frame
 
 
 class _ClientIO:
@@ -78,9 +89,14 @@ class _ClientIO:
         max_attempts: int,
         task_timeout: float | None,
         pool: EmbeddedPool | None,
+        keys: security.PeerKeys | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.address = address
-        self.identity = b"C" + uuid.uuid4().bytes[1:]
+        self.keys = keys
+        self.max_message_size = max_message_size
+        self.broker_max_message_size = 0  # 0 until a WELCOME says
+        self.identity = security.peer_identity(b"C", keys)
         self.interval = heartbeat_interval
         self.expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
         self.max_attempts = max_attempts
@@ -99,6 +115,7 @@ class _ClientIO:
         os.set_blocking(self._wake_w, False)
         self._context = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        self._watch: security.HandshakeWatch | None = None
         self._poller = zmq.Poller()
         self._heard = self._told = time.monotonic()
         self._bad_input = RateLimitedLog(log)
@@ -132,6 +149,8 @@ class _ClientIO:
             log.exception("the client I/O thread failed")
             self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
         finally:
+            if self._watch is not None:
+                self._watch.close()
             if self._socket is not None:
                 self._socket.close(linger=200)
             self._context.term()
@@ -159,6 +178,8 @@ class _ClientIO:
         if sock in events:
             self._read_all(sock)
         self._send_tasks()
+        if self._watch is not None:
+            self._watch.check()
         now = time.monotonic()
         if now - self._heard > self.expiry:
             log.warning("broker silent for %.1fs; reconnecting", now - self._heard)
@@ -176,9 +197,18 @@ class _ClientIO:
     # -- connection ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._socket is not None:
             self._socket.close(linger=0)
-        sock = connect_dealer(self._context, self.address, identity=self.identity)
+        sock = connect_dealer(
+            self._context,
+            self.address,
+            identity=self.identity,
+            keys=self.keys,
+            max_message_size=self.max_message_size,
+        )
+        self._watch = security.HandshakeWatch(sock, log, self.keys)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -226,11 +256,15 @@ class _ClientIO:
         elif command is p.Command.RESET:
             log.info("broker does not know this client (it may have restarted)")
             self._hello()
+        elif command is p.Command.ERROR:
+            reason = p.decode_error(message.body)
+            self._bad_input.warning("the broker refused a message: %s", reason)
         else:
             raise ProtocolError(f"{command.name} is not for a client")
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self._capacity = welcome.capacity
+        self.broker_max_message_size = welcome.max_message_size
         self._welcomed = True
         if self.in_flight:
             # Whatever the broker had of ours may be gone: send it all again.
@@ -276,7 +310,28 @@ class _ClientIO:
             batch = self._take(room)
             if not batch:
                 return
-            self._send(self._submit_frames(batch))
+            batch = self._refuse_oversized(batch)
+            if batch:
+                self._send(self._submit_frames(batch))
+
+    def _refuse_oversized(self, batch: list[_WorkItem]) -> list[_WorkItem]:
+        """Fail the tasks the broker would not accept: it would drop our connection."""
+        limit = self.broker_max_message_size
+        if not limit or all(item.largest <= limit for item in batch):
+            return batch
+        kept = []
+        for item in batch:
+            if item.largest <= limit:
+                kept.append(item)
+                continue
+            del self.in_flight[item.task_id]
+            item.future.set_exception(
+                MessageTooLargeError(
+                    f"the task has a {item.largest}-byte frame; the broker accepts at most "
+                    f"{limit} (its --max-message-size)"
+                )
+            )
+        return kept
 
     def _take(self, room: int) -> list[_WorkItem]:
         batch: list[_WorkItem] = []
@@ -352,6 +407,10 @@ class Executor(cf.Executor):
             replaced and the future fails with TaskTimeoutError.
         heartbeat_interval, heartbeat_liveness: failure detection takes
             interval x liveness seconds.
+        keys: with an address, the path of this client's key file (made by
+            ``fade-keys add client NAME``); default: $FADE_KEYS, else no keys.
+        max_message_size: the largest frame (a pickle, or one large buffer such
+            as a numpy array's data) sent or accepted, in bytes; default 1 GiB.
     """
 
     def __init__(
@@ -363,6 +422,8 @@ class Executor(cf.Executor):
         task_timeout: float | None = None,
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        keys: security.KeySource | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise ValueError("max_workers must be greater than 0")
@@ -372,6 +433,13 @@ class Executor(cf.Executor):
             raise ValueError("task_timeout must be positive (or None for no limit)")
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be at least 1 byte")
+        if address is None and keys is not None:
+            raise ValueError("keys are for a broker at an address; the embedded pool needs none")
+        # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
+        peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
+        self._max_message_size = max_message_size
         self._pool: EmbeddedPool | None = None
         if address is None:
             self._pool = EmbeddedPool(
@@ -391,6 +459,8 @@ class Executor(cf.Executor):
             max_attempts=max_attempts,
             task_timeout=task_timeout,
             pool=self._pool,
+            keys=peer_keys,
+            max_message_size=max_message_size,
         )
         self._io.thread.start()
         _live_executors.add(self)
@@ -402,11 +472,17 @@ class Executor(cf.Executor):
         if self._io.broken is not None:
             raise BrokenPoolError(str(self._io.broken))
         frames = ser.dumps_call(fn, args, kwargs)
+        largest = largest_frame(frames)
+        if largest > self._max_message_size:
+            raise MessageTooLargeError(
+                f"the task has a {largest}-byte frame, more than max_message_size "
+                f"({self._max_message_size}); raise it here, on the broker and on the workers"
+            )
         future: cf.Future[T] = cf.Future()
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._io.enqueue(_WorkItem(next(self._ids), future, frames))
+            self._io.enqueue(_WorkItem(next(self._ids), future, frames, largest))
         return future
 
     def map(

@@ -19,6 +19,11 @@
   socket and says HELLO again, keeping what it holds (the broker may have
   restarted).
 
+* With keys (``--keys FILE`` or $FADE_KEYS) the socket is a CurveZMQ client
+  that talks only to the holder of the broker's secret key. A result with a
+  frame larger than ``max_message_size`` (ours or the broker's) is reported as
+  MessageTooLargeError instead of being sent.
+
 ``fade-worker ADDRESS --processes N`` runs a :class:`~fade.supervisor.Supervisor`
 that keeps N such processes alive.
 """
@@ -34,18 +39,18 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade import serialization as ser
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
-from fade.errors import ProtocolError, TaskTimeoutError
-from fade.sockets import connect_dealer
+from fade.errors import MessageTooLargeError, ProtocolError, SecurityError, TaskTimeoutError
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame, parse_size
 
 __all__ = ["Worker", "main"]
 
@@ -105,9 +110,14 @@ class Worker:
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         prefetch: int | None = None,
         parent_pid: int | None = None,
+        keys: security.PeerKeys | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.address = address
-        self.identity = identity or b"W" + uuid.uuid4().bytes[1:]
+        self.keys = keys
+        self.max_message_size = max_message_size
+        self.broker_max_message_size = 0  # 0 until a WELCOME says
+        self.identity = identity or security.peer_identity(b"W", keys)
         self.interval = heartbeat_interval
         self.liveness = heartbeat_liveness
         self._fixed_prefetch = prefetch
@@ -156,7 +166,7 @@ class Worker:
         try:
             fn, args, kwargs = ser.loads_call(job.payload, self._functions)
             value = fn(*args, **kwargs)
-            status, frames = p.Status.OK, ser.dumps_value(value)
+            status, frames = p.Status.OK, self._checked_size(ser.dumps_value(value))
         except BaseException as exc:  # the task's own failure, SystemExit included
             status, frames = p.Status.RAISED, ser.dumps_exception(exc)
         duration = time.monotonic() - started
@@ -169,6 +179,18 @@ class Worker:
         avg = self._avg_duration
         self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
         self.wake()
+
+    def _checked_size(self, frames: list[p.Frame]) -> list[p.Frame]:
+        """The result's frames, or MessageTooLargeError if a peer on the way would refuse one."""
+        limits = [self.max_message_size, self.broker_max_message_size or self.max_message_size]
+        largest = largest_frame(frames)
+        if largest > min(limits):
+            raise MessageTooLargeError(
+                f"the result has a {largest}-byte frame; the limit on its way back is "
+                f"{min(limits)} bytes (--max-message-size of the worker and the broker, "
+                "max_message_size of the Executor)"
+            )
+        return frames
 
     # -- shared with the I/O thread ------------------------------------------------------------
 
@@ -193,6 +215,7 @@ class _WorkerIO:
         self.exit_status = 0
         self._context = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        self._watch: security.HandshakeWatch | None = None
         self._poller = zmq.Poller()
         self._expiry = p.expiry(worker.interval, worker.liveness)
         self._heard = self._told = time.monotonic()
@@ -229,6 +252,8 @@ class _WorkerIO:
             self._leave_now()
             return
         self._flush()
+        if self._watch is not None:
+            self._watch.check()
         now = time.monotonic()
         self._check_timeout(now)
         if now - self._heard > self._expiry:
@@ -255,8 +280,14 @@ class _WorkerIO:
     def _connect(self) -> None:
         self._close()
         sock = connect_dealer(
-            self._context, self.w.address, identity=self.w.identity, linger_ms=1000
+            self._context,
+            self.w.address,
+            identity=self.w.identity,
+            linger_ms=1000,
+            keys=self.w.keys,
+            max_message_size=self.w.max_message_size,
         )
+        self._watch = security.HandshakeWatch(sock, log, self.w.keys)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -279,6 +310,9 @@ class _WorkerIO:
             self._send(p.encode(p.Command.DRAIN))
 
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -311,9 +345,13 @@ class _WorkerIO:
             self._hello()
         elif command is p.Command.WELCOME:
             welcome = p.decode_welcome(message.body)
+            self.w.broker_max_message_size = welcome.max_message_size
             log.debug("registered with broker %s", welcome.broker_id)
         elif command is p.Command.DRAIN:
             self._drain_acked = True
+        elif command is p.Command.ERROR:
+            reason = p.decode_error(message.body)
+            self._bad_input.warning("the broker refused a message: %s", reason)
         elif command is not p.Command.HEARTBEAT:
             raise ProtocolError(f"{command.name} is not for a worker")
 
@@ -431,6 +469,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="tasks to hold beyond the running one (default: adapt to task duration)",
     )
+    parser.add_argument(
+        "--keys",
+        metavar="FILE",
+        default=None,
+        help=f"this worker's key file (fade-keys add worker NAME); default ${security.KEYS_ENV}",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=parse_size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        metavar="BYTES",
+        help="largest frame sent or accepted, e.g. 64M or 2G (default 1G)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -462,13 +513,17 @@ def child_argv(args: argparse.Namespace, identity: bytes, parent_pid: int) -> li
         str(args.heartbeat_liveness),
         "--log-level",
         args.log_level,
+        "--max-message-size",
+        str(args.max_message_size),
     ]
+    if args.keys is not None:
+        argv += ["--keys", args.keys]
     if args.prefetch is not None:
         argv += ["--prefetch", str(args.prefetch)]
     return argv
 
 
-def _run_child(args: argparse.Namespace) -> int:
+def _run_child(args: argparse.Namespace, keys: security.PeerKeys | None) -> int:
     worker = Worker(
         args.address,
         identity=bytes.fromhex(args.identity) if args.identity else None,
@@ -476,6 +531,8 @@ def _run_child(args: argparse.Namespace) -> int:
         heartbeat_liveness=args.heartbeat_liveness,
         prefetch=args.prefetch,
         parent_pid=args.parent_pid,
+        keys=keys,
+        max_message_size=args.max_message_size,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.request_drain())
@@ -491,11 +548,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s {role}[{os.getpid()}@{socket.gethostname()}] "
         "%(levelname)s %(message)s",
     )
+    try:
+        keys = security.resolve_peer_keys(args.keys, "worker")
+    except SecurityError as exc:
+        print(f"fade-worker: {exc}", file=sys.stderr)
+        return 2
+    if keys is not None:
+        args.keys = keys.path  # the children read the same file, wherever they start
     if args.child:
-        return _run_child(args)
+        return _run_child(args, keys)
     from fade.supervisor import Supervisor
 
-    return Supervisor(args).run()
+    return Supervisor(args, keys).run()
 
 
 if __name__ == "__main__":
