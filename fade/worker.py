@@ -432,6 +432,8 @@ class _WorkerIO:
     def _linger_and_exit(self, status: int) -> None:
         """Give queued messages a moment to leave, then end the process (the task may hang)."""
         assert self._socket is not None
+        if self._watch is not None:
+            self._watch.close()  # an open monitor socket would keep term() waiting
         self._socket.close(linger=2000)
         self._context.term()
         os._exit(status)

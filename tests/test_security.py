@@ -665,3 +665,82 @@ def test_parse_size() -> None:
     for bad in ("", "0", "1.5G", "-1", "12Q"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+# -- the rules as data (no sockets) --------------------------------------------------------
+
+
+class _Sent:
+    """Stands in for a received zmq.Frame: only its ZAP User-Id is read."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    def get(self, name: str) -> str:
+        assert name == "User-Id"
+        return self.user
+
+
+def _guard(tmp_path: Path) -> tuple[security.Guard, security.PeerKeys, security.PeerKeys]:
+    keys = make_keys(tmp_path)
+    guard = security.Guard(security.KeyRing(keys.dir))
+    return guard, security.load_peer_keys(keys.client), security.load_peer_keys(keys.worker)
+
+
+def test_role_table() -> None:
+    client, worker = security.PERMITTED["client"], security.PERMITTED["worker"]
+    assert p.Command.SUBMIT in client and p.Command.SUBMIT not in worker
+    for command in (p.Command.READY, p.Command.DONE, p.Command.DRAIN, p.Command.OBITUARY):
+        assert command in worker and command not in client
+    # Nothing the broker itself sends is accepted from anyone.
+    for command in (p.Command.TASK, p.Command.RESULT, p.Command.WELCOME, p.Command.ERROR):
+        assert command not in client | worker
+
+
+def test_guard_checks_key_identity_role_and_obituaries(tmp_path: Path) -> None:
+    guard, client, worker = _guard(tmp_path)
+
+    def check(keys: security.PeerKeys, identity: bytes, frames: list[p.Frame]) -> str:
+        try:
+            first = _Sent(keys.public.decode())
+            guard.check(first, identity, p.parse(frames))  # type: ignore[arg-type]
+        except security.Refused as exc:
+            return str(exc)
+        return "ok"
+
+    c_id, w_id = security.peer_identity(b"C", client), security.peer_identity(b"W", worker)
+    assert check(client, c_id, _hello("client")) == "ok"
+    assert check(worker, w_id, _hello("worker")) == "ok"
+    assert check(client, c_id, p.encode_ready(1)) == "a client key may not send READY"
+    assert check(worker, w_id, _hello("client")) == "a worker key may not say HELLO as a client"
+    assert check(client, w_id, _hello("client")).startswith("this routing identity")
+    dead_ours, dead_other = security.peer_identity(b"W", worker), security.peer_identity(b"W", None)
+    assert check(worker, w_id, p.encode_obituary(dead_ours, {})) == "ok"
+    assert "its own key" in check(worker, w_id, p.encode_obituary(dead_other, {}))
+    security.revoke_peer(tmp_path / "pool", "tester")
+    guard.keyring.refresh()
+    assert [peer.name for peer in guard.keyring.take_revoked()] == ["tester"]
+    assert check(client, c_id, _hello("client")).startswith("this key is not authorised")
+
+
+def test_reply_limiter_allows_one_answer_per_peer_per_period() -> None:
+    limiter = security.ReplyLimiter(period=0.2, limit=3)
+    assert limiter.allow(b"a") and not limiter.allow(b"a")
+    assert limiter.allow(b"b") and limiter.allow(b"c")
+    assert not limiter.allow(b"d")  # at most ``limit`` peers per period
+    time.sleep(0.25)
+    assert limiter.allow(b"a") and limiter.allow(b"d")
+
+
+def test_error_and_welcome_on_the_wire() -> None:
+    message = p.parse(p.encode_error("x" * 1000))
+    assert message.command is p.Command.ERROR
+    assert p.decode_error(message.body) == "x" * p.MAX_ERROR_TEXT
+    welcome = p.Welcome("b", 1.0, 3, 4, 1 << 20)
+    assert p.decode_welcome(p.parse(p.encode_welcome(welcome)).body) == welcome
+    old = p.parse([p.encode_welcome(welcome)[0], b'{"broker_id":"b","heartbeat_interval":1,'
+                   b'"heartbeat_liveness":3,"capacity":4}'])  # fmt: skip
+    assert p.decode_welcome(old.body).max_message_size == 0
+    assert p.speaks_fade(b"fd\x09\x01") and not p.speaks_fade(b"GET ")
+    with pytest.raises(fade.ProtocolError, match="unknown command 99"):
+        p.parse([b"fd\x01\x63"])
