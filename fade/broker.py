@@ -18,6 +18,11 @@
   interval x liveness are expired. Expiry and heartbeat bookkeeping use
   ordered dicts kept in time order, so each pass costs O(due peers), not
   O(all peers).
+* With keys (``--keys DIR``) only authorised CurveZMQ keys connect, and every
+  message is checked against its key's role (fade/security.py). Without keys
+  the broker serves only loopback or ipc addresses, unless told ``insecure``.
+* Bad input is dropped, logged (rate-limited) and, if its sender speaks fade,
+  answered with ERROR; replies to bad or unknown input are rate-limited too.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade._env import default_address
 from fade._logutil import RateLimitedLog
 from fade._rate import Throughput
 from fade._version import __version__
-from fade.errors import ProtocolError
-from fade.sockets import bind_router
+from fade.errors import ProtocolError, SecurityError
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, bind_router, parse_size
 
 if TYPE_CHECKING:
     from fade.web import StatusServer
@@ -60,6 +66,9 @@ MAX_CREDITS = 4096
 DEFAULT_MAX_ATTEMPTS = 3
 #: Seconds between the snapshots the HTTP endpoint serves.
 PUBLISH_INTERVAL = 1.0
+
+#: Seconds between the repeated warnings of a broker started with ``insecure``.
+INSECURE_WARNING_PERIOD = 60.0
 
 _TASK_ID = struct.Struct("<Q")
 
@@ -119,11 +128,24 @@ class Broker:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         parent_pid: int | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        keys: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        insecure_warning_period: float = INSECURE_WARNING_PERIOD,
     ) -> None:
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be at least 1 byte")
+        # Checked before anything is bound: a refused broker never listens.
+        security.check_address(address, keys, insecure)
+        self._keys = security.load_broker_keys(keys) if keys is not None else None
+        self._insecure = insecure and keys is None and not security.is_local_address(address)
+        self._insecure_period = insecure_warning_period
+        self._insecure_due = 0.0
+        self.max_message_size = max_message_size
         self.address = address
         self.broker_id = uuid.uuid4().hex
         self.interval = heartbeat_interval
@@ -131,8 +153,14 @@ class Broker:
         self.max_attempts = max_attempts
         self._expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
         self._parent_pid = parent_pid
-        self._context = context or zmq.Context.instance()
+        # ZAP's endpoint is one per context: a broker with keys gets a context of its own.
+        self._own_context = context is None and self._keys is not None
+        self._context = context or (zmq.Context() if self._own_context else zmq.Context.instance())
         self._socket: zmq.Socket[bytes] | None = None
+        self._zap: security.ZapHandler | None = None
+        self._guard: security.Guard | None = None
+        self._keys_checked = 0.0
+        self._replies = security.ReplyLimiter(heartbeat_interval)
         self._stopping = False
         # stop() may be called from a signal handler: it pokes this pipe so the
         # poll returns at once instead of at the end of its timeout.
@@ -168,10 +196,24 @@ class Broker:
 
     def bind(self) -> str:
         """Bind the ROUTER socket; returns the endpoint actually bound."""
-        sock = bind_router(self._context, self.address)
+        if self._keys is not None:
+            # The authenticator must be listening before the first peer can connect.
+            keyring = security.KeyRing(self._keys.directory)
+            self._zap = security.ZapHandler(self._context, keyring)
+            self._guard = security.Guard(keyring)
+        try:
+            sock = bind_router(
+                self._context, self.address, keys=self._keys, max_message_size=self.max_message_size
+            )
+        except zmq.ZMQError:
+            self._close_security()
+            raise
         self._socket = sock
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("fade-broker %s listening on %s", __version__, endpoint)
+        if self._keys is not None:
+            log.info("CURVE keys on: accepting the keys authorised in %s", self._keys.directory)
+        self._warn_if_insecure(time.monotonic())
         return endpoint
 
     def stop(self) -> None:
@@ -188,6 +230,15 @@ class Broker:
             self._socket = None
             os.close(self._wake_r)
             os.close(self._wake_w)
+        self._close_security()
+
+    def _close_security(self) -> None:
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
+        if self._own_context:
+            self._own_context = False
+            self._context.term()
 
     def run(self) -> None:
         """Serve until :meth:`stop` is called (or the parent process dies)."""
@@ -198,10 +249,15 @@ class Broker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self._zap is not None:
+            poller.register(self._zap.socket, zmq.POLLIN)
         try:
             while not self._stopping:
                 timeout = self._poll_timeout()
-                if dict(poller.poll(int(timeout * 1000))).get(sock):
+                events = dict(poller.poll(int(timeout * 1000)))
+                if self._zap is not None and events.get(self._zap.socket):
+                    self._zap.handle()
+                if events.get(sock):
                     self._drain_socket(sock)
                 self._flush_results()
                 now = time.monotonic()
@@ -209,6 +265,8 @@ class Broker:
                 self._purge_silent_peers(now)
                 self._send_due_heartbeats(now)
                 self._publish(now)
+                self._check_keys(now)
+                self._warn_if_insecure(now)
                 if self._parent_pid is not None and os.getppid() != self._parent_pid:
                     log.info("parent process %d is gone; stopping", self._parent_pid)
                     break
@@ -245,13 +303,29 @@ class Broker:
         identity = frames[0].bytes
         try:
             message = p.parse(frames[1:])
+            if self._guard is not None:
+                self._guard.check(frames[0], identity, message)
             self._heard_from(identity)
             handler = self._HANDLERS.get(message.command)
             if handler is None:
                 raise ProtocolError(f"{message.command.name} is not for the broker")
             handler(self, identity, message.body)
+        except security.Refused as exc:
+            self._bad_input.warning("refused a message from %s: %s", identity.hex(), exc)
+            if exc.revoked:
+                self._on_disconnect(identity, [])
+            self._answer_error(identity, str(exc))
         except ProtocolError as exc:
             self._bad_input.warning("dropped a message from %s: %s", identity.hex(), exc)
+            if p.speaks_fade(frames[1]) and _header_byte(frames[1]) != p.Command.ERROR:
+                self._answer_error(identity, str(exc))
+
+    def _answer_error(self, identity: bytes, reason: str) -> None:
+        """Tell a peer why its message was dropped (rate-limited, and no heartbeat follows)."""
+        if self._replies.allow(identity):
+            self._send(identity, p.encode_error(reason))
+            if identity not in self._workers and identity not in self._clients:
+                self._forget_peer(identity)
 
     def _on_hello(self, identity: bytes, body: list[p.Frame]) -> None:
         hello = p.decode_hello(body)
@@ -262,7 +336,13 @@ class Broker:
         self._send(
             identity,
             p.encode_welcome(
-                p.Welcome(self.broker_id, self.interval, self.liveness, self._capacity)
+                p.Welcome(
+                    self.broker_id,
+                    self.interval,
+                    self.liveness,
+                    self._capacity,
+                    self.max_message_size,
+                )
             ),
         )
         self._dispatch()
@@ -448,8 +528,9 @@ class Broker:
         self._told.pop(identity, None)
 
     def _reset(self, identity: bytes) -> None:
-        """Tell a peer we do not know it, so that it says HELLO again."""
-        self._send(identity, p.encode(p.Command.RESET))
+        """Tell a peer we do not know it, so that it says HELLO again (rate-limited)."""
+        if self._replies.allow(identity):
+            self._send(identity, p.encode(p.Command.RESET))
         if identity not in self._workers and identity not in self._clients:
             self._forget_peer(identity)
 
@@ -493,6 +574,35 @@ class Broker:
         """Tell every client the pool's size changed, so their windows follow it."""
         for identity in self._clients:
             self._send(identity, p.encode_capacity(p.Command.HEARTBEAT, self._capacity))
+
+    # -- keys and warnings ------------------------------------------------------------
+
+    def _check_keys(self, now: float) -> None:
+        """Once per heartbeat interval: pick up added and revoked keys, drop revoked peers."""
+        if self._guard is None or now - self._keys_checked < self.interval:
+            return
+        self._keys_checked = now
+        keyring = self._guard.keyring
+        keyring.refresh()
+        revoked = {peer.tag: peer for peer in keyring.take_revoked()}
+        if not revoked:
+            return
+        # A scan of all peers, but only when a key was revoked: rare.
+        tag = slice(1, 1 + security.TAG_SIZE)
+        for identity in [*self._workers, *self._clients]:
+            peer = revoked.get(identity[tag])
+            if peer is not None:
+                log.warning("dropping %s %s: key %r revoked", peer.role, identity.hex(), peer.name)
+                self._on_disconnect(identity, [])
+
+    def _warn_if_insecure(self, now: float) -> None:
+        if self._insecure and now >= self._insecure_due:
+            self._insecure_due = now + self._insecure_period
+            log.warning(
+                "INSECURE: serving %s without keys: anyone who can reach it can run any "
+                "code on every worker (fade-keys init DIR, then --keys DIR)",
+                self.address,
+            )
 
     # -- workers and credits ----------------------------------------------------------
 
@@ -602,7 +712,8 @@ class Broker:
             records.append((p.TaskRecord(task.key, task.timeout), task.payload))
         worker.credits -= len(batch)
         self._file(worker)
-        self._send(worker.identity, p.encode_task(records))
+        for part in p.chunked(records):
+            self._send(worker.identity, p.encode_task(part))
 
     def _unassign(self, task: _Task) -> None:
         if task.worker is not None:
@@ -644,7 +755,8 @@ class Broker:
             return
         outbox, self._outbox = self._outbox, {}
         for identity, results in outbox.items():
-            self._send(identity, p.encode_result(self._capacity, results))
+            for batch in p.chunked(results):
+                self._send(identity, p.encode_result(self._capacity, batch))
 
     def _forget_client(self, client: _Client) -> None:
         for key in client.keys:
@@ -732,6 +844,10 @@ class Broker:
         self._next_publish = now + self.publish_interval
 
 
+def _header_byte(frame: zmq.Frame) -> int:
+    return frame.bytes[3] if len(frame) == 4 else -1
+
+
 def _worker_state(worker: _Worker) -> str:
     if worker.state is WorkerState.DRAINING:
         return "draining"
@@ -794,8 +910,33 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="allow --http on a host other machines can reach (the pages are read-only "
         "but name every host and process of the pool)",
     )
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        default=None,
+        help="accept only the CurveZMQ keys authorised in DIR (made by `fade-keys init DIR`)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a network address without keys (anyone reaching it can run code)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=parse_size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        metavar="BYTES",
+        help="largest frame accepted, e.g. 64M or 2G (default 1G); a peer sending more "
+        "is disconnected",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--insecure-warning-period",
+        type=float,
+        default=INSECURE_WARNING_PERIOD,
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
     return parser.parse_args(argv)
 
@@ -825,6 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s fade-broker[{os.getpid()}@{socket.gethostname()}] "
         "%(levelname)s %(message)s",
     )
+    broker: Broker | None = None
     try:
         broker = Broker(
             args.address,
@@ -832,17 +974,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat_liveness=args.heartbeat_liveness,
             max_attempts=args.max_attempts,
             parent_pid=args.parent_pid,
+            keys=args.keys,
+            insecure=args.insecure,
+            max_message_size=args.max_message_size,
+            insecure_warning_period=args.insecure_warning_period,
         )
         broker.bind()
-        web = _start_http(broker, args.http, public=args.http_public) if args.http else None
-    except (ValueError, OSError, zmq.ZMQError) as exc:
+        # HTTP on a reachable host is refused unless asked for, or the pool uses keys.
+        public = args.http_public or args.keys is not None
+        web = _start_http(broker, args.http, public=public) if args.http else None
+    except (ValueError, OSError, zmq.ZMQError, SecurityError) as exc:
         print(f"fade-broker: {exc}", file=sys.stderr)
-        broker.close()
+        if broker is not None:
+            broker.close()
         return 2
+    running = broker
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: broker.stop())
+        signal.signal(sig, lambda *_: running.stop())
     try:
-        broker.run()
+        running.run()
     finally:
         if web is not None:
             web.stop()

@@ -20,6 +20,10 @@
   reconnection) the client re-sends every task that has no result yet; the
   broker ignores ids it already holds and a second result for an id is
   dropped here, so each future completes exactly once.
+* Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
+  talks only to the holder of the broker's secret key; why a handshake fails is
+  logged. A frame larger than ``max_message_size`` (ours at ``submit``, the
+  broker's once it has said it) fails its future instead of being sent.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ from typing import Any, TypeVar
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade import serialization as ser
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
@@ -51,12 +55,13 @@ from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
     FadeError,
+    MessageTooLargeError,
     MissingDependencyError,
     ProtocolError,
     WorkerLostError,
 )
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
-from fade.sockets import connect_dealer
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame
 
 __all__ = ["Executor"]
 
@@ -68,7 +73,7 @@ log = logging.getLogger("fade.client")
 
 T = TypeVar("T")
 
-#: At most this many tasks travel in one SUBMIT message.
+#: At most this many tasks travel in one SUBMIT message (and p.BATCH_BYTES of inline data).
 MAX_BATCH = 512
 
 
@@ -79,6 +84,7 @@ class _WorkItem:
     task_id: int
     future: cf.Future[Any]
     payload: p.Payload
+    largest: int = 0  # bytes in its largest part (inline data or one buffer)
 
 
 class _ClientIO:
@@ -94,9 +100,14 @@ class _ClientIO:
         task_timeout: float | None,
         pool: EmbeddedPool | None,
         code: LocalCode | None,
+        keys: security.PeerKeys | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.address = address
-        self.identity = b"C" + uuid.uuid4().bytes[1:]
+        self.keys = keys
+        self.max_message_size = max_message_size
+        self.broker_max_message_size = 0  # 0 until a WELCOME says
+        self.identity = security.peer_identity(b"C", keys)
         self.interval = heartbeat_interval
         self.expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
         self.max_attempts = max_attempts
@@ -116,6 +127,7 @@ class _ClientIO:
         os.set_blocking(self._wake_w, False)
         self._context = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        self._watch: security.HandshakeWatch | None = None
         self._poller = zmq.Poller()
         self._heard = self._told = time.monotonic()
         self._bad_input = RateLimitedLog(log)
@@ -149,6 +161,8 @@ class _ClientIO:
             log.exception("the client I/O thread failed")
             self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
         finally:
+            if self._watch is not None:
+                self._watch.close()
             if self._socket is not None:
                 self._socket.close(linger=200)
             self._context.term()
@@ -181,6 +195,8 @@ class _ClientIO:
         if sock in events:
             self._read_all(sock)
         self._send_tasks()
+        if self._watch is not None:
+            self._watch.check()
         now = time.monotonic()
         if now - self._heard > self.expiry:
             log.warning("broker silent for %.1fs; reconnecting", now - self._heard)
@@ -198,9 +214,18 @@ class _ClientIO:
     # -- connection ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._socket is not None:
             self._socket.close(linger=0)
-        sock = connect_dealer(self._context, self.address, identity=self.identity)
+        sock = connect_dealer(
+            self._context,
+            self.address,
+            identity=self.identity,
+            keys=self.keys,
+            max_message_size=self.max_message_size,
+        )
+        self._watch = security.HandshakeWatch(sock, log, self.keys)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -248,11 +273,15 @@ class _ClientIO:
             self._hello()
         elif command is p.Command.FETCH:
             self._on_fetch(*p.decode_fetch(message.body))
+        elif command is p.Command.ERROR:
+            reason = p.decode_error(message.body)
+            self._bad_input.warning("the broker refused a message: %s", reason)
         else:
             raise ProtocolError(f"{command.name} is not for a client")
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self._capacity = welcome.capacity
+        self.broker_max_message_size = welcome.max_message_size
         self._welcomed = True
         if self.in_flight:
             # Whatever the broker had of ours may be gone: send it all again.
@@ -263,8 +292,17 @@ class _ClientIO:
                 welcome.broker_id,
             )
             items = sorted(self.in_flight.values(), key=lambda item: item.task_id)
-            for start in range(0, len(items), MAX_BATCH):
-                self._send(self._submit_frames(items[start : start + MAX_BATCH]))
+            batch: list[_WorkItem] = []
+            size = 0
+            for item in items:
+                inline = len(item.payload.inline)
+                if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
+                    self._send(self._submit_frames(batch))
+                    batch, size = [], 0
+                batch.append(item)
+                size += inline
+            if batch:
+                self._send(self._submit_frames(batch))
 
     def _on_fetch(self, worker: bytes, request_id: int, request: Any) -> None:
         """A worker asks for our code: the manifest of a version, or file contents."""
@@ -305,18 +343,53 @@ class _ClientIO:
             batch = self._take(room)
             if not batch:
                 return
-            self._send(self._submit_frames(batch))
+            batch = self._refuse_oversized(batch)
+            if batch:
+                self._send(self._submit_frames(batch))
+
+    def _refuse_oversized(self, batch: list[_WorkItem]) -> list[_WorkItem]:
+        """Fail the tasks the broker would not accept: it would drop our connection."""
+        limit = self.broker_max_message_size
+        if not limit or all(item.largest <= limit for item in batch):
+            return batch
+        kept = []
+        for item in batch:
+            if item.largest <= limit:
+                kept.append(item)
+                continue
+            del self.in_flight[item.task_id]
+            item.future.set_exception(
+                MessageTooLargeError(
+                    f"the task has a {item.largest}-byte frame; the broker accepts at most "
+                    f"{limit} (its --max-message-size)"
+                )
+            )
+        return kept
 
     def _take(self, room: int) -> list[_WorkItem]:
+        """Up to ``room`` tasks from the outbox whose inline data fits in one frame."""
         batch: list[_WorkItem] = []
+        size = 0
         with self.lock:
             while self.outbox and len(batch) < room:
+                inline = len(self.outbox[0].payload.inline)
+                if batch and size + inline > self._batch_bytes():
+                    break
                 item = self.outbox.popleft()
                 if item.future.set_running_or_notify_cancel():
                     batch.append(item)
+                    size += inline
         for item in batch:
             self.in_flight[item.task_id] = item
         return batch
+
+    def _batch_bytes(self) -> int:
+        """The most inline bytes one message may carry: every peer's frame limit applies
+        to the batch's single inline frame, not to each task in it."""
+        limits = [self.max_message_size, p.BATCH_BYTES]
+        if self.broker_max_message_size:
+            limits.append(self.broker_max_message_size)
+        return min(limits)
 
     def _submit_frames(self, items: list[_WorkItem]) -> list[Any]:
         return p.encode_submit(
@@ -432,6 +505,10 @@ class Executor(cf.Executor):
             edits and reloads; ``"pin"`` freezes them as they are at the first
             submit; ``"off"`` sends none (workers must have the code).
         ship_code_limit: the most bytes of local code and data to ship.
+        keys: with an address, the path of this client's key file (made by
+            ``fade-keys add client NAME``); default: $FADE_KEYS, else no keys.
+        max_message_size: the largest frame (a pickle, or one large buffer such
+            as a numpy array's data) sent or accepted, in bytes; default 1 GiB.
     """
 
     def __init__(
@@ -445,6 +522,8 @@ class Executor(cf.Executor):
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         ship_code: str = "auto",
         ship_code_limit: int = DEFAULT_MAX_BYTES,
+        keys: security.KeySource | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         if ship_code not in ("auto", "pin", "off"):
             raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
@@ -456,6 +535,13 @@ class Executor(cf.Executor):
             raise ValueError("task_timeout must be positive (or None for no limit)")
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be at least 1 byte")
+        if address is None and keys is not None:
+            raise ValueError("keys are for a broker at an address; the embedded pool needs none")
+        # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
+        peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
+        self._max_message_size = max_message_size
         self._pool: EmbeddedPool | None = None
         if address is None:
             self._pool = EmbeddedPool(
@@ -481,6 +567,8 @@ class Executor(cf.Executor):
             task_timeout=task_timeout,
             pool=self._pool,
             code=self._code,
+            keys=peer_keys,
+            max_message_size=max_message_size,
         )
         self._io.thread.start()
         _live_executors.add(self)
@@ -496,11 +584,17 @@ class Executor(cf.Executor):
             code = self._code.version()
             self._code.check_function(fn)
         payload = ser.dumps_call(fn, args, kwargs, code)
+        largest = largest_frame([payload.inline, *payload.buffers])
+        if largest > self._max_message_size:
+            raise MessageTooLargeError(
+                f"the task has a {largest}-byte part, more than max_message_size "
+                f"({self._max_message_size}); raise it here, on the broker and on the workers"
+            )
         future: cf.Future[T] = cf.Future()
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._io.enqueue(_WorkItem(next(self._ids), future, payload))
+            self._io.enqueue(_WorkItem(next(self._ids), future, payload, largest))
         return future
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:

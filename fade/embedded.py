@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from fade.security import KEYS_ENV
+
 __all__ = ["EmbeddedPool"]
 
 STOP_TIMEOUT = 10.0
@@ -53,8 +55,13 @@ class EmbeddedPool:
 
     @staticmethod
     def _spawn(module: str, args: list[str]) -> subprocess.Popen[bytes]:
+        # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
+        env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
         return subprocess.Popen(
-            [sys.executable, "-m", module, *args], start_new_session=True, stdin=subprocess.DEVNULL
+            [sys.executable, "-m", module, *args],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
 
     def problem(self) -> str | None:

@@ -29,12 +29,15 @@ __all__ = [
     "BrokerUnreachableError",
     "CodeShippingError",
     "FadeError",
+    "InsecureAddressError",
+    "MessageTooLargeError",
     "MissingDependencyError",
     "MissingExtraError",
     "NoWorkersError",
     "ProtocolError",
     "RemoteTraceback",
     "ResultDecodeError",
+    "SecurityError",
     "SerializationError",
     "TaskTimeoutError",
     "WorkerLostError",
@@ -88,6 +91,18 @@ class MissingDependencyError(CodeShippingError, ModuleNotFoundError):
 
 def _rebuild_missing(message: str, module: str, host: str) -> MissingDependencyError:
     return MissingDependencyError(message, module=module, host=host)
+
+
+class MessageTooLargeError(FadeError):
+    """A task or result frame exceeds ``max_message_size``; raise the limit on every peer."""
+
+
+class SecurityError(FadeError):
+    """A key file or key folder is missing, malformed, or meant for another role."""
+
+
+class InsecureAddressError(SecurityError):
+    """A broker was asked to listen on a network address without keys; it refuses."""
 
 
 class RemoteTraceback(FadeError):

@@ -29,7 +29,7 @@ import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import zmq
 
@@ -52,10 +52,12 @@ __all__ = [
     "SubmitRecord",
     "TaskRecord",
     "Welcome",
+    "chunked",
     "decode_capacity",
     "decode_code",
     "decode_done",
     "decode_drain",
+    "decode_error",
     "decode_fetch",
     "decode_hello",
     "decode_obituary",
@@ -70,6 +72,7 @@ __all__ = [
     "encode_capacity",
     "encode_code",
     "encode_done",
+    "encode_error",
     "encode_fetch",
     "encode_hello",
     "encode_obituary",
@@ -84,6 +87,7 @@ __all__ = [
     "needs_zero_copy",
     "pack_request",
     "parse",
+    "speaks_fade",
     "unpack_request",
 ]
 
@@ -98,6 +102,8 @@ HEARTBEAT_LIVENESS = 3
 
 #: The largest key a worker echoes back (a client identity plus an 8-byte id).
 MAX_KEY = 255
+#: ERROR reasons are cut to this many bytes: a refusal never costs more than it says.
+MAX_ERROR_TEXT = 200
 
 Frame = Union[bytes, zmq.Frame, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
 
@@ -144,6 +150,7 @@ class Command(enum.IntEnum):
     CODE = 14  # client -> broker -> worker: the code asked for
     STATUS = 15  # any peer -> broker: describe the pool (no HELLO needed)
     STATE = 16  # broker -> asker: the pool's state (JSON)
+    ERROR = 17  # broker -> peer: your message was refused, and why (UTF-8 text)
 
 
 class Status(enum.IntEnum):
@@ -209,6 +216,7 @@ class Welcome:
     heartbeat_interval: float
     heartbeat_liveness: int
     capacity: int
+    max_message_size: int = 0  # the broker's frame size limit; 0: not announced
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,15 +260,22 @@ def encode(command: Command, *body: Frame) -> list[Frame]:
     return [_HEADERS[command], *body]
 
 
+def speaks_fade(header: Frame) -> bool:
+    """True when a frame starts like a fade header (any version): its sender can read ERROR."""
+    return _head(header, 2) == MAGIC
+
+
 def parse(frames: Sequence[Frame]) -> Message:
     """Check the envelope and split off the command. Raises ProtocolError."""
     if not frames:
         raise ProtocolError("empty message")
-    header = _bytes(frames[0])
+    header = _head(frames[0], 5)  # a fifth byte means "too long": never copy a huge frame
     command = _COMMANDS.get(header)
     if command is None:
         if len(header) == 4 and header[:2] == MAGIC and header[2] != VERSION:
             raise ProtocolError(f"protocol version {header[2]} is not {VERSION}")
+        if len(header) == 4 and header[:2] == MAGIC:
+            raise ProtocolError(f"unknown command {header[3]}")
         raise ProtocolError(f"unknown header {header[:8]!r}")
     return Message(command, list(frames[1:]))
 
@@ -289,6 +304,7 @@ def encode_welcome(welcome: Welcome) -> list[Frame]:
                 "heartbeat_interval": welcome.heartbeat_interval,
                 "heartbeat_liveness": welcome.heartbeat_liveness,
                 "capacity": welcome.capacity,
+                "max_message_size": welcome.max_message_size,
             }
         ),
     ]
@@ -302,6 +318,7 @@ def decode_welcome(body: Sequence[Frame]) -> Welcome:
             heartbeat_interval=float(data["heartbeat_interval"]),
             heartbeat_liveness=int(data["heartbeat_liveness"]),
             capacity=int(data["capacity"]),
+            max_message_size=int(data.get("max_message_size", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad WELCOME: {exc}") from None
@@ -371,6 +388,18 @@ def decode_drain(body: Sequence[Frame]) -> None:
         raise ProtocolError("DRAIN carries no body")
 
 
+def encode_error(reason: str) -> list[Frame]:
+    """ERROR: why the broker refused a message; cut to MAX_ERROR_TEXT bytes."""
+    text = reason.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
+    return [_HEADERS[Command.ERROR], text]
+
+
+def decode_error(body: Sequence[Frame]) -> str:
+    if len(body) != 1:
+        raise ProtocolError(f"ERROR needs 1 body frame, got {len(body)}")
+    return _bytes(body[0])[:MAX_ERROR_TEXT].decode("utf-8", "replace")
+
+
 # -- code shipping: FETCH and CODE, relayed by the broker -------------------------
 
 
@@ -417,6 +446,30 @@ def decode_code(body: Sequence[Frame]) -> tuple[bytes, int, CodeStatus, list[Fra
 # meta packs one record per item (with the sizes of its inline part and its
 # buffer count); inline is every item's inline bytes, concatenated. So a batch
 # of a thousand small tasks is four frames, whatever it holds.
+
+
+#: A batch's inline frame stays under this size (and under every peer's frame limit,
+#: which applies to that one frame, not to each item in it).
+BATCH_BYTES = 8 * 2**20
+
+T = TypeVar("T")
+
+
+def chunked(
+    items: Sequence[tuple[T, Payload]], limit: int = BATCH_BYTES
+) -> list[list[tuple[T, Payload]]]:
+    """Split items into batches whose inline data stays within ``limit`` bytes (an item
+    larger than that travels alone)."""
+    batches: list[list[tuple[T, Payload]]] = [[]]
+    size = 0
+    for item in items:
+        inline = len(item[1].inline)
+        if batches[-1] and size + inline > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += inline
+    return batches if batches[0] else []
 
 
 def _batch(command: Command, meta: bytes, payloads: Sequence[Payload]) -> list[Frame]:
@@ -510,6 +563,15 @@ def _bytes(frame: Frame) -> bytes:
     if isinstance(frame, zmq.Frame):
         return frame.bytes
     return bytes(frame)
+
+
+def _head(frame: Frame, size: int) -> bytes:
+    """The first ``size`` bytes of a frame, without copying the rest."""
+    if isinstance(frame, bytes):
+        return frame[:size]
+    if isinstance(frame, zmq.Frame):
+        return bytes(frame.buffer[:size])
+    return bytes(frame[:size])
 
 
 def _json(data: dict[str, Any]) -> bytes:

@@ -1,18 +1,60 @@
 """The one place where fade's ZeroMQ sockets are made and configured.
 
 Every peer gets its socket here, so socket-wide policy (reconnect timing,
-high-water marks, and later security and size limits) is set once for all.
+high-water marks, message size limits and CurveZMQ keys) is set once for all.
+
+* ``MAXMSGSIZE`` bounds every *frame* a socket accepts (ZeroMQ checks each
+  frame, not a whole message); a peer that sends a larger one is disconnected
+  by ZeroMQ before the frame is buffered. The default leaves room for large
+  numpy arrays, which travel as frames of their own.
+* With keys, the broker's ROUTER is a CURVE server whose handshakes are
+  checked by ZAP (``fade.security.ZapHandler``, which must be bound first), and
+  each DEALER is a CURVE client that only talks to the holder of the broker's
+  secret key.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
 import zmq
 
-__all__ = ["bind_router", "connect_dealer"]
+from fade.security import ZAP_DOMAIN, BrokerKeys, PeerKeys
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "bind_router",
+    "connect_dealer",
+    "largest_frame",
+    "parse_size",
+]
 
 #: Reconnect quickly after a broker restart, backing off to this at most (ms).
 RECONNECT_IVL = 50
 RECONNECT_IVL_MAX = 1000
+#: The largest frame any fade socket accepts unless told otherwise: 1 GiB.
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"64M"``, ``"1GiB"`` -> bytes (binary units). Raises ValueError."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (examples: 1048576, 64M, 2G)")
+    number, unit = match.groups()
+    size = int(number) << (10 * " kmgt".index(unit.lower() or " "))
+    if size < 1:
+        raise ValueError("a size must be at least 1 byte")
+    return size
+
+
+def largest_frame(frames: Sequence[Any]) -> int:
+    """Bytes in the largest of ``frames`` (bytes, memoryviews, zmq.Frames)."""
+    return max((memoryview(f).nbytes for f in frames), default=0)
 
 
 def connect_dealer(
@@ -21,6 +63,8 @@ def connect_dealer(
     *,
     identity: bytes | None = None,
     linger_ms: int = 0,
+    keys: PeerKeys | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> zmq.Socket[bytes]:
     """A DEALER connected to the broker at ``address``, with a stable routing identity."""
     sock = context.socket(zmq.DEALER)
@@ -29,15 +73,26 @@ def connect_dealer(
         sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     # Never drop outgoing messages while the broker is away: they are bounded by
     # the client window and worker credits, and re-sent after a reconnection.
     sock.setsockopt(zmq.SNDHWM, 0)
+    if keys is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, keys.broker)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.connect(address)
     return sock
 
 
-def bind_router(context: zmq.Context[zmq.Socket[bytes]], address: str) -> zmq.Socket[bytes]:
-    """The broker's ROUTER, bound to ``address``."""
+def bind_router(
+    context: zmq.Context[zmq.Socket[bytes]],
+    address: str,
+    *,
+    keys: BrokerKeys | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> zmq.Socket[bytes]:
+    """The broker's ROUTER, bound to ``address``; with ``keys``, a CURVE server."""
     # Each peer is a socket inside libzmq too; its default cap (1023) would limit the
     # broker to about a thousand workers and clients.
     if context.get(zmq.MAX_SOCKETS) < 65536:
@@ -49,6 +104,15 @@ def bind_router(context: zmq.Context[zmq.Socket[bytes]], address: str) -> zmq.So
     # Never drop a message to a slow peer: credits and client windows
     # already bound what is in flight to each one.
     sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    if keys is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        # Without a ZAP handler libzmq would let in any key; with the domain set it
+        # asks ours, and refuses everyone if ours is not there.
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     try:
         sock.bind(address)
     except zmq.ZMQError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,9 +23,10 @@ from typing import Any
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade._env import default_address
 from fade._version import __version__
-from fade.errors import BrokerUnreachableError, ProtocolError
+from fade.errors import BrokerUnreachableError, ProtocolError, SecurityError
 from fade.sockets import connect_dealer
 
 __all__ = ["format_status", "main", "query"]
@@ -32,16 +34,23 @@ __all__ = ["format_status", "main", "query"]
 DEFAULT_TIMEOUT = 5.0
 
 
-def query(address: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-    """Ask the broker at ``address`` for its state.
+def query(
+    address: str, timeout: float = DEFAULT_TIMEOUT, keys: str | None = None
+) -> dict[str, Any]:
+    """Ask the broker at ``address`` for its state (with ``keys``, a client or worker key
+    file, or $FADE_KEYS, for a broker that uses keys).
 
     Raises BrokerUnreachableError if no answer comes within ``timeout`` seconds,
     ProtocolError if the answer is not a STATE, and ``zmq.ZMQError`` for an
     address ZeroMQ cannot parse.
     """
+    path = keys or os.environ.get(security.KEYS_ENV)
+    peer_keys = security.load_peer_keys(path) if path else None
+    identity = security.peer_identity(b"S", peer_keys)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        return _ask(connect_dealer(context, address), address, timeout)
+        sock = connect_dealer(context, address, identity=identity, keys=peer_keys)
+        return _ask(sock, address, timeout)
     finally:
         # destroy, not term: it also closes a socket whose connect() failed.
         context.destroy(linger=0)
@@ -160,6 +169,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print the raw state as JSON")
     parser.add_argument(
+        "--keys",
+        metavar="FILE",
+        default=None,
+        help=f"a client or worker key file, for a broker with keys (default ${security.KEYS_ENV})",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
@@ -176,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage."""
     args = _parse_args(argv)
     try:
-        state = query(args.address, args.timeout)
+        state = query(args.address, args.timeout, keys=args.keys)
     except BrokerUnreachableError as exc:
         print(f"fade-status: {exc}", file=sys.stderr)
         return 1
@@ -185,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except zmq.ZMQError as exc:
         print(f"fade-status: cannot connect to {args.address!r}: {exc}", file=sys.stderr)
+        return 2
+    except SecurityError as exc:
+        print(f"fade-status: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))

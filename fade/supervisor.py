@@ -13,6 +13,8 @@
   kills them.
 * With ``--parent-pid`` (the embedded pool) the supervisor and its workers
   exit when that process is gone.
+* With keys, the supervisor and its workers use the same worker key: the
+  broker accepts an OBITUARY only for identities bound to the sender's key.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade.sockets import connect_dealer
 
 __all__ = ["Supervisor"]
@@ -51,13 +53,22 @@ class _Child:
 class Supervisor:
     """Run ``args.processes`` worker processes and replace those that die."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, keys: security.PeerKeys | None = None) -> None:
         self.args = args
+        self.keys = keys
         self._children: dict[int, _Child] = {}
         self._stopping = 0
         self._backoff = 0.0
         self._context = zmq.Context()
-        self._socket = connect_dealer(self._context, args.address, linger_ms=500)
+        self._socket = connect_dealer(
+            self._context,
+            args.address,
+            # With keys the broker checks that every sender's identity carries its key's tag.
+            identity=security.peer_identity(b"S", keys),
+            linger_ms=500,
+            keys=keys,
+            max_message_size=args.max_message_size,
+        )
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,7 +105,7 @@ class Supervisor:
     def _spawn(self) -> None:
         from fade.worker import child_argv
 
-        identity = b"W" + uuid.uuid4().bytes[1:]
+        identity = security.peer_identity(b"W", self.keys)
         # Its own session: a terminal's Ctrl-C reaches the supervisor alone, which
         # then drains the workers once, instead of every process at once.
         process = subprocess.Popen(

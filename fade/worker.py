@@ -23,6 +23,11 @@
   socket and says HELLO again, keeping what it holds (the broker may have
   restarted).
 
+* With keys (``--keys FILE`` or $FADE_KEYS) the socket is a CurveZMQ client
+  that talks only to the holder of the broker's secret key. A result with a
+  frame larger than ``max_message_size`` (ours or the broker's) is reported as
+  MessageTooLargeError instead of being sent.
+
 ``fade-worker ADDRESS --processes N`` runs a :class:`~fade.supervisor.Supervisor`
 that keeps N such processes alive.
 """
@@ -39,20 +44,27 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zmq
 
 from fade import protocol as p
+from fade import security
 from fade import serialization as ser
 from fade._env import default_address
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.codecache import CodeCache, CodeRunner
-from fade.errors import CodeShippingError, MissingDependencyError, ProtocolError, TaskTimeoutError
-from fade.sockets import connect_dealer
+from fade.errors import (
+    CodeShippingError,
+    MessageTooLargeError,
+    MissingDependencyError,
+    ProtocolError,
+    SecurityError,
+    TaskTimeoutError,
+)
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame, parse_size
 
 __all__ = ["Worker", "main"]
 
@@ -130,9 +142,14 @@ class Worker:
         prefetch: int | None = None,
         parent_pid: int | None = None,
         code_cache: str | None = None,
+        keys: security.PeerKeys | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.address = address
-        self.identity = identity or b"W" + uuid.uuid4().bytes[1:]
+        self.keys = keys
+        self.max_message_size = max_message_size
+        self.broker_max_message_size = 0  # 0 until a WELCOME says
+        self.identity = identity or security.peer_identity(b"W", keys)
         self.interval = heartbeat_interval
         self.liveness = heartbeat_liveness
         self._fixed_prefetch = prefetch
@@ -185,7 +202,7 @@ class Worker:
         self._current = (job.record.key, started, job.record.timeout)
         try:
             value = self._call(job)
-            status, payload = p.Status.OK, ser.dumps_value(value)
+            status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
         except ModuleNotFoundError as exc:
             status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
         except BaseException as exc:  # the task's own failure, SystemExit included
@@ -247,6 +264,18 @@ class Worker:
             fetch.status, fetch.frames = status, frames
             fetch.answered.set()
 
+    def _checked_size(self, payload: p.Payload) -> p.Payload:
+        """The result, or MessageTooLargeError if a peer on the way would refuse a part."""
+        limits = [self.max_message_size, self.broker_max_message_size or self.max_message_size]
+        largest = largest_frame([payload.inline, *payload.buffers])
+        if largest > min(limits):
+            raise MessageTooLargeError(
+                f"the result has a {largest}-byte frame; the limit on its way back is "
+                f"{min(limits)} bytes (--max-message-size of the worker and the broker, "
+                "max_message_size of the Executor)"
+            )
+        return payload
+
     # -- shared with the I/O thread ------------------------------------------------------------
 
     def wanted(self) -> int:
@@ -270,6 +299,7 @@ class _WorkerIO:
         self.exit_status = 0
         self._context = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        self._watch: security.HandshakeWatch | None = None
         self._poller = zmq.Poller()
         self._expiry = p.expiry(worker.interval, worker.liveness)
         self._heard = self._told = time.monotonic()
@@ -306,6 +336,8 @@ class _WorkerIO:
             self._leave_now()
             return
         self._flush()
+        if self._watch is not None:
+            self._watch.check()
         now = time.monotonic()
         self._check_timeout(now)
         if now - self._heard > self._expiry:
@@ -332,8 +364,14 @@ class _WorkerIO:
     def _connect(self) -> None:
         self._close()
         sock = connect_dealer(
-            self._context, self.w.address, identity=self.w.identity, linger_ms=1000
+            self._context,
+            self.w.address,
+            identity=self.w.identity,
+            linger_ms=1000,
+            keys=self.w.keys,
+            max_message_size=self.w.max_message_size,
         )
+        self._watch = security.HandshakeWatch(sock, log, self.w.keys)
         self._socket = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -356,6 +394,9 @@ class _WorkerIO:
             self._send(p.encode(p.Command.DRAIN))
 
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -388,12 +429,16 @@ class _WorkerIO:
             self._hello()
         elif command is p.Command.WELCOME:
             welcome = p.decode_welcome(message.body)
+            self.w.broker_max_message_size = welcome.max_message_size
             log.debug("registered with broker %s", welcome.broker_id)
         elif command is p.Command.DRAIN:
             self._drain_acked = True
         elif command is p.Command.CODE:
             _, request_id, status, frames = p.decode_code(message.body)
             self.w.answer_fetch(request_id, status, [_frame_bytes(f) for f in frames])
+        elif command is p.Command.ERROR:
+            reason = p.decode_error(message.body)
+            self._bad_input.warning("the broker refused a message: %s", reason)
         elif command is not p.Command.HEARTBEAT:
             raise ProtocolError(f"{command.name} is not for a worker")
 
@@ -424,7 +469,8 @@ class _WorkerIO:
             return
         self._credits += grant
         if results:
-            self._send(p.encode_done(grant, results))
+            for i, batch in enumerate(p.chunked(results)):
+                self._send(p.encode_done(grant if i == 0 else 0, batch))
         else:
             self._send(p.encode_ready(grant))
 
@@ -476,6 +522,8 @@ class _WorkerIO:
     def _linger_and_exit(self, status: int) -> None:
         """Give queued messages a moment to leave, then end the process (the task may hang)."""
         assert self._socket is not None
+        if self._watch is not None:
+            self._watch.close()  # an open monitor socket would keep term() waiting
         self._socket.close(linger=2000)
         self._context.term()
         os._exit(status)
@@ -526,6 +574,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where shipped code is cached on this host (default: $FADE_CODE_CACHE or "
         "~/.cache/fade/code)",
     )
+    parser.add_argument(
+        "--keys",
+        metavar="FILE",
+        default=None,
+        help=f"this worker's key file (fade-keys add worker NAME); default ${security.KEYS_ENV}",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=parse_size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        metavar="BYTES",
+        help="largest frame sent or accepted, e.g. 64M or 2G (default 1G)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -557,7 +618,11 @@ def child_argv(args: argparse.Namespace, identity: bytes, parent_pid: int) -> li
         str(args.heartbeat_liveness),
         "--log-level",
         args.log_level,
+        "--max-message-size",
+        str(args.max_message_size),
     ]
+    if args.keys is not None:
+        argv += ["--keys", args.keys]
     if args.prefetch is not None:
         argv += ["--prefetch", str(args.prefetch)]
     if args.code_cache is not None:
@@ -565,7 +630,7 @@ def child_argv(args: argparse.Namespace, identity: bytes, parent_pid: int) -> li
     return argv
 
 
-def _run_child(args: argparse.Namespace) -> int:
+def _run_child(args: argparse.Namespace, keys: security.PeerKeys | None) -> int:
     worker = Worker(
         args.address,
         identity=bytes.fromhex(args.identity) if args.identity else None,
@@ -574,6 +639,8 @@ def _run_child(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         parent_pid=args.parent_pid,
         code_cache=args.code_cache,
+        keys=keys,
+        max_message_size=args.max_message_size,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.request_drain())
@@ -589,11 +656,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s {role}[{os.getpid()}@{socket.gethostname()}] "
         "%(levelname)s %(message)s",
     )
+    try:
+        keys = security.resolve_peer_keys(args.keys, "worker")
+    except SecurityError as exc:
+        print(f"fade-worker: {exc}", file=sys.stderr)
+        return 2
+    if keys is not None:
+        args.keys = keys.path  # the children read the same file, wherever they start
     if args.child:
-        return _run_child(args)
+        return _run_child(args, keys)
     from fade.supervisor import Supervisor
 
-    return Supervisor(args).run()
+    return Supervisor(args, keys).run()
 
 
 if __name__ == "__main__":

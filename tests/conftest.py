@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 import fade
+from fade import security
 
 TESTS = Path(__file__).resolve().parent
 # Worker processes import the test helpers (tests/tasks.py) by name.
@@ -106,9 +107,10 @@ class Pool:
             str(self.liveness),
         ]
 
-    def start_broker(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start_broker(self, *extra: str, stderr: int | None = None) -> subprocess.Popen[bytes]:
         self.broker = subprocess.Popen(
-            [sys.executable, "-m", "fade.broker", self.address, *self._timing(), *extra]
+            [sys.executable, "-m", "fade.broker", self.address, *self._timing(), *extra],
+            stderr=stderr,
         )
         return self.broker
 
@@ -177,6 +179,37 @@ def tcp_pool(pool: Pool) -> Pool:
     return pool
 
 
+@dataclass
+class Keys:
+    """A broker key folder with one authorised client key and one authorised worker key."""
+
+    dir: Path
+    client: Path
+    worker: Path
+
+
+def make_keys(root: Path) -> Keys:
+    security.create_key_dir(root / "pool")
+    client = security.add_peer(root / "pool", "client", "tester", root / "client.key")
+    worker = security.add_peer(root / "pool", "worker", "workers", root / "worker.key")
+    return Keys(root / "pool", client, worker)
+
+
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> Keys:
+    return make_keys(tmp_path)
+
+
+@pytest.fixture
+def curve_pool(pool: Pool, curve_keys: Keys) -> Pool:
+    """Like ``tcp_pool``, with CurveZMQ keys on: the broker accepts only ``curve_keys``."""
+    pool.start_broker("--keys", str(curve_keys.dir))
+    pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+    pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+    pool.wait_workers(2)
+    return pool
+
+
 def make_executor(kind: str, request: pytest.FixtureRequest) -> cf.Executor:
     if kind == "processpool":
         return cf.ProcessPoolExecutor(2)
@@ -184,11 +217,20 @@ def make_executor(kind: str, request: pytest.FixtureRequest) -> cf.Executor:
         return fade.Executor(
             max_workers=2, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS
         )
-    pool: Pool = request.getfixturevalue("tcp_pool")
+    if kind == "tcp-curve":
+        pool = request.getfixturevalue("curve_pool")
+        keys: Keys = request.getfixturevalue("curve_keys")
+        return fade.Executor(
+            pool.address,
+            keys=keys.client,
+            heartbeat_interval=INTERVAL,
+            heartbeat_liveness=LIVENESS,
+        )
+    pool = request.getfixturevalue("tcp_pool")
     return fade.Executor(pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS)
 
 
-@pytest.fixture(params=["embedded", "tcp", "processpool"])
+@pytest.fixture(params=["embedded", "tcp", "tcp-curve", "processpool"])
 def executor(request: pytest.FixtureRequest) -> Iterator[cf.Executor]:
     """The behaviour suite runs against each of these."""
     ex = make_executor(request.param, request)

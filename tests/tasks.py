@@ -131,3 +131,7 @@ def pid_after(x: int, seconds: float) -> tuple[int, int]:
     """Sleep, then return (x, the worker's pid)."""
     time.sleep(seconds)
     return x, os.getpid()
+
+
+def bytes_of_size(size: int) -> bytes:
+    return b"z" * size

@@ -1,0 +1,710 @@
+"""Who may talk to a broker, and as what: CurveZMQ keys, their files, and the broker's checks.
+
+::
+
+    fade-keys init DIR          DIR/broker.key, broker.key_secret, clients/, workers/
+    fade-keys add client alice  alice.key (alice's pair + broker public key + role)
+                                + DIR/clients/alice.key (alice's public key: authorised)
+    fade-keys revoke alice      removes DIR/clients/alice.key
+
+    client / worker                         broker
+      DEALER  curve_serverkey = broker   --> ROUTER  curve_server, ZAP domain "fade"
+      (own key pair from its key file)         |  handshake: ZapHandler asks the KeyRing
+                                               |  (clients/ + workers/, re-read on change);
+                                               |  User-Id = the peer's public key
+                                               v
+                                    every message: Guard.check(User-Id, identity, command)
+                                    (key still authorised? identity bound to the key?
+                                     command allowed for the key's role?)
+
+* The handshake proves a peer holds an authorised secret key, and the peer
+  proves the broker holds the broker's secret key (a rogue broker cannot talk
+  to it). Every frame after it is encrypted and authenticated.
+* A peer's role comes from the folder its public key is in, never from what it
+  says, and it is looked up again for every message: a revoked key's open
+  connection stops being served at once.
+* A peer's routing identity carries a tag derived from its public key, so one
+  key holder cannot act under another peer's identity.
+* ZAP runs in the broker's own poll loop (``ZapHandler.socket`` is polled with
+  the ROUTER): no thread. pyzmq's ``Authenticator.handle_zap_message`` is a
+  coroutine meant for an event loop, so the few lines of RFC 27 are done here.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import zmq
+from zmq.utils import z85
+
+from fade import protocol as p
+from fade._logutil import RateLimitedLog
+from fade.errors import InsecureAddressError, ProtocolError, SecurityError
+
+__all__ = [
+    "KEYS_ENV",
+    "PERMITTED",
+    "ROLES",
+    "BrokerKeys",
+    "Guard",
+    "HandshakeWatch",
+    "KeyRing",
+    "Peer",
+    "PeerKeys",
+    "Refused",
+    "ReplyLimiter",
+    "ZapHandler",
+    "add_peer",
+    "check_address",
+    "create_key_dir",
+    "is_local_address",
+    "list_peers",
+    "load_broker_keys",
+    "load_peer_keys",
+    "peer_identity",
+    "resolve_peer_keys",
+    "revoke_peer",
+]
+
+log = logging.getLogger("fade.security")
+
+#: Clients and workers read their key file from here when given none.
+KEYS_ENV = "FADE_KEYS"
+ROLES = ("client", "worker")
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq asks whoever binds it
+ZAP_DOMAIN = b"fade"
+#: Bytes of a routing identity (after its role byte) that name the peer's key.
+TAG_SIZE = 8
+#: A folder changed this recently is re-read at every check: its mtime may be too
+#: coarse to show a second change within the same tick.
+RACY_SECONDS = 2.0
+
+#: What ``keys=`` accepts: a key file's path, or keys already loaded.
+KeySource = Union[str, "os.PathLike[str]", "PeerKeys"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+_BROKER_PUBLIC = "broker.key"
+_BROKER_SECRET = "broker.key_secret"
+
+#: What each role may send the broker. A command missing here is refused when
+#: keys are on: new commands must be added deliberately.
+PERMITTED: dict[str, frozenset[p.Command]] = {
+    "client": frozenset(
+        {
+            p.Command.HELLO,
+            p.Command.HEARTBEAT,
+            p.Command.SUBMIT,
+            p.Command.DISCONNECT,
+            p.Command.CODE,  # answers to the workers' FETCH (code shipping)
+            p.Command.STATUS,
+        }
+    ),
+    "worker": frozenset(
+        {
+            p.Command.HELLO,
+            p.Command.HEARTBEAT,
+            p.Command.READY,
+            p.Command.DONE,
+            p.Command.DRAIN,
+            p.Command.DISCONNECT,
+            p.Command.OBITUARY,  # sent by the supervisor, which holds its workers' key
+            p.Command.FETCH,  # asks a task's client for its code
+            p.Command.STATUS,
+        }
+    ),
+}
+
+
+# -- key records ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKeys:
+    """A client's or worker's key file: its own pair, the broker's public key, its role."""
+
+    role: str
+    name: str
+    public: bytes  # Z85, 40 bytes
+    secret: bytes = field(repr=False)
+    broker: bytes  # the broker's public key, Z85
+    path: str = ""  # where it was read from, so child processes can read it too
+
+    @property
+    def tag(self) -> bytes:
+        return key_tag(self.public)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerKeys:
+    """The broker's pair and the folder whose subfolders list the authorised public keys."""
+
+    directory: Path
+    public: bytes
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """An authorised public key: its role comes from the folder it was found in."""
+
+    role: str
+    name: str
+    tag: bytes
+
+
+def key_tag(public: bytes) -> bytes:
+    """The part of a routing identity that binds it to a public key."""
+    return hashlib.blake2b(public, digest_size=TAG_SIZE).digest()
+
+
+def peer_identity(prefix: bytes, keys: PeerKeys | None) -> bytes:
+    """A 16-byte routing identity: role byte, key tag (or randomness), randomness."""
+    if keys is None:
+        return prefix + uuid.uuid4().bytes[1:]
+    return prefix + keys.tag + os.urandom(15 - TAG_SIZE)
+
+
+# -- key files --------------------------------------------------------------------------
+
+
+def create_key_dir(directory: str | os.PathLike[str]) -> BrokerKeys:
+    """Create the broker's key pair and empty ``clients/`` and ``workers/`` folders."""
+    root = Path(directory)
+    if (root / _BROKER_SECRET).exists():
+        raise SecurityError(f"{root} already holds a broker key; use another folder")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for role in ROLES:
+        (root / f"{role}s").mkdir(mode=0o700, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    _write_key_file(
+        root / _BROKER_PUBLIC,
+        ["fade: the broker's PUBLIC key. Every client and worker key file holds a copy."],
+        {"fade-role": "broker"},
+        {"public-key": public},
+        mode=0o644,
+    )
+    _write_key_file(
+        root / _BROKER_SECRET,
+        [
+            "fade: the broker's SECRET key. Whoever holds it can pose as this broker",
+            "and run code on every client and worker. Never copy it off this host.",
+        ],
+        {"fade-role": "broker"},
+        {"public-key": public, "secret-key": secret},
+        mode=0o600,
+    )
+    return BrokerKeys(root, public, secret)
+
+
+def add_peer(
+    directory: str | os.PathLike[str],
+    role: str,
+    name: str,
+    out: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Create ``name``'s key file at ``out`` (default ``./NAME.key``) and authorise its key."""
+    if role not in ROLES:
+        raise SecurityError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not _NAME.fullmatch(name):
+        raise SecurityError(f"bad name {name!r}: use letters, digits, '_', '.', '@', '-'")
+    broker = load_broker_keys(directory)
+    for other in ROLES:
+        if _authorised_file(broker.directory, other, name).exists():
+            raise SecurityError(f"{name!r} is already a {other}; revoke it first or pick a name")
+    target = Path(out) if out is not None else Path(f"{name}.key")
+    public, secret = zmq.curve_keypair()
+    does = {
+        "client": "can submit tasks to the pool, that is, run any code on its workers.",
+        "worker": "can take tasks from the pool: it sees their code and data.",
+    }[role]
+    _write_key_file(
+        target,
+        [
+            f"fade key file of the {role} {name!r}. SECRET: whoever holds it",
+            does,
+            f"Keep it private. Revoke it with: fade-keys revoke {name} --dir DIR",
+        ],
+        {"fade-role": role, "fade-name": name},
+        {"public-key": public, "secret-key": secret, "broker-public-key": broker.public},
+        mode=0o600,
+        exclusive=True,
+    )
+    _write_key_file(
+        _authorised_file(broker.directory, role, name),
+        [f"fade: the {role} {name!r} is authorised while this file is here."],
+        {"fade-role": role, "fade-name": name},
+        {"public-key": public},
+        mode=0o644,
+    )
+    return target
+
+
+def revoke_peer(directory: str | os.PathLike[str], name: str) -> list[Path]:
+    """Remove ``name``'s authorisation; returns the files removed (none: unknown name)."""
+    root = Path(directory)
+    removed = []
+    for role in ROLES:
+        path = _authorised_file(root, role, name)
+        if _NAME.fullmatch(name) and path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def list_peers(directory: str | os.PathLike[str]) -> list[tuple[str, str, str]]:
+    """(role, name, public key) of every authorised key, sorted."""
+    out = []
+    for role in ROLES:
+        for path in sorted(Path(directory, f"{role}s").glob("*.key")):
+            try:
+                fields = _read_key_file(path)
+                out.append((role, path.stem, fields["public-key"].decode()))
+            except (OSError, KeyError, SecurityError) as exc:
+                out.append((role, path.stem, f"(unreadable: {exc})"))
+    return out
+
+
+def load_broker_keys(directory: str | os.PathLike[str]) -> BrokerKeys:
+    root = Path(directory)
+    path = root / _BROKER_SECRET
+    if not path.exists():
+        raise SecurityError(f"no broker key in {root}: create one with `fade-keys init {root}`")
+    fields = _read_key_file(path)
+    public, secret = _pair(fields, path)
+    for role in ROLES:
+        if not (root / f"{role}s").is_dir():
+            raise SecurityError(f"{root / (role + 's')} is missing: recreate the key folder")
+    return BrokerKeys(root, public, secret)
+
+
+def load_peer_keys(path: str | os.PathLike[str], role: str | None = None) -> PeerKeys:
+    """Read a client or worker key file; with ``role``, refuse one made for the other role."""
+    fields = _read_key_file(Path(path))
+    public, secret = _pair(fields, path)
+    file_role = fields.get("fade-role", b"").decode()
+    if file_role not in ROLES:
+        raise SecurityError(f"{path} is not a client or worker key file (role {file_role!r})")
+    if role is not None and file_role != role:
+        raise SecurityError(
+            f"{path} is a {file_role} key; a {role} needs a {role} key "
+            f"(fade-keys add {role} NAME --dir DIR)"
+        )
+    broker = _z85_key(fields, "broker-public-key", path)
+    return PeerKeys(
+        role=file_role,
+        name=fields.get("fade-name", b"?").decode(),
+        public=public,
+        secret=secret,
+        broker=broker,
+        path=os.path.abspath(path),
+    )
+
+
+def resolve_peer_keys(keys: KeySource | None, role: str) -> PeerKeys | None:
+    """The keys a client or worker uses: given, or from $FADE_KEYS, or none."""
+    if isinstance(keys, PeerKeys):
+        if keys.role != role:
+            raise SecurityError(f"these are {keys.role} keys; a {role} needs {role} keys")
+        return keys
+    if keys is None:
+        keys = os.environ.get(KEYS_ENV) or None
+        if keys is None:
+            return None
+    return load_peer_keys(keys, role)
+
+
+def _authorised_file(root: Path, role: str, name: str) -> Path:
+    return root / f"{role}s" / f"{name}.key"
+
+
+def _write_key_file(
+    path: Path,
+    comments: list[str],
+    metadata: dict[str, str],
+    curve: dict[str, bytes],
+    *,
+    mode: int,
+    exclusive: bool = False,
+) -> None:
+    """Write a ZeroMQ certificate-style file (pyzmq's ``load_certificate`` reads it too).
+
+    Readers never see a partial file: it is written under a temporary name and
+    renamed (or, with ``exclusive``, created only if no file has that name).
+    """
+    lines = [f"#   {line}" for line in comments]
+    lines.append(f"#   Created {datetime.datetime.now().isoformat(timespec='seconds')}")
+    lines += ["", "metadata"]
+    lines += [f'    {k} = "{v}"' for k, v in metadata.items()]
+    lines.append("curve")
+    lines += [f'    {k} = "{v.decode()}"' for k, v in curve.items()]
+    data = ("\n".join(lines) + "\n").encode()
+    if exclusive:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            raise SecurityError(f"{path} exists; remove it or choose another --out") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_key_file(path: Path) -> dict[str, bytes]:
+    """``name = "value"`` lines of a certificate file, whatever section they are in."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+    if len(raw) > 64 * 1024:
+        raise SecurityError(f"{path} is too large to be a key file")
+    fields: dict[str, bytes] = {}
+    for line in raw.splitlines():
+        line = line.strip()
+        if not line or line.startswith(b"#") or b"=" not in line:
+            continue
+        name, value = line.split(b"=", 1)
+        fields[name.strip().decode("ascii", "replace")] = value.strip(b" \t'\"")
+    return fields
+
+
+def _z85_key(fields: dict[str, bytes], name: str, path: object) -> bytes:
+    value = fields.get(name)
+    if value is None:
+        raise SecurityError(f"{path} has no {name}")
+    try:
+        if len(value) != 40 or len(z85.decode(value)) != 32:
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise SecurityError(f"{path}: {name} is not a 40-character Z85 key") from None
+    return value
+
+
+def _pair(fields: dict[str, bytes], path: object) -> tuple[bytes, bytes]:
+    public = _z85_key(fields, "public-key", path)
+    secret = _z85_key(fields, "secret-key", path)
+    if zmq.curve_public(secret) != public:
+        raise SecurityError(f"{path}: its public and secret keys do not belong together")
+    return public, secret
+
+
+# -- addresses ------------------------------------------------------------------------------
+
+
+def is_local_address(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
+    transport, sep, rest = address.partition("://")
+    if not sep:
+        return False
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp" or ":" not in rest:
+        return False
+    host = rest.rsplit(":", 1)[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: may face a network
+
+
+def check_address(address: str, keys: object, insecure: bool) -> None:
+    """Refuse to serve a network address without keys, unless told ``insecure``."""
+    if keys is None and not insecure and not is_local_address(address):
+        raise InsecureAddressError(
+            f"refusing to listen on {address} without keys: anyone who can reach it could "
+            "run any code on every worker. Create keys with `fade-keys init DIR` (then "
+            "`fade-keys add client NAME --dir DIR` and `fade-keys add worker NAME --dir DIR`) "
+            "and start with --keys DIR; or bind a loopback address; or pass --insecure on "
+            "a network where everyone is trusted."
+        )
+
+
+# -- the broker's side ------------------------------------------------------------------------
+
+
+class KeyRing:
+    """The authorised public keys in ``DIR/clients`` and ``DIR/workers``, kept current.
+
+    :meth:`refresh` costs two ``stat`` calls unless a folder changed; then the
+    folder is read again and the keys no longer there are remembered as revoked
+    until :meth:`take_revoked` collects them.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.peers: dict[str, Peer] = {}  # Z85 public key (the ZAP User-Id) -> peer
+        self._stamp: object = None
+        self._racy = True
+        self._revoked: list[Peer] = []
+        self._bad_files = RateLimitedLog(log)
+        self.refresh()
+
+    def lookup(self, key: str) -> Peer | None:
+        """The peer with this key; an unknown key triggers a (cheap) check for new files."""
+        peer = self.peers.get(key)
+        if peer is None:
+            self.refresh()
+            peer = self.peers.get(key)
+        return peer
+
+    def refresh(self) -> None:
+        stamp = tuple(self._folder_stamp(role) for role in ROLES)
+        if stamp == self._stamp and not self._racy:
+            return
+        # File times are wall-clock times, so this compares with the wall clock.
+        now = time.time()
+        self._racy = any(s is not None and now - s[0] / 1e9 < RACY_SECONDS for s in stamp)
+        self._stamp = stamp
+        peers = self._load()
+        gone = [peer for key, peer in self.peers.items() if peers.get(key) != peer]
+        added = len(set(peers) - set(self.peers))
+        if gone or added:
+            log.info(
+                "keys: %d clients and %d workers authorised (%d added, %d revoked)",
+                sum(1 for x in peers.values() if x.role == "client"),
+                sum(1 for x in peers.values() if x.role == "worker"),
+                added,
+                len(gone),
+            )
+        self._revoked += gone
+        self.peers = peers
+
+    def take_revoked(self) -> list[Peer]:
+        revoked, self._revoked = self._revoked, []
+        return revoked
+
+    def _folder_stamp(self, role: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.directory / f"{role}s")
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def _load(self) -> dict[str, Peer]:
+        peers: dict[str, Peer] = {}
+        clashes: set[str] = set()
+        for role in ROLES:
+            for path in self._key_files(role):
+                try:
+                    fields = _read_key_file(path)
+                    public = _z85_key(fields, "public-key", path)
+                except SecurityError as exc:
+                    self._bad_files.warning("ignoring %s: %s", path, exc)
+                    continue
+                key = public.decode()
+                if key in peers:
+                    clashes.add(key)
+                peers[key] = Peer(role, path.stem, key_tag(public))
+        for key in clashes:
+            # One key in two roles (or twice): trust neither rather than guess.
+            self._bad_files.warning("key of %r is authorised twice; refusing it", peers[key].name)
+            del peers[key]
+        return peers
+
+    def _key_files(self, role: str) -> Iterable[Path]:
+        try:
+            return sorted(Path(self.directory, f"{role}s").glob("*.key"))
+        except OSError:
+            return []
+
+
+class ZapHandler:
+    """Answers libzmq's ZAP requests (RFC 27) for the broker: only authorised keys get in.
+
+    The broker polls :attr:`socket` in its own loop and calls :meth:`handle`,
+    which never blocks. The User-Id it grants is the peer's Z85 public key, which
+    the :class:`Guard` looks up again for every message.
+    """
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], keyring: KeyRing) -> None:
+        self.keyring = keyring
+        self.socket: zmq.Socket[bytes] = context.socket(zmq.REP)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        try:
+            self.socket.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            raise SecurityError(
+                f"cannot start the authenticator ({exc}): another in this ZeroMQ context?"
+            ) from None
+        self._refused = RateLimitedLog(log)
+
+    def handle(self) -> None:
+        for _ in range(1000):
+            try:
+                request = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.socket.send_multipart(self._answer(request))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        request_id = request[1] if len(request) > 1 else b""
+        if len(request) < 6 or request[0] != b"1.0":
+            return _zap_reply(request_id, b"400", b"bad ZAP request")
+        domain, address, mechanism, credentials = request[2], request[3], request[5], request[6:]
+        if domain != ZAP_DOMAIN or mechanism != b"CURVE" or len(credentials) != 1:
+            return _zap_reply(request_id, b"400", b"CURVE keys required")
+        if len(credentials[0]) != 32:
+            return _zap_reply(request_id, b"400", b"bad CURVE key")
+        key = z85.encode(credentials[0]).decode()
+        peer = self.keyring.lookup(key)
+        if peer is None:
+            self._refused.warning(
+                "refused a connection from %s: its key %s is not authorised",
+                address.decode(errors="replace"),
+                key,
+            )
+            return _zap_reply(request_id, b"400", b"key not authorised")
+        log.debug("%s %r connected from %s", peer.role, peer.name, address.decode("ascii"))
+        return _zap_reply(request_id, b"200", b"OK", key.encode())
+
+
+def _zap_reply(request_id: bytes, status: bytes, text: bytes, user: bytes = b"") -> list[bytes]:
+    return [b"1.0", request_id, status, text, user, b""]
+
+
+class Refused(ProtocolError):
+    """A message the sender's key does not allow; ``revoked``: its key is no longer authorised."""
+
+    def __init__(self, reason: str, *, revoked: bool = False) -> None:
+        super().__init__(reason)
+        self.revoked = revoked
+
+
+class Guard:
+    """The per-message check of a broker with keys: who sent this, and may they?"""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.keyring = keyring
+
+    def check(self, first: zmq.Frame, identity: bytes, message: p.Message) -> Peer:
+        """The sender's peer record; raises :class:`Refused` if the message is not allowed."""
+        try:
+            user = first.get("User-Id")
+        except zmq.ZMQError:
+            raise Refused("this connection has no CURVE key") from None
+        peer = self.keyring.peers.get(str(user))
+        if peer is None:
+            raise Refused("this key is not authorised (it may have been revoked)", revoked=True)
+        if identity[1 : 1 + TAG_SIZE] != peer.tag:
+            raise Refused("this routing identity does not belong to this key")
+        command = message.command
+        if command not in PERMITTED[peer.role]:
+            raise Refused(f"a {peer.role} key may not send {command.name}")
+        if command is p.Command.HELLO:
+            said = p.decode_hello(message.body).role
+            if said != peer.role:
+                raise Refused(f"a {peer.role} key may not say HELLO as a {said}")
+        elif command is p.Command.OBITUARY:
+            dead, _ = p.decode_obituary(message.body)
+            if dead[1 : 1 + TAG_SIZE] != peer.tag:
+                raise Refused("a supervisor may only report deaths of workers with its own key")
+        return peer
+
+
+class ReplyLimiter:
+    """Answers to bad or unknown input (RESET, ERROR): one per peer per ``period``, and at
+    most ``limit`` peers per period, so a peer that sends junk and never reads cannot make
+    the broker queue replies without bound."""
+
+    def __init__(self, period: float, limit: int = 10_000) -> None:
+        self._period = period
+        self._limit = limit
+        self._recent: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+
+    def allow(self, identity: bytes) -> bool:
+        now = time.monotonic()
+        recent = self._recent
+        cutoff = now - self._period
+        while recent:
+            first, when = next(iter(recent.items()))
+            if when > cutoff:
+                break
+            del recent[first]
+        if identity in recent or len(recent) >= self._limit:
+            return False
+        recent[identity] = now
+        return True
+
+
+# -- the peers' side --------------------------------------------------------------------------
+
+
+class HandshakeWatch:
+    """Explains, in the log, why a peer's connection to the broker keeps failing.
+
+    Without it a client with a wrong or revoked key would wait in silence: the
+    broker refuses the handshake, and ZeroMQ just retries.
+    """
+
+    _EVENTS = (
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+
+    def __init__(self, sock: zmq.Socket[bytes], logger: logging.Logger, keys: PeerKeys | None):
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(self._EVENTS)
+        self._log = RateLimitedLog(logger, burst=3, period=30.0)
+        self._keys = keys
+
+    def check(self) -> None:
+        """Log what went wrong since the last call; never blocks."""
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2 and len(frames[0]) == 6:
+                event = int.from_bytes(frames[0][:2], "little")
+                value = int.from_bytes(frames[0][2:], "little")
+                self._log.warning("cannot connect to the broker: %s", self._explain(event, value))
+
+    def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+
+    def _explain(self, event: int, value: int) -> str:
+        keys = self._keys
+        who = f"{keys.role} key {keys.name!r} ({keys.path})" if keys else "no keys"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return f"it refused our {who}: not authorised there, or revoked (fade-keys add)"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                if keys is None:
+                    return f"it requires keys; pass keys= or --keys, or set {KEYS_ENV}"
+                return "it does not use keys, but we do"
+            return f"handshake protocol error {value:#x} with {who}"
+        # Which side gave up first is a race, so a mismatch can also end up here.
+        if keys is None:
+            return f"the handshake failed: it probably requires keys (keys=, --keys, {KEYS_ENV})"
+        return (
+            f"the encrypted handshake failed with {who}: the broker public key in the "
+            "key file may not be this broker's, or the broker does not use keys"
+        )

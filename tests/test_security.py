@@ -1,0 +1,746 @@
+"""Security: only authorised keys run code, roles hold, bad input harms nothing, safe defaults.
+
+Every refusal is shown against a positive control on the same pool (the same
+client script or socket with the right key succeeds), so a check that nothing
+ran cannot pass merely because nothing could have run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tasks
+import zmq
+import zmq.auth
+from conftest import (
+    EXPIRY,
+    INTERVAL,
+    LIVENESS,
+    Keys,
+    Pool,
+    free_port,
+    kill_tree,
+    make_keys,
+    wait_for,
+)
+
+import fade
+from fade import protocol as p
+from fade import security
+from fade import serialization as ser
+from fade.broker import Broker
+from fade.sockets import connect_dealer, parse_size
+
+pytestmark = pytest.mark.timeout(90)
+
+#: Long enough for several reconnection attempts (a client retries every expiry).
+REFUSAL_WINDOW = max(3.0, 5 * EXPIRY)
+
+# A client in its own process: one task per stdin line "TAG SECONDS"; prints each outcome.
+CLIENT = textwrap.dedent(
+    """
+    import logging, sys
+    import fade, tasks
+    logging.basicConfig(level=logging.WARNING)
+    address, keys, marker, interval = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
+    ex = fade.Executor(address, keys=keys, heartbeat_interval=float(interval))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        tag, seconds = line.split()
+        future = ex.submit(tasks.record_then_sleep, marker, tag, float(seconds))
+        future.add_done_callback(
+            lambda f, tag=tag: print("result", tag, repr(f.exception() or f.result()), flush=True)
+        )
+    """
+)
+
+
+class ClientProcess:
+    """The CLIENT script, fed tasks through stdin; its output lines are collected by a thread."""
+
+    def __init__(self, address: str, keys: Path | None, marker: Path, log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, address, str(keys or ""), str(marker), str(INTERVAL)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.next_line(30) == "ready"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def submit(self, tag: str, seconds: float = 0.0) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{tag} {seconds}\n")
+        self.proc.stdin.flush()
+
+    def next_line(self, timeout: float) -> str | None:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def lines_within(self, seconds: float) -> list[str]:
+        deadline = time.monotonic() + seconds
+        out = []
+        while (left := deadline - time.monotonic()) > 0:
+            line = self.next_line(left)
+            if line is not None:
+                out.append(line)
+        return out
+
+    def close(self) -> None:
+        kill_tree(self.proc.pid)
+        self.proc.wait()
+        self._log_file.close()
+
+
+def _ran(marker: Path) -> list[str]:
+    return [line.split()[0] for line in marker.read_text().splitlines()] if marker.exists() else []
+
+
+@dataclass
+class SecurePool:
+    pool: Pool
+    keys: Keys
+    broker_log: Path
+
+    def log_text(self) -> str:
+        return self.broker_log.read_text(errors="replace")
+
+
+@pytest.fixture
+def secure(pool: Pool, curve_keys: Keys, tmp_path: Path) -> Iterator[SecurePool]:
+    """A broker with keys (its log kept) and two authorised worker processes."""
+    log = tmp_path / "broker.log"
+    with log.open("wb") as f:
+        pool.start_broker("--keys", str(curve_keys.dir), stderr=f.fileno())
+    pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+    pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+    pool.wait_workers(2)
+    yield SecurePool(pool, curve_keys, log)
+
+
+class Sockets:
+    """Raw DEALER sockets for a test, every one tracked and closed at the end."""
+
+    def __init__(self) -> None:
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._made: list[zmq.Socket[bytes]] = []
+
+    def dealer(self, address: str) -> zmq.Socket[bytes]:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        self._made.append(sock)
+        return sock
+
+    def peer(
+        self,
+        address: str,
+        key_file: Path,
+        prefix: bytes = b"W",
+        identity: bytes | None = None,
+    ) -> zmq.Socket[bytes]:
+        """A DEALER holding the keys of ``key_file``, as fade's peers make them."""
+        keys = security.load_peer_keys(key_file)
+        identity = identity or security.peer_identity(prefix, keys)
+        sock = connect_dealer(self.context, address, identity=identity, keys=keys)
+        self._made.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self._made:
+            sock.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def sockets() -> Iterator[Sockets]:
+    made = Sockets()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _run_authorised_client(secure: SecurePool, marker: Path, tmp_path: Path, tag: str) -> None:
+    """The positive control: the same script with an authorised key runs its task."""
+    client = ClientProcess(secure.pool.address, secure.keys.client, marker, tmp_path / "ok.log")
+    try:
+        client.submit(tag)
+        line = client.next_line(30)
+        assert line == f"result {tag} {tag!r}", line
+    finally:
+        client.close()
+
+
+# -- clients without the right keys --------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["no keys", "another pool's key", "a revoked key"])
+def test_unauthorised_client_runs_nothing_and_learns_nothing(
+    secure: SecurePool, tmp_path: Path, who: str
+) -> None:
+    marker = tmp_path / "ran.txt"
+    if who == "no keys":
+        keys, hint = None, "it requires keys"
+    elif who == "another pool's key":
+        keys = make_keys(tmp_path / "other").client
+        hint = "encrypted handshake failed"
+    else:
+        keys = security.add_peer(secure.keys.dir, "client", "mallory", tmp_path / "mallory.key")
+        assert security.revoke_peer(secure.keys.dir, "mallory")
+        hint = "refused our client key 'mallory'"
+    client = ClientProcess(secure.pool.address, keys, marker, tmp_path / "client.log")
+    try:
+        client.submit("intruder")
+        assert client.lines_within(REFUSAL_WINDOW) == []
+        assert _ran(marker) == []
+        assert client.proc.poll() is None
+    finally:
+        client.close()
+    assert hint in (tmp_path / "client.log").read_text(), "the client should say why"
+    _run_authorised_client(secure, marker, tmp_path, "control")
+    assert _ran(marker) == ["control"]
+
+
+def test_revoked_client_is_cut_off_while_connected(secure: SecurePool, tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+    bob = security.add_peer(secure.keys.dir, "client", "bob", tmp_path / "bob.key")
+    client = ClientProcess(secure.pool.address, bob, marker, tmp_path / "client.log")
+    try:
+        client.submit("before")
+        assert client.next_line(30) == "result before 'before'"
+        client.submit("running", 2.0)
+        wait_for(lambda: "running" in _ran(marker), 30, "the long task to start")
+        security.revoke_peer(secure.keys.dir, "bob")
+        wait_for(lambda: "key 'bob' revoked" in secure.log_text(), 10, "the broker to drop bob")
+        client.submit("after")
+        # Neither the task that was running at revocation nor a new one reports back.
+        assert client.lines_within(REFUSAL_WINDOW) == []
+        assert _ran(marker) == ["before", "running"]
+    finally:
+        client.close()
+    _run_authorised_client(secure, marker, tmp_path, "control")
+
+
+def test_key_added_while_running_is_accepted(secure: SecurePool, tmp_path: Path) -> None:
+    carol = security.add_peer(secure.keys.dir, "client", "carol", tmp_path / "carol.key")
+    with fade.Executor(secure.pool.address, keys=carol, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 2, 3).result(timeout=30) == 5
+
+
+def test_environment_variable_carries_the_key(
+    secure: SecurePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(security.KEYS_ENV, str(secure.keys.client))
+    with fade.Executor(secure.pool.address, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
+def test_rogue_broker_cannot_talk_to_a_client(pool: Pool, tmp_path: Path) -> None:
+    """A broker without the secret key the client expects gets no task and sends no result."""
+    ours, rogue = make_keys(tmp_path / "ours"), make_keys(tmp_path / "rogue")
+    pool.start_broker("--keys", str(rogue.dir))
+    pool.start_worker(1, None, "--keys", str(rogue.worker))
+    pool.wait_workers(1)
+    marker = tmp_path / "ran.txt"
+    client = ClientProcess(pool.address, ours.client, marker, tmp_path / "client.log")
+    try:
+        client.submit("victim")
+        assert client.lines_within(REFUSAL_WINDOW) == []
+        assert _ran(marker) == []
+    finally:
+        client.close()
+    control = ClientProcess(pool.address, rogue.client, marker, tmp_path / "control.log")
+    try:
+        control.submit("control")
+        assert control.next_line(30) == "result control 'control'"
+    finally:
+        control.close()
+
+
+# -- workers without the right keys ----------------------------------------------------------
+
+
+def test_worker_without_authorised_keys_never_receives_a_task(
+    pool: Pool, curve_keys: Keys, tmp_path: Path
+) -> None:
+    pool.start_broker("--keys", str(curve_keys.dir))
+    pool.start_worker(1)
+    pool.start_worker(1, None, "--keys", str(make_keys(tmp_path / "other").worker))
+    pool.wait_workers(2)
+    marker = tmp_path / "ran.txt"
+    with fade.Executor(pool.address, keys=curve_keys.client, heartbeat_interval=INTERVAL) as ex:
+        future = ex.submit(tasks.record, str(marker), "x")
+        time.sleep(REFUSAL_WINDOW)
+        assert not future.done()
+        assert _ran(marker) == []
+        pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+        assert future.result(timeout=30) == "x"
+    assert _ran(marker) == ["x"]
+
+
+# -- roles: raw sockets that hold a real key but ask for the wrong thing -------------------
+
+
+def _receive(sock: zmq.Socket[bytes], timeout: float) -> list[p.Message]:
+    """Every message that arrives within ``timeout`` seconds, heartbeats left out."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000)):
+            message = p.parse(sock.recv_multipart())
+            if message.command is not p.Command.HEARTBEAT:
+                out.append(message)
+    return out
+
+
+def _error_reason(sock: zmq.Socket[bytes], timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000)):
+            break
+        message = p.parse(sock.recv_multipart())
+        if message.command is p.Command.ERROR:
+            return p.decode_error(message.body)
+    raise AssertionError("no ERROR from the broker")
+
+
+def _submit_frames(marker: Path, tag: str) -> list[p.Frame]:
+    payload = ser.dumps_call(tasks.record, (str(marker), tag), {})
+    return p.encode_submit([(p.SubmitRecord(1, 0, 0.0), payload)])
+
+
+def _hello(role: str) -> list[p.Frame]:
+    return p.encode_hello(role, {"host": "test", "pid": os.getpid(), "credits": 8})
+
+
+def test_worker_key_cannot_submit(secure: SecurePool, sockets: Sockets, tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+    address, worker_key = secure.pool.address, secure.keys.worker
+    as_client = sockets.peer(address, worker_key, b"C")
+    as_client.send_multipart(_hello("client"))
+    assert _error_reason(as_client) == "a worker key may not say HELLO as a client"
+    submitter = sockets.peer(address, worker_key, b"C")
+    submitter.send_multipart(_submit_frames(marker, "from-a-worker-key"))
+    assert _error_reason(submitter) == "a worker key may not send SUBMIT"
+    # Control: the same SUBMIT, after HELLO, on a client key, runs.
+    client = sockets.peer(address, secure.keys.client, b"C")
+    client.send_multipart(_hello("client"))
+    client.send_multipart(_submit_frames(marker, "from-a-client-key"))
+    wait_for(lambda: _ran(marker), 30, "the control task to run")
+    time.sleep(REFUSAL_WINDOW / 2)
+    assert _ran(marker) == ["from-a-client-key"]
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        (_hello("worker"), "a client key may not say HELLO as a worker"),
+        (p.encode_ready(8), "a client key may not send READY"),
+        (p.encode_done(8, []), "a client key may not send DONE"),
+        (p.encode(p.Command.DRAIN), "a client key may not send DRAIN"),
+        (p.encode_obituary(b"W" * 16, {"exitcode": 1}), "a client key may not send OBITUARY"),
+    ],
+)
+def test_client_key_cannot_act_as_a_worker(
+    pool: Pool,
+    curve_keys: Keys,
+    sockets: Sockets,
+    tmp_path: Path,
+    frames: list[p.Frame],
+    reason: str,
+) -> None:
+    pool.start_broker("--keys", str(curve_keys.dir))  # and no worker at all
+    fake = sockets.peer(pool.address, curve_keys.client, b"W")
+    fake.send_multipart(frames)
+    assert _error_reason(fake) == reason
+    marker = tmp_path / "ran.txt"
+    with fade.Executor(pool.address, keys=curve_keys.client, heartbeat_interval=INTERVAL) as ex:
+        future = ex.submit(tasks.record, str(marker), "x")
+        fake.send_multipart(p.encode_ready(8))  # as if it had been registered
+        got = _receive(fake, REFUSAL_WINDOW)
+        assert p.Command.TASK not in [m.command for m in got]
+        assert not future.done()
+        pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+        assert future.result(timeout=30) == "x"
+
+
+def test_identity_must_belong_to_the_key(secure: SecurePool, sockets: Sockets) -> None:
+    """One key holder cannot act under the routing identity of another key's peer."""
+    foreign = sockets.peer(secure.pool.address, secure.keys.client, identity=b"C" + os.urandom(15))
+    foreign.send_multipart(_hello("client"))
+    assert _error_reason(foreign) == "this routing identity does not belong to this key"
+    # A supervisor may report the death of its own workers only.
+    supervisor = sockets.peer(secure.pool.address, secure.keys.worker, b"S")
+    other = security.peer_identity(b"W", None)
+    supervisor.send_multipart(p.encode_obituary(other, {"exitcode": 1}))
+    assert "only report deaths of workers with its own key" in _error_reason(supervisor)
+
+
+def test_broker_restart_with_keys_reconnects_everyone(secure: SecurePool) -> None:
+    address = secure.pool.address
+    with fade.Executor(address, keys=secure.keys.client, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        secure.pool.kill_broker()
+        future = ex.submit(tasks.add, 3, 4)
+        secure.pool.start_broker("--keys", str(secure.keys.dir))
+        assert future.result(timeout=30) == 7
+
+
+# -- safe defaults -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "*", "[::]", "10.213.79.1", "eth0", "head.example.invalid"]
+)
+def test_broker_refuses_a_network_address_without_keys(host: str) -> None:
+    address = f"tcp://{host}:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "fade.broker", address],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "fade-keys init DIR" in result.stderr and "--insecure" in result.stderr
+    assert "listening" not in result.stderr  # it never got as far as binding
+
+
+def test_refusal_comes_before_any_socket_exists() -> None:
+    with pytest.raises(fade.InsecureAddressError, match="fade-keys init"):
+        Broker(f"tcp://0.0.0.0:{free_port()}")
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.8.9.10:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://localhost:5555", True),
+        ("ipc:///tmp/fade.sock", True),
+        ("inproc://fade", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://[::]:5555", False),
+        ("tcp://192.168.1.2:5555", False),
+        ("tcp://lo:5555", False),  # an interface name: not taken on trust
+        ("tcp://localhost.example.com:5555", False),
+        ("ws://127.0.0.1:5555", False),
+        ("127.0.0.1:5555", False),
+    ],
+)
+def test_what_counts_as_local(address: str, local: bool) -> None:
+    assert security.is_local_address(address) is local
+
+
+@dataclass
+class Namespace:
+    name: str
+    host_if: str
+    host_ip: str
+    ns_ip: str
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespace]:
+    """A network namespace joined to this host by a veth pair with addresses only here."""
+    tag = uuid.uuid4().hex[:6]
+    ns = Namespace(f"fadesec-{tag}", f"fs{tag}", "10.213.79.1", "10.213.79.2")
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=10)
+
+    try:
+        run("ip", "netns", "add", ns.name)
+        run("ip", "link", "add", ns.host_if, "type", "veth", "peer", "name", f"fn{tag}")
+        run("ip", "link", "set", f"fn{tag}", "netns", ns.name)
+        run("ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
+        run("ip", "link", "set", ns.host_if, "up")
+        run(
+            "ip", "netns", "exec", ns.name, "ip", "addr", "add", f"{ns.ns_ip}/30", "dev", f"fn{tag}"
+        )
+        run("ip", "netns", "exec", ns.name, "ip", "link", "set", f"fn{tag}", "up")
+        run("ip", "netns", "exec", ns.name, "ip", "link", "set", "lo", "up")
+    except (OSError, subprocess.SubprocessError) as exc:
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
+        pytest.skip(f"cannot create a network namespace here (needs root and iproute2): {exc}")
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
+
+
+def test_insecure_serves_a_network_address_and_keeps_warning(
+    netns: Namespace, pool: Pool, tmp_path: Path
+) -> None:
+    """``--insecure`` on every address of a namespace of our own: it serves, and it nags."""
+    port = free_port()
+    log = tmp_path / "broker.log"
+    with log.open("wb") as f:
+        pool.broker = subprocess.Popen(
+            [
+                "ip", "netns", "exec", netns.name,
+                sys.executable, "-m", "fade.broker", f"tcp://0.0.0.0:{port}", "--insecure",
+                "--heartbeat-interval", str(INTERVAL), "--insecure-warning-period", "0.5",
+            ],
+            stderr=f,
+        )  # fmt: skip
+    pool.port = port
+    address = f"tcp://{netns.ns_ip}:{port}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fade.worker", address, "--heartbeat-interval", str(INTERVAL)]
+    )
+    pool.workers.append(worker)
+    with fade.Executor(address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS) as ex:
+        assert ex.submit(tasks.add, 20, 22).result(timeout=30) == 42
+    wait_for(lambda: log.read_text().count("INSECURE") >= 3, 10, "the warning to repeat")
+    first = next(line for line in log.read_text().splitlines() if "INSECURE" in line)
+    assert "WARNING" in first and "fade-keys init" in first
+
+
+# -- the key tool ----------------------------------------------------------------------------
+
+
+def _keys_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fade.keys", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_fade_keys_command_line(tmp_path: Path) -> None:
+    assert _keys_cli("init", "pool", cwd=tmp_path).returncode == 0
+    assert _keys_cli("init", "pool", cwd=tmp_path).returncode == 2  # never overwrites
+    added = _keys_cli("add", "client", "alice", "--dir", "pool", cwd=tmp_path)
+    assert added.returncode == 0 and 'keys="alice.key"' in added.stdout
+    assert _keys_cli("add", "worker", "rack1", "--dir", "pool", cwd=tmp_path).returncode == 0
+    taken = _keys_cli("add", "worker", "alice", "--dir", "pool", cwd=tmp_path)
+    assert taken.returncode == 2 and "already a client" in taken.stderr
+    bad = _keys_cli("add", "client", "../x", "--dir", "pool", cwd=tmp_path)
+    assert bad.returncode == 2 and "bad name" in bad.stderr
+    # Secret files are private; the public folder is what the broker reads.
+    for secret in ("alice.key", "rack1.key", "pool/broker.key_secret"):
+        assert stat.S_IMODE((tmp_path / secret).stat().st_mode) == 0o600, secret
+    alice = security.load_peer_keys(tmp_path / "alice.key", "client")
+    broker = security.load_broker_keys(tmp_path / "pool")
+    assert alice.broker == broker.public and alice.role == "client" and alice.name == "alice"
+    with pytest.raises(fade.SecurityError, match="is a client key; a worker needs"):
+        security.load_peer_keys(tmp_path / "alice.key", "worker")
+    # pyzmq reads the same files.
+    assert zmq.auth.load_certificate(tmp_path / "alice.key") == (alice.public, alice.secret)
+    listing = _keys_cli("list", "--dir", "pool", cwd=tmp_path).stdout
+    assert re.search(r"client\s+alice\s+", listing) and re.search(r"worker\s+rack1\s+", listing)
+    assert _keys_cli("revoke", "alice", "--dir", "pool", cwd=tmp_path).returncode == 0
+    assert _keys_cli("revoke", "alice", "--dir", "pool", cwd=tmp_path).returncode == 1
+    assert "alice" not in _keys_cli("list", "--dir", "pool", cwd=tmp_path).stdout
+    missing = _keys_cli("add", "client", "bob", "--dir", "nowhere", cwd=tmp_path)
+    assert missing.returncode == 2 and "fade-keys init nowhere" in missing.stderr
+
+
+def test_damaged_key_files_are_refused_clearly(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    text = keys.client.read_text()
+    swapped = tmp_path / "swapped.key"
+    other = security.load_peer_keys(make_keys(tmp_path / "b").client)
+    swapped.write_text(text.replace(security.load_peer_keys(keys.client).public.decode(), "short"))
+    with pytest.raises(fade.SecurityError, match="not a 40-character Z85 key"):
+        security.load_peer_keys(swapped)
+    swapped.write_text(
+        text.replace(security.load_peer_keys(keys.client).public.decode(), other.public.decode())
+    )
+    with pytest.raises(fade.SecurityError, match="do not belong together"):
+        security.load_peer_keys(swapped)
+    with pytest.raises(fade.SecurityError, match="cannot read key file"):
+        security.load_peer_keys(tmp_path / "absent.key")
+    worker_cli = subprocess.run(
+        [sys.executable, "-m", "fade.worker", "tcp://127.0.0.1:1", "--keys", str(keys.client)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert worker_cli.returncode == 2 and "is a client key" in worker_cli.stderr
+    with pytest.raises(fade.SecurityError, match="is a worker key"):
+        fade.Executor("tcp://127.0.0.1:1", keys=keys.worker)
+    with pytest.raises(ValueError, match="embedded pool needs none"):
+        fade.Executor(keys=keys.client)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_unknown_commands_and_versions_get_a_clear_rate_limited_answer(
+    pool: Pool, sockets: Sockets, tmp_path: Path
+) -> None:
+    log = tmp_path / "broker.log"
+    with log.open("wb") as f:
+        pool.start_broker(stderr=f.fileno())
+    pool.start_worker(1)
+    probe = sockets.dealer(pool.address)
+    probe.send_multipart([b"fd\x01\x63", b"body"])
+    assert _error_reason(probe) == "unknown command 99"
+    time.sleep(INTERVAL * 1.5)  # one answer per peer per heartbeat interval
+    probe.send_multipart([b"fd\x07\x01", b"{}"])
+    assert _error_reason(probe) == "protocol version 7 is not 1"
+    stranger = sockets.dealer(pool.address)
+    stranger.send_multipart([b"GET / HTTP/1.1", b""])
+    assert _receive(stranger, 1.0) == []  # not fade: dropped without an answer
+    # A flood: answers and log lines are both rate-limited.
+    flood = sockets.dealer(pool.address)
+    for _ in range(5000):
+        flood.send_multipart([b"fd\x01\x63"])
+    answers = _receive(flood, 2.0)
+    assert 1 <= len(answers) <= 2.0 / INTERVAL + 2
+    assert all(m.command is p.Command.ERROR for m in answers)
+    assert pool.broker is not None and pool.broker.poll() is None
+    logged = log.read_text().count("dropped a message")
+    assert logged <= 20, f"{logged} log lines for ~5000 bad messages"
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
+def test_oversized_messages_harm_nothing(pool: Pool, sockets: Sockets, tmp_path: Path) -> None:
+    pool.start_broker("--max-message-size", "1M")
+    pool.start_worker(1)
+    pool.wait_workers(1)
+    big = b"x" * (2 << 20)
+    # A peer that sends a frame over the limit is disconnected; the broker carries on.
+    for _ in range(3):
+        rogue = sockets.dealer(pool.address)
+        rogue.send_multipart([*p.encode_hello("client", {}), big])
+        rogue.send_multipart([big, big])
+    time.sleep(0.5)
+    assert pool.broker is not None and pool.broker.poll() is None
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        # Too large for the broker: the client fails the task instead of being disconnected.
+        with pytest.raises(fade.MessageTooLargeError, match="broker accepts at most 1048576"):
+            ex.submit(tasks.identity, big).result(timeout=30)
+        # A result too large for the broker is reported by the worker.
+        with pytest.raises(fade.MessageTooLargeError, match="limit on its way back"):
+            ex.submit(tasks.bytes_of_size, 2 << 20).result(timeout=30)
+        fits = b"y" * (512 << 10)
+        assert ex.submit(tasks.identity, fits).result(timeout=30) == fits
+    small = fade.Executor(pool.address, max_message_size=1 << 20)
+    try:
+        with pytest.raises(fade.MessageTooLargeError, match="more than max_message_size"):
+            small.submit(tasks.identity, big)
+    finally:
+        small.shutdown()
+
+
+def test_parse_size() -> None:
+    assert parse_size("1048576") == 1 << 20
+    assert parse_size("64M") == 64 << 20
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("512k") == 512 << 10
+    for bad in ("", "0", "1.5G", "-1", "12Q"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+# -- the rules as data (no sockets) --------------------------------------------------------
+
+
+class _Sent:
+    """Stands in for a received zmq.Frame: only its ZAP User-Id is read."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    def get(self, name: str) -> str:
+        assert name == "User-Id"
+        return self.user
+
+
+def _guard(tmp_path: Path) -> tuple[security.Guard, security.PeerKeys, security.PeerKeys]:
+    keys = make_keys(tmp_path)
+    guard = security.Guard(security.KeyRing(keys.dir))
+    return guard, security.load_peer_keys(keys.client), security.load_peer_keys(keys.worker)
+
+
+def test_role_table() -> None:
+    client, worker = security.PERMITTED["client"], security.PERMITTED["worker"]
+    assert p.Command.SUBMIT in client and p.Command.SUBMIT not in worker
+    for command in (p.Command.READY, p.Command.DONE, p.Command.DRAIN, p.Command.OBITUARY):
+        assert command in worker and command not in client
+    # Nothing the broker itself sends is accepted from anyone.
+    for command in (p.Command.TASK, p.Command.RESULT, p.Command.WELCOME, p.Command.ERROR):
+        assert command not in client | worker
+
+
+def test_guard_checks_key_identity_role_and_obituaries(tmp_path: Path) -> None:
+    guard, client, worker = _guard(tmp_path)
+
+    def check(keys: security.PeerKeys, identity: bytes, frames: list[p.Frame]) -> str:
+        try:
+            first = _Sent(keys.public.decode())
+            guard.check(first, identity, p.parse(frames))  # type: ignore[arg-type]
+        except security.Refused as exc:
+            return str(exc)
+        return "ok"
+
+    c_id, w_id = security.peer_identity(b"C", client), security.peer_identity(b"W", worker)
+    assert check(client, c_id, _hello("client")) == "ok"
+    assert check(worker, w_id, _hello("worker")) == "ok"
+    assert check(client, c_id, p.encode_ready(1)) == "a client key may not send READY"
+    assert check(worker, w_id, _hello("client")) == "a worker key may not say HELLO as a client"
+    assert check(client, w_id, _hello("client")).startswith("this routing identity")
+    dead_ours, dead_other = security.peer_identity(b"W", worker), security.peer_identity(b"W", None)
+    assert check(worker, w_id, p.encode_obituary(dead_ours, {})) == "ok"
+    assert "its own key" in check(worker, w_id, p.encode_obituary(dead_other, {}))
+    security.revoke_peer(tmp_path / "pool", "tester")
+    guard.keyring.refresh()
+    assert [peer.name for peer in guard.keyring.take_revoked()] == ["tester"]
+    assert check(client, c_id, _hello("client")).startswith("this key is not authorised")
+
+
+def test_reply_limiter_allows_one_answer_per_peer_per_period() -> None:
+    limiter = security.ReplyLimiter(period=0.2, limit=3)
+    assert limiter.allow(b"a") and not limiter.allow(b"a")
+    assert limiter.allow(b"b") and limiter.allow(b"c")
+    assert not limiter.allow(b"d")  # at most ``limit`` peers per period
+    time.sleep(0.25)
+    assert limiter.allow(b"a") and limiter.allow(b"d")
+
+
+def test_error_and_welcome_on_the_wire() -> None:
+    message = p.parse(p.encode_error("x" * 1000))
+    assert message.command is p.Command.ERROR
+    assert p.decode_error(message.body) == "x" * p.MAX_ERROR_TEXT
+    welcome = p.Welcome("b", 1.0, 3, 4, 1 << 20)
+    assert p.decode_welcome(p.parse(p.encode_welcome(welcome)).body) == welcome
+    old = p.parse([p.encode_welcome(welcome)[0], b'{"broker_id":"b","heartbeat_interval":1,'
+                   b'"heartbeat_liveness":3,"capacity":4}'])  # fmt: skip
+    assert p.decode_welcome(old.body).max_message_size == 0
+    assert p.speaks_fade(b"fd\x09\x01") and not p.speaks_fade(b"GET ")
+    with pytest.raises(fade.ProtocolError, match="unknown command 99"):
+        p.parse([b"fd\x01\x63"])
