@@ -306,6 +306,7 @@ class _WorkerIO:
         self._credits = 0  # credits the broker believes we have unused
         self._draining = False
         self._drain_acked = False
+        self._drain_started = 0.0
         self._stopped = False
         self._bad_input = RateLimitedLog(log)
 
@@ -345,6 +346,11 @@ class _WorkerIO:
             self._connect()
         elif now - self._told >= self.w.interval:
             self._send(p.encode(p.Command.HEARTBEAT))
+        if self._draining and not self._drain_acked and now - self._drain_started > self._expiry:
+            # No answer from the broker: it is away. Leave anyway; whatever it still
+            # thinks we hold is re-queued when it hears our DISCONNECT or expires us.
+            log.warning("no answer to DRAIN for %.1fs; leaving anyway", now - self._drain_started)
+            self._drain_acked = True
         if self._draining and self._drain_acked and self.w.held() == 0 and not self.w._outbox:
             self._send(p.encode(p.Command.DISCONNECT))
             self._stopped = True
@@ -482,6 +488,7 @@ class _WorkerIO:
     def _start_drain(self) -> None:
         log.info("draining: handing back unstarted tasks, finishing the running one")
         self._draining = True
+        self._drain_started = time.monotonic()
         self._outbox_returned(self.w._inbox.take_all())
         self._send(p.encode(p.Command.DRAIN))
 
