@@ -10,8 +10,9 @@ ZeroMQ brokered workpool::
         fut = ex.submit(pow, 2, 10)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fade._version import __version__
-from fade.client import Executor
 from fade.errors import (
     BrokenPoolError,
     BrokerUnreachableError,
@@ -30,7 +31,30 @@ from fade.errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
-from fade.progress import as_completed
+from fade.shipping import install_import_hook
+
+if TYPE_CHECKING:
+    from fade.client import Executor
+    from fade.progress import as_completed
+
+# Record the source of local modules imported from now on, so that what the
+# workers run is what this process runs (see fade/shipping.py).
+install_import_hook()
+
+
+def __getattr__(name: str) -> Any:
+    # The client is imported on first use: worker and broker processes, which
+    # import this package too, start faster without it.
+    if name == "Executor":
+        from fade.client import Executor
+
+        return Executor
+    if name == "as_completed":
+        from fade.progress import as_completed
+
+        return as_completed
+    raise AttributeError(f"module 'fade' has no attribute {name!r}")
+
 
 __all__ = [
     "BrokenPoolError",

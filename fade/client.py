@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import concurrent.futures as cf
@@ -42,9 +41,12 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
+
+if TYPE_CHECKING:
+    import asyncio
 
 from fade import protocol as p
 from fade import security
@@ -604,6 +606,8 @@ class Executor(cf.Executor):
         Cancelling it cancels the task if it has not left this process yet. Call it
         from a coroutine (it raises RuntimeError when no event loop is running).
         """
+        import asyncio  # here, not at the top: worker processes never need it
+
         loop = asyncio.get_running_loop()
         return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
 

@@ -1,13 +1,16 @@
-"""The embedded pool behind ``fade.Executor()``: a broker and a supervisor of N workers.
+"""The embedded pool behind ``fade.Executor()``: a broker and N workers, supervised here.
 
 ::
 
     this process --spawn--> fade.broker  ipc://<tmpdir>/broker --parent-pid <us>
-                 --spawn--> fade.worker  ipc://<tmpdir>/broker --processes N --parent-pid <us>
+       |         --spawn--> fade.worker  ipc://<tmpdir>/broker --child --parent-pid <us>  (x N)
+       +-- thread "fade-embedded-supervisor": a fade.supervisor.Supervisor that replaces
+           dead workers and reports them to the broker, as ``fade-worker --processes N``
 
-Both children are in their own session (a terminal's Ctrl-C is ours to handle)
-and watch our pid: if this process dies, even by SIGKILL, they exit within a
-heartbeat interval, and the supervisor takes its workers with it.
+The workers are this process's own children (no supervisor process between):
+one Python start-up less before the first result. Every child is in its own
+session (a terminal's Ctrl-C is ours to handle) and watches our pid: if this
+process dies, even by SIGKILL, they exit within a heartbeat interval.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from fade.security import KEYS_ENV
@@ -47,43 +51,60 @@ class EmbeddedPool:
             "--log-level",
             os.environ.get("FADE_LOG_LEVEL", "WARNING"),
         ]
-        self._broker = self._spawn("fade.broker", [self.address, *timing])
-        self._workers = self._spawn(
-            "fade.worker", [self.address, "--processes", str(max_workers), *timing]
-        )
-        self._stopping = False
-
-    @staticmethod
-    def _spawn(module: str, args: list[str]) -> subprocess.Popen[bytes]:
         # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
         env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+        self._broker = subprocess.Popen(
+            [sys.executable, "-m", "fade.broker", self.address, *timing],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             env=env,
         )
+        from fade.supervisor import Supervisor
+        from fade.worker import parse_args
+
+        worker_args = parse_args([self.address, "--processes", str(max_workers), *timing])
+        self._supervisor = Supervisor(worker_args, env=env)
+        self._supervisor.start()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._supervise, name="fade-embedded-supervisor", daemon=True
+        )
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        """Replace dead workers until told to stop; then drain them, within a deadline."""
+        supervisor = self._supervisor
+        try:
+            while not self._stopping.wait(0.05):
+                supervisor.tick()
+            supervisor.stop()
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while supervisor.tick() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            supervisor.close()
 
     def problem(self) -> str | None:
         """Why the pool cannot work, if one of its processes has died; None if it is fine."""
-        if self._stopping:
+        if self._stopping.is_set():
             return None
-        for name, process in (("broker", self._broker), ("worker supervisor", self._workers)):
-            status = process.poll()
-            if status is not None:
-                return f"the embedded {name} (pid {process.pid}) exited with status {status}"
+        status = self._broker.poll()
+        if status is not None:
+            return f"the embedded broker (pid {self._broker.pid}) exited with status {status}"
+        if not self._thread.is_alive():
+            return "the embedded pool's supervisor thread has stopped"
         return None
 
     def stop(self) -> None:
         """Drain the workers, stop the broker, and wait for both (killing after a deadline)."""
-        self._stopping = True
-        for process in (self._workers, self._broker):
-            _end(process)
+        self._stopping.set()
+        self._thread.join()
+        _end(self._broker)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
     def pids(self) -> list[int]:
-        return [self._broker.pid, self._workers.pid]
+        return [self._broker.pid, *self._supervisor.pids]
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:

@@ -43,7 +43,13 @@ from typing import Any
 
 from fade.errors import CodeShippingError
 
-__all__ = ["DEFAULT_MAX_BYTES", "LocalCode", "Manifest", "install_import_hook"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "LocalCode",
+    "Manifest",
+    "install_import_hook",
+    "uninstall_import_hook",
+]
 
 #: The most code and data one client ships, unless told otherwise.
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -125,6 +131,12 @@ class _SourceRecorder(importlib.abc.MetaPathFinder):
 
 
 _recorder = _SourceRecorder()
+
+
+def uninstall_import_hook() -> None:
+    """Stop recording (worker processes, which only import code that was shipped)."""
+    while _recorder in sys.meta_path:
+        sys.meta_path.remove(_recorder)
 
 
 def install_import_hook() -> None:

@@ -53,9 +53,15 @@ class _Child:
 class Supervisor:
     """Run ``args.processes`` worker processes and replace those that die."""
 
-    def __init__(self, args: argparse.Namespace, keys: security.PeerKeys | None = None) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        keys: security.PeerKeys | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.args = args
         self.keys = keys
+        self.env = env  # the workers' environment; None: ours
         self._children: dict[int, _Child] = {}
         self._stopping = 0
         self._backoff = 0.0
@@ -71,28 +77,49 @@ class Supervisor:
         )
 
     def run(self) -> int:
+        """The ``fade-worker`` command: supervise until every worker has left."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        self.start()
+        try:
+            while self.tick():
+                time.sleep(0.05)
+                if self.args.parent_pid is not None and os.getppid() != self.args.parent_pid:
+                    log.info("parent process is gone; stopping workers")
+                    self.stop(signal.SIGKILL)
+        finally:
+            self.close()
+        return 0
+
+    def start(self) -> None:
         log.info("starting %d worker processes for %s", self.args.processes, self.args.address)
         for _ in range(self.args.processes):
             self._spawn()
-        try:
-            while self._children:
-                time.sleep(0.05)
-                self._reap()
-                if self.args.parent_pid is not None and os.getppid() != self.args.parent_pid:
-                    log.info("parent process is gone; stopping workers")
-                    self._signal_all(signal.SIGKILL)
-                    self._stopping = 2
-        finally:
-            self._signal_all(signal.SIGKILL)
-            self._socket.close()
-            self._context.term()
-        return 0
+
+    def tick(self) -> bool:
+        """Reap and replace dead workers (never blocks long); False once none is left."""
+        self._reap()
+        return bool(self._children)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Replace nobody from now on; SIGTERM drains the workers, SIGKILL ends them."""
+        self._stopping = max(self._stopping, 1 if sig == signal.SIGTERM else 2)
+        self._signal_all(sig)
+
+    def close(self) -> None:
+        """Kill what is left and close the socket (from the thread that ticks)."""
+        self._signal_all(signal.SIGKILL)
+        for child in self._children.values():
+            child.process.wait()
+        self._socket.close()
+        self._context.term()
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self._children)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._stopping += 1
-        self._signal_all(signal.SIGTERM if self._stopping == 1 else signal.SIGKILL)
+        self.stop(signal.SIGTERM if self._stopping == 0 else signal.SIGKILL)
 
     def _signal_all(self, sig: int) -> None:
         for child in self._children.values():
@@ -109,7 +136,10 @@ class Supervisor:
         # Its own session: a terminal's Ctrl-C reaches the supervisor alone, which
         # then drains the workers once, instead of every process at once.
         process = subprocess.Popen(
-            child_argv(self.args, identity, os.getpid()), start_new_session=True
+            child_argv(self.args, identity, os.getpid()),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         self._children[process.pid] = _Child(identity, process, time.monotonic())
         log.debug("started worker process %d (%s)", process.pid, identity.hex())

@@ -64,6 +64,7 @@ from fade.errors import (
     SecurityError,
     TaskTimeoutError,
 )
+from fade.shipping import uninstall_import_hook
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame, parse_size
 
 __all__ = ["Worker", "main"]
@@ -551,7 +552,8 @@ def _drain_pipe(fd: int) -> None:
 # -- command line -------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of ``fade-worker``, parsed and checked."""
     parser = argparse.ArgumentParser(
         prog="fade-worker", description="Run fade worker processes connected to a broker."
     )
@@ -638,6 +640,9 @@ def child_argv(args: argparse.Namespace, identity: bytes, parent_pid: int) -> li
 
 
 def _run_child(args: argparse.Namespace, keys: security.PeerKeys | None) -> int:
+    # A worker imports shipped code; recording its sources (a client's job) would only
+    # cost memory here.
+    uninstall_import_hook()
     worker = Worker(
         args.address,
         identity=bytes.fromhex(args.identity) if args.identity else None,
@@ -656,7 +661,7 @@ def _run_child(args: argparse.Namespace, keys: security.PeerKeys | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fade-worker``."""
-    args = _parse_args(argv)
+    args = parse_args(argv)
     role = "fade-worker" if args.child else "fade-supervisor"
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -199,7 +199,7 @@ def test_embedded_pool_dies_with_its_parent(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         pids = [int(x) for x in parent.stdout.readline().split()]
-        assert len(pids) >= 4  # broker, supervisor and two workers
+        assert len(pids) >= 3  # the broker and two workers
         parent.kill()
         parent.wait()
 
