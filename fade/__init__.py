@@ -8,6 +8,8 @@ ZeroMQ brokered workpool::
         print(list(ex.map(abs, range(-5, 5))))
     with fade.Executor("tcp://head:5555") as ex:  # a running pool (fade-broker, fade-worker)
         fut = ex.submit(pow, 2, 10)
+    with fade.Executor("tcp://head:5555", keys="alice.key") as ex:  # with keys (fade-keys)
+        fut = ex.submit(pow, 2, 10)
 """
 
 from typing import TYPE_CHECKING, Any

@@ -25,6 +25,7 @@
   connection stops being served at once.
 * A peer's routing identity carries a tag derived from its public key, so one
   key holder cannot act under another peer's identity.
+* The key files themselves are read and written by ``fade.keyfiles``.
 * ZAP runs in the broker's own poll loop (``ZapHandler.socket`` is polled with
   the ROUTER): no thread. pyzmq's ``Authenticator.handle_zap_message`` is a
   coroutine meant for an event loop, so the few lines of RFC 27 are done here.
@@ -33,18 +34,14 @@
 from __future__ import annotations
 
 import collections
-import datetime
-import hashlib
 import ipaddress
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import zmq
 from zmq.utils import z85
@@ -52,15 +49,36 @@ from zmq.utils import z85
 from fade import protocol as p
 from fade._logutil import RateLimitedLog
 from fade.errors import InsecureAddressError, ProtocolError, SecurityError
+from fade.keyfiles import (
+    KEYS_ENV,
+    ROLES,
+    TAG_SIZE,
+    BrokerKeys,
+    KeySource,
+    PeerKeys,
+    add_peer,
+    create_key_dir,
+    key_tag,
+    list_peers,
+    load_broker_keys,
+    load_peer_keys,
+    read_public_key,
+    resolve_peer_keys,
+    revoke_peer,
+)
 
+# The key files live in fade.keyfiles; they are re-exported here so that
+# ``fade.security`` is the one name to import for everything about keys.
 __all__ = [
     "KEYS_ENV",
     "PERMITTED",
     "ROLES",
+    "TAG_SIZE",
     "BrokerKeys",
     "Guard",
     "HandshakeWatch",
     "KeyRing",
+    "KeySource",
     "Peer",
     "PeerKeys",
     "Refused",
@@ -70,6 +88,7 @@ __all__ = [
     "check_address",
     "create_key_dir",
     "is_local_address",
+    "key_tag",
     "list_peers",
     "load_broker_keys",
     "load_peer_keys",
@@ -80,23 +99,11 @@ __all__ = [
 
 log = logging.getLogger("fade.security")
 
-#: Clients and workers read their key file from here when given none.
-KEYS_ENV = "FADE_KEYS"
-ROLES = ("client", "worker")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq asks whoever binds it
 ZAP_DOMAIN = b"fade"
-#: Bytes of a routing identity (after its role byte) that name the peer's key.
-TAG_SIZE = 8
 #: A folder changed this recently is re-read at every check: its mtime may be too
 #: coarse to show a second change within the same tick.
 RACY_SECONDS = 2.0
-
-#: What ``keys=`` accepts: a key file's path, or keys already loaded.
-KeySource = Union[str, "os.PathLike[str]", "PeerKeys"]
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-_BROKER_PUBLIC = "broker.key"
-_BROKER_SECRET = "broker.key_secret"
 
 #: What each role may send the broker. A command missing here is refused when
 #: keys are on: new commands must be added deliberately.
@@ -127,32 +134,7 @@ PERMITTED: dict[str, frozenset[p.Command]] = {
 }
 
 
-# -- key records ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PeerKeys:
-    """A client's or worker's key file: its own pair, the broker's public key, its role."""
-
-    role: str
-    name: str
-    public: bytes  # Z85, 40 bytes
-    secret: bytes = field(repr=False)
-    broker: bytes  # the broker's public key, Z85
-    path: str = ""  # where it was read from, so child processes can read it too
-
-    @property
-    def tag(self) -> bytes:
-        return key_tag(self.public)
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerKeys:
-    """The broker's pair and the folder whose subfolders list the authorised public keys."""
-
-    directory: Path
-    public: bytes
-    secret: bytes = field(repr=False)
+# -- peers --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,243 +146,11 @@ class Peer:
     tag: bytes
 
 
-def key_tag(public: bytes) -> bytes:
-    """The part of a routing identity that binds it to a public key."""
-    return hashlib.blake2b(public, digest_size=TAG_SIZE).digest()
-
-
 def peer_identity(prefix: bytes, keys: PeerKeys | None) -> bytes:
     """A 16-byte routing identity: role byte, key tag (or randomness), randomness."""
     if keys is None:
         return prefix + uuid.uuid4().bytes[1:]
     return prefix + keys.tag + os.urandom(15 - TAG_SIZE)
-
-
-# -- key files --------------------------------------------------------------------------
-
-
-def create_key_dir(directory: str | os.PathLike[str]) -> BrokerKeys:
-    """Create the broker's key pair and empty ``clients/`` and ``workers/`` folders."""
-    root = Path(directory)
-    if (root / _BROKER_SECRET).exists():
-        raise SecurityError(f"{root} already holds a broker key; use another folder")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for role in ROLES:
-        (root / f"{role}s").mkdir(mode=0o700, exist_ok=True)
-    public, secret = zmq.curve_keypair()
-    _write_key_file(
-        root / _BROKER_PUBLIC,
-        ["fade: the broker's PUBLIC key. Every client and worker key file holds a copy."],
-        {"fade-role": "broker"},
-        {"public-key": public},
-        mode=0o644,
-    )
-    _write_key_file(
-        root / _BROKER_SECRET,
-        [
-            "fade: the broker's SECRET key. Whoever holds it can pose as this broker",
-            "and run code on every client and worker. Never copy it off this host.",
-        ],
-        {"fade-role": "broker"},
-        {"public-key": public, "secret-key": secret},
-        mode=0o600,
-    )
-    return BrokerKeys(root, public, secret)
-
-
-def add_peer(
-    directory: str | os.PathLike[str],
-    role: str,
-    name: str,
-    out: str | os.PathLike[str] | None = None,
-) -> Path:
-    """Create ``name``'s key file at ``out`` (default ``./NAME.key``) and authorise its key."""
-    if role not in ROLES:
-        raise SecurityError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    if not _NAME.fullmatch(name):
-        raise SecurityError(f"bad name {name!r}: use letters, digits, '_', '.', '@', '-'")
-    broker = load_broker_keys(directory)
-    for other in ROLES:
-        if _authorised_file(broker.directory, other, name).exists():
-            raise SecurityError(f"{name!r} is already a {other}; revoke it first or pick a name")
-    target = Path(out) if out is not None else Path(f"{name}.key")
-    public, secret = zmq.curve_keypair()
-    does = {
-        "client": "can submit tasks to the pool, that is, run any code on its workers.",
-        "worker": "can take tasks from the pool: it sees their code and data.",
-    }[role]
-    _write_key_file(
-        target,
-        [
-            f"fade key file of the {role} {name!r}. SECRET: whoever holds it",
-            does,
-            f"Keep it private. Revoke it with: fade-keys revoke {name} --dir DIR",
-        ],
-        {"fade-role": role, "fade-name": name},
-        {"public-key": public, "secret-key": secret, "broker-public-key": broker.public},
-        mode=0o600,
-        exclusive=True,
-    )
-    _write_key_file(
-        _authorised_file(broker.directory, role, name),
-        [f"fade: the {role} {name!r} is authorised while this file is here."],
-        {"fade-role": role, "fade-name": name},
-        {"public-key": public},
-        mode=0o644,
-    )
-    return target
-
-
-def revoke_peer(directory: str | os.PathLike[str], name: str) -> list[Path]:
-    """Remove ``name``'s authorisation; returns the files removed (none: unknown name)."""
-    root = Path(directory)
-    removed = []
-    for role in ROLES:
-        path = _authorised_file(root, role, name)
-        if _NAME.fullmatch(name) and path.exists():
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def list_peers(directory: str | os.PathLike[str]) -> list[tuple[str, str, str]]:
-    """(role, name, public key) of every authorised key, sorted."""
-    out = []
-    for role in ROLES:
-        for path in sorted(Path(directory, f"{role}s").glob("*.key")):
-            try:
-                fields = _read_key_file(path)
-                out.append((role, path.stem, fields["public-key"].decode()))
-            except (OSError, KeyError, SecurityError) as exc:
-                out.append((role, path.stem, f"(unreadable: {exc})"))
-    return out
-
-
-def load_broker_keys(directory: str | os.PathLike[str]) -> BrokerKeys:
-    root = Path(directory)
-    path = root / _BROKER_SECRET
-    if not path.exists():
-        raise SecurityError(f"no broker key in {root}: create one with `fade-keys init {root}`")
-    fields = _read_key_file(path)
-    public, secret = _pair(fields, path)
-    for role in ROLES:
-        if not (root / f"{role}s").is_dir():
-            raise SecurityError(f"{root / (role + 's')} is missing: recreate the key folder")
-    return BrokerKeys(root, public, secret)
-
-
-def load_peer_keys(path: str | os.PathLike[str], role: str | None = None) -> PeerKeys:
-    """Read a client or worker key file; with ``role``, refuse one made for the other role."""
-    fields = _read_key_file(Path(path))
-    public, secret = _pair(fields, path)
-    file_role = fields.get("fade-role", b"").decode()
-    if file_role not in ROLES:
-        raise SecurityError(f"{path} is not a client or worker key file (role {file_role!r})")
-    if role is not None and file_role != role:
-        raise SecurityError(
-            f"{path} is a {file_role} key; a {role} needs a {role} key "
-            f"(fade-keys add {role} NAME --dir DIR)"
-        )
-    broker = _z85_key(fields, "broker-public-key", path)
-    return PeerKeys(
-        role=file_role,
-        name=fields.get("fade-name", b"?").decode(),
-        public=public,
-        secret=secret,
-        broker=broker,
-        path=os.path.abspath(path),
-    )
-
-
-def resolve_peer_keys(keys: KeySource | None, role: str) -> PeerKeys | None:
-    """The keys a client or worker uses: given, or from $FADE_KEYS, or none."""
-    if isinstance(keys, PeerKeys):
-        if keys.role != role:
-            raise SecurityError(f"these are {keys.role} keys; a {role} needs {role} keys")
-        return keys
-    if keys is None:
-        keys = os.environ.get(KEYS_ENV) or None
-        if keys is None:
-            return None
-    return load_peer_keys(keys, role)
-
-
-def _authorised_file(root: Path, role: str, name: str) -> Path:
-    return root / f"{role}s" / f"{name}.key"
-
-
-def _write_key_file(
-    path: Path,
-    comments: list[str],
-    metadata: dict[str, str],
-    curve: dict[str, bytes],
-    *,
-    mode: int,
-    exclusive: bool = False,
-) -> None:
-    """Write a ZeroMQ certificate-style file (pyzmq's ``load_certificate`` reads it too).
-
-    Readers never see a partial file: it is written under a temporary name and
-    renamed (or, with ``exclusive``, created only if no file has that name).
-    """
-    lines = [f"#   {line}" for line in comments]
-    lines.append(f"#   Created {datetime.datetime.now().isoformat(timespec='seconds')}")
-    lines += ["", "metadata"]
-    lines += [f'    {k} = "{v}"' for k, v in metadata.items()]
-    lines.append("curve")
-    lines += [f'    {k} = "{v.decode()}"' for k, v in curve.items()]
-    data = ("\n".join(lines) + "\n").encode()
-    if exclusive:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except FileExistsError:
-            raise SecurityError(f"{path} exists; remove it or choose another --out") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _read_key_file(path: Path) -> dict[str, bytes]:
-    """``name = "value"`` lines of a certificate file, whatever section they are in."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SecurityError(f"cannot read key file {path}: {exc.strerror or exc}") from None
-    if len(raw) > 64 * 1024:
-        raise SecurityError(f"{path} is too large to be a key file")
-    fields: dict[str, bytes] = {}
-    for line in raw.splitlines():
-        line = line.strip()
-        if not line or line.startswith(b"#") or b"=" not in line:
-            continue
-        name, value = line.split(b"=", 1)
-        fields[name.strip().decode("ascii", "replace")] = value.strip(b" \t'\"")
-    return fields
-
-
-def _z85_key(fields: dict[str, bytes], name: str, path: object) -> bytes:
-    value = fields.get(name)
-    if value is None:
-        raise SecurityError(f"{path} has no {name}")
-    try:
-        if len(value) != 40 or len(z85.decode(value)) != 32:
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise SecurityError(f"{path}: {name} is not a 40-character Z85 key") from None
-    return value
-
-
-def _pair(fields: dict[str, bytes], path: object) -> tuple[bytes, bytes]:
-    public = _z85_key(fields, "public-key", path)
-    secret = _z85_key(fields, "secret-key", path)
-    if zmq.curve_public(secret) != public:
-        raise SecurityError(f"{path}: its public and secret keys do not belong together")
-    return public, secret
 
 
 # -- addresses ------------------------------------------------------------------------------
@@ -505,8 +255,7 @@ class KeyRing:
         for role in ROLES:
             for path in self._key_files(role):
                 try:
-                    fields = _read_key_file(path)
-                    public = _z85_key(fields, "public-key", path)
+                    public = read_public_key(path)
                 except SecurityError as exc:
                     self._bad_files.warning("ignoring %s: %s", path, exc)
                     continue
