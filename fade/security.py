@@ -104,6 +104,8 @@ ZAP_DOMAIN = b"fade"
 #: A folder changed this recently is re-read at every check: its mtime may be too
 #: coarse to show a second change within the same tick.
 RACY_SECONDS = 2.0
+#: Seconds between re-reads of the key folders prompted by handshakes with unknown keys.
+LOOKUP_REFRESH = 0.1
 
 #: What each role may send the broker. A command missing here is refused when
 #: keys are on: new commands must be added deliberately.
@@ -205,13 +207,17 @@ class KeyRing:
         self._stamp: object = None
         self._racy = True
         self._revoked: list[Peer] = []
+        self._looked = 0.0
         self._bad_files = RateLimitedLog(log)
         self.refresh()
 
     def lookup(self, key: str) -> Peer | None:
-        """The peer with this key; an unknown key triggers a (cheap) check for new files."""
+        """The peer with this key; an unknown key triggers a check for new files, at most
+        every LOOKUP_REFRESH seconds, so a flood of unknown keys cannot keep us reading."""
         peer = self.peers.get(key)
-        if peer is None:
+        now = time.monotonic()
+        if peer is None and now - self._looked >= LOOKUP_REFRESH:
+            self._looked = now
             self.refresh()
             peer = self.peers.get(key)
         return peer

@@ -744,3 +744,21 @@ def test_error_and_welcome_on_the_wire() -> None:
     assert p.speaks_fade(b"fd\x09\x01") and not p.speaks_fade(b"GET ")
     with pytest.raises(fade.ProtocolError, match="unknown command 99"):
         p.parse([b"fd\x01\x63"])
+
+
+def test_handshakes_with_unknown_keys_do_not_keep_the_broker_reading(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+
+    class Counting(security.KeyRing):
+        loads = 0
+
+        def _load(self) -> dict[str, security.Peer]:
+            Counting.loads += 1
+            return super()._load()
+
+    ring = Counting(keys.dir)  # a folder written just now: every refresh would re-read it
+    before = Counting.loads
+    for _ in range(1000):
+        assert ring.lookup("x" * 40) is None
+    assert Counting.loads - before <= 3
+    assert ring.lookup(security.load_peer_keys(keys.client).public.decode()) is not None
