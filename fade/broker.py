@@ -498,16 +498,32 @@ class Broker:
         if identity in self._clients:
             self._forget_client(self._clients[identity])
         credits = _int_field(info, "credits", 1)
+        holding = info.pop("holding", None)
         worker = self._workers.get(identity)
         if worker is None:
             worker = _Worker(identity=identity, info=info)
             self._workers[identity] = worker
             log.info("worker %s joined; %d workers", _name(worker), len(self._workers))
+        elif holding is not None:
+            self._requeue_unheld(worker, holding)
         worker.info.update(info)
         worker.state = WorkerState.READY
         worker.credits = 0
         self._grant(worker, credits)
         self._broadcast_capacity()
+
+    def _requeue_unheld(self, worker: _Worker, holding: object) -> None:
+        """A worker that says HELLO again lists the tasks it holds; any other task we had
+        given it was lost in flight with its old socket, so it goes back in the queue."""
+        if not isinstance(holding, list) or not all(isinstance(k, str) for k in holding):
+            raise ProtocolError("HELLO field 'holding' must be a list of hex task keys")
+        held = set(holding)
+        lost = [task for task in worker.tasks.values() if task.key.hex() not in held]
+        for task in lost:
+            self._unassign(task)
+            self._enqueue_again(task)
+        if lost:
+            log.info("worker %s came back without %d tasks; re-queued", _name(worker), len(lost))
 
     def _register_client(self, identity: bytes, info: dict[str, Any]) -> None:
         if identity in self._workers:

@@ -129,6 +129,10 @@ class _Inbox:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def keys(self) -> list[bytes]:
+        with self._cond:
+            return [j.record.key for j in self._jobs if j is not None]
+
 
 class Worker:
     """One worker process. :meth:`run` blocks until the worker has left the pool."""
@@ -288,6 +292,15 @@ class Worker:
             return 1
         return 1 + min(MAX_PREFETCH, int(PREFETCH_HORIZON / max(avg, 1e-6)))
 
+    def holding(self) -> list[bytes]:
+        """Keys of every task this worker still owes the broker an answer for."""
+        with self._lock:
+            keys = [record.key for record, _ in self._outbox]
+            current = self._current
+        if current is not None:
+            keys.append(current[0])
+        return keys + self._inbox.keys()
+
     def held(self) -> int:
         return len(self._inbox) + (1 if self._current is not None else 0)
 
@@ -395,6 +408,9 @@ class _WorkerIO:
             "version": __version__,
             "credits": self._credits,
             "python": sys.version.split()[0],
+            # A TASK still in flight on a socket we replaced is gone: telling the broker
+            # what we do hold lets it re-queue the rest instead of waiting forever.
+            "holding": [key.hex() for key in self.w.holding()],
         }
         self._send(p.encode_hello("worker", info))
         if self._draining:

@@ -20,6 +20,7 @@ from conftest import EXPIRY, INTERVAL, Pool, wait_for
 
 import fade
 from fade import protocol as p
+from fade import serialization as ser
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -289,3 +290,48 @@ def test_no_submit_waits_for_a_heartbeat(pool: Pool) -> None:
                 assert ex.submit(tasks.square, i).result(timeout=30) == i * i
                 waited = time.monotonic() - started
                 assert waited < 5.0, f"a call waited {waited:.1f}s: a wake-up was lost"
+
+
+def test_task_lost_with_a_replaced_worker_socket_is_sent_again(pool: Pool) -> None:
+    """A worker replaces its socket (the broker seemed silent) while a TASK is in flight:
+    that TASK dies with the old socket. Its new HELLO lists what it holds, so the broker
+    re-queues the rest instead of waiting for an answer that will never come."""
+    pool.start_broker()
+    ctx = zmq.Context()
+    identity = b"W" + bytes(range(15))
+
+    def dealer() -> zmq.Socket[bytes]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(pool.address)
+        return sock
+
+    hello = {"credits": 1, "host": "raw", "pid": 1, "holding": []}
+    try:
+        first = dealer()
+        first.send_multipart(p.encode_hello("worker", hello))
+        with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+            future = ex.submit(tasks.add, 2, 3)
+            time.sleep(0.5)  # the TASK is now queued in the first socket...
+            first.close(linger=0)  # ... and dropped with it
+            second = dealer()
+            second.send_multipart(p.encode_hello("worker", hello))
+            deadline = time.monotonic() + 10
+            task = None
+            while time.monotonic() < deadline and task is None:
+                if second.poll(100):
+                    message = p.parse(second.recv_multipart())
+                    if message.command is p.Command.TASK:
+                        task = p.decode_task(message.body)
+                else:
+                    second.send_multipart(p.encode(p.Command.HEARTBEAT))
+            assert task is not None, "the task given to the old socket was never sent again"
+            record = task[0][0]
+            value = ser.dumps_value(5)
+            second.send_multipart(
+                p.encode_done(1, [(p.DoneRecord(record.key, p.Status.OK), value)])
+            )
+            assert future.result(timeout=30) == 5
+    finally:
+        ctx.destroy(linger=0)
