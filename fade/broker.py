@@ -32,6 +32,7 @@ import collections
 import enum
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -52,7 +53,14 @@ from fade._logutil import RateLimitedLog
 from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError, SecurityError
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, bind_router, parse_size
+from fade.sockets import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    bind_router,
+    has_input,
+    parse_size,
+    recv_frames,
+    send_frames,
+)
 
 if TYPE_CHECKING:
     from fade.web import StatusServer
@@ -64,6 +72,8 @@ log = logging.getLogger("fade.broker")
 #: A worker may not grant itself more than this many outstanding tasks.
 MAX_CREDITS = 4096
 DEFAULT_MAX_ATTEMPTS = 3
+#: Seconds between two rounds of timed work (expiry, heartbeats), at least.
+MIN_UPKEEP_GAP = 0.001
 #: Seconds between the snapshots the HTTP endpoint serves.
 PUBLISH_INTERVAL = 1.0
 
@@ -251,27 +261,38 @@ class Broker:
         poller.register(self._wake_r, zmq.POLLIN)
         if self._zap is not None:
             poller.register(self._zap.socket, zmq.POLLIN)
+        next_upkeep = 0.0
         try:
             while not self._stopping:
-                timeout = self._poll_timeout()
-                events = dict(poller.poll(int(timeout * 1000)))
+                timeout = max(0.0, next_upkeep - time.monotonic())
+                events = dict(poller.poll(math.ceil(timeout * 1000)))
                 if self._zap is not None and events.get(self._zap.socket):
                     self._zap.handle()
                 if events.get(sock):
                     self._drain_socket(sock)
                 self._flush_results()
                 now = time.monotonic()
-                self._throughput.record(now, self.tasks_done)
-                self._purge_silent_peers(now)
-                self._send_due_heartbeats(now)
-                self._publish(now)
-                self._check_keys(now)
-                self._warn_if_insecure(now)
-                if self._parent_pid is not None and os.getppid() != self._parent_pid:
-                    log.info("parent process %d is gone; stopping", self._parent_pid)
-                    break
+                # Timed work only when some is due: a busy broker would otherwise spend
+                # as long on it as on the messages themselves.
+                if now >= next_upkeep:
+                    if not self._upkeep(now):
+                        break
+                    next_upkeep = now + max(self._poll_timeout(), MIN_UPKEEP_GAP)
         finally:
             self.close()
+
+    def _upkeep(self, now: float) -> bool:
+        """Expire, heartbeat, publish and re-read keys; False if our parent is gone."""
+        self._throughput.record(now, self.tasks_done)
+        self._purge_silent_peers(now)
+        self._send_due_heartbeats(now)
+        self._publish(now)
+        self._check_keys(now)
+        self._warn_if_insecure(now)
+        if self._parent_pid is not None and os.getppid() != self._parent_pid:
+            log.info("parent process %d is gone; stopping", self._parent_pid)
+            return False
+        return True
 
     def _poll_timeout(self) -> float:
         """Seconds until the next heartbeat or expiry is due (at most one interval)."""
@@ -288,11 +309,9 @@ class Broker:
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
         """Handle every message waiting, up to a bound, without blocking."""
         for _ in range(1000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not has_input(sock):
                 return
-            self._handle(frames)
+            self._handle(recv_frames(sock))
 
     # -- dispatch on command --------------------------------------------------------
 
@@ -554,10 +573,12 @@ class Broker:
         """Expire every peer not heard from within the expiry; oldest first, so O(expired)."""
         deadline = now - self._expiry
         heard = self._heard
+        lost = False
         while heard:
             identity, last = next(iter(heard.items()))
             if last > deadline:
                 break
+            lost = True
             del heard[identity]
             self._told.pop(identity, None)
             worker = self._workers.get(identity)
@@ -572,7 +593,8 @@ class Broker:
                     len(client.keys),
                 )
                 self._forget_client(client)
-        self._dispatch()
+        if lost:
+            self._dispatch()  # a lost worker's tasks are queued again
 
     def _send_due_heartbeats(self, now: float) -> None:
         told = self._told
@@ -791,7 +813,7 @@ class Broker:
         sock = self._socket
         assert sock is not None
         try:
-            sock.send_multipart([identity, *frames], copy=not p.needs_zero_copy(frames))
+            send_frames(sock, [identity, *frames])
         except zmq.ZMQError as exc:
             log.debug("could not send to %s: %s", identity.hex(), exc)
             return

@@ -2,13 +2,24 @@
 
 ::
 
-    user threads                        I/O thread (owns the DEALER socket)          broker
+    user threads                        I/O thread                                   broker
     submit(fn, *args) --pickle-->  outbox ---wake pipe--->  SUBMIT (batched) ------->
+        `--- a lone task, socket free: sent by the caller -->  SUBMIT ------------->
     Future <--set_result--------- in_flight{id} <---------- RESULT (batched) <-------
                                                             HEARTBEAT <----------->
 
 * User threads pickle (so a bad argument raises at ``submit``), then append to
-  the outbox and poke a pipe; only the I/O thread touches ZeroMQ.
+  the outbox and poke a pipe, and the I/O thread sends what waits there in
+  batches. A task submitted when nothing waits ahead of it and the pool has room
+  goes straight out from the caller's thread instead: waking the I/O thread for
+  it would double the time a lone round trip takes.
+* The socket is touched only by the thread holding ``socket_lock`` (ZeroMQ lets a
+  socket move between threads across such a full memory barrier). The I/O thread
+  never holds it while it waits: it sleeps on the socket's file descriptor, and
+  whoever last used the socket checks ZMQ_EVENTS afterwards and wakes it if a
+  message came in meanwhile (the descriptor only signals edges).
+* Futures are completed after the I/O thread has let go of the socket, so a
+  done-callback may submit at once.
 * Flow control: the client keeps at most the pool's *capacity* (as the broker
   reports it) of tasks at the broker. The rest wait here, still PENDING, so
   ``cancel()`` on them succeeds and they never run, and a map over a huge
@@ -35,13 +46,14 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import zmq
 
@@ -63,7 +75,14 @@ from fade.errors import (
     WorkerLostError,
 )
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame
+from fade.sockets import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    connect_dealer,
+    has_input,
+    largest_frame,
+    recv_frames,
+    send_frames,
+)
 
 __all__ = ["Executor"]
 
@@ -77,6 +96,8 @@ T = TypeVar("T")
 
 #: At most this many tasks travel in one SUBMIT message (and p.BATCH_BYTES of inline data).
 MAX_BATCH = 512
+#: Seconds between checks that the embedded pool's processes are alive.
+POOL_CHECK_INTERVAL = 0.1
 
 
 @dataclass(slots=True, eq=False)
@@ -90,7 +111,7 @@ class _WorkItem:
 
 
 class _ClientIO:
-    """The I/O thread: the only code that touches the client's socket."""
+    """The broker link: the socket, the I/O thread that serves it, and the fast submit."""
 
     def __init__(
         self,
@@ -116,9 +137,12 @@ class _ClientIO:
         self.timeout = task_timeout or 0.0
         self.pool = pool
         self.code = code
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards outbox, closing, _woken
         self.outbox: collections.deque[_WorkItem] = collections.deque()
+        # Re-entrant: _break may run inside a pass. Guards the socket and in_flight.
+        self.socket_lock = threading.RLock()
         self.in_flight: dict[int, _WorkItem] = {}
+        self._ready: list[tuple[cf.Future[Any], bool, Any]] = []  # results to deliver
         self.closing = False
         self.broken: BaseException | None = None
         self._capacity = 0
@@ -129,15 +153,20 @@ class _ClientIO:
         os.set_blocking(self._wake_w, False)
         self._context = zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
+        self._socket_fd = -1
         self._watch: security.HandshakeWatch | None = None
-        self._poller = zmq.Poller()
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
         self._heard = self._told = time.monotonic()
+        self._next_pool_check = 0.0
         self._bad_input = RateLimitedLog(log)
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
 
     # -- called from user threads --------------------------------------------------------
 
     def enqueue(self, item: _WorkItem) -> None:
+        if not self.outbox and self._send_now(item):
+            return
         with self.lock:
             self.outbox.append(item)
             wake = not self._woken
@@ -151,22 +180,68 @@ class _ClientIO:
         except (BlockingIOError, OSError):
             pass
 
+    def _send_now(self, item: _WorkItem) -> bool:
+        """Send a task from the caller's thread if the socket is free and nothing else
+        waits to go; False: it must take the outbox."""
+        if not self.socket_lock.acquire(blocking=False):
+            return False
+        try:
+            limit = self.broker_max_message_size
+            if (
+                self.outbox
+                or not self._welcomed
+                or self.broken is not None
+                or self.closing
+                or len(self.in_flight) >= self._capacity
+                or (limit and item.largest > limit)
+                or not item.future.set_running_or_notify_cancel()
+            ):
+                return False
+            self.in_flight[item.task_id] = item
+            self._send(self._submit_frames([item]))
+            self._wake_if_input()
+            return True
+        finally:
+            self.socket_lock.release()
+
+    def _wake_if_input(self) -> None:
+        """After using the socket outside the I/O thread: ZeroMQ may have consumed the
+        edge its descriptor would have signalled for a message that came meanwhile."""
+        if self._socket is not None and has_input(self._socket):
+            self.wake()
+
     # -- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._connect()
-            while not self._finished():
-                self._pass()
-            self._send(p.encode(p.Command.DISCONNECT))
+            with self.socket_lock:
+                self._connect()
+            woken = False
+            while True:
+                with self.socket_lock:
+                    self._take_input(woken)
+                self._deliver()  # before the upkeep: a caller is waiting for these
+                with self.socket_lock:
+                    self._upkeep()
+                    finished = self._finished()
+                    if finished:
+                        self._send(p.encode(p.Command.DISCONNECT))
+                    timeout = self._poll_timeout()
+                self._deliver()
+                if finished:
+                    break
+                woken = self._wait(timeout)
         except BaseException as exc:
             log.exception("the client I/O thread failed")
             self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
         finally:
-            if self._watch is not None:
-                self._watch.close()
-            if self._socket is not None:
-                self._socket.close(linger=200)
+            self._deliver()
+            with self.socket_lock:
+                if self._watch is not None:
+                    self._watch.close()
+                if self._socket is not None:
+                    self._socket.close(linger=200)
+                    self._socket = None
             self._context.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -177,11 +252,25 @@ class _ClientIO:
         with self.lock:
             return self.closing and not self.outbox and not self.in_flight
 
-    def _pass(self) -> None:
-        sock = self._socket
-        assert sock is not None
-        events = dict(self._poller.poll(int(self._poll_timeout() * 1000)))
-        if self._wake_r in events:
+    def _wait(self, timeout: float) -> bool:
+        """Sleep, not holding the socket, until input, a wake-up or ``timeout``;
+        True if woken through the pipe."""
+        events = self._poller.poll(timeout * 1000)
+        return any(fd == self._wake_r for fd, _ in events)
+
+    def _deliver(self) -> None:
+        """Complete the futures whose results came in (outside the socket lock, so a
+        done-callback may submit)."""
+        ready, self._ready = self._ready, []
+        for future, ok, value in ready:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _take_input(self, woken: bool) -> None:
+        """Read what the broker sent (holding the socket); never blocks."""
+        if woken:
             # Empty the pipe *before* clearing the flag: a submit that comes after the
             # flag is cleared writes a fresh byte, and one that came before is already
             # in the outbox, which _send_tasks reads below. The other order can leave
@@ -194,8 +283,11 @@ class _ClientIO:
                 pass
             with self.lock:
                 self._woken = False
-        if sock in events:
-            self._read_all(sock)
+        assert self._socket is not None
+        self._read_all(self._socket)
+
+    def _upkeep(self) -> None:
+        """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
         self._send_tasks()
         if self._watch is not None:
             self._watch.check()
@@ -205,12 +297,15 @@ class _ClientIO:
             self._connect()
         elif now - self._told >= self.interval:
             self._send(p.encode(p.Command.HEARTBEAT))
-        if self.pool is not None:
+        if self.pool is not None and now >= self._next_pool_check:
+            self._next_pool_check = now + POOL_CHECK_INTERVAL  # it asks the OS: not every pass
             problem = self.pool.problem()
             if problem is not None:
                 self._break(BrokenPoolError(problem))
 
     def _poll_timeout(self) -> float:
+        if self._socket is not None and has_input(self._socket):
+            return 0.0  # our own sends may have consumed the descriptor's edge
         return max(0.0, min(self.interval - (time.monotonic() - self._told), self.interval))
 
     # -- connection ------------------------------------------------------------------------------
@@ -219,6 +314,7 @@ class _ClientIO:
         if self._watch is not None:
             self._watch.close()
         if self._socket is not None:
+            self._poller.unregister(self._socket_fd)
             self._socket.close(linger=0)
         sock = connect_dealer(
             self._context,
@@ -229,9 +325,8 @@ class _ClientIO:
         )
         self._watch = security.HandshakeWatch(sock, log, self.keys)
         self._socket = sock
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._socket_fd = cast(int, sock.getsockopt(zmq.FD))
+        self._poller.register(self._socket_fd, select.POLLIN)
         self._heard = time.monotonic()
         self._hello()
 
@@ -242,15 +337,15 @@ class _ClientIO:
 
     def _send(self, frames: list[Any]) -> None:
         assert self._socket is not None
-        self._socket.send_multipart(frames, copy=not p.needs_zero_copy(frames))
+        send_frames(self._socket, frames)
         self._told = time.monotonic()
 
     # -- input -------------------------------------------------------------------------------------
 
     def _read_all(self, sock: zmq.Socket[bytes]) -> None:
         # Asking EVENTS is far cheaper than the zmq.Again a drained socket raises.
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        while has_input(sock):
+            frames = recv_frames(sock)
             self._heard = time.monotonic()
             try:
                 self._handle(p.parse(frames))
@@ -317,26 +412,25 @@ class _ClientIO:
         item = self.in_flight.pop(record.task_id, None)
         if item is None:
             return  # a duplicate: this future already has its result
-        future = item.future
+        outcome: tuple[bool, Any]
         if record.status is p.Status.OK:
             try:
-                value = ser.loads_value(payload)
+                outcome = True, ser.loads_value(payload)
             except FadeError as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(value)
+                outcome = False, exc
         elif record.status is p.Status.RAISED:
-            future.set_exception(_name_distribution(ser.loads_exception(payload)))
+            outcome = False, _name_distribution(ser.loads_exception(payload))
         elif record.status is p.Status.LOST:
-            future.set_exception(_lost_error(payload))
+            outcome = False, _lost_error(payload)
         else:
-            future.set_exception(ProtocolError(f"unexpected result status {record.status.name}"))
+            outcome = False, ProtocolError(f"unexpected result status {record.status.name}")
+        self._ready.append((item.future, *outcome))
 
     # -- output ------------------------------------------------------------------------
 
     def _send_tasks(self) -> None:
         """Move tasks from the outbox to the broker while the pool has room for them."""
-        if not self._welcomed:
+        if not self._welcomed or not self.outbox:
             return
         while True:
             room = min(MAX_BATCH, self._capacity - len(self.in_flight))
@@ -405,8 +499,8 @@ class _ClientIO:
         """The pool is unusable: fail every future that is not done."""
         if self.broken is not None:
             return
-        self.broken = error
-        with self.lock:
+        with self.socket_lock, self.lock:
+            self.broken = error
             items = [*self.outbox, *self.in_flight.values()]
             self.outbox.clear()
             self.in_flight.clear()

@@ -84,7 +84,6 @@ __all__ = [
     "encode_task",
     "encode_welcome",
     "expiry",
-    "needs_zero_copy",
     "pack_request",
     "parse",
     "speaks_fade",
@@ -106,24 +105,6 @@ MAX_KEY = 255
 MAX_ERROR_TEXT = 200
 
 Frame = Union[bytes, zmq.Frame, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
-
-
-#: Frames at least this large are sent without copying (pyzmq copies smaller ones anyway).
-ZERO_COPY_MIN = 64 * 1024
-
-
-def needs_zero_copy(frames: Sequence[Frame]) -> bool:
-    """Whether a message carries a frame worth sending without a copy; small messages go
-    faster through pyzmq's copying path, which builds no Frame object per part."""
-    return any(_size(f) >= ZERO_COPY_MIN for f in frames if not isinstance(f, bytes))
-
-
-def _size(frame: Frame) -> int:
-    if isinstance(frame, zmq.Frame):
-        return frame.buffer.nbytes
-    if isinstance(frame, memoryview):
-        return frame.nbytes
-    return len(frame)
 
 
 def expiry(interval: float, liveness: int) -> float:
@@ -647,8 +628,11 @@ def _split_payloads(
     return out
 
 
+_STATUSES = {status.value: status for status in Status}  # faster than calling Status()
+
+
 def _status(value: int) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        raise ProtocolError(f"unknown status {value}") from None
+    status = _STATUSES.get(value)
+    if status is None:
+        raise ProtocolError(f"unknown status {value}")
+    return status

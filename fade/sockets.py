@@ -17,25 +17,38 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
-from fade.security import ZAP_DOMAIN, BrokerKeys, PeerKeys
+from fade.keyfiles import BrokerKeys, PeerKeys
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "ZAP_DOMAIN",
     "bind_router",
     "connect_dealer",
+    "has_input",
     "largest_frame",
     "parse_size",
+    "recv_frames",
+    "send_frames",
 ]
 
+#: The ZAP domain of the broker's socket; fade.security answers only for it.
+ZAP_DOMAIN = b"fade"
 #: Reconnect quickly after a broker restart, backing off to this at most (ms).
 RECONNECT_IVL = 50
 RECONNECT_IVL_MAX = 1000
 #: The largest frame any fade socket accepts unless told otherwise: 1 GiB.
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+
+# Plain ints: pyzmq's send_multipart and recv_multipart combine enum flags for every
+# part, which costs more than the send itself for the small messages fade sends most.
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 _SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", re.IGNORECASE)
 
@@ -55,6 +68,44 @@ def parse_size(text: str) -> int:
 def largest_frame(frames: Sequence[Any]) -> int:
     """Bytes in the largest of ``frames`` (bytes, memoryviews, zmq.Frames)."""
     return max((memoryview(f).nbytes for f in frames), default=0)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[Any]) -> None:
+    """Send one multipart message; large frames leave without a copy."""
+    copy = not _has_large_frame(frames)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _SNDMORE if i < last else 0, copy=copy)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:
+    """The next multipart message as zmq.Frames, without waiting; raises zmq.Again."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def has_input(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits to be read (far cheaper than a recv that raises zmq.Again)."""
+    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
+
+
+#: Frames at least this large are sent without copying; pyzmq copies smaller ones
+#: faster than it builds the Frame object a zero-copy send needs.
+ZERO_COPY_MIN = 64 * 1024
+
+
+def _has_large_frame(frames: Sequence[Any]) -> bool:
+    for frame in frames:
+        if isinstance(frame, bytes):
+            continue
+        size = frame.buffer.nbytes if isinstance(frame, zmq.Frame) else memoryview(frame).nbytes
+        if size >= ZERO_COPY_MIN:
+            return True
+    return False
 
 
 def connect_dealer(

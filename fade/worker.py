@@ -1,14 +1,23 @@
-"""A worker process: runs tasks on its main thread, talks to the broker on another.
+"""A worker process: one thread runs tasks and talks to the broker; a keeper covers long tasks.
 
 ::
 
-    broker ==TASK==> [I/O thread: owns the DEALER socket] --inbox--> [main thread: runs fn]
-    broker <==DONE== [  heartbeats, credits, time limits ] <-outbox-- [  pickles the result ]
+    broker ==TASK==> [main thread: owns the DEALER socket between tasks] --> runs fn
+    broker <==DONE== [  sends the result itself as soon as a task ends ] <-- pickles it
 
-* The I/O thread keeps heartbeating while a task runs, so a long task never
+    while a task runs longer than TAKEOVER (or waits for code):
+    broker <=HEARTBEAT=> [keeper thread: borrows the socket under a lock]
+
+* A short task costs no thread hand-off: the thread that received it runs it and
+  sends its result, as the ZeroMQ guide's workers do. The socket migrates between
+  the two threads only under ``_WorkerIO.socket_lock`` (a full memory barrier, which
+  is what ZeroMQ asks of a socket that changes threads); the thread that holds the
+  lock is the only one that touches the socket.
+* The keeper takes the socket once a task has run for TAKEOVER, so a long task never
   looks like a dead worker; it also enforces ``task_timeout`` by reporting
-  TaskTimeoutError, handing back what it has not started, and ending the
-  process (its supervisor starts a fresh one).
+  TaskTimeoutError, handing back what has not started, and ending the process (its
+  supervisor starts a fresh one). When the task ends the main thread wakes the
+  keeper through a pipe and takes the socket back.
 * Credits: the worker asks for as many tasks as it wants to hold: one to run
   plus a prefetch sized to cover a round trip to the broker for the tasks it
   has been seeing (none for slow tasks, up to ``MAX_PREFETCH`` for tiny ones).
@@ -17,8 +26,8 @@
   running one and leaves at once.
 * Code shipping: before a task runs, the code version it names is made active
   (see fade/codecache.py); a version this host lacks is fetched from the
-  task's client through the broker, the main thread waiting while the I/O
-  thread keeps heartbeating.
+  task's client through the broker, the main thread waiting while the keeper
+  holds the socket.
 * If the broker is silent for interval x liveness the worker opens a new
   socket and says HELLO again, keeping what it holds (the broker may have
   restarted).
@@ -65,7 +74,14 @@ from fade.errors import (
     TaskTimeoutError,
 )
 from fade.shipping import uninstall_import_hook
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, connect_dealer, largest_frame, parse_size
+from fade.sockets import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    connect_dealer,
+    largest_frame,
+    parse_size,
+    recv_frames,
+    send_frames,
+)
 
 __all__ = ["Worker", "main"]
 
@@ -75,6 +91,12 @@ log = logging.getLogger("fade.worker")
 MAX_PREFETCH = 64
 #: Seconds of queued work a worker tries to keep at hand.
 PREFETCH_HORIZON = 0.002
+#: Seconds a task runs before the keeper thread takes the socket to heartbeat for it.
+TAKEOVER = 0.01
+#: Between back-to-back tasks, results wait at most this long to share one DONE.
+RESULT_DELAY = 0.001
+#: Seconds without a task after which the keeper stops checking and sleeps until woken.
+KEEPER_NAP = 1.0
 #: Exit status of a worker that ended itself after a task timed out.
 EXIT_TIMEOUT = 75
 #: Seconds to wait for a client to send code before the task fails.
@@ -102,38 +124,6 @@ class _Job:
     payload: p.Payload
 
 
-class _Inbox:
-    """Tasks waiting for the main thread; the I/O thread can take unstarted ones back."""
-
-    def __init__(self) -> None:
-        self._jobs: collections.deque[_Job | None] = collections.deque()
-        self._cond = threading.Condition()
-
-    def put(self, job: _Job | None) -> None:
-        with self._cond:
-            self._jobs.append(job)
-            self._cond.notify()
-
-    def get(self) -> _Job | None:
-        with self._cond:
-            while not self._jobs:
-                self._cond.wait()
-            return self._jobs.popleft()
-
-    def take_all(self) -> list[_Job]:
-        with self._cond:
-            jobs = [j for j in self._jobs if j is not None]
-            self._jobs = collections.deque(j for j in self._jobs if j is None)
-            return jobs
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def keys(self) -> list[bytes]:
-        with self._cond:
-            return [j.record.key for j in self._jobs if j is not None]
-
-
 class Worker:
     """One worker process. :meth:`run` blocks until the worker has left the pool."""
 
@@ -159,10 +149,12 @@ class Worker:
         self.liveness = heartbeat_liveness
         self._fixed_prefetch = prefetch
         self._parent_pid = parent_pid
-        self._inbox = _Inbox()
+        self._inbox: collections.deque[_Job] = collections.deque()  # the socket holder's
         self._outbox: collections.deque[tuple[p.DoneRecord, p.Payload]] = collections.deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _current, _outbox, _fetches, _keeper_busy
         self._current: tuple[bytes, float, float] | None = None  # key, started, timeout
+        self._keeper_busy = False  # the keeper holds the socket for the running task
+        self.io_wanted = threading.Event()  # the running task waits for the socket holder
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._drain_requests = 0
@@ -181,14 +173,19 @@ class Worker:
     def run(self) -> int:
         """Serve tasks until drained or stopped; returns the process exit status."""
         io = _WorkerIO(self)
-        thread = threading.Thread(target=io.run, name="fade-worker-io", daemon=True)
-        thread.start()
-        while True:
-            job = self._inbox.get()
-            if job is None:
-                break
-            self._execute(job)
-        thread.join(timeout=5)
+        keeper = threading.Thread(target=io.keep, name="fade-worker-keeper", daemon=True)
+        try:
+            with io.socket_lock:
+                io.connect()
+            keeper.start()
+            while (job := io.next_job()) is not None:
+                self._execute(job)
+        except Exception:
+            log.exception("worker failed")
+            io.exit_status = 1
+        finally:
+            io.stop()
+        keeper.join(timeout=5)
         return io.exit_status
 
     def request_drain(self) -> None:
@@ -204,7 +201,6 @@ class Worker:
 
     def _execute(self, job: _Job) -> None:
         started = time.monotonic()
-        self._current = (job.record.key, started, job.record.timeout)
         try:
             value = self._call(job)
             status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
@@ -214,14 +210,16 @@ class Worker:
             status, payload = p.Status.RAISED, ser.dumps_exception(exc)
         duration = time.monotonic() - started
         with self._lock:
-            if self._current is None:  # the I/O thread already reported a timeout
+            if self._current is None:  # the keeper already reported a timeout
                 return
             self._current = None
             self._outbox.append((p.DoneRecord(job.record.key, status), payload))
+            keeper_busy = self._keeper_busy
         self.tasks_done += 1
         avg = self._avg_duration
         self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
-        self.wake()
+        if keeper_busy:
+            self.wake()  # the keeper is polling the socket: make it hand the socket back
 
     def _call(self, job: _Job) -> object:
         code = ser.code_version(job.payload)
@@ -248,6 +246,7 @@ class Worker:
         with self._lock:
             self._fetches[fetch.request_id] = fetch
             self._fetch_outbox.append(fetch)
+        self.io_wanted.set()  # the keeper takes the socket now, not after TAKEOVER
         self.wake()
         answered = fetch.answered.wait(FETCH_TIMEOUT)
         with self._lock:
@@ -262,7 +261,7 @@ class Worker:
         return fetch.frames
 
     def answer_fetch(self, request_id: int, status: p.CodeStatus, frames: list[bytes]) -> None:
-        """Called by the I/O thread when CODE arrives."""
+        """Called by the socket holder when CODE arrives."""
         with self._lock:
             fetch = self._fetches.get(request_id)
         if fetch is not None:
@@ -281,7 +280,7 @@ class Worker:
             )
         return payload
 
-    # -- shared with the I/O thread ------------------------------------------------------------
+    # -- used by whichever thread holds the socket -----------------------------------------------
 
     def wanted(self) -> int:
         """How many tasks this worker wants to hold: one to run plus its prefetch."""
@@ -299,14 +298,14 @@ class Worker:
             current = self._current
         if current is not None:
             keys.append(current[0])
-        return keys + self._inbox.keys()
+        return keys + [job.record.key for job in self._inbox]
 
     def held(self) -> int:
         return len(self._inbox) + (1 if self._current is not None else 0)
 
 
 class _WorkerIO:
-    """The I/O thread's state and loop. Only this thread touches the socket."""
+    """The broker link: the socket, its loop, and the lock a thread holds to touch it."""
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -323,24 +322,105 @@ class _WorkerIO:
         self._drain_started = 0.0
         self._stopped = False
         self._bad_input = RateLimitedLog(log)
+        self._last_pass = 0.0
+        self._last_start = 0.0
+        self._keeper_asleep = False
+        self._task_started = threading.Event()  # wakes a sleeping keeper
+        self.socket_lock = threading.Lock()
 
-    def run(self) -> None:
-        try:
-            self._connect()
+    # -- main thread ------------------------------------------------------------------------
+
+    def next_job(self) -> _Job | None:
+        """Serve the socket until a task is at hand and mark it running; None: leave."""
+        inbox = self.w._inbox
+        with self.socket_lock:
             while not self._stopped:
-                self._pass()
-        except Exception:
-            log.exception("worker I/O thread failed")
-            self.exit_status = 1
-        finally:
-            self._close()
-            self.w._inbox.put(None)
+                # Back-to-back tasks skip the socket for a moment so that their results
+                # share one DONE; a lone task's result leaves at once.
+                if not inbox or time.monotonic() - self._last_pass >= RESULT_DELAY:
+                    self._pass(block=not inbox)
+                if inbox and not self._stopped:
+                    return self._start(inbox.popleft())
+        return None
 
-    def _pass(self) -> None:
+    def _start(self, job: _Job) -> _Job:
+        with self.w._lock:
+            self.w._current = (job.record.key, time.monotonic(), job.record.timeout)
+        self._last_start = self.w._current[1]
+        if self._keeper_asleep:
+            self._task_started.set()
+        return job
+
+    def stop(self) -> None:
+        """End the loop and the keeper, and close the socket (main thread, no task running)."""
+        self._stopped = True
+        self._task_started.set()
+        self.w.io_wanted.set()
+        with self.socket_lock:
+            self._close()
+
+    # -- keeper thread ---------------------------------------------------------------------------
+
+    def keep(self) -> None:
+        """Hold the socket for every task that outlasts TAKEOVER or waits for code."""
+        try:
+            while not self._stopped:
+                task = self._wait_for_a_long_task()
+                if task is not None:
+                    self._hold_socket_during(task)
+        except Exception:
+            log.exception("worker keeper thread failed")
+            os._exit(1)  # a running task would go on without heartbeats: leave instead
+
+    def _wait_for_a_long_task(self) -> tuple[bytes, float, float] | None:
+        """The running task once it has run TAKEOVER (at once if it waits for code)."""
+        w = self.w
+        current = w._current
+        if current is None:
+            if time.monotonic() - self._last_start < KEEPER_NAP:
+                w.io_wanted.wait(TAKEOVER)
+                return None
+            # Idle for a while: sleep until the main thread starts a task. The flag is
+            # set before _current is read again, so a task started in between is seen.
+            self._keeper_asleep = True
+            if w._current is None:
+                self._task_started.wait()
+            self._keeper_asleep = False
+            self._task_started.clear()
+            return None
+        takeover = min(TAKEOVER, current[2]) if current[2] > 0 else TAKEOVER
+        wait = current[1] + takeover - time.monotonic()
+        if wait > 0 and w.io_wanted.wait(wait) is False:
+            return None
+        w.io_wanted.clear()
+        return current
+
+    def _hold_socket_during(self, task: tuple[bytes, float, float]) -> None:
+        w = self.w
+        with self.socket_lock:
+            with w._lock:
+                if w._current is not task:
+                    return
+                w._keeper_busy = True
+            try:
+                while not self._stopped:
+                    self._pass(block=True)
+                    with w._lock:
+                        if w._current is not task:
+                            return
+            finally:
+                with w._lock:
+                    w._keeper_busy = False
+
+    # -- the loop, run by whichever thread holds socket_lock --------------------------------------
+
+    def _pass(self, block: bool) -> None:
         """One turn of the loop; never blocks longer than a heartbeat interval."""
         sock = self._socket
         assert sock is not None
-        events = dict(self._poller.poll(int(self._poll_timeout() * 1000)))
+        self._flush()  # before a blocking poll: a finished result must not wait
+        timeout = self._poll_timeout() if block else 0.0
+        events = dict(self._poller.poll(int(timeout * 1000)))
         if self.w._wake_r in events:
             _drain_pipe(self.w._wake_r)
         if sock in events:
@@ -357,7 +437,7 @@ class _WorkerIO:
         self._check_timeout(now)
         if now - self._heard > self._expiry:
             log.warning("broker silent for %.1fs; reconnecting", now - self._heard)
-            self._connect()
+            self.connect()
         elif now - self._told >= self.w.interval:
             self._send(p.encode(p.Command.HEARTBEAT))
         if self._draining and not self._drain_acked and now - self._drain_started > self._expiry:
@@ -371,6 +451,7 @@ class _WorkerIO:
         if self.w._parent_pid is not None and os.getppid() != self.w._parent_pid:
             log.info("parent process is gone; exiting")
             os._exit(0)
+        self._last_pass = now
 
     def _poll_timeout(self) -> float:
         timeout = self.w.interval - (time.monotonic() - self._told)
@@ -381,7 +462,7 @@ class _WorkerIO:
 
     # -- connection ---------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def connect(self) -> None:
         self._close()
         sock = connect_dealer(
             self._context,
@@ -426,7 +507,7 @@ class _WorkerIO:
 
     def _send(self, frames: list[p.Frame]) -> None:
         assert self._socket is not None
-        self._socket.send_multipart(frames, copy=not p.needs_zero_copy(frames))
+        send_frames(self._socket, frames)
         self._told = time.monotonic()
 
     # -- input ----------------------------------------------------------------------------
@@ -434,7 +515,7 @@ class _WorkerIO:
     def _read_all(self, sock: zmq.Socket[bytes]) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             self._heard = time.monotonic()
@@ -470,8 +551,7 @@ class _WorkerIO:
         if self._draining:
             self._outbox_returned([_Job(r, f) for r, f in tasks])
             return
-        for record, payload in tasks:
-            self.w._inbox.put(_Job(record, payload))
+        self.w._inbox.extend(_Job(record, payload) for record, payload in tasks)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -497,6 +577,11 @@ class _WorkerIO:
         else:
             self._send(p.encode_ready(grant))
 
+    def _take_inbox(self) -> list[_Job]:
+        jobs = list(self.w._inbox)
+        self.w._inbox.clear()
+        return jobs
+
     def _outbox_returned(self, jobs: list[_Job]) -> None:
         returned = [(p.DoneRecord(j.record.key, p.Status.RETURNED), _EMPTY) for j in jobs]
         with self.w._lock:
@@ -506,7 +591,7 @@ class _WorkerIO:
         log.info("draining: handing back unstarted tasks, finishing the running one")
         self._draining = True
         self._drain_started = time.monotonic()
-        self._outbox_returned(self.w._inbox.take_all())
+        self._outbox_returned(self._take_inbox())
         self._send(p.encode(p.Command.DRAIN))
 
     def _leave_now(self) -> None:
@@ -514,8 +599,7 @@ class _WorkerIO:
         log.warning("leaving now: handing back every task held")
         with self.w._lock:
             current, self.w._current = self.w._current, None
-        jobs = self.w._inbox.take_all()
-        self._outbox_returned(jobs)
+        self._outbox_returned(self._take_inbox())
         if current is not None:
             with self.w._lock:
                 self.w._outbox.append((p.DoneRecord(current[0], p.Status.RETURNED), _EMPTY))
@@ -537,7 +621,7 @@ class _WorkerIO:
             )
             self.w._outbox.append((p.DoneRecord(key, p.Status.RAISED), ser.dumps_exception(error)))
         log.warning("task exceeded its %gs limit; replacing this worker process", limit)
-        self._outbox_returned(self.w._inbox.take_all())
+        self._outbox_returned(self._take_inbox())
         self._draining = True
         self._flush()
         self._send(p.encode(p.Command.DISCONNECT))

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -290,6 +291,45 @@ def test_no_submit_waits_for_a_heartbeat(pool: Pool) -> None:
                 assert ex.submit(tasks.square, i).result(timeout=30) == i * i
                 waited = time.monotonic() - started
                 assert waited < 5.0, f"a call waited {waited:.1f}s: a wake-up was lost"
+
+
+def test_no_wake_up_is_lost_between_threads(pool: Pool) -> None:
+    """Round trips from several threads at once (the client sends from the caller's
+    thread when its socket is free), done-callbacks that submit from the client's I/O
+    thread, and tasks just long enough for a worker's keeper thread to take its socket
+    and hand it back. With a 10 s heartbeat interval, a wake-up lost anywhere shows as
+    a call that waits for the next poll timeout."""
+    pool.interval = 10.0
+    pool.start_broker()
+    pool.start_worker(2)
+    pool.wait_workers(2)
+    with fade.Executor(pool.address, heartbeat_interval=10.0) as ex:
+
+        def round_trips(n: int) -> float:
+            worst = 0.0
+            for i in range(60):
+                seconds = 0.03 if i % 5 == 0 else 0.0  # past the worker's TAKEOVER
+                started = time.monotonic()
+                assert ex.submit(tasks.sleep_and_return, seconds, (n, i)).result(30) == (n, i)
+                worst = max(worst, time.monotonic() - started)
+            return worst
+
+        chain_done = threading.Event()
+        links: list[int] = []
+
+        def next_link(future: cf.Future[int]) -> None:
+            links.append(future.result())
+            if len(links) < 200:
+                ex.submit(tasks.add, links[-1], 1).add_done_callback(next_link)
+            else:
+                chain_done.set()
+
+        ex.submit(tasks.add, 0, 1).add_done_callback(next_link)
+        with cf.ThreadPoolExecutor(4) as threads:
+            worst = max(threads.map(round_trips, range(4)))
+        assert chain_done.wait(30), f"the callback chain stopped after {len(links)} links"
+        assert links == list(range(1, 201))
+        assert worst < 5.0, f"a call waited {worst:.1f}s: a wake-up was lost"
 
 
 def test_task_lost_with_a_replaced_worker_socket_is_sent_again(pool: Pool) -> None:
