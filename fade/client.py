@@ -10,9 +10,9 @@
 
 * User threads pickle (so a bad argument raises at ``submit``), then append to
   the outbox and poke a pipe, and the I/O thread sends what waits there in
-  batches. A task submitted when nothing waits ahead of it and the pool has room
-  goes straight out from the caller's thread instead: waking the I/O thread for
-  it would double the time a lone round trip takes.
+  batches. A lone task (none other waiting or out) goes straight out from the
+  caller's thread instead: waking the I/O thread for it would add two thread
+  wake-ups to its round trip.
 * The socket is touched only by the thread holding ``socket_lock`` (ZeroMQ lets a
   socket move between threads across such a full memory barrier). The I/O thread
   never holds it while it waits: it sleeps on the socket's file descriptor, and
@@ -181,8 +181,8 @@ class _ClientIO:
             pass
 
     def _send_now(self, item: _WorkItem) -> bool:
-        """Send a task from the caller's thread if the socket is free and nothing else
-        waits to go; False: it must take the outbox."""
+        """Send a lone task from the caller's thread (the socket is free, no other task
+        of ours is out or waiting); False: it must take the outbox."""
         if not self.socket_lock.acquire(blocking=False):
             return False
         try:
@@ -192,7 +192,8 @@ class _ClientIO:
                 or not self._welcomed
                 or self.broken is not None
                 or self.closing
-                or len(self.in_flight) >= self._capacity
+                or self.in_flight  # a burst: batches through the I/O thread cost less
+                or not self._capacity
                 or (limit and item.largest > limit)
                 or not item.future.set_running_or_notify_cancel()
             ):
