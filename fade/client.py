@@ -18,6 +18,12 @@
   never holds it while it waits: it sleeps on the socket's file descriptor, and
   whoever last used the socket checks ZMQ_EVENTS afterwards and wakes it if a
   message came in meanwhile (the descriptor only signals edges).
+* A thread that calls ``result()`` reads the socket itself for the first few
+  milliseconds of its wait if no one else is using it, and completes its own
+  future when the reply comes: a short round trip then wakes no other thread.
+  Any other result it reads, and any future with done-callbacks, is left to the
+  I/O thread, so callbacks never run in a thread that is waiting (it may hold a
+  lock they need).
 * Futures are completed after the I/O thread has let go of the socket, so a
   done-callback may submit at once.
 * Flow control: the client keeps at most the pool's *capacity* (as the broker
@@ -45,8 +51,9 @@ import concurrent.futures as cf
 import itertools
 import json
 import logging
+import math
 import os
-import select
+import selectors
 import socket
 import threading
 import time
@@ -98,6 +105,9 @@ T = TypeVar("T")
 MAX_BATCH = 512
 #: Seconds between checks that the embedded pool's processes are alive.
 POOL_CHECK_INTERVAL = 0.1
+#: Seconds a thread waiting for a result reads the socket itself before it leaves
+#: that to the I/O thread (which cannot send or heartbeat meanwhile).
+LEAD_TIME = 0.005
 
 
 @dataclass(slots=True, eq=False)
@@ -155,8 +165,8 @@ class _ClientIO:
         self._socket: zmq.Socket[bytes] | None = None
         self._socket_fd = -1
         self._watch: security.HandshakeWatch | None = None
-        self._poller = select.poll()
-        self._poller.register(self._wake_r, select.POLLIN)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._heard = self._told = time.monotonic()
         self._next_pool_check = 0.0
         self._bad_input = RateLimitedLog(log)
@@ -221,14 +231,16 @@ class _ClientIO:
             while True:
                 with self.socket_lock:
                     self._take_input(woken)
-                self._deliver()  # before the upkeep: a caller is waiting for these
+                    ready = self._take_ready()
+                _deliver(ready)  # before the upkeep: a caller is waiting for these
                 with self.socket_lock:
                     self._upkeep()
                     finished = self._finished()
                     if finished:
                         self._send(p.encode(p.Command.DISCONNECT))
                     timeout = self._poll_timeout()
-                self._deliver()
+                    ready = self._take_ready()
+                _deliver(ready)
                 if finished:
                     break
                 woken = self._wait(timeout)
@@ -236,8 +248,8 @@ class _ClientIO:
             log.exception("the client I/O thread failed")
             self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
         finally:
-            self._deliver()
             with self.socket_lock:
+                _deliver(self._take_ready())
                 if self._watch is not None:
                     self._watch.close()
                 if self._socket is not None:
@@ -256,18 +268,62 @@ class _ClientIO:
     def _wait(self, timeout: float) -> bool:
         """Sleep, not holding the socket, until input, a wake-up or ``timeout``;
         True if woken through the pipe."""
-        events = self._poller.poll(timeout * 1000)
-        return any(fd == self._wake_r for fd, _ in events)
+        events = self._selector.select(timeout)
+        return any(key.fd == self._wake_r for key, _ in events)
 
-    def _deliver(self) -> None:
-        """Complete the futures whose results came in (outside the socket lock, so a
-        done-callback may submit)."""
+    def _take_ready(self) -> list[tuple[cf.Future[Any], bool, Any]]:
         ready, self._ready = self._ready, []
-        for future, ok, value in ready:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        return ready
+
+    # -- called from a thread waiting for a result -------------------------------------------
+
+    def wait_here(self, future: _Future[Any], deadline: float) -> None:
+        """Read the socket in the waiting thread, for up to LEAD_TIME, if no one else is
+        using it: the result then reaches its caller without waking the I/O thread.
+
+        Only this future is completed here, and only if it has no done-callbacks
+        (those always run on the I/O thread); whatever else comes in is left to the
+        I/O thread, which is woken for it.
+        """
+        if not self.socket_lock.acquire(blocking=False):
+            return
+        outcome = None
+        try:
+            sock = self._socket
+            if sock is None or self.broken is not None:
+                return
+            self._selector.unregister(self._socket_fd)  # the I/O thread need not wake
+            try:
+                end = min(deadline, time.monotonic() + LEAD_TIME)
+                while outcome is None:
+                    try:
+                        self._read_all(sock)
+                    except Exception as exc:  # as in the I/O thread: the pool is unusable
+                        log.exception("reading the broker's reply failed")
+                        self._break(BrokenPoolError(f"the client failed to read: {exc!r}"))
+                        return
+                    outcome = self._take_outcome(future)
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    if outcome is None:
+                        sock.poll(math.ceil(left * 1000))
+            finally:
+                self._selector.register(self._socket_fd, selectors.EVENT_READ)
+                if self._ready or has_input(sock):
+                    self.wake()
+        finally:
+            self.socket_lock.release()
+        if outcome is not None:
+            _deliver([outcome])
+
+    def _take_outcome(self, future: _Future[Any]) -> tuple[cf.Future[Any], bool, Any] | None:
+        if future.has_callbacks:
+            return None
+        for i, outcome in enumerate(self._ready):
+            if outcome[0] is future:
+                return self._ready.pop(i)
+        return None
 
     def _take_input(self, woken: bool) -> None:
         """Read what the broker sent (holding the socket); never blocks."""
@@ -315,7 +371,7 @@ class _ClientIO:
         if self._watch is not None:
             self._watch.close()
         if self._socket is not None:
-            self._poller.unregister(self._socket_fd)
+            self._selector.unregister(self._socket_fd)
             self._socket.close(linger=0)
         sock = connect_dealer(
             self._context,
@@ -327,7 +383,7 @@ class _ClientIO:
         self._watch = security.HandshakeWatch(sock, log, self.keys)
         self._socket = sock
         self._socket_fd = cast(int, sock.getsockopt(zmq.FD))
-        self._poller.register(self._socket_fd, select.POLLIN)
+        self._selector.register(self._socket_fd, selectors.EVENT_READ)
         self._heard = time.monotonic()
         self._hello()
 
@@ -513,6 +569,38 @@ class _ClientIO:
                     pass
 
 
+def _deliver(ready: list[tuple[cf.Future[Any], bool, Any]]) -> None:
+    """Complete the futures whose results came in (outside the socket lock, so a
+    done-callback may submit)."""
+    for future, ok, value in ready:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class _Future(cf.Future[T]):
+    """A ``concurrent.futures.Future`` whose ``result()`` may read the reply itself."""
+
+    def __init__(self, io: _ClientIO) -> None:
+        super().__init__()
+        self._io = io
+        self.has_callbacks = False
+
+    def add_done_callback(self, fn: Callable[[cf.Future[T]], object]) -> None:
+        self.has_callbacks = True
+        super().add_done_callback(fn)
+
+    def result(self, timeout: float | None = None) -> T:
+        if self.done():
+            return super().result()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._io.wait_here(self, deadline)
+        if timeout is not None:
+            timeout = max(0.0, deadline - time.monotonic())
+        return super().result(timeout)
+
+
 def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
     kind = request.get("kind")
     if kind == "manifest":
@@ -687,7 +775,7 @@ class Executor(cf.Executor):
                 f"the task has a {largest}-byte part, more than max_message_size "
                 f"({self._max_message_size}); raise it here, on the broker and on the workers"
             )
-        future: cf.Future[T] = cf.Future()
+        future: cf.Future[T] = _Future(self._io)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -171,6 +171,63 @@ def test_done_callbacks_run_once(executor: cf.Executor) -> None:
     assert sorted(calls) == sorted(x * x for x in range(50))
 
 
+def test_callbacks_never_run_in_a_thread_waiting_for_a_result(executor: cf.Executor) -> None:
+    """A thread blocked in result() holds what it holds (here, a lock the callback
+    takes): a callback run in that thread would deadlock instead of waiting its turn.
+    Nor do other futures' callbacks run there while it waits. (On a future already
+    done, add_done_callback runs the callback at once in the caller's thread, as the
+    standard library says; the tasks take a few milliseconds so that this is rare,
+    and such calls are told apart.)"""
+    lock = threading.Lock()
+    ran_in: list[str] = []
+    adding = threading.local()
+
+    def callback(future: cf.Future[object]) -> None:
+        if getattr(adding, "now", False):
+            ran_in.append("at add_done_callback")
+            return
+        with lock:
+            ran_in.append(threading.current_thread().name)
+
+    def add_callback(future: cf.Future[object]) -> None:
+        adding.now = True
+        try:
+            future.add_done_callback(callback)
+        finally:
+            adding.now = False
+
+    def wait_for_callbacks(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(ran_in) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ran_in) == count
+
+    me = threading.current_thread().name
+    for i in range(20):
+        with lock:
+            future = executor.submit(tasks.sleep_and_return, 0.003, i)
+            add_callback(future)
+            assert future.result(timeout=30) == i
+        wait_for_callbacks(6 * i + 1)
+        others = [executor.submit(tasks.add, i, j) for j in range(5)]
+        for other in others:
+            add_callback(other)
+        assert executor.submit(tasks.sleep_and_return, 0.003, i).result(timeout=30) == i
+        wait_for_callbacks(6 * i + 6)
+    assert me not in ran_in
+
+
+def test_result_timeout_is_honoured(executor: cf.Executor) -> None:
+    executor.submit(tasks.add, 0, 0).result(timeout=30)  # the pool is up and warm
+    future = executor.submit(tasks.sleep_and_return, 3.0, "late")
+    started = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        future.result(timeout=0.3)
+    waited = time.monotonic() - started
+    assert 0.3 <= waited < 2.0
+    assert future.result(timeout=30) == "late"
+
+
 def test_ten_thousand_small_tasks(executor: cf.Executor) -> None:
     futures = [executor.submit(tasks.add, i, 1) for i in range(10_000)]
     assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(10_000)]

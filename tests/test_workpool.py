@@ -136,6 +136,19 @@ GARBAGE: list[list[bytes]] = [
 ]
 
 
+def _raw_connection(port: int) -> socket.socket:
+    """A plain TCP connection to the broker's port. About one run in twenty, on this
+    VM, the first connect is refused although ``ss`` shows the broker listening, with
+    an empty accept queue (seen before and after the broker's changes); a retry
+    gets through. A dead broker refuses every try, and the test checks it is alive."""
+    for _ in range(4):
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
 def test_garbage_does_not_hurt_the_broker(tcp_pool: Pool, fade_executor: fade.Executor) -> None:
     ctx = zmq.Context()
     try:
@@ -151,7 +164,7 @@ def test_garbage_does_not_hurt_the_broker(tcp_pool: Pool, fade_executor: fade.Ex
             registered.send_multipart(frames)
         # Not ZeroMQ at all: raw bytes on the TCP port.
         for blob in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096), b"\xff" * 10):
-            with socket.create_connection(("127.0.0.1", tcp_pool.port), timeout=5) as raw:
+            with _raw_connection(tcp_pool.port) as raw:
                 raw.sendall(blob)
         time.sleep(0.5)
         assert tcp_pool.broker is not None and tcp_pool.broker.poll() is None
