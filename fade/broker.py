@@ -829,6 +829,9 @@ class Broker:
         The keys are described in docs/operating.md; tools may rely on them.
         """
         now = time.monotonic()
+        # Completions are counted at each upkeep, which may not have run since the last
+        # ones: count them now, or the rate would lag what tasks_done says.
+        self._throughput.record(now, self.tasks_done)
         heard = self._heard
         running = sum(len(w.tasks) for w in self._workers.values())
         return {
