@@ -314,8 +314,10 @@ class _ClientIO:
                     self.wake()
         finally:
             self.socket_lock.release()
-        if outcome is not None:
-            _deliver([outcome])
+        if outcome is not None and not future.complete_here(outcome[1], outcome[2]):
+            with self.socket_lock:  # a callback came meanwhile: the I/O thread runs it
+                self._ready.append(outcome)
+            self.wake()
 
     def _take_outcome(self, future: _Future[Any]) -> tuple[cf.Future[Any], bool, Any] | None:
         if future.has_callbacks:
@@ -585,11 +587,26 @@ class _Future(cf.Future[T]):
     def __init__(self, io: _ClientIO) -> None:
         super().__init__()
         self._io = io
+        self._callbacks_lock = threading.Lock()
         self.has_callbacks = False
 
     def add_done_callback(self, fn: Callable[[cf.Future[T]], object]) -> None:
-        self.has_callbacks = True
+        with self._callbacks_lock:
+            self.has_callbacks = True
         super().add_done_callback(fn)
+
+    def complete_here(self, ok: bool, value: Any) -> bool:
+        """Complete this future in the calling thread, unless it has done-callbacks
+        (those run on the I/O thread); False if it has. A callback added while this
+        runs waits, then runs at once in the thread that adds it, as on any done future."""
+        with self._callbacks_lock:
+            if self.has_callbacks:
+                return False
+            if ok:
+                self.set_result(value)
+            else:
+                self.set_exception(value)
+        return True
 
     def result(self, timeout: float | None = None) -> T:
         if self.done():
