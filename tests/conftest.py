@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,3 +268,57 @@ def no_leftover_processes() -> Iterator[None]:
     for proc in left:
         kill_tree(proc.pid)
     assert not left, f"processes left running: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+# -- a network namespace of our own ------------------------------------------------------------
+
+
+@dataclass
+class Namespace:
+    """A network namespace joined to this host by a veth pair; its addresses exist only
+    here, so all traffic stays on this machine."""
+
+    name: str
+    host_if: str
+    ns_if: str
+    host_ip: str
+    ns_ip: str
+
+    def run(self, *argv: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.name, *argv], check=True, timeout=10)
+
+    def cut(self) -> None:
+        self.run("ip", "link", "set", self.ns_if, "down")
+
+    def restore(self) -> None:
+        self.run("ip", "link", "set", self.ns_if, "up")
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespace]:
+    """A fresh namespace (skips the test where namespaces cannot be made: root and
+    iproute2 are needed); removed afterwards."""
+    tag = uuid.uuid4().hex[:6]
+    ns = Namespace(f"fade-{tag}", f"fh{tag}", f"fw{tag}", "10.213.77.1", "10.213.77.2")
+    try:
+        _ip("netns", "add", ns.name)
+        _ip("link", "add", ns.host_if, "type", "veth", "peer", "name", ns.ns_if)
+        _ip("link", "set", ns.ns_if, "netns", ns.name)
+        _ip("addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
+        _ip("link", "set", ns.host_if, "up")
+        ns.run("ip", "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_if)
+        ns.run("ip", "link", "set", ns.ns_if, "up")
+        ns.run("ip", "link", "set", "lo", "up")
+    except (OSError, subprocess.SubprocessError) as exc:
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
+        pytest.skip(f"cannot create a network namespace here (needs root and iproute2): {exc}")
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)

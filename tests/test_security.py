@@ -16,7 +16,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from conftest import (
     INTERVAL,
     LIVENESS,
     Keys,
+    Namespace,
     Pool,
     free_port,
     kill_tree,
@@ -456,45 +456,6 @@ def test_refusal_comes_before_any_socket_exists() -> None:
 )
 def test_what_counts_as_local(address: str, local: bool) -> None:
     assert security.is_local_address(address) is local
-
-
-@dataclass
-class Namespace:
-    name: str
-    host_if: str
-    host_ip: str
-    ns_ip: str
-
-
-@pytest.fixture
-def netns() -> Iterator[Namespace]:
-    """A network namespace joined to this host by a veth pair with addresses only here."""
-    tag = uuid.uuid4().hex[:6]
-    ns = Namespace(f"fadesec-{tag}", f"fs{tag}", "10.213.79.1", "10.213.79.2")
-
-    def run(*argv: str) -> None:
-        subprocess.run(argv, check=True, capture_output=True, timeout=10)
-
-    try:
-        run("ip", "netns", "add", ns.name)
-        run("ip", "link", "add", ns.host_if, "type", "veth", "peer", "name", f"fn{tag}")
-        run("ip", "link", "set", f"fn{tag}", "netns", ns.name)
-        run("ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
-        run("ip", "link", "set", ns.host_if, "up")
-        run(
-            "ip", "netns", "exec", ns.name, "ip", "addr", "add", f"{ns.ns_ip}/30", "dev", f"fn{tag}"
-        )
-        run("ip", "netns", "exec", ns.name, "ip", "link", "set", f"fn{tag}", "up")
-        run("ip", "netns", "exec", ns.name, "ip", "link", "set", "lo", "up")
-    except (OSError, subprocess.SubprocessError) as exc:
-        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
-        pytest.skip(f"cannot create a network namespace here (needs root and iproute2): {exc}")
-    try:
-        yield ns
-    finally:
-        subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
 
 
 def test_insecure_serves_a_network_address_and_keeps_warning(
