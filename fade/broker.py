@@ -307,8 +307,14 @@ class Broker:
         return max(0.0, min(due - now, self.interval))
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
-        """Handle every message waiting, up to a bound, without blocking."""
-        for _ in range(1000):
+        """Handle every message waiting, up to a bound, without blocking (the poll
+        reported input: the first message needs no check, which costs a system call)."""
+        try:
+            frames = recv_frames(sock)
+        except zmq.Again:
+            return
+        self._handle(frames)
+        for _ in range(999):
             if not has_input(sock):
                 return
             self._handle(recv_frames(sock))

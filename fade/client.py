@@ -89,6 +89,7 @@ from fade.sockets import (
     largest_frame,
     recv_frames,
     send_frames,
+    wait_for_input,
 )
 
 __all__ = ["Executor"]
@@ -294,23 +295,24 @@ class _ClientIO:
                 return
             self._selector.unregister(self._socket_fd)  # the I/O thread need not wake
             try:
+                outcome = self._take_outcome(future)
                 end = min(deadline, time.monotonic() + LEAD_TIME)
                 while outcome is None:
+                    left = end - time.monotonic()
+                    if left <= 0 or not wait_for_input(sock, math.ceil(left * 1000)):
+                        break
                     try:
-                        self._read_all(sock)
+                        self._read_all(sock, known=True)
                     except Exception as exc:  # as in the I/O thread: the pool is unusable
                         log.exception("reading the broker's reply failed")
                         self._break(BrokenPoolError(f"the client failed to read: {exc!r}"))
                         return
                     outcome = self._take_outcome(future)
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        break
-                    if outcome is None:
-                        sock.poll(math.ceil(left * 1000))
             finally:
                 self._selector.register(self._socket_fd, selectors.EVENT_READ)
-                if self._ready or has_input(sock):
+                # The last thing done to the socket here found no input (the poll, or
+                # _read_all's last check), so the descriptor will signal the next message.
+                if self._ready:
                     self.wake()
         finally:
             self.socket_lock.release()
@@ -401,9 +403,11 @@ class _ClientIO:
 
     # -- input -------------------------------------------------------------------------------------
 
-    def _read_all(self, sock: zmq.Socket[bytes]) -> None:
-        # Asking EVENTS is far cheaper than the zmq.Again a drained socket raises.
-        while has_input(sock):
+    def _read_all(self, sock: zmq.Socket[bytes], known: bool = False) -> None:
+        """Handle every message waiting; ``known``: a poll just saw one, so the first
+        needs no check. Asking EVENTS costs less than the zmq.Again a drained socket raises."""
+        while known or has_input(sock):
+            known = False
             frames = recv_frames(sock)
             self._heard = time.monotonic()
             try:

@@ -77,6 +77,7 @@ from fade.shipping import uninstall_import_hook
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     connect_dealer,
+    has_input,
     largest_frame,
     parse_size,
     recv_frames,
@@ -97,6 +98,8 @@ TAKEOVER = 0.01
 RESULT_DELAY = 0.001
 #: Seconds without a task after which the keeper stops checking and sleeps until woken.
 KEEPER_NAP = 1.0
+#: Seconds between the checks no task waits for: the parent process, failed handshakes.
+CHECK_INTERVAL = 0.1
 #: Exit status of a worker that ended itself after a task timed out.
 EXIT_TIMEOUT = 75
 #: Seconds to wait for a client to send code before the task fails.
@@ -323,6 +326,7 @@ class _WorkerIO:
         self._stopped = False
         self._bad_input = RateLimitedLog(log)
         self._last_pass = 0.0
+        self._next_check = 0.0
         self._last_start = 0.0
         self._keeper_asleep = False
         self._task_started = threading.Event()  # wakes a sleeping keeper
@@ -424,15 +428,13 @@ class _WorkerIO:
         if self.w._wake_r in events:
             _drain_pipe(self.w._wake_r)
         if sock in events:
-            self._read_all(sock)
+            self._read_all(sock)  # the poll saw input: no need to ask first
         if self.w._drain_requests and not self._draining:
             self._start_drain()
         if self.w._drain_requests > 1:
             self._leave_now()
             return
         self._flush()
-        if self._watch is not None:
-            self._watch.check()
         now = time.monotonic()
         self._check_timeout(now)
         if now - self._heard > self._expiry:
@@ -448,10 +450,18 @@ class _WorkerIO:
         if self._draining and self._drain_acked and self.w.held() == 0 and not self.w._outbox:
             self._send(p.encode(p.Command.DISCONNECT))
             self._stopped = True
+        if now >= self._next_check:
+            self._slow_checks(now)
+        self._last_pass = now
+
+    def _slow_checks(self, now: float) -> None:
+        """What may wait a moment: each costs a system call, too much for every task."""
+        self._next_check = now + CHECK_INTERVAL
+        if self._watch is not None:
+            self._watch.check()
         if self.w._parent_pid is not None and os.getppid() != self.w._parent_pid:
             log.info("parent process is gone; exiting")
             os._exit(0)
-        self._last_pass = now
 
     def _poll_timeout(self) -> float:
         timeout = self.w.interval - (time.monotonic() - self._told)
@@ -513,16 +523,21 @@ class _WorkerIO:
     # -- input ----------------------------------------------------------------------------
 
     def _read_all(self, sock: zmq.Socket[bytes]) -> None:
+        """Handle what waits (the caller's poll saw input). Asking EVENTS between messages
+        costs less than the zmq.Again a drained socket raises."""
+        try:
+            frames = recv_frames(sock)
+        except zmq.Again:
+            return
         while True:
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
             self._heard = time.monotonic()
             try:
                 self._handle(p.parse(frames))
             except ProtocolError as exc:
                 self._bad_input.warning("dropped a message from the broker: %s", exc)
+            if not has_input(sock):
+                return
+            frames = recv_frames(sock)
 
     def _handle(self, message: p.Message) -> None:
         command = message.command
@@ -557,14 +572,20 @@ class _WorkerIO:
 
     def _flush(self) -> None:
         """Send every finished result in one DONE, granting the credits we now want."""
-        with self.w._lock:
-            fetches = list(self.w._fetch_outbox)
-            self.w._fetch_outbox.clear()
-        for fetch in fetches:
-            self._send(p.encode_fetch(fetch.client, fetch.request_id, fetch.request))
-        with self.w._lock:
-            results = list(self.w._outbox)
-            self.w._outbox.clear()
+        # The lists are looked at before taking the lock, which most passes then skip:
+        # whoever appends to them while another thread holds the socket wakes it.
+        w = self.w
+        if w._fetch_outbox:
+            with w._lock:
+                fetches = list(w._fetch_outbox)
+                w._fetch_outbox.clear()
+            for fetch in fetches:
+                self._send(p.encode_fetch(fetch.client, fetch.request_id, fetch.request))
+        results = []
+        if w._outbox:
+            with w._lock:
+                results = list(w._outbox)
+                w._outbox.clear()
         grant = 0
         if not self._draining:
             grant = max(0, self.w.wanted() - self.w.held() - self._credits)
@@ -609,6 +630,9 @@ class _WorkerIO:
         self._linger_and_exit(0)
 
     def _check_timeout(self, now: float) -> None:
+        current = self.w._current
+        if current is None or current[2] <= 0 or now - current[1] < current[2]:
+            return  # the usual case, seen without the lock; checked again under it
         with self.w._lock:
             current = self.w._current
             if current is None or current[2] <= 0 or now - current[1] < current[2]:
