@@ -424,7 +424,7 @@ class Broker:
                     self._enqueue_again(task)
                     returned += 1
                 continue
-            self._complete(task, record.status, payload)
+            self._complete(task, record.status, payload, sender=identity)
             if worker is not None:
                 worker.done += 1
         if returned:
@@ -759,13 +759,16 @@ class Broker:
         for part in p.chunked(records):
             self._send(worker.identity, p.encode_task(part))
 
-    def _unassign(self, task: _Task) -> None:
+    def _unassign(self, task: _Task, sender: bytes | None = None) -> None:
+        """Take a task off its worker. That worker is filed again at once, unless it is
+        ``sender``, whose message's handler files it once it has handled them all."""
         if task.worker is not None:
             worker = self._workers.get(task.worker)
             if worker is not None and worker.tasks.pop(task.key, None) is not None:
                 if not worker.tasks:
                     worker.isolated = False
-                self._file(worker)
+                if task.worker != sender:
+                    self._file(worker)
             task.worker = None
 
     def _enqueue_again(self, task: _Task) -> None:
@@ -776,9 +779,12 @@ class Broker:
         else:
             self._queue.appendleft(task)
 
-    def _complete(self, task: _Task, status: p.Status, payload: p.Payload) -> None:
-        """Remove a finished task everywhere and queue its result for its client."""
-        self._unassign(task)
+    def _complete(
+        self, task: _Task, status: p.Status, payload: p.Payload, sender: bytes | None = None
+    ) -> None:
+        """Remove a finished task everywhere and queue its result for its client
+        (``sender``: as in _unassign)."""
+        self._unassign(task, sender)
         task.state = TaskState.DONE
         del self._tasks[task.key]
         self.tasks_done += 1

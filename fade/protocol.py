@@ -445,6 +445,8 @@ def chunked(
 ) -> list[list[tuple[T, Payload]]]:
     """Split items into batches whose inline data stays within ``limit`` bytes (an item
     larger than that travels alone)."""
+    if len(items) == 1:  # a lone task or result: most messages
+        return [list(items)]
     batches: list[list[tuple[T, Payload]]] = [[]]
     size = 0
     for item in items:
