@@ -77,6 +77,8 @@ def parse_size(text: str) -> int:
 
 def largest_frame(frames: Sequence[Any]) -> int:
     """Bytes in the largest of ``frames`` (bytes, memoryviews, zmq.Frames)."""
+    if len(frames) == 1 and isinstance(frames[0], bytes):  # a payload with no buffers
+        return len(frames[0])
     return max((memoryview(f).nbytes for f in frames), default=0)
 
 

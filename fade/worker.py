@@ -77,7 +77,6 @@ from fade.shipping import uninstall_import_hook
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     connect_dealer,
-    has_input,
     largest_frame,
     parse_size,
     recv_frames,
@@ -428,7 +427,7 @@ class _WorkerIO:
         if self.w._wake_r in events:
             _drain_pipe(self.w._wake_r)
         if sock in events:
-            self._read_all(sock)  # the poll saw input: no need to ask first
+            self._read_one(sock)
         if self.w._drain_requests and not self._draining:
             self._start_drain()
         if self.w._drain_requests > 1:
@@ -522,22 +521,18 @@ class _WorkerIO:
 
     # -- input ----------------------------------------------------------------------------
 
-    def _read_all(self, sock: zmq.Socket[bytes]) -> None:
-        """Handle what waits (the caller's poll saw input). Asking EVENTS between messages
-        costs less than the zmq.Again a drained socket raises."""
+    def _read_one(self, sock: zmq.Socket[bytes]) -> None:
+        """Handle the message the caller's poll saw. One per pass: the next pass's poll
+        sees any other, and asking the socket here would cost a system call per task."""
         try:
             frames = recv_frames(sock)
         except zmq.Again:
             return
-        while True:
-            self._heard = time.monotonic()
-            try:
-                self._handle(p.parse(frames))
-            except ProtocolError as exc:
-                self._bad_input.warning("dropped a message from the broker: %s", exc)
-            if not has_input(sock):
-                return
-            frames = recv_frames(sock)
+        self._heard = time.monotonic()
+        try:
+            self._handle(p.parse(frames))
+        except ProtocolError as exc:
+            self._bad_input.warning("dropped a message from the broker: %s", exc)
 
     def _handle(self, message: p.Message) -> None:
         command = message.command
