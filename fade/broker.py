@@ -307,13 +307,17 @@ class Broker:
         return max(0.0, min(due - now, self.interval))
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
-        """Handle every message waiting, up to a bound, without blocking (the poll
-        reported input: the first message needs no check, which costs a system call)."""
+        """Handle the message the poll saw and, unless at most one task is in the pool,
+        whatever else waits (up to a bound). Checking for more costs a system call per
+        message: under load it batches results; a lone task has nothing to batch with,
+        and the next poll sees any message that came meanwhile."""
         try:
             frames = recv_frames(sock)
         except zmq.Again:
             return
         self._handle(frames)
+        if len(self._tasks) <= 1:
+            return
         for _ in range(999):
             if not has_input(sock):
                 return
