@@ -87,7 +87,6 @@ from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     connect_dealer,
     has_input,
-    largest_frame,
     recv_frames,
     send_frames,
     wait_for_input,
@@ -119,7 +118,7 @@ class _WorkItem:
     task_id: int
     future: cf.Future[Any]
     payload: p.Payload
-    largest: int = 0  # bytes in its largest part (inline data or one buffer)
+    largest: int = 0  # bytes in its largest frame (p.largest_part)
 
 
 class _ClientIO:
@@ -453,7 +452,7 @@ class _ClientIO:
             batch: list[_WorkItem] = []
             size = 0
             for item in items:
-                inline = len(item.payload.inline)
+                inline = len(item.payload.inline) + p.HEAD_ROOM
                 if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
                     self._send(self._submit_frames(batch))
                     batch, size = [], 0
@@ -529,7 +528,7 @@ class _ClientIO:
         size = 0
         with self.lock:
             while self.outbox and len(batch) < room:
-                inline = len(self.outbox[0].payload.inline)
+                inline = len(self.outbox[0].payload.inline) + p.HEAD_ROOM
                 if batch and size + inline > self._batch_bytes():
                     break
                 item = self.outbox.popleft()
@@ -541,8 +540,8 @@ class _ClientIO:
         return batch
 
     def _batch_bytes(self) -> int:
-        """The most inline bytes one message may carry: every peer's frame limit applies
-        to the batch's single inline frame, not to each task in it."""
+        """The most bytes a SUBMIT's first frame may carry (each task's inline bytes plus
+        p.HEAD_ROOM): every peer's frame limit applies to that one frame, not to each task."""
         limits = [self.max_message_size, p.BATCH_BYTES]
         if self.broker_max_message_size:
             limits.append(self.broker_max_message_size)
@@ -852,7 +851,7 @@ class Executor(cf.Executor):
             code = self._code.version()
             self._code.check_function(fn)
         payload = ser.dumps_call(fn, args, kwargs, code)
-        largest = largest_frame([payload.inline, *payload.buffers])
+        largest = p.largest_part(payload)
         if largest > self._max_message_size:
             raise MessageTooLargeError(
                 f"the task has a {largest}-byte part, more than max_message_size "

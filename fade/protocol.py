@@ -5,6 +5,9 @@ socket; the broker has one ROUTER socket. A message is a list of frames::
 
     [header, body...]          header = b"fd" + VERSION + COMMAND   (4 bytes)
 
+except a batch (SUBMIT, TASK, DONE, RESULT), whose first frame also carries the
+records and the small data: ``[header + u32 meta size + meta + inline, buffers...]``.
+
 The ROUTER adds/strips the peer's identity frame; nothing here sees it.
 
     client                      broker                        worker
@@ -17,8 +20,9 @@ The ROUTER adds/strips the peer's identity frame; nothing here sees it.
       | <-> HEARTBEAT <------->  | <-------> HEARTBEAT <------> |
 
 Task and result payloads are opaque frames to the broker: it forwards them
-without unpickling or copying. Records that describe them travel in one packed
-``meta`` frame per message, so a batch of many tasks costs one message.
+without unpickling or copying large buffers. Records that describe them travel
+packed in the message's first frame, so a batch of many tasks costs one message,
+and a lone small task one frame.
 See docs/protocol.md for the full description.
 """
 
@@ -37,6 +41,7 @@ from fade.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "HEAD_ROOM",
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
     "MAGIC",
@@ -84,6 +89,7 @@ __all__ = [
     "encode_task",
     "encode_welcome",
     "expiry",
+    "largest_part",
     "pack_request",
     "parse",
     "speaks_fade",
@@ -91,7 +97,7 @@ __all__ = [
 ]
 
 MAGIC = b"fd"
-VERSION = 1
+VERSION = 2
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 #: Seconds between heartbeats, in both directions.
@@ -101,6 +107,9 @@ HEARTBEAT_LIVENESS = 3
 
 #: The largest key a worker echoes back (a client identity plus an 8-byte id).
 MAX_KEY = 255
+#: Room a batch's first frame needs beyond its items' inline bytes: the header, the meta
+#: size and one record per item (the longest, with a MAX_KEY key, is under this).
+HEAD_ROOM = 512
 #: ERROR reasons are cut to this many bytes: a refusal never costs more than it says.
 MAX_ERROR_TEXT = 200
 
@@ -152,6 +161,7 @@ class CodeStatus(enum.IntEnum):
 
 
 _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
+_BATCHES = frozenset({Command.SUBMIT, Command.TASK, Command.DONE, Command.RESULT})
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
 _SUBMIT = struct.Struct("<QIHHd")  # task id, inline size, buffers, max attempts, timeout
@@ -159,6 +169,7 @@ _TASK = struct.Struct("<IHdB")  # inline size, buffers, timeout, key length (key
 _DONE = struct.Struct("<BIHB")  # status, inline size, buffers, key length (key follows)
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
+_HEAD = 8  # a batch's first frame: the 4-byte header, then the u32 size of its meta
 
 
 # The per-task records below are not frozen: a frozen dataclass's __init__ costs three
@@ -251,17 +262,25 @@ def speaks_fade(header: Frame) -> bool:
 
 
 def parse(frames: Sequence[Frame]) -> Message:
-    """Check the envelope and split off the command. Raises ProtocolError."""
+    """Check the envelope and split off the command. Raises ProtocolError.
+
+    A batch's body starts with its whole first frame (the decoders skip the header);
+    any other command's header frame must be the header alone.
+    """
     if not frames:
         raise ProtocolError("empty message")
-    header = _head(frames[0], 5)  # a fifth byte means "too long": never copy a huge frame
-    command = _COMMANDS.get(header)
+    head = _head(frames[0], 5)  # a fifth byte means "more": never copy a huge frame here
+    command = _COMMANDS.get(head[:4])
     if command is None:
-        if len(header) == 4 and header[:2] == MAGIC and header[2] != VERSION:
-            raise ProtocolError(f"protocol version {header[2]} is not {VERSION}")
-        if len(header) == 4 and header[:2] == MAGIC:
-            raise ProtocolError(f"unknown command {header[3]}")
-        raise ProtocolError(f"unknown header {header[:8]!r}")
+        if len(head) >= 4 and head[:2] == MAGIC:
+            if head[2] != VERSION:
+                raise ProtocolError(f"protocol version {head[2]} is not {VERSION}")
+            raise ProtocolError(f"unknown command {head[3]}")
+        raise ProtocolError(f"unknown header {head[:8]!r}")
+    if command in _BATCHES:
+        return Message(command, list(frames))
+    if len(head) > 4:
+        raise ProtocolError(f"{command.name} has data in its header frame")
     return Message(command, list(frames[1:]))
 
 
@@ -427,13 +446,14 @@ def decode_code(body: Sequence[Frame]) -> tuple[bytes, int, CodeStatus, list[Fra
 # -- task batches -----------------------------------------------------------------
 #
 # SUBMIT, TASK, DONE and RESULT share one layout:
-#     [header, meta, inline, buffer frames...]
+#     [header + u32 meta size + meta + inline, buffer frames...]
 # meta packs one record per item (with the sizes of its inline part and its
-# buffer count); inline is every item's inline bytes, concatenated. So a batch
-# of a thousand small tasks is four frames, whatever it holds.
+# buffer count); inline is every item's inline bytes, concatenated. So a lone
+# small task is one frame, and so is a batch of a thousand: every frame costs a
+# send and a receive on every hop.
 
 
-#: A batch's inline frame stays under this size (and under every peer's frame limit,
+#: A batch's first frame stays under this size (and under every peer's frame limit,
 #: which applies to that one frame, not to each item in it).
 BATCH_BYTES = 8 * 2**20
 
@@ -443,14 +463,14 @@ T = TypeVar("T")
 def chunked(
     items: Sequence[tuple[T, Payload]], limit: int = BATCH_BYTES
 ) -> list[list[tuple[T, Payload]]]:
-    """Split items into batches whose inline data stays within ``limit`` bytes (an item
+    """Split items into batches whose first frame stays within ``limit`` bytes (an item
     larger than that travels alone)."""
     if len(items) == 1:  # a lone task or result: most messages
         return [list(items)]
     batches: list[list[tuple[T, Payload]]] = [[]]
     size = 0
     for item in items:
-        inline = len(item[1].inline)
+        inline = len(item[1].inline) + HEAD_ROOM
         if batches[-1] and size + inline > limit:
             batches.append([])
             size = 0
@@ -459,8 +479,19 @@ def chunked(
     return batches if batches[0] else []
 
 
+def largest_part(payload: Payload) -> int:
+    """The largest frame a message that carries ``payload`` alone has: its inline bytes
+    travel in the first frame (with at most HEAD_ROOM more), each buffer in its own."""
+    head = len(payload.inline) + HEAD_ROOM
+    if not payload.buffers:
+        return head
+    return max(head, *(_nbytes(buffer) for buffer in payload.buffers))
+
+
 def _batch(command: Command, meta: bytes, payloads: Sequence[Payload]) -> list[Frame]:
-    frames: list[Frame] = [_HEADERS[command], meta, b"".join(pl.inline for pl in payloads)]
+    head = [_HEADERS[command], _U32.pack(len(meta)), meta]
+    head.extend(payload.inline for payload in payloads)
+    frames: list[Frame] = [b"".join(head)]
     for payload in payloads:
         frames.extend(payload.buffers)
     return frames
@@ -475,12 +506,12 @@ def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
 
 
 def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
-    meta = _meta(body, "SUBMIT", _SUBMIT.size)
+    meta, inline = _meta(body, "SUBMIT", _SUBMIT.size)
     records, sizes = [], []
     for task_id, size, nbuf, attempts, timeout in _SUBMIT.iter_unpack(meta):
         records.append(SubmitRecord(task_id, attempts, timeout))
         sizes.append((size, nbuf))
-    return list(zip(records, _split_payloads(body, sizes, "SUBMIT")))
+    return list(zip(records, _split_payloads(inline, body[1:], sizes, "SUBMIT")))
 
 
 def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
@@ -492,12 +523,12 @@ def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
 
 
 def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
-    meta = _meta(body, "TASK", 1)
+    meta, inline = _meta(body, "TASK", 1)
     records, sizes = [], []
     for (size, nbuf, timeout), key in _keyed_records(meta, _TASK, "TASK"):
         records.append(TaskRecord(key=key, timeout=timeout))
         sizes.append((size, nbuf))
-    return list(zip(records, _split_payloads(body, sizes, "TASK")))
+    return list(zip(records, _split_payloads(inline, body[1:], sizes, "TASK")))
 
 
 def encode_done(credits: int, results: Sequence[tuple[DoneRecord, Payload]]) -> list[Frame]:
@@ -510,7 +541,7 @@ def encode_done(credits: int, results: Sequence[tuple[DoneRecord, Payload]]) -> 
 
 
 def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, Payload]]]:
-    meta = _meta(body, "DONE", 1)
+    meta, inline = _meta(body, "DONE", 1)
     if len(meta) < _U32.size:
         raise ProtocolError("DONE meta too short")
     (credits,) = _U32.unpack_from(meta)
@@ -518,7 +549,7 @@ def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, Payl
     for (status, size, nbuf), key in _keyed_records(meta[_U32.size :], _DONE, "DONE"):
         records.append(DoneRecord(key=key, status=_status(status)))
         sizes.append((size, nbuf))
-    return credits, list(zip(records, _split_payloads(body, sizes, "DONE")))
+    return credits, list(zip(records, _split_payloads(inline, body[1:], sizes, "DONE")))
 
 
 def encode_result(capacity: int, results: Sequence[tuple[ResultRecord, Payload]]) -> list[Frame]:
@@ -530,7 +561,7 @@ def encode_result(capacity: int, results: Sequence[tuple[ResultRecord, Payload]]
 
 
 def decode_result(body: Sequence[Frame]) -> tuple[int, list[tuple[ResultRecord, Payload]]]:
-    meta = _meta(body, "RESULT", 1)
+    meta, inline = _meta(body, "RESULT", 1)
     if len(meta) < _U32.size or (len(meta) - _U32.size) % _RESULT.size:
         raise ProtocolError("RESULT meta has a partial record")
     (capacity,) = _U32.unpack_from(meta)
@@ -538,7 +569,7 @@ def decode_result(body: Sequence[Frame]) -> tuple[int, list[tuple[ResultRecord, 
     for task_id, status, size, nbuf in _RESULT.iter_unpack(meta[_U32.size :]):
         records.append(ResultRecord(task_id, _status(status)))
         sizes.append((size, nbuf))
-    return capacity, list(zip(records, _split_payloads(body, sizes, "RESULT")))
+    return capacity, list(zip(records, _split_payloads(inline, body[1:], sizes, "RESULT")))
 
 
 # -- helpers --------------------------------------------------------------------
@@ -550,6 +581,12 @@ def _bytes(frame: Frame) -> bytes:
     if isinstance(frame, bytes):
         return frame
     return bytes(frame)
+
+
+def _nbytes(frame: Frame) -> int:
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer.nbytes
+    return memoryview(frame).nbytes
 
 
 def _head(frame: Frame, size: int) -> bytes:
@@ -588,13 +625,20 @@ def _one_u32(body: Sequence[Frame], what: str) -> int:
     return value
 
 
-def _meta(body: Sequence[Frame], what: str, record_size: int) -> bytes:
+def _meta(body: Sequence[Frame], what: str, record_size: int) -> tuple[bytes, bytes]:
+    """A batch's records and its items' inline bytes, cut from its first frame."""
     if not body:
-        raise ProtocolError(f"{what} has no meta frame")
-    meta = _bytes(body[0])
+        raise ProtocolError(f"{what} has no frames")
+    head = _bytes(body[0])
+    if len(head) < _HEAD:
+        raise ProtocolError(f"{what} has no meta size")
+    end = _HEAD + _U32.unpack_from(head, 4)[0]
+    if end > len(head):
+        raise ProtocolError(f"{what} meta runs past its frame")
+    meta = head[_HEAD:end]
     if record_size > 1 and len(meta) % record_size:
         raise ProtocolError(f"{what} meta has a partial record")
-    return meta
+    return meta, head[end:]
 
 
 def _keyed_records(
@@ -621,14 +665,10 @@ def _keyed_records(
 
 
 def _split_payloads(
-    body: Sequence[Frame], sizes: Sequence[tuple[int, int]], what: str
+    inline: bytes, buffers: Sequence[Frame], sizes: Sequence[tuple[int, int]], what: str
 ) -> list[Payload]:
-    """Cut the inline frame and the buffer frames back into one payload per record,
+    """Cut the inline bytes and the buffer frames back into one payload per record,
     checking that the sizes and counts add up exactly."""
-    if len(body) < 2:
-        raise ProtocolError(f"{what} has no inline frame")
-    inline = _bytes(body[1])
-    buffers = body[2:]
     if len(sizes) == 1:  # a lone task or result: most round trips
         if sizes[0] != (len(inline), len(buffers)):
             raise ProtocolError(f"{what} sizes do not match its records")

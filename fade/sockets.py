@@ -31,7 +31,6 @@ __all__ = [
     "bind_router",
     "connect_dealer",
     "has_input",
-    "largest_frame",
     "parse_size",
     "recv_frames",
     "send_frames",
@@ -73,13 +72,6 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise ValueError("a size must be at least 1 byte")
     return size
-
-
-def largest_frame(frames: Sequence[Any]) -> int:
-    """Bytes in the largest of ``frames`` (bytes, memoryviews, zmq.Frames)."""
-    if len(frames) == 1 and isinstance(frames[0], bytes):  # a payload with no buffers
-        return len(frames[0])
-    return max((memoryview(f).nbytes for f in frames), default=0)
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: Sequence[Any]) -> None:

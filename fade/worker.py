@@ -77,7 +77,6 @@ from fade.shipping import uninstall_import_hook
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     connect_dealer,
-    largest_frame,
     parse_size,
     recv_frames,
     send_frames,
@@ -273,7 +272,7 @@ class Worker:
     def _checked_size(self, payload: p.Payload) -> p.Payload:
         """The result, or MessageTooLargeError if a peer on the way would refuse a part."""
         limits = [self.max_message_size, self.broker_max_message_size or self.max_message_size]
-        largest = largest_frame([payload.inline, *payload.buffers])
+        largest = p.largest_part(payload)
         if largest > min(limits):
             raise MessageTooLargeError(
                 f"the result has a {largest}-byte frame; the limit on its way back is "

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from fade import protocol as p
 from fade.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(10)
+
+
+def batch(command: p.Command, meta: bytes, inline: bytes = b"") -> bytes:
+    """A batch's first frame, built by hand: header, meta size, meta, inline bytes."""
+    header = p.MAGIC + bytes((p.VERSION, command))
+    return header + struct.pack("<I", len(meta)) + meta + inline
 
 
 def test_submit_round_trip() -> None:
@@ -17,7 +25,7 @@ def test_submit_round_trip() -> None:
         (p.SubmitRecord(7, 1, 0.0), p.Payload(b"x" * 300, (b"b",))),
     ]
     frames = p.encode_submit(tasks)
-    assert len(frames) == 3 + 3  # header, meta, one inline frame, then the buffers
+    assert len(frames) == 1 + 3  # one frame with header, meta and all inline bytes; buffers
     message = p.parse(frames)
     assert message.command is p.Command.SUBMIT
     assert p.decode_submit(message.body) == tasks
@@ -51,9 +59,10 @@ def test_hello_welcome_obituary_round_trip() -> None:
     "frames",
     [
         [],
-        [b"xx\x01\x01"],
-        [b"fd\x02\x01"],
-        [b"fd\x01\x63"],
+        [b"xx\x02\x01"],
+        [b"fd\x01\x01"],  # another version
+        [b"fd\x02\x63"],  # an unknown command
+        [b"fd\x02\x01{}"],  # data in a header frame that is not a batch's
     ],
 )
 def test_bad_envelopes_are_protocol_errors(frames: list[bytes]) -> None:
@@ -62,30 +71,50 @@ def test_bad_envelopes_are_protocol_errors(frames: list[bytes]) -> None:
 
 
 def test_wrong_version_is_named() -> None:
-    with pytest.raises(ProtocolError, match="version 2 is not 1"):
-        p.parse([b"fd\x02\x01"])
+    other = p.VERSION + 1
+    with pytest.raises(ProtocolError, match=f"version {other} is not {p.VERSION}"):
+        p.parse([p.MAGIC + bytes((other, p.Command.HELLO))])
+    with pytest.raises(ProtocolError, match=f"version {other} is not {p.VERSION}"):
+        p.parse([p.MAGIC + bytes((other, p.Command.SUBMIT)) + b"a batch's first frame"])
+
+
+def test_a_lone_small_task_is_one_frame() -> None:
+    frames = p.encode_task([(p.TaskRecord(b"k", 0.0), p.Payload(b"data"))])
+    assert len(frames) == 1
+    assert p.decode_task(p.parse(frames).body) == [(p.TaskRecord(b"k", 0.0), p.Payload(b"data"))]
 
 
 @pytest.mark.parametrize(
     ("decoder", "body"),
     [
         (p.decode_submit, []),
-        (p.decode_submit, [b"\x00" * 23, b""]),
-        # Records that claim more inline bytes or buffers than the message has.
+        (p.decode_submit, [batch(p.Command.SUBMIT, b"\x00" * 23)]),  # a partial record
+        (p.decode_submit, [b"fd\x02\x06\x00"]),  # no room for the meta size
+        (p.decode_submit, [b"fd\x02\x06\x05\x00\x00\x00ab"]),  # meta runs past the frame
+        # Records that claim more or fewer inline bytes or buffers than the message has.
         (
             p.decode_submit,
-            p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab", (b"c",)))])[1:3],
+            p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab", (b"c",)))])[:1],
         ),
         (
             p.decode_submit,
-            [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[1], b"a"],
+            [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[0], b"a"],
         ),
-        (p.decode_submit, [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[1]]),
-        (p.decode_task, [b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x05abc", b"x"]),
-        (p.decode_task, [b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x00", b"x"]),
-        (p.decode_done, [b"\x00\x00", b""]),
-        (p.decode_done, [b"\x00\x00\x00\x00" + b"\x07\x00\x00\x00\x00\x00\x00\x01k", b""]),
-        (p.decode_result, [b"\x00\x00\x00\x00\x01", b""]),
+        (p.decode_submit, [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[0][:-1]]),
+        (
+            p.decode_task,
+            [batch(p.Command.TASK, b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x05abc", b"x")],
+        ),
+        (
+            p.decode_task,
+            [batch(p.Command.TASK, b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x00", b"x")],
+        ),
+        (p.decode_done, [batch(p.Command.DONE, b"\x00\x00")]),
+        (
+            p.decode_done,
+            [batch(p.Command.DONE, b"\x00" * 4 + b"\x07\x00\x00\x00\x00\x00\x00\x01k")],
+        ),
+        (p.decode_result, [batch(p.Command.RESULT, b"\x00\x00\x00\x00\x01")]),
         (p.decode_hello, [b"{}"]),
         (p.decode_hello, [b"\xff"]),
         (p.decode_hello, [b"1", b"2"]),

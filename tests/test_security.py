@@ -567,18 +567,18 @@ def test_unknown_commands_and_versions_get_a_clear_rate_limited_answer(
         pool.start_broker(stderr=f.fileno())
     pool.start_worker(1)
     probe = sockets.dealer(pool.address)
-    probe.send_multipart([b"fd\x01\x63", b"body"])
+    probe.send_multipart([b"fd\x02\x63", b"body"])
     assert _error_reason(probe) == "unknown command 99"
     time.sleep(INTERVAL * 1.5)  # one answer per peer per heartbeat interval
     probe.send_multipart([b"fd\x07\x01", b"{}"])
-    assert _error_reason(probe) == "protocol version 7 is not 1"
+    assert _error_reason(probe) == f"protocol version 7 is not {p.VERSION}"
     stranger = sockets.dealer(pool.address)
     stranger.send_multipart([b"GET / HTTP/1.1", b""])
     assert _receive(stranger, 1.0) == []  # not fade: dropped without an answer
     # A flood: answers and log lines are both rate-limited.
     flood = sockets.dealer(pool.address)
     for _ in range(5000):
-        flood.send_multipart([b"fd\x01\x63"])
+        flood.send_multipart([b"fd\x02\x63"])
     answers = _receive(flood, 2.0)
     assert 1 <= len(answers) <= 2.0 / INTERVAL + 2
     assert all(m.command is p.Command.ERROR for m in answers)
@@ -704,7 +704,7 @@ def test_error_and_welcome_on_the_wire() -> None:
     assert p.decode_welcome(old.body).max_message_size == 0
     assert p.speaks_fade(b"fd\x09\x01") and not p.speaks_fade(b"GET ")
     with pytest.raises(fade.ProtocolError, match="unknown command 99"):
-        p.parse([b"fd\x01\x63"])
+        p.parse([b"fd\x02\x63"])
 
 
 def test_handshakes_with_unknown_keys_do_not_keep_the_broker_reading(tmp_path: Path) -> None:

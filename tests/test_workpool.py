@@ -117,22 +117,24 @@ GARBAGE: list[list[bytes]] = [
     [b"hello"],
     [b"fd"],
     [b"fd\x09\x01", b"{}"],  # wrong version
-    [b"fd\x01\xff"],  # unknown command
-    [b"fd\x01\x01", b"not json"],
-    [b"fd\x01\x01", b"[1, 2]"],
-    [b"fd\x01\x01", b'{"role": "king"}'],
-    [b"fd\x01\x01", b'{"role": "worker", "credits": -5}'],
-    [b"fd\x01\x01", b'{"role": "worker", "credits": "many"}'],
-    [b"fd\x01\x05", b"\x01\x02"],  # READY with a short body
-    [b"fd\x01\x06", b"\x00" * 7],  # SUBMIT with a partial record
-    [b"fd\x01\x06", b"\x01" * 20],  # SUBMIT claiming frames that are not there
-    [b"fd\x01\x08", b"\xff\xff\xff\xff\x00\x01\x00\xff"],  # DONE with a bad key length
-    [b"fd\x01\x08"],
-    [b"fd\x01\x0c", b"x"],  # OBITUARY, too few frames
-    [b"fd\x01\x0c", b"x", b"{not json"],
-    [b"fd\x01\x09", b"\x00\x00\x00\x00"],  # RESULT is not for the broker
-    [b"fd\x01\x02", b"{}"],  # WELCOME is not for the broker
-    [b"fd\x01\x0a", b"extra"],  # DRAIN with a body
+    [b"fd\x02\xff"],  # unknown command
+    [b"fd\x02\x01", b"not json"],
+    [b"fd\x02\x01", b"[1, 2]"],
+    [b"fd\x02\x01", b'{"role": "king"}'],
+    [b"fd\x02\x01", b'{"role": "worker", "credits": -5}'],
+    [b"fd\x02\x01", b'{"role": "worker", "credits": "many"}'],
+    [b"fd\x02\x01{}"],  # data in a header frame that is not a batch's
+    [b"fd\x02\x05", b"\x01\x02"],  # READY with a short body
+    [b"fd\x02\x06\x07\x00\x00\x00" + b"\x00" * 7],  # SUBMIT with a partial record
+    [b"fd\x02\x06\x18\x00\x00\x00" + b"\x01" * 24],  # SUBMIT claiming bytes not there
+    [b"fd\x02\x06\xff\xff\xff\xff"],  # SUBMIT whose meta runs past its frame
+    [b"fd\x02\x08\x08\x00\x00\x00\xff\xff\xff\xff\x00\x01\x00\xff"],  # DONE, bad key length
+    [b"fd\x02\x08"],
+    [b"fd\x02\x0c", b"x"],  # OBITUARY, too few frames
+    [b"fd\x02\x0c", b"x", b"{not json"],
+    [b"fd\x02\x09\x04\x00\x00\x00\x00\x00\x00\x00"],  # RESULT is not for the broker
+    [b"fd\x02\x02", b"{}"],  # WELCOME is not for the broker
+    [b"fd\x02\x0a", b"extra"],  # DRAIN with a body
 ]
 
 
