@@ -169,7 +169,11 @@ _TASK = struct.Struct("<IHdB")  # inline size, buffers, timeout, key length (key
 _DONE = struct.Struct("<BIHB")  # status, inline size, buffers, key length (key follows)
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
+_LONE_RESULT = struct.Struct("<IQBIH")  # a RESULT's capacity and its only record
+_LONE_DONE = struct.Struct("<IBIHB")  # a DONE's credits and its only record (key follows)
 _HEAD = 8  # a batch's first frame: the 4-byte header, then the u32 size of its meta
+#: parse() copies a first frame up to this size whole: cheaper than slicing a view.
+SMALL_FRAME = 64 * 1024
 
 
 # The per-task records below are not frozen: a frozen dataclass's __init__ costs three
@@ -269,7 +273,10 @@ def parse(frames: Sequence[Frame]) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message")
-    head = _head(frames[0], 5)  # a fifth byte means "more": never copy a huge frame here
+    first = frames[0]
+    if isinstance(first, zmq.Frame) and len(first) <= SMALL_FRAME:
+        first = first.bytes  # copied once, for the header check and the decoder
+    head = _head(first, 5)  # a fifth byte means "more": never copy a huge frame here
     command = _COMMANDS.get(head[:4])
     if command is None:
         if len(head) >= 4 and head[:2] == MAGIC:
@@ -278,7 +285,7 @@ def parse(frames: Sequence[Frame]) -> Message:
             raise ProtocolError(f"unknown command {head[3]}")
         raise ProtocolError(f"unknown header {head[:8]!r}")
     if command in _BATCHES:
-        return Message(command, list(frames))
+        return Message(command, [first, *frames[1:]])
     if len(head) > 4:
         raise ProtocolError(f"{command.name} has data in its header frame")
     return Message(command, list(frames[1:]))
@@ -507,6 +514,10 @@ def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
 
 def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
     meta, inline = _meta(body, "SUBMIT", _SUBMIT.size)
+    if len(meta) == _SUBMIT.size:  # a lone task
+        task_id, size, nbuf, attempts, timeout = _SUBMIT.unpack(meta)
+        payload = _one_payload(inline, body[1:], size, nbuf, "SUBMIT")
+        return [(SubmitRecord(task_id, attempts, timeout), payload)]
     records, sizes = [], []
     for task_id, size, nbuf, attempts, timeout in _SUBMIT.iter_unpack(meta):
         records.append(SubmitRecord(task_id, attempts, timeout))
@@ -524,6 +535,11 @@ def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
 
 def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
     meta, inline = _meta(body, "TASK", 1)
+    if len(meta) > _TASK.size:
+        size, nbuf, timeout, key_len = _TASK.unpack_from(meta)
+        if key_len and _TASK.size + key_len == len(meta):  # a lone task
+            payload = _one_payload(inline, body[1:], size, nbuf, "TASK")
+            return [(TaskRecord(meta[_TASK.size :], timeout), payload)]
     records, sizes = [], []
     for (size, nbuf, timeout), key in _keyed_records(meta, _TASK, "TASK"):
         records.append(TaskRecord(key=key, timeout=timeout))
@@ -544,6 +560,11 @@ def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, Payl
     meta, inline = _meta(body, "DONE", 1)
     if len(meta) < _U32.size:
         raise ProtocolError("DONE meta too short")
+    if len(meta) > _LONE_DONE.size:
+        credits, status, size, nbuf, key_len = _LONE_DONE.unpack_from(meta)
+        if key_len and _LONE_DONE.size + key_len == len(meta):  # a lone result
+            payload = _one_payload(inline, body[1:], size, nbuf, "DONE")
+            return credits, [(DoneRecord(meta[_LONE_DONE.size :], _status(status)), payload)]
     (credits,) = _U32.unpack_from(meta)
     records, sizes = [], []
     for (status, size, nbuf), key in _keyed_records(meta[_U32.size :], _DONE, "DONE"):
@@ -562,6 +583,10 @@ def encode_result(capacity: int, results: Sequence[tuple[ResultRecord, Payload]]
 
 def decode_result(body: Sequence[Frame]) -> tuple[int, list[tuple[ResultRecord, Payload]]]:
     meta, inline = _meta(body, "RESULT", 1)
+    if len(meta) == _LONE_RESULT.size:
+        capacity, task_id, status, size, nbuf = _LONE_RESULT.unpack(meta)
+        payload = _one_payload(inline, body[1:], size, nbuf, "RESULT")
+        return capacity, [(ResultRecord(task_id, _status(status)), payload)]
     if len(meta) < _U32.size or (len(meta) - _U32.size) % _RESULT.size:
         raise ProtocolError("RESULT meta has a partial record")
     (capacity,) = _U32.unpack_from(meta)
@@ -664,15 +689,21 @@ def _keyed_records(
     return out
 
 
+def _one_payload(
+    inline: bytes, buffers: Sequence[Frame], size: int, nbuf: int, what: str
+) -> Payload:
+    if size != len(inline) or nbuf != len(buffers):
+        raise ProtocolError(f"{what} sizes do not match its records")
+    return Payload(inline, tuple(buffers))
+
+
 def _split_payloads(
     inline: bytes, buffers: Sequence[Frame], sizes: Sequence[tuple[int, int]], what: str
 ) -> list[Payload]:
     """Cut the inline bytes and the buffer frames back into one payload per record,
     checking that the sizes and counts add up exactly."""
     if len(sizes) == 1:  # a lone task or result: most round trips
-        if sizes[0] != (len(inline), len(buffers)):
-            raise ProtocolError(f"{what} sizes do not match its records")
-        return [Payload(inline, tuple(buffers))]
+        return [_one_payload(inline, buffers, *sizes[0], what)]
     if sum(size for size, _ in sizes) != len(inline) or sum(n for _, n in sizes) != len(buffers):
         raise ProtocolError(f"{what} sizes do not match its records")
     out = []
