@@ -77,6 +77,7 @@ from fade.shipping import uninstall_import_hook
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     connect_dealer,
+    has_input,
     parse_size,
     recv_frames,
     send_frames,
@@ -428,6 +429,8 @@ class _WorkerIO:
         if sock in events:
             self._read_one(sock)
         if self.w._drain_requests and not self._draining:
+            while has_input(sock):  # tasks already here go back with the rest, in one DONE
+                self._read_one(sock)
             self._start_drain()
         if self.w._drain_requests > 1:
             self._leave_now()

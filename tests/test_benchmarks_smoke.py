@@ -1,6 +1,7 @@
 """The benchmark harness must not rot: a smoke run of ``benchmarks/bench.py`` has to produce a
-positive figure for every metric of processpool, raw-zmq and both fade systems, and leave no
-process behind.
+positive figure for every metric of processpool, raw-zmq and both fade systems, a smoke run
+of ``benchmarks/latency.py`` a figure for every system in every round, and neither may leave
+a process behind.
 
 Every process the run starts inherits a unique environment tag, so teardown finds and kills
 stragglers even after they were orphaned and re-parented away from this test.
@@ -71,21 +72,12 @@ def _bad_figures(document: dict[str, object]) -> list[str]:
     return bad
 
 
-@pytest.mark.timeout(120)
-def test_smoke_run_measures_every_metric(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def _run_script(script: str, *args: str) -> tuple[str, str]:
+    """Run ``benchmarks/SCRIPT ARGS...`` to the end, stop whatever it left behind, and fail
+    if it exited non-zero or left a process running; its stdout and a report for messages."""
     tag = uuid.uuid4().hex
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench.py"),
-        "--smoke",
-        "--systems",
-        ",".join(SYSTEMS),
-        "--json",
-        str(out),
-    ]
     proc = subprocess.Popen(
-        command,
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT,
         env={**os.environ, TAG: tag},
         stdin=subprocess.DEVNULL,
@@ -97,9 +89,34 @@ def test_smoke_run_measures_every_metric(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         leftovers = _stop(proc, tag)
-
     report = f"stdout:\n{stdout.decode()}\nstderr:\n{stderr.decode()}"
     assert proc.returncode == 0, report
     assert not leftovers, f"processes left running: {leftovers}"
+    return stdout.decode(), report
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_measures_every_metric(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    _, report = _run_script(
+        "bench.py", "--smoke", "--systems", ",".join(SYSTEMS), "--json", str(out)
+    )
     bad = _bad_figures(json.loads(out.read_text()))
     assert not bad, "\n".join(bad) + "\n" + report
+
+
+@pytest.mark.timeout(120)
+def test_latency_smoke_run_compares_every_round(tmp_path: Path) -> None:
+    """benchmarks/latency.py: every system measured in every round, every ratio positive."""
+    out = tmp_path / "latency.json"
+    stdout, report = _run_script("latency.py", "--smoke", "--json", str(out))
+    document = json.loads(out.read_text())
+    systems = document["systems"]
+    assert set(systems) == {"fade-tcp", "fade-embedded", "raw-zmq"}, report
+    for name, figures in systems.items():
+        assert figures["lat_median_us"] > 0 and figures["lat_p99_us"] >= figures["lat_median_us"]
+        assert len(figures["round_medians_us"]) == document["rounds"], name
+        if name != "raw-zmq":
+            assert len(figures["ratio_per_round"]) == document["rounds"], name
+            assert figures["ratio_median"] > 0, name
+    assert "target: fade-tcp round trip" in stdout, report

@@ -1,0 +1,78 @@
+"""The client I/O thread's sleeping place: muting the socket's descriptor must take effect
+even for a thread already asleep, with epoll and with the selectors fallback."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fade.client import _Sleeper
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.fixture(params=["epoll", "selectors"])
+def sleeper(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
+    if request.param == "epoll" and not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this system")
+    if request.param == "selectors":
+        monkeypatch.delattr(select, "epoll", raising=False)
+    wake_r, wake_w = os.pipe()
+    sock_r, sock_w = os.pipe()  # stands in for the socket's descriptor
+    s = _Sleeper(wake_r)
+    s.watch(sock_r)
+    yield s, wake_w, sock_w, sock_r
+    s.close()
+    for fd in (wake_r, wake_w, sock_r, sock_w):
+        os.close(fd)
+
+
+def test_wake_pipe_and_socket_descriptor_end_a_sleep(sleeper: tuple) -> None:
+    s, wake_w, sock_w, sock_r = sleeper
+    assert s.sleep(0.01) is False  # nothing: the timeout
+    os.write(sock_w, b"x")
+    assert s.sleep(5) is False  # the socket: not a wake-up
+    os.read(sock_r, 1)
+    os.write(wake_w, b"!")
+    assert s.sleep(5) is True
+
+
+def test_muting_reaches_a_thread_already_asleep(sleeper: tuple) -> None:
+    s, _, sock_w, sock_r = sleeper
+    ended = threading.Event()
+
+    def sleep_long() -> None:
+        s.sleep(10)
+        ended.set()
+
+    thread = threading.Thread(target=sleep_long)
+    thread.start()
+    time.sleep(0.2)  # asleep by now
+    s.mute()
+    os.write(sock_w, b"x")  # readable, but muted: the sleeper must not wake
+    assert not ended.wait(0.5)
+    s.unmute()  # still readable: unmuting wakes it
+    assert ended.wait(5)
+    thread.join()
+    os.read(sock_r, 1)
+
+
+def test_watching_a_new_descriptor_drops_the_old(sleeper: tuple) -> None:
+    s, _, sock_w, _ = sleeper
+    new_r, new_w = os.pipe()
+    try:
+        s.watch(new_r)
+        os.write(sock_w, b"x")  # the old descriptor no longer counts
+        assert s.sleep(0.2) is False
+        started = time.monotonic()
+        os.write(new_w, b"y")
+        assert s.sleep(5) is False and time.monotonic() - started < 4
+        s.forget()
+    finally:
+        os.close(new_r)
+        os.close(new_w)
