@@ -34,7 +34,6 @@
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import time
@@ -66,7 +65,7 @@ from fade.keyfiles import (
     resolve_peer_keys,
     revoke_peer,
 )
-from fade.sockets import ZAP_DOMAIN, has_input
+from fade.sockets import ZAP_DOMAIN, has_input, is_local_address
 
 # The key files live in fade.keyfiles; they are re-exported here so that
 # ``fade.security`` is the one name to import for everything about keys.
@@ -156,26 +155,6 @@ def peer_identity(prefix: bytes, keys: PeerKeys | None) -> bytes:
 
 
 # -- addresses ------------------------------------------------------------------------------
-
-
-def is_local_address(address: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
-    transport, sep, rest = address.partition("://")
-    if not sep:
-        return False
-    if transport in ("ipc", "inproc"):
-        return True
-    if transport != "tcp" or ":" not in rest:
-        return False
-    host = rest.rsplit(":", 1)[0]
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: may face a network
 
 
 def check_address(address: str, keys: object, insecure: bool) -> None:

@@ -15,6 +15,7 @@ high-water marks, message size limits and CurveZMQ keys) is set once for all.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from typing import Any, cast
@@ -31,6 +32,7 @@ __all__ = [
     "bind_router",
     "connect_dealer",
     "has_input",
+    "is_local_address",
     "parse_size",
     "recv_frames",
     "send_frames",
@@ -134,7 +136,11 @@ def connect_dealer(
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX)
+    # Backing off spares a remote broker a storm of reconnections. A local one is
+    # cheap to retry, and backing off would cost a pool started with its broker up to
+    # 0.4 s, when the broker binds just after an attempt (50, 100, 200, then 400 ms).
+    backoff = not is_local_address(address)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX if backoff else RECONNECT_IVL)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     # Never drop outgoing messages while the broker is away: they are bounded by
     # the client window and worker credits, and re-sent after a reconnection.
@@ -145,6 +151,26 @@ def connect_dealer(
         sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.connect(address)
     return sock
+
+
+def is_local_address(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
+    transport, sep, rest = address.partition("://")
+    if not sep:
+        return False
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp" or ":" not in rest:
+        return False
+    host = rest.rsplit(":", 1)[0]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: may face a network
 
 
 def bind_router(
