@@ -1,6 +1,6 @@
 """The benchmark harness must not rot: a smoke run of ``benchmarks/bench.py`` has to produce a
 positive figure for every metric of processpool, raw-zmq and both fade systems, a smoke run
-of ``benchmarks/latency.py`` a figure for every system in every round, and neither may leave
+of ``benchmarks/alternating.py`` figures for every system in every round, and neither may leave
 a process behind.
 
 Every process the run starts inherits a unique environment tag, so teardown finds and kills
@@ -106,17 +106,21 @@ def test_smoke_run_measures_every_metric(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_latency_smoke_run_compares_every_round(tmp_path: Path) -> None:
-    """benchmarks/latency.py: every system measured in every round, every ratio positive."""
-    out = tmp_path / "latency.json"
-    stdout, report = _run_script("latency.py", "--smoke", "--json", str(out))
+def test_alternating_smoke_run_compares_every_round(tmp_path: Path) -> None:
+    """benchmarks/alternating.py: every system measured in every round, every ratio positive."""
+    out = tmp_path / "alternating.json"
+    stdout, report = _run_script("alternating.py", "--smoke", "--json", str(out))
     document = json.loads(out.read_text())
     systems = document["systems"]
     assert set(systems) == {"fade-tcp", "fade-embedded", "raw-zmq"}, report
     for name, figures in systems.items():
         assert figures["lat_median_us"] > 0 and figures["lat_p99_us"] >= figures["lat_median_us"]
+        assert figures["big_mbps"] > 0, name
         assert len(figures["round_medians_us"]) == document["rounds"], name
+        assert len(figures["round_big_mbps"]) == document["rounds"], name
         if name != "raw-zmq":
-            assert len(figures["ratio_per_round"]) == document["rounds"], name
-            assert figures["ratio_median"] > 0, name
+            for key in ("ratio", "big_ratio"):
+                assert len(figures[f"{key}_per_round"]) == document["rounds"], (name, key)
+                assert figures[f"{key}_median"] > 0, (name, key)
     assert "target: fade-tcp round trip" in stdout, report
+    assert "target: fade-tcp 50 MB" in stdout, report
