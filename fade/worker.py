@@ -381,7 +381,13 @@ class _WorkerIO:
         current = w._current
         if current is None:
             if time.monotonic() - self._last_start < KEEPER_NAP:
-                w.io_wanted.wait(TAKEOVER)
+                if w.io_wanted.wait(TAKEOVER) and w._current is None:
+                    # Only a running task sets the flag. Its task is over, so it was
+                    # served while this thread held the socket (a second code fetch,
+                    # say): left set, it would end every wait at once, and this thread
+                    # would spin, taking the GIL from the main thread for up to 5 ms
+                    # at a time, for as long as tasks keep coming.
+                    w.io_wanted.clear()
                 return None
             # Idle for a while: sleep until the main thread starts a task. The flag is
             # set before _current is read again, so a task started in between is seen.

@@ -12,10 +12,12 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import tasks
 from conftest import INTERVAL, Pool
@@ -162,6 +164,30 @@ def test_second_task_sends_no_code_and_an_edit_sends_one_file(
         assert after["manifests_served"] - first["manifests_served"] == 1
         assert after["blobs_served"] - first["blobs_served"] == 1
         assert after["bytes_served"] - first["bytes_served"] == len(path.read_bytes())
+
+
+def test_workers_stay_idle_between_tasks_after_fetching_code(
+    code_pool: Pool, make_package: MakePackage
+) -> None:
+    """A worker's first task of a new version fetches twice (the manifest, then the
+    files). Once the keeper thread left a flag of the second fetch set and then spun,
+    which took the GIL from the main thread for up to 5 ms per task (a 3 ms median
+    round trip) for as long as tasks kept coming."""
+    name = make_package(PACKAGE)
+    pkg = importlib.import_module(name)
+    with _executor(code_pool) as ex:
+        futures = [ex.submit(pkg.double, i) for i in range(8)]  # both workers fetch
+        assert [f.result(timeout=30) for f in futures] == [2 * i for i in range(8)]
+        workers = [psutil.Process(pid) for pid in code_pool.worker_pids()]
+        assert len(workers) == 2
+        before = sum(sum(w.cpu_times()[:2]) for w in workers)
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:  # a task every 20 ms keeps the keeper awake
+            assert ex.submit(pkg.double, 1).result(timeout=30) == 2
+            time.sleep(0.02)
+        busy = sum(sum(w.cpu_times()[:2]) for w in workers) - before
+    # Each task costs the worker about a millisecond; a spinning keeper, the whole time.
+    assert busy < 0.5, f"the workers used {busy:.2f} s of CPU in 2 s of mostly idle time"
 
 
 def test_file_edited_but_not_reloaded_does_not_change_what_workers_run(
