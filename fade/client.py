@@ -242,7 +242,7 @@ class _ClientIO:
                 _deliver(ready)
                 if finished:
                     break
-                woken = self._wait(timeout)
+                woken = self._sleeper.sleep(timeout)  # not holding the socket
         except BaseException as exc:
             log.exception("the client I/O thread failed")
             self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
@@ -264,11 +264,6 @@ class _ClientIO:
             return True
         with self.lock:
             return self.closing and not self.outbox and not self.in_flight
-
-    def _wait(self, timeout: float) -> bool:
-        """Sleep, not holding the socket, until input, a wake-up or ``timeout``;
-        True if woken through the pipe."""
-        return self._sleeper.sleep(timeout)
 
     def _take_ready(self) -> list[tuple[cf.Future[Any], bool, Any]]:
         ready, self._ready = self._ready, []

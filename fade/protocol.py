@@ -89,6 +89,7 @@ __all__ = [
     "encode_task",
     "encode_welcome",
     "expiry",
+    "frame_size",
     "largest_part",
     "pack_request",
     "parse",
@@ -492,7 +493,7 @@ def largest_part(payload: Payload) -> int:
     head = len(payload.inline) + HEAD_ROOM
     if not payload.buffers:
         return head
-    return max(head, *(_nbytes(buffer) for buffer in payload.buffers))
+    return max(head, *(frame_size(buffer) for buffer in payload.buffers))
 
 
 def _batch(command: Command, meta: bytes, payloads: Sequence[Payload]) -> list[Frame]:
@@ -608,7 +609,8 @@ def _bytes(frame: Frame) -> bytes:
     return bytes(frame)
 
 
-def _nbytes(frame: Frame) -> int:
+def frame_size(frame: Frame) -> int:
+    """Bytes in a frame (bytes, memoryview or zmq.Frame), without copying it."""
     if isinstance(frame, zmq.Frame):
         return frame.buffer.nbytes
     return memoryview(frame).nbytes
@@ -617,8 +619,7 @@ def _nbytes(frame: Frame) -> int:
 def _head(frame: Frame, size: int) -> bytes:
     """The first ``size`` bytes of a frame, without copying the rest."""
     if isinstance(frame, zmq.Frame):
-        # A small frame is copied whole: cheaper than slicing a view of it.
-        return frame.bytes if len(frame) <= size else bytes(frame.buffer[:size])
+        return bytes(frame.buffer[:size])
     if isinstance(frame, bytes):
         return frame[:size]
     return bytes(frame[:size])
@@ -670,13 +671,8 @@ def _keyed_records(
     meta: bytes, layout: struct.Struct, what: str
 ) -> list[tuple[tuple[Any, ...], bytes]]:
     """Records of a fixed layout whose last field is the length of a key that follows."""
-    end = len(meta)
-    if end > layout.size:
-        *fields, key_len = layout.unpack_from(meta)
-        if key_len and layout.size + key_len == end:  # one record: most messages
-            return [(tuple(fields), meta[layout.size :])]
     out = []
-    offset = 0
+    offset, end = 0, len(meta)
     while offset < end:
         if offset + layout.size > end:
             raise ProtocolError(f"{what} meta has a partial record")
@@ -702,8 +698,6 @@ def _split_payloads(
 ) -> list[Payload]:
     """Cut the inline bytes and the buffer frames back into one payload per record,
     checking that the sizes and counts add up exactly."""
-    if len(sizes) == 1:  # a lone task or result: most round trips
-        return [_one_payload(inline, buffers, *sizes[0], what)]
     if sum(size for size, _ in sizes) != len(inline) or sum(n for _, n in sizes) != len(buffers):
         raise ProtocolError(f"{what} sizes do not match its records")
     out = []

@@ -25,6 +25,7 @@ from zmq.backend import Socket as _CompiledSocket
 from zmq.backend import zmq_poll as _zmq_poll
 
 from fade.keyfiles import BrokerKeys, PeerKeys
+from fade.protocol import frame_size
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -112,11 +113,8 @@ ZERO_COPY_MIN = 64 * 1024
 
 
 def _has_large_frame(frames: Sequence[Any]) -> bool:
-    for frame in frames:
-        if isinstance(frame, bytes):
-            continue
-        size = frame.buffer.nbytes if isinstance(frame, zmq.Frame) else memoryview(frame).nbytes
-        if size >= ZERO_COPY_MIN:
+    for frame in frames:  # a loop, not any(): this runs for every message sent
+        if not isinstance(frame, bytes) and frame_size(frame) >= ZERO_COPY_MIN:
             return True
     return False
 

@@ -633,12 +633,11 @@ class _WorkerIO:
         self._linger_and_exit(0)
 
     def _check_timeout(self, now: float) -> None:
-        current = self.w._current
-        if current is None or current[2] <= 0 or now - current[1] < current[2]:
+        if not _overdue(self.w._current, now):
             return  # the usual case, seen without the lock; checked again under it
         with self.w._lock:
             current = self.w._current
-            if current is None or current[2] <= 0 or now - current[1] < current[2]:
+            if current is None or not _overdue(current, now):
                 return
             self.w._current = None
             key, started, limit = current
@@ -662,6 +661,11 @@ class _WorkerIO:
         self._socket.close(linger=2000)
         self._context.term()
         os._exit(status)
+
+
+def _overdue(current: tuple[bytes, float, float] | None, now: float) -> bool:
+    """Whether the running task (key, started, timeout) has passed its time limit."""
+    return current is not None and current[2] > 0 and now - current[1] >= current[2]
 
 
 def _frame_bytes(frame: p.Frame) -> bytes:
