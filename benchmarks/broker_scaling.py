@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -93,6 +94,20 @@ def _allow_many_sockets() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _hello(role: str) -> list[p.Frame]:
+    """A HELLO as this interpreter's Python (workers serve only clients of their Python)."""
+    common = {
+        "host": "bench",
+        "pid": os.getpid(),
+        "version": "bench",
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+    }
+    if role == "client":
+        return p.encode_hello(p.ClientHello(tag=os.urandom(p.TAG_SIZE), **common))
+    return p.encode_hello(p.WorkerHello(credits=1, **common))
+
+
 def dispatch_rate(workers: int, tasks: int) -> float:
     """Tasks per second through a broker with ``workers`` one-credit workers."""
     broker, address = _start_broker()
@@ -101,9 +116,9 @@ def dispatch_rate(workers: int, tasks: int) -> float:
     try:
         peers = [_dealer(ctx, address, b"W%07d" % i) for i in range(workers)]
         for peer in peers:
-            peer.send_multipart(p.encode_hello("worker", {"credits": 1}))
+            peer.send_multipart(_hello("worker"))
         client = _dealer(ctx, address, b"Cbench")
-        client.send_multipart(p.encode_hello("client", {}))
+        client.send_multipart(_hello("client"))
         _expect(client, p.Command.WELCOME)
         poller = zmq.Poller()
         for peer in peers:
@@ -163,7 +178,7 @@ def memory_per_task(queued: int) -> tuple[float, float]:
     try:
         proc = psutil.Process(broker.pid)
         client = _dealer(ctx, address, b"Cbench")
-        client.send_multipart(p.encode_hello("client", {}))
+        client.send_multipart(_hello("client"))
         _expect(client, p.Command.WELCOME)
         before = proc.memory_info().rss
         started = time.perf_counter()

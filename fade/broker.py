@@ -1,47 +1,46 @@
-"""The broker: one ROUTER socket, one poll loop, no threads.
+"""The broker: one ROUTER socket, one poll loop, no threads; decisions are the scheduler's.
 
 ::
 
-    clients (DEALER)                 broker (ROUTER)                 workers (DEALER)
-      SUBMIT --------> tasks{key} + queue / suspects ---- TASK ------->  run
-      RESULT <-------- route by key <------------------- DONE(credits) <-
-                       ready workers: idle first, then busy-with-credit
+    clients (DEALER)            broker (ROUTER)                         workers (DEALER)
+      SUBMIT ----> handler --> Scheduler (fade/scheduler.py) ---- TASK ------> run
+      RESULT <---- flush <---- Sends: tasks per worker,      <--- DONE(credits) --
+                               results per client
 
-* A worker receives tasks only against credits it granted (READY, DONE); a
-  worker holding nothing is served before one that is busy.
+* The loop: poll the socket (and the ZAP socket, and a wake-up pipe), hand each
+  message to ``_on_<command>``, which checks it and calls the scheduler; then
+  :meth:`Broker._flush` sends what the scheduler decided, and, when due, timed
+  work runs: expiry, heartbeats, key re-reads, the published snapshot.
 * Payloads are forwarded as the frames they arrived in: never unpickled, never
-  copied.
-* A lost worker's tasks are re-queued as *suspects*: each runs alone on an
-  idle worker, so a task that kills its worker cannot take innocent neighbours
-  down with it; after ``max_attempts`` losses it fails with Status.LOST.
+  copied. Batches are cut to each receiver's frame limit (said in its HELLO).
 * Every message from a peer counts as a heartbeat; peers silent for
-  interval x liveness are expired. Expiry and heartbeat bookkeeping use
-  ordered dicts kept in time order, so each pass costs O(due peers), not
-  O(all peers).
+  interval x liveness are expired (fade/liveness.py). Peers follow the interval
+  and liveness this broker announces in WELCOME.
 * With keys (``--keys DIR``) only authorised CurveZMQ keys connect, and every
   message is checked against its key's role (fade/security.py). Without keys
   the broker serves only loopback or ipc addresses, unless told ``insecure``.
+* No peer learns another's routing identity: workers see task keys (a client's
+  tag, bound to that client, and a task id), clients see relay numbers for code
+  requests, and status shows short ids that are hashes of identities.
 * Bad input is dropped, logged (rate-limited) and, if its sender speaks fade,
-  answered with ERROR; replies to bad or unknown input are rate-limited too.
+  answered with ERROR in a version it can read; replies are rate-limited too.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import enum
-import json
+import itertools
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -53,6 +52,8 @@ from fade._logutil import RateLimitedLog
 from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError, SecurityError
+from fade.liveness import Liveness
+from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     bind_router,
@@ -61,6 +62,7 @@ from fade.sockets import (
     recv_frames,
     send_frames,
 )
+from fade.wakeup import WakePipe
 
 if TYPE_CHECKING:
     from fade.web import StatusServer
@@ -69,61 +71,14 @@ __all__ = ["Broker", "main"]
 
 log = logging.getLogger("fade.broker")
 
-#: A worker may not grant itself more than this many outstanding tasks.
-MAX_CREDITS = 4096
-DEFAULT_MAX_ATTEMPTS = 3
 #: Seconds between two rounds of timed work (expiry, heartbeats), at least.
 MIN_UPKEEP_GAP = 0.001
 #: Seconds between the snapshots the HTTP endpoint serves.
 PUBLISH_INTERVAL = 1.0
-
 #: Seconds between the repeated warnings of a broker started with ``insecure``.
 INSECURE_WARNING_PERIOD = 60.0
-
-_TASK_ID = struct.Struct("<Q")
-
-
-class TaskState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"  # finished, failed or dropped: no longer owned by the broker
-
-
-class WorkerState(enum.Enum):
-    READY = "ready"
-    DRAINING = "draining"
-
-
-@dataclass(slots=True, eq=False)
-class _Task:
-    key: bytes
-    client: bytes
-    task_id: int
-    payload: p.Payload
-    timeout: float
-    max_attempts: int
-    state: TaskState = TaskState.QUEUED
-    worker: bytes | None = None
-    losses: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class _Worker:
-    identity: bytes
-    info: dict[str, Any]
-    credits: int = 0
-    tasks: dict[bytes, _Task] = field(default_factory=dict)
-    state: WorkerState = WorkerState.READY
-    isolated: bool = False  # running a suspect task alone: no other work meanwhile
-    counted: int = 0  # this worker's share of the pool capacity, as last counted
-    done: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class _Client:
-    identity: bytes
-    info: dict[str, Any]
-    keys: set[bytes] = field(default_factory=set)
+#: Code requests relayed to clients and not yet answered, at most (the oldest are forgotten).
+MAX_RELAYS = 65536
 
 
 class Broker:
@@ -145,8 +100,6 @@ class Broker:
     ) -> None:
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
         if max_message_size < 1:
             raise ValueError("max_message_size must be at least 1 byte")
         # Checked before anything is bound: a refused broker never listens.
@@ -160,8 +113,10 @@ class Broker:
         self.broker_id = uuid.uuid4().hex
         self.interval = heartbeat_interval
         self.liveness = heartbeat_liveness
-        self.max_attempts = max_attempts
-        self._expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
+        self.scheduler = Scheduler(max_attempts)
+        self._clocks = Liveness(
+            heartbeat_interval, p.expiry(heartbeat_interval, heartbeat_liveness)
+        )
         self._parent_pid = parent_pid
         # ZAP's endpoint is one per context: a broker with keys gets a context of its own.
         self._own_context = context is None and self._keys is not None
@@ -169,31 +124,15 @@ class Broker:
         self._socket: zmq.Socket[bytes] | None = None
         self._zap: security.ZapHandler | None = None
         self._guard: security.Guard | None = None
+        self._sender: security.Peer | None = None  # the key of the message being handled
         self._keys_checked = 0.0
         self._replies = security.ReplyLimiter(heartbeat_interval)
         self._stopping = False
-        # stop() may be called from a signal handler: it pokes this pipe so the
-        # poll returns at once instead of at the end of its timeout.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()  # stop() may be called from a signal handler
         self._bad_input = RateLimitedLog(log)
-
-        self._tasks: dict[bytes, _Task] = {}
-        self._queue: collections.deque[_Task] = collections.deque()
-        self._suspects: collections.deque[_Task] = collections.deque()
-        self._workers: dict[bytes, _Worker] = {}
-        self._clients: dict[bytes, _Client] = {}
-        self._idle: dict[bytes, None] = {}  # ready, credits > 0, holding nothing
-        self._busy: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._heard: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        self._told: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        self._capacity = 0
-        self._outbox: dict[bytes, list[tuple[p.ResultRecord, p.Payload]]] = {}
+        self._relays: collections.OrderedDict[int, tuple[bytes, bytes]] = collections.OrderedDict()
+        self._relay_ids = itertools.count(1)
         self.started = time.monotonic()
-        self.tasks_done = 0
-        self.tasks_failed = 0  # of tasks_done: raised an exception
-        self.tasks_lost = 0  # of tasks_done: lost their worker max_attempts times
         self._throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
         self.publish_interval: float | None = None
@@ -202,7 +141,11 @@ class Broker:
         self.published: dict[str, Any] | None = None
         self._next_publish = 0.0
 
-    # -- life cycle ---------------------------------------------------------------
+    @property
+    def tasks_done(self) -> int:
+        return self.scheduler.counts.done
+
+    # -- life cycle ---------------------------------------------------------------------
 
     def bind(self) -> str:
         """Bind the ROUTER socket; returns the endpoint actually bound."""
@@ -229,17 +172,13 @@ class Broker:
     def stop(self) -> None:
         """Ask the loop to end after its current pass; safe from a signal handler."""
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
+        self._wake.wake()
 
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake.close()
         self._close_security()
 
     def _close_security(self) -> None:
@@ -258,7 +197,7 @@ class Broker:
         assert sock is not None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
         if self._zap is not None:
             poller.register(self._zap.socket, zmq.POLLIN)
         next_upkeep = 0.0
@@ -270,14 +209,13 @@ class Broker:
                     self._zap.handle()
                 if events.get(sock):
                     self._drain_socket(sock)
-                self._flush_results()
                 now = time.monotonic()
                 # Timed work only when some is due: a busy broker would otherwise spend
                 # as long on it as on the messages themselves.
                 if now >= next_upkeep:
                     if not self._upkeep(now):
                         break
-                    next_upkeep = now + max(self._poll_timeout(), MIN_UPKEEP_GAP)
+                    next_upkeep = now + max(self._poll_timeout(now), MIN_UPKEEP_GAP)
         finally:
             self.close()
 
@@ -294,17 +232,11 @@ class Broker:
             return False
         return True
 
-    def _poll_timeout(self) -> float:
-        """Seconds until the next heartbeat or expiry is due (at most one interval)."""
-        now = time.monotonic()
-        due = now + self.interval
-        if self._told:
-            due = min(due, next(iter(self._told.values())) + self.interval)
-        if self._heard:
-            due = min(due, next(iter(self._heard.values())) + self._expiry)
+    def _poll_timeout(self, now: float) -> float:
+        due = self._clocks.next_due(now)
         if self.publish_interval is not None:
-            due = min(due, self._next_publish)
-        return max(0.0, min(due - now, self.interval))
+            due = min(due, max(0.0, self._next_publish - now))
+        return due
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
         """Handle the message the poll saw and, unless at most one task is in the pool,
@@ -316,14 +248,14 @@ class Broker:
         except zmq.Again:
             return
         self._handle(frames)
-        if len(self._tasks) <= 1:
-            return
-        for _ in range(999):
-            if not has_input(sock):
-                return
-            self._handle(recv_frames(sock))
+        if len(self.scheduler.tasks) > 1:
+            for _ in range(999):
+                if not has_input(sock):
+                    break
+                self._handle(recv_frames(sock))
+        self._flush()
 
-    # -- dispatch on command --------------------------------------------------------
+    # -- dispatch on command --------------------------------------------------------------
 
     def _handle(self, frames: Sequence[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -333,179 +265,171 @@ class Broker:
         try:
             message = p.parse(frames[1:])
             if self._guard is not None:
-                self._guard.check(frames[0], identity, message)
-            self._heard_from(identity)
+                self._sender = self._guard.check(frames[0], identity, message)
+            self._clocks.heard(identity, time.monotonic())
             handler = self._HANDLERS.get(message.command)
             if handler is None:
                 raise ProtocolError(f"{message.command.name} is not for the broker")
             handler(self, identity, message.body)
         except security.Refused as exc:
-            self._bad_input.warning("refused a message from %s: %s", identity.hex(), exc)
+            self._bad_input.warning("refused a message from %s: %s", p.short_id(identity), exc)
             if exc.revoked:
                 self._on_disconnect(identity, [])
             self._answer_error(identity, str(exc))
-        except ProtocolError as exc:
-            self._bad_input.warning("dropped a message from %s: %s", identity.hex(), exc)
+        except p.VersionMismatch as exc:
+            self._bad_input.warning("dropped a message from %s: %s", p.short_id(identity), exc)
+            reply = min(exc.version, p.VERSION) if exc.version <= p.LAST_STRICT_VERSION else None
+            self._answer_error(identity, _version_text(exc.version), reply or p.VERSION)
+        except (ProtocolError, Refusal) as exc:
+            self._bad_input.warning("dropped a message from %s: %s", p.short_id(identity), exc)
             if p.speaks_fade(frames[1]) and _header_byte(frames[1]) != p.Command.ERROR:
                 self._answer_error(identity, str(exc))
+        finally:
+            self._sender = None
 
-    def _answer_error(self, identity: bytes, reason: str) -> None:
+    def _answer_error(self, identity: bytes, reason: str, version: int = p.VERSION) -> None:
         """Tell a peer why its message was dropped (rate-limited, and no heartbeat follows)."""
         if self._replies.allow(identity):
-            self._send(identity, p.encode_error(reason))
-            if identity not in self._workers and identity not in self._clients:
-                self._forget_peer(identity)
+            self._send(identity, p.encode_error(reason, version))
+            if not self._known(identity):
+                self._clocks.forget(identity)
+
+    def _known(self, identity: bytes) -> bool:
+        return identity in self.scheduler.workers or identity in self.scheduler.clients
+
+    def _key_name(self) -> str | None:
+        return self._sender.name if self._sender is not None else None
 
     def _on_hello(self, identity: bytes, body: list[p.Frame]) -> None:
         hello = p.decode_hello(body)
-        if hello.role == "worker":
-            self._register_worker(identity, hello.info)
+        sched = self.scheduler
+        if isinstance(hello, p.WorkerHello):
+            new = identity not in sched.workers
+            worker = sched.add_worker(identity, hello, self._key_name())
+            if new:
+                log.info("worker %s joined; %d workers", _name(worker), len(sched.workers))
         else:
-            self._register_client(identity, hello.info)
-        self._send(
-            identity,
-            p.encode_welcome(
-                p.Welcome(
-                    self.broker_id,
-                    self.interval,
-                    self.liveness,
-                    self._capacity,
-                    self.max_message_size,
-                )
-            ),
+            new = identity not in sched.clients
+            sched.add_client(identity, hello, self._key_name())
+            if new:
+                who = _peer_name(identity, hello)
+                log.info("client %s connected; %d clients", who, len(sched.clients))
+        welcome = p.Welcome(
+            self.broker_id, self.interval, self.liveness, sched.capacity, self.max_message_size
         )
-        self._dispatch()
+        self._send(identity, p.encode_welcome(welcome))
 
     def _on_heartbeat(self, identity: bytes, body: list[p.Frame]) -> None:
-        if identity not in self._workers and identity not in self._clients:
+        if not self._known(identity):
             self._reset(identity)
 
     def _on_ready(self, identity: bytes, body: list[p.Frame]) -> None:
         credits = p.decode_ready(body)
-        worker = self._workers.get(identity)
-        if worker is None:
+        if identity not in self.scheduler.workers:
             self._reset(identity)
             return
-        self._grant(worker, credits)
-        self._dispatch()
+        self.scheduler.grant(identity, credits)
 
     def _on_submit(self, identity: bytes, body: list[p.Frame]) -> None:
         tasks = p.decode_submit(body)
-        client = self._clients.get(identity)
-        if client is None:
+        if identity not in self.scheduler.clients:
             # Unknown client (e.g. this broker restarted): it will re-send
             # everything after the WELCOME that follows our RESET.
             self._reset(identity)
             return
-        for record, payload in tasks:
-            key = identity + _TASK_ID.pack(record.task_id)
-            if key in self._tasks:
-                continue  # a re-send of a task we already hold
-            task = _Task(
-                key=key,
-                client=identity,
-                task_id=record.task_id,
-                payload=payload,
-                timeout=record.timeout,
-                max_attempts=record.max_attempts or self.max_attempts,
-            )
-            self._tasks[key] = task
-            client.keys.add(key)
-            self._queue.append(task)
-        self._dispatch()
+        self.scheduler.submit(identity, tasks)
 
     def _on_done(self, identity: bytes, body: list[p.Frame]) -> None:
         credits, results = p.decode_done(body)
-        worker = self._workers.get(identity)
-        returned = 0
-        for record, payload in results:
-            task = self._tasks.get(record.key)
-            if task is None:
-                continue  # late or duplicate: someone else already answered
-            if record.status is p.Status.RETURNED:
-                if task.worker == identity and task.state is TaskState.RUNNING:
-                    self._unassign(task)
-                    self._enqueue_again(task)
-                    returned += 1
-                continue
-            self._complete(task, record.status, payload, sender=identity)
-            if worker is not None:
-                worker.done += 1
-        if returned:
-            who = _name(worker) if worker is not None else identity.hex()[:12]
-            log.info("worker %s handed back %d unstarted tasks; re-queued them", who, returned)
+        sched = self.scheduler
+        returned = sched.done(identity, results)
+        worker = sched.workers.get(identity)
         if worker is None:
             self._reset(identity)
             return
-        self._grant(worker, credits)
-        self._dispatch()
+        if returned:
+            log.info(
+                "worker %s handed back %d unstarted tasks; re-queued them", _name(worker), returned
+            )
+        sched.grant(identity, credits)
 
     def _on_drain(self, identity: bytes, body: list[p.Frame]) -> None:
         p.decode_drain(body)
-        worker = self._workers.get(identity)
+        worker = self.scheduler.workers.get(identity)
         if worker is None:
             self._reset(identity)
             return
-        worker.state = WorkerState.DRAINING
-        self._file(worker)
+        self.scheduler.drain(identity)
         log.info("worker %s is draining (%d tasks held)", _name(worker), len(worker.tasks))
         # Messages on one connection are ordered: once this DRAIN reaches the
         # worker, it knows no further TASK is on its way.
         self._send(identity, p.encode(p.Command.DRAIN))
 
     def _on_disconnect(self, identity: bytes, body: list[p.Frame]) -> None:
-        worker = self._workers.get(identity)
+        sched = self.scheduler
+        worker = sched.workers.get(identity)
         if worker is not None:
-            log.info(
-                "worker %s left; re-queueing the %d tasks it held", _name(worker), len(worker.tasks)
-            )
-            for task in list(worker.tasks.values()):
-                self._unassign(task)
-                self._enqueue_again(task)
-            self._forget_worker(worker)
-        client = self._clients.get(identity)
+            held = len(worker.tasks)
+            log.info("worker %s left; re-queueing the %d tasks it held", _name(worker), held)
+            sched.remove_worker(identity)
+        client = sched.clients.get(identity)
         if client is not None:
-            log.info(
-                "client %s left; %d clients",
-                _peer_name(identity, client.info),
-                len(self._clients) - 1,
-            )
-            self._forget_client(client)
-        self._forget_peer(identity)
+            sched.remove_client(identity)
+            who = _peer_name(identity, client.hello)
+            log.info("client %s left; %d clients", who, len(sched.clients))
+        self._clocks.forget(identity)
 
     def _on_obituary(self, identity: bytes, body: list[p.Frame]) -> None:
         dead, info = p.decode_obituary(body)
-        worker = self._workers.get(dead)
+        worker = self.scheduler.workers.get(dead)
         if worker is not None:
-            worker.info.update({k: v for k, v in info.items() if k in ("exitcode", "signal")})
+            worker.exit.update({k: v for k, v in info.items() if k in ("exitcode", "signal")})
             self._lose_worker(worker, f"its process exited ({_exit_text(info)})")
-            self._dispatch()
+            self._clocks.forget(dead)
 
     def _on_fetch(self, identity: bytes, body: list[p.Frame]) -> None:
-        """A worker asks a client for code: relay it, or answer GONE for a missing client."""
-        client, request_id, request = p.decode_fetch(body)
-        if identity not in self._workers:
+        """A worker asks for the code of a task it holds: relay it to the task's client
+        under a relay number (neither learns the other's identity)."""
+        key, request_id, request = p.decode_fetch(body)
+        worker = self.scheduler.workers.get(identity)
+        if worker is None:
             self._reset(identity)
             return
-        if client not in self._clients:
-            self._send(identity, p.encode_code(client, request_id, p.CodeStatus.GONE, []))
+        task = worker.tasks.get(key)
+        if task is None or task.client.identity not in self.scheduler.clients:
+            self._send(identity, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
             return
-        self._send(client, p.encode_fetch(identity, request_id, request))
+        relay = next(self._relay_ids)
+        self._relays[relay] = (identity, key)
+        while len(self._relays) > MAX_RELAYS:
+            self._relays.popitem(last=False)
+        self._send(task.client.identity, p.encode_fetch(_u64(relay), request_id, request))
 
     def _on_code(self, identity: bytes, body: list[p.Frame]) -> None:
-        """A client answers a worker's FETCH: relay the answer as it came."""
-        worker, request_id, status, frames = p.decode_code(body)
-        if identity not in self._clients:
+        """A client answers a FETCH: relay the answer to the worker that asked."""
+        ref, request_id, status, frames = p.decode_code(body)
+        if identity not in self.scheduler.clients:
             self._reset(identity)
             return
-        self._send(worker, p.encode_code(identity, request_id, status, frames))
+        relay = self._relays.pop(int.from_bytes(ref, "little"), None) if len(ref) == 8 else None
+        worker = self.scheduler.workers.get(relay[0]) if relay is not None else None
+        if relay is None or worker is None:
+            return  # the worker left, or the relay was never ours
+        task = worker.tasks.get(relay[1])
+        if task is None or task.client.identity != identity:
+            return  # not this client's to answer
+        limit = worker.hello.max_message_size
+        if limit and any(p.frame_size(f) > limit for f in frames):
+            status = p.CodeStatus.MISSING
+            frames = [f"the code has a frame over the worker's limit of {limit} bytes".encode()]
+        self._send(worker.identity, p.encode_code(relay[1], request_id, status, frames))
 
     def _on_status(self, identity: bytes, body: list[p.Frame]) -> None:
         p.decode_status(body)
         self._send(identity, p.encode_state(self.snapshot()))
-        if identity not in self._workers and identity not in self._clients:
+        if not self._known(identity):
             # An operator's one-off question: keep no heartbeat state for it.
-            self._forget_peer(identity)
+            self._clocks.forget(identity)
 
     _HANDLERS = {
         p.Command.HELLO: _on_hello,
@@ -521,109 +445,95 @@ class Broker:
         p.Command.STATUS: _on_status,
     }
 
-    # -- peers --------------------------------------------------------------------------
-
-    def _register_worker(self, identity: bytes, info: dict[str, Any]) -> None:
-        if identity in self._clients:
-            self._forget_client(self._clients[identity])
-        credits = _int_field(info, "credits", 1)
-        holding = info.pop("holding", None)
-        worker = self._workers.get(identity)
-        if worker is None:
-            worker = _Worker(identity=identity, info=info)
-            self._workers[identity] = worker
-            log.info("worker %s joined; %d workers", _name(worker), len(self._workers))
-        elif holding is not None:
-            self._requeue_unheld(worker, holding)
-        worker.info.update(info)
-        worker.state = WorkerState.READY
-        worker.credits = 0
-        self._grant(worker, credits)
-        self._broadcast_capacity()
-
-    def _requeue_unheld(self, worker: _Worker, holding: object) -> None:
-        """A worker that says HELLO again lists the tasks it holds; any other task we had
-        given it was lost in flight with its old socket, so it goes back in the queue."""
-        if not isinstance(holding, list) or not all(isinstance(k, str) for k in holding):
-            raise ProtocolError("HELLO field 'holding' must be a list of hex task keys")
-        held = set(holding)
-        lost = [task for task in worker.tasks.values() if task.key.hex() not in held]
-        for task in lost:
-            self._unassign(task)
-            self._enqueue_again(task)
-        if lost:
-            log.info("worker %s came back without %d tasks; re-queued", _name(worker), len(lost))
-
-    def _register_client(self, identity: bytes, info: dict[str, Any]) -> None:
-        if identity in self._workers:
-            self._lose_worker(self._workers[identity], "it re-registered as a client")
-        if identity not in self._clients:
-            self._clients[identity] = _Client(identity=identity, info=info)
-            log.info(
-                "client %s connected; %d clients", _peer_name(identity, info), len(self._clients)
-            )
-
-    def _heard_from(self, identity: bytes) -> None:
-        heard = self._heard
-        heard[identity] = time.monotonic()
-        heard.move_to_end(identity)
-
-    def _forget_peer(self, identity: bytes) -> None:
-        self._heard.pop(identity, None)
-        self._told.pop(identity, None)
+    # -- peers ----------------------------------------------------------------------------
 
     def _reset(self, identity: bytes) -> None:
         """Tell a peer we do not know it, so that it says HELLO again (rate-limited)."""
         if self._replies.allow(identity):
             self._send(identity, p.encode(p.Command.RESET))
-        if identity not in self._workers and identity not in self._clients:
-            self._forget_peer(identity)
+        if not self._known(identity):
+            self._clocks.forget(identity)
+
+    def _lose_worker(self, worker: Worker, reason: str) -> None:
+        held = len(worker.tasks)
+        doomed = sum(t.losses + 1 >= t.max_attempts for t in worker.tasks.values())
+        log.warning(
+            "worker %s lost (%s); re-queueing %d of the %d tasks it held",
+            _name(worker),
+            reason,
+            held - doomed,
+            held,
+        )
+        for task in self.scheduler.remove_worker(worker.identity, lost=reason):
+            if task.losses >= task.max_attempts:
+                log.error(
+                    "task %d of client %s failed: it lost its worker %d times, last %s (%s)",
+                    task.task_id,
+                    p.short_id(task.client.identity),
+                    task.losses,
+                    _name(worker),
+                    reason,
+                )
 
     def _purge_silent_peers(self, now: float) -> None:
-        """Expire every peer not heard from within the expiry; oldest first, so O(expired)."""
-        deadline = now - self._expiry
-        heard = self._heard
-        lost = False
-        while heard:
-            identity, last = next(iter(heard.items()))
-            if last > deadline:
-                break
-            lost = True
-            del heard[identity]
-            self._told.pop(identity, None)
-            worker = self._workers.get(identity)
+        """Expire every peer not heard from within the expiry; O(expired)."""
+        sched = self.scheduler
+        for identity, silent in list(self._clocks.expired(now)):
+            worker = sched.workers.get(identity)
             if worker is not None:
-                self._lose_worker(worker, f"no heartbeat for {now - last:.1f}s")
-            client = self._clients.get(identity)
+                self._lose_worker(worker, f"no heartbeat for {silent:.1f}s")
+            client = sched.clients.get(identity)
             if client is not None:
                 log.warning(
                     "client %s lost (no heartbeat for %.1fs); dropping its %d tasks",
-                    _peer_name(identity, client.info),
-                    now - last,
-                    len(client.keys),
+                    _peer_name(identity, client.hello),
+                    silent,
+                    len(client.tasks),
                 )
-                self._forget_client(client)
-        if lost:
-            self._dispatch()  # a lost worker's tasks are queued again
+                sched.remove_client(identity)
+        self._flush()
 
     def _send_due_heartbeats(self, now: float) -> None:
-        told = self._told
-        due = now - self.interval
-        while told:
-            identity, last = next(iter(told.items()))
-            if last > due:
-                break
-            if identity in self._clients:
-                self._send(identity, p.encode_capacity(p.Command.HEARTBEAT, self._capacity))
-            else:
-                self._send(identity, p.encode(p.Command.HEARTBEAT))
+        capacity = p.encode_capacity(p.Command.HEARTBEAT, self.scheduler.capacity)
+        plain = p.encode(p.Command.HEARTBEAT)
+        for identity in self._clocks.due(now):
+            self._send(identity, capacity if identity in self.scheduler.clients else plain)
 
-    def _broadcast_capacity(self) -> None:
-        """Tell every client the pool's size changed, so their windows follow it."""
-        for identity in self._clients:
-            self._send(identity, p.encode_capacity(p.Command.HEARTBEAT, self._capacity))
+    # -- output ---------------------------------------------------------------------------
 
-    # -- keys and warnings ------------------------------------------------------------
+    def _flush(self) -> None:
+        """Send what the scheduler decided: TASK batches, RESULT batches, the capacity."""
+        sends = self.scheduler.take_sends()
+        if not sends:
+            return
+        for identity, tasks in sends.tasks.items():
+            self._send_tasks(identity, tasks)
+        capacity = self.scheduler.capacity
+        for identity, results in sends.results.items():
+            limit = _batch_limit(self.scheduler.clients.get(identity))
+            for batch in p.chunked(results, limit):
+                self._send(identity, p.encode_result(capacity, batch))
+        if sends.capacity_changed:
+            beat = p.encode_capacity(p.Command.HEARTBEAT, capacity)
+            for identity in self.scheduler.clients:
+                self._send(identity, beat)
+
+    def _send_tasks(self, identity: bytes, tasks: list[Task]) -> None:
+        records = [(p.TaskRecord(task.key, task.timeout), task.payload) for task in tasks]
+        limit = _batch_limit(self.scheduler.workers.get(identity))
+        for batch in p.chunked(records, limit):
+            self._send(identity, p.encode_task(batch))
+
+    def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
+        sock = self._socket
+        assert sock is not None
+        try:
+            send_frames(sock, [identity, *frames])
+        except zmq.ZMQError as exc:
+            log.debug("could not send to %s: %s", p.short_id(identity), exc)
+        self._clocks.told(identity, time.monotonic())
+
+    # -- keys and warnings ------------------------------------------------------------------
 
     def _check_keys(self, now: float) -> None:
         """Once per heartbeat interval: pick up added and revoked keys, drop revoked peers."""
@@ -637,11 +547,14 @@ class Broker:
             return
         # A scan of all peers, but only when a key was revoked: rare.
         tag = slice(1, 1 + security.TAG_SIZE)
-        for identity in [*self._workers, *self._clients]:
+        for identity in [*self.scheduler.workers, *self.scheduler.clients]:
             peer = revoked.get(identity[tag])
             if peer is not None:
-                log.warning("dropping %s %s: key %r revoked", peer.role, identity.hex(), peer.name)
+                log.warning(
+                    "dropping %s %s: key %r revoked", peer.role, p.short_id(identity), peer.name
+                )
                 self._on_disconnect(identity, [])
+        self._flush()
 
     def _warn_if_insecure(self, now: float) -> None:
         if self._insecure and now >= self._insecure_due:
@@ -652,195 +565,11 @@ class Broker:
                 self.address,
             )
 
-    # -- workers and credits ----------------------------------------------------------
-
-    def _grant(self, worker: _Worker, credits: int) -> None:
-        worker.credits = min(worker.credits + credits, MAX_CREDITS)
-        self._file(worker)
-
-    def _file(self, worker: _Worker) -> None:
-        """The one place that decides which dispatch set a worker belongs to."""
-        identity = worker.identity
-        self._idle.pop(identity, None)
-        self._busy.pop(identity, None)
-        ready = worker.state is WorkerState.READY and not worker.isolated
-        if ready and worker.credits > 0:
-            if worker.tasks:
-                self._busy[identity] = None
-            else:
-                self._idle[identity] = None
-        share = worker.credits + len(worker.tasks) + 1 if worker.state is WorkerState.READY else 0
-        self._capacity += share - worker.counted
-        worker.counted = share
-
-    def _forget_worker(self, worker: _Worker) -> None:
-        worker.state = WorkerState.DRAINING
-        worker.credits = 0
-        worker.tasks.clear()
-        self._file(worker)
-        del self._workers[worker.identity]
-        self._forget_peer(worker.identity)
-        self._broadcast_capacity()
-
-    def _lose_worker(self, worker: _Worker, reason: str) -> None:
-        """A worker died: re-queue what it held as suspects, or fail those out of attempts."""
-        held = list(worker.tasks.values())
-        doomed = sum(task.losses + 1 >= task.max_attempts for task in held)
-        log.warning(
-            "worker %s lost (%s); re-queueing %d of the %d tasks it held",
-            _name(worker),
-            reason,
-            len(held) - doomed,
-            len(held),
-        )
-        for task in held:
-            self._unassign(task)
-            task.losses += 1
-            if task.losses >= task.max_attempts:
-                log.error(
-                    "task %d of client %s failed: it lost its worker %d times, last %s (%s)",
-                    task.task_id,
-                    task.client.hex()[:12],
-                    task.losses,
-                    _name(worker),
-                    reason,
-                )
-                self._complete(task, p.Status.LOST, self._lost_report(task, worker, reason))
-            else:
-                task.state = TaskState.QUEUED
-                self._suspects.append(task)
-        self._forget_worker(worker)
-
-    def _lost_report(self, task: _Task, worker: _Worker, reason: str) -> p.Payload:
-        info = worker.info
-        report = {
-            "attempts": task.losses,
-            "identity": worker.identity.hex(),
-            "host": info.get("host"),
-            "pid": info.get("pid"),
-            "exitcode": info.get("exitcode"),
-            "signal": info.get("signal"),
-            "reason": reason,
-        }
-        return p.Payload(json.dumps(report).encode())
-
-    # -- tasks ----------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        """Hand queued tasks to workers with credit: suspects alone to idle workers first."""
-        while self._suspects and self._idle:
-            task = self._suspects.popleft()
-            if task.state is not TaskState.QUEUED:
-                continue
-            worker = self._workers[next(iter(self._idle))]
-            worker.isolated = True
-            self._assign(worker, [task])
-        while self._queue and (self._idle or self._busy):
-            identity = next(iter(self._idle)) if self._idle else next(iter(self._busy))
-            worker = self._workers[identity]
-            batch = self._take(worker.credits)
-            if batch:
-                self._assign(worker, batch)
-
-    def _take(self, limit: int) -> list[_Task]:
-        batch: list[_Task] = []
-        queue = self._queue
-        while queue and len(batch) < limit:
-            task = queue.popleft()
-            if task.state is TaskState.QUEUED:
-                batch.append(task)
-        return batch
-
-    def _assign(self, worker: _Worker, batch: list[_Task]) -> None:
-        records = []
-        for task in batch:
-            task.state = TaskState.RUNNING
-            task.worker = worker.identity
-            worker.tasks[task.key] = task
-            records.append((p.TaskRecord(task.key, task.timeout), task.payload))
-        worker.credits -= len(batch)
-        self._file(worker)
-        for part in p.chunked(records):
-            self._send(worker.identity, p.encode_task(part))
-
-    def _unassign(self, task: _Task, sender: bytes | None = None) -> None:
-        """Take a task off its worker. That worker is filed again at once, unless it is
-        ``sender``, whose message's handler files it once it has handled them all."""
-        if task.worker is not None:
-            worker = self._workers.get(task.worker)
-            if worker is not None and worker.tasks.pop(task.key, None) is not None:
-                if not worker.tasks:
-                    worker.isolated = False
-                if task.worker != sender:
-                    self._file(worker)
-            task.worker = None
-
-    def _enqueue_again(self, task: _Task) -> None:
-        """Put a task back at the head of the line (it was handed back, not lost)."""
-        task.state = TaskState.QUEUED
-        if task.losses:
-            self._suspects.appendleft(task)
-        else:
-            self._queue.appendleft(task)
-
-    def _complete(
-        self, task: _Task, status: p.Status, payload: p.Payload, sender: bytes | None = None
-    ) -> None:
-        """Remove a finished task everywhere and queue its result for its client
-        (``sender``: as in _unassign)."""
-        self._unassign(task, sender)
-        task.state = TaskState.DONE
-        del self._tasks[task.key]
-        self.tasks_done += 1
-        if status is p.Status.RAISED:
-            self.tasks_failed += 1
-        elif status is p.Status.LOST:
-            self.tasks_lost += 1
-        client = self._clients.get(task.client)
-        if client is None:
-            return
-        client.keys.discard(task.key)
-        record = p.ResultRecord(task.task_id, status)
-        self._outbox.setdefault(task.client, []).append((record, payload))
-
-    def _flush_results(self) -> None:
-        """Send each client one RESULT message with everything finished this pass."""
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, {}
-        for identity, results in outbox.items():
-            for batch in p.chunked(results):
-                self._send(identity, p.encode_result(self._capacity, batch))
-
-    def _forget_client(self, client: _Client) -> None:
-        for key in client.keys:
-            task = self._tasks.pop(key, None)
-            if task is not None:
-                self._unassign(task)
-                task.state = TaskState.DONE
-        client.keys.clear()
-        self._outbox.pop(client.identity, None)
-        del self._clients[client.identity]
-        self._forget_peer(client.identity)
-
-    # -- output -----------------------------------------------------------------------------
-
-    def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
-        sock = self._socket
-        assert sock is not None
-        try:
-            send_frames(sock, [identity, *frames])
-        except zmq.ZMQError as exc:
-            log.debug("could not send to %s: %s", identity.hex(), exc)
-            return
-        told = self._told
-        told[identity] = time.monotonic()
-        told.move_to_end(identity)
-
-    # -- introspection (tests, status) ---------------------------------------------------
+    # -- introspection (tests, status) ----------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready picture of the pool, for status tools; O(workers + clients).
+        """A JSON-ready picture of the pool, for status tools; O(workers + clients). Peers
+        appear under short ids (hashes), never their identities.
 
         The keys are described in docs/operating.md; tools may rely on them.
         """
@@ -848,8 +577,9 @@ class Broker:
         # Completions are counted at each upkeep, which may not have run since the last
         # ones: count them now, or the rate would lag what tasks_done says.
         self._throughput.record(now, self.tasks_done)
-        heard = self._heard
-        running = sum(len(w.tasks) for w in self._workers.values())
+        sched = self.scheduler
+        running = sum(len(w.tasks) for w in sched.workers.values())
+        counts = sched.counts
         return {
             "broker_id": self.broker_id,
             "version": __version__,
@@ -859,38 +589,38 @@ class Broker:
             "time": time.time(),
             "uptime": now - self.started,
             "heartbeat_interval": self.interval,
-            "workers": [
-                {
-                    "identity": w.identity.hex(),
-                    "host": w.info.get("host"),
-                    "pid": w.info.get("pid"),
-                    "state": _worker_state(w),
-                    "running": len(w.tasks),
-                    "credits": w.credits,
-                    "done": w.done,
-                    "last_heard": now - heard.get(w.identity, now),
-                }
-                for w in self._workers.values()
-            ],
+            "workers": [self._worker_row(w, now) for w in sched.workers.values()],
             "clients": [
                 {
-                    "identity": c.identity.hex(),
-                    "host": c.info.get("host"),
-                    "pid": c.info.get("pid"),
-                    "tasks": len(c.keys),
+                    "id": p.short_id(c.identity),
+                    "host": c.hello.host,
+                    "pid": c.hello.pid,
+                    "tasks": len(c.tasks),
+                    "queued": len(c.queue),
                 }
-                for c in self._clients.values()
+                for c in sched.clients.values()
             ],
-            # The queues may still hold tasks dropped since (they are skipped
-            # lazily), so count what the broker owns instead.
-            "queued": len(self._tasks) - running,
+            "queued": len(sched.tasks) - running,
             "running": running,
-            "tasks_done": self.tasks_done,
-            "tasks_failed": self.tasks_failed,
-            "tasks_lost": self.tasks_lost,
-            "capacity": self._capacity,
+            "tasks_done": counts.done,
+            "tasks_failed": counts.failed,
+            "tasks_lost": counts.lost,
+            "capacity": sched.capacity,
             "rate": self._throughput.rate(now),
             "per_second": self._throughput.series(now),
+        }
+
+    def _worker_row(self, worker: Worker, now: float) -> dict[str, Any]:
+        return {
+            "id": p.short_id(worker.identity),
+            "host": worker.hello.host,
+            "pid": worker.hello.pid,
+            "python": worker.kind.python,
+            "state": "draining" if worker.draining else "busy" if worker.tasks else "idle",
+            "running": len(worker.tasks),
+            "credits": worker.credits,
+            "done": worker.done,
+            "last_heard": now - self._clocks.last_heard(worker.identity, now),
         }
 
     def _publish(self, now: float) -> None:
@@ -905,26 +635,30 @@ def _header_byte(frame: zmq.Frame) -> int:
     return frame.bytes[3] if len(frame) == 4 else -1
 
 
-def _worker_state(worker: _Worker) -> str:
-    if worker.state is WorkerState.DRAINING:
-        return "draining"
-    return "busy" if worker.tasks else "idle"
+def _name(worker: Worker) -> str:
+    return _peer_name(worker.identity, worker.hello)
 
 
-def _name(worker: _Worker) -> str:
-    return _peer_name(worker.identity, worker.info)
+def _peer_name(identity: bytes, hello: p.Hello) -> str:
+    """How logs name a peer: short id @ host : pid (what fade-status shows)."""
+    return f"{p.short_id(identity)}@{hello.host}:{hello.pid}"
 
 
-def _peer_name(identity: bytes, info: dict[str, Any]) -> str:
-    """How logs name a peer: identity prefix @ host : pid (what fade-status shows)."""
-    return f"{identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
+def _batch_limit(peer: Any) -> int:
+    """The most bytes a batch's first frame may carry to this peer."""
+    limit = peer.hello.max_message_size if peer is not None else 0
+    return min(limit, p.BATCH_BYTES) if limit else p.BATCH_BYTES
 
 
-def _int_field(info: dict[str, Any], name: str, default: int) -> int:
-    value = info.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CREDITS:
-        raise ProtocolError(f"HELLO field {name!r} must be an int in 0..{MAX_CREDITS}")
-    return value
+def _u64(number: int) -> bytes:
+    return number.to_bytes(8, "little")
+
+
+def _version_text(version: int) -> str:
+    return (
+        f"protocol version {version} is not spoken here: this broker (fade {__version__}) "
+        f"speaks protocol version {p.VERSION}; use the same fade version on every peer"
+    )
 
 
 def _exit_text(info: dict[str, Any]) -> str:
@@ -988,6 +722,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    # The embedded pool's private socket folder: removed when the broker ends.
+    parser.add_argument("--remove-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--insecure-warning-period",
         type=float,
@@ -1053,6 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if web is not None:
             web.stop()
+        if args.remove_dir is not None:
+            shutil.rmtree(args.remove_dir, ignore_errors=True)
     log.info("fade-broker stopped")
     return 0
 

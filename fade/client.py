@@ -2,68 +2,35 @@
 
 ::
 
-    user threads                        I/O thread                                   broker
-    submit(fn, *args) --pickle-->  outbox ---wake pipe--->  SUBMIT (batched) ------->
-        `--- a lone task, socket free: sent by the caller -->  SUBMIT ------------->
-    Future <--set_result--------- in_flight{id} <---------- RESULT (batched) <-------
-                                                            HEARTBEAT <----------->
+    Executor.submit(fn, *args) --pickle--> ClientIO (fade/clientio.py) ==> broker ==> workers
+    Future <------------------------------ result or exception <========= RESULT
 
-* User threads pickle (so a bad argument raises at ``submit``), then append to
-  the outbox and poke a pipe, and the I/O thread sends what waits there in
-  batches. A lone task (none other waiting or out) goes straight out from the
-  caller's thread instead: waking the I/O thread for it would add two thread
-  wake-ups to its round trip.
-* The socket is touched only by the thread holding ``socket_lock`` (ZeroMQ lets a
-  socket move between threads across such a full memory barrier). The I/O thread
-  never holds it while it waits: it sleeps on the socket's file descriptor, and
-  whoever last used the socket checks ZMQ_EVENTS afterwards and wakes it if a
-  message came in meanwhile (the descriptor only signals edges).
-* A thread that calls ``result()`` reads the socket itself for the first few
-  milliseconds of its wait if no one else is using it, and completes its own
-  future when the reply comes: a short round trip then wakes no other thread.
-  Any other result it reads, and any future with done-callbacks, is left to the
-  I/O thread, so callbacks never run in a thread that is waiting (it may hold a
-  lock they need).
-* Futures are completed after the I/O thread has let go of the socket, so a
-  done-callback may submit at once.
-* Flow control: the client keeps at most the pool's *capacity* (as the broker
-  reports it) of tasks at the broker. The rest wait here, still PENDING, so
-  ``cancel()`` on them succeeds and they never run, and a map over a huge
-  iterable never floods the broker.
+* ``submit`` pickles at once (a bad argument raises there) and returns a real
+  ``concurrent.futures.Future``; the I/O thread (or, for a lone task, the caller's
+  thread: fade/fastpath.py) sends it; the result completes the future.
+* Flow control: at most the pool's capacity of tasks is at the broker; the rest
+  wait here, still PENDING, so ``cancel()`` on them succeeds and they never run.
 * Code shipping: each task names the version of the client's local code
-  (fade/shipping.py); workers that lack it FETCH it, and the I/O thread
-  answers with CODE.
-* Reliability: after every WELCOME (a first connection, a broker restart, a
-  reconnection) the client re-sends every task that has no result yet; the
-  broker ignores ids it already holds and a second result for an id is
-  dropped here, so each future completes exactly once.
+  (fade/shipping.py); workers that lack it FETCH it, and the I/O thread answers.
 * Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
-  talks only to the holder of the broker's secret key; why a handshake fails is
-  logged. A frame larger than ``max_message_size`` (ours at ``submit``, the
-  broker's once it has said it) fails its future instead of being sent.
+  talks only to the holder of the broker's secret key.
+* Nothing waits forever: a broker that cannot be reached fails pending futures
+  with BrokerUnreachableError (``connect_timeout``, ``reconnect_timeout``), so
+  ``shutdown`` and interpreter exit end within those bounds.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures as cf
 import itertools
-import json
-import logging
 import math
 import os
-import select
-import selectors
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
-
-import zmq
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import asyncio
@@ -71,26 +38,12 @@ if TYPE_CHECKING:
 from fade import protocol as p
 from fade import security
 from fade import serialization as ser
-from fade._logutil import RateLimitedLog
-from fade._version import __version__
+from fade.clientio import ClientIO, WorkItem
 from fade.embedded import EmbeddedPool
-from fade.errors import (
-    BrokenPoolError,
-    FadeError,
-    MessageTooLargeError,
-    MissingDependencyError,
-    ProtocolError,
-    WorkerLostError,
-)
+from fade.errors import BrokenPoolError, MessageTooLargeError
+from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, check_address
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
-from fade.sockets import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    connect_dealer,
-    has_input,
-    recv_frames,
-    send_frames,
-    wait_for_input,
-)
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ["Executor"]
 
@@ -98,553 +51,14 @@ __all__ = ["Executor"]
 # what the workers run is what this process runs (see fade/shipping.py).
 install_import_hook()
 
-log = logging.getLogger("fade.client")
-
 T = TypeVar("T")
-
-#: At most this many tasks travel in one SUBMIT message (and p.BATCH_BYTES of inline data).
-MAX_BATCH = 512
-#: Seconds between checks that the embedded pool's processes are alive.
-POOL_CHECK_INTERVAL = 0.1
-#: Seconds a thread waiting for a result reads the socket itself before it leaves
-#: that to the I/O thread (which cannot send or heartbeat meanwhile).
-LEAD_TIME = 0.005
-
-
-@dataclass(slots=True, eq=False)
-class _WorkItem:
-    """A submitted task as the client keeps it: it has the Future; only ``frames`` travel."""
-
-    task_id: int
-    future: cf.Future[Any]
-    payload: p.Payload
-    largest: int = 0  # bytes in its largest frame (p.largest_part)
-
-
-class _ClientIO:
-    """The broker link: the socket, the I/O thread that serves it, and the fast submit."""
-
-    def __init__(
-        self,
-        address: str,
-        *,
-        heartbeat_interval: float,
-        heartbeat_liveness: int,
-        max_attempts: int,
-        task_timeout: float | None,
-        pool: EmbeddedPool | None,
-        code: LocalCode | None,
-        keys: security.PeerKeys | None = None,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-    ) -> None:
-        self.address = address
-        self.keys = keys
-        self.max_message_size = max_message_size
-        self.broker_max_message_size = 0  # 0 until a WELCOME says
-        self.identity = security.peer_identity(b"C", keys)
-        self.interval = heartbeat_interval
-        self.expiry = p.expiry(heartbeat_interval, heartbeat_liveness)
-        self.max_attempts = max_attempts
-        self.timeout = task_timeout or 0.0
-        self.pool = pool
-        self.code = code
-        self.lock = threading.Lock()  # guards outbox, closing, _woken
-        self.outbox: collections.deque[_WorkItem] = collections.deque()
-        # Re-entrant: _break may run inside a pass. Guards the socket and in_flight.
-        self.socket_lock = threading.RLock()
-        self.in_flight: dict[int, _WorkItem] = {}
-        self._ready: list[tuple[cf.Future[Any], bool, Any]] = []  # results to deliver
-        self.closing = False
-        self.broken: BaseException | None = None
-        self._capacity = 0
-        self._welcomed = False
-        self._woken = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._context = zmq.Context()
-        self._socket: zmq.Socket[bytes] | None = None
-        self._watch: security.HandshakeWatch | None = None
-        self._sleeper = _Sleeper(self._wake_r)
-        self._heard = self._told = time.monotonic()
-        self._next_pool_check = 0.0
-        self._bad_input = RateLimitedLog(log)
-        self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
-
-    # -- called from user threads --------------------------------------------------------
-
-    def enqueue(self, item: _WorkItem) -> None:
-        if not self.outbox and self._send_now(item):
-            return
-        with self.lock:
-            self.outbox.append(item)
-            wake = not self._woken
-            self._woken = True
-        if wake:
-            self.wake()
-
-    def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass
-
-    def _send_now(self, item: _WorkItem) -> bool:
-        """Send a lone task from the caller's thread (the socket is free, no other task
-        of ours is out or waiting); False: it must take the outbox."""
-        if not self.socket_lock.acquire(blocking=False):
-            return False
-        try:
-            limit = self.broker_max_message_size
-            if (
-                self.outbox
-                or not self._welcomed
-                or self.broken is not None
-                or self.closing
-                or self.in_flight  # a burst: batches through the I/O thread cost less
-                or not self._capacity
-                or (limit and item.largest > limit)
-                or not item.future.set_running_or_notify_cancel()
-            ):
-                return False
-            self.in_flight[item.task_id] = item
-            self._send(self._submit_frames([item]))
-            self._wake_if_input()
-            return True
-        finally:
-            self.socket_lock.release()
-
-    def _wake_if_input(self) -> None:
-        """After using the socket outside the I/O thread: ZeroMQ may have consumed the
-        edge its descriptor would have signalled for a message that came meanwhile."""
-        if self._socket is not None and has_input(self._socket):
-            self.wake()
-
-    # -- the loop ------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            with self.socket_lock:
-                self._connect()
-            woken = False
-            while True:
-                with self.socket_lock:
-                    self._take_input(woken)
-                    ready = self._take_ready()
-                _deliver(ready)  # before the upkeep: a caller is waiting for these
-                with self.socket_lock:
-                    self._upkeep()
-                    finished = self._finished()
-                    if finished:
-                        self._send(p.encode(p.Command.DISCONNECT))
-                    timeout = self._poll_timeout()
-                    ready = self._take_ready()
-                _deliver(ready)
-                if finished:
-                    break
-                woken = self._sleeper.sleep(timeout)  # not holding the socket
-        except BaseException as exc:
-            log.exception("the client I/O thread failed")
-            self._break(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
-        finally:
-            with self.socket_lock:
-                _deliver(self._take_ready())
-                if self._watch is not None:
-                    self._watch.close()
-                if self._socket is not None:
-                    self._socket.close(linger=200)
-                    self._socket = None
-            self._sleeper.close()
-            self._context.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-
-    def _finished(self) -> bool:
-        if self.broken is not None:
-            return True
-        with self.lock:
-            return self.closing and not self.outbox and not self.in_flight
-
-    def _take_ready(self) -> list[tuple[cf.Future[Any], bool, Any]]:
-        ready, self._ready = self._ready, []
-        return ready
-
-    # -- called from a thread waiting for a result -------------------------------------------
-
-    def wait_here(self, future: _Future[Any], deadline: float) -> None:
-        """Read the socket in the waiting thread, for up to LEAD_TIME, if no one else is
-        using it: the result then reaches its caller without waking the I/O thread.
-
-        Only this future is completed here, and only if it has no done-callbacks
-        (those always run on the I/O thread); whatever else comes in is left to the
-        I/O thread, which is woken for it.
-        """
-        if not self.socket_lock.acquire(blocking=False):
-            return
-        outcome = None
-        try:
-            sock = self._socket
-            if sock is None or self.broken is not None:
-                return
-            self._sleeper.mute()  # the I/O thread need not wake
-            try:
-                outcome = self._take_outcome(future)
-                end = min(deadline, time.monotonic() + LEAD_TIME)
-                while outcome is None:
-                    left = end - time.monotonic()
-                    if left <= 0 or not wait_for_input(sock, math.ceil(left * 1000)):
-                        break
-                    try:
-                        self._read_all(sock, known=True)
-                    except Exception as exc:  # as in the I/O thread: the pool is unusable
-                        log.exception("reading the broker's reply failed")
-                        self._break(BrokenPoolError(f"the client failed to read: {exc!r}"))
-                        return
-                    outcome = self._take_outcome(future)
-            finally:
-                self._sleeper.unmute()
-                # The last thing done to the socket here found no input (the poll, or
-                # _read_all's last check), so the descriptor will signal the next message.
-                if self._ready:
-                    self.wake()
-        finally:
-            self.socket_lock.release()
-        if outcome is not None and not future.complete_here(outcome[1], outcome[2]):
-            with self.socket_lock:  # a callback came meanwhile: the I/O thread runs it
-                self._ready.append(outcome)
-            self.wake()
-
-    def _take_outcome(self, future: _Future[Any]) -> tuple[cf.Future[Any], bool, Any] | None:
-        if future.has_callbacks:
-            return None
-        for i, outcome in enumerate(self._ready):
-            if outcome[0] is future:
-                return self._ready.pop(i)
-        return None
-
-    def _take_input(self, woken: bool) -> None:
-        """Read what the broker sent (holding the socket); never blocks."""
-        if woken:
-            # Empty the pipe *before* clearing the flag: a submit that comes after the
-            # flag is cleared writes a fresh byte, and one that came before is already
-            # in the outbox, which _send_tasks reads below. The other order can leave
-            # the flag set with the pipe empty, and the next submit would wait for the
-            # poll to time out.
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            with self.lock:
-                self._woken = False
-        assert self._socket is not None
-        self._read_all(self._socket)
-
-    def _upkeep(self) -> None:
-        """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
-        self._send_tasks()
-        if self._watch is not None:
-            self._watch.check()
-        now = time.monotonic()
-        if now - self._heard > self.expiry:
-            log.warning("broker silent for %.1fs; reconnecting", now - self._heard)
-            self._connect()
-        elif now - self._told >= self.interval:
-            self._send(p.encode(p.Command.HEARTBEAT))
-        if self.pool is not None and now >= self._next_pool_check:
-            self._next_pool_check = now + POOL_CHECK_INTERVAL  # it asks the OS: not every pass
-            problem = self.pool.problem()
-            if problem is not None:
-                self._break(BrokenPoolError(problem))
-
-    def _poll_timeout(self) -> float:
-        if self._socket is not None and has_input(self._socket):
-            return 0.0  # our own sends may have consumed the descriptor's edge
-        return max(0.0, min(self.interval - (time.monotonic() - self._told), self.interval))
-
-    # -- connection ------------------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-        if self._socket is not None:
-            self._sleeper.forget()
-            self._socket.close(linger=0)
-        sock = connect_dealer(
-            self._context,
-            self.address,
-            identity=self.identity,
-            keys=self.keys,
-            max_message_size=self.max_message_size,
-        )
-        self._watch = security.HandshakeWatch(sock, log, self.keys)
-        self._socket = sock
-        self._sleeper.watch(cast(int, sock.getsockopt(zmq.FD)))
-        self._heard = time.monotonic()
-        self._hello()
-
-    def _hello(self) -> None:
-        self._welcomed = False
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
-        self._send(p.encode_hello("client", info))
-
-    def _send(self, frames: list[Any]) -> None:
-        assert self._socket is not None
-        send_frames(self._socket, frames)
-        self._told = time.monotonic()
-
-    # -- input -------------------------------------------------------------------------------------
-
-    def _read_all(self, sock: zmq.Socket[bytes], known: bool = False) -> None:
-        """Handle every message waiting; ``known``: a poll just saw one, so the first
-        needs no check. Asking EVENTS costs less than the zmq.Again a drained socket raises."""
-        while known or has_input(sock):
-            known = False
-            frames = recv_frames(sock)
-            self._heard = time.monotonic()
-            try:
-                self._handle(p.parse(frames))
-            except ProtocolError as exc:
-                self._bad_input.warning("dropped a message from the broker: %s", exc)
-
-    def _handle(self, message: p.Message) -> None:
-        command = message.command
-        if command is p.Command.RESULT:
-            capacity, results = p.decode_result(message.body)
-            self._capacity = capacity
-            for record, payload in results:
-                self._complete(record, payload)
-        elif command is p.Command.HEARTBEAT:
-            announced = p.decode_capacity(message.body)
-            if announced is not None:
-                self._capacity = announced
-        elif command is p.Command.WELCOME:
-            self._on_welcome(p.decode_welcome(message.body))
-        elif command is p.Command.RESET:
-            log.info("broker does not know this client (it may have restarted)")
-            self._hello()
-        elif command is p.Command.FETCH:
-            self._on_fetch(*p.decode_fetch(message.body))
-        elif command is p.Command.ERROR:
-            reason = p.decode_error(message.body)
-            self._bad_input.warning("the broker refused a message: %s", reason)
-        else:
-            raise ProtocolError(f"{command.name} is not for a client")
-
-    def _on_welcome(self, welcome: p.Welcome) -> None:
-        self._capacity = welcome.capacity
-        self.broker_max_message_size = welcome.max_message_size
-        self._welcomed = True
-        if self.in_flight:
-            # Whatever the broker had of ours may be gone: send it all again.
-            # The broker skips ids it still holds.
-            log.info(
-                "re-sending %d unfinished tasks to broker %s",
-                len(self.in_flight),
-                welcome.broker_id,
-            )
-            items = sorted(self.in_flight.values(), key=lambda item: item.task_id)
-            batch: list[_WorkItem] = []
-            size = 0
-            for item in items:
-                inline = len(item.payload.inline) + p.HEAD_ROOM
-                if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
-                    self._send(self._submit_frames(batch))
-                    batch, size = [], 0
-                batch.append(item)
-                size += inline
-            if batch:
-                self._send(self._submit_frames(batch))
-
-    def _on_fetch(self, worker: bytes, request_id: int, request: Any) -> None:
-        """A worker asks for our code: the manifest of a version, or file contents."""
-        status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
-        if self.code is not None:
-            status, frames = _serve(self.code, p.unpack_request(request))
-        self._send(p.encode_code(worker, request_id, status, frames))
-
-    def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
-        item = self.in_flight.pop(record.task_id, None)
-        if item is None:
-            return  # a duplicate: this future already has its result
-        outcome: tuple[bool, Any]
-        if record.status is p.Status.OK:
-            try:
-                outcome = True, ser.loads_value(payload)
-            except FadeError as exc:
-                outcome = False, exc
-        elif record.status is p.Status.RAISED:
-            outcome = False, _name_distribution(ser.loads_exception(payload))
-        elif record.status is p.Status.LOST:
-            outcome = False, _lost_error(payload)
-        else:
-            outcome = False, ProtocolError(f"unexpected result status {record.status.name}")
-        self._ready.append((item.future, *outcome))
-
-    # -- output ------------------------------------------------------------------------
-
-    def _send_tasks(self) -> None:
-        """Move tasks from the outbox to the broker while the pool has room for them."""
-        if not self._welcomed or not self.outbox:
-            return
-        while True:
-            room = min(MAX_BATCH, self._capacity - len(self.in_flight))
-            if room <= 0:
-                return
-            batch = self._take(room)
-            if not batch:
-                return
-            batch = self._refuse_oversized(batch)
-            if batch:
-                self._send(self._submit_frames(batch))
-
-    def _refuse_oversized(self, batch: list[_WorkItem]) -> list[_WorkItem]:
-        """Fail the tasks the broker would not accept: it would drop our connection."""
-        limit = self.broker_max_message_size
-        if not limit or all(item.largest <= limit for item in batch):
-            return batch
-        kept = []
-        for item in batch:
-            if item.largest <= limit:
-                kept.append(item)
-                continue
-            del self.in_flight[item.task_id]
-            item.future.set_exception(
-                MessageTooLargeError(
-                    f"the task has a {item.largest}-byte frame; the broker accepts at most "
-                    f"{limit} (its --max-message-size)"
-                )
-            )
-        return kept
-
-    def _take(self, room: int) -> list[_WorkItem]:
-        """Up to ``room`` tasks from the outbox whose inline data fits in one frame."""
-        batch: list[_WorkItem] = []
-        size = 0
-        with self.lock:
-            while self.outbox and len(batch) < room:
-                inline = len(self.outbox[0].payload.inline) + p.HEAD_ROOM
-                if batch and size + inline > self._batch_bytes():
-                    break
-                item = self.outbox.popleft()
-                if item.future.set_running_or_notify_cancel():
-                    batch.append(item)
-                    size += inline
-        for item in batch:
-            self.in_flight[item.task_id] = item
-        return batch
-
-    def _batch_bytes(self) -> int:
-        """The most bytes a SUBMIT's first frame may carry (each task's inline bytes plus
-        p.HEAD_ROOM): every peer's frame limit applies to that one frame, not to each task."""
-        limits = [self.max_message_size, p.BATCH_BYTES]
-        if self.broker_max_message_size:
-            limits.append(self.broker_max_message_size)
-        return min(limits)
-
-    def _submit_frames(self, items: list[_WorkItem]) -> list[Any]:
-        return p.encode_submit(
-            [
-                (p.SubmitRecord(item.task_id, self.max_attempts, self.timeout), item.payload)
-                for item in items
-            ]
-        )
-
-    def _break(self, error: BaseException) -> None:
-        """The pool is unusable: fail every future that is not done."""
-        if self.broken is not None:
-            return
-        with self.socket_lock, self.lock:
-            self.broken = error
-            items = [*self.outbox, *self.in_flight.values()]
-            self.outbox.clear()
-            self.in_flight.clear()
-        for item in items:
-            if not item.future.done():
-                try:
-                    item.future.set_exception(error)
-                except cf.InvalidStateError:
-                    pass
-
-
-class _Sleeper:
-    """Where the I/O thread sleeps: on its wake-up pipe and, unless muted, on the
-    socket's descriptor. Muting takes effect at once, even for a thread already
-    asleep. With epoll it is one system call; selectors' unregister, the fallback
-    where there is no epoll, costs about four times as much per round trip."""
-
-    def __init__(self, wake_fd: int) -> None:
-        self._wake_fd = wake_fd
-        self._socket_fd = -1
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        self._selector = selectors.DefaultSelector() if self._epoll is None else None
-        self._add(wake_fd)
-
-    def watch(self, fd: int) -> None:
-        """Sleep on this socket descriptor from now on."""
-        self.forget()
-        self._socket_fd = fd
-        self._add(fd)
-
-    def forget(self) -> None:
-        """Stop watching the socket descriptor (before its socket is closed)."""
-        if self._socket_fd >= 0:
-            if self._epoll is not None:
-                self._epoll.unregister(self._socket_fd)
-            else:
-                assert self._selector is not None
-                self._selector.unregister(self._socket_fd)
-            self._socket_fd = -1
-
-    def mute(self) -> None:
-        if self._epoll is not None:
-            self._epoll.modify(self._socket_fd, 0)
-        else:
-            assert self._selector is not None
-            self._selector.unregister(self._socket_fd)
-
-    def unmute(self) -> None:
-        if self._epoll is not None:
-            self._epoll.modify(self._socket_fd, select.EPOLLIN)
-        else:
-            self._add(self._socket_fd)
-
-    def sleep(self, timeout: float) -> bool:
-        """Until input, a wake-up or ``timeout``; True if woken through the pipe."""
-        if self._epoll is not None:
-            return any(fd == self._wake_fd for fd, _ in self._epoll.poll(timeout))
-        assert self._selector is not None
-        return any(key.fd == self._wake_fd for key, _ in self._selector.select(timeout))
-
-    def close(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
-        else:
-            assert self._selector is not None
-            self._selector.close()
-
-    def _add(self, fd: int) -> None:
-        if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN)
-        else:
-            assert self._selector is not None
-            self._selector.register(fd, selectors.EVENT_READ)
-
-
-def _deliver(ready: list[tuple[cf.Future[Any], bool, Any]]) -> None:
-    """Complete the futures whose results came in (outside the socket lock, so a
-    done-callback may submit)."""
-    for future, ok, value in ready:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
 
 class _Future(cf.Future[T]):
-    """A ``concurrent.futures.Future`` whose ``result()`` may read the reply itself."""
+    """A ``concurrent.futures.Future`` whose ``result()`` may read the reply itself
+    (the wait-here fast path, fade/fastpath.py)."""
 
-    def __init__(self, io: _ClientIO) -> None:
+    def __init__(self, io: ClientIO) -> None:
         super().__init__()
         self._io = io
         self._callbacks_lock = threading.Lock()
@@ -671,78 +85,14 @@ class _Future(cf.Future[T]):
     def result(self, timeout: float | None = None) -> T:
         if self.done():
             return super().result()
+        fast = self._io.fast
+        if fast is None:
+            return super().result(timeout)
         deadline = math.inf if timeout is None else time.monotonic() + timeout
-        self._io.wait_here(self, deadline)
+        fast.wait_here(self, deadline)
         if timeout is not None:
             timeout = max(0.0, deadline - time.monotonic())
         return super().result(timeout)
-
-
-def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
-    kind = request.get("kind")
-    if kind == "manifest":
-        try:
-            manifest = code.manifest_json(bytes.fromhex(str(request.get("version"))))
-        except ValueError:
-            manifest = None
-        if manifest is not None:
-            return p.CodeStatus.OK, [manifest]
-        return p.CodeStatus.MISSING, [b"unknown code version"]
-    hashes = request.get("hashes")
-    if kind == "blobs" and isinstance(hashes, list):
-        blobs = code.blobs([str(h) for h in hashes])
-        if blobs is not None:
-            return p.CodeStatus.OK, blobs
-        return p.CodeStatus.MISSING, [b"unknown file hash"]
-    return p.CodeStatus.MISSING, [b"malformed request"]
-
-
-def _name_distribution(exc: BaseException) -> BaseException:
-    """Add to a worker's MissingDependencyError the distribution the client has it from."""
-    if not isinstance(exc, MissingDependencyError) or not exc.module:
-        return exc
-    top = exc.module.partition(".")[0]
-    try:
-        import importlib.metadata as md
-
-        dists = md.packages_distributions().get(top, [])
-    except Exception:  # metadata is advisory; never hide the real error
-        dists = []
-    if dists:
-        versions = ", ".join(f"{d} {_version_of(d)}" for d in dists)
-        hint = f"; this client has it from the distribution {versions}: install that on the workers"
-    else:
-        hint = "; install it on the workers"
-    enriched = MissingDependencyError(str(exc) + hint, module=exc.module, host=exc.host)
-    enriched.__cause__ = exc.__cause__
-    return enriched
-
-
-def _version_of(distribution: str) -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version(distribution)
-    except md.PackageNotFoundError:
-        return "?"
-
-
-def _lost_error(payload: p.Payload) -> WorkerLostError:
-    try:
-        info = json.loads(payload.inline)
-    except ValueError:
-        return WorkerLostError("the task's worker was lost too many times")
-    identity = str(info.get("identity", "?"))[:12]
-    where = f"worker {identity} on host {info.get('host')} pid {info.get('pid')}"
-    if info.get("signal"):
-        where += f", killed by {info['signal']}"
-    elif info.get("exitcode") is not None:
-        where += f", exit code {info['exitcode']}"
-    return WorkerLostError(
-        f"the task was attempted {info.get('attempts')} times and lost its worker each time "
-        f"(it may crash its worker: a segfault, os._exit, running out of memory); "
-        f"last seen: {where} ({info.get('reason')})"
-    )
 
 
 class Executor(cf.Executor):
@@ -752,8 +102,10 @@ class Executor(cf.Executor):
     real ``concurrent.futures.Future``; ``map`` yields results in order.
 
     Args:
-        address: a broker endpoint such as ``"tcp://head:5555"``. None starts an
-            embedded broker and ``max_workers`` worker processes on this machine.
+        address: a broker endpoint such as ``"tcp://head:5555"`` (``ipc://PATH`` too).
+            None starts an embedded broker and ``max_workers`` worker processes on
+            this machine; an int is taken as ``max_workers``, as
+            ``ThreadPoolExecutor(4)`` does. A malformed address raises ValueError.
         max_workers: worker processes of the embedded pool (default: one per
             core). Ignored with an address.
         max_attempts: how many times a task may lose its worker (crash, kill,
@@ -761,7 +113,8 @@ class Executor(cf.Executor):
         task_timeout: seconds a task may run; past that its worker process is
             replaced and the future fails with TaskTimeoutError.
         heartbeat_interval, heartbeat_liveness: failure detection takes
-            interval x liveness seconds.
+            interval x liveness seconds; these apply until the broker answers,
+            after which everyone follows the broker's settings.
         ship_code: ``"auto"`` sends the client's local modules (those not
             installed in its Python environment) to the workers, following
             edits and reloads; ``"pin"`` freezes them as they are at the first
@@ -771,11 +124,20 @@ class Executor(cf.Executor):
             ``fade-keys add client NAME``); default: $FADE_KEYS, else no keys.
         max_message_size: the largest frame (a pickle, or one large buffer such
             as a numpy array's data) sent or accepted, in bytes; default 1 GiB.
+            A task or result over any peer's limit fails its own future with
+            MessageTooLargeError.
+        connect_timeout: seconds to wait for a broker never reached before pending
+            futures fail with BrokerUnreachableError (default 10).
+        reconnect_timeout: seconds to wait for a broker that stopped answering (a
+            restart) before pending futures fail the same way (default 30). While
+            it stays unreachable, new tasks fail at once; once it answers, they run.
+        fast_paths: False sends and reads everything on the I/O thread (see
+            fade/fastpath.py); default: on, unless $FADE_FAST_PATHS is "0".
     """
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | int | None = None,
         *,
         max_workers: int | None = None,
         max_attempts: int = 3,
@@ -786,19 +148,21 @@ class Executor(cf.Executor):
         ship_code_limit: int = DEFAULT_MAX_BYTES,
         keys: security.KeySource | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        fast_paths: bool | None = None,
     ) -> None:
-        if ship_code not in ("auto", "pin", "off"):
-            raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
-        if max_workers is not None and max_workers < 1:
-            raise ValueError("max_workers must be greater than 0")
-        if not 1 <= max_attempts <= 65535:
-            raise ValueError("max_attempts must be between 1 and 65535")
-        if task_timeout is not None and task_timeout <= 0:
-            raise ValueError("task_timeout must be positive (or None for no limit)")
-        if heartbeat_interval <= 0 or heartbeat_liveness < 1:
-            raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
-        if max_message_size < 1:
-            raise ValueError("max_message_size must be at least 1 byte")
+        if isinstance(address, int) and not isinstance(address, bool):
+            # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
+            if max_workers is not None:
+                raise TypeError("max_workers given twice (positionally and by keyword)")
+            address, max_workers = None, address
+        if address is not None:
+            address = check_address(address)
+        _check_options(
+            ship_code, max_workers, max_attempts, task_timeout, heartbeat_interval,
+            heartbeat_liveness, max_message_size, connect_timeout, reconnect_timeout,
+        )  # fmt: skip
         if address is None and keys is not None:
             raise ValueError("keys are for a broker at an address; the embedded pool needs none")
         # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
@@ -812,7 +176,7 @@ class Executor(cf.Executor):
                 heartbeat_liveness=heartbeat_liveness,
             )
             address = self._pool.address
-        self.address = address
+        self.address: str = address
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._ids = itertools.count(1)
@@ -821,7 +185,7 @@ class Executor(cf.Executor):
             if ship_code == "off"
             else LocalCode(pinned=ship_code == "pin", max_bytes=ship_code_limit)
         )
-        self._io = _ClientIO(
+        self._io = ClientIO(
             address,
             heartbeat_interval=heartbeat_interval,
             heartbeat_liveness=heartbeat_liveness,
@@ -831,7 +195,11 @@ class Executor(cf.Executor):
             code=self._code,
             keys=peer_keys,
             max_message_size=max_message_size,
+            connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
+            fast_paths=fast_paths,
         )
+        self._owner = os.getpid()
         self._io.thread.start()
         _live_executors.add(self)
 
@@ -856,7 +224,7 @@ class Executor(cf.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._io.enqueue(_WorkItem(next(self._ids), future, payload, largest))
+            self._io.enqueue(WorkItem(next(self._ids), future, payload, largest))
         return future
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
@@ -889,9 +257,12 @@ class Executor(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with ``wait`` block until every future is done and the
-        embedded pool (if any) has stopped."""
+        embedded pool (if any) has stopped. In a forked child, only marks it shut down:
+        the pool and its I/O thread belong to the parent."""
         with self._shutdown_lock:
             self._shutdown = True
+        if os.getpid() != self._owner:
+            return
         io = self._io
         if cancel_futures:
             with io.lock:
@@ -899,9 +270,7 @@ class Executor(cf.Executor):
                 io.outbox.clear()
             for item in items:
                 item.future.cancel()
-        with io.lock:
-            io.closing = True
-        io.wake()
+        io.close_soon()
         if wait:
             io.thread.join()
             self._stop_pool()
@@ -919,7 +288,43 @@ class Executor(cf.Executor):
             self._pool.stop()
 
 
+def _check_options(
+    ship_code: str,
+    max_workers: int | None,
+    max_attempts: int,
+    task_timeout: float | None,
+    heartbeat_interval: float,
+    heartbeat_liveness: int,
+    max_message_size: int,
+    connect_timeout: float,
+    reconnect_timeout: float,
+) -> None:
+    if ship_code not in ("auto", "pin", "off"):
+        raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
+    if max_workers is not None and max_workers < 1:
+        raise ValueError("max_workers must be greater than 0")
+    if not 1 <= max_attempts <= 65535:
+        raise ValueError("max_attempts must be between 1 and 65535")
+    if task_timeout is not None and task_timeout <= 0:
+        raise ValueError("task_timeout must be positive (or None for no limit)")
+    if heartbeat_interval <= 0 or heartbeat_liveness < 1:
+        raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+    if max_message_size < 1:
+        raise ValueError("max_message_size must be at least 1 byte")
+    if connect_timeout <= 0 or reconnect_timeout <= 0:
+        raise ValueError("connect_timeout and reconnect_timeout must be positive")
+
+
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    # A forked child shares no thread or pool with its parent's executors: its exit
+    # must not shut them down (that would remove the parent's embedded pool).
+    _live_executors.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @atexit.register

@@ -10,23 +10,32 @@
 The workers are this process's own children (no supervisor process between):
 one Python start-up less before the first result. Every child is in its own
 session (a terminal's Ctrl-C is ours to handle) and watches our pid: if this
-process dies, even by SIGKILL, they exit within a heartbeat interval.
+process dies, even by SIGKILL, they exit within a heartbeat interval, and the
+broker removes the socket's folder.
+
+Only the process that started a pool stops it: a forked child that exits (and
+runs its atexit handlers) leaves its parent's pool alone.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from fade.options import WorkerOptions
 from fade.security import KEYS_ENV
 
 __all__ = ["EmbeddedPool"]
+
+log = logging.getLogger("fade.embedded")
 
 STOP_TIMEOUT = 10.0
 
@@ -37,6 +46,7 @@ class EmbeddedPool:
     def __init__(
         self, max_workers: int, *, heartbeat_interval: float, heartbeat_liveness: int
     ) -> None:
+        self._owner = os.getpid()
         self._dir = tempfile.mkdtemp(prefix="fade-")
         # ipc: no port to pick or race for, and the workers may connect before the
         # broker has bound (ZeroMQ retries), so both start in parallel.
@@ -54,16 +64,23 @@ class EmbeddedPool:
         # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
         env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
         self._broker = subprocess.Popen(
-            [sys.executable, "-m", "fade.broker", self.address, *timing],
+            [sys.executable, "-m", "fade.broker", self.address, *timing, "--remove-dir", self._dir],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             env=env,
         )
         from fade.supervisor import Supervisor
-        from fade.worker import parse_args
 
-        worker_args = parse_args([self.address, "--processes", str(max_workers), *timing])
-        self._supervisor = Supervisor(worker_args, env=env)
+        _log_like_the_workers()
+        options = WorkerOptions(
+            address=self.address,
+            processes=max_workers,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+            log_level=os.environ.get("FADE_LOG_LEVEL", "WARNING"),
+            parent_pid=os.getpid(),
+        )
+        self._supervisor = Supervisor(options, env=env)
         self._supervisor.start()
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -96,7 +113,10 @@ class EmbeddedPool:
         return None
 
     def stop(self) -> None:
-        """Drain the workers, stop the broker, and wait for both (killing after a deadline)."""
+        """Drain the workers, stop the broker, and wait for both (killing after a deadline).
+        Does nothing in a process other than the one that started the pool."""
+        if os.getpid() != self._owner:
+            return
         self._stopping.set()
         self._thread.join()
         _end(self._broker)
@@ -105,6 +125,23 @@ class EmbeddedPool:
     @property
     def pids(self) -> list[int]:
         return [self._broker.pid, *self._supervisor.pids]
+
+
+def _log_like_the_workers() -> None:
+    """The supervisor thread logs in this process: with the format of the pool's other
+    processes, unless the program configured logging itself."""
+    logger = logging.getLogger("fade.supervisor")
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter(
+            f"%(asctime)s fade-embedded[{os.getpid()}@{socket.gethostname()}] "
+            "%(levelname)s %(message)s"
+        )
+    )
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("FADE_LOG_LEVEL", "WARNING").upper())
 
 
 def _end(process: subprocess.Popen[bytes]) -> None:

@@ -5,10 +5,13 @@
     FadeError
      +-- BrokenPoolError         (also a concurrent.futures.BrokenExecutor)
      +-- ProtocolError           a peer sent bytes that are not fade's protocol
+     |    +-- ProtocolVersionError  the broker speaks another version (also a BrokenPoolError)
      +-- SerializationError      something could not be pickled or unpickled
      |    +-- ResultDecodeError  a result or exception did not survive the trip back
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
+     +-- IncompatibleWorkerError no connected worker can run the task (Python version...)
+     +-- MessageTooLargeError    a frame over a peer's max_message_size
      +-- CodeShippingError       local code could not travel to a worker
      |    +-- MissingDependencyError  a worker lacks an installed package the task needs
      +-- NoWorkersError          no worker answered in time (also a TimeoutError)
@@ -29,12 +32,14 @@ __all__ = [
     "BrokerUnreachableError",
     "CodeShippingError",
     "FadeError",
+    "IncompatibleWorkerError",
     "InsecureAddressError",
     "MessageTooLargeError",
     "MissingDependencyError",
     "MissingExtraError",
     "NoWorkersError",
     "ProtocolError",
+    "ProtocolVersionError",
     "RemoteTraceback",
     "ResultDecodeError",
     "SecurityError",
@@ -54,6 +59,10 @@ class BrokenPoolError(FadeError, BrokenExecutor):
 
 class ProtocolError(FadeError):
     """A message did not follow fade's wire protocol; it is dropped, never trusted."""
+
+
+class ProtocolVersionError(ProtocolError, BrokenPoolError):
+    """The broker speaks another version of fade's protocol: use one fade version everywhere."""
 
 
 class SerializationError(FadeError):
@@ -93,6 +102,11 @@ def _rebuild_missing(message: str, module: str, host: str) -> MissingDependencyE
     return MissingDependencyError(message, module=module, host=host)
 
 
+class IncompatibleWorkerError(FadeError):
+    """No connected worker can run the task (another Python version, or none serves this
+    client): the message names both sides."""
+
+
 class MessageTooLargeError(FadeError):
     """A task or result frame exceeds ``max_message_size``; raise the limit on every peer."""
 
@@ -121,7 +135,8 @@ class NoWorkersError(FadeError, TimeoutError):
 
 
 class BrokerUnreachableError(FadeError):
-    """The broker did not answer in time: not running, not at that address, or unreachable."""
+    """The broker did not answer in time: not running, not at that address, unreachable,
+    or refusing our keys; the message names the address and the likely cause."""
 
 
 class MissingExtraError(FadeError, ImportError):

@@ -29,6 +29,7 @@ See docs/protocol.md for the full description.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import struct
 from collections.abc import Sequence
@@ -40,12 +41,21 @@ import zmq
 from fade.errors import ProtocolError
 
 __all__ = [
+    "BATCH_BYTES",
     "DEFAULT_ADDRESS",
     "HEAD_ROOM",
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
+    "KEY_SIZE",
+    "LAST_STRICT_VERSION",
     "MAGIC",
+    "MAX_CREDITS",
+    "MAX_ERROR_TEXT",
+    "MAX_HOLDING",
+    "SMALL_FRAME",
+    "TAG_SIZE",
     "VERSION",
+    "ClientHello",
     "CodeStatus",
     "Command",
     "DoneRecord",
@@ -56,7 +66,9 @@ __all__ = [
     "Status",
     "SubmitRecord",
     "TaskRecord",
+    "VersionMismatch",
     "Welcome",
+    "WorkerHello",
     "chunked",
     "decode_capacity",
     "decode_code",
@@ -67,6 +79,7 @@ __all__ = [
     "decode_hello",
     "decode_obituary",
     "decode_ready",
+    "decode_refusal",
     "decode_result",
     "decode_state",
     "decode_status",
@@ -82,6 +95,7 @@ __all__ = [
     "encode_hello",
     "encode_obituary",
     "encode_ready",
+    "encode_refusal",
     "encode_result",
     "encode_state",
     "encode_status",
@@ -90,15 +104,19 @@ __all__ = [
     "encode_welcome",
     "expiry",
     "frame_size",
+    "key_tag",
     "largest_part",
     "pack_request",
     "parse",
+    "python_of",
+    "short_id",
     "speaks_fade",
+    "task_key",
     "unpack_request",
 ]
 
 MAGIC = b"fd"
-VERSION = 2
+VERSION = 3
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 #: Seconds between heartbeats, in both directions.
@@ -106,15 +124,43 @@ HEARTBEAT_INTERVAL = 1.0
 #: Heartbeats a peer may miss before it is presumed dead.
 HEARTBEAT_LIVENESS = 3
 
-#: The largest key a worker echoes back (a client identity plus an 8-byte id).
-MAX_KEY = 255
+#: A task key: the client's 8-byte tag (see ClientHello) and its 8-byte task id.
+KEY_SIZE = 16
+TAG_SIZE = 8
+#: The oldest protocol version that parses an ERROR in its own version only: a peer
+#: of that version or older is answered in its own version, so that it logs why.
+LAST_STRICT_VERSION = 2
 #: Room a batch's first frame needs beyond its items' inline bytes: the header, the meta
-#: size and one record per item (the longest, with a MAX_KEY key, is under this).
+#: size and one record per item (the longest record is far under this).
 HEAD_ROOM = 512
 #: ERROR reasons are cut to this many bytes: a refusal never costs more than it says.
 MAX_ERROR_TEXT = 200
 
 Frame = Union[bytes, zmq.Frame, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
+
+
+class VersionMismatch(ProtocolError):
+    """A fade message of another protocol version: ``version`` is the sender's."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"protocol version {version} is not {VERSION}")
+        self.version = version
+
+
+def task_key(tag: bytes, task_id: int) -> bytes:
+    """The key a task is known by between broker and workers: its client's tag and its id.
+    Workers learn the tag, never the client's routing identity."""
+    return tag + _U64.pack(task_id)
+
+
+def key_tag(key: bytes) -> bytes:
+    return key[:TAG_SIZE]
+
+
+def short_id(identity: bytes) -> str:
+    """How status tools and logs name a peer: 12 hex digits of a hash of its identity,
+    which names it without revealing the identity (that would let another peer pose as it)."""
+    return hashlib.blake2b(identity, digest_size=6).hexdigest()
 
 
 def expiry(interval: float, liveness: int) -> float:
@@ -151,6 +197,7 @@ class Status(enum.IntEnum):
     RAISED = 1  # payload: the pickled (exception, traceback text)
     LOST = 2  # broker-made; payload: JSON about the lost worker
     RETURNED = 3  # worker hands the task back unrun; no payload
+    REFUSED = 4  # broker-made; payload: JSON {"error": kind, "message": text}
 
 
 class CodeStatus(enum.IntEnum):
@@ -166,12 +213,13 @@ _BATCHES = frozenset({Command.SUBMIT, Command.TASK, Command.DONE, Command.RESULT
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
 _SUBMIT = struct.Struct("<QIHHd")  # task id, inline size, buffers, max attempts, timeout
-_TASK = struct.Struct("<IHdB")  # inline size, buffers, timeout, key length (key follows)
-_DONE = struct.Struct("<BIHB")  # status, inline size, buffers, key length (key follows)
+_TASK = struct.Struct("<16sIHd")  # key, inline size, buffers, timeout
+_DONE = struct.Struct("<16sBIH")  # key, status, inline size, buffers
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _LONE_RESULT = struct.Struct("<IQBIH")  # a RESULT's capacity and its only record
-_LONE_DONE = struct.Struct("<IBIHB")  # a DONE's credits and its only record (key follows)
+_LONE_DONE = struct.Struct("<I16sBIH")  # a DONE's credits and its only record
 _HEAD = 8  # a batch's first frame: the 4-byte header, then the u32 size of its meta
 #: parse() copies a first frame up to this size whole: cheaper than slicing a view.
 SMALL_FRAME = 64 * 1024
@@ -195,18 +243,51 @@ class Payload:
 
 @dataclass(slots=True)
 class Message:
-    """A parsed envelope: the command and the frames after the header."""
+    """A parsed envelope: the command, the frames after the header, and the protocol
+    version of its sender (not ours only for an ERROR from a broker of another version)."""
 
     command: Command
     body: list[Frame]
+    version: int = VERSION
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
-    """What a peer says about itself when it (re)connects."""
+class ClientHello:
+    """What a client says about itself when it (re)connects."""
 
-    role: str  # "client" or "worker"
-    info: dict[str, Any]
+    host: str
+    pid: int
+    version: str  # fade's
+    python: str  # "3.11.7"
+    implementation: str  # "cpython"
+    tag: bytes  # TAG_SIZE random bytes: the first half of this client's task keys
+    max_message_size: int = 0  # the largest frame it accepts; 0: not said
+    role: str = "client"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHello:
+    """What a worker process says about itself when it (re)connects."""
+
+    host: str
+    pid: int
+    version: str
+    python: str
+    implementation: str
+    credits: int  # tasks it asks for now
+    holding: tuple[bytes, ...] = ()  # keys of the tasks it still owes an answer for
+    max_message_size: int = 0
+    #: Key names of the only clients whose tasks it takes; None: any client's.
+    clients: tuple[str, ...] | None = None
+    role: str = "worker"
+
+
+Hello = Union[ClientHello, WorkerHello]  # noqa: UP007 (a runtime alias on 3.10)
+
+#: A worker may not grant itself more than this many outstanding tasks.
+MAX_CREDITS = 4096
+#: A repeated HELLO lists at most this many held tasks (credits bound what a worker holds).
+MAX_HOLDING = MAX_CREDITS + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +362,12 @@ def parse(frames: Sequence[Frame]) -> Message:
     command = _COMMANDS.get(head[:4])
     if command is None:
         if len(head) >= 4 and head[:2] == MAGIC:
+            if head[3] == Command.ERROR and len(head) == 4:
+                # Any version's ERROR is read: it is how a broker of another version
+                # says so, and its body (one UTF-8 frame) is the same in every version.
+                return Message(Command.ERROR, list(frames[1:]), version=head[2])
             if head[2] != VERSION:
-                raise ProtocolError(f"protocol version {head[2]} is not {VERSION}")
+                raise VersionMismatch(head[2])
             raise ProtocolError(f"unknown command {head[3]}")
         raise ProtocolError(f"unknown header {head[:8]!r}")
     if command in _BATCHES:
@@ -295,16 +380,66 @@ def parse(frames: Sequence[Frame]) -> Message:
 # -- HELLO / WELCOME / OBITUARY (rare: JSON is fine) --------------------------
 
 
-def encode_hello(role: str, info: dict[str, Any]) -> list[Frame]:
-    return [_HEADERS[Command.HELLO], _json({"role": role, **info})]
+def encode_hello(hello: Hello) -> list[Frame]:
+    fields: dict[str, Any] = {
+        "role": hello.role,
+        "host": hello.host,
+        "pid": hello.pid,
+        "version": hello.version,
+        "python": hello.python,
+        "implementation": hello.implementation,
+        "max_message_size": hello.max_message_size,
+    }
+    if isinstance(hello, ClientHello):
+        fields["tag"] = hello.tag.hex()
+    else:
+        fields["credits"] = hello.credits
+        fields["holding"] = [key.hex() for key in hello.holding]
+        if hello.clients is not None:
+            fields["clients"] = list(hello.clients)
+    return [_HEADERS[Command.HELLO], _json(fields)]
 
 
 def decode_hello(body: Sequence[Frame]) -> Hello:
+    """A checked HELLO; every field a peer may leave out has a default, unknown ones are
+    ignored (a newer peer may say more)."""
     data = _unjson(body, "HELLO")
     role = data.get("role")
-    if role not in ("client", "worker"):
-        raise ProtocolError(f"HELLO with unknown role {role!r}")
-    return Hello(role=role, info={k: v for k, v in data.items() if k != "role"})
+    common = {
+        "host": _field(data, "host", str, "?"),
+        "pid": _field(data, "pid", int, 0),
+        "version": _field(data, "version", str, "?"),
+        "python": _field(data, "python", str, "?"),
+        "implementation": _field(data, "implementation", str, "?"),
+        "max_message_size": _field(data, "max_message_size", int, 0),
+    }
+    if role == "client":
+        tag = _hex_field(data, "tag", TAG_SIZE)
+        return ClientHello(tag=tag, **common)
+    if role == "worker":
+        credits = _field(data, "credits", int, 1)
+        if not 0 <= credits <= MAX_CREDITS:
+            raise ProtocolError(f"HELLO field 'credits' must be in 0..{MAX_CREDITS}")
+        holding = data.get("holding", [])
+        if not isinstance(holding, list) or len(holding) > MAX_HOLDING:
+            raise ProtocolError("HELLO field 'holding' must be a list of task keys")
+        clients = data.get("clients")
+        if clients is not None and (
+            not isinstance(clients, list) or not all(isinstance(c, str) for c in clients)
+        ):
+            raise ProtocolError("HELLO field 'clients' must be a list of key names")
+        return WorkerHello(
+            credits=credits,
+            holding=tuple(_hex(key, KEY_SIZE, "holding") for key in holding),
+            clients=None if clients is None else tuple(clients),
+            **common,
+        )
+    raise ProtocolError(f"HELLO with unknown role {role!r}")
+
+
+def python_of(hello: Hello) -> str:
+    """The Python a task pickled by this peer needs: implementation and minor version."""
+    return f"{hello.implementation} {'.'.join(hello.python.split('.')[:2])}"
 
 
 def encode_welcome(welcome: Welcome) -> list[Frame]:
@@ -400,10 +535,11 @@ def decode_drain(body: Sequence[Frame]) -> None:
         raise ProtocolError("DRAIN carries no body")
 
 
-def encode_error(reason: str) -> list[Frame]:
-    """ERROR: why the broker refused a message; cut to MAX_ERROR_TEXT bytes."""
+def encode_error(reason: str, version: int = VERSION) -> list[Frame]:
+    """ERROR: why the broker refused a message; cut to MAX_ERROR_TEXT bytes. Its header
+    carries ``version``: ours, so that a peer of another version learns which we speak."""
     text = reason.encode("utf-8", "replace")[:MAX_ERROR_TEXT]
-    return [_HEADERS[Command.ERROR], text]
+    return [MAGIC + bytes((version, Command.ERROR)), text]
 
 
 def decode_error(body: Sequence[Frame]) -> str:
@@ -412,19 +548,32 @@ def decode_error(body: Sequence[Frame]) -> str:
     return _bytes(body[0])[:MAX_ERROR_TEXT].decode("utf-8", "replace")
 
 
+def decode_refusal(payload: Payload) -> tuple[str, str]:
+    """A REFUSED result's (kind, message); kinds are listed in docs/protocol.md."""
+    try:
+        data = json.loads(payload.inline)
+        return str(data["error"]), str(data["message"])
+    except (ValueError, KeyError, TypeError):
+        return "unknown", "the broker refused the task"
+
+
+def encode_refusal(kind: str, message: str) -> Payload:
+    return Payload(_json({"error": kind, "message": message}))
+
+
 # -- code shipping: FETCH and CODE, relayed by the broker -------------------------
 
 
-def encode_fetch(peer: bytes, request_id: int, request: Frame) -> list[Frame]:
-    """FETCH: [header, peer, request id, request]; peer is the client (to the broker)
-    or the asking worker (from the broker)."""
-    return [_HEADERS[Command.FETCH], peer, _U32.pack(request_id), request]
+def encode_fetch(ref: bytes, request_id: int, request: Frame) -> list[Frame]:
+    """FETCH: [header, ref, request id, request]. From a worker, ``ref`` is the key of the
+    task whose code it needs; from the broker to a client, a broker-made relay number."""
+    return [_HEADERS[Command.FETCH], ref, _U32.pack(request_id), request]
 
 
 def decode_fetch(body: Sequence[Frame]) -> tuple[bytes, int, Frame]:
     if len(body) != 3:
         raise ProtocolError(f"FETCH needs 3 frames, got {len(body)}")
-    return _bytes(body[0]), _one_u32(body[1:2], "FETCH"), body[2]
+    return _ref(body[0], "FETCH"), _one_u32(body[1:2], "FETCH"), body[2]
 
 
 def pack_request(request: dict[str, Any]) -> bytes:
@@ -436,10 +585,10 @@ def unpack_request(frame: Frame) -> dict[str, Any]:
 
 
 def encode_code(
-    peer: bytes, request_id: int, status: CodeStatus, frames: Sequence[Frame]
+    ref: bytes, request_id: int, status: CodeStatus, frames: Sequence[Frame]
 ) -> list[Frame]:
-    """CODE: [header, peer, request id, status, frames...]."""
-    return [_HEADERS[Command.CODE], peer, _U32.pack(request_id), bytes((status,)), *frames]
+    """CODE: [header, ref, request id, status, frames...]; ``ref`` as in the FETCH answered."""
+    return [_HEADERS[Command.CODE], ref, _U32.pack(request_id), bytes((status,)), *frames]
 
 
 def decode_code(body: Sequence[Frame]) -> tuple[bytes, int, CodeStatus, list[Frame]]:
@@ -448,7 +597,7 @@ def decode_code(body: Sequence[Frame]) -> tuple[bytes, int, CodeStatus, list[Fra
     status = _bytes(body[2])
     if len(status) != 1 or status[0] not in CodeStatus._value2member_map_:
         raise ProtocolError("CODE has a bad status")
-    return _bytes(body[0]), _one_u32(body[1:2], "CODE"), CodeStatus(status[0]), list(body[3:])
+    return _ref(body[0], "CODE"), _one_u32(body[1:2], "CODE"), CodeStatus(status[0]), list(body[3:])
 
 
 # -- task batches -----------------------------------------------------------------
@@ -528,22 +677,19 @@ def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
 
 def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
     meta = b"".join(
-        _TASK.pack(len(pl.inline), len(pl.buffers), r.timeout, len(r.key)) + r.key
-        for r, pl in tasks
+        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout) for r, pl in tasks
     )
     return _batch(Command.TASK, meta, [pl for _, pl in tasks])
 
 
 def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
-    meta, inline = _meta(body, "TASK", 1)
-    if len(meta) > _TASK.size:
-        size, nbuf, timeout, key_len = _TASK.unpack_from(meta)
-        if key_len and _TASK.size + key_len == len(meta):  # a lone task
-            payload = _one_payload(inline, body[1:], size, nbuf, "TASK")
-            return [(TaskRecord(meta[_TASK.size :], timeout), payload)]
+    meta, inline = _meta(body, "TASK", _TASK.size)
+    if len(meta) == _TASK.size:  # a lone task
+        key, size, nbuf, timeout = _TASK.unpack(meta)
+        return [(TaskRecord(key, timeout), _one_payload(inline, body[1:], size, nbuf, "TASK"))]
     records, sizes = [], []
-    for (size, nbuf, timeout), key in _keyed_records(meta, _TASK, "TASK"):
-        records.append(TaskRecord(key=key, timeout=timeout))
+    for key, size, nbuf, timeout in _TASK.iter_unpack(meta):
+        records.append(TaskRecord(key, timeout))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "TASK")))
 
@@ -551,25 +697,23 @@ def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
 def encode_done(credits: int, results: Sequence[tuple[DoneRecord, Payload]]) -> list[Frame]:
     """DONE: meta is the credits granted, then one record per result."""
     meta = _U32.pack(credits) + b"".join(
-        _DONE.pack(r.status, len(pl.inline), len(pl.buffers), len(r.key)) + r.key
-        for r, pl in results
+        _DONE.pack(r.key, r.status, len(pl.inline), len(pl.buffers)) for r, pl in results
     )
     return _batch(Command.DONE, meta, [pl for _, pl in results])
 
 
 def decode_done(body: Sequence[Frame]) -> tuple[int, list[tuple[DoneRecord, Payload]]]:
     meta, inline = _meta(body, "DONE", 1)
-    if len(meta) < _U32.size:
-        raise ProtocolError("DONE meta too short")
-    if len(meta) > _LONE_DONE.size:
-        credits, status, size, nbuf, key_len = _LONE_DONE.unpack_from(meta)
-        if key_len and _LONE_DONE.size + key_len == len(meta):  # a lone result
-            payload = _one_payload(inline, body[1:], size, nbuf, "DONE")
-            return credits, [(DoneRecord(meta[_LONE_DONE.size :], _status(status)), payload)]
+    if len(meta) == _LONE_DONE.size:  # a lone result
+        credits, key, status, size, nbuf = _LONE_DONE.unpack(meta)
+        payload = _one_payload(inline, body[1:], size, nbuf, "DONE")
+        return credits, [(DoneRecord(key, _status(status)), payload)]
+    if len(meta) < _U32.size or (len(meta) - _U32.size) % _DONE.size:
+        raise ProtocolError("DONE meta has a partial record")
     (credits,) = _U32.unpack_from(meta)
     records, sizes = [], []
-    for (status, size, nbuf), key in _keyed_records(meta[_U32.size :], _DONE, "DONE"):
-        records.append(DoneRecord(key=key, status=_status(status)))
+    for key, status, size, nbuf in _DONE.iter_unpack(meta[_U32.size :]):
+        records.append(DoneRecord(key, _status(status)))
         sizes.append((size, nbuf))
     return credits, list(zip(records, _split_payloads(inline, body[1:], sizes, "DONE")))
 
@@ -667,24 +811,6 @@ def _meta(body: Sequence[Frame], what: str, record_size: int) -> tuple[bytes, by
     return meta, head[end:]
 
 
-def _keyed_records(
-    meta: bytes, layout: struct.Struct, what: str
-) -> list[tuple[tuple[Any, ...], bytes]]:
-    """Records of a fixed layout whose last field is the length of a key that follows."""
-    out = []
-    offset, end = 0, len(meta)
-    while offset < end:
-        if offset + layout.size > end:
-            raise ProtocolError(f"{what} meta has a partial record")
-        *fields, key_len = layout.unpack_from(meta, offset)
-        offset += layout.size
-        if key_len == 0 or offset + key_len > end:
-            raise ProtocolError(f"{what} record has a bad key length")
-        out.append((tuple(fields), meta[offset : offset + key_len]))
-        offset += key_len
-    return out
-
-
 def _one_payload(
     inline: bytes, buffers: Sequence[Frame], size: int, nbuf: int, what: str
 ) -> Payload:
@@ -707,6 +833,34 @@ def _split_payloads(
         offset += size
         frame += nbuf
     return out
+
+
+def _field(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = data.get(name, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"HELLO field {name!r} must be a {kind.__name__}")
+    return value
+
+
+def _hex(text: object, size: int, name: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text) if isinstance(text, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise ProtocolError(f"HELLO field {name!r} must hold {size}-byte hex values")
+    return raw
+
+
+def _hex_field(data: dict[str, Any], name: str, size: int) -> bytes:
+    return _hex(data.get(name), size, name)
+
+
+def _ref(frame: Frame, what: str) -> bytes:
+    ref = _bytes(frame)
+    if len(ref) not in (_U64.size, KEY_SIZE):
+        raise ProtocolError(f"{what} has a bad reference ({len(ref)} bytes)")
+    return ref
 
 
 _STATUSES = {status.value: status for status in Status}  # faster than calling Status()

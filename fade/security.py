@@ -404,6 +404,8 @@ class HandshakeWatch:
         self._monitor = sock.get_monitor_socket(self._EVENTS)
         self._log = RateLimitedLog(logger, burst=3, period=30.0)
         self._keys = keys
+        #: What went wrong in the last failed handshake, in words; None: none failed.
+        self.last_problem: str | None = None
 
     def check(self) -> None:
         """Log what went wrong since the last call; never blocks."""
@@ -413,7 +415,8 @@ class HandshakeWatch:
             if len(frames) == 2 and len(frames[0]) == 6:
                 event = int.from_bytes(frames[0][:2], "little")
                 value = int.from_bytes(frames[0][2:], "little")
-                self._log.warning("cannot connect to the broker: %s", self._explain(event, value))
+                self.last_problem = self._explain(event, value)
+                self._log.warning("cannot connect to the broker: %s", self.last_problem)
 
     def close(self) -> None:
         try:

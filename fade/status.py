@@ -85,7 +85,7 @@ def format_status(state: dict[str, Any]) -> str:
             ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD"],
             [
                 [
-                    w["identity"][:12],
+                    w["id"],
                     w["host"],
                     w["pid"],
                     w["state"],
@@ -103,7 +103,7 @@ def format_status(state: dict[str, Any]) -> str:
             "",
             *_table(
                 ["CLIENT", "HOST", "PID", "TASKS"],
-                [[c["identity"][:12], c["host"], c["pid"], c["tasks"]] for c in clients],
+                [[c["id"], c["host"], c["pid"], c["tasks"]] for c in clients],
             ),
         ]
     return "\n".join(lines)

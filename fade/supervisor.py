@@ -2,24 +2,30 @@
 
 ::
 
-    supervisor --spawn--> worker 1 ... worker N        (each with its own DEALER)
+    supervisor --spawn--> worker 1 ... worker N        (each with its own DEALER, its own
+        |  <== control socket pair ==> each worker       process group, and a control pair)
         |  waitpid: a worker died abnormally
         +--OBITUARY(identity, exit status)--> broker    (re-queues its tasks at once)
+        +--end the dead worker's process group          (what its tasks started dies too)
         +--spawn a replacement (with back-off if they keep dying at start-up)
 
-* A worker that exits with status 0 left on purpose (it was drained): it is
-  not replaced. When every worker has left, the supervisor exits.
-* SIGTERM/SIGINT are passed on to the workers, which drain; a second signal
-  kills them.
-* With ``--parent-pid`` (the embedded pool) the supervisor and its workers
-  exit when that process is gone.
+* Each worker runs in a process group of its own; when it exits or is replaced,
+  the group is killed, so processes its tasks started do not outlive it.
+* Control goes through a socket pair, not signals (a task may ignore SIGTERM):
+  the supervisor writes DRAIN or LEAVE; the worker writes SERVING once registered,
+  so a death after that is not a start-up failure; end of file on either side
+  means the other is gone.
+* A worker that exits with status 0 left on purpose (it was drained): it is not
+  replaced. When every worker has left, the supervisor exits. A worker that
+  exits with EXIT_INCOMPATIBLE cannot work with this broker: nothing is replaced.
+* SIGTERM/SIGINT drain the workers; a second signal kills their groups.
+* :meth:`Supervisor.tick` never blocks: back-off delays a spawn, it does not sleep.
 * With keys, the supervisor and its workers use the same worker key: the
   broker accepts an OBITUARY only for identities bound to the sender's key.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -32,15 +38,23 @@ import zmq
 
 from fade import protocol as p
 from fade import security
+from fade.options import WorkerOptions, child_argv
 from fade.sockets import connect_dealer
 
-__all__ = ["Supervisor"]
+__all__ = ["CONTROL_DRAIN", "CONTROL_LEAVE", "CONTROL_SERVING", "EXIT_INCOMPATIBLE", "Supervisor"]
 
 log = logging.getLogger("fade.supervisor")
 
-#: A worker that dies sooner than this after its start counts as failing to start.
+#: A worker that dies sooner than this after its start, before it said SERVING,
+#: counts as failing to start.
 QUICK_DEATH = 1.0
 MAX_BACKOFF = 10.0
+#: Control bytes: supervisor -> worker, and worker -> supervisor.
+CONTROL_DRAIN = b"D"
+CONTROL_LEAVE = b"L"
+CONTROL_SERVING = b"S"
+#: Exit status of a worker that cannot work with this broker (another protocol version).
+EXIT_INCOMPATIBLE = 3
 
 
 @dataclass(slots=True)
@@ -48,32 +62,37 @@ class _Child:
     identity: bytes
     process: subprocess.Popen[bytes]
     started: float
+    control: socket.socket
+    serving: bool = False
 
 
 class Supervisor:
-    """Run ``args.processes`` worker processes and replace those that die."""
+    """Run ``options.processes`` worker processes and replace those that die."""
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        options: WorkerOptions,
         keys: security.PeerKeys | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.args = args
+        self.options = options
         self.keys = keys
         self.env = env  # the workers' environment; None: ours
+        self.incompatible = False
         self._children: dict[int, _Child] = {}
         self._stopping = 0
         self._backoff = 0.0
+        self._owed = 0  # replacements not started yet
+        self._spawn_at = 0.0
         self._context = zmq.Context()
         self._socket = connect_dealer(
             self._context,
-            args.address,
+            options.address,
             # With keys the broker checks that every sender's identity carries its key's tag.
             identity=security.peer_identity(b"S", keys),
             linger_ms=500,
             keys=keys,
-            max_message_size=args.max_message_size,
+            max_message_size=options.max_message_size,
         )
 
     def run(self) -> int:
@@ -81,36 +100,48 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         self.start()
+        parent = self.options.parent_pid
         try:
             while self.tick():
                 time.sleep(0.05)
-                if self.args.parent_pid is not None and os.getppid() != self.args.parent_pid:
+                if parent is not None and os.getppid() != parent:
                     log.info("parent process is gone; stopping workers")
                     self.stop(signal.SIGKILL)
         finally:
             self.close()
-        return 0
+        return 2 if self.incompatible else 0
 
     def start(self) -> None:
-        log.info("starting %d worker processes for %s", self.args.processes, self.args.address)
-        for _ in range(self.args.processes):
+        log.info(
+            "starting %d worker processes for %s", self.options.processes, self.options.address
+        )
+        for _ in range(self.options.processes):
             self._spawn()
 
     def tick(self) -> bool:
-        """Reap and replace dead workers (never blocks long); False once none is left."""
+        """Reap and replace dead workers; never blocks. False once none is left."""
+        self._read_controls()
         self._reap()
-        return bool(self._children)
+        if self._owed and not self._stopping and time.monotonic() >= self._spawn_at:
+            self._owed -= 1
+            self._spawn()
+        return bool(self._children) or bool(self._owed and not self._stopping)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Replace nobody from now on; SIGTERM drains the workers, SIGKILL ends them."""
         self._stopping = max(self._stopping, 1 if sig == signal.SIGTERM else 2)
-        self._signal_all(sig)
+        if sig == signal.SIGTERM:
+            self._tell_all(CONTROL_DRAIN)
+        else:
+            self._kill_all()
 
     def close(self) -> None:
         """Kill what is left and close the socket (from the thread that ticks)."""
-        self._signal_all(signal.SIGKILL)
+        self._kill_all()
         for child in self._children.values():
             child.process.wait()
+            _end_group(child)
+        self._children.clear()
         self._socket.close()
         self._context.term()
 
@@ -121,28 +152,52 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(signal.SIGTERM if self._stopping == 0 else signal.SIGKILL)
 
-    def _signal_all(self, sig: int) -> None:
+    def _tell_all(self, what: bytes) -> None:
+        for child in self._children.values():
+            try:
+                child.control.send(what)
+            except OSError:
+                pass  # it is gone; reaping will tell
+
+    def _kill_all(self) -> None:
         for child in self._children.values():
             if child.process.poll() is None:
-                try:
-                    child.process.send_signal(sig)
-                except ProcessLookupError:
-                    pass
+                _end_group(child)
 
     def _spawn(self) -> None:
-        from fade.worker import child_argv
-
         identity = security.peer_identity(b"W", self.keys)
-        # Its own session: a terminal's Ctrl-C reaches the supervisor alone, which
-        # then drains the workers once, instead of every process at once.
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        argv = [
+            *child_argv(self.options, identity, os.getpid()),
+            "--control-fd",
+            str(theirs.fileno()),
+        ]
+        # A session (and process group) of its own: a terminal's Ctrl-C reaches the
+        # supervisor alone, and the group can be ended with everything a task started.
         process = subprocess.Popen(
-            child_argv(self.args, identity, os.getpid()),
+            argv,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             env=self.env,
+            pass_fds=(theirs.fileno(),),
         )
-        self._children[process.pid] = _Child(identity, process, time.monotonic())
-        log.debug("started worker process %d (%s)", process.pid, identity.hex())
+        theirs.close()
+        self._children[process.pid] = _Child(identity, process, time.monotonic(), ours)
+        log.debug("started worker process %d (%s)", process.pid, p.short_id(identity))
+
+    def _read_controls(self) -> None:
+        for child in self._children.values():
+            if child.serving:
+                continue
+            try:
+                data = child.control.recv(64)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if CONTROL_SERVING in data:
+                child.serving = True
 
     def _reap(self) -> None:
         for pid, child in list(self._children.items()):
@@ -150,11 +205,32 @@ class Supervisor:
             if status is None:
                 continue
             del self._children[pid]
-            if status == 0 or self._stopping:
+            self._read_last_word(child)
+            _end_group(child)
+            child.control.close()
+            if status == EXIT_INCOMPATIBLE:
+                self._give_up(pid)
+            elif status == 0 or self._stopping:
                 log.info("worker process %d left (status %d)", pid, status)
-                continue
-            self._report_death(child, status)
-            self._replace(child)
+            else:
+                self._report_death(child, status)
+                self._replace(child)
+
+    def _read_last_word(self, child: _Child) -> None:
+        if not child.serving:
+            try:
+                child.serving = CONTROL_SERVING in child.control.recv(64)
+            except OSError:
+                pass
+
+    def _give_up(self, pid: int) -> None:
+        log.error(
+            "worker process %d cannot work with the broker at %s (see its log); stopping",
+            pid,
+            self.options.address,
+        )
+        self.incompatible = True
+        self.stop(signal.SIGTERM)
 
     def _report_death(self, child: _Child, status: int) -> None:
         info: dict[str, object] = {"host": socket.gethostname(), "pid": child.process.pid}
@@ -164,18 +240,26 @@ class Supervisor:
         else:
             info["exitcode"] = status
             what = f"exited with status {status}"
-        log.warning("worker process %d %s; replacing it", child.process.pid, what)
+        when = "while serving" if child.serving else "during start-up"
+        log.warning("worker process %d %s %s; replacing it", child.process.pid, what, when)
         try:
             self._socket.send_multipart(p.encode_obituary(child.identity, info), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the broker will notice the silence instead
 
     def _replace(self, child: _Child) -> None:
-        if time.monotonic() - child.started < QUICK_DEATH:
+        if not child.serving and time.monotonic() - child.started < QUICK_DEATH:
             self._backoff = min(MAX_BACKOFF, max(0.1, self._backoff * 2))
             log.warning("workers are dying at start-up; waiting %.1fs", self._backoff)
-            time.sleep(self._backoff)
         else:
             self._backoff = 0.0
-        if not self._stopping:
-            self._spawn()
+        self._owed += 1
+        self._spawn_at = time.monotonic() + self._backoff
+
+
+def _end_group(child: _Child) -> None:
+    """Kill the worker's process group: the worker, if alive, and what its tasks started."""
+    try:
+        os.killpg(child.process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

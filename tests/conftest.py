@@ -43,6 +43,27 @@ LIVENESS = 3
 EXPIRY = INTERVAL * LIVENESS
 
 
+def raw_hello(role: str, **fields: object) -> list[bytes]:
+    """HELLO frames for a hand-made peer (pyzmq directly, no fade peer code), speaking as
+    this interpreter's Python; ``fields`` override the defaults."""
+    import platform
+
+    from fade import protocol as p
+
+    common: dict[str, object] = {
+        "host": "raw",
+        "pid": os.getpid(),
+        "version": fade.__version__,
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+    }
+    if role == "client":
+        hello: p.Hello = p.ClientHello(**{"tag": os.urandom(p.TAG_SIZE), **common, **fields})  # type: ignore[arg-type]
+    else:
+        hello = p.WorkerHello(**{"credits": 1, **common, **fields})  # type: ignore[arg-type]
+    return [bytes(f) for f in p.encode_hello(hello)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

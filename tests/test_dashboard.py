@@ -273,7 +273,7 @@ def test_dashboard_in_headless_chromium(
     wait_for(lambda: page(f"{WORKER_ROWS}.length") == 2, 30, "the page to list 2 workers")
     state = http_pool.status()
     shown = page(f"Array.from({WORKER_ROWS}).map(r => r.dataset.identity)")
-    assert sorted(shown) == sorted(w["identity"] for w in state["workers"])
+    assert sorted(shown) == sorted(w["id"] for w in state["workers"])
     pids = page(f"Array.from({WORKER_ROWS}).map(r => Number(r.cells[2].textContent))")
     assert sorted(pids) == sorted(http_pool.worker_pids())
     assert page("document.getElementById('workers-count').textContent") == "2"

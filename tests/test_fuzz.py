@@ -34,7 +34,7 @@ import psutil
 import pytest
 import tasks
 import zmq
-from conftest import EXPIRY, INTERVAL, Keys, Pool, make_keys
+from conftest import EXPIRY, INTERVAL, Keys, Pool, make_keys, raw_hello
 
 import fade
 import fade.status
@@ -84,8 +84,9 @@ class Generator:
             weights=[8, 8, 20, 15, 6, 2, 1, 3, 1, 2, 2, 1, 1],
         )[0]  # fmt: skip
         if kind == "hello":
-            info = {"host": "fuzz", "pid": rng.randrange(1 << 16), "credits": rng.randrange(9)}
-            return _b(p.encode_hello(rng.choice(["client", "worker"]), info))
+            role = rng.choice(["client", "worker"])
+            extra = {"credits": rng.randrange(9)} if role == "worker" else {}
+            return raw_hello(role, host="fuzz", pid=rng.randrange(1 << 16), **extra)
         if kind == "ready":
             return _b(p.encode_ready(rng.choice([0, 1, 8, 4096, 2**32 - 1])))
         if kind == "submit":

@@ -73,11 +73,8 @@ def logged_pool(pool: Pool, tmp_path: Path) -> Iterator[tuple[Pool, BrokerLog]]:
 
 
 def worker_names(pool: Pool) -> dict[int, str]:
-    """pid -> the name logs use for that worker (identity prefix @ host : pid)."""
-    return {
-        w["pid"]: f"{w['identity'][:12]}@{w['host']}:{w['pid']}"
-        for w in query(pool.address)["workers"]
-    }
+    """pid -> the name logs use for that worker (short id @ host : pid)."""
+    return {w["pid"]: f"{w['id']}@{w['host']}:{w['pid']}" for w in query(pool.address)["workers"]}
 
 
 def test_joins_and_tasks_at_info(logged_pool: tuple[Pool, BrokerLog]) -> None:

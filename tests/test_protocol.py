@@ -31,8 +31,11 @@ def test_submit_round_trip() -> None:
     assert p.decode_submit(message.body) == tasks
 
 
+KEY = p.task_key(b"T" * p.TAG_SIZE, 42)
+
+
 def test_task_done_result_round_trips() -> None:
-    key = b"C" * 16 + b"\x00" * 8
+    key = KEY
     task = [(p.TaskRecord(key, 2.5), p.Payload(b"x", (b"big",)))]
     assert p.decode_task(p.parse(p.encode_task(task)).body) == task
     done = [
@@ -44,9 +47,32 @@ def test_task_done_result_round_trips() -> None:
     assert p.decode_result(p.parse(p.encode_result(9, result)).body) == (9, result)
 
 
+WORKER_HELLO = p.WorkerHello(
+    host="h", pid=1, version="0", python="3.11.7", implementation="cpython", credits=2
+)
+CLIENT_HELLO = p.ClientHello(
+    host="h", pid=2, version="0", python="3.12.1", implementation="cpython", tag=b"t" * 8
+)
+
+
 def test_hello_welcome_obituary_round_trip() -> None:
-    hello = p.decode_hello(p.parse(p.encode_hello("worker", {"credits": 2})).body)
-    assert hello == p.Hello("worker", {"credits": 2})
+    for hello in (
+        WORKER_HELLO,
+        CLIENT_HELLO,
+        p.WorkerHello(
+            host="h",
+            pid=1,
+            version="0",
+            python="3.11.7",
+            implementation="cpython",
+            credits=0,
+            holding=(KEY,),
+            max_message_size=99,
+            clients=("alice",),
+        ),
+    ):
+        assert p.decode_hello(p.parse(p.encode_hello(hello)).body) == hello
+    assert p.python_of(CLIENT_HELLO) == "cpython 3.12"
     welcome = p.Welcome("abc", 1.0, 3, 4)
     assert p.decode_welcome(p.parse(p.encode_welcome(welcome)).body) == welcome
     assert p.decode_obituary(p.parse(p.encode_obituary(b"id", {"exitcode": 3})).body) == (
@@ -61,8 +87,8 @@ def test_hello_welcome_obituary_round_trip() -> None:
         [],
         [b"xx\x02\x01"],
         [b"fd\x01\x01"],  # another version
-        [b"fd\x02\x63"],  # an unknown command
-        [b"fd\x02\x01{}"],  # data in a header frame that is not a batch's
+        [b"fd" + bytes((p.VERSION, 0x63))],  # an unknown command
+        [b"fd" + bytes((p.VERSION, 1)) + b"{}"],  # data in a header frame that is not a batch's
     ],
 )
 def test_bad_envelopes_are_protocol_errors(frames: list[bytes]) -> None:
@@ -78,10 +104,46 @@ def test_wrong_version_is_named() -> None:
         p.parse([p.MAGIC + bytes((other, p.Command.SUBMIT)) + b"a batch's first frame"])
 
 
+def test_an_error_of_any_version_is_read_with_that_version() -> None:
+    """How a broker of another version says so: every version reads ERROR."""
+    other = p.VERSION + 1
+    message = p.parse(p.encode_error("speak 4", version=other))
+    assert message.command is p.Command.ERROR and message.version == other
+    assert p.decode_error(message.body) == "speak 4"
+    with pytest.raises(p.VersionMismatch) as caught:
+        p.parse([p.MAGIC + bytes((other, p.Command.HEARTBEAT))])
+    assert caught.value.version == other
+
+
+def test_short_ids_name_peers_without_revealing_them() -> None:
+    identity = b"W" + bytes(range(15))
+    short = p.short_id(identity)
+    assert len(short) == 12 and short not in identity.hex()
+    assert p.short_id(b"W" + bytes(range(14)) + b"x") != short  # same prefix, other id
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("credits", -1), ("credits", 5000), ("credits", "2"), ("holding", ["zz"]),
+     ("holding", "ab"), ("clients", [1]), ("pid", True), ("host", 3)],
+)  # fmt: skip
+def test_hello_fields_are_checked(field: str, value: object) -> None:
+    import json
+
+    data = {"role": "worker", "host": "h", "pid": 1, field: value}
+    with pytest.raises(ProtocolError):
+        p.decode_hello([json.dumps(data).encode()])
+
+
+def test_a_client_hello_needs_its_tag() -> None:
+    with pytest.raises(ProtocolError, match="tag"):
+        p.decode_hello([b'{"role": "client", "tag": "00"}'])
+
+
 def test_a_lone_small_task_is_one_frame() -> None:
-    frames = p.encode_task([(p.TaskRecord(b"k", 0.0), p.Payload(b"data"))])
+    frames = p.encode_task([(p.TaskRecord(KEY, 0.0), p.Payload(b"data"))])
     assert len(frames) == 1
-    assert p.decode_task(p.parse(frames).body) == [(p.TaskRecord(b"k", 0.0), p.Payload(b"data"))]
+    assert p.decode_task(p.parse(frames).body) == [(p.TaskRecord(KEY, 0.0), p.Payload(b"data"))]
 
 
 @pytest.mark.parametrize(
@@ -89,8 +151,8 @@ def test_a_lone_small_task_is_one_frame() -> None:
     [
         (p.decode_submit, []),
         (p.decode_submit, [batch(p.Command.SUBMIT, b"\x00" * 23)]),  # a partial record
-        (p.decode_submit, [b"fd\x02\x06\x00"]),  # no room for the meta size
-        (p.decode_submit, [b"fd\x02\x06\x05\x00\x00\x00ab"]),  # meta runs past the frame
+        (p.decode_submit, [b"fd\x03\x06\x00"]),  # no room for the meta size
+        (p.decode_submit, [b"fd\x03\x06\x05\x00\x00\x00ab"]),  # meta runs past the frame
         # Records that claim more or fewer inline bytes or buffers than the message has.
         (
             p.decode_submit,
@@ -101,19 +163,11 @@ def test_a_lone_small_task_is_one_frame() -> None:
             [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[0], b"a"],
         ),
         (p.decode_submit, [p.encode_submit([(p.SubmitRecord(1, 0, 0), p.Payload(b"ab"))])[0][:-1]]),
-        (
-            p.decode_task,
-            [batch(p.Command.TASK, b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x05abc", b"x")],
-        ),
-        (
-            p.decode_task,
-            [batch(p.Command.TASK, b"\x01\x00\x00\x00\x00\x00" + b"\x00" * 8 + b"\x00", b"x")],
-        ),
+        # A TASK record claiming 5 inline bytes where there is 1; a partial record.
+        (p.decode_task, [batch(p.Command.TASK, KEY + b"\x05\0\0\0\0\0" + b"\0" * 8, b"x")]),
+        (p.decode_task, [batch(p.Command.TASK, KEY + b"\x01\0\0\0\0\0" + b"\0" * 7, b"x")]),
         (p.decode_done, [batch(p.Command.DONE, b"\x00\x00")]),
-        (
-            p.decode_done,
-            [batch(p.Command.DONE, b"\x00" * 4 + b"\x07\x00\x00\x00\x00\x00\x00\x01k")],
-        ),
+        (p.decode_done, [batch(p.Command.DONE, b"\x00" * 4 + KEY + b"\x07\0\0\0\0\0\0")]),
         (p.decode_result, [batch(p.Command.RESULT, b"\x00\x00\x00\x00\x01")]),
         (p.decode_hello, [b"{}"]),
         (p.decode_hello, [b"\xff"]),

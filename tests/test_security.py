@@ -34,6 +34,7 @@ from conftest import (
     free_port,
     kill_tree,
     make_keys,
+    raw_hello,
     wait_for,
 )
 
@@ -335,7 +336,8 @@ def _submit_frames(marker: Path, tag: str) -> list[p.Frame]:
 
 
 def _hello(role: str) -> list[p.Frame]:
-    return p.encode_hello(role, {"host": "test", "pid": os.getpid(), "credits": 8})
+    extra = {"credits": 8} if role == "worker" else {}
+    return list(raw_hello(role, host="test", **extra))
 
 
 def test_worker_key_cannot_submit(secure: SecurePool, sockets: Sockets, tmp_path: Path) -> None:
@@ -567,18 +569,21 @@ def test_unknown_commands_and_versions_get_a_clear_rate_limited_answer(
         pool.start_broker(stderr=f.fileno())
     pool.start_worker(1)
     probe = sockets.dealer(pool.address)
-    probe.send_multipart([b"fd\x02\x63", b"body"])
+    probe.send_multipart([p.MAGIC + bytes((p.VERSION, 0x63)), b"body"])
     assert _error_reason(probe) == "unknown command 99"
     time.sleep(INTERVAL * 1.5)  # one answer per peer per heartbeat interval
     probe.send_multipart([b"fd\x07\x01", b"{}"])
-    assert _error_reason(probe) == f"protocol version 7 is not {p.VERSION}"
+    reason = _error_reason(probe)
+    assert reason.startswith(
+        f"protocol version 7 is not spoken here: this broker (fade {fade.__version__}) speaks protocol version {p.VERSION}"
+    )
     stranger = sockets.dealer(pool.address)
     stranger.send_multipart([b"GET / HTTP/1.1", b""])
     assert _receive(stranger, 1.0) == []  # not fade: dropped without an answer
     # A flood: answers and log lines are both rate-limited.
     flood = sockets.dealer(pool.address)
     for _ in range(5000):
-        flood.send_multipart([b"fd\x02\x63"])
+        flood.send_multipart([p.MAGIC + bytes((p.VERSION, 0x63))])
     answers = _receive(flood, 2.0)
     assert 1 <= len(answers) <= 2.0 / INTERVAL + 2
     assert all(m.command is p.Command.ERROR for m in answers)
@@ -597,7 +602,7 @@ def test_oversized_messages_harm_nothing(pool: Pool, sockets: Sockets, tmp_path:
     # A peer that sends a frame over the limit is disconnected; the broker carries on.
     for _ in range(3):
         rogue = sockets.dealer(pool.address)
-        rogue.send_multipart([*p.encode_hello("client", {}), big])
+        rogue.send_multipart([*raw_hello("client"), big])
         rogue.send_multipart([big, big])
     time.sleep(0.5)
     assert pool.broker is not None and pool.broker.poll() is None
@@ -704,7 +709,7 @@ def test_error_and_welcome_on_the_wire() -> None:
     assert p.decode_welcome(old.body).max_message_size == 0
     assert p.speaks_fade(b"fd\x09\x01") and not p.speaks_fade(b"GET ")
     with pytest.raises(fade.ProtocolError, match="unknown command 99"):
-        p.parse([b"fd\x02\x63"])
+        p.parse([p.MAGIC + bytes((p.VERSION, 0x63))])
 
 
 def test_handshakes_with_unknown_keys_do_not_keep_the_broker_reading(tmp_path: Path) -> None:

@@ -192,7 +192,7 @@ def test_status_queries_leave_no_state_at_the_broker(broker_thread: Broker) -> N
         state = query(broker_thread.address, timeout=5)
         assert state["workers"] == [] and state["clients"] == []
     time.sleep(0.5)  # past a heartbeat interval: nobody is owed a heartbeat
-    assert not broker_thread._heard and not broker_thread._told
+    assert not broker_thread._clocks._heard and not broker_thread._clocks._told
 
 
 def test_format_status_aligns_columns() -> None:
@@ -202,8 +202,8 @@ def test_format_status_aligns_columns() -> None:
         "broker_id": "abc",
         "uptime": 3725.0,
         "workers": [
-            {**worker, "identity": "a" * 32, "pid": 7, "done": 5},
-            {**worker, "identity": "b" * 32, "pid": 12345, "done": 123456},
+            {**worker, "id": "a" * 12, "pid": 7, "done": 5},
+            {**worker, "id": "b" * 12, "pid": 12345, "done": 123456},
         ],
         "clients": [],
     }

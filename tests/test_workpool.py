@@ -17,7 +17,7 @@ import psutil
 import pytest
 import tasks
 import zmq
-from conftest import EXPIRY, INTERVAL, Pool, wait_for
+from conftest import EXPIRY, INTERVAL, Pool, raw_hello, wait_for
 
 import fade
 from fade import protocol as p
@@ -161,7 +161,7 @@ def test_garbage_does_not_hurt_the_broker(tcp_pool: Pool, fade_executor: fade.Ex
             stranger.send_multipart(frames)
         registered = ctx.socket(zmq.DEALER)
         registered.connect(tcp_pool.address)
-        registered.send_multipart(p.encode_hello("worker", {"credits": 0}))
+        registered.send_multipart(raw_hello("worker", credits=0))
         for frames in GARBAGE:
             registered.send_multipart(frames)
         # Not ZeroMQ at all: raw bytes on the TCP port.
@@ -362,16 +362,21 @@ def test_task_lost_with_a_replaced_worker_socket_is_sent_again(pool: Pool) -> No
         sock.connect(pool.address)
         return sock
 
-    hello = {"credits": 1, "host": "raw", "pid": 1, "holding": []}
+    hello = raw_hello("worker", credits=1, holding=())
     try:
         first = dealer()
-        first.send_multipart(p.encode_hello("worker", hello))
+        first.send_multipart(hello)
         with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
             future = ex.submit(tasks.add, 2, 3)
-            time.sleep(0.5)  # the TASK is now queued in the first socket...
-            first.close(linger=0)  # ... and dropped with it
+            # Not a sleep: on a slow machine the TASK might not have reached the first
+            # socket yet, and the re-queue path would never run. It is read and never
+            # answered, as if it had died with the socket.
+            deadline = time.monotonic() + 10
+            while p.parse(first.recv_multipart()).command is not p.Command.TASK:
+                assert time.monotonic() < deadline, "the first socket never got the TASK"
+            first.close(linger=0)
             second = dealer()
-            second.send_multipart(p.encode_hello("worker", hello))
+            second.send_multipart(hello)
             deadline = time.monotonic() + 10
             task = None
             while time.monotonic() < deadline and task is None:

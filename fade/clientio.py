@@ -1,0 +1,523 @@
+"""The client's broker link and the I/O thread that serves it (see fade/client.py).
+
+::
+
+    user threads                        I/O thread                                   broker
+    submit(fn, *args) --pickle-->  outbox ---wake pipe--->  SUBMIT (batched) ------->
+        `--- fast path: a lone task, sent by the caller (fade/fastpath.py) --------->
+    Future <--set_result--------- in_flight{id} <---------- RESULT (batched) <-------
+                                                            HEARTBEAT <----------->
+
+* User threads pickle (so a bad argument raises at ``submit``), then append to
+  the outbox and poke the wake-up pipe; the I/O thread sends what waits there in
+  batches, never more than the pool's *capacity* (as the broker reports it) at
+  the broker: the rest wait here, still PENDING, so ``cancel()`` on them succeeds.
+* The socket is touched only by the thread holding ``baton``; the I/O thread
+  never holds it while it sleeps (on the socket's descriptor and the pipe).
+* Futures are completed after the I/O thread has let go of the socket, so a
+  done-callback may submit at once.
+* After every WELCOME (a first connection, a broker restart, a reconnection) the
+  client re-sends every task that has no result yet; the broker skips ids it
+  holds and a second result for an id is dropped here: each future completes
+  exactly once.
+* A broker that cannot be reached (never answered within ``connect_timeout``, or
+  silent for ``reconnect_timeout``) fails every pending future with
+  BrokerUnreachableError naming the address and the likely cause; while it stays
+  unreachable, new tasks fail the same way at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import zmq
+
+from fade import fastpath, security
+from fade import protocol as p
+from fade import serialization as ser
+from fade._version import __version__
+from fade.embedded import EmbeddedPool
+from fade.errors import (
+    BrokenPoolError,
+    BrokerUnreachableError,
+    FadeError,
+    IncompatibleWorkerError,
+    MessageTooLargeError,
+    MissingDependencyError,
+    ProtocolError,
+    ResultDecodeError,
+    WorkerLostError,
+)
+from fade.link import BrokerLink
+from fade.shipping import LocalCode
+from fade.sockets import has_input
+from fade.wakeup import Sleeper, WakePipe
+
+__all__ = ["ClientIO", "WorkItem"]
+
+log = logging.getLogger("fade.client")
+
+T = TypeVar("T")
+
+#: At most this many tasks travel in one SUBMIT message (and p.BATCH_BYTES of inline data).
+MAX_BATCH = 512
+#: Seconds between checks that the embedded pool's processes are alive.
+POOL_CHECK_INTERVAL = 0.1
+
+Outcome = tuple["cf.Future[Any]", bool, Any]
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    """A submitted task as the client keeps it: it has the Future; only its payload travels."""
+
+    task_id: int
+    future: cf.Future[Any]
+    payload: p.Payload
+    largest: int = 0  # bytes in its largest frame (p.largest_part)
+
+
+class ClientIO:
+    """The broker link, the I/O thread that serves it, and what waits to go or come back."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        heartbeat_interval: float,
+        heartbeat_liveness: int,
+        max_attempts: int,
+        task_timeout: float | None,
+        pool: EmbeddedPool | None,
+        code: LocalCode | None,
+        keys: security.PeerKeys | None = None,
+        max_message_size: int,
+        connect_timeout: float,
+        reconnect_timeout: float,
+        fast_paths: bool | None = None,
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.max_attempts = max_attempts
+        self.timeout = task_timeout or 0.0
+        self.pool = pool
+        self.code = code
+        self.tag = os.urandom(p.TAG_SIZE)
+        self.lock = threading.Lock()  # guards outbox, closing, _woken
+        self.outbox: collections.deque[WorkItem] = collections.deque()
+        self.baton = fastpath.baton()  # the socket, in_flight and ready (fade/fastpath.py)
+        self.in_flight: dict[int, WorkItem] = {}
+        self.ready: list[Outcome] = []  # results to deliver, outside the baton
+        self.closing = False
+        self.broken: BaseException | None = None
+        self.unreachable: BrokerUnreachableError | None = None
+        self.capacity = 0
+        self._woken = False
+        self.wake = WakePipe()
+        self.sleeper = Sleeper(self.wake.fd)
+        self.link = BrokerLink(
+            address,
+            identity=security.peer_identity(b"C", keys),
+            hello=self._hello,
+            handlers={
+                p.Command.RESULT: self._on_result,
+                p.Command.HEARTBEAT: self._on_heartbeat,
+                p.Command.FETCH: self._on_fetch,
+            },
+            on_welcome=self._on_welcome,
+            on_fatal=self.break_pool,
+            on_unreachable=self._on_unreachable,
+            on_socket=self._on_socket,
+            log=log,
+            keys=keys,
+            max_message_size=max_message_size,
+            interval=heartbeat_interval,
+            liveness=heartbeat_liveness,
+            connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
+        )
+        self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(fast_paths) else None
+        self._next_pool_check = 0.0
+        self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
+
+    # -- called from user threads -----------------------------------------------------
+
+    def enqueue(self, item: WorkItem) -> None:
+        if self.fast is not None and not self.outbox and self.fast.send_lone(item):
+            return
+        with self.lock:
+            self.outbox.append(item)
+            wake = not self._woken
+            self._woken = True
+        if wake:
+            self.wake.wake()
+
+    def close_soon(self) -> None:
+        with self.lock:
+            self.closing = True
+        self.wake.wake()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with self.baton:
+                self.link.connect()
+            woken = False
+            while True:
+                with self.baton:
+                    self._take_input(woken)
+                    ready = self._take_ready()
+                _deliver(ready)  # before the upkeep: a caller is waiting for these
+                with self.baton:
+                    self._upkeep()
+                    finished = self._finished()
+                    if finished and self.link.socket is not None:
+                        self.link.send(p.encode(p.Command.DISCONNECT))
+                    timeout = self._poll_timeout()
+                    ready = self._take_ready()
+                _deliver(ready)
+                if finished:
+                    break
+                woken = self.sleeper.sleep(timeout)  # not holding the socket
+        except BaseException as exc:
+            log.exception("the client I/O thread failed")
+            self.break_pool(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
+        finally:
+            with self.baton:
+                _deliver(self._take_ready())
+                self.link.close(linger_ms=200)
+            self.sleeper.close()
+            self.wake.close()
+
+    def _finished(self) -> bool:
+        if self.broken is not None:
+            return True
+        with self.lock:
+            return self.closing and not self.outbox and not self.in_flight
+
+    def _take_ready(self) -> list[Outcome]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def _take_input(self, woken: bool) -> None:
+        """Read what the broker sent (holding the socket); never blocks."""
+        if woken:
+            # Empty the pipe *before* clearing the flag: a submit that comes after the
+            # flag is cleared writes a fresh byte, and one that came before is already
+            # in the outbox, which _send_tasks reads below.
+            self.wake.clear()
+            with self.lock:
+                self._woken = False
+        sock = self.link.socket
+        if sock is not None:
+            self.link.read(sock)
+
+    def _upkeep(self) -> None:
+        """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
+        self._send_tasks()
+        now = time.monotonic()
+        self.link.upkeep(now)
+        if self.pool is not None and now >= self._next_pool_check:
+            self._next_pool_check = now + POOL_CHECK_INTERVAL  # it asks the OS: not every pass
+            problem = self.pool.problem()
+            if problem is not None:
+                self.break_pool(BrokenPoolError(problem))
+
+    def _poll_timeout(self) -> float:
+        sock = self.link.socket
+        if sock is not None and has_input(sock):
+            return 0.0  # our own sends may have consumed the descriptor's edge
+        return self.link.poll_timeout(time.monotonic())
+
+    def _on_socket(self, sock: zmq.Socket[bytes] | None) -> None:
+        if sock is None:
+            self.sleeper.forget()
+        else:
+            self.sleeper.watch(cast(int, sock.getsockopt(zmq.FD)))
+
+    # -- from the broker ---------------------------------------------------------------
+
+    def _hello(self) -> p.ClientHello:
+        return p.ClientHello(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            python=platform.python_version(),
+            implementation=sys.implementation.name,
+            tag=self.tag,
+            max_message_size=self.max_message_size,
+        )
+
+    def _on_welcome(self, welcome: p.Welcome) -> None:
+        self.capacity = welcome.capacity
+        if not self.in_flight:
+            return
+        # Whatever the broker had of ours may be gone: send it all again. It skips ids
+        # it still holds.
+        log.info(
+            "re-sending %d unfinished tasks to broker %s", len(self.in_flight), welcome.broker_id
+        )
+        batch: list[WorkItem] = []
+        size = 0
+        for item in sorted(self.in_flight.values(), key=lambda item: item.task_id):
+            inline = len(item.payload.inline) + p.HEAD_ROOM
+            if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
+                self.link.send(self.submit_frames(batch))
+                batch, size = [], 0
+            batch.append(item)
+            size += inline
+        if batch:
+            self.link.send(self.submit_frames(batch))
+
+    def _on_result(self, message: p.Message) -> None:
+        capacity, results = p.decode_result(message.body)
+        self.capacity = capacity
+        for record, payload in results:
+            self._complete(record, payload)
+
+    def _on_heartbeat(self, message: p.Message) -> None:
+        announced = p.decode_capacity(message.body)
+        if announced is not None:
+            self.capacity = announced
+
+    def _on_fetch(self, message: p.Message) -> None:
+        """A worker asks for our code: the manifest of a version, or file contents."""
+        ref, request_id, request = p.decode_fetch(message.body)
+        status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
+        if self.code is not None:
+            status, frames = _serve(self.code, p.unpack_request(request))
+        self.link.send(p.encode_code(ref, request_id, status, frames))
+
+    def _on_unreachable(self, error: BrokerUnreachableError | None) -> None:
+        self.unreachable = error
+        if error is None:
+            return
+        with self.lock:
+            items = [*self.outbox, *self.in_flight.values()]
+            self.outbox.clear()
+        self.in_flight.clear()
+        for item in items:
+            self._fail(item, error)
+
+    def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
+        item = self.in_flight.pop(record.task_id, None)
+        if item is None:
+            return  # a duplicate: this future already has its result
+        self.ready.append((item.future, *_outcome(record.status, payload)))
+
+    # -- to the broker -----------------------------------------------------------------
+
+    def _send_tasks(self) -> None:
+        """Move tasks from the outbox to the broker while the pool has room for them."""
+        if not self.outbox:
+            return
+        if self.unreachable is not None:
+            self._on_unreachable(self.unreachable)
+            return
+        if not self.link.welcomed:
+            return
+        while True:
+            room = min(MAX_BATCH, self.capacity - len(self.in_flight))
+            if room <= 0:
+                return
+            batch = self._refuse_oversized(self._take(room))
+            if not batch:
+                return
+            self.link.send(self.submit_frames(batch))
+
+    def _refuse_oversized(self, batch: list[WorkItem]) -> list[WorkItem]:
+        """Fail the tasks the broker would not accept: it would drop our connection."""
+        limit = self.link.broker_max_message_size
+        if not limit or all(item.largest <= limit for item in batch):
+            return batch
+        kept = []
+        for item in batch:
+            if item.largest <= limit:
+                kept.append(item)
+                continue
+            del self.in_flight[item.task_id]
+            error = MessageTooLargeError(
+                f"the task has a {item.largest}-byte frame; the broker accepts at most "
+                f"{limit} (its --max-message-size)"
+            )
+            self._fail(item, error)
+        return kept
+
+    def _take(self, room: int) -> list[WorkItem]:
+        """Up to ``room`` tasks from the outbox whose inline data fits in one frame."""
+        batch: list[WorkItem] = []
+        size = 0
+        with self.lock:
+            while self.outbox and len(batch) < room:
+                inline = len(self.outbox[0].payload.inline) + p.HEAD_ROOM
+                if batch and size + inline > self._batch_bytes():
+                    break
+                item = self.outbox.popleft()
+                if item.future.set_running_or_notify_cancel():
+                    batch.append(item)
+                    size += inline
+        for item in batch:
+            self.in_flight[item.task_id] = item
+        return batch
+
+    def _batch_bytes(self) -> int:
+        """The most bytes a SUBMIT's first frame may carry (each task's inline bytes plus
+        p.HEAD_ROOM): every peer's frame limit applies to that one frame, not to each task."""
+        limits = [self.max_message_size, p.BATCH_BYTES]
+        if self.link.broker_max_message_size:
+            limits.append(self.link.broker_max_message_size)
+        return min(limits)
+
+    def submit_frames(self, items: list[WorkItem]) -> list[Any]:
+        return p.encode_submit(
+            [
+                (p.SubmitRecord(item.task_id, self.max_attempts, self.timeout), item.payload)
+                for item in items
+            ]
+        )
+
+    # -- failure ---------------------------------------------------------------------
+
+    def break_pool(self, error: BaseException) -> None:
+        """The pool is unusable: fail every future that is not done."""
+        if self.broken is not None:
+            return
+        with self.baton, self.lock:
+            self.broken = error
+            items = [*self.outbox, *self.in_flight.values()]
+            self.outbox.clear()
+            self.in_flight.clear()
+        for item in items:
+            self._fail(item, error)
+
+    @staticmethod
+    def _fail(item: WorkItem, error: BaseException) -> None:
+        future = item.future
+        if future.done():
+            return
+        try:
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        except (cf.InvalidStateError, RuntimeError):
+            pass  # completed or cancelled meanwhile
+
+
+def _deliver(ready: list[Outcome]) -> None:
+    """Complete the futures whose results came in (outside the baton, so a done-callback
+    may submit)."""
+    for future, ok, value in ready:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _outcome(status: p.Status, payload: p.Payload) -> tuple[bool, Any]:
+    """What a result record means for its future: (True, value) or (False, exception)."""
+    if status is p.Status.OK:
+        try:
+            return True, ser.loads_value(payload)
+        except FadeError as exc:
+            return False, exc
+        except BaseException as exc:  # unpickling ran code that raised SystemExit...
+            error = ResultDecodeError(
+                f"unpickling the task's result raised {type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            return False, error
+    if status is p.Status.RAISED:
+        return False, _name_distribution(ser.loads_exception(payload))
+    if status is p.Status.LOST:
+        return False, _lost_error(payload)
+    if status is p.Status.REFUSED:
+        return False, _refusal_error(payload)
+    return False, ProtocolError(f"unexpected result status {status.name}")
+
+
+_REFUSALS: dict[str, Callable[[str], FadeError]] = {
+    "too_large": MessageTooLargeError,
+    "incompatible": IncompatibleWorkerError,
+}
+
+
+def _refusal_error(payload: p.Payload) -> FadeError:
+    kind, message = p.decode_refusal(payload)
+    return _REFUSALS.get(kind, FadeError)(message)
+
+
+def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
+    kind = request.get("kind")
+    if kind == "manifest":
+        try:
+            manifest = code.manifest_json(bytes.fromhex(str(request.get("version"))))
+        except ValueError:
+            manifest = None
+        if manifest is not None:
+            return p.CodeStatus.OK, [manifest]
+        return p.CodeStatus.MISSING, [b"unknown code version"]
+    hashes = request.get("hashes")
+    if kind == "blobs" and isinstance(hashes, list):
+        blobs = code.blobs([str(h) for h in hashes])
+        if blobs is not None:
+            return p.CodeStatus.OK, blobs
+        return p.CodeStatus.MISSING, [b"unknown file hash"]
+    return p.CodeStatus.MISSING, [b"malformed request"]
+
+
+def _name_distribution(exc: BaseException) -> BaseException:
+    """Add to a worker's MissingDependencyError the distribution the client has it from."""
+    if not isinstance(exc, MissingDependencyError) or not exc.module:
+        return exc
+    top = exc.module.partition(".")[0]
+    try:
+        import importlib.metadata as md
+
+        dists = md.packages_distributions().get(top, [])
+    except Exception:  # metadata is advisory; never hide the real error
+        dists = []
+    if dists:
+        versions = ", ".join(f"{d} {_version_of(d)}" for d in dists)
+        hint = f"; this client has it from the distribution {versions}: install that on the workers"
+    else:
+        hint = "; install it on the workers"
+    enriched = MissingDependencyError(str(exc) + hint, module=exc.module, host=exc.host)
+    enriched.__cause__ = exc.__cause__
+    return enriched
+
+
+def _version_of(distribution: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(distribution)
+    except md.PackageNotFoundError:
+        return "?"
+
+
+def _lost_error(payload: p.Payload) -> WorkerLostError:
+    try:
+        info = json.loads(payload.inline)
+    except ValueError:
+        return WorkerLostError("the task's worker was lost too many times")
+    where = f"worker {info.get('worker', '?')} on host {info.get('host')} pid {info.get('pid')}"
+    if info.get("signal"):
+        where += f", killed by {info['signal']}"
+    elif info.get("exitcode") is not None:
+        where += f", exit code {info['exitcode']}"
+    return WorkerLostError(
+        f"the task was attempted {info.get('attempts')} times and lost its worker each time "
+        f"(it may crash its worker: a segfault, os._exit, running out of memory); "
+        f"last seen: {where} ({info.get('reason')})"
+    )

@@ -1,0 +1,170 @@
+"""The latency fast paths: the only code where a thread other than a peer's I/O thread
+touches that peer's socket.
+
+Each saves thread wake-ups on a short round trip (a wake-up costs tens of microseconds,
+a round trip a few hundred):
+
+* client, **lone submit**: a task submitted when nothing else of this client is out
+  or waiting is sent from the caller's thread instead of waking the I/O thread;
+* client, **wait here**: a thread blocked in ``result()`` reads the socket itself for
+  the first LEAD_TIME of its wait and completes its own future;
+* worker, **run where received**: the thread that received a task runs it and sends
+  its result; the keeper thread takes the socket only when a task outlasts
+  TAKEOVER or waits for code (fade/worker.py, ``_WorkerIO``).
+
+The invariants, stated once for all three:
+
+1. A socket is touched only by the thread holding its baton (:func:`baton`). Taking and
+   giving a lock is a full memory barrier, which is what ZeroMQ asks of a socket
+   that moves between threads.
+2. A fast path never waits for the baton: it tries once, and falls back to the
+   plain path (the I/O thread) if the baton is taken.
+3. A thread that used the socket and gives the baton back checks ZMQ_EVENTS and
+   wakes the I/O thread if a message waits: the socket's descriptor signals edges
+   only, and the thread's own calls may have consumed the edge the I/O thread
+   sleeps on.
+4. Done-callbacks never run in a thread that waits in ``result()``: it may hold a
+   lock they need. A future with callbacks is completed on the I/O thread.
+
+The switch: ``FADE_FAST_PATHS=0`` in the environment (or ``fast_paths=False`` to
+``fade.Executor`` and ``fade.worker.Worker``) turns every fast path off: the client's
+I/O thread then sends and reads everything, and a worker's keeper thread holds the
+socket at all times while the main thread only runs tasks. The behaviour suite
+runs in both modes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from fade.errors import BrokenPoolError
+from fade.sockets import has_input, wait_for_input
+
+if TYPE_CHECKING:
+    import concurrent.futures as cf
+
+    from fade.client import _Future
+    from fade.clientio import ClientIO, WorkItem
+
+__all__ = ["LEAD_TIME", "ClientFastPath", "baton", "enabled"]
+
+#: Seconds a thread waiting for a result reads the socket itself before it leaves
+#: that to the I/O thread (which cannot send or heartbeat meanwhile).
+LEAD_TIME = 0.005
+
+Outcome = tuple["cf.Future[Any]", bool, Any]
+
+
+def enabled(flag: bool | None = None) -> bool:
+    """Whether the fast paths are on: ``flag`` if given, else ``$FADE_FAST_PATHS`` != "0"."""
+    if flag is not None:
+        return flag
+    return os.environ.get("FADE_FAST_PATHS", "1") != "0"
+
+
+def baton() -> threading.RLock:
+    """The right to touch a socket (invariant 1). Re-entrant: the I/O thread may break the
+    pool from inside a pass."""
+    return threading.RLock()
+
+
+class ClientFastPath:
+    """The client's two fast paths, over a :class:`fade.clientio.ClientIO`."""
+
+    def __init__(self, io: ClientIO) -> None:
+        self.io = io
+
+    def send_lone(self, item: WorkItem) -> bool:
+        """Send a lone task from the caller's thread (the socket is free, no other task of
+        ours is out or waiting); False: it must take the plain path."""
+        io = self.io
+        if not io.baton.acquire(blocking=False):
+            return False
+        try:
+            link = io.link
+            limit = link.broker_max_message_size
+            if (
+                io.outbox
+                or not link.welcomed
+                or io.broken is not None
+                or io.unreachable is not None
+                or io.closing
+                or io.in_flight  # a burst: batches through the I/O thread cost less
+                or not io.capacity
+                or (limit and item.largest > limit)
+                or not item.future.set_running_or_notify_cancel()
+            ):
+                return False
+            io.in_flight[item.task_id] = item
+            link.send(io.submit_frames([item]))
+            self._wake_if_input()
+            return True
+        finally:
+            io.baton.release()
+
+    def _wake_if_input(self) -> None:
+        """Invariant 3."""
+        sock = self.io.link.socket
+        if sock is not None and has_input(sock):
+            self.io.wake.wake()
+
+    def wait_here(self, future: _Future[Any], deadline: float) -> None:
+        """Read the socket in the waiting thread for up to LEAD_TIME, if no one else is
+        using it; only this future is completed here, and only if it has no callbacks."""
+        io = self.io
+        if not io.baton.acquire(blocking=False):
+            return
+        outcome = None
+        try:
+            sock = io.link.socket
+            if sock is None or io.broken is not None:
+                return
+            io.sleeper.mute()  # the I/O thread need not wake for what we read here
+            try:
+                outcome = self._read_until(future, deadline)
+            finally:
+                io.sleeper.unmute()
+                # The last thing done to the socket here found no input (the poll, or
+                # the read's last check), so the descriptor signals the next message.
+                if io.ready:
+                    io.wake.wake()
+        finally:
+            io.baton.release()
+        if outcome is not None and not future.complete_here(outcome[1], outcome[2]):
+            with io.baton:  # a callback came meanwhile: the I/O thread runs it (invariant 4)
+                io.ready.append(outcome)
+            io.wake.wake()
+
+    def _read_until(self, future: _Future[Any], deadline: float) -> Outcome | None:
+        io = self.io
+        sock = io.link.socket
+        assert sock is not None
+        outcome = self._take_outcome(future)
+        end = min(deadline, time.monotonic() + LEAD_TIME)
+        while outcome is None:
+            left = end - time.monotonic()
+            if left <= 0 or not wait_for_input(sock, math.ceil(left * 1000)):
+                break
+            try:
+                io.link.read(sock, known=True)
+            except Exception as exc:  # as in the I/O thread: the pool is unusable
+                io.break_pool(BrokenPoolError(f"the client failed to read: {exc!r}"))
+                return None
+            if io.link.socket is not sock:
+                break  # the link replaced its socket: the I/O thread takes over
+            outcome = self._take_outcome(future)
+        return outcome
+
+    def _take_outcome(self, future: _Future[Any]) -> Outcome | None:
+        if future.has_callbacks:
+            return None
+        ready = self.io.ready
+        for i, outcome in enumerate(ready):
+            if outcome[0] is future:
+                del ready[i]
+                return outcome
+        return None

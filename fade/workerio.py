@@ -1,0 +1,502 @@
+"""The socket side of a worker process: the broker link, the loop that serves it, the
+keeper thread, and the process's SERVING -> DRAINING -> LEAVING lifecycle.
+
+::
+
+    fast paths on (fade/fastpath.py):
+      main thread   next_job(): holds the baton, serves the socket until a task is at
+                    hand; runs it; its result leaves on the next pass
+      keeper        takes the baton once a task has run TAKEOVER or waits for code,
+                    serves the socket until that task ends
+    fast paths off:
+      keeper        holds the baton for good and serves the socket
+      main thread   waits on ``jobs`` for a task, runs it, wakes the keeper
+
+Whoever holds the baton runs :meth:`WorkerIO._pass`: poll the socket, the wake-up
+pipe and the supervisor's control socket; read; send results (one DONE for
+everything finished, granting the credits now wanted) and code requests;
+heartbeat; check the running task's time limit; move the lifecycle along.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import zmq
+
+from fade import fastpath
+from fade import protocol as p
+from fade import serialization as ser
+from fade._version import __version__
+from fade.errors import BrokerUnreachableError, FadeError, ProtocolVersionError, TaskTimeoutError
+from fade.lifecycle import PROCESS_MOVES, ProcessState, move
+from fade.link import BrokerLink
+from fade.sockets import has_input
+from fade.supervisor import CONTROL_DRAIN, CONTROL_LEAVE, CONTROL_SERVING, EXIT_INCOMPATIBLE
+
+if TYPE_CHECKING:
+    from fade.worker import Worker
+
+__all__ = ["MAX_PREFETCH", "PREFETCH_HORIZON", "Fetch", "Job", "WorkerIO"]
+
+log = logging.getLogger("fade.worker")
+
+#: Tasks a worker may hold beyond the one it runs.
+MAX_PREFETCH = 64
+#: Seconds of queued work a worker tries to keep at hand.
+PREFETCH_HORIZON = 0.002
+#: Seconds a task runs before the keeper thread takes the socket to heartbeat for it.
+TAKEOVER = 0.01
+#: Between back-to-back tasks, results wait at most this long to share one DONE.
+RESULT_DELAY = 0.001
+#: Seconds without a task after which the keeper stops checking and sleeps until woken.
+KEEPER_NAP = 1.0
+#: Seconds between the checks no task waits for: the parent process.
+CHECK_INTERVAL = 0.1
+#: Exit status of a worker that ended itself after a task timed out.
+EXIT_TIMEOUT = 75
+
+_EMPTY = p.Payload(b"")
+
+Current = tuple[bytes, float, float]  # the running task: key, started, timeout
+
+
+@dataclass(slots=True)
+class Fetch:
+    """A code request from the main thread, answered through the socket holder."""
+
+    request_id: int
+    key: bytes  # the task that needs the code
+    request: bytes
+    answered: threading.Event
+    status: p.CodeStatus = p.CodeStatus.MISSING
+    frames: list[bytes] | None = None
+
+
+@dataclass(slots=True)
+class Job:
+    record: p.TaskRecord
+    payload: p.Payload
+
+
+class WorkerIO:
+    """The broker link, its loop, and the baton a thread holds to touch the socket."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.exit_status = 0
+        self.state = ProcessState.SERVING
+        self.baton = fastpath.baton()
+        options = worker.options
+        self.link = BrokerLink(
+            options.address,
+            identity=worker.identity,
+            hello=self._hello,
+            handlers={
+                p.Command.TASK: self._on_task,
+                p.Command.DRAIN: self._on_drain,
+                p.Command.CODE: self._on_code,
+                p.Command.HEARTBEAT: lambda message: None,
+            },
+            on_welcome=self._on_welcome,
+            on_fatal=self._on_fatal,
+            on_unreachable=self._on_unreachable,
+            log=log,
+            keys=worker.keys,
+            max_message_size=options.max_message_size,
+            interval=options.heartbeat_interval,
+            liveness=options.heartbeat_liveness,
+            linger_ms=1000,
+        )
+        self._poller = zmq.Poller()
+        self._credits = 0  # credits the broker believes we have unused
+        self._drain_acked = False
+        self._drain_started = 0.0
+        self._said_serving = False
+        self._last_pass = 0.0
+        self._next_check = 0.0
+        self._last_start = 0.0
+        self._keeper_asleep = False
+        self._task_started = threading.Event()  # wakes a sleeping keeper
+
+    @property
+    def stopped(self) -> bool:
+        return self.state is ProcessState.LEAVING
+
+    # -- main thread ------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        sock = self.link.connect()
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self.w.wake.fd, zmq.POLLIN)
+        if self.w.control is not None:
+            self._poller.register(self.w.control.fileno(), zmq.POLLIN)
+
+    def next_job(self) -> Job | None:
+        """The next task, marked running; None: leave."""
+        if not self.w.fast:
+            return self._wait_for_job()
+        inbox = self.w._inbox
+        with self.baton:
+            while not self.stopped:
+                # Back-to-back tasks skip the socket for a moment so that their results
+                # share one DONE; a lone task's result leaves at once.
+                if not inbox or time.monotonic() - self._last_pass >= RESULT_DELAY:
+                    self._pass(block=not inbox)
+                if inbox and not self.stopped:
+                    return self._start(inbox.popleft())
+        return None
+
+    def _wait_for_job(self) -> Job | None:
+        """Fast paths off: the keeper serves the socket; wait for it to hand us a task."""
+        with self.w.jobs:
+            while not self.w._inbox and not self.stopped:
+                self.w.jobs.wait(CHECK_INTERVAL)
+            if self.stopped:
+                return None
+            job = self.w._inbox.popleft()
+        return self._start(job)
+
+    def _start(self, job: Job) -> Job:
+        with self.w._lock:
+            self.w._current = (job.record.key, time.monotonic(), job.record.timeout)
+        self._last_start = self.w._current[1]
+        if self._keeper_asleep:
+            self._task_started.set()
+        return job
+
+    def stop(self) -> None:
+        """End the loop and the keeper, and close the socket (main thread, no task running)."""
+        if not self.stopped:
+            move(self, ProcessState.LEAVING, PROCESS_MOVES)
+        self._task_started.set()
+        self.w.io_wanted.set()
+        with self.w.jobs:
+            self.w.jobs.notify_all()
+        with self.baton:
+            self.link.close()
+
+    # -- keeper thread ------------------------------------------------------------------------
+
+    def keep(self) -> None:
+        """Fast paths on: hold the socket for every task that outlasts TAKEOVER or waits
+        for code. Off: hold it for good."""
+        try:
+            if not self.w.fast:
+                with self.baton:
+                    while not self.stopped:
+                        self._pass(block=True)
+                return
+            while not self.stopped:
+                task = self._wait_for_a_long_task()
+                if task is not None:
+                    self._hold_socket_during(task)
+        except Exception:
+            log.exception("worker keeper thread failed")
+            os._exit(1)  # a running task would go on without heartbeats: leave instead
+
+    def _wait_for_a_long_task(self) -> Current | None:
+        """The running task once it has run TAKEOVER (at once if it waits for code)."""
+        w = self.w
+        current = w._current
+        if current is None:
+            if time.monotonic() - self._last_start < KEEPER_NAP:
+                if w.io_wanted.wait(TAKEOVER) and w._current is None:
+                    # Only a running task sets the flag. Its task is over, so it was
+                    # served while this thread held the socket (a second code fetch,
+                    # say): left set, it would end every wait at once, and this thread
+                    # would spin, taking the GIL from the main thread.
+                    w.io_wanted.clear()
+                return None
+            # Idle for a while: sleep until the main thread starts a task. The flag is
+            # set before _current is read again, so a task started in between is seen.
+            self._keeper_asleep = True
+            if w._current is None:
+                self._task_started.wait()
+            self._keeper_asleep = False
+            self._task_started.clear()
+            return None
+        takeover = min(TAKEOVER, current[2]) if current[2] > 0 else TAKEOVER
+        wait = current[1] + takeover - time.monotonic()
+        if wait > 0 and w.io_wanted.wait(wait) is False:
+            return None
+        w.io_wanted.clear()
+        return current
+
+    def _hold_socket_during(self, task: Current) -> None:
+        w = self.w
+        with self.baton:
+            with w._lock:
+                if w._current is not task:
+                    return
+                w._keeper_busy = True
+            try:
+                while not self.stopped:
+                    self._pass(block=True)
+                    with w._lock:
+                        if w._current is not task:
+                            return
+            finally:
+                with w._lock:
+                    w._keeper_busy = False
+
+    # -- the loop, run by whichever thread holds the baton ---------------------------------------
+
+    def _pass(self, block: bool) -> None:
+        """One turn of the loop; never blocks longer than a heartbeat interval."""
+        sock = self.link.socket
+        assert sock is not None
+        self._flush()  # before a blocking poll: a finished result must not wait
+        timeout = self._poll_timeout() if block else 0.0
+        events = dict(self._poller.poll(int(timeout * 1000)))
+        if self.w.wake.fd in events:
+            self.w.wake.clear()
+        control = self.w.control
+        if control is not None and control.fileno() in events:
+            self._read_control(control)
+        if sock in events:
+            self.link.read(sock, known=True, most=1)
+        self._act_on_requests()
+        if self.stopped:
+            return
+        self._flush()
+        now = time.monotonic()
+        self._check_timeout(now)
+        self.link.upkeep(now)
+        if self.link.socket is not sock and self.link.socket is not None:
+            self._rewatch(sock)
+        self._maybe_leave()
+        if now >= self._next_check:
+            self._slow_checks(now)
+        self._last_pass = now
+
+    def _rewatch(self, old: zmq.Socket[bytes]) -> None:
+        """The link opened a new socket: poll it instead of the old one."""
+        self._poller.unregister(old)
+        assert self.link.socket is not None
+        self._poller.register(self.link.socket, zmq.POLLIN)
+
+    def _read_control(self, control: socket.socket) -> None:
+        try:
+            data = control.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the supervisor is gone: nobody will replace or drain us
+            log.info("the supervisor is gone; leaving now")
+            self.w._drain_requests = 2
+        elif CONTROL_LEAVE in data:
+            self.w._drain_requests = 2
+        elif CONTROL_DRAIN in data:
+            self.w._drain_requests = max(self.w._drain_requests, 1)
+
+    def _act_on_requests(self) -> None:
+        requests = self.w._drain_requests
+        if requests and self.state is ProcessState.SERVING:
+            sock = self.link.socket
+            while sock is not None and self.link.socket is sock and has_input(sock):
+                self.link.read(sock, most=1)  # tasks already here go back in the same DONE
+            self._start_drain()
+        if requests > 1 and not self.stopped:
+            self._leave_now()
+
+    def _maybe_leave(self) -> None:
+        if self.state is not ProcessState.DRAINING:
+            return
+        now = time.monotonic()
+        if not self._drain_acked and now - self._drain_started > self.link.expiry:
+            # No answer from the broker: it is away. Leave anyway; whatever it still
+            # thinks we hold is re-queued when it hears our DISCONNECT or expires us.
+            log.warning("no answer to DRAIN for %.1fs; leaving anyway", now - self._drain_started)
+            self._drain_acked = True
+        if self._drain_acked and self.w.held() == 0 and not self.w._outbox:
+            self.link.send(p.encode(p.Command.DISCONNECT))
+            move(self, ProcessState.LEAVING, PROCESS_MOVES)
+
+    def _slow_checks(self, now: float) -> None:
+        """What may wait a moment: each costs a system call, too much for every task."""
+        self._next_check = now + CHECK_INTERVAL
+        parent = self.w.options.parent_pid
+        if parent is not None and os.getppid() != parent:
+            log.info("parent process is gone; exiting")
+            os._exit(0)
+
+    def _poll_timeout(self) -> float:
+        timeout = self.link.poll_timeout(time.monotonic())
+        current = self.w._current
+        if current is not None and current[2] > 0:
+            timeout = min(timeout, current[1] + current[2] - time.monotonic())
+        return max(0.0, timeout)
+
+    # -- the broker link's callbacks -------------------------------------------------------
+
+    def _hello(self) -> p.WorkerHello:
+        """(Re-)register; the broker's view of our credits restarts from what we say here."""
+        draining = self.state is not ProcessState.SERVING
+        self._credits = 0 if draining else max(0, self.w.wanted() - self.w.held())
+        options = self.w.options
+        return p.WorkerHello(
+            host=self.w.host,
+            pid=os.getpid(),
+            version=__version__,
+            python=platform.python_version(),
+            implementation=sys.implementation.name,
+            credits=self._credits,
+            # A TASK still in flight on a socket we replaced is gone: telling the broker
+            # what we do hold lets it re-queue the rest instead of waiting forever.
+            holding=tuple(self.w.holding()),
+            max_message_size=options.max_message_size,
+            clients=options.clients,
+        )
+
+    def _on_welcome(self, welcome: p.Welcome) -> None:
+        self.w.broker_max_message_size = welcome.max_message_size
+        log.debug("registered with broker %s", welcome.broker_id)
+        if self.state is ProcessState.DRAINING:
+            self.link.send(p.encode(p.Command.DRAIN))
+        if not self._said_serving and self.w.control is not None:
+            self._said_serving = True
+            try:
+                self.w.control.send(CONTROL_SERVING)
+            except OSError:
+                pass
+
+    def _on_fatal(self, error: FadeError) -> None:
+        log.error("%s", error)
+        if isinstance(error, ProtocolVersionError):
+            self.exit_status = EXIT_INCOMPATIBLE
+        if not self.stopped:
+            move(self, ProcessState.LEAVING, PROCESS_MOVES)
+
+    def _on_unreachable(self, error: BrokerUnreachableError | None) -> None:
+        pass  # the link logged it; a worker keeps trying for as long as it lives
+
+    def _on_task(self, message: p.Message) -> None:
+        tasks = p.decode_task(message.body)
+        self._credits = max(0, self._credits - len(tasks))
+        if self.state is not ProcessState.SERVING:
+            self._outbox_returned([Job(r, f) for r, f in tasks])
+            return
+        with self.w.jobs:
+            self.w._inbox.extend(Job(record, payload) for record, payload in tasks)
+            self.w.jobs.notify()
+
+    def _on_drain(self, message: p.Message) -> None:
+        p.decode_drain(message.body)
+        self._drain_acked = True
+
+    def _on_code(self, message: p.Message) -> None:
+        _, request_id, status, frames = p.decode_code(message.body)
+        self.w.answer_fetch(request_id, status, [_frame_bytes(f) for f in frames])
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send every finished result in one DONE, granting the credits we now want."""
+        # The lists are looked at before taking the lock, which most passes then skip:
+        # whoever appends to them while another thread holds the socket wakes it.
+        w = self.w
+        if w._fetch_outbox:
+            with w._lock:
+                fetches = list(w._fetch_outbox)
+                w._fetch_outbox.clear()
+            for fetch in fetches:
+                self.link.send(p.encode_fetch(fetch.key, fetch.request_id, fetch.request))
+        results = []
+        if w._outbox:
+            with w._lock:
+                results = list(w._outbox)
+                w._outbox.clear()
+        grant = 0
+        if self.state is ProcessState.SERVING:
+            grant = max(0, w.wanted() - w.held() - self._credits)
+        if not results and not grant:
+            return
+        self._credits += grant
+        if results:
+            for i, batch in enumerate(p.chunked(results, self._batch_limit())):
+                self.link.send(p.encode_done(grant if i == 0 else 0, batch))
+        else:
+            self.link.send(p.encode_ready(grant))
+
+    def _batch_limit(self) -> int:
+        limit = self.link.broker_max_message_size
+        return min(limit, p.BATCH_BYTES) if limit else p.BATCH_BYTES
+
+    def _take_inbox(self) -> list[Job]:
+        with self.w.jobs:
+            jobs = list(self.w._inbox)
+            self.w._inbox.clear()
+        return jobs
+
+    def _outbox_returned(self, jobs: list[Job]) -> None:
+        returned = [(p.DoneRecord(j.record.key, p.Status.RETURNED), _EMPTY) for j in jobs]
+        with self.w._lock:
+            self.w._outbox.extend(returned)
+
+    def _start_drain(self) -> None:
+        log.info("draining: handing back unstarted tasks, finishing the running one")
+        move(self, ProcessState.DRAINING, PROCESS_MOVES)
+        self._drain_started = time.monotonic()
+        self._outbox_returned(self._take_inbox())
+        self.link.send(p.encode(p.Command.DRAIN))
+
+    def _leave_now(self) -> None:
+        """Second request: hand back everything, the running task included, and go."""
+        log.warning("leaving now: handing back every task held")
+        with self.w._lock:
+            current, self.w._current = self.w._current, None
+        self._outbox_returned(self._take_inbox())
+        if current is not None:
+            with self.w._lock:
+                self.w._outbox.append((p.DoneRecord(current[0], p.Status.RETURNED), _EMPTY))
+        self._leave(0)
+
+    def _check_timeout(self, now: float) -> None:
+        if not _overdue(self.w._current, now):
+            return  # the usual case, seen without the lock; checked again under it
+        with self.w._lock:
+            current = self.w._current
+            if current is None or not _overdue(current, now):
+                return
+            self.w._current = None
+            key, started, limit = current
+            error = TaskTimeoutError(
+                f"the task ran for {now - started:.1f}s, past its task_timeout of {limit:g}s; "
+                f"worker process {os.getpid()} on {self.w.host} was stopped"
+            )
+            self.w._outbox.append((p.DoneRecord(key, p.Status.RAISED), ser.dumps_exception(error)))
+        log.warning("task exceeded its %gs limit; replacing this worker process", limit)
+        self._outbox_returned(self._take_inbox())
+        self._leave(EXIT_TIMEOUT)
+
+    def _leave(self, status: int) -> None:
+        """Send what is owed and DISCONNECT, give them a moment to leave, and end the
+        process (the running task may never return)."""
+        if self.state is ProcessState.SERVING:
+            move(self, ProcessState.DRAINING, PROCESS_MOVES)
+        self._flush()
+        self.link.send(p.encode(p.Command.DISCONNECT))
+        move(self, ProcessState.LEAVING, PROCESS_MOVES)
+        self.link.close(linger_ms=2000)
+        logging.shutdown()
+        os._exit(status)
+
+
+def _overdue(current: Current | None, now: float) -> bool:
+    """Whether the running task (key, started, timeout) has passed its time limit."""
+    return current is not None and current[2] > 0 and now - current[1] >= current[2]
+
+
+def _frame_bytes(frame: p.Frame) -> bytes:
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
