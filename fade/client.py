@@ -86,13 +86,18 @@ class _Future(cf.Future[T]):
         if self.done():
             return super().result()
         fast = self._io.fast
-        if fast is None:
-            return super().result(timeout)
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        fast.wait_here(self, deadline)
-        if timeout is not None:
-            timeout = max(0.0, deadline - time.monotonic())
-        return super().result(timeout)
+        wait = timeout
+        if fast is not None:
+            deadline = math.inf if timeout is None else time.monotonic() + timeout
+            fast.wait_here(self, deadline)
+            if timeout is not None:
+                wait = max(0.0, deadline - time.monotonic())
+        try:
+            return super().result(wait)
+        except cf.TimeoutError:
+            if self.done():
+                raise
+            raise cf.TimeoutError(self._io.why_waiting(timeout)) from None
 
 
 class Executor(cf.Executor):

@@ -163,6 +163,13 @@ class ClientIO:
         if wake:
             self.wake.wake()
 
+    def why_waiting(self, timeout: float | None) -> str:
+        """For a result() that timed out: what the task is waiting for, as far as we know."""
+        link = self.link
+        if not link.reached:
+            return f"no answer yet from the broker at {link.address} after {timeout:g}s: {link.cause()}"
+        return f"the task did not finish within {timeout:g}s (broker {link.address})"
+
     def close_soon(self) -> None:
         with self.lock:
             self.closing = True

@@ -131,10 +131,13 @@ class BrokerLink:
         self._watch: security.HandshakeWatch | None = None
         now = time.monotonic()
         self.heard = self.told = self._quiet_since = now
-        self._reached = False  # heard from the broker at least once
+        self._last_word = now  # the last message received (a reconnection resets ``heard``)
+        self.reached = False  # heard from the broker at least once
         self._outage: BrokerUnreachableError | None = None
         self._next_check = 0.0
         self._dns: str | None = None
+        self._dead = False  # the socket can send nothing more: replace it
+        self._connected_at = 0.0
         self._bad_input = RateLimitedLog(log)
         self._silence_log = RateLimitedLog(log, burst=1, period=10.0)
 
@@ -143,6 +146,8 @@ class BrokerLink:
     def connect(self) -> zmq.Socket[bytes]:
         """(Re)open the socket and say HELLO; returns the new socket."""
         self._close_socket()
+        self._dead = False
+        self._connected_at = time.monotonic()
         self._dns = _unresolvable(self.address)
         if self._dns is not None:
             self._silence_log.warning("cannot reach the broker at %s: %s", self.address, self._dns)
@@ -185,18 +190,22 @@ class BrokerLink:
     def send(self, frames: list[p.Frame]) -> None:
         """Queue a message for the broker, never blocking. A socket that cannot take it
         has lost its connection for good (libzmq ends a connection that received an
-        oversized frame): it is replaced, and the owner re-sends what it must."""
+        oversized frame, or whose handshake failed): the message is dropped, and the
+        socket is replaced at the next upkeep; the owner re-sends what it must after
+        the WELCOME that follows."""
         sock = self.socket
         assert sock is not None
+        if self._dead:
+            return
         try:
-            send_frames(sock, frames)
+            send_frames(sock, frames, block=False)
         except zmq.Again:
-            self._log.warning(
-                "the connection to the broker at %s is gone for good (a frame over a peer's "
-                "--max-message-size?); opening a new one",
+            self._dead = True
+            self._silence_log.warning(
+                "the connection to the broker at %s is gone for good (a handshake refused, "
+                "or a frame over a peer's --max-message-size); opening a new one",
                 self.address,
             )
-            self.connect()
             return
         self.told = time.monotonic()
 
@@ -222,8 +231,8 @@ class BrokerLink:
                 return  # a handler replaced the socket
 
     def _heard_now(self) -> None:
-        self.heard = time.monotonic()
-        self._reached = True
+        self.heard = self._last_word = time.monotonic()
+        self.reached = True
         if self._outage is not None:
             self._log.info("the broker at %s answers again", self.address)
             self._outage = None
@@ -273,6 +282,9 @@ class BrokerLink:
         if now - self.heard > self.expiry:
             self._report_silence(now)
             self.connect()
+        elif self._dead:
+            if now - self._connected_at >= self.interval:  # not in a tight loop
+                self.connect()
         elif now - self.told >= self.interval:
             self.send(p.encode(p.Command.HEARTBEAT))
         self._check_outage(now)
@@ -280,11 +292,13 @@ class BrokerLink:
     def poll_timeout(self, now: float) -> float:
         """Seconds until upkeep has something to do (at most one interval)."""
         due = min(self.told + self.interval, self.heard + self.expiry)
+        if self._dead:
+            due = min(due, self._connected_at + self.interval)
         return max(0.0, min(due - now, self.interval))
 
     def _report_silence(self, now: float) -> None:
-        silent = now - self.heard
-        if self._reached:
+        silent = now - self._last_word
+        if self.reached:
             self._silence_log.warning(
                 "the broker at %s has been silent for %.1fs; reconnecting", self.address, silent
             )
@@ -298,21 +312,21 @@ class BrokerLink:
     def _check_outage(self, now: float) -> None:
         if self._outage is not None:
             return
-        if self._reached:
-            if now - self.heard <= self.reconnect_timeout:
+        if self.reached:
+            if now - self._last_word <= self.reconnect_timeout:
                 return
-            what = f"stopped answering {now - self.heard:.0f}s ago"
+            what = f"stopped answering {now - self._last_word:.0f}s ago"
         else:
             if now - self._quiet_since <= self.connect_timeout:
                 return
             what = f"never answered in {now - self._quiet_since:.0f}s"
         self._outage = BrokerUnreachableError(
-            f"the broker at {self.address} {what}: {self._cause()}"
+            f"the broker at {self.address} {what}: {self.cause()}"
         )
         self._log.error("%s", self._outage)
         self._on_unreachable(self._outage)
 
-    def _cause(self) -> str:
+    def cause(self) -> str:
         if self._dns is not None:
             return self._dns
         handshake = self._watch.last_problem if self._watch is not None else None

@@ -77,13 +77,17 @@ def parse_size(text: str) -> int:
     return size
 
 
-def send_frames(sock: zmq.Socket[bytes], frames: Sequence[Any]) -> None:
-    """Send one multipart message; large frames leave without a copy."""
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[Any], block: bool = True) -> None:
+    """Send one multipart message; large frames leave without a copy. With ``block``
+    False, raises zmq.Again instead of waiting when the socket has nowhere to queue it
+    (a DEALER whose connection libzmq ended for good); a multipart message is taken
+    whole or not at all."""
     copy = not _has_large_frame(frames)
     last = frames[-1]
+    more = _SNDMORE if block else _SNDMORE | _NOBLOCK
     for frame in frames[:-1]:
-        _send(sock, frame, _SNDMORE, copy)
-    _send(sock, last, 0, copy)
+        _send(sock, frame, more, copy)
+    _send(sock, last, 0 if block else _NOBLOCK, copy)
 
 
 def recv_frames(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:

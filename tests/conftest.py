@@ -64,6 +64,35 @@ def raw_hello(role: str, **fields: object) -> list[bytes]:
     return [bytes(f) for f in p.encode_hello(hello)]
 
 
+PYENV = Path.home() / ".pyenv" / "versions"
+
+
+def other_python(minor: str) -> Path:
+    """An interpreter of another minor version (from pyenv) with fade's dependencies, in a
+    virtual environment made once per machine; fade itself comes from this checkout
+    (PYTHONPATH). Skips the test where pyenv has no such version."""
+    found = sorted(PYENV.glob(f"{minor}.*/bin/python"))
+    if not found:
+        pytest.skip(f"no Python {minor} under {PYENV} (pyenv install {minor})")
+    venv = Path(tempfile.gettempdir()) / f"fade-test-python-{minor}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([str(found[-1]), "-m", "venv", str(venv)], check=True, timeout=120)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "pyzmq>=25", "cloudpickle>=3"],
+            check=True,
+            timeout=300,
+        )
+    return python
+
+
+def fade_env(**extra: str) -> dict[str, str]:
+    """The environment for a process that must import this checkout's fade."""
+    root = str(TESTS.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

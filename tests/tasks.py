@@ -135,3 +135,50 @@ def pid_after(x: int, seconds: float) -> tuple[int, int]:
 
 def bytes_of_size(size: int) -> bytes:
     return b"z" * size
+
+
+class ExitsOnUnpickle:
+    """A result whose unpickling in the client raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_exit_now, ())
+
+
+def _exit_now() -> None:
+    raise SystemExit("unpickled")
+
+
+def exits_on_unpickle() -> ExitsOnUnpickle:
+    return ExitsOnUnpickle()
+
+
+def leave_a_thread_running(seconds: float) -> int:
+    """Start a non-daemon thread that outlives the task (it would keep a process alive)."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(seconds,), daemon=False).start()
+    return os.getpid()
+
+
+def ignore_sigterm_and_sleep(seconds: float) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def start_a_child(seconds: float) -> int:
+    """Start a process that outlives the task; return its pid."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    return child.pid
+
+
+def start_a_child_then_sleep(path: str, seconds: float) -> None:
+    """Write the pid of a long-lived child to ``path``, then sleep (past a time limit)."""
+    with open(path, "w") as f:
+        f.write(str(start_a_child(600)))
+    time.sleep(seconds)

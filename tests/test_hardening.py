@@ -1,0 +1,423 @@
+"""Nothing waits forever (issue 13, item 2): every case here hung, looped or crashed
+before, and each test reproduces it as it was found.
+
+Real brokers, workers and clients on loopback; a hand-made peer (pyzmq directly)
+where a misbehaving or newer one is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import tasks
+import zmq
+from conftest import (
+    INTERVAL,
+    Keys,
+    Pool,
+    fade_env,
+    free_port,
+    kill_tree,
+    other_python,
+    wait_for,
+)
+
+import fade
+from fade import protocol as p
+from fade.status import query
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def run_script(code: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a client script in its own interpreter; fail (never hang) past ``timeout``."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=fade_env(**env),
+    )
+
+
+# -- addresses and the constructor ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1:5555", "tcp://127.0.0.1", "tcp://:5555", "udp://127.0.0.1:5555", "tcp://h:x", ""],
+)
+def test_a_malformed_address_is_refused_by_the_constructor(address: str) -> None:
+    with pytest.raises(ValueError, match="tcp://"):
+        fade.Executor(address)
+
+
+def test_an_int_is_max_workers_and_other_types_are_refused() -> None:
+    with fade.Executor(1) as ex:
+        assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        assert len(ex._pool.pids) == 2  # type: ignore[union-attr]  # a broker and one worker
+    for bad in (4.5, b"tcp://127.0.0.1:5555", object(), True):
+        with pytest.raises(TypeError):
+            fade.Executor(bad)  # type: ignore[arg-type]
+
+
+# -- a broker that cannot be reached ----------------------------------------------------------
+
+
+def test_no_broker_fails_futures_naming_the_address_and_exit_is_prompt() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_script(
+        f"""
+        import fade, tasks
+        ex = fade.Executor({address!r}, connect_timeout=2)
+        future = ex.submit(tasks.add, 1, 2)
+        try:
+            future.result(timeout=30)
+        except fade.BrokerUnreachableError as exc:
+            print("FAILED:", exc)
+        pending = ex.submit(tasks.add, 3, 4)  # left pending at exit
+        """,
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert f"FAILED: the broker at {address} never answered" in result.stdout
+    assert "not running" in result.stdout
+    assert took < 20, f"the script took {took:.1f}s"
+
+
+def test_a_result_wait_that_times_out_says_why() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with fade.Executor(address, connect_timeout=30) as ex:
+        future = ex.submit(tasks.add, 1, 2)
+        with pytest.raises(TimeoutError, match=f"no answer yet from the broker at {address}"):
+            future.result(timeout=0.5)
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
+    pool.start_broker("--keys", str(curve_keys.dir))
+    with fade.Executor(pool.address, connect_timeout=2) as ex:
+        with pytest.raises(fade.BrokerUnreachableError, match="requires keys|require"):
+            ex.submit(tasks.add, 1, 2).result(timeout=30)
+
+
+def test_another_pools_key_is_named(pool: Pool, curve_keys: Keys, tmp_path: Path) -> None:
+    from conftest import make_keys
+
+    other = make_keys(tmp_path / "other")
+    pool.start_broker("--keys", str(curve_keys.dir))
+    with fade.Executor(pool.address, keys=other.client, connect_timeout=2) as ex:
+        with pytest.raises(fade.BrokerUnreachableError, match=str(pool.address)):
+            ex.submit(tasks.add, 1, 2).result(timeout=30)
+
+
+def test_a_broker_killed_for_good_ends_the_script_within_the_bound(pool: Pool) -> None:
+    """The interpreter exits with futures pending and the broker gone for good."""
+    pool.start_broker()
+    pool.start_worker()
+    pool.wait_workers(1)
+    script = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fade, tasks, sys
+                ex = fade.Executor({pool.address!r}, heartbeat_interval={INTERVAL},
+                                   reconnect_timeout=3)
+                futures = [ex.submit(tasks.sleep_and_return, 60, i) for i in range(4)]
+                print("SUBMITTED", flush=True)
+                sys.stdin.readline()  # the test kills the broker, then lets us exit
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=fade_env(),
+    )
+    try:
+        assert script.stdout is not None and script.stdin is not None
+        assert script.stdout.readline().strip() == "SUBMITTED"
+        time.sleep(0.5)
+        pool.kill_broker()
+        started = time.monotonic()
+        script.stdin.write("\n")
+        script.stdin.flush()
+        _, err = script.communicate(timeout=30)
+        took = time.monotonic() - started
+        # The bound: reconnect_timeout (3 s) after the last word from the broker.
+        assert took < 3 + 5, f"exit took {took:.1f}s"
+        assert f"the broker at {pool.address} stopped answering" in err
+    finally:
+        kill_tree(script.pid)
+
+
+def test_a_worker_pointed_at_a_name_that_does_not_resolve_says_so(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    with log.open("wb") as f:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "fade.worker", "tcp://no-such-host.invalid:5555"],
+            stderr=f,
+        )
+    try:
+        wait_for(lambda: "does not resolve" in log.read_text(), 20, "the resolution error")
+        assert "no-such-host.invalid" in log.read_text()
+    finally:
+        kill_tree(worker.pid)
+
+
+# -- results that misbehave --------------------------------------------------------------------
+
+
+def test_a_result_that_exits_while_unpickled_fails_only_its_future(
+    fade_executor: fade.Executor,
+) -> None:
+    future = fade_executor.submit(tasks.exits_on_unpickle)
+    with pytest.raises(fade.ResultDecodeError, match="SystemExit"):
+        future.result(timeout=30)
+    assert fade_executor.submit(tasks.add, 2, 2).result(timeout=30) == 4
+
+
+# -- heartbeat settings follow the broker --------------------------------------------------------
+
+
+def test_peers_follow_the_brokers_heartbeat_settings(pool: Pool, tmp_path: Path) -> None:
+    """A broker with a short interval and a client with the defaults: the client used to
+    be declared lost every 0.8 s, its tasks dropped and re-sent, again and again."""
+    pool.interval, pool.liveness = 0.2, 4
+    pool.start_broker()
+    pool.start_worker()
+    pool.start_worker()
+    pool.wait_workers(2)
+    marker = tmp_path / "runs.txt"
+    with fade.Executor(pool.address) as ex:  # default heartbeat settings
+        futures = [ex.submit(tasks.record_then_sleep, str(marker), i, 1.0) for i in range(2)]
+        long = ex.submit(tasks.sleep_and_return, 3.0, "late")
+        assert [f.result(timeout=30) for f in futures] == [0, 1]
+        assert long.result(timeout=30) == "late"
+    runs = marker.read_text().split()[::2]
+    assert sorted(runs) == ["0", "1"], f"tasks ran again: {runs}"
+
+
+# -- frames over a receiver's limit -------------------------------------------------------------
+
+
+def test_a_result_over_the_clients_limit_fails_its_future(tcp_pool: Pool) -> None:
+    with fade.Executor(
+        tcp_pool.address, heartbeat_interval=INTERVAL, max_message_size=1 << 20
+    ) as ex:
+        big = ex.submit(tasks.bytes_of_size, 2 << 20)
+        with pytest.raises(fade.MessageTooLargeError, match="max_message_size"):
+            big.result(timeout=30)
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
+def test_workers_never_get_a_frame_over_their_limit(pool: Pool) -> None:
+    pool.start_broker()
+    for _ in range(2):
+        pool.start_worker(2, None, "--max-message-size", "1M")
+    pool.wait_workers(4)
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        with pytest.raises(fade.MessageTooLargeError, match="--max-message-size"):
+            ex.submit(tasks.identity, b"x" * (2 << 20)).result(timeout=30)
+        # Tasks under the limit that a batch would have put together over it.
+        payloads = [bytes([i]) * (300 << 10) for i in range(40)]
+        futures = [ex.submit(tasks.identity, data) for data in payloads]
+        assert [f.result(timeout=60) for f in futures] == payloads
+        assert len(set(ex.map(tasks.pid_after, range(40), [0.05] * 40))) > 1
+
+
+# -- protocol versions -----------------------------------------------------------------------
+
+
+def _fake_broker(
+    port: int, version: int
+) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+    """A ROUTER that answers everything with an ERROR of another protocol version."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(f"tcp://127.0.0.1:{port}")
+    return ctx, router
+
+
+def _answer_with_errors(router: zmq.Socket[bytes], version: int, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if router.poll(50):
+            identity, *_ = router.recv_multipart()
+            router.send_multipart([identity, *p.encode_error("I speak another", version)])
+
+
+def test_a_client_against_a_newer_broker_fails_naming_both_versions() -> None:
+    port = free_port()
+    ctx, router = _fake_broker(port, p.VERSION + 1)
+    try:
+        ex = fade.Executor(f"tcp://127.0.0.1:{port}")
+        future = ex.submit(tasks.add, 1, 2)
+        _answer_with_errors(router, p.VERSION + 1, 2.0)
+        with pytest.raises(
+            fade.ProtocolVersionError, match=f"version {p.VERSION}.*version {p.VERSION + 1}"
+        ):
+            future.result(timeout=10)
+        with pytest.raises(fade.BrokenPoolError):
+            ex.submit(tasks.add, 1, 2)
+        ex.shutdown()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_worker_against_a_newer_broker_stops_and_says_why(tmp_path: Path) -> None:
+    port = free_port()
+    ctx, router = _fake_broker(port, p.VERSION + 1)
+    log = tmp_path / "worker.log"
+    try:
+        with log.open("wb") as f:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "fade.worker", f"tcp://127.0.0.1:{port}"], stderr=f
+            )
+        _answer_with_errors(router, p.VERSION + 1, 3.0)
+        assert worker.wait(timeout=30) == 2
+        assert (
+            f"the broker at tcp://127.0.0.1:{port} speaks version {p.VERSION + 1}"
+            in log.read_text()
+        )
+    finally:
+        kill_tree(worker.pid)
+        ctx.destroy(linger=0)
+
+
+def test_a_newer_peer_gets_an_error_it_can_read(tcp_pool: Pool) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        newer = ctx.socket(zmq.DEALER)
+        newer.linger = 0
+        newer.connect(tcp_pool.address)
+        newer.send_multipart([p.MAGIC + bytes((p.VERSION + 1, p.Command.HELLO)), b"{}"])
+        assert newer.poll(10_000)
+        header, text = newer.recv_multipart()
+        assert header == p.MAGIC + bytes((p.VERSION, p.Command.ERROR))  # our version: read it
+        assert f"speaks protocol version {p.VERSION}".encode() in text
+    finally:
+        ctx.destroy(linger=0)
+
+
+# -- Python versions ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_on_another_python_never_gets_the_task(pool: Pool, tmp_path: Path) -> None:
+    """A closure's bytecode from one minor version crashes a worker of another."""
+    minor = "3.12" if sys.version_info[:2] != (3, 12) else "3.11"
+    python = other_python(minor)
+    pool.start_broker()
+    worker = subprocess.Popen(
+        [str(python), "-m", "fade.worker", pool.address, *pool._timing()], env=fade_env()
+    )
+    pool.workers.append(worker)
+    pool.wait_workers(1, timeout=60)
+    offset = 10
+
+    def closure(x: int) -> int:
+        return x + offset
+
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        wait_for(lambda: ex._io.capacity > 0, 30, "the worker to register")  # type: ignore[attr-defined]
+        before = set(pool.worker_pids())
+        with pytest.raises(fade.IncompatibleWorkerError) as caught:
+            ex.submit(closure, 1).result(timeout=30)
+        this = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        assert f"cpython {this}" in str(caught.value) and f"cpython {minor}" in str(caught.value)
+        assert set(pool.worker_pids()) == before  # no worker died for it
+        pool.start_worker()  # a worker of our own version: the pool is usable
+        wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the second worker")
+        assert ex.submit(closure, 1).result(timeout=60) == 11
+
+
+# -- forks ---------------------------------------------------------------------------------
+
+
+def test_a_forked_child_exiting_leaves_the_parents_pool_alone() -> None:
+    with fade.Executor(max_workers=1, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+        pid = os.fork()
+        if pid == 0:  # the child exits normally: its atexit handlers run
+            os._exit(_exit_normally())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        folder = Path(ex.address.removeprefix("ipc://")).parent
+        assert folder.exists(), "the child removed the parent's socket folder"
+        # Workers replaced now must still reach the broker.
+        for worker in list(ex._pool._supervisor.pids):  # type: ignore[union-attr]
+            os.kill(worker, signal.SIGKILL)
+        assert ex.submit(tasks.add, 2, 2).result(timeout=30) == 4
+
+
+def _exit_normally() -> int:
+    import atexit
+
+    atexit._run_exitfuncs()  # what a normal interpreter exit runs in the child
+    return 0
+
+
+# -- tasks that would keep a worker from leaving ---------------------------------------------
+
+
+def test_a_task_leaving_a_thread_running_does_not_keep_its_worker(pool: Pool) -> None:
+    pool.start_broker()
+    supervisor = pool.start_worker()
+    pool.wait_workers(1)
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        ex.submit(tasks.leave_a_thread_running, 600).result(timeout=30)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=15) == 0
+
+
+def test_a_task_ignoring_sigterm_does_not_defeat_the_drain(pool: Pool) -> None:
+    pool.start_broker()
+    supervisor = pool.start_worker()
+    pool.wait_workers(1)
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        future = ex.submit(tasks.ignore_sigterm_and_sleep, 2.0)
+        time.sleep(0.5)
+        supervisor.send_signal(signal.SIGTERM)
+        assert future.result(timeout=30) > 0  # the running task finishes: a drain
+        assert supervisor.wait(timeout=15) == 0
+
+
+def test_what_a_task_started_ends_with_its_worker(pool: Pool, tmp_path: Path) -> None:
+    pool.start_broker()
+    supervisor = pool.start_worker()
+    pool.wait_workers(1)
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        child = ex.submit(tasks.start_a_child, 600).result(timeout=30)
+        assert psutil.pid_exists(child)
+        # Replaced after a timeout: what its task started goes too.
+        marker = tmp_path / "pid"
+        timed = fade.Executor(pool.address, heartbeat_interval=INTERVAL, task_timeout=1.0)
+        with timed, pytest.raises(fade.TaskTimeoutError):
+            timed.submit(tasks.start_a_child_then_sleep, str(marker), 60).result(timeout=30)
+        orphan = int(marker.read_text())
+        wait_for(lambda: not _running(orphan), 10, "the timed-out task's child to end")
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=15) == 0
+    wait_for(lambda: not _running(child), 10, "the task's child to end with its worker")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
