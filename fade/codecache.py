@@ -18,8 +18,10 @@ partial one and two writers of the same content simply agree.
 *Activating* a version puts its tree first on ``sys.path`` and drops the
 modules of the previous version (and any other copy of the same top-level
 names) from ``sys.modules``, so two clients with different versions of one
-package never see each other's code. Module-level state lives as long as the
-version stays active in that worker process.
+package never see each other's code. Module-level state lives as long as one
+client's tasks of one version follow each other in that worker process; a
+switch of version or of client imports the modules afresh and forgets the
+unpickled functions that held the old ones.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 from fade.errors import CodeShippingError
+from fade.serialization import FunctionCache
 
 try:
     import fcntl
@@ -153,31 +156,51 @@ class _Refuser(importlib.abc.MetaPathFinder):
 
 
 class CodeRunner:
-    """Makes a task's code version the active one in this worker process."""
+    """Makes a task's code version the active one in this worker process.
 
-    def __init__(self, cache: CodeCache, fetch: Fetch) -> None:
+    A task runs with exactly the modules of its own code version, imported afresh
+    for its client: whenever the version *or the client* differs from the previous
+    task's, the modules of the shipped top-level names are dropped from
+    ``sys.modules`` and the unpickled functions cached in ``functions`` are
+    forgotten (they hold the dropped modules' globals), so nothing of an earlier
+    version or another client's run is reachable from the new task's code.
+    """
+
+    def __init__(
+        self, cache: CodeCache, fetch: Fetch, functions: FunctionCache | None = None
+    ) -> None:
         self.cache = cache
         self._fetch = fetch
+        self.functions = functions if functions is not None else FunctionCache()
         self.active = b""
+        self._client = b""
         self._tree: str | None = None
         self._roots: tuple[str, ...] = ()
         self._refuser: _Refuser | None = None
         self.fetches = 0
+        self.switches = 0
 
     def ensure(self, version: bytes, client: bytes) -> None:
-        """Activate ``version`` (fetching it from ``client`` first if this host lacks it)."""
+        """Activate ``version`` for ``client`` (fetching it from ``client`` first if this
+        host lacks it). O(1) when both are the previous task's."""
+        if version == self.active and client == self._client:
+            return
+        self.switches += 1
+        self.functions.clear()
+        self._client = b""  # until the switch succeeds: a failed one is tried again
         if version == self.active:
-            return
-        if not version:
+            _purge(self._roots)  # same code, another client: fresh modules all the same
+        elif not version:
             self._deactivate()
-            return
-        tree = self.cache.tree(version)
-        if tree is None:
-            # One process per host downloads a version; the others wait for it and
-            # then find it on disk, so code crosses the network once per host.
-            with self.cache.lock(version):
-                tree = self.cache.tree(version) or self._download(version, client)
-        self._activate(version, tree, self.cache.manifest(version))
+        else:
+            tree = self.cache.tree(version)
+            if tree is None:
+                # One process per host downloads a version; the others wait for it and
+                # then find it on disk, so code crosses the network once per host.
+                with self.cache.lock(version):
+                    tree = self.cache.tree(version) or self._download(version, client)
+            self._activate(version, tree, self.cache.manifest(version))
+        self._client = client
 
     def _download(self, version: bytes, client: bytes) -> str:
         self.fetches += 1

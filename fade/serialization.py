@@ -155,7 +155,10 @@ class FunctionCache:
     """Worker-side cache from (code version, function pickle) to the function (LRU).
 
     The same pickle (``mypkg.f`` by reference) means a different function under
-    another code version, hence the version in the key.
+    another code version, hence the version in the key. A function also holds its
+    module's globals: the code runner clears this cache whenever it drops modules
+    (fade/codecache.py), or a later task would run a dropped module's function with
+    that module's stale state and classes.
     """
 
     def __init__(self, size: int = 256) -> None:
@@ -173,6 +176,9 @@ class FunctionCache:
         else:
             self._cache.move_to_end(key)
         return fn
+
+    def clear(self) -> None:
+        self._cache.clear()
 
 
 def loads_call(

@@ -164,7 +164,7 @@ class Worker:
         self._avg_duration: float | None = None
         self._bad_input = RateLimitedLog(log)
         self.tasks_done = 0
-        self._code = CodeRunner(CodeCache(code_cache), self._fetch)
+        self._code = CodeRunner(CodeCache(code_cache), self._fetch, self._functions)
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, _Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[_Fetch] = collections.deque()

@@ -8,6 +8,7 @@ their working directory is elsewhere.
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import sysconfig
@@ -429,3 +430,109 @@ def test_embedded_pool_ships_code_too(make_package: MakePackage) -> None:
     pkg = importlib.import_module(name)
     with fade.Executor(max_workers=2, heartbeat_interval=INTERVAL) as ex:
         assert list(ex.map(pkg.double, range(10))) == [2 * x for x in range(10)]
+
+
+# -- switching between versions (issue 13.1) ---------------------------------------------------
+
+MYLIB = {
+    "mylib/__init__.py": "",
+    "mylib/model.py": """
+        import json
+        import os
+        from dataclasses import dataclass
+
+        CALLS = 0  # module-level state: starts afresh whenever the worker switches code
+
+        @dataclass
+        class Params:
+            x: int
+
+        @dataclass
+        class Result:
+            value: int
+            calls: int
+            pid: int
+            is_params: bool
+
+        def simulate(p):
+            global CALLS
+            CALLS += 1
+            with open(os.path.join(os.path.dirname(__file__), "data", "coeffs.json")) as f:
+                a = json.load(f)["a"]
+            return Result(a * p.x, CALLS, os.getpid(), isinstance(p, Params))
+        """,
+    "mylib/data/coeffs.json": '{"a": 1}\n',
+}
+
+SIMULATE = """
+import json, pickle, sys
+import fade
+import mylib.model
+from mylib.model import Params, simulate
+
+with fade.Executor(sys.argv[1], heartbeat_interval=float(sys.argv[2])) as ex:
+    results = list(ex.map(simulate, [Params(x) for x in range(6)]))
+try:
+    pickle.dumps(results)
+    pickles = "ok"
+except Exception as exc:
+    pickles = f"{type(exc).__name__}: {exc}"
+print(json.dumps({
+    "values": [r.value for r in results],
+    "calls": [[r.pid, r.calls] for r in results],
+    "is_params": all(r.is_params for r in results),
+    "same_class": all(type(r) is mylib.model.Result for r in results),
+    "pickles": pickles,
+}))
+"""
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def _run_simulate(project: Path, address: str) -> dict[str, object]:
+    """One run of the user's script, as a client process of its own."""
+    out = subprocess.run(
+        [sys.executable, "simulate.py", address, str(INTERVAL)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("order", ["ABA", "ABAB", "AABBA"])
+def test_switching_versions_runs_exactly_each_versions_modules(
+    pool: Pool, tmp_path: Path, order: str
+) -> None:
+    """The issue's scenario: a long-running fade-worker; a script run again and again as
+    a new client process while a data file of its package is edited and reverted."""
+    project = tmp_path / "project"
+    _write_tree(project, MYLIB)
+    (project / "simulate.py").write_text(SIMULATE)
+    pool.start_broker()
+    pool.start_worker(2, None, "--code-cache", str(tmp_path / "cache"))
+    pool.wait_workers(2)
+    coefficient = {"A": 1, "B": 2}
+    for run, version in enumerate(order):
+        (project / "mylib/data/coeffs.json").write_text(f'{{"a": {coefficient[version]}}}\n')
+        seen = _run_simulate(project, pool.address)
+        where = f"run {run + 1} ({version}) of {order}: {seen}"
+        assert seen["values"] == [coefficient[version] * x for x in range(6)], where
+        assert seen["is_params"] is True, where
+        assert seen["same_class"] is True, where
+        assert seen["pickles"] == "ok", where
+        # Fresh module state: in each worker process this run's calls count 1, 2, 3...
+        per_process: dict[int, list[int]] = {}
+        for pid, calls in seen["calls"]:  # type: ignore[attr-defined]
+            per_process.setdefault(pid, []).append(calls)
+        for calls in per_process.values():
+            assert sorted(calls) == list(range(1, len(calls) + 1)), where
