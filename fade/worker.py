@@ -806,6 +806,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if keys is not None:
         args.keys = keys.path  # the children read the same file, wherever they start
+    try:
+        CodeCache(args.code_cache)  # refuse a cache others could write, before any child starts
+    except (CodeShippingError, OSError) as exc:
+        print(f"fade-worker: {exc}", file=sys.stderr)
+        return 2
     if args.child:
         return _run_child(args, keys)
     from fade.supervisor import Supervisor

@@ -7,8 +7,15 @@ their working directory is elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import json
+import os
+import py_compile
+import shutil
+import stat
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -16,12 +23,13 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import tasks
-from conftest import INTERVAL, Pool
+from conftest import INTERVAL, Pool, kill_tree
 
 import fade
 
@@ -536,3 +544,222 @@ def test_switching_versions_runs_exactly_each_versions_modules(
             per_process.setdefault(pid, []).append(calls)
         for calls in per_process.values():
             assert sorted(calls) == list(range(1, len(calls) + 1)), where
+
+
+# -- the code cache is trusted only for what it proves (issue 14.5) ----------------------------
+
+OUTCOMES = """
+import json, sys
+import fade
+from mylib.model import Params, simulate
+
+outcomes = []
+with fade.Executor(sys.argv[1], heartbeat_interval=float(sys.argv[2])) as ex:
+    for future in [ex.submit(simulate, Params(x)) for x in range(6)]:
+        try:
+            outcomes.append(["ok", future.result(timeout=30).value])
+        except Exception as exc:
+            outcomes.append([type(exc).__name__, str(exc)])
+print(json.dumps(outcomes))
+"""
+
+EVIL = """
+import os
+open({marker!r}, "w").write("the tampered code ran in pid %d" % os.getpid())
+
+class Params:
+    pass
+
+def simulate(p):
+    return -1
+"""
+
+
+@dataclass
+class CachePool:
+    """The user's project, a broker and one fade-worker (2 processes) with its own cache."""
+
+    pool: Pool
+    project: Path
+    cache: Path
+    marker: Path
+
+    def restart_workers(self) -> None:
+        for worker in self.pool.workers:
+            kill_tree(worker.pid)
+            worker.wait()
+        self.pool.workers.clear()
+        self.pool.start_worker(2, None, "--code-cache", str(self.cache))
+        self.pool.wait_workers(2)
+
+    def run(self) -> list[list[object]]:
+        out = subprocess.run(
+            [sys.executable, "outcomes.py", self.pool.address, str(INTERVAL)],
+            cwd=self.project,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        outcomes: list[list[object]] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert not self.marker.exists(), self.marker.read_text()
+        return outcomes
+
+    def object_path(self, rel: str) -> Path:
+        digest = hashlib.sha256((self.project / rel).read_bytes()).hexdigest()
+        return self.cache / "objects" / digest[:2] / digest
+
+    def tree_paths(self, rel: str) -> list[Path]:
+        return sorted((self.cache / "trees").glob(f"*/{rel}"))
+
+    def evil(self) -> str:
+        return textwrap.dedent(EVIL.format(marker=str(self.marker)))
+
+
+@pytest.fixture
+def cache_pool(pool: Pool, tmp_path: Path) -> CachePool:
+    project = tmp_path / "project"
+    _write_tree(project, MYLIB)
+    (project / "outcomes.py").write_text(OUTCOMES)
+    pool.start_broker()
+    cp = CachePool(pool, project, tmp_path / "cache", tmp_path / "PWNED")
+    pool.start_worker(2, None, "--code-cache", str(cp.cache))
+    pool.wait_workers(2)
+    return cp
+
+
+GOOD = [["ok", x] for x in range(6)]
+
+
+def test_code_cache_is_private(cache_pool: CachePool) -> None:
+    assert cache_pool.run() == GOOD
+    modes = {
+        str(path.relative_to(cache_pool.cache)): stat.S_IMODE(path.lstat().st_mode)
+        for path in [cache_pool.cache, *cache_pool.cache.rglob("*")]
+    }
+    assert len(modes) > 8
+    assert {path: mode for path, mode in modes.items() if mode & 0o077} == {}
+
+
+def _worker_refuses(pool: Pool, cache: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "fade.worker", pool.address, "--code-cache", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2, out.stderr
+    return out.stderr
+
+
+def test_code_cache_of_another_user_or_writable_by_others_is_refused(
+    pool: Pool, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a folder that belongs to another user needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)  # nobody
+    message = _worker_refuses(pool, theirs)
+    assert str(theirs) in message and "uid 65534" in message and "--code-cache" in message
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    message = _worker_refuses(pool, shared)
+    assert str(shared) in message and f"chmod 700 {shared}" in message
+    assert not (shared / "objects").exists()
+
+
+def test_a_worker_of_another_user_refuses_a_cache_made_by_this_one(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """The other direction: a worker started as nobody (setpriv) meets a cache folder that
+    this user made (and opened to it with a+rx, as a careless admin might)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a worker as another user")
+    cache = tmp_path / "root-made"
+    cache.mkdir()
+    cache.chmod(0o755)
+    tmp_path.chmod(0o755)
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            # Only to read this (root's) Python and fade: it writes nothing with it.
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            sys.executable,
+            "-m",
+            "fade.worker",
+            pool.address,
+            "--code-cache",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2, out.stderr
+    assert str(cache) in out.stderr and "uid 0" in out.stderr
+
+
+def test_tampered_object_is_fetched_again_not_run(cache_pool: CachePool) -> None:
+    assert cache_pool.run() == GOOD
+    obj = cache_pool.object_path("mylib/model.py")
+    replacement = obj.with_suffix(".new")
+    replacement.write_text(cache_pool.evil())
+    os.replace(replacement, obj)  # a new inode: the built tree keeps the real file
+    # A new version that shares model.py: its tree is built from the objects.
+    (cache_pool.project / "mylib/data/coeffs.json").write_text('{"a": 3}\n')
+    assert cache_pool.run() == [["ok", 3 * x] for x in range(6)]
+    assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.name
+
+
+def test_tampered_tree_file_is_rebuilt_not_run(cache_pool: CachePool) -> None:
+    assert cache_pool.run() == GOOD
+    (tree_file,) = cache_pool.tree_paths("mylib/model.py")
+    tree_file.write_text(cache_pool.evil())  # in place: its object (same inode) too
+    cache_pool.restart_workers()  # fresh processes check the tree on first use
+    assert cache_pool.run() == GOOD
+    assert "def simulate(p):\n    return -1" not in tree_file.read_text()
+
+
+def test_planted_bytecode_in_a_tree_is_never_loaded(cache_pool: CachePool) -> None:
+    """A __pycache__ entry whose header matches the source's mtime and size is what
+    Python's own import would load instead of the source."""
+    assert cache_pool.run() == GOOD
+    (tree_file,) = cache_pool.tree_paths("mylib/model.py")
+    evil = tree_file.parent / "evil_source.py"
+    evil.write_text(cache_pool.evil())
+    pyc = Path(importlib.util.cache_from_source(str(tree_file)))
+    pyc.parent.mkdir(exist_ok=True)
+    py_compile.compile(str(evil), cfile=str(pyc), doraise=True)
+    evil.unlink()
+    st = tree_file.stat()
+    data = bytearray(pyc.read_bytes())
+    data[8:16] = struct.pack("<II", int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+    pyc.write_bytes(bytes(data))
+    cache_pool.restart_workers()
+    assert cache_pool.run() == GOOD
+
+
+def test_tree_file_tampered_while_in_use_fails_clearly_then_recovers(
+    cache_pool: CachePool,
+) -> None:
+    assert cache_pool.run() == GOOD
+    (tree_file,) = cache_pool.tree_paths("mylib/model.py")
+    tree_file.write_text(cache_pool.evil())
+    # The worker processes checked this tree already; the next run re-imports (another
+    # client) and reads the changed file: those tasks fail, none runs the tampered code.
+    outcomes = cache_pool.run()
+    failed = [o for o in outcomes if o[0] != "ok"]
+    assert failed, outcomes
+    for outcome in failed:
+        assert outcome[0] == "CodeShippingError" and "does not match" in str(outcome[1])
+    assert [o for o in outcomes if o[0] == "ok"] == [o for o in GOOD if o in outcomes]
+    # And the tree is checked and rebuilt before the next task of that version.
+    assert cache_pool.run() == GOOD
