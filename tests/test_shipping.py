@@ -763,3 +763,144 @@ def test_tree_file_tampered_while_in_use_fails_clearly_then_recovers(
     assert [o for o in outcomes if o[0] == "ok"] == [o for o in GOOD if o in outcomes]
     # And the tree is checked and rebuilt before the next task of that version.
     assert cache_pool.run() == GOOD
+
+
+# -- remote tracebacks show the user's files (issue 13.3) -------------------------------------
+
+
+def _frame_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("File ")]
+
+
+def _assert_points_at(text: str, path: str, function: str, source: str) -> None:
+    """The traceback has ``File "path", line N, in function`` followed by that line's source,
+    N being where ``source`` is in the client's file."""
+    lines = Path(path).read_text().splitlines()
+    lineno = next(i for i, line in enumerate(lines, 1) if line.strip() == source)
+    expected = f'File "{path}", line {lineno}, in {function}'
+    text_lines = [line.strip() for line in text.splitlines()]
+    assert expected in text_lines, text
+    assert text_lines[text_lines.index(expected) + 1] == source, text
+
+
+FAILING = {
+    "PKG/__init__.py": "",
+    "PKG/model.py": """
+        from OTHER.checks import check
+
+        def simulate(x):
+            return check(x) * 2
+
+        def fail(x):
+            raise ValueError(f"bad x: {x}")
+        """,
+}
+CHECKS = {
+    "PKG/__init__.py": "",
+    "PKG/checks.py": """
+        def check(x):
+            if x < 0:
+                raise ValueError(f"negative: {x}")
+            return x
+        """,
+}
+
+
+def test_traceback_of_a_shipped_module_shows_the_clients_files(
+    code_pool: Pool, make_package: MakePackage
+) -> None:
+    other = make_package(CHECKS)
+    name = make_package({k: v.replace("OTHER", other) for k, v in FAILING.items()})
+    model = importlib.import_module(f"{name}.model")
+    checks = importlib.import_module(f"{other}.checks")
+    with _executor(code_pool) as ex:
+        with pytest.raises(ValueError, match="bad x: 3") as err:
+            ex.submit(model.fail, 3).result(timeout=30)
+        cause = err.value.__cause__
+        assert isinstance(cause, fade.RemoteTraceback)
+        _assert_points_at(cause.tb, model.__file__, "fail", 'raise ValueError(f"bad x: {x}")')
+        assert "trees" not in cause.tb and str(code_pool.code_cache) not in cause.tb  # type: ignore[attr-defined]
+        assert (model.__file__, "fail") in {(f[0], f[2]) for f in cause.frames}
+
+        # A call across two local packages: both frames are the client's files.
+        with pytest.raises(ValueError, match="negative: -1") as err:
+            ex.submit(model.simulate, -1).result(timeout=30)
+        text = err.value.__cause__.tb  # type: ignore[union-attr]
+        _assert_points_at(text, model.__file__, "simulate", "return check(x) * 2")
+        _assert_points_at(text, checks.__file__, "check", 'raise ValueError(f"negative: {x}")')
+        assert "trees" not in text
+
+        # The same through a chunked map.
+        with pytest.raises(ValueError, match="negative: -1") as err:
+            list(ex.map(model.simulate, [1, 2, -1, 3], chunksize=2))
+        text = err.value.__cause__.tb  # type: ignore[union-attr]
+        _assert_points_at(text, checks.__file__, "check", 'raise ValueError(f"negative: {x}")')
+
+        # Lines come from the code that ran, even once the file is edited afterwards.
+        Path(model.__file__).write_text("# edited\n" * 20)
+        with pytest.raises(ValueError) as err:
+            ex.submit(model.fail, 4).result(timeout=30)
+        assert 'raise ValueError(f"bad x: {x}")' in err.value.__cause__.tb  # type: ignore[union-attr]
+
+
+MAIN_FAILING = """
+import sys
+import fade
+sys.path.insert(0, sys.argv[2])
+from {name}.model import simulate
+
+def run(x):
+    def inner(y):
+        return simulate(y) + 1
+    return inner(x)
+
+with fade.Executor(sys.argv[1], heartbeat_interval={interval}) as ex:
+    try:
+        ex.submit(run, -5).result(timeout=30)
+    except ValueError as exc:
+        print(exc.__cause__)
+"""
+
+
+def test_traceback_of_main_functions_and_closures_shows_the_script(
+    code_pool: Pool, make_package: MakePackage, tmp_path: Path
+) -> None:
+    other = make_package(CHECKS)
+    name = make_package({k: v.replace("OTHER", other) for k, v in FAILING.items()})
+    base = sys.path[0]
+    script = tmp_path / "user_script.py"
+    script.write_text(MAIN_FAILING.format(name=name, interval=INTERVAL))
+    out = subprocess.run(
+        [sys.executable, str(script), code_pool.address, base],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "<dynamic-code>" not in text, text
+    _assert_points_at(text, str(script), "run", "return inner(x)")
+    _assert_points_at(text, str(script), "inner", "return simulate(y) + 1")
+    _assert_points_at(text, f"{base}/{name}/model.py", "simulate", "return check(x) * 2")
+    _assert_points_at(
+        text, f"{base}/{other}/checks.py", "check", 'raise ValueError(f"negative: {x}")'
+    )
+
+
+def test_client_fills_in_source_lines_the_worker_does_not_have(tmp_path: Path) -> None:
+    """A frame whose file exists only on the client (a script on the user's laptop)."""
+    from fade.tracebacks import capture
+
+    user_file = tmp_path / "laptop.py"
+    user_file.write_text("def f(x):\n    return 1 // x\n")
+    namespace: dict[str, object] = {}
+    exec(compile("def f(x):\n    return 1 // x\n", "/nonexistent/laptop.py", "exec"), namespace)
+    try:
+        namespace["f"](0)  # type: ignore[operator]
+    except ZeroDivisionError as exc:
+        trace = capture(exc)
+    assert trace.frames[-1] == ("/nonexistent/laptop.py", 2, "f", "")
+    text, frames = trace.render(lambda p: (str(user_file), None) if "laptop" in p else None)
+    assert f'  File "{user_file}", line 2, in f\n    return 1 // x\n' in text
+    assert frames[-1] == (str(user_file), 2, "f", "return 1 // x")
+    assert "ZeroDivisionError" in text and "nonexistent" not in text
