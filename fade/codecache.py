@@ -415,9 +415,9 @@ class CodeRunner:
         _purge(self._roots)
         self.active, self._tree, self._roots, self._refuser = b"", None, (), None
 
-    def manages_path(self, entry: str) -> bool:
-        """Whether a ``sys.path`` entry is one activation puts there (a version's tree)."""
-        return entry == self._tree
+    def managed_path(self) -> str | None:
+        """The ``sys.path`` entry activation put first (the active tree), if any."""
+        return self._tree
 
 
 def _purge(roots: Sequence[str]) -> None:

@@ -28,6 +28,9 @@
   (see fade/codecache.py); a version this host lacks is fetched from the
   task's client through the broker, the main thread waiting while the keeper
   holds the socket.
+* After each task, the working directory, ``os.environ``, ``sys.path`` and
+  ``builtins`` are put back as they were before it (fade/taskenv.py): the next
+  task may be another client's.
 * If the broker is silent for interval x liveness the worker opens a new
   socket and says HELLO again, keeping what it holds (the broker may have
   restarted).
@@ -82,6 +85,7 @@ from fade.sockets import (
     recv_frames,
     send_frames,
 )
+from fade.taskenv import TaskEnvironment
 
 __all__ = ["Worker", "main"]
 
@@ -165,6 +169,7 @@ class Worker:
         self._bad_input = RateLimitedLog(log)
         self.tasks_done = 0
         self._code = CodeRunner(CodeCache(code_cache), self._fetch, self._functions)
+        self._task_env = TaskEnvironment(self._code.managed_path)
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, _Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[_Fetch] = collections.deque()
@@ -203,13 +208,14 @@ class Worker:
 
     def _execute(self, job: _Job) -> None:
         started = time.monotonic()
-        try:
-            value = self._call(job)
-            status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
-        except ModuleNotFoundError as exc:
-            status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
-        except BaseException as exc:  # the task's own failure, SystemExit included
-            status, payload = p.Status.RAISED, ser.dumps_exception(exc)
+        with self._task_env:  # cwd, environment, sys.path, builtins: put back after the task
+            try:
+                value = self._call(job)
+                status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
+            except ModuleNotFoundError as exc:
+                status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
+            except BaseException as exc:  # the task's own failure, SystemExit included
+                status, payload = p.Status.RAISED, ser.dumps_exception(exc)
         duration = time.monotonic() - started
         with self._lock:
             if self._current is None:  # the keeper already reported a timeout

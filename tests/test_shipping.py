@@ -904,3 +904,26 @@ def test_client_fills_in_source_lines_the_worker_does_not_have(tmp_path: Path) -
     assert f'  File "{user_file}", line 2, in f\n    return 1 // x\n' in text
     assert frames[-1] == (str(user_file), 2, "f", "return 1 // x")
     assert "ZeroDivisionError" in text and "nonexistent" not in text
+
+
+# -- a task's changes to its worker process do not reach the next task (issue 14.6) ------------
+
+
+def test_next_task_sees_the_workers_own_cwd_environment_path_and_builtins(
+    pool: Pool, tmp_path: Path
+) -> None:
+    pool.start_broker()
+    pool.start_worker(1, None, "--code-cache", str(tmp_path / "cache"))
+    pool.wait_workers(1)
+    elsewhere = tmp_path / "tenant-a"
+    elsewhere.mkdir()
+    with _executor(pool) as tenant_b:
+        before = tenant_b.submit(tasks.worker_state).result(timeout=30)
+    assert before["secret"] is None and before["leaked"] is False
+    with _executor(pool) as tenant_a:
+        assert (
+            tenant_a.submit(tasks.change_worker_state, str(elsewhere)).result(30) == before["pid"]
+        )
+    with _executor(pool) as tenant_b:
+        after = tenant_b.submit(tasks.worker_state).result(timeout=30)
+    assert after == before
