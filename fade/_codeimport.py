@@ -63,13 +63,20 @@ class TreeImporter:
 
     ``trusted`` maps a version's hex id to the files its tree may serve; a tree of a
     version not in it serves nothing (it is never handed to Python's own finder).
-    ``on_mismatch(version_hex, message)`` is called when a file read does not match.
+    ``on_mismatch(version_hex, message)`` is called when a file read does not match;
+    ``wait_for_build(version_hex)`` returns once no process is (re)building that tree.
     """
 
-    def __init__(self, trees: str, on_mismatch: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        trees: str,
+        on_mismatch: Callable[[str, str], None],
+        wait_for_build: Callable[[str], None],
+    ) -> None:
         self.trees = os.path.join(os.path.abspath(trees), "")
         self.trusted: dict[str, TreeFiles] = {}
         self.on_mismatch = on_mismatch
+        self.wait_for_build = wait_for_build
         self._compiled: dict[tuple[str, str], CodeType] = {}
 
     def hook(self, path: str) -> TreeFinder:
@@ -100,8 +107,16 @@ class TreeImporter:
                 f"{path} is not part of the code the client shipped (code version {version}); "
                 "refusing to load it"
             )
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            data = _read(path)
+        except FileNotFoundError:
+            # Another worker process of this host may be rebuilding the tree (it found
+            # it changed): its files are back, checked, once it releases the lock.
+            self.wait_for_build(version)
+            try:
+                data = _read(path)
+            except OSError as exc:
+                raise CodeShippingError(f"{path} is missing from the code cache: {exc}") from None
         if hashlib.sha256(data).hexdigest() != digest:
             message = (
                 f"{path} in the code cache does not match the content the client shipped "
@@ -111,6 +126,11 @@ class TreeImporter:
             self.on_mismatch(version, message)
             raise CodeShippingError(message)
         return digest, data
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class TreeFinder:

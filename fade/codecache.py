@@ -308,16 +308,8 @@ class CodeRunner:
         self.switches = 0
         self.rebuilds = 0
         self._manifests: dict[bytes, Manifest] = {}  # of the trees checked in this process
-        self._importer = TreeImporter(cache.trees, self._on_mismatch)
+        self._importer = TreeImporter(cache.trees, self._on_mismatch, self._wait_for_build)
         sys.path_hooks.insert(0, self._importer.hook)
-
-    def close(self) -> None:
-        """Deactivate and remove the import hook (for tests that make several runners)."""
-        self._deactivate()
-        with contextlib.suppress(ValueError):
-            sys.path_hooks.remove(self._importer.hook)
-        for path in [p for p in sys.path_importer_cache if p.startswith(self._importer.trees)]:
-            del sys.path_importer_cache[path]
 
     def ensure(self, version: bytes, client: bytes) -> None:
         """Activate ``version`` for ``client`` (fetching it from ``client`` first if this
@@ -383,6 +375,10 @@ class CodeRunner:
         log.warning("%s", message)
         self._importer.trusted.pop(version, None)
         self._client = b""
+
+    def _wait_for_build(self, version: str) -> None:
+        with self.cache.lock(bytes.fromhex(version)):
+            pass
 
     def _download(self, version: bytes, client: bytes) -> Manifest:
         self.fetches += 1
