@@ -11,18 +11,18 @@ import collections
 import concurrent.futures as cf
 import itertools
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from fade.errors import RemoteTraceback
 from fade.progress import ProgressBar, map_description, map_total
+from fade.serialization import remote_cause
+from fade.tracebacks import RemoteTrace, capture
 
 __all__ = ["map_in_order", "run_chunk"]
 
 T = TypeVar("T")
 
-_ChunkResult = tuple[list[Any], "BaseException | None", str]
+_ChunkResult = tuple[list[Any], "BaseException | None", "RemoteTrace | None"]
 
 
 def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> _ChunkResult:
@@ -32,9 +32,8 @@ def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> _ChunkRes
         try:
             values.append(fn(*args))
         except Exception as exc:
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            return values, exc, tb
-    return values, None, ""
+            return values, exc, capture(exc)
+    return values, None, None
 
 
 def _validate(chunksize: int, buffersize: int | None) -> None:
@@ -106,10 +105,10 @@ def _results(
             if not chunked:
                 yield result
                 continue
-            values, exc, tb = result
+            values, exc, trace = result
             yield from values
             if exc is not None:
-                exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+                exc.__cause__ = remote_cause(trace)
                 raise exc
         finished = True
     finally:

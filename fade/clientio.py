@@ -167,7 +167,8 @@ class ClientIO:
         """For a result() that timed out: what the task is waiting for, as far as we know."""
         link = self.link
         if not link.reached:
-            return f"no answer yet from the broker at {link.address} after {timeout:g}s: {link.cause()}"
+            waited = f"after {timeout:g}s" if timeout is not None else "yet"
+            return f"no answer yet from the broker at {link.address} {waited}: {link.cause()}"
         return f"the task did not finish within {timeout:g}s (broker {link.address})"
 
     def close_soon(self) -> None:

@@ -1,15 +1,30 @@
-"""Worker side of code shipping: a content-addressed cache on disk, and switching versions.
+"""Worker side of code shipping: a private, checked cache on disk, and switching versions.
 
 ::
 
-    task(version V) ─> tree for V on disk? ──yes──> activate V ─> unpickle and run
-                           │ no
-                           ├─ FETCH manifest V from the task's client (through the broker)
-                           ├─ FETCH the blobs this host lacks (only changed files travel)
-                           └─ build trees/V from objects/ atomically ─> activate V
+    task(version V, client C) ─ same V and C as the last task? ──yes──> unpickle and run
+        │ no: forget the unpickled functions; drop the modules of the shipped names
+        ▼
+    tree for V on disk? ──no──> FETCH manifest V from C (through the broker): its id must be V
+        │                         FETCH the files this host lacks (or has with other content)
+        │                         build trees/V from objects/ atomically
+        ▼
+    first use of V in this process: every file hashed against the manifest, nothing else
+        │   in the tree ──mismatch──> log, discard the tree, fetch and build it again
+        ▼
+    activate V: its tree first on sys.path; imports from it go through fade/_codeimport.py,
+    which loads only the manifest's files and checks each one's hash as it reads it
 
     <cache>/objects/ab/abcdef...   one file per content hash, shared by every version
     <cache>/trees/<V>/             the files of version V, as a sys.path entry
+
+**Trust.** The cache holds code this worker will run, so only this user may
+write it: it is created private (folders 0700, files 0600), and a cache folder
+that belongs to another user or that group or others may write is refused with
+an error that names it. Content is never trusted for being on disk: a manifest
+must hash to its version id, every object and tree file to its manifest entry;
+a tampered entry is rebuilt from the client's files, or the task fails with
+``CodeShippingError``; the tampered code never runs.
 
 Several worker processes on one host share the cache: every file and tree is
 written under a temporary name and renamed into place, so a reader never sees a
@@ -18,8 +33,10 @@ partial one and two writers of the same content simply agree.
 *Activating* a version puts its tree first on ``sys.path`` and drops the
 modules of the previous version (and any other copy of the same top-level
 names) from ``sys.modules``, so two clients with different versions of one
-package never see each other's code. Module-level state lives as long as the
-version stays active in that worker process.
+package never see each other's code. Module-level state lives as long as one
+client's tasks of one version follow each other in that worker process; a
+switch of version or of client imports the modules afresh and forgets the
+unpickled functions that held the old ones.
 """
 
 from __future__ import annotations
@@ -28,8 +45,11 @@ import contextlib
 import hashlib
 import importlib
 import importlib.abc
+import logging
 import os
+import pwd
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -37,7 +57,9 @@ from collections.abc import Callable, Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
+from fade._codeimport import TreeFiles, TreeImporter
 from fade.errors import CodeShippingError
+from fade.serialization import FunctionCache
 
 try:
     import fcntl
@@ -45,10 +67,15 @@ except ImportError:  # not POSIX: builds may race, harmlessly (atomic renames)
     fcntl = None  # type: ignore[assignment]
 from fade.shipping import Manifest
 
-__all__ = ["CodeCache", "CodeRunner", "default_cache_dir"]
+__all__ = ["CodeCache", "CodeRunner", "check_private_dir", "default_cache_dir"]
 
-#: A function that asks the task's client for something: (client identity, request) -> frames.
+log = logging.getLogger("fade.codecache")
+
+#: A function that asks the task's client for something: (a reference to the task or its
+#: client, request) -> frames.
 Fetch = Callable[[bytes, dict[str, object]], list[bytes]]
+
+MANIFEST_FILE = ".fade-manifest.json"
 
 
 def default_cache_dir() -> str:
@@ -56,44 +83,103 @@ def default_cache_dir() -> str:
     return os.environ.get("FADE_CODE_CACHE") or os.path.join(base, "fade", "code")
 
 
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_private_dir(path: str) -> None:
+    """Create ``path`` (0700) or accept it if it is this user's and no one else may write
+    it; a folder others may read is made private. Raises CodeShippingError naming the fix."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CodeShippingError(f"the code cache {path} is not a folder")
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise CodeShippingError(
+            f"refusing the code cache folder {path}: it belongs to {_user(st.st_uid)}, not to "
+            f"{_user(me)} who runs this worker, and its owner could change the code this worker "
+            "runs. Remove it (as its owner), or give this worker a folder of its own with "
+            "--code-cache DIR or FADE_CODE_CACHE."
+        )
+    if st.st_mode & 0o022:
+        raise CodeShippingError(
+            f"refusing the code cache folder {path}: group or others may write to it (mode "
+            f"{stat.S_IMODE(st.st_mode):o}), so they could change the code this worker runs. "
+            f"Make it private with `chmod 700 {path}` (and check what it holds), or give this "
+            "worker another folder with --code-cache DIR or FADE_CODE_CACHE."
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours, only readable by others: shipped code stays private
+
+
+def _makedirs_private(path: str) -> None:
+    """``os.makedirs`` that gives every folder it creates mode 0700."""
+    if os.path.isdir(path):
+        return
+    _makedirs_private(os.path.dirname(path))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+
+
 class CodeCache:
-    """The on-disk store of one host."""
+    """The on-disk store of one host (its folder checked by :func:`check_private_dir`)."""
 
     def __init__(self, root: str | None = None) -> None:
-        self.root = root or default_cache_dir()
+        self.root = os.path.abspath(root or default_cache_dir())
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        check_private_dir(self.root)
         self.objects = os.path.join(self.root, "objects")
         self.trees = os.path.join(self.root, "trees")
         self.locks = os.path.join(self.root, "locks")
         for directory in (self.objects, self.trees, self.locks):
-            os.makedirs(directory, exist_ok=True)
+            check_private_dir(directory)
 
     @contextlib.contextmanager
     def lock(self, version: bytes) -> Iterator[None]:
         """Hold the host-wide lock for building ``version`` (advisory, via flock)."""
-        path = os.path.join(self.locks, version.hex())
-        with open(path, "a+b") as f:
+        fd = os.open(os.path.join(self.locks, version.hex()), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
             if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def tree(self, version: bytes) -> str | None:
         path = os.path.join(self.trees, version.hex())
         return path if os.path.isdir(path) else None
 
-    def manifest(self, version: bytes) -> Manifest:
-        with open(os.path.join(self.trees, version.hex(), ".fade-manifest.json"), "rb") as f:
-            return Manifest.from_json(f.read())
+    def manifest(self, version: bytes) -> Manifest | None:
+        """The tree's manifest, or None if it is missing or does not hash to ``version``."""
+        try:
+            with open(os.path.join(self.trees, version.hex(), MANIFEST_FILE), "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        if hashlib.sha256(data).digest()[:16] != version:
+            return None
+        return Manifest.from_json(data)
 
     def _object(self, digest: str) -> str:
         return os.path.join(self.objects, digest[:2], digest)
 
     def missing(self, manifest: Manifest) -> list[str]:
-        wanted = dict.fromkeys(digest for _, digest, _ in manifest.files)
-        return [d for d in wanted if not os.path.exists(self._object(d))]
+        """Hashes whose object is absent or holds other content (which is removed)."""
+        out = []
+        for digest in dict.fromkeys(digest for _, digest, _ in manifest.files):
+            path = self._object(digest)
+            if _hash_file(path) != digest:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                out.append(digest)
+        return out
 
     def store(self, digests: Sequence[str], blobs: Sequence[bytes]) -> None:
         if len(digests) != len(blobs):
@@ -102,7 +188,7 @@ class CodeCache:
             if hashlib.sha256(blob).hexdigest() != digest:
                 raise CodeShippingError(f"a shipped file does not match its hash {digest}")
             path = self._object(digest)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _makedirs_private(os.path.dirname(path))
             _write_atomically(path, blob)
 
     def build(self, version: bytes, manifest_json: bytes, manifest: Manifest) -> str:
@@ -111,12 +197,13 @@ class CodeCache:
         try:
             for rel, digest, _ in manifest.files:
                 target = os.path.join(staging, *rel.split("/"))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
+                _makedirs_private(os.path.dirname(target))
                 try:
                     os.link(self._object(digest), target)
                 except OSError:
-                    shutil.copyfile(self._object(digest), target)
-            _write_atomically(os.path.join(staging, ".fade-manifest.json"), manifest_json)
+                    with open(self._object(digest), "rb") as f:
+                        _write_atomically(target, f.read())
+            _write_atomically(os.path.join(staging, MANIFEST_FILE), manifest_json)
             try:
                 os.rename(staging, final)
             except OSError:
@@ -126,10 +213,54 @@ class CodeCache:
             shutil.rmtree(staging, ignore_errors=True)
         return final
 
+    def check(self, version: bytes, manifest: Manifest) -> list[str]:
+        """What is wrong with the tree of ``version``: files that differ from the
+        manifest, are missing, or are there without being in it (empty: all is well)."""
+        tree = os.path.join(self.trees, version.hex())
+        expected = {rel: digest for rel, digest, _ in manifest.files}
+        problems = []
+        for rel, digest in expected.items():
+            path = os.path.join(tree, *rel.split("/"))
+            try:
+                regular = stat.S_ISREG(os.lstat(path).st_mode)
+            except OSError:
+                regular = False
+            if not regular:
+                problems.append(f"{rel}: missing or not a regular file")
+            elif _hash_file(path) != digest:
+                problems.append(f"{rel}: content differs from the manifest")
+        for dirpath, dirnames, filenames in os.walk(tree):
+            # Python's own import (in processes a task starts) may cache bytecode here;
+            # fade's import never reads it.
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            for name in filenames + links:
+                rel = os.path.relpath(os.path.join(dirpath, name), tree).replace(os.sep, "/")
+                if rel not in expected and rel != MANIFEST_FILE:
+                    problems.append(f"{rel}: not part of the manifest")
+        return problems
+
+    def discard(self, version: bytes) -> None:
+        """Remove a tree that failed its check (renamed first: readers never see half of it)."""
+        tree = os.path.join(self.trees, version.hex())
+        doomed = os.path.join(self.trees, f".discarded-{version.hex()}-{uuid.uuid4().hex}")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(tree, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _hash_file(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
 
 def _write_atomically(path: str, data: bytes) -> None:
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 
@@ -153,33 +284,106 @@ class _Refuser(importlib.abc.MetaPathFinder):
 
 
 class CodeRunner:
-    """Makes a task's code version the active one in this worker process."""
+    """Makes a task's code version the active one in this worker process.
 
-    def __init__(self, cache: CodeCache, fetch: Fetch) -> None:
+    A task runs with exactly the modules of its own code version, imported afresh
+    for its client: whenever the version *or the client* differs from the previous
+    task's, the modules of the shipped top-level names are dropped from
+    ``sys.modules`` and the unpickled functions cached in ``functions`` are
+    forgotten (they hold the dropped modules' globals), so nothing of an earlier
+    version or another client's run is reachable from the new task's code.
+    """
+
+    def __init__(
+        self, cache: CodeCache, fetch: Fetch, functions: FunctionCache | None = None
+    ) -> None:
         self.cache = cache
         self._fetch = fetch
+        self.functions = functions if functions is not None else FunctionCache()
         self.active = b""
+        self._client = b""
         self._tree: str | None = None
         self._roots: tuple[str, ...] = ()
         self._refuser: _Refuser | None = None
         self.fetches = 0
+        self.switches = 0
+        self.rebuilds = 0
+        self._manifests: dict[bytes, Manifest] = {}  # of the trees checked in this process
+        self._importer = TreeImporter(cache.trees, self._on_mismatch, self._wait_for_build)
+        sys.path_hooks.insert(0, self._importer.hook)
 
-    def ensure(self, version: bytes, client: bytes) -> None:
-        """Activate ``version`` (fetching it from ``client`` first if this host lacks it)."""
-        if version == self.active:
+    def ensure(self, version: bytes, client: bytes, ref: bytes | None = None) -> None:
+        """Activate ``version`` for ``client`` (fetching it first if this host lacks it,
+        naming ``ref`` to the fetch function: by default the client). O(1) when both
+        are the previous task's."""
+        if version == self.active and client == self._client:
             return
-        if not version:
+        fetch_ref = client if ref is None else ref
+        self.switches += 1
+        self.functions.clear()
+        self._client = b""  # until the switch succeeds: a failed one is tried again
+        if version == self.active and version.hex() in self._importer.trusted:
+            _purge(self._roots)  # same code, another client: fresh modules all the same
+        elif not version:
             self._deactivate()
-            return
-        tree = self.cache.tree(version)
-        if tree is None:
-            # One process per host downloads a version; the others wait for it and
-            # then find it on disk, so code crosses the network once per host.
-            with self.cache.lock(version):
-                tree = self.cache.tree(version) or self._download(version, client)
-        self._activate(version, tree, self.cache.manifest(version))
+        else:
+            manifest = self._trusted_manifest(version, fetch_ref)
+            self._activate(version, os.path.join(self.cache.trees, version.hex()), manifest)
+        self._client = client
 
-    def _download(self, version: bytes, client: bytes) -> str:
+    def _trusted_manifest(self, version: bytes, client: bytes) -> Manifest:
+        """The manifest of a tree that passed its check in this process (built, fetched or
+        rebuilt as needed)."""
+        manifest = self._manifests.get(version)
+        if manifest is not None and version.hex() in self._importer.trusted:
+            return manifest
+        # One process per host downloads a version; the others wait for it and then
+        # find it on disk, so code crosses the network once per host.
+        with self.cache.lock(version):
+            manifest = self.cache.manifest(version)
+            if manifest is None:
+                if self.cache.tree(version) is not None:
+                    self._discard(version, ["its manifest does not match the version id"])
+                manifest = self._download(version, client)
+            problems = self.cache.check(version, manifest)
+            if problems:
+                self._discard(version, problems)
+                manifest = self._download(version, client)
+                problems = self.cache.check(version, manifest)
+                if problems:
+                    raise CodeShippingError(
+                        f"the code cache {self.cache.root} changes under this worker: code "
+                        f"version {version.hex()} failed its check again after a rebuild "
+                        f"({'; '.join(problems[:3])}); refusing to run it"
+                    )
+        files = {rel: digest for rel, digest, _ in manifest.files}
+        self._importer.trusted[version.hex()] = TreeFiles.of(files)
+        self._manifests[version] = manifest
+        return manifest
+
+    def _discard(self, version: bytes, problems: list[str]) -> None:
+        log.warning(
+            "code version %s in the cache %s failed its check (%s); rebuilding it from the "
+            "client's files",
+            version.hex(),
+            self.cache.root,
+            "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""),
+        )
+        self.rebuilds += 1
+        self.cache.discard(version)
+
+    def _on_mismatch(self, version: str, message: str) -> None:
+        """A file changed after its tree was checked: check it again before the next task
+        (called in the middle of an import, which then fails: nothing else is changed here)."""
+        log.warning("%s", message)
+        self._importer.trusted.pop(version, None)
+        self._client = b""
+
+    def _wait_for_build(self, version: str) -> None:
+        with self.cache.lock(bytes.fromhex(version)):
+            pass
+
+    def _download(self, version: bytes, client: bytes) -> Manifest:
         self.fetches += 1
         (manifest_json,) = self._fetch(client, {"kind": "manifest", "version": version.hex()})
         if hashlib.sha256(manifest_json).digest()[:16] != version:
@@ -189,7 +393,8 @@ class CodeRunner:
         if missing:
             blobs = self._fetch(client, {"kind": "blobs", "hashes": missing})
             self.cache.store(missing, blobs)
-        return self.cache.build(version, manifest_json, manifest)
+        self.cache.build(version, manifest_json, manifest)
+        return manifest
 
     def _activate(self, version: bytes, tree: str, manifest: Manifest) -> None:
         self._deactivate()
@@ -208,6 +413,10 @@ class CodeRunner:
             sys.meta_path.remove(self._refuser)
         _purge(self._roots)
         self.active, self._tree, self._roots, self._refuser = b"", None, (), None
+
+    def managed_path(self) -> str | None:
+        """The ``sys.path`` entry activation put first (the active tree), if any."""
+        return self._tree
 
 
 def _purge(roots: Sequence[str]) -> None:

@@ -120,14 +120,23 @@ class InsecureAddressError(SecurityError):
 
 
 class RemoteTraceback(FadeError):
-    """Carries the formatted traceback of an exception raised on a worker."""
+    """Carries the formatted traceback of an exception raised on a worker.
 
-    def __init__(self, tb: str) -> None:
+    ``frames`` lists its frames as (file, line number, function, source line), with
+    the client's own file names for the code it shipped (empty if the worker sent
+    text only).
+    """
+
+    def __init__(self, tb: str, frames: tuple[tuple[str, int, str, str], ...] = ()) -> None:
         super().__init__(tb)
         self.tb = tb
+        self.frames = frames
 
     def __str__(self) -> str:
         return self.tb
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (RemoteTraceback, (self.tb, self.frames))
 
 
 class NoWorkersError(FadeError, TimeoutError):

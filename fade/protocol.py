@@ -194,7 +194,7 @@ class Status(enum.IntEnum):
     """How a task ended, in DONE and RESULT records."""
 
     OK = 0  # payload: the pickled return value
-    RAISED = 1  # payload: the pickled (exception, traceback text)
+    RAISED = 1  # payload: the pickled (exception, traceback text, tracebacks.RemoteTrace)
     LOST = 2  # broker-made; payload: JSON about the lost worker
     RETURNED = 3  # worker hands the task back unrun; no payload
     REFUSED = 4  # broker-made; payload: JSON {"error": kind, "message": text}

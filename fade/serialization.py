@@ -13,7 +13,14 @@ A task's payload (a :class:`fade.protocol.Payload`) packs inline
   at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
   a frame of its own, sent without copying and rebuilt without copying.
 
-A result payload is the pickled value inline, and its large buffers apart.
+A result payload is the pickled value inline, and its large buffers apart. An
+exception payload is ``(exception, traceback text, RemoteTrace)`` (see
+fade/tracebacks.py): the client shows the traceback with its own file names.
+
+Code pickled by value (a function of ``__main__``, a lambda, a closure) keeps its
+real file name: cloudpickle writes ``"<dynamic-code>"`` instead (to make equal
+functions from different files pickle alike), which leaves a remote traceback
+nothing to point at.
 """
 
 from __future__ import annotations
@@ -22,16 +29,19 @@ import io
 import pickle
 import struct
 import sys
-import traceback
+import types
 import weakref
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+import cloudpickle.cloudpickle as _cloudpickle_impl
 
-from fade.errors import RemoteTraceback, ResultDecodeError, SerializationError
+from fade import tracebacks
+from fade.errors import ResultDecodeError, SerializationError
 from fade.protocol import Payload
+from fade.shipping import client_file
 
 __all__ = [
     "OUT_OF_BAND_MIN",
@@ -77,6 +87,29 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
     return kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject
 
 
+def _reduce_code(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its file name left as it is."""
+    rebuild, args = _cloudpickle_impl._code_reduce(code)
+    if "<dynamic-code>" in args:
+        at = args.index("<dynamic-code>")  # co_filename: the first string argument
+        args = (*args[:at], code.co_filename, *args[at + 1 :])
+    return rebuild, args
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, but code pickled by value keeps its file name."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+def _cloudpickle(
+    obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None
+) -> bytes:
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
+
+
 def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
@@ -88,9 +121,7 @@ def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
     if _is_plain(obj):
         # About ten times cheaper than building a CloudPickler for each call.
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
-    out = io.BytesIO()
-    cloudpickle.CloudPickler(out, protocol=5, buffer_callback=keep_large).dump(obj)
-    return out.getvalue()
+    return _cloudpickle(obj, keep_large)
 
 
 def _pickles_by_reference(fn: Any) -> bool:
@@ -116,7 +147,7 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
     if cached is not None:
         return bytes(cached)
     try:
-        data: bytes = cloudpickle.dumps(fn, protocol=5)
+        data = _cloudpickle(fn)
     except Exception as exc:
         raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
     if _pickles_by_reference(fn):
@@ -155,7 +186,10 @@ class FunctionCache:
     """Worker-side cache from (code version, function pickle) to the function (LRU).
 
     The same pickle (``mypkg.f`` by reference) means a different function under
-    another code version, hence the version in the key.
+    another code version, hence the version in the key. A function also holds its
+    module's globals: the code runner clears this cache whenever it drops modules
+    (fade/codecache.py), or a later task would run a dropped module's function with
+    that module's stale state and classes.
     """
 
     def __init__(self, size: int = 256) -> None:
@@ -173,6 +207,9 @@ class FunctionCache:
         else:
             self._cache.move_to_end(key)
         return fn
+
+    def clear(self) -> None:
+        self._cache.clear()
 
 
 def loads_call(
@@ -214,26 +251,28 @@ def loads_value(payload: Payload) -> Any:
 
 
 def dumps_exception(exc: BaseException) -> Payload:
-    """Frames for an exception raised by a task, with its traceback as text.
+    """Frames for an exception raised by a task, with its traceback (text and structure).
 
     An exception that cannot be pickled is replaced by a ResultDecodeError that
     names its type and message, so the client still learns what happened.
     """
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    trace = tracebacks.capture(exc)
+    text = trace.render()[0]
     try:
-        return Payload(cloudpickle.dumps((exc, tb), protocol=5))
+        return Payload(_cloudpickle((exc, text, trace)))
     except Exception as why:
         stand_in = ResultDecodeError(
             f"the task raised {type(exc).__qualname__}: {exc}, "
             f"which cannot be pickled ({type(why).__name__}: {why})"
         )
-        return Payload(cloudpickle.dumps((stand_in, tb), protocol=5))
+        return Payload(_cloudpickle((stand_in, text, trace)))
 
 
 def loads_exception(payload: Payload) -> BaseException:
-    """The task's exception, with the remote traceback attached as ``__cause__``."""
+    """The task's exception, with the remote traceback attached as ``__cause__`` (file
+    names and source lines as this client knows them)."""
     try:
-        exc, tb = pickle.loads(payload.inline)
+        exc, text, *more = pickle.loads(payload.inline)
     except Exception as why:
         return ResultDecodeError(
             f"the task raised an exception that could not be unpickled here: "
@@ -241,8 +280,14 @@ def loads_exception(payload: Payload) -> BaseException:
         )
     if not isinstance(exc, BaseException):
         return ResultDecodeError(f"the worker sent {type(exc).__name__} as an exception")
-    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    trace = more[0] if more and isinstance(more[0], tracebacks.RemoteTrace) else str(text)
+    exc.__cause__ = remote_cause(trace)
     return exc
+
+
+def remote_cause(trace: tracebacks.RemoteTrace | str) -> BaseException:
+    """A task's remote traceback as this client shows it (also for chunked maps)."""
+    return tracebacks.remote_cause(trace, client_file)
 
 
 def _fn_name(fn: Any) -> str:

@@ -31,10 +31,12 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
+import re
 import sys
 import sysconfig
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.machinery import ModuleSpec
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "LocalCode",
     "Manifest",
+    "client_file",
     "install_import_hook",
     "uninstall_import_hook",
 ]
@@ -225,7 +228,9 @@ class LocalCode:
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> content (every version served)
         self._hash_cache: dict[tuple[str, int, int], tuple[str, bytes]] = {}
         self._installed_names: dict[str, bool] = {}
+        self._origins: dict[str, str] = {}  # relative path in a manifest -> our file
         self.stats = {"manifests_served": 0, "blobs_served": 0, "bytes_served": 0}
+        _instances.add(self)
 
     # -- per submit --------------------------------------------------------------------
 
@@ -275,6 +280,18 @@ class LocalCode:
         self.stats["bytes_served"] += sum(len(b) for b in found)
         return found
 
+    def file_of(self, version: bytes, rel: str) -> tuple[str, list[str]] | None:
+        """Our file for a path of a version we shipped, and its lines as they were shipped."""
+        manifest = self._manifests.get(version)
+        if manifest is None:
+            return None
+        digest = next((d for path, d, _ in manifest.files if path == rel), None)
+        content = self._blobs.get(digest) if digest is not None else None
+        if content is None:
+            return None
+        path = self._origins.get(rel, rel)
+        return path, content.decode("utf-8", errors="replace").splitlines()
+
     # -- computing a version -------------------------------------------------------------------
 
     def _compute(self) -> Manifest:
@@ -295,6 +312,7 @@ class LocalCode:
         total = 0
         for root in sorted(roots.values(), key=lambda r: r.name):
             for rel, path in self._files_of(root):
+                self._origins[rel] = path
                 digest, content = self._content(path)
                 self._blobs[digest] = content
                 files.append((rel, digest, len(content)))
@@ -369,6 +387,29 @@ class LocalCode:
             cached = (hashlib.sha256(content).hexdigest(), content)
             self._hash_cache[key] = cached
         return cached
+
+
+_instances: weakref.WeakSet[LocalCode] = weakref.WeakSet()
+#: A file of a worker's code tree: <cache>/trees/<version hex>/<path in the manifest>.
+_TREE_FILE = re.compile(r"[/\\]trees[/\\]([0-9a-f]{32})[/\\](.+)$")
+
+
+def client_file(path: str) -> tuple[str, list[str] | None] | None:
+    """This process's own file for a file name in a worker's traceback, with its lines:
+    a file of a code tree this process shipped (lines as shipped), or one of its local
+    modules (lines as imported). None: not ours, leave it as it is."""
+    match = _TREE_FILE.search(path)
+    if match is not None:
+        version, rel = bytes.fromhex(match[1]), match[2].replace("\\", "/")
+        for code in list(_instances):
+            found = code.file_of(version, rel)
+            if found is not None:
+                return found
+        return None
+    recorded = _recorder.sources.get(path)
+    if recorded is not None:
+        return path, recorded.decode("utf-8", errors="replace").splitlines()
+    return None  # the script itself, say: its lines come from linecache
 
 
 def _warn_if_edited_since_import(path: str, st: os.stat_result) -> None:

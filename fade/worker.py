@@ -25,7 +25,9 @@ holds it.
   running one; a second request, or the supervisor's end, hands back even the
   running one and leaves at once. The process ends with ``os._exit``: threads a
   task left running cannot keep it alive.
-* After each task the worker's own signal handlers are restored.
+* After each task, the working directory, ``os.environ``, ``sys.path``, ``builtins``
+  and the worker's own signal handlers are put back as they were before it
+  (fade/taskenv.py): the next task may be another client's.
 * Code shipping: before a task runs, the code version it names is made active
   (fade/codecache.py); a version this host lacks is fetched from the task's
   client through the broker, the main thread waiting while the keeper serves.
@@ -58,6 +60,7 @@ from fade.errors import (
 )
 from fade.options import WorkerOptions, parse_worker_args
 from fade.shipping import uninstall_import_hook
+from fade.taskenv import TaskEnvironment
 from fade.wakeup import WakePipe
 from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, Fetch, Job, WorkerIO
 
@@ -95,7 +98,8 @@ class Worker:
         self._functions = ser.FunctionCache()
         self._avg_duration: float | None = None
         self.tasks_done = 0
-        self._code = CodeRunner(CodeCache(options.code_cache), self._fetch)
+        self._code = CodeRunner(CodeCache(options.code_cache), self._fetch, self._functions)
+        self._task_env = TaskEnvironment(self._code.managed_path)
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
@@ -131,13 +135,14 @@ class Worker:
 
     def _execute(self, job: Job) -> None:
         started = time.monotonic()
-        try:
-            value = self._call(job)
-            status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
-        except ModuleNotFoundError as exc:
-            status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
-        except BaseException as exc:  # the task's own failure, SystemExit included
-            status, payload = p.Status.RAISED, ser.dumps_exception(exc)
+        with self._task_env:  # cwd, environment, sys.path, builtins: put back after the task
+            try:
+                value = self._call(job)
+                status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
+            except ModuleNotFoundError as exc:
+                status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
+            except BaseException as exc:  # the task's own failure, SystemExit included
+                status, payload = p.Status.RAISED, ser.dumps_exception(exc)
         self._after_task()
         duration = time.monotonic() - started
         with self._lock:
@@ -153,7 +158,8 @@ class Worker:
             self.wake.wake()  # the keeper is polling the socket: make it act on the result
 
     def _call(self, job: Job) -> object:
-        self._code.ensure(ser.code_version(job.payload), job.record.key)
+        key = job.record.key
+        self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
         fn, args, kwargs = ser.loads_call(job.payload, self._functions)
         return fn(*args, **kwargs)
 
@@ -273,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if keys is not None:
         options = options.with_keys(str(keys.path))  # the children read the same file
+    try:
+        CodeCache(options.code_cache)  # refuse a cache others could write, before any child starts
+    except (CodeShippingError, OSError) as exc:
+        print(f"fade-worker: {exc}", file=sys.stderr)
+        return 2
     if options.child:
         status = _run_child(options, keys, control_fd)
         # Threads a task left running must not keep this process alive.

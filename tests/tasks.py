@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,32 @@ def start_a_child_then_sleep(path: str, seconds: float) -> None:
     with open(path, "w") as f:
         f.write(str(start_a_child(600)))
     time.sleep(seconds)
+
+
+def change_worker_state(folder: str) -> int:
+    """What a careless (or hostile) task does to its worker process; returns its pid."""
+    import builtins
+
+    os.chdir(folder)
+    os.environ["FADE_LEAKED_SECRET"] = "tenant-a"
+    os.environ["PATH"] = folder
+    sys.path.insert(0, folder)
+    sys.path.append(folder)
+    builtins.leaked_by_tenant_a = True  # type: ignore[attr-defined]
+    builtins.input = lambda *_: "hijacked"
+    return os.getpid()
+
+
+def worker_state() -> dict[str, object]:
+    """What the next task sees of its worker process."""
+    import builtins
+
+    return {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "secret": os.environ.get("FADE_LEAKED_SECRET"),
+        "PATH": os.environ.get("PATH"),
+        "path": [p for p in sys.path if "/trees/" not in p],
+        "leaked": hasattr(builtins, "leaked_by_tenant_a"),
+        "input": builtins.input.__module__,
+    }

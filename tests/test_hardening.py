@@ -8,6 +8,7 @@ where a misbehaving or newer one is needed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,9 +107,11 @@ def test_a_result_wait_that_times_out_says_why() -> None:
 
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
     pool.start_broker("--keys", str(curve_keys.dir))
-    with fade.Executor(pool.address, connect_timeout=2) as ex:
-        with pytest.raises(fade.BrokerUnreachableError, match="requires keys|require"):
-            ex.submit(tasks.add, 1, 2).result(timeout=30)
+    with (
+        fade.Executor(pool.address, connect_timeout=2) as ex,
+        pytest.raises(fade.BrokerUnreachableError, match=r"requires keys"),
+    ):
+        ex.submit(tasks.add, 1, 2).result(timeout=30)
 
 
 def test_another_pools_key_is_named(pool: Pool, curve_keys: Keys, tmp_path: Path) -> None:
@@ -116,9 +119,11 @@ def test_another_pools_key_is_named(pool: Pool, curve_keys: Keys, tmp_path: Path
 
     other = make_keys(tmp_path / "other")
     pool.start_broker("--keys", str(curve_keys.dir))
-    with fade.Executor(pool.address, keys=other.client, connect_timeout=2) as ex:
-        with pytest.raises(fade.BrokerUnreachableError, match=str(pool.address)):
-            ex.submit(tasks.add, 1, 2).result(timeout=30)
+    with (
+        fade.Executor(pool.address, keys=other.client, connect_timeout=2) as ex,
+        pytest.raises(fade.BrokerUnreachableError, match=re.escape(pool.address)),
+    ):
+        ex.submit(tasks.add, 1, 2).result(timeout=30)
 
 
 def test_a_broker_killed_for_good_ends_the_script_within_the_bound(pool: Pool) -> None:

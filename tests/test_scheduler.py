@@ -247,7 +247,7 @@ def test_clients_take_turns(sched: Scheduler) -> None:
     sched.add_worker(b"W1", worker_hello(credits=1), None)
     order = []
     for _ in range(6):
-        (worker, tasks), = sched.take_sends().tasks.items()  # fmt: skip
+        (_worker, tasks), = sched.take_sends().tasks.items()  # fmt: skip
         order.append(tasks[0].client.identity)
         ok(sched, b"W1", tasks[0].client.identity, tasks[0].task_id)
     assert order == [b"C1", b"C2"] * 3

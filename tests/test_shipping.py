@@ -7,7 +7,15 @@ their working directory is elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import json
+import os
+import py_compile
+import shutil
+import stat
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -15,12 +23,13 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import tasks
-from conftest import INTERVAL, Pool
+from conftest import INTERVAL, Pool, kill_tree
 
 import fade
 
@@ -429,3 +438,492 @@ def test_embedded_pool_ships_code_too(make_package: MakePackage) -> None:
     pkg = importlib.import_module(name)
     with fade.Executor(max_workers=2, heartbeat_interval=INTERVAL) as ex:
         assert list(ex.map(pkg.double, range(10))) == [2 * x for x in range(10)]
+
+
+# -- switching between versions (issue 13.1) ---------------------------------------------------
+
+MYLIB = {
+    "mylib/__init__.py": "",
+    "mylib/model.py": """
+        import json
+        import os
+        from dataclasses import dataclass
+
+        CALLS = 0  # module-level state: starts afresh whenever the worker switches code
+
+        @dataclass
+        class Params:
+            x: int
+
+        @dataclass
+        class Result:
+            value: int
+            calls: int
+            pid: int
+            is_params: bool
+
+        def simulate(p):
+            global CALLS
+            CALLS += 1
+            with open(os.path.join(os.path.dirname(__file__), "data", "coeffs.json")) as f:
+                a = json.load(f)["a"]
+            return Result(a * p.x, CALLS, os.getpid(), isinstance(p, Params))
+        """,
+    "mylib/data/coeffs.json": '{"a": 1}\n',
+}
+
+SIMULATE = """
+import json, pickle, sys
+import fade
+import mylib.model
+from mylib.model import Params, simulate
+
+with fade.Executor(sys.argv[1], heartbeat_interval=float(sys.argv[2])) as ex:
+    results = list(ex.map(simulate, [Params(x) for x in range(6)]))
+try:
+    pickle.dumps(results)
+    pickles = "ok"
+except Exception as exc:
+    pickles = f"{type(exc).__name__}: {exc}"
+print(json.dumps({
+    "values": [r.value for r in results],
+    "calls": [[r.pid, r.calls] for r in results],
+    "is_params": all(r.is_params for r in results),
+    "same_class": all(type(r) is mylib.model.Result for r in results),
+    "pickles": pickles,
+}))
+"""
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def _run_simulate(project: Path, address: str) -> dict[str, object]:
+    """One run of the user's script, as a client process of its own."""
+    out = subprocess.run(
+        [sys.executable, "simulate.py", address, str(INTERVAL)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("order", ["ABA", "ABAB", "AABBA"])
+def test_switching_versions_runs_exactly_each_versions_modules(
+    pool: Pool, tmp_path: Path, order: str
+) -> None:
+    """The issue's scenario: a long-running fade-worker; a script run again and again as
+    a new client process while a data file of its package is edited and reverted."""
+    project = tmp_path / "project"
+    _write_tree(project, MYLIB)
+    (project / "simulate.py").write_text(SIMULATE)
+    pool.start_broker()
+    pool.start_worker(2, None, "--code-cache", str(tmp_path / "cache"))
+    pool.wait_workers(2)
+    coefficient = {"A": 1, "B": 2}
+    for run, version in enumerate(order):
+        (project / "mylib/data/coeffs.json").write_text(f'{{"a": {coefficient[version]}}}\n')
+        seen = _run_simulate(project, pool.address)
+        where = f"run {run + 1} ({version}) of {order}: {seen}"
+        assert seen["values"] == [coefficient[version] * x for x in range(6)], where
+        assert seen["is_params"] is True, where
+        assert seen["same_class"] is True, where
+        assert seen["pickles"] == "ok", where
+        # Fresh module state: in each worker process this run's calls count 1, 2, 3...
+        per_process: dict[int, list[int]] = {}
+        for pid, calls in seen["calls"]:  # type: ignore[attr-defined]
+            per_process.setdefault(pid, []).append(calls)
+        for calls in per_process.values():
+            assert sorted(calls) == list(range(1, len(calls) + 1)), where
+
+
+# -- the code cache is trusted only for what it proves (issue 14.5) ----------------------------
+
+OUTCOMES = """
+import json, sys
+import fade
+from mylib.model import Params, simulate
+
+outcomes = []
+with fade.Executor(sys.argv[1], heartbeat_interval=float(sys.argv[2])) as ex:
+    for future in [ex.submit(simulate, Params(x)) for x in range(6)]:
+        try:
+            outcomes.append(["ok", future.result(timeout=30).value])
+        except Exception as exc:
+            outcomes.append([type(exc).__name__, str(exc)])
+print(json.dumps(outcomes))
+"""
+
+EVIL = """
+import os
+open({marker!r}, "w").write("the tampered code ran in pid %d" % os.getpid())
+
+class Params:
+    pass
+
+def simulate(p):
+    return -1
+"""
+
+
+@dataclass
+class CachePool:
+    """The user's project, a broker and one fade-worker (2 processes) with its own cache."""
+
+    pool: Pool
+    project: Path
+    cache: Path
+    marker: Path
+
+    def restart_workers(self) -> None:
+        for worker in self.pool.workers:
+            kill_tree(worker.pid)
+            worker.wait()
+        self.pool.workers.clear()
+        self.pool.start_worker(2, None, "--code-cache", str(self.cache))
+        self.pool.wait_workers(2)
+
+    def run(self) -> list[list[object]]:
+        out = subprocess.run(
+            [sys.executable, "outcomes.py", self.pool.address, str(INTERVAL)],
+            cwd=self.project,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        outcomes: list[list[object]] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert not self.marker.exists(), self.marker.read_text()
+        return outcomes
+
+    def object_path(self, rel: str) -> Path:
+        digest = hashlib.sha256((self.project / rel).read_bytes()).hexdigest()
+        return self.cache / "objects" / digest[:2] / digest
+
+    def tree_paths(self, rel: str) -> list[Path]:
+        return sorted((self.cache / "trees").glob(f"*/{rel}"))
+
+    def evil(self) -> str:
+        return textwrap.dedent(EVIL.format(marker=str(self.marker)))
+
+
+@pytest.fixture
+def cache_pool(pool: Pool, tmp_path: Path) -> CachePool:
+    project = tmp_path / "project"
+    _write_tree(project, MYLIB)
+    (project / "outcomes.py").write_text(OUTCOMES)
+    pool.start_broker()
+    cp = CachePool(pool, project, tmp_path / "cache", tmp_path / "PWNED")
+    pool.start_worker(2, None, "--code-cache", str(cp.cache))
+    pool.wait_workers(2)
+    return cp
+
+
+GOOD = [["ok", x] for x in range(6)]
+
+
+def test_code_cache_is_private(cache_pool: CachePool) -> None:
+    assert cache_pool.run() == GOOD
+    modes = {
+        str(path.relative_to(cache_pool.cache)): stat.S_IMODE(path.lstat().st_mode)
+        for path in [cache_pool.cache, *cache_pool.cache.rglob("*")]
+    }
+    assert len(modes) > 8
+    assert {path: mode for path, mode in modes.items() if mode & 0o077} == {}
+
+
+def _worker_refuses(pool: Pool, cache: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "fade.worker", pool.address, "--code-cache", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2, out.stderr
+    return out.stderr
+
+
+def test_code_cache_of_another_user_or_writable_by_others_is_refused(
+    pool: Pool, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a folder that belongs to another user needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)  # nobody
+    message = _worker_refuses(pool, theirs)
+    assert str(theirs) in message and "uid 65534" in message and "--code-cache" in message
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    message = _worker_refuses(pool, shared)
+    assert str(shared) in message and f"chmod 700 {shared}" in message
+    assert not (shared / "objects").exists()
+
+
+def test_a_worker_of_another_user_refuses_a_cache_made_by_this_one(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """The other direction: a worker started as nobody (setpriv) meets a cache folder that
+    this user made (and opened to it with a+rx, as a careless admin might)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a worker as another user")
+    cache = tmp_path / "root-made"
+    cache.mkdir()
+    cache.chmod(0o755)
+    tmp_path.chmod(0o755)
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            # Only to read this (root's) Python and fade: it writes nothing with it.
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            sys.executable,
+            "-m",
+            "fade.worker",
+            pool.address,
+            "--code-cache",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2, out.stderr
+    assert str(cache) in out.stderr and "uid 0" in out.stderr
+
+
+def test_tampered_object_is_fetched_again_not_run(cache_pool: CachePool) -> None:
+    assert cache_pool.run() == GOOD
+    obj = cache_pool.object_path("mylib/model.py")
+    replacement = obj.with_suffix(".new")
+    replacement.write_text(cache_pool.evil())
+    os.replace(replacement, obj)  # a new inode: the built tree keeps the real file
+    # A new version that shares model.py: its tree is built from the objects.
+    (cache_pool.project / "mylib/data/coeffs.json").write_text('{"a": 3}\n')
+    assert cache_pool.run() == [["ok", 3 * x] for x in range(6)]
+    assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.name
+
+
+def test_tampered_tree_file_is_rebuilt_not_run(cache_pool: CachePool) -> None:
+    assert cache_pool.run() == GOOD
+    (tree_file,) = cache_pool.tree_paths("mylib/model.py")
+    tree_file.write_text(cache_pool.evil())  # in place: its object (same inode) too
+    cache_pool.restart_workers()  # fresh processes check the tree on first use
+    assert cache_pool.run() == GOOD
+    assert "def simulate(p):\n    return -1" not in tree_file.read_text()
+
+
+def test_planted_bytecode_in_a_tree_is_never_loaded(cache_pool: CachePool) -> None:
+    """A __pycache__ entry whose header matches the source's mtime and size is what
+    Python's own import would load instead of the source."""
+    assert cache_pool.run() == GOOD
+    (tree_file,) = cache_pool.tree_paths("mylib/model.py")
+    evil = tree_file.parent / "evil_source.py"
+    evil.write_text(cache_pool.evil())
+    pyc = Path(importlib.util.cache_from_source(str(tree_file)))
+    pyc.parent.mkdir(exist_ok=True)
+    py_compile.compile(str(evil), cfile=str(pyc), doraise=True)
+    evil.unlink()
+    st = tree_file.stat()
+    data = bytearray(pyc.read_bytes())
+    data[8:16] = struct.pack("<II", int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+    pyc.write_bytes(bytes(data))
+    cache_pool.restart_workers()
+    assert cache_pool.run() == GOOD
+
+
+def test_tree_file_tampered_while_in_use_fails_clearly_then_recovers(
+    cache_pool: CachePool,
+) -> None:
+    assert cache_pool.run() == GOOD
+    (tree_file,) = cache_pool.tree_paths("mylib/model.py")
+    tree_file.write_text(cache_pool.evil())
+    # The worker processes checked this tree already; the next run re-imports (another
+    # client) and reads the changed file: those tasks fail, none runs the tampered code.
+    outcomes = cache_pool.run()
+    failed = [o for o in outcomes if o[0] != "ok"]
+    assert failed, outcomes
+    for outcome in failed:
+        assert outcome[0] == "CodeShippingError" and "does not match" in str(outcome[1])
+    assert [o for o in outcomes if o[0] == "ok"] == [o for o in GOOD if o in outcomes]
+    # And the tree is checked and rebuilt before the next task of that version.
+    assert cache_pool.run() == GOOD
+
+
+# -- remote tracebacks show the user's files (issue 13.3) -------------------------------------
+
+
+def _frame_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("File ")]
+
+
+def _assert_points_at(text: str, path: str, function: str, source: str) -> None:
+    """The traceback has ``File "path", line N, in function`` followed by that line's source,
+    N being where ``source`` is in the client's file."""
+    lines = Path(path).read_text().splitlines()
+    lineno = next(i for i, line in enumerate(lines, 1) if line.strip() == source)
+    expected = f'File "{path}", line {lineno}, in {function}'
+    text_lines = [line.strip() for line in text.splitlines()]
+    assert expected in text_lines, text
+    assert text_lines[text_lines.index(expected) + 1] == source, text
+
+
+FAILING = {
+    "PKG/__init__.py": "",
+    "PKG/model.py": """
+        from OTHER.checks import check
+
+        def simulate(x):
+            return check(x) * 2
+
+        def fail(x):
+            raise ValueError(f"bad x: {x}")
+        """,
+}
+CHECKS = {
+    "PKG/__init__.py": "",
+    "PKG/checks.py": """
+        def check(x):
+            if x < 0:
+                raise ValueError(f"negative: {x}")
+            return x
+        """,
+}
+
+
+def test_traceback_of_a_shipped_module_shows_the_clients_files(
+    code_pool: Pool, make_package: MakePackage
+) -> None:
+    other = make_package(CHECKS)
+    name = make_package({k: v.replace("OTHER", other) for k, v in FAILING.items()})
+    model = importlib.import_module(f"{name}.model")
+    checks = importlib.import_module(f"{other}.checks")
+    with _executor(code_pool) as ex:
+        with pytest.raises(ValueError, match="bad x: 3") as err:
+            ex.submit(model.fail, 3).result(timeout=30)
+        cause = err.value.__cause__
+        assert isinstance(cause, fade.RemoteTraceback)
+        _assert_points_at(cause.tb, model.__file__, "fail", 'raise ValueError(f"bad x: {x}")')
+        assert "trees" not in cause.tb and str(code_pool.code_cache) not in cause.tb  # type: ignore[attr-defined]
+        assert (model.__file__, "fail") in {(f[0], f[2]) for f in cause.frames}
+
+        # A call across two local packages: both frames are the client's files.
+        with pytest.raises(ValueError, match="negative: -1") as err:
+            ex.submit(model.simulate, -1).result(timeout=30)
+        text = err.value.__cause__.tb  # type: ignore[union-attr]
+        _assert_points_at(text, model.__file__, "simulate", "return check(x) * 2")
+        _assert_points_at(text, checks.__file__, "check", 'raise ValueError(f"negative: {x}")')
+        assert "trees" not in text
+
+        # The same through a chunked map.
+        with pytest.raises(ValueError, match="negative: -1") as err:
+            list(ex.map(model.simulate, [1, 2, -1, 3], chunksize=2))
+        text = err.value.__cause__.tb  # type: ignore[union-attr]
+        _assert_points_at(text, checks.__file__, "check", 'raise ValueError(f"negative: {x}")')
+
+        # Lines come from the code that ran, even once the file is edited afterwards.
+        Path(model.__file__).write_text("# edited\n" * 20)
+        with pytest.raises(ValueError) as err:
+            ex.submit(model.fail, 4).result(timeout=30)
+        assert 'raise ValueError(f"bad x: {x}")' in err.value.__cause__.tb  # type: ignore[union-attr]
+
+
+MAIN_FAILING = """
+import sys
+import fade
+sys.path.insert(0, sys.argv[2])
+from {name}.model import simulate
+
+def run(x):
+    def inner(y):
+        return simulate(y) + 1
+    return inner(x)
+
+with fade.Executor(sys.argv[1], heartbeat_interval={interval}) as ex:
+    try:
+        ex.submit(run, -5).result(timeout=30)
+    except ValueError as exc:
+        print(exc.__cause__)
+"""
+
+
+def test_traceback_of_main_functions_and_closures_shows_the_script(
+    code_pool: Pool, make_package: MakePackage, tmp_path: Path
+) -> None:
+    other = make_package(CHECKS)
+    name = make_package({k: v.replace("OTHER", other) for k, v in FAILING.items()})
+    base = sys.path[0]
+    script = tmp_path / "user_script.py"
+    script.write_text(MAIN_FAILING.format(name=name, interval=INTERVAL))
+    out = subprocess.run(
+        [sys.executable, str(script), code_pool.address, base],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "<dynamic-code>" not in text, text
+    _assert_points_at(text, str(script), "run", "return inner(x)")
+    _assert_points_at(text, str(script), "inner", "return simulate(y) + 1")
+    _assert_points_at(text, f"{base}/{name}/model.py", "simulate", "return check(x) * 2")
+    _assert_points_at(
+        text, f"{base}/{other}/checks.py", "check", 'raise ValueError(f"negative: {x}")'
+    )
+
+
+def test_client_fills_in_source_lines_the_worker_does_not_have(tmp_path: Path) -> None:
+    """A frame whose file exists only on the client (a script on the user's laptop)."""
+    from fade.tracebacks import capture
+
+    user_file = tmp_path / "laptop.py"
+    user_file.write_text("def f(x):\n    return 1 // x\n")
+    namespace: dict[str, object] = {}
+    exec(compile("def f(x):\n    return 1 // x\n", "/nonexistent/laptop.py", "exec"), namespace)
+    try:
+        namespace["f"](0)  # type: ignore[operator]
+    except ZeroDivisionError as exc:
+        trace = capture(exc)
+    assert trace.frames[-1] == ("/nonexistent/laptop.py", 2, "f", "")
+    text, frames = trace.render(lambda p: (str(user_file), None) if "laptop" in p else None)
+    assert f'  File "{user_file}", line 2, in f\n    return 1 // x\n' in text
+    assert frames[-1] == (str(user_file), 2, "f", "return 1 // x")
+    assert "ZeroDivisionError" in text and "nonexistent" not in text
+
+
+# -- a task's changes to its worker process do not reach the next task (issue 14.6) ------------
+
+
+def test_next_task_sees_the_workers_own_cwd_environment_path_and_builtins(
+    pool: Pool, tmp_path: Path
+) -> None:
+    pool.start_broker()
+    pool.start_worker(1, None, "--code-cache", str(tmp_path / "cache"))
+    pool.wait_workers(1)
+    elsewhere = tmp_path / "tenant-a"
+    elsewhere.mkdir()
+    with _executor(pool) as tenant_b:
+        before = tenant_b.submit(tasks.worker_state).result(timeout=30)
+    assert before["secret"] is None and before["leaked"] is False
+    with _executor(pool) as tenant_a:
+        assert (
+            tenant_a.submit(tasks.change_worker_state, str(elsewhere)).result(30) == before["pid"]
+        )
+    with _executor(pool) as tenant_b:
+        after = tenant_b.submit(tasks.worker_state).result(timeout=30)
+    assert after == before

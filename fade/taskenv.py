@@ -1,0 +1,113 @@
+"""Put back what a task changed in its worker process: cwd, environment, sys.path, builtins.
+
+::
+
+    worker start: baseline = cwd, os.environ, sys.path, builtins (copied once)
+    each task:    with task_environment:  run it, pickle its outcome
+                  on the way out: compare with the baseline ── same ──> nothing to do
+                                                  └─ differs ──> put the baseline back, log
+
+A task may be followed, in the same worker process, by another client's task.
+What it did to the process's working directory, ``os.environ``, ``sys.path``
+(beyond the code tree that code activation puts first, fade/codecache.py) and
+the ``builtins`` module is undone after it, so the next task starts from the
+worker's own state. The usual case costs comparisons only (no copies): about a
+microsecond (``python benchmarks/taskenv.py``).
+
+Not undone (see docs/security.md): the state of imported modules (installed
+packages and their caches), variables set with ``os.putenv`` directly, files
+written, processes and threads started, signal handlers, ``sys.modules``,
+``sys.meta_path`` and other interpreter settings, and anything else done with
+the worker user's rights.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+__all__ = ["TaskEnvironment"]
+
+log = logging.getLogger("fade.worker")
+
+
+def _raw_environ() -> dict[Any, Any]:
+    """os.environ's own dict (bytes on POSIX): comparing it skips decoding every entry."""
+    data = getattr(os.environ, "_data", None)
+    return data if isinstance(data, dict) else dict(os.environ)
+
+
+class TaskEnvironment:
+    """A context manager, entered around each task, that restores the worker's baseline.
+
+    ``managed_path()`` names the ``sys.path`` entry code activation put first
+    (None: none); it is kept in front of the baseline's entries.
+    """
+
+    __slots__ = ("_builtins", "_cwd", "_environ", "_environ_raw", "_managed", "_path", "restored")
+
+    def __init__(self, managed_path: Callable[[], str | None] = lambda: None) -> None:
+        self._cwd = os.getcwd()
+        self._environ = dict(os.environ)
+        self._environ_raw = dict(_raw_environ())
+        self._path = list(sys.path)
+        self._builtins = dict(builtins.__dict__)
+        self._managed = managed_path
+        self.restored = 0  # tasks after which something had to be put back
+
+    def __enter__(self) -> TaskEnvironment:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back whatever differs from the baseline (never raises)."""
+        changed = []
+        try:
+            cwd_changed = os.getcwd() != self._cwd
+        except OSError:  # the task removed the folder it had moved to
+            cwd_changed = True
+        if cwd_changed:
+            changed.append("working directory")
+            try:
+                os.chdir(self._cwd)
+            except OSError as exc:
+                log.warning("cannot go back to the working directory %s: %s", self._cwd, exc)
+        if _raw_environ() != self._environ_raw:
+            changed.append("environment")
+            self._restore_environ()
+        managed = self._managed()
+        expected = self._path if managed is None else [managed, *self._path]
+        if sys.path != expected:
+            changed.append("sys.path")
+            sys.path[:] = expected
+        if builtins.__dict__ != self._builtins:
+            changed.append("builtins")
+            self._restore_builtins()
+        if changed:
+            self.restored += 1
+            log.debug("the task changed the worker's %s; put back", ", ".join(changed))
+
+    def _restore_environ(self) -> None:
+        for key in [k for k in os.environ if k not in self._environ]:
+            del os.environ[key]
+        for key, value in self._environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+    def _restore_builtins(self) -> None:
+        namespace = builtins.__dict__
+        for key in [k for k in namespace if k not in self._builtins]:
+            del namespace[key]
+        namespace.update(self._builtins)
