@@ -49,7 +49,7 @@ import zmq
 from fade import protocol as p
 from fade import security
 from fade._env import default_address
-from fade._logutil import RateLimitedLog
+from fade._logutil import OneLineFormatter, RateLimitedLog, printable, short_id
 from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError, SecurityError
@@ -432,7 +432,7 @@ class Broker:
             if worker is not None:
                 worker.done += 1
         if returned:
-            who = _name(worker) if worker is not None else identity.hex()[:12]
+            who = _name(worker) if worker is not None else short_id(identity)
             log.info("worker %s handed back %d unstarted tasks; re-queued them", who, returned)
         if worker is None:
             self._reset(identity)
@@ -700,7 +700,7 @@ class Broker:
                 log.error(
                     "task %d of client %s failed: it lost its worker %d times, last %s (%s)",
                     task.task_id,
-                    task.client.hex()[:12],
+                    short_id(task.client),
                     task.losses,
                     _name(worker),
                     reason,
@@ -916,8 +916,8 @@ def _name(worker: _Worker) -> str:
 
 
 def _peer_name(identity: bytes, info: dict[str, Any]) -> str:
-    """How logs name a peer: identity prefix @ host : pid (what fade-status shows)."""
-    return f"{identity.hex()[:12]}@{info.get('host')}:{info.get('pid')}"
+    """How logs name a peer: short id @ host : pid (what fade-status shows), escaped."""
+    return f"{short_id(identity)}@{printable(info.get('host'))}:{printable(info.get('pid'))}"
 
 
 def _int_field(info: dict[str, Any], name: str, default: int) -> int:
@@ -1018,11 +1018,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fade-broker``."""
     args = _parse_args(argv)
     _raise_open_file_limit()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s fade-broker[{os.getpid()}@{socket.gethostname()}] "
-        "%(levelname)s %(message)s",
+    handler = logging.StreamHandler()
+    # One line per record, whatever text a peer managed to get into a message.
+    handler.setFormatter(
+        OneLineFormatter(
+            f"%(asctime)s fade-broker[{os.getpid()}@{socket.gethostname()}] "
+            "%(levelname)s %(message)s"
+        )
     )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     broker: Broker | None = None
     try:
         broker = Broker(

@@ -7,7 +7,9 @@
 
 The question needs no HELLO and leaves no trace at the broker. :func:`query`
 returns the state as a dict; :func:`format_status` turns it into the aligned
-text the command prints. The keys of the state are listed in docs/operating.md.
+text the command prints, every string a peer supplied (host names, say) escaped
+by :func:`fade._logutil.printable` so that it cannot move the cursor or clear
+the screen. The keys of the state are listed in docs/operating.md.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import zmq
 from fade import protocol as p
 from fade import security
 from fade._env import default_address
+from fade._logutil import printable, short_id
 from fade._version import __version__
 from fade.errors import BrokerUnreachableError, ProtocolError, SecurityError
 from fade.sockets import connect_dealer
 
-__all__ = ["format_status", "main", "query"]
+__all__ = ["format_status", "main", "peer_id", "query"]
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -72,12 +75,28 @@ def _ask(sock: zmq.Socket[bytes], address: str, timeout: float) -> dict[str, Any
         # Anything else (a HEARTBEAT, say) is not the answer: keep waiting.
 
 
+def peer_id(entry: dict[str, Any] | Any) -> str:
+    """How a worker or client of a state is named to people: its ``id`` if the broker
+    gave one, else :func:`fade._logutil.short_id` of its ``identity`` (the hash the
+    broker's log uses), never the identity itself; "-" if it has neither."""
+    given = entry.get("id")
+    if isinstance(given, str):
+        return printable(given, limit=16)
+    identity = entry.get("identity")
+    try:
+        return short_id(bytes.fromhex(identity)) if isinstance(identity, str) else "-"
+    except ValueError:
+        return "-"
+
+
 # -- text output ---------------------------------------------------------------------
 
 
 def format_status(state: dict[str, Any]) -> str:
     """The state as aligned text: a summary, then a table of workers and of clients."""
-    workers = sorted(state.get("workers", []), key=lambda w: (str(w["host"]), w["pid"] or 0))
+    workers = sorted(
+        state.get("workers", []), key=lambda w: (str(w.get("host")), _number(w.get("pid")))
+    )
     clients = state.get("clients", [])
     lines = [*_summary(state, workers, clients), ""]
     if workers:
@@ -85,13 +104,13 @@ def format_status(state: dict[str, Any]) -> str:
             ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD"],
             [
                 [
-                    w["identity"][:12],
-                    w["host"],
-                    w["pid"],
-                    w["state"],
-                    w["running"],
-                    w["done"],
-                    f"{w['last_heard']:.1f}s ago",
+                    peer_id(w),
+                    printable(w.get("host")),
+                    _cell(w.get("pid")),
+                    printable(w.get("state")),
+                    _cell(w.get("running")),
+                    _cell(w.get("done")),
+                    f"{_number(w.get('last_heard')):.1f}s ago",
                 ]
                 for w in workers
             ],
@@ -103,7 +122,15 @@ def format_status(state: dict[str, Any]) -> str:
             "",
             *_table(
                 ["CLIENT", "HOST", "PID", "TASKS"],
-                [[c["identity"][:12], c["host"], c["pid"], c["tasks"]] for c in clients],
+                [
+                    [
+                        peer_id(c),
+                        printable(c.get("host")),
+                        _cell(c.get("pid")),
+                        _cell(c.get("tasks")),
+                    ]
+                    for c in clients
+                ],
             ),
         ]
     return "\n".join(lines)
@@ -114,10 +141,12 @@ def _summary(
 ) -> list[str]:
     states = {name: sum(w["state"] == name for w in workers) for name in ("busy", "idle")}
     draining = len(workers) - states["busy"] - states["idle"]
+    text = {name: printable(state.get(name)) for name in ("version", "address", "host")}
+    text["broker_id"] = printable(str(state.get("broker_id"))[:12])
     return [
-        f"fade {state.get('version')} broker {str(state.get('broker_id'))[:12]} "
-        f"at {state.get('address')} (pid {state.get('pid')} on {state.get('host')}), "
-        f"up {_duration(state.get('uptime', 0.0))}",
+        f"fade {text['version']} broker {text['broker_id']} at {text['address']} "
+        f"(pid {_cell(state.get('pid'))} on {text['host']}), "
+        f"up {_duration(_number(state.get('uptime')))}",
         f"workers  {len(workers)} ({states['busy']} busy, {states['idle']} idle, "
         f"{draining} draining)   clients {len(clients)}",
         f"tasks    {state.get('queued')} queued, {state.get('running')} running, "
@@ -125,6 +154,17 @@ def _summary(
         f"{state.get('tasks_lost')} lost)",
         f"rate     {state.get('rate', 0.0):.1f} tasks/s over the last minute",
     ]
+
+
+def _cell(value: object) -> object:
+    """A number as it is (the table right-aligns it); anything else escaped."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    return printable(value)
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -193,22 +233,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         state = query(args.address, args.timeout, keys=args.keys)
     except BrokerUnreachableError as exc:
-        print(f"fade-status: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     except ProtocolError as exc:
-        print(f"fade-status: the answer from {args.address} is not fade's: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"the answer from {args.address} is not fade's: {exc}", 1)
     except zmq.ZMQError as exc:
-        print(f"fade-status: cannot connect to {args.address!r}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"cannot connect to {args.address!r}: {exc}", 2)
     except SecurityError as exc:
-        print(f"fade-status: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
     else:
         print(format_status(state))
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    # The message may quote what a broker (or an impostor) sent: escape it.
+    print(f"fade-status: {printable(message, limit=2000)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

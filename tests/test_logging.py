@@ -17,7 +17,7 @@ import tasks
 from conftest import INTERVAL, LIVENESS, Pool, kill_tree, wait_for
 
 import fade
-from fade.status import query
+from fade.status import peer_id, query
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -73,10 +73,9 @@ def logged_pool(pool: Pool, tmp_path: Path) -> Iterator[tuple[Pool, BrokerLog]]:
 
 
 def worker_names(pool: Pool) -> dict[int, str]:
-    """pid -> the name logs use for that worker (identity prefix @ host : pid)."""
+    """pid -> the name logs use for that worker (short id @ host : pid)."""
     return {
-        w["pid"]: f"{w['identity'][:12]}@{w['host']}:{w['pid']}"
-        for w in query(pool.address)["workers"]
+        w["pid"]: f"{peer_id(w)}@{w['host']}:{w['pid']}" for w in query(pool.address)["workers"]
     }
 
 

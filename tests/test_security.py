@@ -723,3 +723,52 @@ def test_handshakes_with_unknown_keys_do_not_keep_the_broker_reading(tmp_path: P
         assert ring.lookup("x" * 40) is None
     assert Counting.loads - before <= 3
     assert ring.lookup(security.load_peer_keys(keys.client).public.decode()) is not None
+
+
+# -- peer-supplied strings that reach operators (issue 14.4) ---------------------------------
+
+FORGED_LINE = "2026-01-01 00:00:00,000 fade-broker[1@h] INFO forged"
+HOSTILE_HOSTS = {
+    "newline": "x\n" + FORGED_LINE,
+    "ansi": "\x1b[2J\x1b[31mred\x1b[0m",
+}
+
+
+def test_hostile_host_names_forge_no_log_line_and_no_terminal_escape(
+    pool: Pool, sockets: Sockets, tmp_path: Path
+) -> None:
+    """A raw DEALER (pyzmq and fade.protocol only) says HELLO as a worker with a host name
+    made to forge a broker log line, another with one that clears an operator's terminal."""
+    pool.interval, pool.liveness = 1.0, 30  # the raw peers send no heartbeats
+    log_path = tmp_path / "broker.log"
+    with log_path.open("wb") as stderr:
+        pool.start_broker(stderr=stderr.fileno())
+    for host in HOSTILE_HOSTS.values():
+        sock = sockets.dealer(pool.address)
+        sock.send_multipart(p.encode_hello("worker", {"host": host, "pid": 7, "credits": 1}))
+
+    def log_lines() -> list[str]:
+        return log_path.read_text(errors="replace").splitlines()
+
+    wait_for(lambda: sum("joined" in line for line in log_lines()) == 2, 30, "2 joins logged")
+    lines = log_lines()
+    # Positive control: both joins are logged, each on its own line, the names escaped.
+    joined = [line for line in lines if " joined; " in line]
+    assert len(joined) == 2
+    assert any("@x\\n2026-01-01 00:00:00,000 fade-broker[1@h] INFO forged:7 " in j for j in joined)
+    assert any("@\\x1b[2J\\x1b[31mred\\x1b[0m:7 " in j for j in joined)
+    # The attack: no line of the log is the forged one, no escape byte reached it.
+    assert not [line for line in lines if line.startswith("2026-01-01 00:00:00,000")], lines
+    assert "\x1b" not in log_path.read_text(errors="replace")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fade.status", pool.address],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "workers  2 (" in out  # control: both are listed
+    assert "\\x1b[2J" in out and "x\\n2026-01-01" in out
+    assert b"\x1b" not in result.stdout
+    assert not [line for line in out.splitlines() if line.startswith("2026-01-01")]

@@ -214,3 +214,33 @@ def test_format_status_aligns_columns() -> None:
     # Numbers are right-aligned: their last digits line up with the header's end.
     done_end = table[0].index("DONE") + len("DONE")
     assert [row[done_end - 1] for row in table[1:]] == ["5", "6"]
+
+
+# -- hostile strings (issue 14.4) --------------------------------------------------------------
+
+
+def test_format_status_escapes_control_characters_in_peer_strings() -> None:
+    hostile = "\x1b[2J\x1b]0;pwned\x07x\ny\r\u202e\x9b" + "z" * 1000
+    worker = {"id": "a" * 12, "host": hostile, "pid": 7, "state": "idle\x1b[5m", "running": 0}
+    state = {
+        "version": "1\x1b[31m",
+        "broker_id": "b",
+        "address": "tcp://h\n:1",
+        "host": hostile,
+        "workers": [{**worker, "done": 1, "last_heard": 0.1}],
+        "clients": [{"identity": "43" * 16, "host": hostile, "pid": 8, "tasks": 0}],
+    }
+    out = format_status(state)
+    assert all(ch == "\n" or ch.isprintable() for ch in out), repr(out)
+    assert "\\x1b[2J\\x1b]0;pwned\\x07x\\ny\\r\\u202e\\x9b" in out
+    # No line was split: 4 of summary, a blank, header and 1 worker, a blank, header and 1 client.
+    assert len(out.splitlines()) == 10, out
+    assert max(len(line) for line in out.splitlines()) < 600  # peer strings are bounded
+    # A client named by its identity is shown by a hash of it, never a prefix.
+    assert "4343434343" not in out
+
+
+def test_status_json_output_has_no_control_bytes() -> None:
+    # json.dumps escapes them: --json is safe to print as it is.
+    text = json.dumps({"host": "\x1b[2Jx\ny"}, indent=2, sort_keys=True)
+    assert "\x1b" not in text and "\\u001b[2Jx\\ny" in text
