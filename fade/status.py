@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +36,8 @@ from fade.sockets import connect_dealer
 
 __all__ = ["format_status", "main", "peer_id", "query"]
 
+log = logging.getLogger("fade.status")
+
 DEFAULT_TIMEOUT = 5.0
 
 
@@ -44,8 +48,10 @@ def query(
     file, or $FADE_KEYS, for a broker that uses keys).
 
     Raises BrokerUnreachableError if no answer comes within ``timeout`` seconds,
-    ProtocolError if the answer is not a STATE, and ``zmq.ZMQError`` for an
-    address ZeroMQ cannot parse.
+    or at once if the encrypted handshake fails (saying why: the broker requires
+    keys, refused ours, or is not the broker of our key file), ProtocolError if
+    the answer is not a STATE, and ``zmq.ZMQError`` for an address ZeroMQ cannot
+    parse.
     """
     path = keys or os.environ.get(security.KEYS_ENV)
     peer_keys = security.load_peer_keys(path) if path else None
@@ -53,25 +59,43 @@ def query(
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         sock = connect_dealer(context, address, identity=identity, keys=peer_keys)
-        return _ask(sock, address, timeout)
+        watch = security.HandshakeWatch(sock, log, peer_keys)
+        try:
+            return _ask(sock, watch, address, timeout)
+        finally:
+            watch.close()
     finally:
         # destroy, not term: it also closes a socket whose connect() failed.
         context.destroy(linger=0)
 
 
-def _ask(sock: zmq.Socket[bytes], address: str, timeout: float) -> dict[str, Any]:
+def _ask(
+    sock: zmq.Socket[bytes], watch: security.HandshakeWatch, address: str, timeout: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     sock.send_multipart(p.encode_status(), zmq.NOBLOCK)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(watch.monitor, zmq.POLLIN)
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not sock.poll(int(left * 1000)):
+        ready = dict(poller.poll(int(left * 1000))) if left > 0 else {}
+        if not ready:
             raise BrokerUnreachableError(
                 f"no answer from a fade broker at {address} within {timeout:g}s "
                 "(is it running, and is that its address?)"
             )
-        message = p.parse(sock.recv_multipart())
-        if message.command is p.Command.STATE:
-            return p.decode_state(message.body)
+        # A one-off question: the first failed handshake is the answer (a client
+        # keeps retrying, since a key may be authorised later; this is not one).
+        failures = watch.failures() if watch.monitor in ready else []
+        if failures:
+            raise BrokerUnreachableError(
+                f"the broker at {address} did not let us in: {failures[0]}"
+            )
+        if sock in ready:
+            message = p.parse(sock.recv_multipart())
+            if message.command is p.Command.STATE:
+                return p.decode_state(message.body)
         # Anything else (a HEARTBEAT, say) is not the answer: keep waiting.
 
 
@@ -227,8 +251,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+#: The exit status of a command ended by SIGPIPE, as a shell reports it.
+EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage."""
+    """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage;
+    141 (as for a tool ended by SIGPIPE) if whoever read its output left early."""
     args = _parse_args(argv)
     try:
         state = query(args.address, args.timeout, keys=args.keys)
@@ -240,10 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot connect to {args.address!r}: {exc}", 2)
     except SecurityError as exc:
         return _fail(str(exc), 2)
-    if args.json:
-        print(json.dumps(state, indent=2, sort_keys=True))
-    else:
-        print(format_status(state))
+    text = json.dumps(state, indent=2, sort_keys=True) if args.json else format_status(state)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # `fade-status | head -3`: the reader has what it wanted. Exit quietly, and
+        # point stdout at /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return 0
 
 
