@@ -964,8 +964,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--http-public",
         action="store_true",
-        help="allow --http on a host other machines can reach (the pages are read-only "
-        "but name every host and process of the pool)",
+        help="allow --http on a host other machines can reach (--keys does not imply it: "
+        "keys cover the broker's ZeroMQ port, not HTTP)",
+    )
+    parser.add_argument(
+        "--http-allow-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="also answer HTTP requests addressed to this host name, as behind a proxy "
+        "(repeat for more; '*' answers any name and turns off the DNS-rebinding check)",
+    )
+    parser.add_argument(
+        "--http-token-file",
+        metavar="FILE",
+        default=None,
+        help="a file holding a secret token of 16 or more characters: requests that send "
+        "'Authorization: Bearer TOKEN' also see each worker and client (host, pid, short "
+        "id); without it the HTTP endpoint shows aggregate numbers only",
     )
     parser.add_argument(
         "--keys",
@@ -995,7 +1011,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.http and (args.http_public or args.http_allow_host or args.http_token_file):
+        parser.error("--http-public, --http-allow-host and --http-token-file need --http")
+    return args
 
 
 def _raise_open_file_limit() -> None:
@@ -1041,9 +1060,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             insecure_warning_period=args.insecure_warning_period,
         )
         broker.bind()
-        # HTTP on a reachable host is refused unless asked for, or the pool uses keys.
-        public = args.http_public or args.keys is not None
-        web = _start_http(broker, args.http, public=public) if args.http else None
+        web = _start_http(broker, args) if args.http else None
     except (ValueError, OSError, zmq.ZMQError, SecurityError) as exc:
         print(f"fade-broker: {exc}", file=sys.stderr)
         if broker is not None:
@@ -1061,17 +1078,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _start_http(broker: Broker, address: str, *, public: bool) -> StatusServer:
-    """Serve the broker's published snapshots over HTTP from a daemon thread."""
-    from fade.web import StatusServer, check_host, parse_address
+def _start_http(broker: Broker, args: argparse.Namespace) -> StatusServer:
+    """Serve the broker's published snapshots over HTTP from a daemon thread.
 
-    host, port = parse_address(address)
-    check_host(host, public=public)
+    Raises ValueError or OSError with a message for the operator.
+    """
+    from fade.web import StatusServer, check_host, parse_address, read_token
+
+    host, port = parse_address(args.http)
+    # Reachable from other machines only when the operator says so: keys protect
+    # the ZeroMQ port, not this one.
+    check_host(host, public=args.http_public)
+    token = read_token(args.http_token_file) if args.http_token_file else None
     broker.publish_interval = PUBLISH_INTERVAL
     broker.published = broker.snapshot()
-    server = StatusServer(host, port, lambda: broker.published, public=public)
+    try:
+        server = StatusServer(
+            host, port, lambda: broker.published, allow_hosts=args.http_allow_host, token=token
+        )
+    except OSError as exc:
+        raise OSError(
+            f"cannot serve HTTP on {args.http} (the --http address, not the broker's "
+            f"{broker.address}): {exc.strerror or exc}"
+        ) from None
     url = server.start()
-    log.info("dashboard at %s (JSON at %sstatus, Prometheus at %smetrics)", url, url, url)
+    log.info(
+        "dashboard at %s (JSON at %sstatus, Prometheus at %smetrics); per-peer detail %s",
+        url,
+        url,
+        url,
+        f"for the token in {args.http_token_file}" if token else "off (no --http-token-file)",
+    )
     return server
 
 
