@@ -53,6 +53,7 @@ __all__ = [
     "DETAIL_TOKEN",
     "MIN_TOKEN_LENGTH",
     "StatusServer",
+    "allowed_host_names",
     "check_host",
     "detail_view",
     "parse_address",
@@ -204,10 +205,7 @@ class StatusServer:
         server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), _Handler)
         self._server.state = state
-        names = {_bare(host), *(_bare(name) for name in allow_hosts)}
-        if _bare(host) in ("", "0.0.0.0", "::"):
-            names.add(_bare(socket.gethostname()))  # the names of "every interface"
-        self._server.allowed_hosts = None if "*" in names else LOOPBACK_NAMES | names
+        self._server.allowed_hosts = allowed_host_names(host, allow_hosts)
         self._server.token = token.encode() if token is not None else None
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -237,6 +235,17 @@ class StatusServer:
             self._server.shutdown()
             self._thread.join(5)
         self._server.server_close()
+
+
+def allowed_host_names(host: str, allow_hosts: Iterable[str] = ()) -> frozenset[str] | None:
+    """The Host header names a server bound to ``host`` answers (besides IP addresses),
+    or None for any name (``"*"`` in ``allow_hosts``)."""
+    names = {_bare(host), *(_bare(name) for name in allow_hosts)}
+    if "*" in names:
+        return None
+    if _bare(host) in ("", "0.0.0.0", "::"):
+        names.add(_bare(socket.gethostname()))  # the name of "every interface"
+    return LOOPBACK_NAMES | names
 
 
 def _bare(name: str) -> str:

@@ -22,7 +22,7 @@ from browser import Chromium, find_chromium
 from conftest import INTERVAL, LIVENESS, Pool, free_port, wait_for
 
 import fade
-from fade.web import StatusServer, check_host, parse_address, read_token
+from fade.web import StatusServer, allowed_host_names, check_host, parse_address, read_token
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,6 +265,16 @@ def test_host_check_answers_own_names_ip_addresses_and_allowed_names(
         for host in codes
     }
     assert codes == expected
+
+
+def test_allowed_host_names() -> None:
+    own = {"localhost", "127.0.0.1", "::1"}
+    assert allowed_host_names("127.0.0.1") == own
+    assert allowed_host_names("LocalHost.", ["[::1]", "Proxy.Example"]) == own | {"proxy.example"}
+    assert allowed_host_names("127.0.0.1", ["a.example", "*"]) is None
+    for wildcard in ("0.0.0.0", "::"):
+        names = allowed_host_names(wildcard)
+        assert names is not None and socket.gethostname().lower() in names
 
 
 def test_http_token_file_is_checked_at_start(pool: Pool, tmp_path: Path) -> None:
