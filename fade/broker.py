@@ -28,14 +28,11 @@
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import logging
 import math
 import os
-import shutil
-import signal
 import socket
 import sys
 import time
@@ -47,25 +44,23 @@ import zmq
 
 from fade import protocol as p
 from fade import security
-from fade._env import default_address
-from fade._logutil import RateLimitedLog
+from fade._logutil import RateLimitedLog, printable
 from fade._rate import Throughput
 from fade._version import __version__
-from fade.errors import ProtocolError, SecurityError
+from fade.errors import ProtocolError
 from fade.liveness import Liveness
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     bind_router,
     has_input,
-    parse_size,
     recv_frames,
     send_frames,
 )
 from fade.wakeup import WakePipe
 
 if TYPE_CHECKING:
-    from fade.web import StatusServer
+    pass
 
 __all__ = ["Broker", "main"]
 
@@ -640,8 +635,8 @@ def _name(worker: Worker) -> str:
 
 
 def _peer_name(identity: bytes, hello: p.Hello) -> str:
-    """How logs name a peer: short id @ host : pid (what fade-status shows)."""
-    return f"{p.short_id(identity)}@{hello.host}:{hello.pid}"
+    """How logs name a peer: short id @ host : pid (what fade-status shows), escaped."""
+    return f"{p.short_id(identity)}@{printable(hello.host)}:{hello.pid}"
 
 
 def _batch_limit(peer: Any) -> int:
@@ -667,146 +662,14 @@ def _exit_text(info: dict[str, Any]) -> str:
     return f"exit code {info.get('exitcode')}"
 
 
-# -- command line -------------------------------------------------------------------------
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="fade-broker", description="Run a fade broker that clients and workers connect to."
-    )
-    parser.add_argument(
-        "address",
-        nargs="?",
-        default=default_address(),
-        help="ZeroMQ endpoint to bind (default %(default)s; FADE_ADDRESS sets it)",
-    )
-    parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
-    parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
-    parser.add_argument(
-        "--max-attempts",
-        type=int,
-        default=DEFAULT_MAX_ATTEMPTS,
-        help="worker losses a task may suffer before it fails (default %(default)s)",
-    )
-    parser.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        default=None,
-        help="serve a live dashboard, /status (JSON) and /metrics (Prometheus) on this "
-        "address; off by default",
-    )
-    parser.add_argument(
-        "--http-public",
-        action="store_true",
-        help="allow --http on a host other machines can reach (the pages are read-only "
-        "but name every host and process of the pool)",
-    )
-    parser.add_argument(
-        "--keys",
-        metavar="DIR",
-        default=None,
-        help="accept only the CurveZMQ keys authorised in DIR (made by `fade-keys init DIR`)",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve a network address without keys (anyone reaching it can run code)",
-    )
-    parser.add_argument(
-        "--max-message-size",
-        type=parse_size,
-        default=DEFAULT_MAX_MESSAGE_SIZE,
-        metavar="BYTES",
-        help="largest frame accepted, e.g. 64M or 2G (default 1G); a peer sending more "
-        "is disconnected",
-    )
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    # The embedded pool's private socket folder: removed when the broker ends.
-    parser.add_argument("--remove-dir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--insecure-warning-period",
-        type=float,
-        default=INSECURE_WARNING_PERIOD,
-        help=argparse.SUPPRESS,
-    )
-    parser.add_argument("--version", action="version", version=f"fade {__version__}")
-    return parser.parse_args(argv)
-
-
-def _raise_open_file_limit() -> None:
-    """Every connected peer costs the broker a file descriptor: allow as many as the
-    system does, since the common default of 1024 would cap a pool at ~1000 workers."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = 65536 if hard == resource.RLIM_INFINITY else hard
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
-        except (ValueError, OSError):
-            pass
+# -- command line: fade/brokercli.py ------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fade-broker``."""
-    args = _parse_args(argv)
-    _raise_open_file_limit()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s fade-broker[{os.getpid()}@{socket.gethostname()}] "
-        "%(levelname)s %(message)s",
-    )
-    broker: Broker | None = None
-    try:
-        broker = Broker(
-            args.address,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_liveness=args.heartbeat_liveness,
-            max_attempts=args.max_attempts,
-            parent_pid=args.parent_pid,
-            keys=args.keys,
-            insecure=args.insecure,
-            max_message_size=args.max_message_size,
-            insecure_warning_period=args.insecure_warning_period,
-        )
-        broker.bind()
-        # HTTP on a reachable host is refused unless asked for, or the pool uses keys.
-        public = args.http_public or args.keys is not None
-        web = _start_http(broker, args.http, public=public) if args.http else None
-    except (ValueError, OSError, zmq.ZMQError, SecurityError) as exc:
-        print(f"fade-broker: {exc}", file=sys.stderr)
-        if broker is not None:
-            broker.close()
-        return 2
-    running = broker
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: running.stop())
-    try:
-        running.run()
-    finally:
-        if web is not None:
-            web.stop()
-        if args.remove_dir is not None:
-            shutil.rmtree(args.remove_dir, ignore_errors=True)
-    log.info("fade-broker stopped")
-    return 0
+    """Entry point of ``fade-broker`` (the command line lives in fade/brokercli.py)."""
+    from fade.brokercli import run
 
-
-def _start_http(broker: Broker, address: str, *, public: bool) -> StatusServer:
-    """Serve the broker's published snapshots over HTTP from a daemon thread."""
-    from fade.web import StatusServer, check_host, parse_address
-
-    host, port = parse_address(address)
-    check_host(host, public=public)
-    broker.publish_interval = PUBLISH_INTERVAL
-    broker.published = broker.snapshot()
-    server = StatusServer(host, port, lambda: broker.published, public=public)
-    url = server.start()
-    log.info("dashboard at %s (JSON at %sstatus, Prometheus at %smetrics)", url, url, url)
-    return server
+    return run(argv)
 
 
 if __name__ == "__main__":

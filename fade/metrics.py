@@ -1,9 +1,12 @@
 """The broker's state in the Prometheus text format, built with ``prometheus-client``.
 
-A custom collector turns one snapshot (:meth:`fade.broker.Broker.snapshot`)
-into metric families, so the numbers Prometheus scrapes are the numbers
-``fade-status`` and the dashboard show. ``prometheus-client`` is optional:
-install the ``metrics`` extra (``pip install 'fade[metrics]'``).
+A custom collector turns one view of a snapshot (:func:`fade.web.public_view`
+or :func:`fade.web.detail_view`) into metric families, so the numbers
+Prometheus scrapes are the numbers ``fade-status`` and the dashboard show. Every
+metric is an aggregate: no label names a worker, a client or a host. The
+broker's version is a label of ``fade_broker_info`` only in the detail view
+(a scrape that sends the token). ``prometheus-client`` is optional: install the
+``metrics`` extra (``pip install 'fade[metrics]'``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WORKER_STATES = ("idle", "busy", "draining")
 
 
-def render(state: Mapping[str, Any]) -> bytes:
-    """The metrics of ``state`` in the Prometheus text exposition format.
+def render(view: Mapping[str, Any]) -> bytes:
+    """The metrics of ``view`` in the Prometheus text exposition format.
 
     Raises MissingExtraError if ``prometheus-client`` is not installed.
     """
@@ -31,16 +34,16 @@ def render(state: Mapping[str, Any]) -> bytes:
             "/metrics needs prometheus-client: pip install 'fade[metrics]'"
         ) from None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(state))
+    registry.register(_ViewCollector(view))
     data: bytes = generate_latest(registry)
     return data
 
 
-class _SnapshotCollector:
-    """A prometheus-client collector over one snapshot (a fresh one per scrape)."""
+class _ViewCollector:
+    """A prometheus-client collector over one view (a fresh one per scrape)."""
 
-    def __init__(self, state: Mapping[str, Any]) -> None:
-        self._state = state
+    def __init__(self, view: Mapping[str, Any]) -> None:
+        self._view = view
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -49,34 +52,34 @@ class _SnapshotCollector:
             InfoMetricFamily,
         )
 
-        state = self._state
+        view = self._view
         workers = GaugeMetricFamily(
             "fade_workers", "Worker processes connected to the broker, by state", labels=["state"]
         )
         for name in WORKER_STATES:
-            count = sum(w.get("state") == name for w in state["workers"])
-            workers.add_metric([name], count)
+            workers.add_metric([name], view["worker_states"].get(name, 0))
         yield workers
         gauges = [
-            ("fade_tasks_queued", "Tasks at the broker waiting for a worker", state["queued"]),
-            ("fade_tasks_running", "Tasks held by workers", state["running"]),
-            ("fade_clients", "Clients (Executors) connected to the broker", len(state["clients"])),
-            ("fade_capacity", "Tasks the pool takes at once", state["capacity"]),
-            ("fade_tasks_per_second", "Tasks finished per second, last minute", state["rate"]),
-            ("fade_broker_uptime_seconds", "Seconds since the broker started", state["uptime"]),
+            ("fade_tasks_queued", "Tasks at the broker waiting for a worker", view["queued"]),
+            ("fade_tasks_running", "Tasks held by workers", view["running"]),
+            ("fade_clients", "Clients (Executors) connected to the broker", view["client_count"]),
+            ("fade_capacity", "Tasks the pool takes at once", view["capacity"]),
+            ("fade_tasks_per_second", "Tasks finished per second, last minute", view["rate"]),
+            ("fade_broker_uptime_seconds", "Seconds since the broker started", view["uptime"]),
         ]
         for name, text, value in gauges:
             yield GaugeMetricFamily(name, text, value=value)
         done = CounterMetricFamily(
             "fade_tasks", "Tasks finished, by outcome", labels=["outcome"], unit=""
         )
-        failed, lost = state["tasks_failed"], state["tasks_lost"]
-        done.add_metric(["ok"], state["tasks_done"] - failed - lost)
+        failed, lost = view["tasks_failed"], view["tasks_lost"]
+        done.add_metric(["ok"], view["tasks_done"] - failed - lost)
         done.add_metric(["raised"], failed)
         done.add_metric(["lost"], lost)
         yield done
+        info = {"broker_id": str(view["broker_id"])}
+        if "version" in view:
+            info["version"] = str(view["version"])
         yield InfoMetricFamily(
-            "fade_broker",
-            "The broker's version and id",
-            value={"version": str(state["version"]), "broker_id": str(state["broker_id"])},
+            "fade_broker", "The broker's id (and, with the token, version)", value=info
         )

@@ -407,16 +407,29 @@ class HandshakeWatch:
         #: What went wrong in the last failed handshake, in words; None: none failed.
         self.last_problem: str | None = None
 
+    @property
+    def monitor(self) -> zmq.Socket[bytes]:
+        """The socket the failures arrive on, for a caller that polls it."""
+        return self._monitor
+
     def check(self) -> None:
         """Log what went wrong since the last call; never blocks."""
+        for reason in self.failures():
+            self._log.warning("cannot connect to the broker: %s", reason)
+
+    def failures(self) -> list[str]:
+        """Why each handshake since the last call failed, in words; never blocks."""
+        reasons = []
         # Asking EVENTS first: a recv that raises zmq.Again costs more, on every pass.
         while has_input(self._monitor):
             frames = self._monitor.recv_multipart(zmq.NOBLOCK)
             if len(frames) == 2 and len(frames[0]) == 6:
                 event = int.from_bytes(frames[0][:2], "little")
                 value = int.from_bytes(frames[0][2:], "little")
-                self.last_problem = self._explain(event, value)
-                self._log.warning("cannot connect to the broker: %s", self.last_problem)
+                reasons.append(self._explain(event, value))
+        if reasons:
+            self.last_problem = reasons[-1]
+        return reasons
 
     def close(self) -> None:
         try:

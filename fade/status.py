@@ -7,14 +7,18 @@
 
 The question needs no HELLO and leaves no trace at the broker. :func:`query`
 returns the state as a dict; :func:`format_status` turns it into the aligned
-text the command prints. The keys of the state are listed in docs/operating.md.
+text the command prints, every string a peer supplied (host names, say) escaped
+by :func:`fade._logutil.printable` so that it cannot move the cursor or clear
+the screen. The keys of the state are listed in docs/operating.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -25,11 +29,14 @@ import zmq
 from fade import protocol as p
 from fade import security
 from fade._env import default_address
+from fade._logutil import printable
 from fade._version import __version__
 from fade.errors import BrokerUnreachableError, ProtocolError, SecurityError
 from fade.sockets import connect_dealer
 
-__all__ = ["format_status", "main", "query"]
+__all__ = ["format_status", "main", "peer_id", "query"]
+
+log = logging.getLogger("fade.status")
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -41,8 +48,10 @@ def query(
     file, or $FADE_KEYS, for a broker that uses keys).
 
     Raises BrokerUnreachableError if no answer comes within ``timeout`` seconds,
-    ProtocolError if the answer is not a STATE, and ``zmq.ZMQError`` for an
-    address ZeroMQ cannot parse.
+    or at once if the encrypted handshake fails (saying why: the broker requires
+    keys, refused ours, or is not the broker of our key file), ProtocolError if
+    the answer is not a STATE, and ``zmq.ZMQError`` for an address ZeroMQ cannot
+    parse.
     """
     path = keys or os.environ.get(security.KEYS_ENV)
     peer_keys = security.load_peer_keys(path) if path else None
@@ -50,26 +59,51 @@ def query(
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         sock = connect_dealer(context, address, identity=identity, keys=peer_keys)
-        return _ask(sock, address, timeout)
+        watch = security.HandshakeWatch(sock, log, peer_keys)
+        try:
+            return _ask(sock, watch, address, timeout)
+        finally:
+            watch.close()
     finally:
         # destroy, not term: it also closes a socket whose connect() failed.
         context.destroy(linger=0)
 
 
-def _ask(sock: zmq.Socket[bytes], address: str, timeout: float) -> dict[str, Any]:
+def _ask(
+    sock: zmq.Socket[bytes], watch: security.HandshakeWatch, address: str, timeout: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     sock.send_multipart(p.encode_status(), zmq.NOBLOCK)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(watch.monitor, zmq.POLLIN)
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not sock.poll(int(left * 1000)):
+        ready = dict(poller.poll(int(left * 1000))) if left > 0 else {}
+        if not ready:
             raise BrokerUnreachableError(
                 f"no answer from a fade broker at {address} within {timeout:g}s "
                 "(is it running, and is that its address?)"
             )
-        message = p.parse(sock.recv_multipart())
-        if message.command is p.Command.STATE:
-            return p.decode_state(message.body)
+        # A one-off question: the first failed handshake is the answer (a client
+        # keeps retrying, since a key may be authorised later; this is not one).
+        failures = watch.failures() if watch.monitor in ready else []
+        if failures:
+            raise BrokerUnreachableError(
+                f"the broker at {address} did not let us in: {failures[0]}"
+            )
+        if sock in ready:
+            message = p.parse(sock.recv_multipart())
+            if message.command is p.Command.STATE:
+                return p.decode_state(message.body)
         # Anything else (a HEARTBEAT, say) is not the answer: keep waiting.
+
+
+def peer_id(entry: dict[str, Any] | Any) -> str:
+    """How a worker or client of a state is named to people: its ``id``, the short id
+    the broker's log uses too (:func:`fade.protocol.short_id`); "-" if it has none."""
+    given = entry.get("id")
+    return printable(given, limit=16) if isinstance(given, str) else "-"
 
 
 # -- text output ---------------------------------------------------------------------
@@ -77,7 +111,9 @@ def _ask(sock: zmq.Socket[bytes], address: str, timeout: float) -> dict[str, Any
 
 def format_status(state: dict[str, Any]) -> str:
     """The state as aligned text: a summary, then a table of workers and of clients."""
-    workers = sorted(state.get("workers", []), key=lambda w: (str(w["host"]), w["pid"] or 0))
+    workers = sorted(
+        state.get("workers", []), key=lambda w: (str(w.get("host")), _number(w.get("pid")))
+    )
     clients = state.get("clients", [])
     lines = [*_summary(state, workers, clients), ""]
     if workers:
@@ -85,13 +121,13 @@ def format_status(state: dict[str, Any]) -> str:
             ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD"],
             [
                 [
-                    w["id"],
-                    w["host"],
-                    w["pid"],
-                    w["state"],
-                    w["running"],
-                    w["done"],
-                    f"{w['last_heard']:.1f}s ago",
+                    peer_id(w),
+                    printable(w.get("host")),
+                    _cell(w.get("pid")),
+                    printable(w.get("state")),
+                    _cell(w.get("running")),
+                    _cell(w.get("done")),
+                    f"{_number(w.get('last_heard')):.1f}s ago",
                 ]
                 for w in workers
             ],
@@ -103,7 +139,15 @@ def format_status(state: dict[str, Any]) -> str:
             "",
             *_table(
                 ["CLIENT", "HOST", "PID", "TASKS"],
-                [[c["id"], c["host"], c["pid"], c["tasks"]] for c in clients],
+                [
+                    [
+                        peer_id(c),
+                        printable(c.get("host")),
+                        _cell(c.get("pid")),
+                        _cell(c.get("tasks")),
+                    ]
+                    for c in clients
+                ],
             ),
         ]
     return "\n".join(lines)
@@ -114,10 +158,12 @@ def _summary(
 ) -> list[str]:
     states = {name: sum(w["state"] == name for w in workers) for name in ("busy", "idle")}
     draining = len(workers) - states["busy"] - states["idle"]
+    text = {name: printable(state.get(name)) for name in ("version", "address", "host")}
+    text["broker_id"] = printable(str(state.get("broker_id"))[:12])
     return [
-        f"fade {state.get('version')} broker {str(state.get('broker_id'))[:12]} "
-        f"at {state.get('address')} (pid {state.get('pid')} on {state.get('host')}), "
-        f"up {_duration(state.get('uptime', 0.0))}",
+        f"fade {text['version']} broker {text['broker_id']} at {text['address']} "
+        f"(pid {_cell(state.get('pid'))} on {text['host']}), "
+        f"up {_duration(_number(state.get('uptime')))}",
         f"workers  {len(workers)} ({states['busy']} busy, {states['idle']} idle, "
         f"{draining} draining)   clients {len(clients)}",
         f"tasks    {state.get('queued')} queued, {state.get('running')} running, "
@@ -125,6 +171,17 @@ def _summary(
         f"{state.get('tasks_lost')} lost)",
         f"rate     {state.get('rate', 0.0):.1f} tasks/s over the last minute",
     ]
+
+
+def _cell(value: object) -> object:
+    """A number as it is (the table right-aligns it); anything else escaped."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    return printable(value)
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -187,28 +244,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+#: The exit status of a command ended by SIGPIPE, as a shell reports it.
+EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage."""
+    """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage;
+    141 (as for a tool ended by SIGPIPE) if whoever read its output left early."""
     args = _parse_args(argv)
     try:
         state = query(args.address, args.timeout, keys=args.keys)
     except BrokerUnreachableError as exc:
-        print(f"fade-status: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     except ProtocolError as exc:
-        print(f"fade-status: the answer from {args.address} is not fade's: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"the answer from {args.address} is not fade's: {exc}", 1)
     except zmq.ZMQError as exc:
-        print(f"fade-status: cannot connect to {args.address!r}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"cannot connect to {args.address!r}: {exc}", 2)
     except SecurityError as exc:
-        print(f"fade-status: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(state, indent=2, sort_keys=True))
-    else:
-        print(format_status(state))
+        return _fail(str(exc), 2)
+    text = json.dumps(state, indent=2, sort_keys=True) if args.json else format_status(state)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # `fade-status | head -3`: the reader has what it wanted. Exit quietly, and
+        # point stdout at /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    # The message may quote what a broker (or an impostor) sent: escape it.
+    print(f"fade-status: {printable(message, limit=2000)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ from browser import Chromium, find_chromium
 from conftest import INTERVAL, LIVENESS, Pool, free_port, wait_for
 
 import fade
-from fade.web import StatusServer, check_host, parse_address
+from fade.web import StatusServer, allowed_host_names, check_host, parse_address, read_token
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,32 +31,40 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 class HttpPool(Pool):
-    """A pool whose broker serves HTTP on a free loopback port."""
+    """A pool whose broker serves HTTP on a free loopback port, with a token."""
 
     http_port: int = 0
+    token: str | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/"
 
-    def get(self, path: str) -> tuple[int, str, str]:
+    def get(self, path: str, token: str | None = None) -> tuple[int, str, str]:
         """(status, content type, body) of a GET; HTTP errors are answers too."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(self.url + path, headers=headers)
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, response.headers["Content-Type"], response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
-    def status(self) -> dict[str, Any]:
-        code, _, body = self.get("status")
+    def status(self, detail: bool = True) -> dict[str, Any]:
+        """/status: with the token (per-peer detail) unless not ``detail``."""
+        code, _, body = self.get("status", self.token if detail else None)
         assert code == 200, body
         state: dict[str, Any] = json.loads(body)
         return state
 
 
-def start_http_pool(pool: HttpPool, workers: int = 2) -> HttpPool:
+def start_http_pool(pool: HttpPool, token_dir: Path, workers: int = 2) -> HttpPool:
     pool.http_port = free_port()
-    pool.start_broker("--http", f"127.0.0.1:{pool.http_port}")
+    pool.token = secrets.token_urlsafe(24)
+    token_file = token_dir / "http.token"
+    token_file.write_text(pool.token + "\n")
+    token_file.chmod(0o600)
+    pool.start_broker("--http", f"127.0.0.1:{pool.http_port}", "--http-token-file", str(token_file))
     for _ in range(workers):
         pool.start_worker()
     wait_for(lambda: _answers(pool), 20, "the HTTP endpoint")
@@ -70,10 +80,10 @@ def _answers(pool: HttpPool) -> bool:
 
 
 @pytest.fixture
-def http_pool() -> Iterator[HttpPool]:
+def http_pool(tmp_path: Path) -> Iterator[HttpPool]:
     pool = HttpPool()
     try:
-        yield start_http_pool(pool)
+        yield start_http_pool(pool, tmp_path)
     finally:
         pool.stop()
 
@@ -109,6 +119,12 @@ def test_status_endpoint_follows_the_pool(http_pool: HttpPool, executor: fade.Ex
     assert sum(w["done"] for w in state["workers"]) == n
     assert len(state["clients"]) == 1 and state["queued"] == 0
     assert state["broker_id"] == before["broker_id"] and state["uptime"] > before["uptime"]
+    # The same numbers for anyone, without the peers.
+    public = http_pool.status(detail=False)
+    assert (public["tasks_done"], public["worker_count"], public["client_count"]) == (n, 2, 1)
+    assert public["worker_states"] == {"idle": 2, "busy": 0, "draining": 0}
+    assert public["detail"] == "token" and "workers" not in public and "clients" not in public
+    assert state["detail"] == "shown" and state["version"] == fade.__version__
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -142,7 +158,11 @@ def test_metrics_endpoint_counts_workers_and_tasks(
     assert samples["fade_tasks_running", ()] == 0
     assert samples["fade_tasks_per_second", ()] > 0
     info = [labels for name, labels in samples if name == "fade_broker_info"]
-    assert dict(info[0])["version"] == fade.__version__
+    assert dict(info[0]) == {"broker_id": http_pool.status()["broker_id"]}
+    # With the token, a scrape also learns the broker's version.
+    code, _, text = http_pool.get("metrics", http_pool.token)
+    info = [labels for name, labels in _samples(text) if name == "fade_broker_info"]
+    assert code == 200 and dict(info[0])["version"] == fade.__version__
 
 
 def test_metrics_without_prometheus_client_answer_501(pool: Pool, tmp_path: Path) -> None:
@@ -205,21 +225,86 @@ def test_loopback_server_answers_only_to_loopback_names(http_pool: HttpPool) -> 
         assert status_as(host) == 200, host
 
 
-@pytest.mark.parametrize("public", [False, True])
-def test_http_public_answers_any_host_name(public: bool) -> None:
-    server = StatusServer("127.0.0.1", 0, lambda: {"broker_id": "b"}, public=public)
+#: What every server answers to: loopback names and IP addresses.
+OWN_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]", "10.1.2.3", "[fe80::1]"})
+
+
+@pytest.mark.parametrize(
+    ("allow", "answered"),
+    [
+        ((), OWN_NAMES),
+        (("Fade.Example.",), OWN_NAMES | {"fade.example", "FADE.example."}),
+        (("*",), None),  # any Host header, or none
+    ],
+)
+def test_host_check_answers_own_names_ip_addresses_and_allowed_names(
+    allow: tuple[str, ...], answered: frozenset[str] | None
+) -> None:
+    """IP addresses are always answered (no rebound DNS name is one); names only if allowed."""
+    server = StatusServer("127.0.0.1", 0, lambda: {"broker_id": "b"}, allow_hosts=allow)
     url = server.start()
+    names = {"127.0.0.1", "localhost", "[::1]", "10.1.2.3", "[fe80::1]", "fade.example"}
+    names |= {"FADE.example.", "other.example", "evil.example", "localhost.x", ""}
     try:
-        request = urllib.request.Request(url + "status", headers={"Host": "fade.example:80"})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                code = response.status
-        except urllib.error.HTTPError as exc:
-            code = exc.code
+        codes = {}
+        for name in names:
+            for host in (name, f"{name}:80") if name else ("",):
+                request = urllib.request.Request(url + "status", headers={"Host": host})
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        codes[host] = response.status
+                except urllib.error.HTTPError as exc:
+                    codes[host] = exc.code
     finally:
         server.stop()
         server.stop()  # idempotent
-    assert code == (200 if public else 403)
+    expected = {
+        host: 200
+        if answered is None or host.rpartition(":")[0] in answered or host in answered
+        else 403
+        for host in codes
+    }
+    assert codes == expected
+
+
+def test_allowed_host_names() -> None:
+    own = {"localhost", "127.0.0.1", "::1"}
+    assert allowed_host_names("127.0.0.1") == own
+    assert allowed_host_names("LocalHost.", ["[::1]", "Proxy.Example"]) == own | {"proxy.example"}
+    assert allowed_host_names("127.0.0.1", ["a.example", "*"]) is None
+    for wildcard in ("0.0.0.0", "::"):
+        names = allowed_host_names(wildcard)
+        assert names is not None and socket.gethostname().lower() in names
+
+
+def test_http_token_file_is_checked_at_start(pool: Pool, tmp_path: Path) -> None:
+    short = tmp_path / "short.token"
+    short.write_text("secret\n")
+    for token_file, message in ((short, "16 or more"), (tmp_path / "none", "cannot read")):
+        result = subprocess.run(
+            [sys.executable, "-m", "fade.broker", pool.address, "--http",
+             f"127.0.0.1:{free_port()}", "--http-token-file", str(token_file)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert read_token(_write(tmp_path / "ok.token", " " + "t" * 16 + "\n")) == "t" * 16
+    with pytest.raises(ValueError, match="printable ASCII"):
+        read_token(_write(tmp_path / "spaced.token", "t" * 10 + " " + "t" * 10))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_http_options_need_http(pool: Pool) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fade.broker", pool.address, "--http-public"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "need --http" in result.stderr
 
 
 def test_http_on_a_public_host_is_refused_without_the_flag(pool: Pool) -> None:
@@ -231,6 +316,24 @@ def test_http_on_a_public_host_is_refused_without_the_flag(pool: Pool) -> None:
     )
     assert result.returncode == 2
     assert "--http-public" in result.stderr
+
+
+def test_http_port_clash_names_the_http_address(pool: Pool) -> None:
+    """Found: a clash said "Address already in use" without saying which address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "fade.broker", pool.address, "--http", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "--http" in result.stderr and "not the broker's" in result.stderr, result.stderr
+    assert "Address already in use" in result.stderr
 
 
 def test_http_address_parsing_and_host_check() -> None:
@@ -269,11 +372,36 @@ def test_dashboard_in_headless_chromium(
     browser.open(http_pool.url)
     page = browser.evaluate
 
-    # It loads and shows the pool's two workers, by identity and pid.
+    # Without the token: the numbers, no workers, and a form asking for the token.
+    wait_for(
+        lambda: page("document.getElementById('workers-count').textContent") == "2",
+        30,
+        "the page to count 2 workers",
+    )
+    assert page(f"{WORKER_ROWS}.length") == 0
+    assert page("document.getElementById('workers-section').hidden") is True
+    assert page("document.getElementById('token-form').hidden") is False
+    assert "--http-token-file" in page("document.getElementById('access-text').textContent")
+    browser.screenshot(ARTIFACTS / "dashboard-no-token.png")
+
+    # A wrong token is refused and forgotten; the page keeps showing the numbers.
+    enter_token(browser, "not-the-token-at-all")
+    wait_for(
+        lambda: page("document.getElementById('access-warning').hidden") is False,
+        30,
+        "the page to say the token was refused",
+    )
+    assert page("sessionStorage.length") == 0 and page(f"{WORKER_ROWS}.length") == 0
+    assert page("document.getElementById('conn-text').textContent") == "live"
+
+    # With the token, it shows the pool's two workers, by short id and pid.
+    enter_token(browser, str(http_pool.token))
     wait_for(lambda: page(f"{WORKER_ROWS}.length") == 2, 30, "the page to list 2 workers")
+    assert page("document.getElementById('access').hidden") is True
     state = http_pool.status()
-    shown = page(f"Array.from({WORKER_ROWS}).map(r => r.dataset.identity)")
+    shown = page(f"Array.from({WORKER_ROWS}).map(r => r.dataset.id)")
     assert sorted(shown) == sorted(w["id"] for w in state["workers"])
+    assert all(len(i) == 12 for i in shown)
     pids = page(f"Array.from({WORKER_ROWS}).map(r => Number(r.cells[2].textContent))")
     assert sorted(pids) == sorted(http_pool.worker_pids())
     assert page("document.getElementById('workers-count').textContent") == "2"
@@ -317,6 +445,14 @@ def test_dashboard_in_headless_chromium(
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert not browser.exceptions, browser.exceptions
     print(f"dashboard screenshots: {ARTIFACTS / 'dashboard.png'}, dashboard-busy.png")
+
+
+def enter_token(browser: Chromium, token: str) -> None:
+    """Type ``token`` into the page's form and submit it, as a person would."""
+    browser.evaluate(
+        f"document.getElementById('token-input').value = {json.dumps(token)}; "
+        "document.getElementById('token-form').requestSubmit(); true"
+    )
 
 
 def test_dashboard_says_so_when_the_broker_is_gone(http_pool: HttpPool, browser: Chromium) -> None:

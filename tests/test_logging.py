@@ -17,7 +17,7 @@ import tasks
 from conftest import INTERVAL, LIVENESS, Pool, kill_tree, wait_for
 
 import fade
-from fade.status import query
+from fade.status import peer_id, query
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,7 +74,9 @@ def logged_pool(pool: Pool, tmp_path: Path) -> Iterator[tuple[Pool, BrokerLog]]:
 
 def worker_names(pool: Pool) -> dict[int, str]:
     """pid -> the name logs use for that worker (short id @ host : pid)."""
-    return {w["pid"]: f"{w['id']}@{w['host']}:{w['pid']}" for w in query(pool.address)["workers"]}
+    return {
+        w["pid"]: f"{peer_id(w)}@{w['host']}:{w['pid']}" for w in query(pool.address)["workers"]
+    }
 
 
 def test_joins_and_tasks_at_info(logged_pool: tuple[Pool, BrokerLog]) -> None:
@@ -152,16 +154,22 @@ def test_silent_worker_is_lost_and_its_task_requeued(
     )
 
 
-def test_draining_worker_hands_back_tasks(logged_pool: tuple[Pool, BrokerLog]) -> None:
+def test_draining_worker_hands_back_tasks(
+    logged_pool: tuple[Pool, BrokerLog], tmp_path: Path
+) -> None:
     pool, log = logged_pool
     holder = pool.start_worker(1, None, "--prefetch", "4")
     log.wait("joined")
     (name,) = worker_names(pool).values()
+    started = tmp_path / "started"
     with fade.Executor(
         pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS
     ) as ex:
-        futures = [ex.submit(tasks.sleep_and_return, 0.5, i) for i in range(5)]
+        futures = [ex.submit(tasks.record_then_sleep, str(started), i, 0.5) for i in range(5)]
         wait_for(lambda: query(pool.address)["running"] == 5, 20, "the worker to hold 5 tasks")
+        # Held is not started: on a busy machine the first task may not have begun yet,
+        # and then all 5 would be handed back.
+        wait_for(started.exists, 20, "the worker to start its first task")
         holder.send_signal(signal.SIGTERM)  # drain: finish the running task, hand back 4
         log.wait(r"handed back")
         pool.start_worker()  # someone to run what was handed back

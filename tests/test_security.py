@@ -7,18 +7,24 @@ ran cannot pass merely because nothing could have run.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import queue
 import re
+import secrets
 import stat
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tasks
@@ -44,6 +50,7 @@ from fade import security
 from fade import serialization as ser
 from fade.broker import Broker
 from fade.sockets import connect_dealer, parse_size
+from fade.status import query
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -728,3 +735,249 @@ def test_handshakes_with_unknown_keys_do_not_keep_the_broker_reading(tmp_path: P
         assert ring.lookup("x" * 40) is None
     assert Counting.loads - before <= 3
     assert ring.lookup(security.load_peer_keys(keys.client).public.decode()) is not None
+
+
+# -- the HTTP endpoint: who can reach it and what it tells them (issue 14.2) -----------------
+
+#: A Host header a page on another site sends after rebinding its name to the broker's IP.
+FOREIGN_HOST = "attacker.example"
+
+
+def _http(port: int, path: str, host: str | None = None, token: str | None = None) -> HttpAnswer:
+    headers = {"Host": host} if host else {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return HttpAnswer(response.status, str(response.headers), response.read())
+    except urllib.error.HTTPError as exc:
+        return HttpAnswer(exc.code, str(exc.headers), exc.read())
+
+
+@dataclass
+class HttpAnswer:
+    code: int
+    headers: str
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _wait_http(port: int) -> None:
+    def answers() -> bool:
+        try:
+            return _http(port, "status").code == 200
+        except OSError:
+            return False
+
+    wait_for(answers, 20, f"the HTTP endpoint on port {port}")
+
+
+@pytest.fixture
+def http_token(tmp_path: Path) -> tuple[Path, str]:
+    """A token file as an operator makes one: random, private."""
+    token = secrets.token_urlsafe(32)
+    path = tmp_path / "http.token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path, token
+
+
+def test_keys_do_not_make_the_http_endpoint_public(pool: Pool, curve_keys: Keys) -> None:
+    """Found: with --keys, --http 0.0.0.0:P started without --http-public."""
+    broker = pool.start_broker("--keys", str(curve_keys.dir), "--http", f"0.0.0.0:{free_port()}")
+    try:
+        code = broker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        code = None  # it started serving: the bug
+    assert code == 2, "a keyed broker served --http on 0.0.0.0 without --http-public"
+
+
+def test_foreign_host_header_is_refused_with_keys_unless_allowed(
+    pool: Pool, curve_keys: Keys
+) -> None:
+    """Found: with --keys the DNS-rebinding check was off, even on a 127.0.0.1 bind."""
+    port = free_port()
+    pool.start_broker("--keys", str(curve_keys.dir), "--http", f"127.0.0.1:{port}")
+    _wait_http(port)
+    for path in ("", "status", "metrics"):
+        assert _http(port, path, host=f"{FOREIGN_HOST}:{port}").code == 403, path
+        assert _http(port, path, host=FOREIGN_HOST).code == 403, path
+    assert _http(port, "status", host=f"127.0.0.1:{port}").code == 200  # control
+
+    # Told otherwise: the name given to --http-allow-host is served, others still are not.
+    pool.kill_broker()
+    port = free_port()
+    pool.start_broker(
+        "--keys", str(curve_keys.dir), "--http", f"127.0.0.1:{port}",
+        "--http-allow-host", "fade.example", "--http-allow-host", "FADE2.example",
+    )  # fmt: skip
+    _wait_http(port)
+    assert _http(port, "status", host=f"fade.example:{port}").code == 200
+    assert _http(port, "status", host="fade2.example").code == 200
+    assert _http(port, "status", host=f"{FOREIGN_HOST}:{port}").code == 403
+
+
+def _identity_traces(identity: bytes) -> list[bytes]:
+    """Ways a routing identity, or a part of it long enough to matter, could appear."""
+    traces = [identity, base64.b64encode(identity), base64.urlsafe_b64encode(identity)]
+    hexed = identity.hex()
+    for text in (hexed, hexed.upper()):
+        traces += [text[i : i + 10].encode() for i in range(len(text) - 9)]
+    return traces
+
+
+def _contains_key(value: Any, names: set[str]) -> bool:
+    if isinstance(value, dict):
+        return any(k in names or _contains_key(v, names) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_key(v, names) for v in value)
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_http_endpoint_shows_aggregates_to_anyone_and_peers_only_with_the_token(
+    pool: Pool, curve_keys: Keys, sockets: Sockets, http_token: tuple[Path, str]
+) -> None:
+    """No routing identity in any answer; hosts, pids and short ids only with the token."""
+    pool.interval, pool.liveness = 1.0, 30  # the raw peers below send no heartbeats
+    token_file, token = http_token
+    port = free_port()
+    pool.start_broker(
+        "--keys", str(curve_keys.dir), "--http", f"127.0.0.1:{port}",
+        "--http-token-file", str(token_file),
+    )  # fmt: skip
+    pool.start_worker(1, None, "--keys", str(curve_keys.worker))
+    # Peers whose routing identities this test knows: raw DEALERs speaking the protocol.
+    raw = {}
+    for role, prefix, key, host in (
+        ("worker", b"W", curve_keys.worker, "raw-worker-host"),
+        ("client", b"C", curve_keys.client, "raw-client-host"),
+    ):
+        identity = security.peer_identity(prefix, security.load_peer_keys(key))
+        sock = sockets.peer(pool.address, key, identity=identity)
+        # No credit: the raw worker must not be handed the control task below.
+        extra = {"credits": 0} if role == "worker" else {}
+        sock.send_multipart(raw_hello(role, host=host, pid=4242, **extra))
+        raw[role] = identity
+    _wait_http(port)
+
+    def detail() -> dict[str, Any]:
+        answer = _http(port, "status", token=token)
+        assert answer.code == 200, answer
+        state: dict[str, Any] = answer.json()
+        return state
+
+    wait_for(lambda: len(detail().get("workers", [])) == 2, 30, "2 workers on /status")
+    with fade.Executor(pool.address, keys=curve_keys.client, heartbeat_interval=1.0) as ex:
+        assert ex.submit(tasks.add, 2, 3).result(timeout=30) == 5
+        wait_for(lambda: len(detail().get("clients", [])) == 2, 30, "2 clients on /status")
+
+        identities = set(raw.values())
+        # The pool's own peers too, where the broker's STATUS answer still names them.
+        state = query(pool.address, keys=str(curve_keys.client))
+        for peer in [*state["workers"], *state["clients"]]:
+            if "identity" in peer:
+                identities.add(bytes.fromhex(peer["identity"]))
+        anonymous = {path: _http(port, path) for path in ("", "status", "metrics", "nope")}
+        with_token = {path: _http(port, path, token=token) for path in ("status", "metrics")}
+        wrong = {path: _http(port, path, token=token[:-1] + "x") for path in ("status", "metrics")}
+        shown = detail()
+
+    # Positive control: with the token, per-peer detail is there.
+    worker_pids = sorted(w["pid"] for w in shown["workers"])
+    assert worker_pids == sorted([4242, *pool.worker_pids()])
+    assert {c["host"] for c in shown["clients"]} == {"raw-client-host", os.uname().nodename}
+    assert all(len(peer["id"]) == 12 for peer in [*shown["workers"], *shown["clients"]])
+    assert b"raw-worker-host" in with_token["status"].body
+
+    # Without it: the numbers, and nothing about any peer.
+    assert {path: a.code for path, a in anonymous.items()} == {
+        "": 200, "status": 200, "metrics": 200, "nope": 404,
+    }  # fmt: skip
+    public = anonymous["status"].json()
+    assert public["worker_count"] == 2 and public["client_count"] == 2
+    assert public["tasks_done"] == 1
+    assert not _contains_key(public, {"workers", "clients", "host", "pid", "identity", "id"})
+    for answer in anonymous.values():
+        for secret in (b"raw-worker-host", b"raw-client-host"):
+            assert secret not in answer.body, (secret, answer.body[:300])
+    assert b"pid=" not in anonymous["metrics"].body and b"host=" not in anonymous["metrics"].body
+    # A wrong token is refused outright, not quietly answered with less.
+    for answer in wrong.values():
+        assert answer.code == 401 and "Bearer" in answer.headers
+
+    # No routing identity, nor any 10-digit run of one, in any answer, with or without token.
+    assert len(identities) >= 2
+    for answer in [*anonymous.values(), *with_token.values(), *wrong.values()]:
+        for identity in identities:
+            for trace in _identity_traces(identity):
+                assert trace not in answer.body and trace not in answer.headers.encode(), (
+                    identity.hex(),
+                    trace,
+                )
+
+
+def test_without_a_token_file_no_request_gets_per_peer_detail(pool: Pool) -> None:
+    port = free_port()
+    pool.start_broker("--http", f"127.0.0.1:{port}")
+    pool.start_worker()
+    _wait_http(port)
+    wait_for(lambda: _http(port, "status").json()["worker_count"] == 1, 30, "1 worker")
+    for path in ("status", "metrics"):
+        answer = _http(port, path, token=secrets.token_urlsafe(32))
+        assert answer.code == 401 and b"--http-token-file" in answer.body
+    public = _http(port, "status").json()
+    assert public["detail"] == "off"
+    assert not _contains_key(public, {"workers", "clients", "host", "pid"})
+
+
+# -- peer-supplied strings that reach operators (issue 14.4) ---------------------------------
+
+FORGED_LINE = "2026-01-01 00:00:00,000 fade-broker[1@h] INFO forged"
+HOSTILE_HOSTS = {
+    "newline": "x\n" + FORGED_LINE,
+    "ansi": "\x1b[2J\x1b[31mred\x1b[0m",
+}
+
+
+def test_hostile_host_names_forge_no_log_line_and_no_terminal_escape(
+    pool: Pool, sockets: Sockets, tmp_path: Path
+) -> None:
+    """A raw DEALER (pyzmq and fade.protocol only) says HELLO as a worker with a host name
+    made to forge a broker log line, another with one that clears an operator's terminal."""
+    pool.interval, pool.liveness = 1.0, 30  # the raw peers send no heartbeats
+    log_path = tmp_path / "broker.log"
+    with log_path.open("wb") as stderr:
+        pool.start_broker(stderr=stderr.fileno())
+    for host in HOSTILE_HOSTS.values():
+        sock = sockets.dealer(pool.address)
+        sock.send_multipart(raw_hello("worker", host=host, pid=7, credits=1))
+
+    def log_lines() -> list[str]:
+        return log_path.read_text(errors="replace").splitlines()
+
+    wait_for(lambda: sum("joined" in line for line in log_lines()) == 2, 30, "2 joins logged")
+    lines = log_lines()
+    # Positive control: both joins are logged, each on its own line, the names escaped.
+    joined = [line for line in lines if " joined; " in line]
+    assert len(joined) == 2
+    assert any("@x\\n2026-01-01 00:00:00,000 fade-broker[1@h] INFO forged:7 " in j for j in joined)
+    assert any("@\\x1b[2J\\x1b[31mred\\x1b[0m:7 " in j for j in joined)
+    # The attack: no line of the log is the forged one, no escape byte reached it.
+    assert not [line for line in lines if line.startswith("2026-01-01 00:00:00,000")], lines
+    assert "\x1b" not in log_path.read_text(errors="replace")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fade.status", pool.address],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "workers  2 (" in out  # control: both are listed
+    assert "\\x1b[2J" in out and "x\\n2026-01-01" in out
+    assert b"\x1b" not in result.stdout
+    assert not [line for line in out.splitlines() if line.startswith("2026-01-01")]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import tasks
-from conftest import Pool, free_port, wait_for
+from conftest import Keys, Pool, free_port, make_keys, wait_for
 
 import fade
 from fade import protocol as p
@@ -25,12 +27,14 @@ from fade.status import format_status, query
 pytestmark = pytest.mark.timeout(60)
 
 
-def fade_status(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def fade_status(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fade.status", *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
@@ -214,3 +218,93 @@ def test_format_status_aligns_columns() -> None:
     # Numbers are right-aligned: their last digits line up with the header's end.
     done_end = table[0].index("DONE") + len("DONE")
     assert [row[done_end - 1] for row in table[1:]] == ["5", "6"]
+
+
+# -- rough edges (issue 13.5) and hostile strings (issue 14.4) -------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("who", ["no keys", "another pool's key"])
+def test_status_against_a_keyed_broker_says_why_the_handshake_failed(
+    pool: Pool, curve_keys: Keys, tmp_path: Path, who: str
+) -> None:
+    """Found: it waited for the timeout, then asked whether the broker was running."""
+    pool.start_broker("--keys", str(curve_keys.dir))
+    wait_for(
+        lambda: query(pool.address, timeout=5, keys=str(curve_keys.client))["workers"] == [],
+        30,
+        "the keyed broker to answer an authorised fade-status",
+    )  # control: the broker is up and answers the right key
+    args = [] if who == "no keys" else ["--keys", str(make_keys(tmp_path / "other").client)]
+    timeout = 40.0
+    started = time.monotonic()
+    result = fade_status(pool.address, "--timeout", str(timeout), *args, timeout=2 * timeout)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert "is it running" not in result.stderr, result.stderr
+    if who == "no keys":
+        assert "requires keys" in result.stderr, result.stderr
+    else:
+        assert "may not be this broker's" in result.stderr, result.stderr
+    assert pool.address in result.stderr
+    # It says so as soon as the handshake fails, not when its long timeout runs out.
+    assert elapsed < timeout / 2, elapsed
+
+
+def test_status_into_a_closed_pipe_exits_quietly(tcp_pool: Pool) -> None:
+    """Found: `fade-status | head -3` printed a BrokenPipeError traceback."""
+    wait_registered(tcp_pool, 2)
+    for args in ([tcp_pool.address], [tcp_pool.address, "--json"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fade.status", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader has gone before the first line is written
+        stderr = proc.stderr.read().decode()
+        code = proc.wait(timeout=30)
+        proc.stderr.close()
+        assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+        assert stderr == ""
+        assert code == 141  # what a shell reports for a tool ended by SIGPIPE
+
+
+def test_status_through_head_prints_its_first_lines_and_no_traceback(tcp_pool: Pool) -> None:
+    wait_registered(tcp_pool, 2)
+    result = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m fade.status {tcp_pool.address} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout.startswith("fade ") and len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+def test_format_status_escapes_control_characters_in_peer_strings() -> None:
+    hostile = "\x1b[2J\x1b]0;pwned\x07x\ny\r\u202e\x9b" + "z" * 1000
+    worker = {"id": "a" * 12, "host": hostile, "pid": 7, "state": "idle\x1b[5m", "running": 0}
+    state = {
+        "version": "1\x1b[31m",
+        "broker_id": "b",
+        "address": "tcp://h\n:1",
+        "host": hostile,
+        "workers": [{**worker, "done": 1, "last_heard": 0.1}],
+        "clients": [{"identity": "43" * 16, "host": hostile, "pid": 8, "tasks": 0}],
+    }
+    out = format_status(state)
+    assert all(ch == "\n" or ch.isprintable() for ch in out), repr(out)
+    assert "\\x1b[2J\\x1b]0;pwned\\x07x\\ny\\r\\u202e\\x9b" in out
+    # No line was split: 4 of summary, a blank, header and 1 worker, a blank, header and 1 client.
+    assert len(out.splitlines()) == 10, out
+    assert max(len(line) for line in out.splitlines()) < 600  # peer strings are bounded
+    # A client named by its identity is shown by a hash of it, never a prefix.
+    assert "4343434343" not in out
+
+
+def test_status_json_output_has_no_control_bytes() -> None:
+    # json.dumps escapes them: --json is safe to print as it is.
+    text = json.dumps({"host": "\x1b[2Jx\ny"}, indent=2, sort_keys=True)
+    assert "\x1b" not in text and "\\u001b[2Jx\\ny" in text
