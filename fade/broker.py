@@ -151,7 +151,11 @@ class Broker:
             self._guard = security.Guard(keyring)
         try:
             sock = bind_router(
-                self._context, self.address, keys=self._keys, max_message_size=self.max_message_size
+                self._context,
+                self.address,
+                keys=self._keys,
+                max_message_size=self.max_message_size,
+                heartbeat_ms=(int(self.interval * 1000), int(self._clocks.expiry * 1000)),
             )
         except zmq.ZMQError:
             self._close_security()

@@ -364,8 +364,8 @@ class Scheduler:
         if kinds is None:
             return False
         if not kinds:
-            pythons = sorted({kind.python for kind, c in self._classes.items() if c.members})
-            self.refuse(task, "incompatible", _incompatible(task.client, pythons))
+            present = [kind for kind, c in self._classes.items() if c.members]
+            self.refuse(task, "incompatible", _incompatible(task.client, present))
             return True
         if not any(kind.fits(task) for kind in kinds):
             limit = max(kind.max_message_size for kind in kinds)
@@ -536,11 +536,18 @@ def _lost_report(task: Task, worker: Worker, reason: str) -> p.Payload:
     return p.Payload(json.dumps(report).encode())
 
 
-def _incompatible(client: Client, pythons: list[str]) -> str:
+def _incompatible(client: Client, kinds: list[WorkerClass]) -> str:
+    pythons = sorted({kind.python for kind in kinds})
+    if client.python not in pythons:
+        return (
+            f"no connected worker can run this task: the client runs {client.python} "
+            f"(host {client.hello.host}), the workers run {', '.join(pythons)}; start "
+            f"workers with {client.python}, or run the client with the workers' Python"
+        )
+    who = f"key {client.key_name!r}" if client.key_name else "clients without keys"
     return (
-        f"no connected worker can run this task: the client runs {client.python} "
-        f"(host {client.hello.host}), the workers run {', '.join(pythons)}; start workers "
-        f"with {client.python}, or run the client with the workers' Python"
+        f"no connected worker serves this client ({who}): the workers of its Python "
+        "were started with --serve-clients for other keys"
     )
 
 

@@ -37,7 +37,6 @@ import collections
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,10 +147,11 @@ class Peer:
 
 
 def peer_identity(prefix: bytes, keys: PeerKeys | None) -> bytes:
-    """A 16-byte routing identity: role byte, key tag (or randomness), randomness."""
+    """A routing identity: role byte, key tag (with keys), then 15 random bytes. The
+    broker never shows it to another peer: it is what would let one pose as another."""
     if keys is None:
-        return prefix + uuid.uuid4().bytes[1:]
-    return prefix + keys.tag + os.urandom(15 - TAG_SIZE)
+        return prefix + os.urandom(15)
+    return prefix + keys.tag + os.urandom(15)
 
 
 # -- addresses ------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
 
 import fade
 from fade import security
+from fade.sockets import connect_dealer
 
 TESTS = Path(__file__).resolve().parent
 # Worker processes import the test helpers (tests/tasks.py) by name.
@@ -318,6 +320,49 @@ def no_leftover_processes() -> Iterator[None]:
     for proc in left:
         kill_tree(proc.pid)
     assert not left, f"processes left running: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+class Sockets:
+    """Raw DEALER sockets for a test, every one tracked and closed at the end."""
+
+    def __init__(self) -> None:
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._made: list[zmq.Socket[bytes]] = []
+
+    def dealer(self, address: str) -> zmq.Socket[bytes]:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        self._made.append(sock)
+        return sock
+
+    def peer(
+        self,
+        address: str,
+        key_file: Path,
+        prefix: bytes = b"W",
+        identity: bytes | None = None,
+    ) -> zmq.Socket[bytes]:
+        """A DEALER holding the keys of ``key_file``, as fade's peers make them."""
+        keys = security.load_peer_keys(key_file)
+        identity = identity or security.peer_identity(prefix, keys)
+        sock = connect_dealer(self.context, address, identity=identity, keys=keys)
+        self._made.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for sock in self._made:
+            sock.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def sockets() -> Iterator[Sockets]:
+    made = Sockets()
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 # -- a network namespace of our own ------------------------------------------------------------

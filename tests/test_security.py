@@ -37,6 +37,7 @@ from conftest import (
     Keys,
     Namespace,
     Pool,
+    Sockets,
     free_port,
     kill_tree,
     make_keys,
@@ -49,7 +50,7 @@ from fade import protocol as p
 from fade import security
 from fade import serialization as ser
 from fade.broker import Broker
-from fade.sockets import connect_dealer, parse_size
+from fade.sockets import parse_size
 from fade.status import query
 
 pytestmark = pytest.mark.timeout(90)
@@ -148,49 +149,6 @@ def secure(pool: Pool, curve_keys: Keys, tmp_path: Path) -> Iterator[SecurePool]
     pool.start_worker(1, None, "--keys", str(curve_keys.worker))
     pool.wait_workers(2)
     yield SecurePool(pool, curve_keys, log)
-
-
-class Sockets:
-    """Raw DEALER sockets for a test, every one tracked and closed at the end."""
-
-    def __init__(self) -> None:
-        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._made: list[zmq.Socket[bytes]] = []
-
-    def dealer(self, address: str) -> zmq.Socket[bytes]:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        self._made.append(sock)
-        return sock
-
-    def peer(
-        self,
-        address: str,
-        key_file: Path,
-        prefix: bytes = b"W",
-        identity: bytes | None = None,
-    ) -> zmq.Socket[bytes]:
-        """A DEALER holding the keys of ``key_file``, as fade's peers make them."""
-        keys = security.load_peer_keys(key_file)
-        identity = identity or security.peer_identity(prefix, keys)
-        sock = connect_dealer(self.context, address, identity=identity, keys=keys)
-        self._made.append(sock)
-        return sock
-
-    def close(self) -> None:
-        for sock in self._made:
-            sock.close(linger=0)
-        self.context.term()
-
-
-@pytest.fixture
-def sockets() -> Iterator[Sockets]:
-    made = Sockets()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 def _run_authorised_client(secure: SecurePool, marker: Path, tmp_path: Path, tag: str) -> None:
