@@ -1,6 +1,6 @@
 """What CurveZMQ encryption costs fade: the harness's steps on fade-tcp, without and with keys.
 
-    python -m benchmarks.curve_cost [--mode smoke|full] [--json PATH]
+    python benchmarks/curve_cost.py [--mode smoke|full] [--json PATH]
 
     for keys in (off, on):
         fade.broker tcp://127.0.0.1:PORT [--keys DIR]  +  fade.worker --processes 2 [--keys FILE]
@@ -13,17 +13,23 @@ and the change, as ``name : value [unit]`` rows aligned in columns.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.metrics import METRICS, SIZES, WORKERS, Deadline, ExecutorTarget, Sizes
-from benchmarks.procs import free_tcp_address, module_processes
+# Run as a script (like its siblings) or as a module: either way ``benchmarks`` imports.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from benchmarks.metrics import METRICS, SIZES, WORKERS, Deadline, ExecutorTarget, Sizes  # noqa: E402
+from benchmarks.procs import free_tcp_address, module_processes  # noqa: E402
 
 __all__ = ["main", "measure"]
 

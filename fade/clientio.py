@@ -123,6 +123,9 @@ class ClientIO:
         self.broken: BaseException | None = None
         self.unreachable: BrokerUnreachableError | None = None
         self.capacity = 0
+        #: Results that came for a task already complete here (each future completes
+        #: once regardless); the broker is meant to send none, and tests check it.
+        self.late_results = 0
         self._woken = False
         self.wake = WakePipe()
         self.sleeper = Sleeper(self.wake.fd)
@@ -322,7 +325,8 @@ class ClientIO:
     def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
         item = self.in_flight.pop(record.task_id, None)
         if item is None:
-            return  # a duplicate: this future already has its result
+            self.late_results += 1  # a duplicate: this future already has its result
+            return
         self.ready.append((item.future, *_outcome(record.status, payload)))
 
     # -- to the broker -----------------------------------------------------------------

@@ -297,12 +297,3 @@ def _fn_name(fn: Any) -> str:
 def _as_buffer(frame: Frame) -> Any:
     buffer = getattr(frame, "buffer", None)
     return frame if buffer is None else buffer
-
-
-def _as_bytes(frame: Frame) -> bytes:
-    if isinstance(frame, bytes):
-        return frame
-    data = getattr(frame, "bytes", None)
-    if isinstance(data, bytes):
-        return data
-    return bytes(frame)

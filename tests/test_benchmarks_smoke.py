@@ -124,3 +124,27 @@ def test_alternating_smoke_run_compares_every_round(tmp_path: Path) -> None:
                 assert figures[f"{key}_median"] > 0, (name, key)
     assert "target: fade-tcp round trip" in stdout, report
     assert "target: fade-tcp 50 MB" in stdout, report
+
+
+# Every benchmark with a command line, but the helpers bench.py starts with ``python -m``.
+INTERNAL = {"runner.py", "rawzmq.py", "rawclient.py", "tasks.py"}
+SCRIPTS = sorted(
+    path.name
+    for path in (ROOT / "benchmarks").glob("*.py")
+    if "__main__" in path.read_text() and path.name not in INTERNAL
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_runs_as_a_script(script: str) -> None:
+    """``python benchmarks/NAME.py`` (what benchmarks/README.md says) must at least start."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT.parent,  # not the checkout: the script must find its package itself
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout

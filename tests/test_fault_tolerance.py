@@ -241,6 +241,9 @@ def test_chaos_kills_stops_and_a_broker_restart(pool: Pool) -> None:
         agent.start()
         try:
             results = [f.result(timeout=200) for f in futures]
+            # A Future runs callbacks once whatever comes; the broker must not even send a
+            # second result for a task.
+            late = ex._io.late_results
         finally:
             stop.set()
             agent.join()
@@ -251,4 +254,5 @@ def test_chaos_kills_stops_and_a_broker_restart(pool: Pool) -> None:
                     pass
     assert results == list(range(n))
     assert sorted(delivered) == list(range(n)), "a result was delivered twice or not at all"
+    assert late == 0, f"the broker sent {late} results for tasks already complete"
     assert "broker restart" in events and events.count("kill") >= 3, events

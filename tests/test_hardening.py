@@ -426,3 +426,56 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# -- smaller defects (issue 13, item 5) ----------------------------------------------------
+
+
+def test_a_task_that_exits_is_not_called_a_start_up_failure() -> None:
+    result = run_script(
+        """
+        import fade, tasks
+        with fade.Executor(max_workers=1, max_attempts=1) as ex:
+            try:
+                ex.submit(tasks.die, 13).result(timeout=30)
+            except fade.WorkerLostError:
+                print("LOST")
+            print(ex.submit(tasks.add, 1, 2).result(timeout=30))
+        """,
+        timeout=60,
+        FADE_LOG_LEVEL="INFO",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LOST", "3"]
+    assert "start-up" not in result.stderr
+    assert "exited with status 13 while serving" in result.stderr
+    # One format for every process of the pool: a timestamp, then who says it.
+    fade_lines = [line for line in result.stderr.splitlines() if "fade-" in line]
+    assert fade_lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} fade-", line)
+                              for line in fade_lines), fade_lines  # fmt: skip
+
+
+def test_a_killed_embedded_client_leaves_no_socket_folder() -> None:
+    script = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fade, time, tasks\n"
+            "ex = fade.Executor(max_workers=1)\n"
+            "ex.submit(tasks.add, 1, 1).result(timeout=30)\n"
+            "print(ex.address, flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=fade_env(),
+    )
+    try:
+        assert script.stdout is not None
+        folder = Path(script.stdout.readline().strip().removeprefix("ipc://")).parent
+        assert folder.is_dir()
+        script.kill()
+        script.wait()
+        wait_for(lambda: not folder.exists(), 15, f"{folder} to be removed")
+    finally:
+        kill_tree(script.pid)

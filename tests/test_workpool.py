@@ -78,7 +78,12 @@ def test_resumed_worker_result_is_not_delivered_twice(
     os.kill(first_pid, signal.SIGSTOP)
     assert future.result(timeout=30) == "y"
     os.kill(first_pid, signal.SIGCONT)  # it finishes and sends a second, late result
+    # Showing that something does not come takes a wait: the resumed run had 0.3 s
+    # left, and its late result would follow within milliseconds.
     time.sleep(1.0)
+    # A Future runs its callbacks once whatever happens: what must not happen is the
+    # broker passing the second result on to the client at all.
+    assert fade_executor._io.late_results == 0, "the broker delivered a second result"
     assert done == ["y"]
     assert fade_executor.submit(tasks.add, 1, 2).result(timeout=30) == 3
 
