@@ -33,7 +33,6 @@ import itertools
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import uuid
@@ -50,6 +49,7 @@ from fade._version import __version__
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
+from fade.snapshot import snapshot
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
     bind_router,
@@ -97,12 +97,13 @@ class Broker:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
         if max_message_size < 1:
             raise ValueError("max_message_size must be at least 1 byte")
-        # Checked before anything is bound: a refused broker never listens.
-        security.check_address(address, keys, insecure)
-        self._keys = security.load_broker_keys(keys) if keys is not None else None
-        self._insecure = insecure and keys is None and not security.is_local_address(address)
-        self._insecure_period = insecure_warning_period
-        self._insecure_due = 0.0
+        self.gate = security.Gate(
+            address,
+            keys,
+            insecure,
+            interval=heartbeat_interval,
+            warning_period=insecure_warning_period,
+        )
         self.max_message_size = max_message_size
         self.address = address
         self.broker_id = uuid.uuid4().hex
@@ -114,21 +115,17 @@ class Broker:
         )
         self._parent_pid = parent_pid
         # ZAP's endpoint is one per context: a broker with keys gets a context of its own.
-        self._own_context = context is None and self._keys is not None
+        self._own_context = context is None and self.gate.keys is not None
         self._context = context or (zmq.Context() if self._own_context else zmq.Context.instance())
         self._socket: zmq.Socket[bytes] | None = None
-        self._zap: security.ZapHandler | None = None
-        self._guard: security.Guard | None = None
         self._sender: security.Peer | None = None  # the key of the message being handled
-        self._keys_checked = 0.0
         self._replies = security.ReplyLimiter(heartbeat_interval)
         self._stopping = False
         self._wake = WakePipe()  # stop() may be called from a signal handler
         self._bad_input = RateLimitedLog(log)
-        self._relays: collections.OrderedDict[int, tuple[bytes, bytes]] = collections.OrderedDict()
-        self._relay_ids = itertools.count(1)
+        self._relays = _Relays()
         self.started = time.monotonic()
-        self._throughput = Throughput(self.started)
+        self.throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
         self.publish_interval: float | None = None
         #: The latest published snapshot. The loop replaces it whole and never
@@ -144,16 +141,12 @@ class Broker:
 
     def bind(self) -> str:
         """Bind the ROUTER socket; returns the endpoint actually bound."""
-        if self._keys is not None:
-            # The authenticator must be listening before the first peer can connect.
-            keyring = security.KeyRing(self._keys.directory)
-            self._zap = security.ZapHandler(self._context, keyring)
-            self._guard = security.Guard(keyring)
+        self.gate.open(self._context)
         try:
             sock = bind_router(
                 self._context,
                 self.address,
-                keys=self._keys,
+                keys=self.gate.keys,
                 max_message_size=self.max_message_size,
                 heartbeat_ms=(int(self.interval * 1000), int(self._clocks.expiry * 1000)),
             )
@@ -163,9 +156,7 @@ class Broker:
         self._socket = sock
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("fade-broker %s listening on %s", __version__, endpoint)
-        if self._keys is not None:
-            log.info("CURVE keys on: accepting the keys authorised in %s", self._keys.directory)
-        self._warn_if_insecure(time.monotonic())
+        self.gate.warn_if_insecure(time.monotonic())
         return endpoint
 
     def stop(self) -> None:
@@ -181,9 +172,7 @@ class Broker:
         self._close_security()
 
     def _close_security(self) -> None:
-        if self._zap is not None:
-            self._zap.close()
-            self._zap = None
+        self.gate.close()
         if self._own_context:
             self._own_context = False
             self._context.term()
@@ -197,15 +186,16 @@ class Broker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake.fd, zmq.POLLIN)
-        if self._zap is not None:
-            poller.register(self._zap.socket, zmq.POLLIN)
+        zap = self.gate.zap
+        if zap is not None:
+            poller.register(zap.socket, zmq.POLLIN)
         next_upkeep = 0.0
         try:
             while not self._stopping:
                 timeout = max(0.0, next_upkeep - time.monotonic())
                 events = dict(poller.poll(math.ceil(timeout * 1000)))
-                if self._zap is not None and events.get(self._zap.socket):
-                    self._zap.handle()
+                if zap is not None and events.get(zap.socket):
+                    zap.handle()
                 if events.get(sock):
                     self._drain_socket(sock)
                 now = time.monotonic()
@@ -220,12 +210,12 @@ class Broker:
 
     def _upkeep(self, now: float) -> bool:
         """Expire, heartbeat, publish and re-read keys; False if our parent is gone."""
-        self._throughput.record(now, self.tasks_done)
+        self.throughput.record(now, self.tasks_done)
         self._purge_silent_peers(now)
         self._send_due_heartbeats(now)
         self._publish(now)
-        self._check_keys(now)
-        self._warn_if_insecure(now)
+        self._drop_revoked(now)
+        self.gate.warn_if_insecure(now)
         if self._parent_pid is not None and os.getppid() != self._parent_pid:
             log.info("parent process %d is gone; stopping", self._parent_pid)
             return False
@@ -263,8 +253,7 @@ class Broker:
         identity = frames[0].bytes
         try:
             message = p.parse(frames[1:])
-            if self._guard is not None:
-                self._sender = self._guard.check(frames[0], identity, message)
+            self._sender = self.gate.check(frames[0], identity, message)
             self._clocks.heard(identity, time.monotonic())
             handler = self._HANDLERS.get(message.command)
             if handler is None:
@@ -398,30 +387,26 @@ class Broker:
         if task is None or task.client.identity not in self.scheduler.clients:
             self._send(identity, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
             return
-        relay = next(self._relay_ids)
-        self._relays[relay] = (identity, key)
-        while len(self._relays) > MAX_RELAYS:
-            self._relays.popitem(last=False)
-        self._send(task.client.identity, p.encode_fetch(_u64(relay), request_id, request))
+        relay = self._relays.add(identity, key)
+        self._send(task.client.identity, p.encode_fetch(relay, request_id, request))
 
     def _on_code(self, identity: bytes, body: list[p.Frame]) -> None:
-        """A client answers a FETCH: relay the answer to the worker that asked."""
+        """A client answers a FETCH: relay the answer to the worker that asked, if the
+        task is still that worker's and this client's."""
         ref, request_id, status, frames = p.decode_code(body)
         if identity not in self.scheduler.clients:
             self._reset(identity)
             return
-        relay = self._relays.pop(int.from_bytes(ref, "little"), None) if len(ref) == 8 else None
-        worker = self.scheduler.workers.get(relay[0]) if relay is not None else None
-        if relay is None or worker is None:
-            return  # the worker left, or the relay was never ours
-        task = worker.tasks.get(relay[1])
-        if task is None or task.client.identity != identity:
-            return  # not this client's to answer
+        asker = self._relays.take(ref)
+        worker = self.scheduler.workers.get(asker[0]) if asker is not None else None
+        task = worker.tasks.get(asker[1]) if worker is not None and asker is not None else None
+        if worker is None or task is None or task.client.identity != identity:
+            return  # the worker or its task is gone, or the relay was never this client's
         limit = worker.hello.max_message_size
         if limit and any(p.frame_size(f) > limit for f in frames):
             status = p.CodeStatus.MISSING
             frames = [f"the code has a frame over the worker's limit of {limit} bytes".encode()]
-        self._send(worker.identity, p.encode_code(relay[1], request_id, status, frames))
+        self._send(worker.identity, p.encode_code(task.key, request_id, status, frames))
 
     def _on_status(self, identity: bytes, body: list[p.Frame]) -> None:
         p.decode_status(body)
@@ -534,14 +519,9 @@ class Broker:
 
     # -- keys and warnings ------------------------------------------------------------------
 
-    def _check_keys(self, now: float) -> None:
-        """Once per heartbeat interval: pick up added and revoked keys, drop revoked peers."""
-        if self._guard is None or now - self._keys_checked < self.interval:
-            return
-        self._keys_checked = now
-        keyring = self._guard.keyring
-        keyring.refresh()
-        revoked = {peer.tag: peer for peer in keyring.take_revoked()}
+    def _drop_revoked(self, now: float) -> None:
+        """Disconnect the peers whose keys were revoked since the last check."""
+        revoked = self.gate.revoked(now)
         if not revoked:
             return
         # A scan of all peers, but only when a key was revoked: rare.
@@ -555,72 +535,14 @@ class Broker:
                 self._on_disconnect(identity, [])
         self._flush()
 
-    def _warn_if_insecure(self, now: float) -> None:
-        if self._insecure and now >= self._insecure_due:
-            self._insecure_due = now + self._insecure_period
-            log.warning(
-                "INSECURE: serving %s without keys: anyone who can reach it can run any "
-                "code on every worker (fade-keys init DIR, then --keys DIR)",
-                self.address,
-            )
-
     # -- introspection (tests, status) ----------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready picture of the pool, for status tools; O(workers + clients). Peers
-        appear under short ids (hashes), never their identities.
+        """The pool's state as JSON-ready data (fade/snapshot.py)."""
+        return snapshot(self)
 
-        The keys are described in docs/operating.md; tools may rely on them.
-        """
-        now = time.monotonic()
-        # Completions are counted at each upkeep, which may not have run since the last
-        # ones: count them now, or the rate would lag what tasks_done says.
-        self._throughput.record(now, self.tasks_done)
-        sched = self.scheduler
-        running = sum(len(w.tasks) for w in sched.workers.values())
-        counts = sched.counts
-        return {
-            "broker_id": self.broker_id,
-            "version": __version__,
-            "address": self.address,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "time": time.time(),
-            "uptime": now - self.started,
-            "heartbeat_interval": self.interval,
-            "workers": [self._worker_row(w, now) for w in sched.workers.values()],
-            "clients": [
-                {
-                    "id": p.short_id(c.identity),
-                    "host": c.hello.host,
-                    "pid": c.hello.pid,
-                    "tasks": len(c.tasks),
-                    "queued": len(c.queue),
-                }
-                for c in sched.clients.values()
-            ],
-            "queued": len(sched.tasks) - running,
-            "running": running,
-            "tasks_done": counts.done,
-            "tasks_failed": counts.failed,
-            "tasks_lost": counts.lost,
-            "capacity": sched.capacity,
-            "rate": self._throughput.rate(now),
-            "per_second": self._throughput.series(now),
-        }
-
-    def _worker_row(self, worker: Worker, now: float) -> dict[str, Any]:
-        return {
-            "id": p.short_id(worker.identity),
-            "host": worker.hello.host,
-            "pid": worker.hello.pid,
-            "python": worker.kind.python,
-            "state": "draining" if worker.draining else "busy" if worker.tasks else "idle",
-            "running": len(worker.tasks),
-            "credits": worker.credits,
-            "done": worker.done,
-            "last_heard": now - self._clocks.last_heard(worker.identity, now),
-        }
+    def last_heard(self, identity: bytes, default: float) -> float:
+        return self._clocks.last_heard(identity, default)
 
     def _publish(self, now: float) -> None:
         """Every ``publish_interval``, replace :attr:`published` with a fresh snapshot."""
@@ -649,8 +571,25 @@ def _batch_limit(peer: Any) -> int:
     return min(limit, p.BATCH_BYTES) if limit else p.BATCH_BYTES
 
 
-def _u64(number: int) -> bytes:
-    return number.to_bytes(8, "little")
+class _Relays:
+    """Code requests relayed to clients and not answered yet: relay number -> (the worker
+    that asked, the key of its task). Bounded: the oldest are forgotten."""
+
+    def __init__(self) -> None:
+        self._open: collections.OrderedDict[int, tuple[bytes, bytes]] = collections.OrderedDict()
+        self._numbers = itertools.count(1)
+
+    def add(self, worker: bytes, key: bytes) -> bytes:
+        number = next(self._numbers)
+        self._open[number] = (worker, key)
+        while len(self._open) > MAX_RELAYS:
+            self._open.popitem(last=False)
+        return number.to_bytes(8, "little")
+
+    def take(self, ref: bytes) -> tuple[bytes, bytes] | None:
+        if len(ref) != 8:
+            return None
+        return self._open.pop(int.from_bytes(ref, "little"), None)
 
 
 def _version_text(version: int) -> str:

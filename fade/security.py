@@ -74,6 +74,7 @@ __all__ = [
     "ROLES",
     "TAG_SIZE",
     "BrokerKeys",
+    "Gate",
     "Guard",
     "HandshakeWatch",
     "KeyRing",
@@ -456,3 +457,74 @@ class HandshakeWatch:
             f"the encrypted handshake failed with {who}: the broker public key in the "
             "key file may not be this broker's, or the broker does not use keys"
         )
+
+
+# -- the broker's gate ----------------------------------------------------------------------
+
+
+class Gate:
+    """Everything a broker does about security, in one place: the keys it accepts (ZAP
+    handshakes and the per-message :class:`Guard`), or none (loopback, or ``insecure``
+    with a repeated warning); and, once per interval, keys revoked since.
+
+    Without keys :meth:`check` lets every message through and names no key.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        keys: str | os.PathLike[str] | None,
+        insecure: bool,
+        *,
+        interval: float,
+        warning_period: float,
+    ) -> None:
+        # Checked before anything is bound: a refused broker never listens.
+        check_address(address, keys, insecure)
+        self.address = address
+        self.keys = load_broker_keys(keys) if keys is not None else None
+        self._insecure = insecure and keys is None and not is_local_address(address)
+        self._interval = interval
+        self._warning_period = warning_period
+        self._warning_due = 0.0
+        self._checked = 0.0
+        self.zap: ZapHandler | None = None
+        self._guard: Guard | None = None
+
+    def open(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        """Start the authenticator (before the ROUTER binds: it must answer the first
+        handshake)."""
+        if self.keys is not None:
+            keyring = KeyRing(self.keys.directory)
+            self.zap = ZapHandler(context, keyring)
+            self._guard = Guard(keyring)
+            log.info("CURVE keys on: accepting the keys authorised in %s", self.keys.directory)
+
+    def close(self) -> None:
+        if self.zap is not None:
+            self.zap.close()
+            self.zap = None
+
+    def check(self, first: zmq.Frame, identity: bytes, message: p.Message) -> Peer | None:
+        """The sender's key (None without keys); raises Refused if it may not send this."""
+        if self._guard is None:
+            return None
+        return self._guard.check(first, identity, message)
+
+    def revoked(self, now: float) -> dict[bytes, Peer]:
+        """Once per interval: re-read the key folders; the tags of keys revoked since."""
+        if self._guard is None or now - self._checked < self._interval:
+            return {}
+        self._checked = now
+        keyring = self._guard.keyring
+        keyring.refresh()
+        return {peer.tag: peer for peer in keyring.take_revoked()}
+
+    def warn_if_insecure(self, now: float) -> None:
+        if self._insecure and now >= self._warning_due:
+            self._warning_due = now + self._warning_period
+            log.warning(
+                "INSECURE: serving %s without keys: anyone who can reach it can run any "
+                "code on every worker (fade-keys init DIR, then --keys DIR)",
+                self.address,
+            )

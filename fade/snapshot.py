@@ -1,0 +1,83 @@
+"""The broker's state as plain JSON, for fade-status, the dashboard and metrics.
+
+::
+
+    broker loop --snapshot(broker)--> dict --STATE--> fade-status
+                \\--every PUBLISH_INTERVAL--> broker.published --> HTTP threads (fade/web.py)
+
+Peers appear under short ids (:func:`fade.protocol.short_id`, hashes), never their
+routing identities. The keys are described in docs/operating.md; tools may rely on them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from fade import protocol as p
+from fade._version import __version__
+
+if TYPE_CHECKING:
+    from fade.broker import Broker
+    from fade.scheduler import Client, Worker
+
+__all__ = ["snapshot"]
+
+
+def snapshot(broker: Broker) -> dict[str, Any]:
+    """A JSON-ready picture of the pool; O(workers + clients)."""
+    now = time.monotonic()
+    # Completions are counted at each upkeep, which may not have run since the last
+    # ones: count them now, or the rate would lag what tasks_done says.
+    broker.throughput.record(now, broker.tasks_done)
+    sched = broker.scheduler
+    running = sum(len(w.tasks) for w in sched.workers.values())
+    counts = sched.counts
+    return {
+        "broker_id": broker.broker_id,
+        "version": __version__,
+        "address": broker.address,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        "uptime": now - broker.started,
+        "heartbeat_interval": broker.interval,
+        "workers": [
+            _worker(w, now - broker.last_heard(w.identity, now)) for w in sched.workers.values()
+        ],
+        "clients": [_client(c) for c in sched.clients.values()],
+        "queued": len(sched.tasks) - running,
+        "running": running,
+        "tasks_done": counts.done,
+        "tasks_failed": counts.failed,
+        "tasks_lost": counts.lost,
+        "capacity": sched.capacity,
+        "rate": broker.throughput.rate(now),
+        "per_second": broker.throughput.series(now),
+    }
+
+
+def _worker(worker: Worker, silent: float) -> dict[str, Any]:
+    return {
+        "id": p.short_id(worker.identity),
+        "host": worker.hello.host,
+        "pid": worker.hello.pid,
+        "python": worker.kind.python,
+        "state": "draining" if worker.draining else "busy" if worker.tasks else "idle",
+        "running": len(worker.tasks),
+        "credits": worker.credits,
+        "done": worker.done,
+        "last_heard": silent,
+    }
+
+
+def _client(client: Client) -> dict[str, Any]:
+    return {
+        "id": p.short_id(client.identity),
+        "host": client.hello.host,
+        "pid": client.hello.pid,
+        "tasks": len(client.tasks),
+        "queued": len(client.queue),
+    }
