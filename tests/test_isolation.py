@@ -84,7 +84,7 @@ def _keep_taking_over(
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         socks = [sockets.peer(address, key, identity=identity) for identity in identities]
-        got += _listen(socks, 0.3)
+        got += _listen(socks, 0.05)  # the victim reconnects within about that
         for sock in socks:
             sock.close(linger=0)
     return got
