@@ -2,8 +2,8 @@
 
 No cluster here: the Kubernetes manifests are parsed and checked for consistency,
 and the containers' own commands and environment are run as local processes; the
-systemd units' ExecStart lines are run with their EnvironmentFile; the Slurm
-batch script runs with a stand-in ``srun``. Addresses that name the cluster
+systemd units' ExecStart lines are run with their EnvironmentFile. (Slurm's
+recipes run on a real cluster: tests/test_deploy_slurm.py.) Addresses that name the cluster
 (a Service name, a head node, every interface) are pointed at loopback, and
 nothing else is changed.
 """
@@ -15,7 +15,6 @@ import os
 import shlex
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,79 +189,3 @@ def test_systemd_units_run_as_a_pool(processes: list[subprocess.Popen[bytes]]) -
     processes.append(subprocess.Popen(argv(broker_cmd), env={**os.environ, **env}))
     processes.append(subprocess.Popen(argv(exec_start(worker, env)), env={**os.environ, **env}))
     run_pool_job(address, int(settings["FADE_PROCESSES"]))
-
-
-# -- Slurm --------------------------------------------------------------------------------
-
-
-def test_slurm_batch_script_runs_a_job_on_its_pool(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shims = {
-        # Stands in for Slurm's srun: one task, on this machine.
-        "srun": 'while [ $# -gt 0 ]; do case "$1" in --*) shift;; *) break;; esac; done\nexec "$@"',
-        "fade-broker": f'exec {sys.executable} -m fade.broker "$@"',
-        "fade-worker": f'exec {sys.executable} -m fade.worker "$@"',
-    }
-    for name, body in shims.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    port = free_port()
-    job = textwrap.dedent(
-        """
-        import os, fade
-        from fade.status import query
-        from conftest import wait_for
-        address = os.environ["FADE_ADDRESS"]
-        wait_for(lambda: len(query(address)["workers"]) == 2, 30, "2 workers")
-        with fade.Executor(address) as ex:
-            print("job result", sum(ex.map(abs, range(-50, 50))))
-        """
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_CPUS_PER_TASK": "2",
-        "FADE_PORT": str(port),
-        "FADE_HEAD": "127.0.0.1",
-        "FADE_BIND": f"tcp://127.0.0.1:{port}",  # not every interface, on a shared machine
-        "FADE_HTTP_PORT": str(free_port()),
-    }
-    result = subprocess.run(
-        ["bash", str(DEPLOY / "slurm" / "fade.sbatch"), sys.executable, "-c", job],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "job result 2500" in result.stdout
-    # The pool went down with the job: workers drained, then the broker stopped.
-    assert "fade-broker stopped" in result.stderr
-
-
-def test_slurm_batch_script_passes_on_the_job_status(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, module in (("fade-broker", "fade.broker"), ("fade-worker", "fade.worker")):
-        (bin_dir / name).write_text(f'#!/bin/sh\nexec {sys.executable} -m {module} "$@"\n')
-        (bin_dir / name).chmod(0o755)
-    (bin_dir / "srun").write_text('#!/bin/sh\nshift\nexec "$@"\n')
-    (bin_dir / "srun").chmod(0o755)
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "FADE_PORT": str(port),
-        "FADE_HEAD": "127.0.0.1",
-        "FADE_BIND": f"tcp://127.0.0.1:{port}",
-        "FADE_HTTP_PORT": str(free_port()),
-    }
-    result = subprocess.run(
-        ["bash", str(DEPLOY / "slurm" / "fade.sbatch"), "sh", "-c", "exit 3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 3, result.stderr
