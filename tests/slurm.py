@@ -302,11 +302,6 @@ class SlurmCluster:
         out = self.run("squeue", "--noheader", "--format=%i", check=False)
         return out.stdout.split()
 
-    def steps(self, job: int) -> list[str]:
-        """Ids of the running steps of ``job`` (``ID.batch``, ``ID.0``, ...)."""
-        out = self.run("squeue", "--noheader", "--steps", f"--jobs={job}", "--format=%i")
-        return out.stdout.split()
-
     def wait_state(self, job: int, states: Iterable[str], timeout: float) -> dict[str, str]:
         """Wait until the job is in one of ``states``; AssertionError with its record, its
         output and the daemons' logs if not within ``timeout``."""
