@@ -62,6 +62,7 @@ def test_pool_job_runs_the_program_on_its_pool(slurm_cluster: SlurmCluster, home
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", output
     assert JOB_RESULT in output
     assert "CURVE keys on" in output
+    assert f"a pool at tcp://{slurm_cluster.node}:{port} for job {job}" in output
     # The pool went down with the program: each worker drained, then the broker stopped.
     assert output.count("draining: handing back unstarted tasks") == n, output
     assert "fade-broker stopped" in output
