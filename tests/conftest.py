@@ -18,9 +18,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import psutil
 import pytest
+import slurm
 import zmq
 
 import fade
@@ -417,3 +419,30 @@ def netns() -> Iterator[Namespace]:
     finally:
         subprocess.run(["ip", "link", "del", ns.host_if], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
+
+
+# -- services the deploy recipes need (tests/slurm.py, tests/sshd.py) --------------------------
+
+
+def unavailable(service: str, reason: str) -> NoReturn:
+    """Skip the test because ``service`` cannot run here, saying why; but fail it where
+    $FADE_TEST_REQUIRE names the service (.ci/run sets it for what it installed), so that
+    a broken fixture cannot pass as a skip."""
+    required = {s.strip() for s in os.environ.get("FADE_TEST_REQUIRE", "").split(",")}
+    if service in required:
+        pytest.fail(f"{service} is required here (FADE_TEST_REQUIRE) but: {reason}")
+    pytest.skip(f"{service}: {reason}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[slurm.SlurmCluster]:
+    """A real single-node Slurm cluster (munged, slurmctld, slurmd; see tests/slurm.py),
+    started once for the session and stopped, with every process it started, at the end."""
+    try:
+        cluster = slurm.SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    except slurm.SlurmUnavailable as exc:
+        unavailable("slurm", str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
