@@ -48,7 +48,14 @@ from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
-from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
+from fade.peers import Task, Worker
+from fade.scheduler import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_CLIENT_BYTES,
+    DEFAULT_MAX_CLIENT_TASKS,
+    Refusal,
+    Scheduler,
+)
 from fade.snapshot import snapshot
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -92,6 +99,9 @@ class Broker:
         insecure: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         insecure_warning_period: float = INSECURE_WARNING_PERIOD,
+        weights: dict[str, float] | None = None,
+        max_client_tasks: int = DEFAULT_MAX_CLIENT_TASKS,
+        max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
     ) -> None:
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
@@ -109,7 +119,12 @@ class Broker:
         self.broker_id = uuid.uuid4().hex
         self.interval = heartbeat_interval
         self.liveness = heartbeat_liveness
-        self.scheduler = Scheduler(max_attempts)
+        self.scheduler = Scheduler(
+            max_attempts,
+            weights=weights,
+            max_client_tasks=max_client_tasks,
+            max_client_bytes=max_client_bytes,
+        )
         self._clocks = Liveness(
             heartbeat_interval, p.expiry(heartbeat_interval, heartbeat_liveness)
         )
@@ -148,7 +163,7 @@ class Broker:
                 self.address,
                 keys=self.gate.keys,
                 max_message_size=self.max_message_size,
-                heartbeat_ms=(int(self.interval * 1000), int(self._clocks.expiry * 1000)),
+                keepalive=(max(1, round(self.interval)), self.liveness),
             )
         except zmq.ZMQError:
             self._close_security()
@@ -327,6 +342,13 @@ class Broker:
             return
         self.scheduler.submit(identity, tasks)
 
+    def _on_terminate(self, identity: bytes, body: list[p.Frame]) -> None:
+        task_ids = p.decode_terminate(body)
+        if identity not in self.scheduler.clients:
+            self._reset(identity)
+            return
+        self.scheduler.terminate(identity, task_ids)
+
     def _on_done(self, identity: bytes, body: list[p.Frame]) -> None:
         credits, results = p.decode_done(body)
         sched = self.scheduler
@@ -420,6 +442,7 @@ class Broker:
         p.Command.HEARTBEAT: _on_heartbeat,
         p.Command.READY: _on_ready,
         p.Command.SUBMIT: _on_submit,
+        p.Command.TERMINATE: _on_terminate,
         p.Command.DONE: _on_done,
         p.Command.DRAIN: _on_drain,
         p.Command.DISCONNECT: _on_disconnect,
@@ -486,12 +509,18 @@ class Broker:
     # -- output ---------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Send what the scheduler decided: TASK batches, RESULT batches, the capacity."""
+        """Send what the scheduler decided: STOPs and TASK batches to workers, RESULT
+        batches and NOTICEs to clients, the capacity."""
         sends = self.scheduler.take_sends()
         if not sends:
             return
+        for identity, keys in sends.stops.items():
+            self._send(identity, p.encode_stop(keys))
         for identity, tasks in sends.tasks.items():
             self._send_tasks(identity, tasks)
+        for identity, notices in sends.notices.items():
+            for message, task_ids in notices:
+                self._send(identity, p.encode_notice(message, task_ids))
         capacity = self.scheduler.capacity
         for identity, results in sends.results.items():
             limit = _batch_limit(self.scheduler.clients.get(identity))
@@ -503,7 +532,7 @@ class Broker:
                 self._send(identity, beat)
 
     def _send_tasks(self, identity: bytes, tasks: list[Task]) -> None:
-        records = [(p.TaskRecord(task.key, task.timeout), task.payload) for task in tasks]
+        records = [(p.TaskRecord(t.key, t.timeout, t.devices), t.payload) for t in tasks]
         limit = _batch_limit(self.scheduler.workers.get(identity))
         for batch in p.chunked(records, limit):
             self._send(identity, p.encode_task(batch))

@@ -26,7 +26,7 @@ from fade._logutil import OneLineFormatter
 from fade._version import __version__
 from fade.broker import INSECURE_WARNING_PERIOD, PUBLISH_INTERVAL, Broker
 from fade.errors import SecurityError
-from fade.scheduler import DEFAULT_MAX_ATTEMPTS
+from fade.scheduler import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_CLIENT_TASKS
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 
 if TYPE_CHECKING:
@@ -54,6 +54,29 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_MAX_ATTEMPTS,
         help="worker losses a task may suffer before it fails (default %(default)s)",
+    )
+    parser.add_argument(
+        "--weight",
+        metavar="KEY=WEIGHT",
+        action="append",
+        type=_weight,
+        default=[],
+        help="give the clients of a key this share of the pool, relative to the default 1 "
+        "(repeat for more keys; with --keys); e.g. --weight alice=2",
+    )
+    parser.add_argument(
+        "--max-client-tasks",
+        type=int,
+        default=DEFAULT_MAX_CLIENT_TASKS,
+        metavar="N",
+        help="tasks one client may hold at the broker (default %(default)s); more are refused",
+    )
+    parser.add_argument(
+        "--max-client-bytes",
+        type=parse_size,
+        default=DEFAULT_MAX_CLIENT_BYTES,
+        metavar="BYTES",
+        help="bytes of task data one client may hold at the broker (default 2G)",
     )
     parser.add_argument(
         "--http",
@@ -120,6 +143,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = 0.0
+    if not sep or not name or weight <= 0:
+        raise argparse.ArgumentTypeError(f"expected KEY=WEIGHT with a positive weight: {text!r}")
+    return name, weight
+
+
 def _raise_open_file_limit() -> None:
     """Every connected peer costs the broker a file descriptor: allow as many as the
     system does, since the common default of 1024 would cap a pool at ~1000 workers."""
@@ -161,6 +195,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             insecure=args.insecure,
             max_message_size=args.max_message_size,
             insecure_warning_period=args.insecure_warning_period,
+            weights=dict(args.weight),
+            max_client_tasks=args.max_client_tasks,
+            max_client_bytes=args.max_client_bytes,
         )
         broker.bind()
         web = _start_http(broker, args) if args.http else None

@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 from fade import protocol as p
 from fade import security
 from fade import serialization as ser
-from fade.clientio import ClientIO, WorkItem
+from fade.clientio import ClientIO, TaskOptions, WorkItem
 from fade.embedded import EmbeddedPool
-from fade.errors import BrokenPoolError, MessageTooLargeError
+from fade.errors import BrokenPoolError, MessageTooLargeError, ProtocolError
 from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, check_address
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE
@@ -61,6 +61,7 @@ class _Future(cf.Future[T]):
     def __init__(self, io: ClientIO) -> None:
         super().__init__()
         self._io = io
+        self.task_id = 0
         self._callbacks_lock = threading.Lock()
         self.has_callbacks = False
 
@@ -156,6 +157,8 @@ class Executor(cf.Executor):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         fast_paths: bool | None = None,
+        priority: int = 0,
+        resources: dict[str, float] | None = None,
     ) -> None:
         if isinstance(address, int) and not isinstance(address, bool):
             # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
@@ -204,12 +207,18 @@ class Executor(cf.Executor):
             reconnect_timeout=reconnect_timeout,
             fast_paths=fast_paths,
         )
+        self._options = _merge(TaskOptions(), priority, resources, None, None)
         self._owner = os.getpid()
         self._io.thread.start()
         _live_executors.add(self)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
         """Schedule ``fn(*args, **kwargs)``; raises SerializationError if it cannot be pickled."""
+        return self._submit(self._options, fn, args, kwargs)
+
+    def _submit(
+        self, options: TaskOptions, fn: Callable[..., T], args: Any, kwargs: Any
+    ) -> cf.Future[T]:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._io.broken is not None:
@@ -225,12 +234,45 @@ class Executor(cf.Executor):
                 f"the task has a {largest}-byte part, more than max_message_size "
                 f"({self._max_message_size}); raise it here, on the broker and on the workers"
             )
-        future: cf.Future[T] = _Future(self._io)
+        future: _Future[T] = _Future(self._io)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._io.enqueue(WorkItem(next(self._ids), future, payload, largest))
+            future.task_id = next(self._ids)
+            self._io.enqueue(WorkItem(future.task_id, future, payload, largest, options))
         return future
+
+    def options(
+        self,
+        *,
+        priority: int | None = None,
+        resources: dict[str, float] | None = None,
+        task_timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> ExecutorView:
+        """A view of this executor whose tasks run with these options (the others as
+        this executor's). It shares the connection and supports ``submit``, ``map`` and
+        ``asubmit``; ``submit``'s own keyword arguments stay the function's::
+
+            gpu = ex.options(resources={"gpu": 1}, priority=5)
+            futures = [gpu.submit(train, config) for config in configs]
+
+        priority: higher runs first among this client's tasks (-32768 to 32767).
+        resources: what each task needs on its worker's host, e.g. {"gpu": 1,
+            "mem": 16e9}; it runs only where that is free (docs/scheduling.md).
+        """
+        return ExecutorView(
+            self, _merge(self._options, priority, resources, task_timeout, max_attempts)
+        )
+
+    def terminate(self, future: cf.Future[Any]) -> bool:
+        """Stop the task of ``future``, running or not, on its worker (replacing the worker
+        process if the task does not stop at once); its future fails with
+        TaskTerminatedError. False if the future is done already. ``future.cancel()``
+        keeps its standard meaning: it stops only a task that has not started."""
+        if not isinstance(future, _Future) or future._io is not self._io:
+            raise ValueError("terminate() takes a future of this executor")
+        return self._io.terminate(future.task_id, future)
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.
@@ -260,21 +302,30 @@ class Executor(cf.Executor):
 
         return map_in_order(self, fn, iterables, timeout, chunksize, buffersize, progress)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, terminate: bool = False
+    ) -> None:
         """Stop accepting work; with ``wait`` block until every future is done and the
-        embedded pool (if any) has stopped. In a forked child, only marks it shut down:
-        the pool and its I/O thread belong to the parent."""
+        embedded pool (if any) has stopped. ``cancel_futures`` cancels what has not
+        started, as the standard library does; ``terminate`` also stops what runs (its
+        futures fail with TaskTerminatedError). In a forked child, only marks it shut
+        down: the pool and its I/O thread belong to the parent."""
         with self._shutdown_lock:
             self._shutdown = True
         if os.getpid() != self._owner:
             return
         io = self._io
-        if cancel_futures:
+        if cancel_futures or terminate:
             with io.lock:
                 items = list(io.outbox)
                 io.outbox.clear()
             for item in items:
                 item.future.cancel()
+        if terminate:
+            with io.baton:
+                running = list(io.in_flight.values())
+            for item in running:
+                io.terminate(item.task_id, item.future)
         io.close_soon()
         if wait:
             io.thread.join()
@@ -291,6 +342,88 @@ class Executor(cf.Executor):
     def _stop_pool(self) -> None:
         if self._pool is not None:
             self._pool.stop()
+
+
+class ExecutorView(cf.Executor):
+    """An executor's tasks with other options (``Executor.options``): same connection,
+    same pool. Shutting a view down does nothing: its executor owns the pool."""
+
+    def __init__(self, executor: Executor, options: TaskOptions) -> None:
+        self._executor = executor
+        self._options = options
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
+        return self._executor._submit(self._options, fn, args, kwargs)
+
+    def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """As :meth:`Executor.asubmit`, with this view's options."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[T]:
+        from fade._map import map_in_order
+
+        return map_in_order(self, fn, iterables, timeout, chunksize, buffersize, progress)
+
+    def options(self, **changes: Any) -> ExecutorView:
+        """A view with these options changed too."""
+        o = self._options
+        merged = _merge(
+            o,
+            changes.pop("priority", None),
+            changes.pop("resources", None),
+            changes.pop("task_timeout", None),
+            changes.pop("max_attempts", None),
+        )
+        if changes:
+            raise TypeError(f"unknown options: {', '.join(changes)}")
+        return ExecutorView(self._executor, merged)
+
+    def terminate(self, future: cf.Future[Any]) -> bool:
+        return self._executor.terminate(future)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing: the executor this is a view of owns the pool."""
+
+
+def _merge(
+    options: TaskOptions,
+    priority: int | None,
+    resources: dict[str, float] | None,
+    task_timeout: float | None,
+    max_attempts: int | None,
+) -> TaskOptions:
+    """``options`` with the given ones changed, checked."""
+    if priority is not None and not -32768 <= priority <= 32767:
+        raise ValueError("priority must be between -32768 and 32767")
+    if task_timeout is not None and task_timeout <= 0:
+        raise ValueError("task_timeout must be positive")
+    if max_attempts is not None and not 1 <= max_attempts <= 65535:
+        raise ValueError("max_attempts must be between 1 and 65535")
+    spec = options.resources
+    if resources is not None:
+        try:
+            spec = p.encode_resources(p.decode_resources(p.encode_resources(resources)) or {})
+        except (ProtocolError, TypeError) as exc:
+            raise ValueError(f"bad resources {resources!r}: {exc}") from None
+        if spec == b"{}":
+            spec = b""
+    return TaskOptions(
+        options.priority if priority is None else priority,
+        spec,
+        options.task_timeout if task_timeout is None else task_timeout,
+        options.max_attempts if max_attempts is None else max_attempts,
+    )
 
 
 def _check_options(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import heapq
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -47,6 +48,7 @@ import zmq
 from fade import fastpath, security
 from fade import protocol as p
 from fade import serialization as ser
+from fade._logutil import RateLimitedLog, printable
 from fade._version import __version__
 from fade.embedded import EmbeddedPool
 from fade.errors import (
@@ -57,7 +59,9 @@ from fade.errors import (
     MessageTooLargeError,
     MissingDependencyError,
     ProtocolError,
+    QuotaExceededError,
     ResultDecodeError,
+    TaskTerminatedError,
     WorkerLostError,
 )
 from fade.link import BrokerLink
@@ -65,7 +69,7 @@ from fade.shipping import LocalCode
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
 
-__all__ = ["ClientIO", "WorkItem"]
+__all__ = ["DEFAULT_OPTIONS", "ClientIO", "TaskOptions", "WorkItem"]
 
 log = logging.getLogger("fade.client")
 
@@ -79,6 +83,20 @@ POOL_CHECK_INTERVAL = 0.1
 Outcome = tuple["cf.Future[Any]", bool, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How tasks are to run: an Executor's defaults, or those of one of its views
+    (``Executor.options``). None: the broker's default."""
+
+    priority: int = 0
+    resources: bytes = b""  # p.encode_resources of the request; empty: none
+    task_timeout: float | None = None
+    max_attempts: int | None = None
+
+
+DEFAULT_OPTIONS = TaskOptions()
+
+
 @dataclass(slots=True, eq=False)
 class WorkItem:
     """A submitted task as the client keeps it: it has the Future; only its payload travels."""
@@ -87,6 +105,61 @@ class WorkItem:
     future: cf.Future[Any]
     payload: p.Payload
     largest: int = 0  # bytes in its largest frame (p.largest_part)
+    options: TaskOptions = DEFAULT_OPTIONS
+
+
+class Outbox:
+    """Tasks waiting here to be sent, highest priority first, then in submission order.
+    Tasks of the default priority 0 (most) cost a deque's O(1); others a heap's O(log n)."""
+
+    __slots__ = ("_plain", "_ranked")
+
+    def __init__(self) -> None:
+        self._plain: collections.deque[WorkItem] = collections.deque()
+        self._ranked: list[tuple[int, int, WorkItem]] = []
+
+    def append(self, item: WorkItem) -> None:
+        priority = item.options.priority
+        if priority:
+            heapq.heappush(self._ranked, (-priority, item.task_id, item))
+        else:
+            self._plain.append(item)
+
+    def _ranked_first(self) -> bool:
+        if not self._ranked:
+            return False
+        if not self._plain:
+            return True
+        priority, task_id, _ = self._ranked[0]
+        return (priority, task_id) < (0, self._plain[0].task_id)
+
+    def peek(self) -> WorkItem:
+        return self._ranked[0][2] if self._ranked_first() else self._plain[0]
+
+    def popleft(self) -> WorkItem:
+        return heapq.heappop(self._ranked)[2] if self._ranked_first() else self._plain.popleft()
+
+    def remove(self, item: WorkItem) -> bool:
+        if item in self._plain:
+            self._plain.remove(item)
+            return True
+        for entry in self._ranked:
+            if entry[2] is item:
+                self._ranked.remove(entry)
+                heapq.heapify(self._ranked)
+                return True
+        return False
+
+    def clear(self) -> None:
+        self._plain.clear()
+        self._ranked.clear()
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        yield from self._plain
+        yield from (entry[2] for entry in self._ranked)
+
+    def __len__(self) -> int:
+        return len(self._plain) + len(self._ranked)
 
 
 class ClientIO:
@@ -115,9 +188,10 @@ class ClientIO:
         self.code = code
         self.tag = os.urandom(p.TAG_SIZE)
         self.lock = threading.Lock()  # guards outbox, closing, _woken
-        self.outbox: collections.deque[WorkItem] = collections.deque()
+        self.outbox = Outbox()
         self.baton = fastpath.baton()  # the socket, in_flight and ready (fade/fastpath.py)
         self.in_flight: dict[int, WorkItem] = {}
+        self.terminations: list[int] = []  # task ids to stop, guarded by lock
         self.ready: list[Outcome] = []  # results to deliver, outside the baton
         self.closing = False
         self.broken: BaseException | None = None
@@ -137,6 +211,7 @@ class ClientIO:
                 p.Command.RESULT: self._on_result,
                 p.Command.HEARTBEAT: self._on_heartbeat,
                 p.Command.FETCH: self._on_fetch,
+                p.Command.NOTICE: self._on_notice,
             },
             on_welcome=self._on_welcome,
             on_fatal=self.break_pool,
@@ -151,6 +226,7 @@ class ClientIO:
             reconnect_timeout=reconnect_timeout,
         )
         self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(fast_paths) else None
+        self._notices = RateLimitedLog(log, burst=5, period=60.0)
         self._next_pool_check = 0.0
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
 
@@ -165,6 +241,23 @@ class ClientIO:
             self._woken = True
         if wake:
             self.wake.wake()
+
+    def terminate(self, item_id: int, future: cf.Future[Any]) -> bool:
+        """Stop a task: one still waiting here fails at once; one at the broker is asked to
+        stop there. False if it is done already."""
+        if future.done():
+            return False
+        with self.lock:
+            item = next((i for i in self.outbox if i.task_id == item_id), None)
+            if item is not None:
+                self.outbox.remove(item)
+            else:
+                self.terminations.append(item_id)
+        if item is not None:
+            self._fail(item, TaskTerminatedError("the task was terminated before it was sent"))
+        else:
+            self.wake.wake()
+        return True
 
     def why_waiting(self, timeout: float | None) -> str:
         """For a result() that timed out: what the task is waiting for, as far as we know."""
@@ -311,6 +404,12 @@ class ClientIO:
             status, frames = _serve(self.code, p.unpack_request(request))
         self.link.send(p.encode_code(ref, request_id, status, frames))
 
+    def _on_notice(self, message: p.Message) -> None:
+        text, task_ids = p.decode_notice(message.body)
+        self._notices.warning(
+            "the broker says, of %d tasks: %s", len(task_ids), printable(text, limit=1000)
+        )
+
     def _on_unreachable(self, error: BrokerUnreachableError | None) -> None:
         self.unreachable = error
         if error is None:
@@ -331,8 +430,18 @@ class ClientIO:
 
     # -- to the broker -----------------------------------------------------------------
 
+    def _send_terminations(self) -> None:
+        if not self.terminations or not self.link.welcomed:
+            return
+        with self.lock:
+            ids, self.terminations = self.terminations, []
+        ids = [i for i in ids if i in self.in_flight]
+        if ids:
+            self.link.send(p.encode_terminate(ids))
+
     def _send_tasks(self) -> None:
         """Move tasks from the outbox to the broker while the pool has room for them."""
+        self._send_terminations()
         if not self.outbox:
             return
         if self.unreachable is not None:
@@ -342,9 +451,16 @@ class ClientIO:
             return
         while True:
             room = min(MAX_BATCH, self.capacity - len(self.in_flight))
+            urgent = False
             if room <= 0:
-                return
-            batch = self._refuse_oversized(self._take(room))
+                # A task of raised priority may go beyond the window (by up to its size
+                # again): at the broker it overtakes this client's queued tasks, which
+                # it could not from here.
+                room = min(MAX_BATCH, 2 * self.capacity - len(self.in_flight))
+                urgent = True
+                if room <= 0 or not self.outbox or self.outbox.peek().options.priority <= 0:
+                    return
+            batch = self._refuse_oversized(self._take(room, urgent))
             if not batch:
                 return
             self.link.send(self.submit_frames(batch))
@@ -367,14 +483,18 @@ class ClientIO:
             self._fail(item, error)
         return kept
 
-    def _take(self, room: int) -> list[WorkItem]:
-        """Up to ``room`` tasks from the outbox whose inline data fits in one frame."""
+    def _take(self, room: int, urgent: bool = False) -> list[WorkItem]:
+        """Up to ``room`` tasks from the outbox whose inline data fits in one frame
+        (``urgent``: only tasks of raised priority)."""
         batch: list[WorkItem] = []
         size = 0
         with self.lock:
             while self.outbox and len(batch) < room:
-                inline = len(self.outbox[0].payload.inline) + p.HEAD_ROOM
-                if batch and size + inline > self._batch_bytes():
+                head = self.outbox.peek()
+                inline = len(head.payload.inline) + p.HEAD_ROOM
+                if (batch and size + inline > self._batch_bytes()) or (
+                    urgent and head.options.priority <= 0
+                ):
                     break
                 item = self.outbox.popleft()
                 if item.future.set_running_or_notify_cancel():
@@ -393,12 +513,15 @@ class ClientIO:
         return min(limits)
 
     def submit_frames(self, items: list[WorkItem]) -> list[Any]:
-        return p.encode_submit(
-            [
-                (p.SubmitRecord(item.task_id, self.max_attempts, self.timeout), item.payload)
-                for item in items
-            ]
-        )
+        return p.encode_submit([(self._record(item), item.payload) for item in items])
+
+    def _record(self, item: WorkItem) -> p.SubmitRecord:
+        options = item.options
+        if options is DEFAULT_OPTIONS:
+            return p.SubmitRecord(item.task_id, self.max_attempts, self.timeout)
+        timeout = options.task_timeout if options.task_timeout is not None else self.timeout
+        attempts = options.max_attempts or self.max_attempts
+        return p.SubmitRecord(item.task_id, attempts, timeout, options.priority, options.resources)
 
     # -- failure ---------------------------------------------------------------------
 
@@ -461,6 +584,8 @@ def _outcome(status: p.Status, payload: p.Payload) -> tuple[bool, Any]:
 _REFUSALS: dict[str, Callable[[str], FadeError]] = {
     "too_large": MessageTooLargeError,
     "incompatible": IncompatibleWorkerError,
+    "terminated": TaskTerminatedError,
+    "quota": QuotaExceededError,
 }
 
 

@@ -10,6 +10,8 @@
      |    +-- ResultDecodeError  a result or exception did not survive the trip back
      +-- WorkerLostError         a task's worker died too many times
      +-- TaskTimeoutError        a task ran past its time limit
+     +-- TaskTerminatedError     a task was stopped on request (Executor.terminate)
+     +-- QuotaExceededError      the broker holds as many of this client's tasks as it allows
      +-- IncompatibleWorkerError no connected worker can run the task (Python version...)
      +-- MessageTooLargeError    a frame over a peer's max_message_size
      +-- CodeShippingError       local code could not travel to a worker
@@ -40,10 +42,12 @@ __all__ = [
     "NoWorkersError",
     "ProtocolError",
     "ProtocolVersionError",
+    "QuotaExceededError",
     "RemoteTraceback",
     "ResultDecodeError",
     "SecurityError",
     "SerializationError",
+    "TaskTerminatedError",
     "TaskTimeoutError",
     "WorkerLostError",
 ]
@@ -79,6 +83,16 @@ class WorkerLostError(FadeError):
 
 class TaskTimeoutError(FadeError):
     """The task ran longer than its ``task_timeout``; its worker process was replaced."""
+
+
+class TaskTerminatedError(FadeError):
+    """The task was stopped on request (``Executor.terminate``, or ``shutdown`` with
+    ``terminate=True``) before it finished."""
+
+
+class QuotaExceededError(FadeError):
+    """The broker holds as many of this client's tasks as it allows (its
+    ``--max-client-tasks`` and ``--max-client-bytes``): wait for results, then submit more."""
 
 
 class CodeShippingError(FadeError):

@@ -18,6 +18,7 @@ from fade import protocol as p
 from fade._env import default_address
 from fade._version import __version__
 from fade.keyfiles import KEYS_ENV
+from fade.resources import parse_resources
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 
 __all__ = ["WorkerOptions", "child_argv", "parse_worker_args"]
@@ -38,6 +39,9 @@ class WorkerOptions:
     log_level: str = "INFO"
     clients: tuple[str, ...] | None = None  # serve only these client key names
     fast_paths: bool | None = None  # None: $FADE_FAST_PATHS decides
+    #: What the host has for tasks that ask (fade/resources.py); None: detect.
+    resources: dict[str, float] | None = None
+    pool: str = ""  # the id the worker processes of one supervisor share
     parent_pid: int | None = None  # end when this process is gone
     child: bool = False
     identity: bytes | None = None
@@ -90,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         "with --keys on the broker): a pool of workers for one trust domain",
     )
     parser.add_argument(
+        "--resources",
+        metavar="SPEC",
+        default=None,
+        help="what this host has for tasks that ask, e.g. gpu=2,mem=64G,licence=1 "
+        "(default: detected CPUs, memory, and GPUs from CUDA_VISIBLE_DEVICES or nvidia-smi; "
+        "'' for none)",
+    )
+    parser.add_argument(
         "--max-message-size",
         type=parse_size,
         default=DEFAULT_MAX_MESSAGE_SIZE,
@@ -102,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--identity", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-fast-paths", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pool", default="", help=argparse.SUPPRESS)
     return parser
 
 
@@ -113,6 +126,12 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         parser.error("--processes must be at least 1")
     if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
         parser.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
+    resources = None
+    if args.resources is not None:
+        try:
+            resources = parse_resources(args.resources)
+        except ValueError as exc:
+            parser.error(f"--resources: {exc}")
     clients = None
     if args.serve_clients is not None:
         clients = tuple(name.strip() for name in args.serve_clients.split(",") if name.strip())
@@ -130,6 +149,8 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         log_level=args.log_level,
         clients=clients,
         fast_paths=False if args.no_fast_paths else None,
+        resources=resources,
+        pool=args.pool,
         parent_pid=args.parent_pid,
         child=args.child,
         identity=bytes.fromhex(args.identity) if args.identity else None,
@@ -167,4 +188,7 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         argv += ["--serve-clients", ",".join(options.clients)]
     if options.fast_paths is False:
         argv.append("--no-fast-paths")
+    if options.resources is not None:
+        spec = ",".join(f"{name}={amount:.17g}" for name, amount in options.resources.items())
+        argv += ["--resources", spec, "--pool", options.pool]
     return argv

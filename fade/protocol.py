@@ -188,6 +188,9 @@ class Command(enum.IntEnum):
     STATUS = 15  # any peer -> broker: describe the pool (no HELLO needed)
     STATE = 16  # broker -> asker: the pool's state (JSON)
     ERROR = 17  # broker -> peer: your message was refused, and why (UTF-8 text)
+    TERMINATE = 18  # client -> broker: stop these tasks of mine, running or not (u64 ids)
+    STOP = 19  # broker -> worker: stop these tasks you hold (task keys)
+    NOTICE = 20  # broker -> client: something it should know about its tasks (JSON)
 
 
 class Status(enum.IntEnum):
@@ -212,8 +215,9 @@ _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
 _BATCHES = frozenset({Command.SUBMIT, Command.TASK, Command.DONE, Command.RESULT})
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
-_SUBMIT = struct.Struct("<QIHHd")  # task id, inline size, buffers, max attempts, timeout
-_TASK = struct.Struct("<16sIHd")  # key, inline size, buffers, timeout
+# task id, inline size, buffers, max attempts, timeout, priority, size of the resource spec
+_SUBMIT = struct.Struct("<QIHHdhH")
+_TASK = struct.Struct("<16sIHdH")  # key, inline size, buffers, timeout, size of the devices
 _DONE = struct.Struct("<16sBIH")  # key, status, inline size, buffers
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
@@ -279,6 +283,10 @@ class WorkerHello:
     max_message_size: int = 0
     #: Key names of the only clients whose tasks it takes; None: any client's.
     clients: tuple[str, ...] | None = None
+    #: What its host has for tasks that ask (``{"gpu": 2, "mem": 6.4e10}``), shared by the
+    #: worker processes of one ``pool`` (their supervisor).
+    resources: dict[str, float] | None = None
+    pool: str = ""
     role: str = "worker"
 
 
@@ -308,6 +316,9 @@ class SubmitRecord:
     task_id: int
     max_attempts: int  # 0: the broker's default
     timeout: float  # seconds; 0: none
+    priority: int = 0  # higher runs first among this client's tasks (-32768..32767)
+    #: The resources it needs, as canonical JSON ({"gpu": 1}); empty: none.
+    resources: bytes = b""
 
 
 @dataclass(slots=True)
@@ -316,6 +327,9 @@ class TaskRecord:
 
     key: bytes
     timeout: float
+    #: The devices it was given, as JSON: indices among its host's, per resource
+    #: ({"gpu": [1]}: the worker sets CUDA_VISIBLE_DEVICES); empty: none.
+    devices: bytes = b""
 
 
 @dataclass(slots=True)
@@ -397,6 +411,9 @@ def encode_hello(hello: Hello) -> list[Frame]:
         fields["holding"] = [key.hex() for key in hello.holding]
         if hello.clients is not None:
             fields["clients"] = list(hello.clients)
+        if hello.resources:
+            fields["resources"] = hello.resources
+            fields["pool"] = hello.pool
     return [_HEADERS[Command.HELLO], _json(fields)]
 
 
@@ -432,9 +449,43 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
             credits=credits,
             holding=tuple(_hex(key, KEY_SIZE, "holding") for key in holding),
             clients=None if clients is None else tuple(clients),
+            resources=_resources(data.get("resources")),
+            pool=_field(data, "pool", str, ""),
             **common,
         )
     raise ProtocolError(f"HELLO with unknown role {role!r}")
+
+
+def _resources(value: object) -> dict[str, float] | None:
+    """A checked resource table: names to non-negative amounts."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > 64:
+        raise ProtocolError("resources must be an object of at most 64 names")
+    table = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise ProtocolError("a resource name must be a short string")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ProtocolError(f"resource {name!r} needs a non-negative amount")
+        table[name] = float(amount)
+    return table
+
+
+def encode_resources(resources: dict[str, float]) -> bytes:
+    """The canonical form of a resource request (sorted keys, no spaces): equal requests
+    are equal bytes, which the broker groups by."""
+    return json.dumps(resources, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_resources(spec: bytes) -> dict[str, float] | None:
+    """A task's resource request from its SUBMIT record (None for none)."""
+    if not spec:
+        return None
+    try:
+        return _resources(json.loads(spec))
+    except ValueError:
+        raise ProtocolError("a resource spec is not JSON") from None
 
 
 def python_of(hello: Hello) -> str:
@@ -561,6 +612,47 @@ def encode_refusal(kind: str, message: str) -> Payload:
     return Payload(_json({"error": kind, "message": message}))
 
 
+# -- stopping tasks: TERMINATE, STOP; and NOTICE ----------------------------------------
+
+
+def encode_terminate(task_ids: Sequence[int]) -> list[Frame]:
+    """TERMINATE: the client's ids of tasks to stop, queued or running (u64 each)."""
+    return [_HEADERS[Command.TERMINATE], b"".join(_U64.pack(i) for i in task_ids)]
+
+
+def decode_terminate(body: Sequence[Frame]) -> list[int]:
+    raw = _one_frame(body, "TERMINATE")
+    if len(raw) % _U64.size:
+        raise ProtocolError("TERMINATE body is not a whole number of u64 ids")
+    return [i for (i,) in _U64.iter_unpack(raw)]
+
+
+def encode_stop(keys: Sequence[bytes]) -> list[Frame]:
+    """STOP: keys of tasks the worker holds that it must stop (running) or drop (not yet)."""
+    return [_HEADERS[Command.STOP], b"".join(keys)]
+
+
+def decode_stop(body: Sequence[Frame]) -> list[bytes]:
+    raw = _one_frame(body, "STOP")
+    if len(raw) % KEY_SIZE:
+        raise ProtocolError("STOP body is not a whole number of task keys")
+    return [raw[i : i + KEY_SIZE] for i in range(0, len(raw), KEY_SIZE)]
+
+
+def encode_notice(message: str, task_ids: Sequence[int]) -> list[Frame]:
+    """NOTICE: a warning about some of the client's tasks (they wait for resources no
+    connected worker has, say); the client logs it."""
+    return [_HEADERS[Command.NOTICE], _json({"message": message, "tasks": list(task_ids)})]
+
+
+def decode_notice(body: Sequence[Frame]) -> tuple[str, list[int]]:
+    data = _unjson(body, "NOTICE")
+    message, tasks = data.get("message"), data.get("tasks", [])
+    if not isinstance(message, str) or not isinstance(tasks, list):
+        raise ProtocolError("NOTICE needs a message and a list of task ids")
+    return message[: MAX_ERROR_TEXT * 5], [t for t in tasks if isinstance(t, int)]
+
+
 # -- code shipping: FETCH and CODE, relayed by the broker -------------------------
 
 
@@ -656,40 +748,52 @@ def _batch(command: Command, meta: bytes, payloads: Sequence[Payload]) -> list[F
 
 def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
     meta = b"".join(
-        _SUBMIT.pack(r.task_id, len(pl.inline), len(pl.buffers), r.max_attempts, r.timeout)
+        _SUBMIT.pack(
+            r.task_id,
+            len(pl.inline),
+            len(pl.buffers),
+            r.max_attempts,
+            r.timeout,
+            r.priority,
+            len(r.resources),
+        )
+        + r.resources
         for r, pl in tasks
     )
     return _batch(Command.SUBMIT, meta, [pl for _, pl in tasks])
 
 
 def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
-    meta, inline = _meta(body, "SUBMIT", _SUBMIT.size)
-    if len(meta) == _SUBMIT.size:  # a lone task
-        task_id, size, nbuf, attempts, timeout = _SUBMIT.unpack(meta)
+    meta, inline = _meta(body, "SUBMIT", 1)
+    if len(meta) == _SUBMIT.size:  # a lone task, with no resource spec: most messages
+        task_id, size, nbuf, attempts, timeout, priority, _ = _SUBMIT.unpack(meta)
         payload = _one_payload(inline, body[1:], size, nbuf, "SUBMIT")
-        return [(SubmitRecord(task_id, attempts, timeout), payload)]
+        return [(SubmitRecord(task_id, attempts, timeout, priority), payload)]
     records, sizes = [], []
-    for task_id, size, nbuf, attempts, timeout in _SUBMIT.iter_unpack(meta):
-        records.append(SubmitRecord(task_id, attempts, timeout))
+    for (task_id, size, nbuf, attempts, timeout, priority), spec in _tailed(
+        meta, _SUBMIT, "SUBMIT"
+    ):
+        records.append(SubmitRecord(task_id, attempts, timeout, priority, spec))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "SUBMIT")))
 
 
 def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
     meta = b"".join(
-        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout) for r, pl in tasks
+        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout, len(r.devices)) + r.devices
+        for r, pl in tasks
     )
     return _batch(Command.TASK, meta, [pl for _, pl in tasks])
 
 
 def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
-    meta, inline = _meta(body, "TASK", _TASK.size)
-    if len(meta) == _TASK.size:  # a lone task
-        key, size, nbuf, timeout = _TASK.unpack(meta)
+    meta, inline = _meta(body, "TASK", 1)
+    if len(meta) == _TASK.size:  # a lone task with no devices
+        key, size, nbuf, timeout, _ = _TASK.unpack(meta)
         return [(TaskRecord(key, timeout), _one_payload(inline, body[1:], size, nbuf, "TASK"))]
     records, sizes = [], []
-    for key, size, nbuf, timeout in _TASK.iter_unpack(meta):
-        records.append(TaskRecord(key, timeout))
+    for (key, size, nbuf, timeout), devices in _tailed(meta, _TASK, "TASK"):
+        records.append(TaskRecord(key, timeout, devices))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "TASK")))
 
@@ -785,6 +889,12 @@ def _unjson(body: Sequence[Frame], what: str) -> dict[str, Any]:
     return data
 
 
+def _one_frame(body: Sequence[Frame], what: str) -> bytes:
+    if len(body) != 1:
+        raise ProtocolError(f"{what} needs 1 body frame, got {len(body)}")
+    return _bytes(body[0])
+
+
 def _one_u32(body: Sequence[Frame], what: str) -> int:
     if len(body) != 1:
         raise ProtocolError(f"{what} needs 1 body frame, got {len(body)}")
@@ -809,6 +919,22 @@ def _meta(body: Sequence[Frame], what: str, record_size: int) -> tuple[bytes, by
     if record_size > 1 and len(meta) % record_size:
         raise ProtocolError(f"{what} meta has a partial record")
     return meta, head[end:]
+
+
+def _tailed(meta: bytes, layout: struct.Struct, what: str) -> list[tuple[tuple[Any, ...], bytes]]:
+    """Records of a fixed layout whose last field is the size of bytes that follow it."""
+    out = []
+    offset, end = 0, len(meta)
+    while offset < end:
+        if offset + layout.size > end:
+            raise ProtocolError(f"{what} meta has a partial record")
+        *fields, tail = layout.unpack_from(meta, offset)
+        offset += layout.size
+        if offset + tail > end:
+            raise ProtocolError(f"{what} record runs past its meta")
+        out.append((tuple(fields), meta[offset : offset + tail]))
+        offset += tail
+    return out
 
 
 def _one_payload(

@@ -2,112 +2,82 @@
 
 ::
 
-    broker handler ──method call──> Scheduler ──> Sends: TASK batches per worker,
-      (submit, grant, done,            │              RESULT records per client,
-       add/remove peers, ...)          │              "capacity changed"
-                                       v
-      tasks{key}   clients{identity} (one FIFO queue each, served in turn)
-      suspects     workers{identity} filed by class: idle first, then busy with credit
+    broker handler ──method call──> Scheduler ──> Sends: TASK batches per worker, STOPs,
+      (submit, grant, done, terminate,   │           RESULT records and NOTICEs per client,
+       add/remove peers, ...)            │           "capacity changed"
+                                         v
+      clients{identity}: priority heaps per resource request, a fair-share clock
+      workers{identity}: filed by class (idle first, then busy with credit), a resource pool
+      tasks{key}, suspects
 
-* A worker receives tasks only against the credits it granted; within a worker
-  class, one holding nothing is served before one that is busy.
-* Workers are grouped in *classes* of the same Python, frame-size limit and client
-  restriction; a client's tasks go only to classes that can run them, so dispatch
-  looks at classes and clients, never at every worker or every task.
-* A lost worker's tasks come back as *suspects*: each runs alone on an idle worker,
-  so a task that kills its worker cannot take innocent neighbours down with it;
-  after ``max_attempts`` losses it is LOST.
-* A worker may complete only the tasks assigned to it; a client's tag (the first
-  half of its task keys) is bound to the client that first said it.
-* Every task record moves through :data:`fade.lifecycle.TASK_MOVES`.
+* **Fair share by time.** When a worker has room, the waiting client whose clock is
+  lowest is served: worker-seconds used (running tasks counted up to now) per unit of
+  weight. A client that was idle starts at the lowest clock of the active ones, so it
+  gets its share at once without a debt or a credit from the past. Weights are set on
+  the broker per key name.
+* **Priorities** order a client's own tasks (higher first, then in submission order);
+  they do not move one client ahead of another. A task whose resources are not free
+  lets the client's next one that can run go first.
+* **Resources**: a task that asks for some runs only on a worker whose host has them
+  free; the host lends them (device indices for GPUs) until the task ends.
+* **Credits**: a worker receives tasks only against the credits it granted; within a
+  class (same Python, frame limit and clients served), one holding nothing is served
+  before one that is busy. Plain tasks cost O(clients + classes) to place; a task that
+  asks for resources also looks at the workers with credit of its classes.
+* A lost worker's tasks come back as *suspects*: each runs alone on an idle worker, so a
+  task that kills its worker cannot take innocent neighbours down with it; after
+  ``max_attempts`` losses it is LOST.
+* **Terminate**: a queued task is failed at once; a running one is STOPped on its worker,
+  which answers with the task's TaskTerminatedError. A client that leaves has its
+  running tasks stopped the same way, so they free their workers.
+* **Quotas**: a client may hold at most ``max_client_tasks`` tasks and
+  ``max_client_bytes`` bytes here; beyond that its tasks are refused, so no client can
+  exhaust the broker's memory.
+* A worker may complete only the tasks assigned to it; a client's tag (the first half
+  of its task keys) is bound to the client that first said it. Every task moves through
+  :data:`fade.lifecycle.TASK_MOVES`.
 
-The broker (fade/broker.py) calls these methods from its poll loop, then takes
-what to send with :meth:`Scheduler.take_sends`. Everything here is plain data and
-is unit-tested without processes (tests/test_scheduler.py).
+The broker (fade/broker.py) calls these methods from its poll loop, then takes what to
+send with :meth:`Scheduler.take_sends`. Everything here is plain data and is
+unit-tested without processes (tests/test_scheduler.py, tests/test_scheduler_sharing.py).
 """
 
 from __future__ import annotations
 
 import collections
 import json
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections.abc import Callable
 
 from fade import protocol as p
+from fade.errors import ProtocolError
 from fade.lifecycle import TASK_MOVES, TaskState, move
+from fade.peers import Client, Counts, Sends, Task, Worker, WorkerClass
+from fade.resources import ResourcePool
 
-__all__ = ["Client", "Refusal", "Scheduler", "Sends", "Task", "Worker", "WorkerClass"]
+__all__ = ["Refusal", "Scheduler"]
 
 DEFAULT_MAX_ATTEMPTS = 3
+#: A client may hold at most this many tasks at the broker (queued and running) ...
+DEFAULT_MAX_CLIENT_TASKS = 100_000
+#: ... and this many bytes of their payloads.
+DEFAULT_MAX_CLIENT_BYTES = 2 << 30
 
 
 class Refusal(Exception):
     """A peer's request the scheduler will not carry out; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerClass:
-    """What decides which tasks a worker can take: its Python, frame limit and clients."""
+class _Filed:
+    """The workers of one class, filed for dispatch: with credit and holding nothing, or
+    with credit and busy."""
 
-    python: str
-    max_message_size: int  # 0: no limit said
-    clients: tuple[str, ...] | None  # key names served; None: all
+    __slots__ = ("busy", "idle", "members")
 
-    def serves(self, client: Client) -> bool:
-        if self.python != client.python:
-            return False
-        return self.clients is None or client.key_name in self.clients
-
-    def fits(self, task: Task) -> bool:
-        return not self.max_message_size or task.largest <= self.max_message_size
-
-
-@dataclass(slots=True, eq=False)
-class Client:
-    identity: bytes
-    hello: p.ClientHello
-    python: str  # p.python_of(hello): what its pickles need
-    key_name: str | None = None
-    tasks: dict[bytes, Task] = field(default_factory=dict)  # everything it has here
-    queue: collections.deque[Task] = field(default_factory=collections.deque)
-
-
-@dataclass(slots=True, eq=False)
-class Task:
-    key: bytes
-    client: Client
-    task_id: int
-    payload: p.Payload
-    timeout: float
-    max_attempts: int
-    largest: int  # bytes in its largest frame, for the workers' limits
-    state: TaskState = TaskState.QUEUED
-    worker: Worker | None = None
-    losses: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class Worker:
-    identity: bytes
-    hello: p.WorkerHello
-    kind: WorkerClass
-    key_name: str | None = None
-    credits: int = 0
-    tasks: dict[bytes, Task] = field(default_factory=dict)
-    draining: bool = False
-    isolated: bool = False  # running a suspect alone: nothing else meanwhile
-    counted: int = 0  # its share of the pool capacity, as last counted
-    done: int = 0
-    exit: dict[str, Any] = field(default_factory=dict)  # exitcode/signal, from an OBITUARY
-
-
-@dataclass(slots=True)
-class _Class:
-    """The workers of one class, filed for dispatch."""
-
-    idle: dict[bytes, Worker] = field(default_factory=dict)  # credit, holding nothing
-    busy: dict[bytes, Worker] = field(default_factory=dict)  # credit, holding some
-    members: int = 0
+    def __init__(self) -> None:
+        self.idle: dict[bytes, Worker] = {}
+        self.busy: dict[bytes, Worker] = {}
+        self.members = 0
 
     def next_worker(self) -> Worker | None:
         for filed in (self.idle, self.busy):
@@ -115,41 +85,43 @@ class _Class:
                 return next(iter(filed.values()))
         return None
 
-
-@dataclass(slots=True)
-class Sends:
-    """What the broker must send after a call: it encodes and sends, nothing else."""
-
-    tasks: dict[bytes, list[Task]] = field(default_factory=dict)  # worker -> new tasks
-    results: dict[bytes, list[tuple[p.ResultRecord, p.Payload]]] = field(default_factory=dict)
-    capacity_changed: bool = False
-
-    def __bool__(self) -> bool:
-        return bool(self.tasks or self.results or self.capacity_changed)
-
-
-@dataclass(slots=True)
-class Counts:
-    done: int = 0  # every task that finished, however
-    failed: int = 0  # of done: raised, or refused by the broker
-    lost: int = 0  # of done: lost its worker max_attempts times
+    def with_room(self, need: dict[str, float]) -> Worker | None:
+        """A worker with credit whose host has ``need`` free (idle ones first)."""
+        for filed in (self.idle, self.busy):
+            for worker in filed.values():
+                if worker.pool is not None and worker.pool.fits(need):
+                    return worker
+        return None
 
 
 class Scheduler:
     """Tasks, clients and workers; every decision about them."""
 
-    def __init__(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+    def __init__(
+        self,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        *,
+        weights: dict[str, float] | None = None,
+        max_client_tasks: int = DEFAULT_MAX_CLIENT_TASKS,
+        max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.max_attempts = max_attempts
+        self.weights = dict(weights or {})
+        self.max_client_tasks = max_client_tasks
+        self.max_client_bytes = max_client_bytes
+        self.clock = clock
         self.tasks: dict[bytes, Task] = {}
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
+        self.pools: dict[str, ResourcePool] = {}
         self.counts = Counts()
         self.capacity = 0
         self._tags: dict[bytes, Client] = {}
-        self._classes: dict[WorkerClass, _Class] = {}
-        self._waiting: dict[bytes, Client] = {}  # clients with queued tasks, in turn order
+        self._classes: dict[WorkerClass, _Filed] = {}
+        self._waiting: dict[bytes, Client] = {}  # clients with queued tasks
         self._suspects: collections.deque[Task] = collections.deque()
         self._held: dict[bytes, Worker] = {}  # keys held by workers, not yet submitted here
         self._sends = Sends()
@@ -172,52 +144,86 @@ class Scheduler:
             self.remove_client(identity)  # a new session under an old identity
             client = None
         if client is None:
-            client = Client(identity, hello, p.python_of(hello), key_name)
+            weight = self.weights.get(key_name, 1.0) if key_name is not None else 1.0
+            client = Client(identity, hello, p.python_of(hello), key_name, weight)
             self.clients[identity] = client
             self._tags[hello.tag] = client
         client.hello, client.python = hello, p.python_of(hello)
         return client
 
     def remove_client(self, identity: bytes) -> list[Task]:
-        """Forget a client and drop its tasks; returns those that were running."""
+        """Forget a client and drop its tasks; the running ones are STOPped on their
+        workers (and returned)."""
         client = self.clients.pop(identity, None)
         if client is None:
             return []
-        running = []
+        running = [t for t in client.tasks.values() if t.state is TaskState.RUNNING]
+        for task in running:
+            if task.worker is not None:
+                self._sends.stops.setdefault(task.worker.identity, []).append(task.key)
         for task in list(client.tasks.values()):
-            if task.state is TaskState.RUNNING:
-                running.append(task)
             self._finish(task, TaskState.DROPPED)
-        client.queue.clear()
+        client.queues.clear()
         self._waiting.pop(identity, None)
         self._tags.pop(client.hello.tag, None)
+        self._dispatch()
         return running
 
     def submit(self, identity: bytes, tasks: list[tuple[p.SubmitRecord, p.Payload]]) -> None:
         """Queue a client's tasks (a re-sent task it already has here is skipped)."""
         client = self.clients[identity]
         kinds = self._kinds_serving(client)
+        unsatisfiable: dict[bytes, list[int]] = {}
         for record, payload in tasks:
             key = p.task_key(client.hello.tag, record.task_id)
             if key in self.tasks:
                 continue
-            task = Task(
-                key,
-                client,
-                record.task_id,
-                payload,
-                record.timeout,
-                record.max_attempts or self.max_attempts,
-                p.largest_part(payload),
-            )
-            self.tasks[key] = task
-            client.tasks[key] = task
+            task = self._new_task(client, key, record, payload)
             if self._adopt(task) or self._refused_at_once(task, kinds):
                 continue
-            client.queue.append(task)
-        if client.queue:
-            self._waiting.setdefault(identity, client)
+            if task.need is not None and kinds and not self._could_ever(task, kinds):
+                unsatisfiable.setdefault(task.spec, []).append(task.task_id)
+            self._queue(task)
+        for spec, ids in unsatisfiable.items():
+            self._notice(client, _unsatisfiable(spec), ids)
         self._dispatch()
+
+    def terminate(self, identity: bytes, task_ids: list[int]) -> None:
+        """Stop a client's tasks: queued ones fail at once, running ones are STOPped."""
+        client = self.clients[identity]
+        for task_id in task_ids:
+            task = self.tasks.get(p.task_key(client.hello.tag, task_id))
+            if task is None:
+                continue
+            if task.state is TaskState.QUEUED:
+                self.refuse(task, "terminated", "the task was terminated before it started")
+            elif task.state is TaskState.RUNNING and not task.terminating and task.worker:
+                task.terminating = True
+                self._sends.stops.setdefault(task.worker.identity, []).append(task.key)
+        self._dispatch()
+
+    def _new_task(
+        self, client: Client, key: bytes, record: p.SubmitRecord, payload: p.Payload
+    ) -> Task:
+        size = len(payload.inline) + sum(p.frame_size(b) for b in payload.buffers)
+        client.next_seq += 1
+        task = Task(
+            key,
+            client,
+            record.task_id,
+            payload,
+            record.timeout,
+            record.max_attempts or self.max_attempts,
+            p.largest_part(payload),
+            size,
+            record.priority,
+            record.resources,
+            seq=client.next_seq,
+        )
+        self.tasks[key] = task
+        client.tasks[key] = task
+        client.held_bytes += size
+        return task
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -228,7 +234,7 @@ class Scheduler:
         kind = WorkerClass(p.python_of(hello), hello.max_message_size, hello.clients)
         worker = self.workers.get(identity)
         if worker is None:
-            worker = Worker(identity, hello, kind, key_name)
+            worker = Worker(identity, hello, kind, key_name, self._pool(hello))
             self.workers[identity] = worker
             self._class(kind).members += 1
         else:
@@ -271,6 +277,7 @@ class Scheduler:
         worker.draining, worker.credits = True, 0
         self._file(worker)
         self._class(worker.kind).members -= 1
+        self._leave_pool(worker)
         self._forget_held(worker)
         self._sends.capacity_changed = True
         self._dispatch()
@@ -287,8 +294,11 @@ class Scheduler:
                 continue  # late, duplicate, or not this worker's to answer
             self._unassign(task, refile=False)
             if record.status is p.Status.RETURNED:
-                self._requeue(task)
-                returned += 1
+                if task.terminating:
+                    self.refuse(task, "terminated", "the task was terminated before it started")
+                else:
+                    self._requeue(task)
+                    returned += 1
                 continue
             worker.done += 1
             state = TaskState.DONE if record.status is p.Status.OK else TaskState.FAILED
@@ -300,12 +310,14 @@ class Scheduler:
     # -- failures --------------------------------------------------------------------------
 
     def refuse(self, task: Task, kind: str, message: str) -> None:
-        """Fail a task the broker will not run (too large, incompatible...)."""
+        """Fail a task the broker will not run (too large, incompatible, over quota...)."""
         self._finish(task, TaskState.FAILED, p.Status.REFUSED, p.encode_refusal(kind, message))
 
     def _lose(self, task: Task, worker: Worker, reason: str) -> None:
         task.losses += 1
-        if task.losses >= task.max_attempts:
+        if task.terminating:
+            self.refuse(task, "terminated", f"the task was terminated (its worker: {reason})")
+        elif task.losses >= task.max_attempts:
             report = _lost_report(task, worker, reason)
             self._finish(task, TaskState.LOST, p.Status.LOST, report)
         else:
@@ -314,14 +326,31 @@ class Scheduler:
 
     # -- task records ------------------------------------------------------------------------
 
+    def _queue(self, task: Task) -> None:
+        client = task.client
+        if client.identity not in self._waiting:
+            if not client.running:
+                self._rebase(client)
+            self._waiting[client.identity] = client
+        client.push(task)
+
     def _requeue(self, task: Task) -> None:
-        """Back at the head of the line (handed back, not lost; a suspect stays one)."""
+        """Back in line (handed back, not lost; a suspect stays one). It keeps its place:
+        its priority and submission order put it ahead of what came after it."""
         move(task, TaskState.QUEUED, TASK_MOVES)
         if task.losses:
             self._suspects.appendleft(task)
         else:
-            task.client.queue.appendleft(task)
-            self._waiting.setdefault(task.client.identity, task.client)
+            self._queue(task)
+
+    def _rebase(self, client: Client) -> None:
+        """A client that was idle starts at the lowest clock of the active clients: its
+        share from now on, with no debt or credit from before."""
+        now = self.clock()
+        active = [c for c in self.clients.values() if c is not client and (c.queued or c.running)]
+        if active:
+            floor = min(c.usage(now) / c.weight for c in active)
+            client.charged = max(client.charged, floor * client.weight)
 
     def _finish(
         self,
@@ -333,16 +362,18 @@ class Scheduler:
         """Move a task to a final state, forget it, and queue its result (unless dropped)."""
         if task.state is TaskState.RUNNING:
             self._unassign(task)
+        task.client.unqueue(task)
         move(task, state, TASK_MOVES)
         del self.tasks[task.key]
-        task.client.tasks.pop(task.key, None)
+        client = task.client
+        client.tasks.pop(task.key, None)
+        client.held_bytes -= task.size
         if state is TaskState.DROPPED:
             return
         counts = self.counts
         counts.done += 1
         counts.failed += state is TaskState.FAILED
         counts.lost += state is TaskState.LOST
-        client = task.client
         if status is None or payload is None or client.identity not in self.clients:
             return
         limit = client.hello.max_message_size
@@ -352,20 +383,23 @@ class Scheduler:
         result = (p.ResultRecord(task.task_id, status), payload)
         self._sends.results.setdefault(client.identity, []).append(result)
 
-    def _kinds_serving(self, client: Client) -> list[WorkerClass] | None:
-        """The classes of connected workers that serve this client; None if no worker is
-        connected (then none is refused: workers may yet come)."""
-        if not self.workers:
-            return None
-        return [kind for kind, c in self._classes.items() if c.members and kind.serves(client)]
-
     def _refused_at_once(self, task: Task, kinds: list[WorkerClass] | None) -> bool:
-        """Refuse a task no connected worker could run; True if it was refused."""
+        """Refuse a task over its client's quota, with a bad request, or that no connected
+        worker could run; True if it was refused."""
+        client = task.client
+        if len(client.tasks) > self.max_client_tasks or client.held_bytes > self.max_client_bytes:
+            self.refuse(task, "quota", _over_quota(self, client))
+            return True
+        try:
+            task.need = p.decode_resources(task.spec)
+        except ProtocolError as exc:
+            self.refuse(task, "bad_request", str(exc))
+            return True
         if kinds is None:
-            return False
+            return False  # no worker yet: workers may come
         if not kinds:
             present = [kind for kind, c in self._classes.items() if c.members]
-            self.refuse(task, "incompatible", _incompatible(task.client, present))
+            self.refuse(task, "incompatible", _incompatible(client, present))
             return True
         if not any(kind.fits(task) for kind in kinds):
             limit = max(kind.max_message_size for kind in kinds)
@@ -373,55 +407,88 @@ class Scheduler:
             return True
         return False
 
+    def _kinds_serving(self, client: Client) -> list[WorkerClass] | None:
+        """The classes of connected workers that serve this client; None if no worker is
+        connected (then none is refused: workers may yet come)."""
+        if not self.workers:
+            return None
+        return [kind for kind, c in self._classes.items() if c.members and kind.serves(client)]
+
+    def _could_ever(self, task: Task, kinds: list[WorkerClass]) -> bool:
+        assert task.need is not None
+        return any(
+            w.pool is not None and w.pool.could(task.need)
+            for w in self.workers.values()
+            if w.kind in kinds
+        )
+
+    def _notice(self, client: Client, message: str, task_ids: list[int]) -> None:
+        self._sends.notices.setdefault(client.identity, []).append((message, task_ids))
+
     # -- dispatch --------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         """Hand queued tasks to workers with credit: suspects alone to idle workers first,
-        then the clients' queues in turn, each to a class that can run its tasks."""
+        then the fairest waiting client's best task that can run, again and again."""
         if self._suspects:
             self._dispatch_suspects()
-        while self._waiting:
-            if not self._serve_next_client():
-                return
+        if not self._waiting:
+            return
+        now = self.clock()
+        while self._waiting and self._serve_fairest(now):
+            pass
 
-    def _serve_next_client(self) -> bool:
-        """Give one client's next tasks to one worker; False when no waiting client's
-        next task can go anywhere now."""
-        for identity, client in list(self._waiting.items()):
-            if not client.queue:
-                del self._waiting[identity]
+    def _serve_fairest(self, now: float) -> bool:
+        """Give the fairest client that can use a worker now its next tasks; False when
+        no waiting client's task can go anywhere now."""
+        waiting = self._waiting
+        order = list(waiting.values())
+        if len(order) > 1:
+            order.sort(key=lambda c: c.clock(now))
+        for client in order:
+            if not client.queued:
+                del waiting[client.identity]
                 continue
-            worker = self._worker_for(client, client.queue[0])
+            if self._place(client, now):
+                if not client.queued:
+                    waiting.pop(client.identity, None)
+                return True
+        return False
+
+    def _place(self, client: Client, now: float) -> bool:
+        """Assign the client's best task that can run now (and, for plain tasks, what
+        else of the same queue the chosen worker has credit for)."""
+        for task in client.heads():
+            worker = self._worker_for(client, task)
             if worker is None:
                 continue
-            batch = self._take(client, worker)
-            # Its turn is over: it goes to the back of the line.
-            del self._waiting[identity]
-            if client.queue:
-                self._waiting[identity] = client
-            if batch:
-                self._assign(worker, batch)
+            batch = [task]
+            client.pop(task)
+            if task.need is None:
+                self._take_more(client, worker, batch)
+            self._assign(worker, batch, now)
             return True
         return False
+
+    def _take_more(self, client: Client, worker: Worker, batch: list[Task]) -> None:
+        """Fill the worker's credits from the client's queue of plain tasks."""
+        while len(batch) < worker.credits:
+            task = client.next_plain()
+            if task is None or not worker.kind.fits(task):
+                return
+            batch.append(task)
+            client.pop(task)
 
     def _worker_for(self, client: Client, task: Task) -> Worker | None:
         for kind, filed in self._classes.items():
             if kind.serves(client) and kind.fits(task):
-                worker = filed.next_worker()
+                worker = filed.next_worker() if task.need is None else filed.with_room(task.need)
                 if worker is not None:
                     return worker
         return None
 
-    def _take(self, client: Client, worker: Worker) -> list[Task]:
-        batch: list[Task] = []
-        queue = client.queue
-        while queue and len(batch) < worker.credits:
-            if not worker.kind.fits(queue[0]):
-                break
-            batch.append(queue.popleft())
-        return batch
-
     def _dispatch_suspects(self) -> None:
+        now = self.clock()
         for _ in range(len(self._suspects)):
             task = self._suspects.popleft()
             if task.state is not TaskState.QUEUED:
@@ -431,19 +498,24 @@ class Scheduler:
                 self._suspects.append(task)
                 continue
             worker.isolated = True
-            self._assign(worker, [task])
+            self._assign(worker, [task], now)
 
     def _idle_worker_for(self, task: Task) -> Worker | None:
         for kind, filed in self._classes.items():
             if filed.idle and kind.serves(task.client) and kind.fits(task):
-                return next(iter(filed.idle.values()))
+                for worker in filed.idle.values():
+                    if task.need is None or (worker.pool and worker.pool.fits(task.need)):
+                        return worker
         return None
 
-    def _assign(self, worker: Worker, batch: list[Task]) -> None:
+    def _assign(self, worker: Worker, batch: list[Task], now: float) -> None:
         for task in batch:
             move(task, TaskState.RUNNING, TASK_MOVES)
             task.worker = worker
             worker.tasks[task.key] = task
+            if task.need is not None and worker.pool is not None:
+                task.devices = worker.pool.lend(task.need)
+            self._start_clock(task, now)
         worker.credits -= len(batch)
         self._file(worker)
         self._sends.tasks.setdefault(worker.identity, []).extend(batch)
@@ -453,18 +525,36 @@ class Scheduler:
         if worker is None:
             return
         task.worker = None
+        self._stop_clock(task)
+        if task.need is not None and worker.pool is not None:
+            worker.pool.give_back(task.need, task.devices)
+            task.devices = b""
         if worker.tasks.pop(task.key, None) is not None:
             if not worker.tasks:
                 worker.isolated = False
             if refile:
                 self._file(worker)
 
+    def _start_clock(self, task: Task, now: float) -> None:
+        client = task.client
+        task.started = now
+        client.running += 1
+        client.start_sum += now
+
+    def _stop_clock(self, task: Task) -> None:
+        if task.started is not None:
+            client = task.client
+            client.charged += self.clock() - task.started
+            client.running -= 1
+            client.start_sum -= task.started
+            task.started = None
+
     # -- a worker's standing ---------------------------------------------------------------------
 
-    def _class(self, kind: WorkerClass) -> _Class:
+    def _class(self, kind: WorkerClass) -> _Filed:
         filed = self._classes.get(kind)
         if filed is None:
-            filed = self._classes[kind] = _Class()
+            filed = self._classes[kind] = _Filed()
         return filed
 
     def _file(self, worker: Worker) -> None:
@@ -477,7 +567,7 @@ class Scheduler:
         self.capacity += share - worker.counted
         worker.counted = share
 
-    def _unfile(self, worker: Worker) -> _Class:
+    def _unfile(self, worker: Worker) -> _Filed:
         filed = self._class(worker.kind)
         filed.idle.pop(worker.identity, None)
         filed.busy.pop(worker.identity, None)
@@ -488,6 +578,24 @@ class Scheduler:
             self._class(worker.kind).members -= 1
             self._class(kind).members += 1
             worker.kind = kind
+
+    def _pool(self, hello: p.WorkerHello) -> ResourcePool | None:
+        """The resource pool a worker process shares with the others of its host."""
+        if not hello.resources:
+            return None
+        pool_id = hello.pool or hello.host
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            pool = self.pools[pool_id] = ResourcePool(pool_id, dict(hello.resources))
+        pool.members += 1
+        return pool
+
+    def _leave_pool(self, worker: Worker) -> None:
+        pool = worker.pool
+        if pool is not None:
+            pool.members -= 1
+            if not pool.members:
+                del self.pools[pool.pool_id]
 
     # -- tasks a worker holds across a reconnection or a broker restart -----------------------
 
@@ -519,6 +627,7 @@ class Scheduler:
         move(task, TaskState.RUNNING, TASK_MOVES)
         task.worker = worker
         worker.tasks[task.key] = task  # its credits already count it
+        self._start_clock(task, self.clock())
         self._file(worker)
         return True
 
@@ -548,6 +657,22 @@ def _incompatible(client: Client, kinds: list[WorkerClass]) -> str:
     return (
         f"no connected worker serves this client ({who}): the workers of its Python "
         "were started with --serve-clients for other keys"
+    )
+
+
+def _unsatisfiable(spec: bytes) -> str:
+    return (
+        f"no connected worker has the resources these tasks ask for ({spec.decode()}): "
+        "they wait until one that has them joins (fade-worker --resources)"
+    )
+
+
+def _over_quota(sched: Scheduler, client: Client) -> str:
+    return (
+        f"this client holds {len(client.tasks)} tasks ({client.held_bytes} bytes) at the "
+        f"broker, over its limit of {sched.max_client_tasks} tasks and "
+        f"{sched.max_client_bytes} bytes (fade-broker --max-client-tasks, "
+        "--max-client-bytes): wait for results before submitting more"
     )
 
 

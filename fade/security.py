@@ -114,6 +114,7 @@ PERMITTED: dict[str, frozenset[p.Command]] = {
             p.Command.HELLO,
             p.Command.HEARTBEAT,
             p.Command.SUBMIT,
+            p.Command.TERMINATE,  # stops its own tasks: they are looked up under its tag
             p.Command.DISCONNECT,
             p.Command.CODE,  # answers to the workers' FETCH (code shipping)
             p.Command.STATUS,

@@ -21,7 +21,7 @@ from fade._version import __version__
 
 if TYPE_CHECKING:
     from fade.broker import Broker
-    from fade.scheduler import Client, Worker
+    from fade.peers import Client, Worker
 
 __all__ = ["snapshot"]
 
@@ -47,7 +47,7 @@ def snapshot(broker: Broker) -> dict[str, Any]:
         "workers": [
             _worker(w, now - broker.last_heard(w.identity, now)) for w in sched.workers.values()
         ],
-        "clients": [_client(c) for c in sched.clients.values()],
+        "clients": [_client(c, now, running) for c in sched.clients.values()],
         "queued": len(sched.tasks) - running,
         "running": running,
         "tasks_done": counts.done,
@@ -68,16 +68,27 @@ def _worker(worker: Worker, silent: float) -> dict[str, Any]:
         "state": "draining" if worker.draining else "busy" if worker.tasks else "idle",
         "running": len(worker.tasks),
         "credits": worker.credits,
+        "resources": worker.pool.totals if worker.pool is not None else {},
+        "free": worker.pool.free if worker.pool is not None else {},
         "done": worker.done,
         "last_heard": silent,
     }
 
 
-def _client(client: Client) -> dict[str, Any]:
+def _client(client: Client, now: float, running_total: int) -> dict[str, Any]:
+    waiting = sum(
+        1 for spec, heap in client.queues.items() if spec for _, _, task in heap if task.in_queue
+    )
     return {
         "id": p.short_id(client.identity),
         "host": client.hello.host,
         "pid": client.hello.pid,
+        "key": client.key_name,
         "tasks": len(client.tasks),
-        "queued": len(client.queue),
+        "queued": client.queued,
+        "running": client.running,
+        "weight": client.weight,
+        "usage": client.usage(now),  # worker-seconds used while connected
+        "share": client.running / running_total if running_total else 0.0,
+        "waiting_for_resources": waiting,
     }

@@ -118,7 +118,7 @@ def format_status(state: dict[str, Any]) -> str:
     lines = [*_summary(state, workers, clients), ""]
     if workers:
         lines += _table(
-            ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD"],
+            ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD", "FREE/RESOURCES"],
             [
                 [
                     peer_id(w),
@@ -128,6 +128,7 @@ def format_status(state: dict[str, Any]) -> str:
                     _cell(w.get("running")),
                     _cell(w.get("done")),
                     f"{_number(w.get('last_heard')):.1f}s ago",
+                    _resources(w.get("free"), w.get("resources")),
                 ]
                 for w in workers
             ],
@@ -138,13 +139,18 @@ def format_status(state: dict[str, Any]) -> str:
         lines += [
             "",
             *_table(
-                ["CLIENT", "HOST", "PID", "TASKS"],
+                ["CLIENT", "HOST", "PID", "KEY", "WEIGHT", "QUEUED", "RUNNING", "SHARE", "WAITING"],
                 [
                     [
                         peer_id(c),
                         printable(c.get("host")),
                         _cell(c.get("pid")),
-                        _cell(c.get("tasks")),
+                        printable(c.get("key") or "-"),
+                        _cell(c.get("weight")),
+                        _cell(c.get("queued")),
+                        _cell(c.get("running")),
+                        f"{_number(c.get('share')):.0%}",
+                        _cell(c.get("waiting_for_resources")),
                     ]
                     for c in clients
                 ],
@@ -171,6 +177,26 @@ def _summary(
         f"{state.get('tasks_lost')} lost)",
         f"rate     {state.get('rate', 0.0):.1f} tasks/s over the last minute",
     ]
+
+
+def _resources(free: object, totals: object) -> str:
+    """``gpu=1/2 mem=60G/64G``: what is free of what the worker's host has."""
+    if not isinstance(totals, dict) or not totals:
+        return "-"
+    free = free if isinstance(free, dict) else {}
+    parts = []
+    for name, total in sorted(totals.items()):
+        have = free.get(name, total)
+        parts.append(f"{printable(name, limit=16)}={_amount(have)}/{_amount(total)}")
+    return " ".join(parts)
+
+
+def _amount(value: object) -> str:
+    number = _number(value)
+    for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20)):
+        if number >= size:
+            return f"{number / size:.0f}{unit}"
+    return f"{number:g}"
 
 
 def _cell(value: object) -> object:

@@ -32,13 +32,14 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
 from fade import protocol as p
 from fade import security
 from fade.options import WorkerOptions, child_argv
+from fade.resources import detect_resources
 from fade.sockets import connect_dealer
 
 __all__ = ["CONTROL_DRAIN", "CONTROL_LEAVE", "CONTROL_SERVING", "EXIT_INCOMPATIBLE", "Supervisor"]
@@ -75,7 +76,11 @@ class Supervisor:
         keys: security.PeerKeys | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.options = options
+        # The host's resources are found once and shared by its worker processes (one
+        # pool at the broker: they lend from one table).
+        if options.resources is None:
+            options = replace(options, resources=detect_resources())
+        self.options = replace(options, pool=options.pool or os.urandom(6).hex())
         self.keys = keys
         self.env = env  # the workers' environment; None: ours
         self.incompatible = False

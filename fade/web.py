@@ -101,8 +101,13 @@ _PUBLIC_FIELDS = (
     "per_second",
 )
 _BROKER_FIELDS = ("version", "address", "host", "pid")
-_WORKER_FIELDS = ("host", "pid", "state", "running", "credits", "done", "last_heard")
-_CLIENT_FIELDS = ("host", "pid", "tasks")
+_WORKER_FIELDS = (
+    "host", "pid", "state", "running", "credits", "done", "last_heard", "resources", "free",
+)  # fmt: skip
+_CLIENT_FIELDS = (
+    "host", "pid", "key", "tasks", "queued", "running", "weight", "share",
+    "waiting_for_resources",
+)  # fmt: skip
 
 StateSource = Callable[[], "Mapping[str, Any] | None"]
 

@@ -57,8 +57,10 @@ from fade.errors import (
     MessageTooLargeError,
     MissingDependencyError,
     SecurityError,
+    TaskTerminatedError,
 )
 from fade.options import WorkerOptions, parse_worker_args
+from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
 from fade.taskenv import TaskEnvironment
 from fade.wakeup import WakePipe
@@ -70,6 +72,15 @@ log = logging.getLogger("fade.worker")
 
 #: Seconds to wait for a client to send code before the task fails.
 FETCH_TIMEOUT = 60.0
+#: The signal that interrupts a task asked to stop, and how long it has to end before its
+#: process is replaced.
+STOP_SIGNAL = signal.SIGUSR1
+STOP_GRACE = 1.0
+
+
+class _Stopped(BaseException):
+    """Raised in a task's code when its client asked to stop it (not an Exception, so that
+    the task's own ``except Exception`` does not swallow it)."""
 
 
 class Worker:
@@ -105,13 +116,18 @@ class Worker:
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
         self.host = socket.gethostname()
         self.fast = fastpath.enabled(options.fast_paths)
+        self.devices = {name: host_devices(name) for name in DEVICE_RESOURCES}
+        self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, by when
+        self._interruptible = False
         self._handlers: dict[int, Any] = {}
 
     # -- main thread: run tasks --------------------------------------------------------
 
     def run(self) -> int:
         """Serve tasks until drained or stopped; returns the process exit status."""
-        self._handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        signal.signal(STOP_SIGNAL, self._on_stop_signal)
+        signals = (signal.SIGTERM, signal.SIGINT, STOP_SIGNAL)
+        self._handlers = {sig: signal.getsignal(sig) for sig in signals}
         io = WorkerIO(self)
         keeper = threading.Thread(target=io.keep, name="fade-worker-keeper", daemon=True)
         try:
@@ -141,6 +157,8 @@ class Worker:
                 status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
             except ModuleNotFoundError as exc:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
+            except _Stopped:
+                status, payload = p.Status.RAISED, ser.dumps_exception(self.terminated())
             except BaseException as exc:  # the task's own failure, SystemExit included
                 status, payload = p.Status.RAISED, ser.dumps_exception(exc)
         self._after_task()
@@ -161,7 +179,39 @@ class Worker:
         key = job.record.key
         self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
         fn, args, kwargs = ser.loads_call(job.payload, self._functions)
-        return fn(*args, **kwargs)
+        if job.record.devices:
+            os.environ.update(device_env(job.record.devices, self.devices))
+        self._interruptible = True  # a stop signal raises in the task's code only
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._interruptible = False
+
+    # -- stopping a running task (Executor.terminate) -------------------------------------
+
+    def stop_running(self, key: bytes) -> bool:
+        """Called by the socket holder for a STOP: interrupt the running task if it is
+        ``key`` (a signal to the main thread, which raises in the task); False if it is
+        not running."""
+        with self._lock:
+            current = self._current
+            if current is None or current[0] != key:
+                return False
+            self.stopping = (key, time.monotonic() + STOP_GRACE)
+        signal.pthread_kill(threading.main_thread().ident or 0, STOP_SIGNAL)
+        return True
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        stopping, current = self.stopping, self._current
+        if not self._interruptible or stopping is None or current is None:
+            return
+        if current[0] == stopping[0]:
+            raise _Stopped  # in the task's code, wherever it is
+
+    def terminated(self) -> TaskTerminatedError:
+        return TaskTerminatedError(
+            f"the task was terminated on request, on worker pid {os.getpid()} on {self.host}"
+        )
 
     def _after_task(self) -> None:
         """Undo what a task may have changed that the worker itself relies on."""

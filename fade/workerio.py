@@ -61,8 +61,9 @@ RESULT_DELAY = 0.001
 KEEPER_NAP = 1.0
 #: Seconds between the checks no task waits for: the parent process.
 CHECK_INTERVAL = 0.1
-#: Exit status of a worker that ended itself after a task timed out.
+#: Exit status of a worker that ended itself after a task timed out, or did not stop.
 EXIT_TIMEOUT = 75
+EXIT_STOPPED = 76
 
 _EMPTY = p.Payload(b"")
 
@@ -104,6 +105,7 @@ class WorkerIO:
                 p.Command.TASK: self._on_task,
                 p.Command.DRAIN: self._on_drain,
                 p.Command.CODE: self._on_code,
+                p.Command.STOP: self._on_stop,
                 p.Command.HEARTBEAT: lambda message: None,
             },
             on_welcome=self._on_welcome,
@@ -271,6 +273,7 @@ class WorkerIO:
         self._flush()
         now = time.monotonic()
         self._check_timeout(now)
+        self._check_stopping(now)
         self.link.upkeep(now)
         if self.link.socket is not sock and self.link.socket is not None:
             self._rewatch(sock)
@@ -332,10 +335,14 @@ class WorkerIO:
             os._exit(0)
 
     def _poll_timeout(self) -> float:
-        timeout = self.link.poll_timeout(time.monotonic())
+        now = time.monotonic()
+        timeout = self.link.poll_timeout(now)
         current = self.w._current
         if current is not None and current[2] > 0:
-            timeout = min(timeout, current[1] + current[2] - time.monotonic())
+            timeout = min(timeout, current[1] + current[2] - now)
+        stopping = self.w.stopping
+        if stopping is not None:
+            timeout = min(timeout, stopping[1] - now)
         return max(0.0, timeout)
 
     # -- the broker link's callbacks -------------------------------------------------------
@@ -357,6 +364,8 @@ class WorkerIO:
             holding=tuple(self.w.holding()),
             max_message_size=options.max_message_size,
             clients=options.clients,
+            resources=options.resources,
+            pool=options.pool,
         )
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
@@ -394,6 +403,39 @@ class WorkerIO:
     def _on_drain(self, message: p.Message) -> None:
         p.decode_drain(message.body)
         self._drain_acked = True
+
+    def _on_stop(self, message: p.Message) -> None:
+        """Stop what the broker says: drop unstarted tasks (answered as terminated), and
+        interrupt the running one (replaced with its process if it does not end)."""
+        keys = set(p.decode_stop(message.body))
+        with self.w.jobs:
+            dropped = [job for job in self.w._inbox if job.record.key in keys]
+            for job in dropped:
+                self.w._inbox.remove(job)
+        error = ser.dumps_exception(self.w.terminated())
+        with self.w._lock:
+            for job in dropped:
+                self.w._outbox.append((p.DoneRecord(job.record.key, p.Status.RAISED), error))
+        for key in keys:
+            self.w.stop_running(key)
+
+    def _check_stopping(self, now: float) -> None:
+        """A task asked to stop that has not ended in time: report it and leave (the
+        supervisor starts a fresh process and ends this one's process group)."""
+        stopping = self.w.stopping
+        if stopping is None or now < stopping[1]:
+            return
+        with self.w._lock:
+            current = self.w._current
+            self.w.stopping = None
+            if current is None or current[0] != stopping[0]:
+                return
+            self.w._current = None
+            error = ser.dumps_exception(self.w.terminated())
+            self.w._outbox.append((p.DoneRecord(current[0], p.Status.RAISED), error))
+        log.warning("a task asked to stop did not; replacing this worker process")
+        self._outbox_returned(self._take_inbox())
+        self._leave(EXIT_STOPPED)
 
     def _on_code(self, message: p.Message) -> None:
         _, request_id, status, frames = p.decode_code(message.body)

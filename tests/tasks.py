@@ -212,3 +212,25 @@ def worker_state() -> dict[str, object]:
         "leaked": hasattr(builtins, "leaked_by_tenant_a"),
         "input": builtins.input.__module__,
     }
+
+
+def record_span(path: str, tag: str, seconds: float) -> str:
+    """Sleep ``seconds``; append "tag start end pid" (wall clock) to ``path``."""
+    start = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{tag} {start} {time.time()} {os.getpid()}\n")
+    return tag
+
+
+def visible_devices() -> tuple[str | None, int]:
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()
+
+
+def ignore_stop_signal_and_sleep(seconds: float) -> int:
+    """A task that will not be interrupted: its process must be replaced to stop it."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    time.sleep(seconds)
+    return os.getpid()

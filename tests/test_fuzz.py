@@ -285,9 +285,13 @@ class Fuzz:
         insider: bool = True,
     ) -> None:
         keys = security.load_peer_keys(key_file)
-        identity = security.peer_identity(prefix, keys if bound else None)
 
         def make() -> zmq.Socket[bytes]:
+            # A fresh identity for each socket: a keyed broker refuses a second
+            # connection under an identity in use until the first is closed (no takeover
+            # of another key holder's identity), and the one dropped for an oversized
+            # frame is still being closed when its replacement connects.
+            identity = security.peer_identity(prefix, keys if bound else None)
             sock = connect_dealer(self.context, address, identity=identity, keys=keys)
             sock.setsockopt(zmq.SNDHWM, 1000)
             return sock

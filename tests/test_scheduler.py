@@ -240,6 +240,9 @@ def test_a_client_that_leaves_drops_its_tasks(sched: Scheduler) -> None:
 
 
 def test_clients_take_turns(sched: Scheduler) -> None:
+    """With tasks of equal length, fair share by time is taking turns."""
+    now = [0.0]
+    sched.clock = lambda: now[0]
     sched.add_client(b"C1", client_hello(), None)
     sched.add_client(b"C2", client_hello(), None)
     sched.submit(b"C1", records(1, 2, 3))
@@ -249,6 +252,7 @@ def test_clients_take_turns(sched: Scheduler) -> None:
     for _ in range(6):
         (_worker, tasks), = sched.take_sends().tasks.items()  # fmt: skip
         order.append(tasks[0].client.identity)
+        now[0] += 1.0
         ok(sched, b"W1", tasks[0].client.identity, tasks[0].task_id)
     assert order == [b"C1", b"C2"] * 3
 
