@@ -36,7 +36,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -102,6 +102,7 @@ class Broker:
         weights: dict[str, float] | None = None,
         max_client_tasks: int = DEFAULT_MAX_CLIENT_TASKS,
         max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
+        own_context: bool = False,
     ) -> None:
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
@@ -130,7 +131,7 @@ class Broker:
         )
         self._parent_pid = parent_pid
         # ZAP's endpoint is one per context: a broker with keys gets a context of its own.
-        self._own_context = context is None and self.gate.keys is not None
+        self._own_context = own_context or (context is None and self.gate.keys is not None)
         self._context = context or (zmq.Context() if self._own_context else zmq.Context.instance())
         self._socket: zmq.Socket[bytes] | None = None
         self._sender: security.Peer | None = None  # the key of the message being handled
@@ -139,6 +140,8 @@ class Broker:
         self._wake = WakePipe()  # stop() may be called from a signal handler
         self._bad_input = RateLimitedLog(log)
         self._relays = _Relays()
+        self._local: dict[bytes, Callable[[list[p.Frame]], None]] = {}
+        self._next_upkeep = 0.0
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
@@ -147,6 +150,11 @@ class Broker:
         #: changes one it has published, so a reader thread needs no lock.
         self.published: dict[str, Any] | None = None
         self._next_publish = 0.0
+
+    @property
+    def socket(self) -> zmq.Socket[bytes] | None:
+        """The ROUTER, once bound (for a loop that drives this broker itself)."""
+        return self._socket
 
     @property
     def tasks_done(self) -> int:
@@ -289,6 +297,35 @@ class Broker:
                 self._answer_error(identity, str(exc))
         finally:
             self._sender = None
+
+    # -- a client in this very process (the embedded pool: fade/locallink.py) --------------
+
+    def attach_local(self, identity: bytes, deliver: Callable[[list[p.Frame]], None]) -> None:
+        """Serve a client that lives in this process: what the broker sends it goes to
+        ``deliver`` (in the thread that drives the broker), never through a socket, and
+        it is never expired (it cannot be silent without its process being gone)."""
+        self._local[identity] = deliver
+
+    def handle_local(self, identity: bytes, frames: list[p.Frame]) -> None:
+        """A message from a local client, as if it had come through the socket."""
+        message = p.parse(frames)
+        handler = self._HANDLERS.get(message.command)
+        if handler is None:
+            raise ProtocolError(f"{message.command.name} is not for the broker")
+        handler(self, identity, message.body)
+        self._flush()
+
+    def drain(self, sock: zmq.Socket[bytes]) -> None:
+        """Handle what waits on the socket (for a loop that drives this broker itself)."""
+        self._drain_socket(sock)
+
+    def upkeep(self, now: float) -> float:
+        """Timed work when it is due (for a loop that drives this broker itself); returns
+        the seconds until it is due next."""
+        if now >= self._next_upkeep:
+            self._upkeep(now)
+            self._next_upkeep = now + max(self._poll_timeout(now), MIN_UPKEEP_GAP)
+        return max(0.0, self._next_upkeep - now)
 
     def _answer_error(self, identity: bytes, reason: str, version: int = p.VERSION) -> None:
         """Tell a peer why its message was dropped (rate-limited, and no heartbeat follows)."""
@@ -538,6 +575,10 @@ class Broker:
             self._send(identity, p.encode_task(batch))
 
     def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
+        local = self._local.get(identity) if self._local else None
+        if local is not None:
+            local(frames)
+            return
         sock = self._socket
         assert sock is not None
         try:

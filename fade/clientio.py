@@ -65,6 +65,7 @@ from fade.errors import (
     WorkerLostError,
 )
 from fade.link import BrokerLink
+from fade.locallink import LocalLink
 from fade.shipping import LocalCode
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
@@ -203,23 +204,10 @@ class ClientIO:
         self._woken = False
         self.wake = WakePipe()
         self.sleeper = Sleeper(self.wake.fd)
-        self.link = BrokerLink(
+        self.link = self._make_link(
             address,
-            identity=security.peer_identity(b"C", keys),
-            hello=self._hello,
-            handlers={
-                p.Command.RESULT: self._on_result,
-                p.Command.HEARTBEAT: self._on_heartbeat,
-                p.Command.FETCH: self._on_fetch,
-                p.Command.NOTICE: self._on_notice,
-            },
-            on_welcome=self._on_welcome,
-            on_fatal=self.break_pool,
-            on_unreachable=self._on_unreachable,
-            on_socket=self._on_socket,
-            log=log,
             keys=keys,
-            max_message_size=max_message_size,
+            identity=security.peer_identity(b"C", keys),
             interval=heartbeat_interval,
             liveness=heartbeat_liveness,
             connect_timeout=connect_timeout,
@@ -229,6 +217,47 @@ class ClientIO:
         self._notices = RateLimitedLog(log, burst=5, period=60.0)
         self._next_pool_check = 0.0
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
+
+    def _make_link(
+        self,
+        address: str,
+        *,
+        keys: security.PeerKeys | None,
+        identity: bytes,
+        interval: float,
+        liveness: int,
+        connect_timeout: float,
+        reconnect_timeout: float,
+    ) -> BrokerLink | LocalLink:
+        """The link to the broker: through a socket, or, for the embedded pool, to the
+        broker object this process drives itself (fade/locallink.py)."""
+        common = {
+            "identity": identity,
+            "hello": self._hello,
+            "handlers": {
+                p.Command.RESULT: self._on_result,
+                p.Command.HEARTBEAT: self._on_heartbeat,
+                p.Command.FETCH: self._on_fetch,
+                p.Command.NOTICE: self._on_notice,
+            },
+            "on_welcome": self._on_welcome,
+            "on_fatal": self.break_pool,
+            "on_unreachable": self._on_unreachable,
+            "on_socket": self._on_socket,
+            "log": log,
+        }
+        if self.pool is not None:
+            return LocalLink(self.pool.broker, **common)  # type: ignore[arg-type]
+        return BrokerLink(
+            address,
+            keys=keys,
+            max_message_size=self.max_message_size,
+            interval=interval,
+            liveness=liveness,
+            connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
+            **common,  # type: ignore[arg-type]
+        )
 
     # -- called from user threads -----------------------------------------------------
 
@@ -293,6 +322,7 @@ class ClientIO:
                     ready = self._take_ready()
                 _deliver(ready)
                 if finished:
+                    self._serve_until_workers_leave()
                     break
                 woken = self.sleeper.sleep(timeout)  # not holding the socket
         except BaseException as exc:
@@ -304,6 +334,21 @@ class ClientIO:
                 self.link.close(linger_ms=200)
             self.sleeper.close()
             self.wake.close()
+
+    def _serve_until_workers_leave(self) -> None:
+        """The embedded pool's broker lives in this thread: keep serving it while its
+        workers drain and leave (they wait for its answer), within the pool's deadline."""
+        pool = self.pool
+        if pool is None:
+            return
+        pool.begin_stop()
+        while not pool.stopped():
+            with self.baton:
+                sock = self.link.socket
+                if sock is not None:
+                    self.link.read(sock)
+                self.link.upkeep(time.monotonic())
+            self.sleeper.sleep(0.05)
 
     def _finished(self) -> bool:
         if self.broken is not None:

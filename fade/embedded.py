@@ -1,35 +1,40 @@
-"""The embedded pool behind ``fade.Executor()``: a broker and N workers, supervised here.
+"""The embedded pool behind ``fade.Executor()``: N worker processes around a broker that
+lives in this process.
 
 ::
 
-    this process --spawn--> fade.broker  ipc://<tmpdir>/broker --parent-pid <us>
-       |         --spawn--> fade.worker  ipc://<tmpdir>/broker --child --parent-pid <us>  (x N)
-       +-- thread "fade-embedded-supervisor": a fade.supervisor.Supervisor that replaces
-           dead workers and reports them to the broker, as ``fade-worker --processes N``
+    this process: fade.Executor ── I/O thread ── LocalLink ── Broker (ROUTER, ipc://<tmpdir>/broker)
+       |                                                          ^
+       +-- thread "fade-embedded-supervisor": a Supervisor        |  DEALER each
+           --spawn--> fade.worker --child --parent-pid <us>  (x N) ┘
 
-The workers are this process's own children (no supervisor process between):
-one Python start-up less before the first result. Every child is in its own
-session (a terminal's Ctrl-C is ours to handle) and watches our pid: if this
-process dies, even by SIGKILL, they exit within a heartbeat interval, and the
-broker removes the socket's folder.
-
-Only the process that started a pool stops it: a forked child that exits (and
-runs its atexit handlers) leaves its parent's pool alone.
+* The broker is the same :class:`fade.broker.Broker` (scheduler, heartbeats, re-runs,
+  suspects, poison limits) driven by the client's I/O thread (fade/locallink.py): no
+  broker process to start, and no hop between client and broker.
+* The workers are this process's own children, started at once (they connect before
+  the broker binds: ZeroMQ retries), each in its own session and process group, each
+  watching our pid: if this process dies, even by SIGKILL, they exit within a heartbeat
+  interval, and remove the socket's folder.
+* Only the process that started a pool stops it: a forked child that exits (and runs
+  its atexit handlers) leaves its parent's pool alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
+import zmq
+
+from fade.broker import Broker
 from fade.options import WorkerOptions
 from fade.security import KEYS_ENV
 
@@ -37,38 +42,24 @@ __all__ = ["EmbeddedPool"]
 
 log = logging.getLogger("fade.embedded")
 
+#: Seconds the workers get to drain and leave when the pool stops.
 STOP_TIMEOUT = 10.0
+_FOLDER = re.compile(r"fade-(\d+)-")
 
 
 class EmbeddedPool:
-    """Start the processes at once; :meth:`stop` ends them and removes the socket file."""
+    """Start the workers at once; the client binds the broker; :meth:`stop` ends them and
+    removes the socket's folder."""
 
     def __init__(
         self, max_workers: int, *, heartbeat_interval: float, heartbeat_liveness: int
     ) -> None:
         self._owner = os.getpid()
-        self._dir = tempfile.mkdtemp(prefix="fade-")
+        _remove_abandoned_folders()
+        self._dir = tempfile.mkdtemp(prefix=f"fade-{os.getpid()}-")
         # ipc: no port to pick or race for, and the workers may connect before the
-        # broker has bound (ZeroMQ retries), so both start in parallel.
+        # broker has bound (ZeroMQ retries), so they start while the client sets up.
         self.address = f"ipc://{self._dir}/broker"
-        timing = [
-            "--heartbeat-interval",
-            str(heartbeat_interval),
-            "--heartbeat-liveness",
-            str(heartbeat_liveness),
-            "--parent-pid",
-            str(os.getpid()),
-            "--log-level",
-            os.environ.get("FADE_LOG_LEVEL", "WARNING"),
-        ]
-        # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
-        env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
-        self._broker = subprocess.Popen(
-            [sys.executable, "-m", "fade.broker", self.address, *timing, "--remove-dir", self._dir],
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
         from fade.supervisor import Supervisor
 
         _log_like_the_workers()
@@ -79,9 +70,20 @@ class EmbeddedPool:
             heartbeat_liveness=heartbeat_liveness,
             log_level=os.environ.get("FADE_LOG_LEVEL", "WARNING"),
             parent_pid=os.getpid(),
+            remove_dir=self._dir,
         )
+        # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
+        env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
         self._supervisor = Supervisor(options, env=env)
         self._supervisor.start()
+        #: The broker, unbound: the client's I/O thread binds and drives it.
+        self.broker = Broker(
+            self.address,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+            context=zmq.Context(),
+            own_context=True,
+        )
         self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._supervise, name="fade-embedded-supervisor", daemon=True
@@ -102,29 +104,52 @@ class EmbeddedPool:
             supervisor.close()
 
     def problem(self) -> str | None:
-        """Why the pool cannot work, if one of its processes has died; None if it is fine."""
-        if self._stopping.is_set():
+        """Why the pool cannot work, if part of it has died; None if it is fine."""
+        if self._stopping.is_set() or self._thread.is_alive():
             return None
-        status = self._broker.poll()
-        if status is not None:
-            return f"the embedded broker (pid {self._broker.pid}) exited with status {status}"
-        if not self._thread.is_alive():
-            return "the embedded pool's supervisor thread has stopped"
-        return None
+        return "the embedded pool's supervisor thread has stopped"
+
+    def begin_stop(self) -> None:
+        """Ask the workers to drain and leave (the broker must still be served meanwhile:
+        the client's I/O thread does that until :meth:`stopped`)."""
+        if os.getpid() == self._owner:
+            self._stopping.set()
+
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
 
     def stop(self) -> None:
-        """Drain the workers, stop the broker, and wait for both (killing after a deadline).
-        Does nothing in a process other than the one that started the pool."""
+        """Drain the workers and wait for them (killing after a deadline); remove the
+        socket's folder. Does nothing in a process other than the one that started it."""
         if os.getpid() != self._owner:
             return
         self._stopping.set()
         self._thread.join()
-        _end(self._broker)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
     def pids(self) -> list[int]:
-        return [self._broker.pid, *self._supervisor.pids]
+        return self._supervisor.pids
+
+
+def _remove_abandoned_folders() -> None:
+    """Socket folders of embedded pools whose process is gone (killed before it could
+    clean up, with its workers): the folder name carries the pid."""
+    with contextlib.suppress(OSError):
+        for entry in Path(tempfile.gettempdir()).glob("fade-*-*"):
+            match = _FOLDER.match(entry.name)
+            if match and entry.stat().st_uid == os.getuid() and not _alive(int(match[1])):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _log_like_the_workers() -> None:
@@ -142,14 +167,3 @@ def _log_like_the_workers() -> None:
     )
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("FADE_LOG_LEVEL", "WARNING").upper())
-
-
-def _end(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if process.poll() is None:
-        process.kill()
-        process.wait()

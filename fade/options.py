@@ -45,6 +45,8 @@ class WorkerOptions:
     parent_pid: int | None = None  # end when this process is gone
     child: bool = False
     identity: bytes | None = None
+    #: The embedded pool's socket folder: removed by a worker that outlives the pool.
+    remove_dir: str | None = None
 
     def with_keys(self, path: str | None) -> WorkerOptions:
         return replace(self, keys=path)
@@ -115,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--identity", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-fast-paths", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pool", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--remove-dir", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -151,6 +154,7 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         fast_paths=False if args.no_fast_paths else None,
         resources=resources,
         pool=args.pool,
+        remove_dir=args.remove_dir,
         parent_pid=args.parent_pid,
         child=args.child,
         identity=bytes.fromhex(args.identity) if args.identity else None,
@@ -188,6 +192,8 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         argv += ["--serve-clients", ",".join(options.clients)]
     if options.fast_paths is False:
         argv.append("--no-fast-paths")
+    if options.remove_dir is not None:
+        argv += ["--remove-dir", options.remove_dir]
     if options.resources is not None:
         spec = ",".join(f"{name}={amount:.17g}" for name, amount in options.resources.items())
         argv += ["--resources", spec, "--pool", options.pool]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import socket
 import sys
 import threading
@@ -329,10 +330,20 @@ class WorkerIO:
     def _slow_checks(self, now: float) -> None:
         """What may wait a moment: each costs a system call, too much for every task."""
         self._next_check = now + CHECK_INTERVAL
-        parent = self.w.options.parent_pid
-        if parent is not None and os.getppid() != parent:
+        if self._parent_gone():
             log.info("parent process is gone; exiting")
+            self._clean_up_after_parent()
             os._exit(0)
+
+    def _parent_gone(self) -> bool:
+        parent = self.w.options.parent_pid
+        return parent is not None and os.getppid() != parent
+
+    def _clean_up_after_parent(self) -> None:
+        """The embedded pool's process is gone: nobody else will remove its socket folder."""
+        folder = self.w.options.remove_dir
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()
@@ -531,6 +542,8 @@ class WorkerIO:
         self.link.send(p.encode(p.Command.DISCONNECT))
         move(self, ProcessState.LEAVING, PROCESS_MOVES)
         self.link.close(linger_ms=2000)
+        if self._parent_gone():
+            self._clean_up_after_parent()
         logging.shutdown()
         os._exit(status)
 

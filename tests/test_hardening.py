@@ -64,7 +64,7 @@ def test_a_malformed_address_is_refused_by_the_constructor(address: str) -> None
 def test_an_int_is_max_workers_and_other_types_are_refused() -> None:
     with fade.Executor(1) as ex:
         assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
-        assert len(ex._pool.pids) == 2  # type: ignore[union-attr]  # a broker and one worker
+        assert len(ex._pool.pids) == 1  # type: ignore[union-attr]  # one worker process
     for bad in (4.5, b"tcp://127.0.0.1:5555", object(), True):
         with pytest.raises(TypeError):
             fade.Executor(bad)  # type: ignore[arg-type]

@@ -221,7 +221,7 @@ def test_embedded_pool_dies_with_its_parent(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         pids = [int(x) for x in parent.stdout.readline().split()]
-        assert len(pids) >= 3  # the broker and two workers
+        assert len(pids) == 2  # two workers (the broker lives in the client process)
         parent.kill()
         parent.wait()
 
