@@ -32,6 +32,7 @@ import zmq
 
 from fade import protocol as p
 from fade import security
+from fade.initializer import EXIT_RETIRED
 from fade.sockets import connect_dealer
 
 __all__ = ["Supervisor"]
@@ -150,6 +151,10 @@ class Supervisor:
             if status is None:
                 continue
             del self._children[pid]
+            if status == EXIT_RETIRED and not self._stopping:
+                log.info("worker process %d retired (max_tasks_per_child); replacing it", pid)
+                self._spawn()
+                continue
             if status == 0 or self._stopping:
                 log.info("worker process %d left (status %d)", pid, status)
                 continue

@@ -73,6 +73,7 @@ from fade.errors import (
     SecurityError,
     TaskTimeoutError,
 )
+from fade.initializer import EXIT_RETIRED, Setups
 from fade.shipping import uninstall_import_hook
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -165,6 +166,8 @@ class Worker:
         self._bad_input = RateLimitedLog(log)
         self.tasks_done = 0
         self._code = CodeRunner(CodeCache(code_cache), self._fetch)
+        self._setups = Setups()  # initializer and max_tasks_per_child (fade/initializer.py)
+        self.retired = False
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, _Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[_Fetch] = collections.deque()
@@ -188,7 +191,7 @@ class Worker:
         finally:
             io.stop()
         keeper.join(timeout=5)
-        return io.exit_status
+        return EXIT_RETIRED if self.retired and io.exit_status == 0 else io.exit_status
 
     def request_drain(self) -> None:
         """Called from a signal handler: start draining (a second call: leave now)."""
@@ -220,13 +223,23 @@ class Worker:
         self.tasks_done += 1
         avg = self._avg_duration
         self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
+        if self._setups.after(job.payload):
+            self._retire()
         if keeper_busy:
             self.wake()  # the keeper is polling the socket: make it hand the socket back
+
+    def _retire(self) -> None:
+        """max_tasks_per_child: drain (the results go out, the rest goes back), then exit
+        with EXIT_RETIRED; the supervisor starts a fresh process."""
+        log.info("retiring after max_tasks_per_child tasks of one executor")
+        self.retired = True
+        self._drain_requests = max(self._drain_requests, 1)
 
     def _call(self, job: _Job) -> object:
         code = ser.code_version(job.payload)
         # The key is the client's identity plus an 8-byte task id.
         self._code.ensure(code, job.record.key[:-8])
+        self._setups.before(job.payload)
         fn, args, kwargs = ser.loads_call(job.payload, self._functions)
         return fn(*args, **kwargs)
 
@@ -340,7 +353,12 @@ class _WorkerIO:
             while not self._stopped:
                 # Back-to-back tasks skip the socket for a moment so that their results
                 # share one DONE; a lone task's result leaves at once.
-                if not inbox or time.monotonic() - self._last_pass >= RESULT_DELAY:
+                # A drain (or retirement) hands back the inbox before another task starts.
+                if (
+                    not inbox
+                    or self.w._drain_requests
+                    or time.monotonic() - self._last_pass >= RESULT_DELAY
+                ):
                     self._pass(block=not inbox)
                 if inbox and not self._stopped:
                     return self._start(inbox.popleft())
