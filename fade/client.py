@@ -77,14 +77,17 @@ from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
     FadeError,
+    InitializerError,
     MessageTooLargeError,
     MissingDependencyError,
     ProtocolError,
     WorkerLostError,
 )
+from fade.initializer import report_failure
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
 from fade.sockets import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    check_endpoint,
     connect_dealer,
     has_input,
     recv_frames,
@@ -119,6 +122,7 @@ class _WorkItem:
     future: cf.Future[Any]
     payload: p.Payload
     largest: int = 0  # bytes in its largest frame (p.largest_part)
+    started: bool = False  # marked running while still in the outbox (_ClientIO.enqueue)
 
 
 class _ClientIO:
@@ -136,8 +140,10 @@ class _ClientIO:
         code: LocalCode | None,
         keys: security.PeerKeys | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        assumed_capacity: int = 0,
     ) -> None:
         self.address = address
+        self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self.keys = keys
         self.max_message_size = max_message_size
         self.broker_max_message_size = 0  # 0 until a WELCOME says
@@ -148,8 +154,9 @@ class _ClientIO:
         self.timeout = task_timeout or 0.0
         self.pool = pool
         self.code = code
-        self.lock = threading.Lock()  # guards outbox, closing, _woken
+        self.lock = threading.Lock()  # guards outbox, closing, _woken, _started
         self.outbox: collections.deque[_WorkItem] = collections.deque()
+        self._started = 0  # tasks in the outbox marked running
         # Re-entrant: _break may run inside a pass. Guards the socket and in_flight.
         self.socket_lock = threading.RLock()
         self.in_flight: dict[int, _WorkItem] = {}
@@ -177,11 +184,22 @@ class _ClientIO:
         if not self.outbox and self._send_now(item):
             return
         with self.lock:
+            self._start_early(item)
             self.outbox.append(item)
             wake = not self._woken
             self._woken = True
         if wake:
             self.wake()
+
+    def _start_early(self, item: _WorkItem) -> None:
+        """(Holding ``lock``.) As in the standard pools, the first tasks count as running as
+        soon as they are submitted, so ``shutdown(cancel_futures=True)`` lets them run: as
+        many as the pool's capacity (the embedded pool's workers, until the broker says)
+        less those already out. Running tasks cannot be cancelled; the rest can."""
+        capacity = self._capacity or self.assumed_capacity
+        if self._started + len(self.in_flight) < capacity:
+            item.started = item.future.set_running_or_notify_cancel()
+            self._started += item.started
 
     def wake(self) -> None:
         try:
@@ -475,6 +493,13 @@ class _ClientIO:
                 outcome = False, exc
         elif record.status is p.Status.RAISED:
             outcome = False, _name_distribution(ser.loads_exception(payload))
+            if isinstance(outcome[1], InitializerError):
+                # As in the standard pools, a failed initializer breaks the executor.
+                self._ready.append((item.future, *outcome))
+                if self.broken is None:
+                    report_failure(outcome[1])
+                self._break(outcome[1])
+                return
         elif record.status is p.Status.LOST:
             outcome = False, _lost_error(payload)
         else:
@@ -527,7 +552,9 @@ class _ClientIO:
                 if batch and size + inline > self._batch_bytes():
                     break
                 item = self.outbox.popleft()
-                if item.future.set_running_or_notify_cancel():
+                if item.started:
+                    self._started -= 1
+                if item.started or item.future.set_running_or_notify_cancel():
                     batch.append(item)
                     size += inline
         for item in batch:
@@ -558,6 +585,7 @@ class _ClientIO:
             self.broken = error
             items = [*self.outbox, *self.in_flight.values()]
             self.outbox.clear()
+            self._started = 0
             self.in_flight.clear()
         for item in items:
             if not item.future.done():
@@ -749,13 +777,28 @@ class Executor(cf.Executor):
     """Run calls on a fade pool: an embedded one (no address) or a broker at ``address``.
 
     Behaves like ``concurrent.futures.ProcessPoolExecutor``: ``submit`` returns a
-    real ``concurrent.futures.Future``; ``map`` yields results in order.
+    real ``concurrent.futures.Future``; ``map`` yields results in order. CPython's
+    own test_concurrent_futures is the judge (docs/conformance.md).
 
     Args:
-        address: a broker endpoint such as ``"tcp://head:5555"``. None starts an
-            embedded broker and ``max_workers`` worker processes on this machine.
+        address: a broker endpoint, ``"tcp://host:port"`` or ``"ipc://path"``; a
+            malformed one raises ValueError. None starts an embedded broker and
+            ``max_workers`` worker processes on this machine. An int here is
+            ``max_workers``, as in ``ThreadPoolExecutor(4)``.
         max_workers: worker processes of the embedded pool (default: one per
             core). Ignored with an address.
+        initializer, initargs: a worker process runs ``initializer(*initargs)``
+            once, before the first task of this executor that it runs (workers
+            are shared: other executors' tasks run in the same processes, and
+            see what it did). If it raises, that task fails with
+            InitializerError (a ``BrokenExecutor``) and this executor is broken,
+            as a standard pool is: the error is logged on the
+            ``concurrent.futures`` logger, pending futures fail with it, and
+            later submits raise it.
+        max_tasks_per_child: a worker process that has run this many tasks of
+            this executor leaves the pool and its supervisor starts a fresh one
+            (on a remote pool, ``fade-worker``'s). Nothing is lost: the tasks it
+            held but had not started go back to the broker. Default: no limit.
         max_attempts: how many times a task may lose its worker (crash, kill,
             lost heartbeats) before its future fails with WorkerLostError.
         task_timeout: seconds a task may run; past that its worker process is
@@ -771,13 +814,24 @@ class Executor(cf.Executor):
             ``fade-keys add client NAME``); default: $FADE_KEYS, else no keys.
         max_message_size: the largest frame (a pickle, or one large buffer such
             as a numpy array's data) sent or accepted, in bytes; default 1 GiB.
+
+    As in the standard pools, the first tasks count as running as soon as they
+    are submitted (as many as the pool can run at once: on an embedded pool, its
+    ``max_workers`` until the broker reports its capacity; on a remote pool,
+    none until it does), so ``shutdown(cancel_futures=True)`` cancels only the
+    others. Where ``ProcessPoolExecutor`` breaks (a worker dies, a task or a
+    result cannot be unpickled), the future concerned fails with an error that is
+    also a ``BrokenProcessPool`` (see fade.errors), and the pool goes on working.
     """
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | int | None = None,
         *,
         max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
         max_attempts: int = 3,
         task_timeout: float | None = None,
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
@@ -787,10 +841,20 @@ class Executor(cf.Executor):
         keys: security.KeySource | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
+        address, max_workers = _address_or_max_workers(address, max_workers)
+        if address is not None:
+            check_endpoint(address)
         if ship_code not in ("auto", "pin", "off"):
             raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
         if max_workers is not None and max_workers < 1:
             raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child < 1:
+                raise ValueError("max_tasks_per_child must be >= 1")
         if not 1 <= max_attempts <= 65535:
             raise ValueError("max_attempts must be between 1 and 65535")
         if task_timeout is not None and task_timeout <= 0:
@@ -803,11 +867,20 @@ class Executor(cf.Executor):
             raise ValueError("keys are for a broker at an address; the embedded pool needs none")
         # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
         peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
+        # Every task carries it (fade/initializer.py); pickled now, so that an initializer
+        # that cannot travel fails here, as the standard pools fail at their start.
+        self._setup = b""
+        if initializer is not None or max_tasks_per_child is not None:
+            self._setup = ser.dumps_setup(
+                os.urandom(16), initializer, tuple(initargs), max_tasks_per_child or 0
+            )
         self._max_message_size = max_message_size
         self._pool: EmbeddedPool | None = None
+        assumed_capacity = 0
         if address is None:
+            assumed_capacity = max_workers or os.cpu_count() or 1
             self._pool = EmbeddedPool(
-                max_workers or os.cpu_count() or 1,
+                assumed_capacity,
                 heartbeat_interval=heartbeat_interval,
                 heartbeat_liveness=heartbeat_liveness,
             )
@@ -831,33 +904,55 @@ class Executor(cf.Executor):
             code=self._code,
             keys=peer_keys,
             max_message_size=max_message_size,
+            assumed_capacity=assumed_capacity,
         )
         self._io.thread.start()
         _live_executors.add(self)
 
+    @property
+    def _broken(self) -> BaseException | bool:
+        """As the standard pools' attribute of that name: what broke this executor, or False."""
+        return self._io.broken or False
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
-        """Schedule ``fn(*args, **kwargs)``; raises SerializationError if it cannot be pickled."""
+        """Schedule ``fn(*args, **kwargs)``. As in the standard pools, a task that cannot
+        be sent fails its future instead of raising here: with SerializationError (a
+        ``pickle.PicklingError``) if it cannot be pickled, MessageTooLargeError, or
+        CodeShippingError. Raises RuntimeError after shutdown, BrokenPoolError once broken."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if self._io.broken is not None:
-            raise BrokenPoolError(str(self._io.broken))
+        broken = self._io.broken
+        if broken is not None:
+            kind = type(broken) if isinstance(broken, BrokenPoolError) else BrokenPoolError
+            raise kind(str(broken)) from broken
+        future: cf.Future[T] = _Future(self._io)
+        try:
+            payload, largest = self._payload(fn, args, kwargs)
+        except FadeError as exc:
+            future.set_exception(exc)
+            return future
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._io.enqueue(_WorkItem(next(self._ids), future, payload, largest))
+        return future
+
+    def _payload(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[p.Payload, int]:
+        """The task's payload and the size of its largest part; raises FadeError."""
         code = b""
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        payload = ser.dumps_call(fn, args, kwargs, code)
+        payload = ser.dumps_call(fn, args, kwargs, code, self._setup)
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
             raise MessageTooLargeError(
                 f"the task has a {largest}-byte part, more than max_message_size "
                 f"({self._max_message_size}); raise it here, on the broker and on the workers"
             )
-        future: cf.Future[T] = _Future(self._io)
-        with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._io.enqueue(_WorkItem(next(self._ids), future, payload, largest))
-        return future
+        return payload, largest
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.
@@ -895,8 +990,10 @@ class Executor(cf.Executor):
         io = self._io
         if cancel_futures:
             with io.lock:
-                items = list(io.outbox)
+                items = [item for item in io.outbox if not item.started]
+                running = [item for item in io.outbox if item.started]
                 io.outbox.clear()
+                io.outbox.extend(running)  # marked running: they run, as in the standard pools
             for item in items:
                 item.future.cancel()
         with io.lock:
@@ -917,6 +1014,22 @@ class Executor(cf.Executor):
     def _stop_pool(self) -> None:
         if self._pool is not None:
             self._pool.stop()
+
+
+def _address_or_max_workers(
+    address: object, max_workers: int | None
+) -> tuple[str | None, int | None]:
+    """``Executor(4)`` is ``Executor(max_workers=4)``, as ``ThreadPoolExecutor(4)`` is."""
+    if address is None or isinstance(address, str):
+        return address, max_workers
+    if isinstance(address, int) and not isinstance(address, bool):
+        if max_workers is not None:
+            raise TypeError("Executor() got max_workers both as its first argument and by name")
+        return None, address
+    raise TypeError(
+        "the first argument of Executor() is the broker's address, a string such as "
+        f"'tcp://host:port' or 'ipc://path', or max_workers, an int; not {type(address).__name__}"
+    )
 
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
