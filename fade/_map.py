@@ -2,7 +2,12 @@
 
 Each chunk of ``chunksize`` calls travels as one task. Within a chunk the calls
 run in order until one raises; the caller gets every result before it, then the
-exception: an exception surfaces exactly when its element is reached.
+exception: an exception surfaces exactly when its element is reached. Such a
+chunk ends as a raised task (the broker counts it so): the worker raises a
+:class:`ChunkError` that carries the results before the exception.
+
+As in the standard library, the iterator keeps no reference to a result it has
+yielded (bpo-14406), and a future whose wait timed out is cancelled.
 """
 
 from __future__ import annotations
@@ -14,26 +19,54 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import cloudpickle
+
+from fade.errors import ResultDecodeError
 from fade.progress import ProgressBar, map_description, map_total
 from fade.serialization import remote_cause
 from fade.tracebacks import RemoteTrace, capture
 
-__all__ = ["map_in_order", "run_chunk"]
+__all__ = ["ChunkError", "map_in_order", "run_chunk"]
 
 T = TypeVar("T")
 
-_ChunkResult = tuple[list[Any], "BaseException | None", "RemoteTrace | None"]
+
+class ChunkError(Exception):
+    """Raised on a worker when a call of a chunk raised: the results of the calls before
+    it, the exception and its traceback (in the user's paths, fade/tracebacks.py).
+    Never reaches the caller of ``map``."""
+
+    def __init__(self, values: list[Any], error: BaseException, trace: RemoteTrace) -> None:
+        super().__init__(values, error, trace)
+        self.values = values
+        self.error = error
+        self.trace = trace
+
+    def __str__(self) -> str:
+        return f"call {len(self.values) + 1} of a chunk raised {self.error!r}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        error = self.error
+        try:
+            cloudpickle.dumps(error, protocol=5)
+        except Exception as why:  # as for a task's own exception: say what it was
+            error = ResultDecodeError(
+                f"the task raised {type(error).__qualname__}: {error}, "
+                f"which cannot be pickled ({type(why).__name__}: {why})"
+            )
+        return (ChunkError, (self.values, error, self.trace))
 
 
-def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> _ChunkResult:
-    """Run on a worker: the results of ``fn`` over ``chunk`` up to the first exception."""
+def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Run on a worker: the results of ``fn`` over ``chunk``; if a call raises, ChunkError
+    with the results before it."""
     values = []
     for args in chunk:
         try:
             values.append(fn(*args))
         except Exception as exc:
-            return values, exc, capture(exc)
-    return values, None, None
+            raise ChunkError(values, exc, capture(exc)) from None
+    return values
 
 
 def _validate(chunksize: int, buffersize: int | None) -> None:
@@ -90,6 +123,8 @@ def _results(
     chunked: bool,
     bar: ProgressBar | None = None,
 ) -> Iterator[Any]:
+    # No local variable may hold a result (or its future) across a yield: the caller
+    # may be the only owner of what it was given.
     finished = False
     try:
         while futures:
@@ -97,22 +132,46 @@ def _results(
                 task = next(calls, None)
                 if task is not None:
                     futures.append(submit(task))
-            future = futures.popleft()
-            if end_time is None:
-                result = future.result()
-            else:
-                result = future.result(end_time - time.monotonic())
+            timeout = None if end_time is None else end_time - time.monotonic()
             if not chunked:
-                yield result
+                yield _result_or_cancel(futures.popleft(), timeout)
                 continue
-            values, exc, trace = result
-            yield from values
-            if exc is not None:
-                exc.__cause__ = remote_cause(trace)
-                raise exc
+            values, error = _chunk_or_cancel(futures.popleft(), timeout)
+            values.reverse()
+            while values:
+                yield values.pop()
+            if error is not None:
+                try:
+                    raise error
+                finally:
+                    error = None  # no cycle through this frame's traceback
         finished = True
     finally:
         for future in futures:
             future.cancel()
         if bar is not None:
             bar.close(all_done=finished)
+
+
+def _result_or_cancel(future: cf.Future[Any], timeout: float | None) -> Any:
+    """The future's result; a future that is not done by ``timeout`` is cancelled."""
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            future.cancel()
+    finally:
+        del future  # break the cycle through a raised exception's traceback
+
+
+def _chunk_or_cancel(
+    future: cf.Future[Any], timeout: float | None
+) -> tuple[list[Any], BaseException | None]:
+    """A chunk's results, and the exception of the call that raised, if one did (with
+    the worker's traceback as its ``__cause__``, as for a task's own exception)."""
+    try:
+        return _result_or_cancel(future, timeout), None
+    except ChunkError as carrier:
+        error = carrier.error
+        error.__cause__ = remote_cause(carrier.trace)
+        return carrier.values, error

@@ -40,7 +40,13 @@ from fade import security
 from fade import serialization as ser
 from fade.clientio import ClientIO, TaskOptions, WorkItem
 from fade.embedded import EmbeddedPool
-from fade.errors import BrokenPoolError, MessageTooLargeError, ProtocolError
+from fade.errors import (
+    BrokenPoolError,
+    FadeError,
+    MessageTooLargeError,
+    ProtocolError,
+    TaskTerminatedError,
+)
 from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, check_address
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE
@@ -114,6 +120,18 @@ class Executor(cf.Executor):
             ``ThreadPoolExecutor(4)`` does. A malformed address raises ValueError.
         max_workers: worker processes of the embedded pool (default: one per
             core). Ignored with an address.
+        initializer, initargs: a worker process runs ``initializer(*initargs)``
+            once, before the first task of this executor that it runs (workers
+            are shared: other executors' tasks run in the same processes, and
+            see what it did). If it raises, that task fails with
+            InitializerError (a ``BrokenExecutor``) and this executor is broken,
+            as a standard pool is: the error is logged on the
+            ``concurrent.futures`` logger, pending futures fail with it, and
+            later submits raise it.
+        max_tasks_per_child: a worker process that has run this many tasks of
+            this executor leaves the pool and its supervisor starts a fresh one
+            (on a remote pool, ``fade-worker``'s). Nothing is lost: the tasks it
+            held but had not started go back to the broker. Default: no limit.
         max_attempts: how many times a task may lose its worker (crash, kill,
             lost heartbeats) before its future fails with WorkerLostError.
         task_timeout: seconds a task may run; past that its worker process is
@@ -139,6 +157,19 @@ class Executor(cf.Executor):
             it stays unreachable, new tasks fail at once; once it answers, they run.
         fast_paths: False sends and reads everything on the I/O thread (see
             fade/fastpath.py); default: on, unless $FADE_FAST_PATHS is "0".
+        priority, resources: the defaults of this executor's tasks (see
+            :meth:`options` and docs/scheduling.md).
+
+    As in the standard pools, the first tasks count as running as soon as they
+    are submitted (as many as the pool can run at once: on an embedded pool, its
+    ``max_workers`` until the broker reports its capacity; on a remote pool,
+    none until it does), so ``shutdown(cancel_futures=True)`` cancels only the
+    others; a task that cannot be sent (it cannot be pickled, is too large, or its
+    code cannot travel) fails its future rather than raising from ``submit``.
+    Where ``ProcessPoolExecutor`` breaks (a worker dies, a task or a result cannot
+    be unpickled), the future concerned fails with an error that is also a
+    ``BrokenProcessPool`` (see fade.errors), and the pool goes on working.
+    CPython's own test_concurrent_futures is the judge (docs/conformance.md).
     """
 
     def __init__(
@@ -159,14 +190,18 @@ class Executor(cf.Executor):
         fast_paths: bool | None = None,
         priority: int = 0,
         resources: dict[str, float] | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
     ) -> None:
         if isinstance(address, int) and not isinstance(address, bool):
             # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
             if max_workers is not None:
-                raise TypeError("max_workers given twice (positionally and by keyword)")
+                raise TypeError("Executor() got max_workers both as its first argument and by name")
             address, max_workers = None, address
         if address is not None:
             address = check_address(address)
+        self._setup = _setup(initializer, initargs, max_tasks_per_child)
         _check_options(
             ship_code, max_workers, max_attempts, task_timeout, heartbeat_interval,
             heartbeat_liveness, max_message_size, connect_timeout, reconnect_timeout,
@@ -177,9 +212,11 @@ class Executor(cf.Executor):
         peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
         self._max_message_size = max_message_size
         self._pool: EmbeddedPool | None = None
+        assumed_capacity = 0
         if address is None:
+            assumed_capacity = max_workers or os.cpu_count() or 1
             self._pool = EmbeddedPool(
-                max_workers or os.cpu_count() or 1,
+                assumed_capacity,
                 heartbeat_interval=heartbeat_interval,
                 heartbeat_liveness=heartbeat_liveness,
             )
@@ -206,6 +243,7 @@ class Executor(cf.Executor):
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
             fast_paths=fast_paths,
+            assumed_capacity=assumed_capacity,
         )
         self._options = _merge(TaskOptions(), priority, resources, None, None)
         self._owner = os.getpid()
@@ -221,26 +259,45 @@ class Executor(cf.Executor):
     ) -> cf.Future[T]:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if self._io.broken is not None:
-            raise BrokenPoolError(str(self._io.broken))
-        code = b""
-        if self._code is not None:
-            code = self._code.version()
-            self._code.check_function(fn)
-        payload = ser.dumps_call(fn, args, kwargs, code)
-        largest = p.largest_part(payload)
-        if largest > self._max_message_size:
-            raise MessageTooLargeError(
-                f"the task has a {largest}-byte part, more than max_message_size "
-                f"({self._max_message_size}); raise it here, on the broker and on the workers"
-            )
+        broken = self._io.broken
+        if broken is not None:
+            kind = type(broken) if isinstance(broken, BrokenPoolError) else BrokenPoolError
+            raise kind(str(broken)) from broken
         future: _Future[T] = _Future(self._io)
+        try:
+            payload, largest = self._payload(fn, args, kwargs)
+        except FadeError as exc:
+            # As in the standard pools: a task that cannot be sent fails its future.
+            future.set_exception(exc)
+            return future
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future.task_id = next(self._ids)
             self._io.enqueue(WorkItem(future.task_id, future, payload, largest, options))
         return future
+
+    def _payload(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[p.Payload, int]:
+        """The task's payload and the size of its largest part; raises FadeError."""
+        code = b""
+        if self._code is not None:
+            code = self._code.version()
+            self._code.check_function(fn)
+        payload = ser.dumps_call(fn, args, kwargs, code, self._setup)
+        largest = p.largest_part(payload)
+        if largest > self._max_message_size:
+            raise MessageTooLargeError(
+                f"the task has a {largest}-byte part, more than max_message_size "
+                f"({self._max_message_size}); raise it here, on the broker and on the workers"
+            )
+        return payload, largest
+
+    @property
+    def _broken(self) -> BaseException | bool:
+        """As the standard pools' attribute of that name: what broke this executor, or False."""
+        return self._io.broken or False
 
     def options(
         self,
@@ -317,10 +374,15 @@ class Executor(cf.Executor):
         io = self._io
         if cancel_futures or terminate:
             with io.lock:
-                items = list(io.outbox)
-                io.outbox.clear()
+                # Tasks marked running as they were submitted run, as in the standard
+                # pools (unless terminated below).
+                items = [item for item in io.outbox if not item.started or terminate]
+                for item in items:
+                    io.outbox.remove(item)
+                    io._started -= item.started
             for item in items:
-                item.future.cancel()
+                if not item.future.cancel():
+                    io.fail(item, TaskTerminatedError("the task was terminated before it was sent"))
         if terminate:
             with io.baton:
                 running = list(io.in_flight.values())
@@ -424,6 +486,26 @@ def _merge(
         options.task_timeout if task_timeout is None else task_timeout,
         options.max_attempts if max_attempts is None else max_attempts,
     )
+
+
+def _setup(
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    max_tasks_per_child: int | None,
+) -> bytes:
+    """The executor's set-up (fade/initializer.py), pickled once; every task carries it."""
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    if max_tasks_per_child is not None:
+        if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+    if initializer is None and max_tasks_per_child is None:
+        return b""
+    # Pickled now, so that an initializer that cannot travel fails here, as the standard
+    # pools fail at their start.
+    return ser.dumps_setup(os.urandom(16), initializer, tuple(initargs), max_tasks_per_child or 0)
 
 
 def _check_options(

@@ -56,6 +56,7 @@ from fade.errors import (
     BrokerUnreachableError,
     FadeError,
     IncompatibleWorkerError,
+    InitializerError,
     MessageTooLargeError,
     MissingDependencyError,
     ProtocolError,
@@ -64,6 +65,7 @@ from fade.errors import (
     TaskTerminatedError,
     WorkerLostError,
 )
+from fade.initializer import report_failure
 from fade.link import BrokerLink
 from fade.locallink import LocalLink
 from fade.shipping import LocalCode
@@ -107,6 +109,7 @@ class WorkItem:
     payload: p.Payload
     largest: int = 0  # bytes in its largest frame (p.largest_part)
     options: TaskOptions = DEFAULT_OPTIONS
+    started: bool = False  # marked running while still in the outbox (ClientIO.enqueue)
 
 
 class Outbox:
@@ -181,8 +184,11 @@ class ClientIO:
         connect_timeout: float,
         reconnect_timeout: float,
         fast_paths: bool | None = None,
+        assumed_capacity: int = 0,
     ) -> None:
         self.max_message_size = max_message_size
+        self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
+        self._started = 0  # tasks in the outbox marked running, guarded by lock
         self.max_attempts = max_attempts
         self.timeout = task_timeout or 0.0
         self.pool = pool
@@ -265,6 +271,7 @@ class ClientIO:
         if self.fast is not None and not self.outbox and self.fast.send_lone(item):
             return
         with self.lock:
+            self._start_early(item)
             self.outbox.append(item)
             wake = not self._woken
             self._woken = True
@@ -280,10 +287,11 @@ class ClientIO:
             item = next((i for i in self.outbox if i.task_id == item_id), None)
             if item is not None:
                 self.outbox.remove(item)
+                self._started -= item.started
             else:
                 self.terminations.append(item_id)
         if item is not None:
-            self._fail(item, TaskTerminatedError("the task was terminated before it was sent"))
+            self.fail(item, TaskTerminatedError("the task was terminated before it was sent"))
         else:
             self.wake.wake()
         return True
@@ -295,6 +303,16 @@ class ClientIO:
             waited = f"after {timeout:g}s" if timeout is not None else "yet"
             return f"no answer yet from the broker at {link.address} {waited}: {link.cause()}"
         return f"the task did not finish within {timeout:g}s (broker {link.address})"
+
+    def _start_early(self, item: WorkItem) -> None:
+        """(Holding ``lock``.) As in the standard pools, the first tasks count as running as
+        soon as they are submitted, so ``shutdown(cancel_futures=True)`` lets them run: as
+        many as the pool's capacity (the embedded pool's workers, until the broker says)
+        less those already out. Running tasks cannot be cancelled; the rest can."""
+        capacity = self.capacity or self.assumed_capacity
+        if self._started + len(self.in_flight) < capacity:
+            item.started = item.future.set_running_or_notify_cancel()
+            self._started += item.started
 
     def close_soon(self) -> None:
         with self.lock:
@@ -462,16 +480,23 @@ class ClientIO:
         with self.lock:
             items = [*self.outbox, *self.in_flight.values()]
             self.outbox.clear()
+            self._started = 0
         self.in_flight.clear()
         for item in items:
-            self._fail(item, error)
+            self.fail(item, error)
 
     def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
         item = self.in_flight.pop(record.task_id, None)
         if item is None:
             self.late_results += 1  # a duplicate: this future already has its result
             return
-        self.ready.append((item.future, *_outcome(record.status, payload)))
+        ok, value = _outcome(record.status, payload)
+        self.ready.append((item.future, ok, value))
+        if isinstance(value, InitializerError):
+            # As in the standard pools, a failed initializer breaks the executor.
+            if self.broken is None:
+                report_failure(value)
+            self.break_pool(value)
 
     # -- to the broker -----------------------------------------------------------------
 
@@ -525,7 +550,7 @@ class ClientIO:
                 f"the task has a {item.largest}-byte frame; the broker accepts at most "
                 f"{limit} (its --max-message-size)"
             )
-            self._fail(item, error)
+            self.fail(item, error)
         return kept
 
     def _take(self, room: int, urgent: bool = False) -> list[WorkItem]:
@@ -542,7 +567,9 @@ class ClientIO:
                 ):
                     break
                 item = self.outbox.popleft()
-                if item.future.set_running_or_notify_cancel():
+                if item.started:
+                    self._started -= 1
+                if item.started or item.future.set_running_or_notify_cancel():
                     batch.append(item)
                     size += inline
         for item in batch:
@@ -578,12 +605,13 @@ class ClientIO:
             self.broken = error
             items = [*self.outbox, *self.in_flight.values()]
             self.outbox.clear()
+            self._started = 0
             self.in_flight.clear()
         for item in items:
-            self._fail(item, error)
+            self.fail(item, error)
 
     @staticmethod
-    def _fail(item: WorkItem, error: BaseException) -> None:
+    def fail(item: WorkItem, error: BaseException) -> None:
         future = item.future
         if future.done():
             return
@@ -598,10 +626,13 @@ def _deliver(ready: list[Outcome]) -> None:
     """Complete the futures whose results came in (outside the baton, so a done-callback
     may submit)."""
     for future, ok, value in ready:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+        try:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        except cf.InvalidStateError:
+            pass  # completed meanwhile (failed with its broken pool, terminated...)
 
 
 def _outcome(status: p.Status, payload: p.Payload) -> tuple[bool, Any]:

@@ -4,11 +4,13 @@
 
     FadeError
      +-- BrokenPoolError         (also a concurrent.futures.BrokenExecutor)
+     |    +-- InitializerError   the executor's initializer raised on a worker
      +-- ProtocolError           a peer sent bytes that are not fade's protocol
      |    +-- ProtocolVersionError  the broker speaks another version (also a BrokenPoolError)
-     +-- SerializationError      something could not be pickled or unpickled
-     |    +-- ResultDecodeError  a result or exception did not survive the trip back
-     +-- WorkerLostError         a task's worker died too many times
+     +-- SerializationError      something could not be pickled or unpickled (a PicklingError)
+     |    +-- ResultDecodeError  a result or exception did not survive the trip back (*)
+     |    +-- TaskDecodeError    a worker could not unpickle a task's function or arguments (*)
+     +-- WorkerLostError         a task's worker died too many times (*)
      +-- TaskTimeoutError        a task ran past its time limit
      +-- TaskTerminatedError     a task was stopped on request (Executor.terminate)
      +-- QuotaExceededError      the broker holds as many of this client's tasks as it allows
@@ -18,16 +20,27 @@
      |    +-- MissingDependencyError  a worker lacks an installed package the task needs
      +-- NoWorkersError          no worker answered in time (also a TimeoutError)
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
-     +-- BrokerUnreachableError  a status query got no answer in time
+     +-- BrokerUnreachableError  the broker cannot be reached (never answered, or gone)
      +-- MissingExtraError       an optional feature's extra is not installed (an ImportError)
 
 A task's own exception is never wrapped: ``result()`` raises the original type,
 with a :class:`RemoteTraceback` holding the worker's traceback as ``__cause__``.
+
+Code written for the standard library's pools catches what fade raises where
+``ProcessPoolExecutor`` would raise: what cannot be pickled is a
+``pickle.PicklingError``, a failed initializer a ``BrokenExecutor``, and the
+errors marked (*) are also ``concurrent.futures.process.BrokenProcessPool``,
+which the standard pool raises when a worker dies, cannot unpickle a task, or
+its result cannot be unpickled. fade fails only the future concerned: unlike
+``ProcessPoolExecutor``, its pool goes on working (a failed initializer alone
+breaks the executor, as in the standard library).
 """
 
 from __future__ import annotations
 
+import pickle
 from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "BrokenPoolError",
@@ -35,6 +48,7 @@ __all__ = [
     "CodeShippingError",
     "FadeError",
     "IncompatibleWorkerError",
+    "InitializerError",
     "InsecureAddressError",
     "MessageTooLargeError",
     "MissingDependencyError",
@@ -47,6 +61,7 @@ __all__ = [
     "ResultDecodeError",
     "SecurityError",
     "SerializationError",
+    "TaskDecodeError",
     "TaskTerminatedError",
     "TaskTimeoutError",
     "WorkerLostError",
@@ -61,6 +76,11 @@ class BrokenPoolError(FadeError, BrokenExecutor):
     """The pool cannot run tasks: the embedded broker or workers failed to start or died."""
 
 
+class InitializerError(BrokenPoolError):
+    """The executor's ``initializer`` raised on a worker: the executor is broken (its cause
+    holds the worker's traceback), as a standard pool is when its initializer fails."""
+
+
 class ProtocolError(FadeError):
     """A message did not follow fade's wire protocol; it is dropped, never trusted."""
 
@@ -69,16 +89,31 @@ class ProtocolVersionError(ProtocolError, BrokenPoolError):
     """The broker speaks another version of fade's protocol: use one fade version everywhere."""
 
 
-class SerializationError(FadeError):
-    """A function, argument, result or exception could not be pickled or unpickled."""
+class SerializationError(FadeError, pickle.PicklingError):
+    """A function, argument, result or exception could not be pickled or unpickled.
+
+    Also a ``pickle.PicklingError``: what code written for the standard pools catches."""
 
 
-class ResultDecodeError(SerializationError):
-    """The worker's result or exception could not be pickled there or rebuilt here."""
+class ResultDecodeError(SerializationError, BrokenProcessPool):
+    """The worker's result or exception could not be pickled there or rebuilt here.
+
+    Also a ``BrokenProcessPool``, which ``ProcessPoolExecutor`` raises when it cannot
+    unpickle a result; only this future fails, the pool goes on."""
 
 
-class WorkerLostError(FadeError):
-    """The task's worker died (crash, kill, lost heartbeats) on every allowed attempt."""
+class TaskDecodeError(SerializationError, BrokenProcessPool):
+    """A worker could not unpickle the task's function or arguments (the cause says why).
+
+    Also a ``BrokenProcessPool``: a standard pool's worker dies there; only this future
+    fails, the pool goes on."""
+
+
+class WorkerLostError(FadeError, BrokenProcessPool):
+    """The task's worker died (crash, kill, lost heartbeats) on every allowed attempt.
+
+    Also a ``BrokenProcessPool``, as ``ProcessPoolExecutor`` reports a worker's death;
+    only this future fails, the pool goes on."""
 
 
 class TaskTimeoutError(FadeError):

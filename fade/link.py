@@ -38,7 +38,7 @@ from fade import security
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.errors import BrokerUnreachableError, FadeError, ProtocolError, ProtocolVersionError
-from fade.sockets import connect_dealer, has_input, recv_frames, send_frames
+from fade.sockets import check_endpoint, connect_dealer, has_input, recv_frames, send_frames
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_RECONNECT_TIMEOUT", "BrokerLink", "check_address"]
 
@@ -51,24 +51,17 @@ CHECK_INTERVAL = 0.1
 
 Handler = Callable[[p.Message], None]
 
-_TRANSPORTS = ("tcp", "ipc", "inproc")
-
-
 def check_address(address: object) -> str:
-    """The address if it is one a DEALER can connect to; ValueError naming the fix if not."""
+    """The address if a DEALER can connect to it (several, comma-separated, for a pair of
+    brokers); TypeError or ValueError naming what is wrong and the forms expected."""
     if not isinstance(address, str):
-        raise TypeError(f"a broker address is a string such as 'tcp://host:5555', not {address!r}")
+        raise TypeError(
+            "the first argument of Executor() is the broker's address, a string such as "
+            "'tcp://host:port' or 'ipc://path', or max_workers, an int; "
+            f"not {type(address).__name__}"
+        )
     for part in address.split(","):
-        transport, sep, rest = part.partition("://")
-        if not sep or transport not in _TRANSPORTS or not rest:
-            raise ValueError(
-                f"bad broker address {part!r}: expected tcp://HOST:PORT or ipc://PATH "
-                f"(e.g. tcp://127.0.0.1:5555)"
-            )
-        if transport == "tcp":
-            host, colon, port = rest.rpartition(":")
-            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"bad broker address {part!r}: expected tcp://HOST:PORT")
+        check_endpoint(part.strip())
     return address
 
 

@@ -1,10 +1,16 @@
 """Turning calls and results into frames and back (cloudpickle, pickle protocol 5).
 
 A task's payload (a :class:`fade.protocol.Payload`) packs inline
-``code version | function | arguments`` and carries large buffers apart:
+``code version | [executor setup] | function | arguments`` and carries large
+buffers apart:
 
 * the code version is the 16-byte id of the client's local code (see
   fade/shipping.py), or empty; workers set that code up before unpickling;
+* the executor setup is there only for an Executor made with ``initializer``
+  or ``max_tasks_per_child``: its id, the task limit and the pickled
+  ``(initializer, initargs)``, which a worker runs once (fade/initializer.py).
+  A flag in the header says it is there, so that every other payload is
+  byte for byte what it was before setups existed;
 * the function is pickled on its own, so its bytes can be reused: a function
   that pickles *by reference* (an importable module-level function) always
   pickles to the same bytes, and those are cached per function object;
@@ -33,25 +39,30 @@ import types
 import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from fade import tracebacks
-from fade.errors import ResultDecodeError, SerializationError
+from fade.errors import ResultDecodeError, SerializationError, TaskDecodeError
 from fade.protocol import Payload
 from fade.shipping import client_file
 
 __all__ = [
     "OUT_OF_BAND_MIN",
+    "ExecutorSetup",
     "FunctionCache",
     "code_version",
     "dumps_call",
     "dumps_exception",
+    "dumps_setup",
     "dumps_value",
+    "executor_setup",
     "loads_call",
     "loads_exception",
+    "loads_initializer",
     "loads_value",
 ]
 
@@ -60,7 +71,11 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 
-_CALL = struct.Struct("<BI")  # code version size, function pickle size
+_CALL = struct.Struct("<BI")  # code version size (| _HAS_SETUP), function pickle size
+#: In the code version size byte (which is 0 or 16): an executor setup follows the header.
+_HAS_SETUP = 0x80
+_SETUP_SIZE = struct.Struct("<I")
+_SETUP = struct.Struct("<16sI")  # executor id, max_tasks_per_child (0: no limit)
 
 _by_reference: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
@@ -159,27 +174,46 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
 
 
 def dumps_call(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], code: bytes = b""
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    code: bytes = b"",
+    setup: bytes = b"",
 ) -> Payload:
-    """The payload for calling ``fn(*args, **kwargs)`` remotely. Raises SerializationError."""
+    """The payload for calling ``fn(*args, **kwargs)`` remotely, with the executor's
+    ``setup`` (:func:`dumps_setup`) if it has one. Raises SerializationError."""
     fn_bytes = dumps_function(fn)
     buffers: list[Frame] = []
     try:
         arg_bytes = _dumps((args, kwargs), buffers)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    inline = b"".join((_CALL.pack(len(code), len(fn_bytes)), code, fn_bytes, arg_bytes))
+    if setup:
+        head = _CALL.pack(len(code) | _HAS_SETUP, len(fn_bytes)) + _SETUP_SIZE.pack(len(setup))
+        inline = b"".join((head, code, setup, fn_bytes, arg_bytes))
+    else:
+        inline = b"".join((_CALL.pack(len(code), len(fn_bytes)), code, fn_bytes, arg_bytes))
     return Payload(inline, tuple(buffers))
 
 
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes]:
+def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """(code version, executor setup, function pickle, arguments pickle)."""
     if len(inline) < _CALL.size:
         raise SerializationError("a task payload is too short")
     code_size, fn_size = _CALL.unpack_from(inline)
     start = _CALL.size
+    setup_size = 0
+    if code_size & _HAS_SETUP:
+        code_size &= ~_HAS_SETUP
+        if len(inline) < start + _SETUP_SIZE.size:
+            raise SerializationError("a task payload is too short")
+        (setup_size,) = _SETUP_SIZE.unpack_from(inline, start)
+        start += _SETUP_SIZE.size
     code = inline[start : start + code_size]
-    fn = inline[start + code_size : start + code_size + fn_size]
-    return code, fn, inline[start + code_size + fn_size :]
+    start += code_size
+    setup = inline[start : start + setup_size]
+    start += setup_size
+    return code, setup, inline[start : start + fn_size], inline[start + fn_size :]
 
 
 class FunctionCache:
@@ -216,16 +250,81 @@ def loads_call(
     payload: Payload, functions: FunctionCache
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
-    version it names is active)."""
-    code, fn_bytes, arg_bytes = _split_call(payload.inline)
-    fn = functions.load(code, fn_bytes)
-    args, kwargs = pickle.loads(arg_bytes, buffers=[_as_buffer(f) for f in payload.buffers])
+    version it names is active).
+
+    Raises TaskDecodeError (its cause says why), or ModuleNotFoundError when the
+    task needs a module this worker lacks."""
+    code, _, fn_bytes, arg_bytes = _split_call(payload.inline)
+    try:
+        fn = functions.load(code, fn_bytes)
+    except (ModuleNotFoundError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # SystemExit too: a __reduce__ may run anything
+        raise TaskDecodeError(
+            f"the task's function could not be unpickled on the worker: {_describe(exc)}"
+        ) from exc
+    try:
+        args, kwargs = pickle.loads(arg_bytes, buffers=[_as_buffer(f) for f in payload.buffers])
+    except (ModuleNotFoundError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        raise TaskDecodeError(
+            f"the arguments of {_fn_name(fn)} could not be unpickled on the worker: "
+            f"{_describe(exc)}"
+        ) from exc
     return fn, args, kwargs
 
 
 def code_version(payload: Payload) -> bytes:
     """The code version a task payload names (b"" for none)."""
     return _split_call(payload.inline)[0]
+
+
+# -- the executor setup: initializer, initargs, max_tasks_per_child ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSetup:
+    """What a task payload says about its executor's set-up (see fade/initializer.py)."""
+
+    executor_id: bytes
+    max_tasks: int  # tasks of this executor a worker process runs before it retires; 0: no limit
+    initializer: bytes  # pickled (initializer, initargs); b"" for none
+
+
+def dumps_setup(
+    executor_id: bytes,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    max_tasks: int,
+) -> bytes:
+    """The setup section of every task of one executor. Raises SerializationError."""
+    pickled = b""
+    if initializer is not None:
+        try:
+            pickled = cloudpickle.dumps((initializer, initargs), protocol=5)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle the initializer {_fn_name(initializer)} or its initargs: {exc}"
+            ) from exc
+    return _SETUP.pack(executor_id, max_tasks) + pickled
+
+
+def executor_setup(payload: Payload) -> ExecutorSetup | None:
+    """The setup a task payload carries; None for a task of an executor without one."""
+    if not payload.inline or not payload.inline[0] & _HAS_SETUP:
+        return None
+    setup = _split_call(payload.inline)[1]
+    if len(setup) < _SETUP.size:
+        raise SerializationError("a task's executor setup is too short")
+    executor_id, max_tasks = _SETUP.unpack_from(setup)
+    return ExecutorSetup(executor_id, max_tasks, setup[_SETUP.size :])
+
+
+def loads_initializer(data: bytes) -> tuple[Callable[..., object], tuple[Any, ...]]:
+    """``(initializer, initargs)`` from :func:`dumps_setup` (may raise anything unpickling does)."""
+    initializer, initargs = pickle.loads(data)
+    return initializer, tuple(initargs)
 
 
 def dumps_value(value: Any) -> Payload:
@@ -242,11 +341,15 @@ def dumps_value(value: Any) -> Payload:
 
 
 def loads_value(payload: Payload) -> Any:
+    """The task's result. Raises ResultDecodeError, also when unpickling raised a
+    BaseException such as SystemExit (the client's I/O thread must survive it)."""
     try:
         return pickle.loads(payload.inline, buffers=[_as_buffer(f) for f in payload.buffers])
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise ResultDecodeError(
-            f"the task's result could not be unpickled here: {type(exc).__name__}: {exc}"
+            f"the task's result could not be unpickled here: {_describe(exc)}"
         ) from exc
 
 
@@ -273,10 +376,11 @@ def loads_exception(payload: Payload) -> BaseException:
     names and source lines as this client knows them)."""
     try:
         exc, text, *more = pickle.loads(payload.inline)
-    except Exception as why:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as why:
         return ResultDecodeError(
-            f"the task raised an exception that could not be unpickled here: "
-            f"{type(why).__name__}: {why}"
+            f"the task raised an exception that could not be unpickled here: {_describe(why)}"
         )
     if not isinstance(exc, BaseException):
         return ResultDecodeError(f"the worker sent {type(exc).__name__} as an exception")
@@ -292,6 +396,10 @@ def remote_cause(trace: tracebacks.RemoteTrace | str) -> BaseException:
 
 def _fn_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _as_buffer(frame: Frame) -> Any:

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "ZAP_DOMAIN",
     "bind_router",
+    "check_endpoint",
     "connect_dealer",
     "has_input",
     "is_local_address",
@@ -153,6 +154,31 @@ def connect_dealer(
         sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.connect(address)
     return sock
+
+
+_ENDPOINT_FORMS = "expected tcp://host:port (port 1-65535) or ipc://path"
+
+
+def check_endpoint(address: str) -> None:
+    """Raise ValueError, naming ``address`` and the expected forms, unless it is an endpoint
+    a client or worker can connect to. ZeroMQ would accept some malformed ones and fail
+    later, in a thread, where no caller sees it."""
+    transport, sep, rest = address.partition("://")
+    if not sep:
+        raise ValueError(f"{address!r} is not a broker address: no scheme; {_ENDPOINT_FORMS}")
+    if transport == "ipc":
+        if not rest:
+            raise ValueError(f"{address!r} names no socket path; {_ENDPOINT_FORMS}")
+        return
+    if transport != "tcp":
+        raise ValueError(f"{address!r}: unknown scheme {transport!r}; {_ENDPOINT_FORMS}")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or "/" in rest:
+        raise ValueError(f"{address!r} has no host and port; {_ENDPOINT_FORMS}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r}: {port!r} is not a port number; {_ENDPOINT_FORMS}")
+    if host == "*":
+        raise ValueError(f"{address!r} is for binding; name the broker's host; {_ENDPOINT_FORMS}")
 
 
 def is_local_address(address: str) -> bool:

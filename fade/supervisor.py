@@ -38,6 +38,7 @@ import zmq
 
 from fade import protocol as p
 from fade import security
+from fade.initializer import EXIT_RETIRED
 from fade.options import WorkerOptions, child_argv
 from fade.resources import detect_resources
 from fade.sockets import connect_dealer
@@ -213,7 +214,10 @@ class Supervisor:
             self._read_last_word(child)
             _end_group(child)
             child.control.close()
-            if status == EXIT_INCOMPATIBLE:
+            if status == EXIT_RETIRED and not self._stopping:
+                log.info("worker process %d retired (max_tasks_per_child); replacing it", pid)
+                self._spawn()
+            elif status == EXIT_INCOMPATIBLE:
                 self._give_up(pid)
             elif status == 0 or self._stopping:
                 log.info("worker process %d left (status %d)", pid, status)

@@ -59,6 +59,7 @@ from fade.errors import (
     SecurityError,
     TaskTerminatedError,
 )
+from fade.initializer import EXIT_RETIRED, Setups
 from fade.options import WorkerOptions, parse_worker_args
 from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
@@ -111,6 +112,8 @@ class Worker:
         self.tasks_done = 0
         self._code = CodeRunner(CodeCache(options.code_cache), self._fetch, self._functions)
         self._task_env = TaskEnvironment(self._code.managed_path)
+        self._setups = Setups()  # initializer and max_tasks_per_child (fade/initializer.py)
+        self.retired = False
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
@@ -142,7 +145,7 @@ class Worker:
         finally:
             io.stop()
         keeper.join(timeout=5)
-        return io.exit_status
+        return EXIT_RETIRED if self.retired and io.exit_status == 0 else io.exit_status
 
     def request_drain(self) -> None:
         """Called from a signal handler: start draining (a second call: leave now)."""
@@ -172,12 +175,22 @@ class Worker:
         self.tasks_done += 1
         avg = self._avg_duration
         self._avg_duration = duration if avg is None else 0.8 * avg + 0.2 * duration
+        if self._setups.after(job.payload):
+            self._retire()
         if keeper_busy or not self.fast:
             self.wake.wake()  # the keeper is polling the socket: make it act on the result
+
+    def _retire(self) -> None:
+        """max_tasks_per_child: drain (the results go out, the rest goes back), then exit
+        with EXIT_RETIRED; the supervisor starts a fresh process."""
+        log.info("retiring after max_tasks_per_child tasks of one executor")
+        self.retired = True
+        self._drain_requests = max(self._drain_requests, 1)
 
     def _call(self, job: Job) -> object:
         key = job.record.key
         self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
+        self._setups.before(job.payload)
         fn, args, kwargs = ser.loads_call(job.payload, self._functions)
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))

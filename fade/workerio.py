@@ -64,7 +64,7 @@ KEEPER_NAP = 1.0
 CHECK_INTERVAL = 0.1
 #: Exit status of a worker that ended itself after a task timed out, or did not stop.
 EXIT_TIMEOUT = 75
-EXIT_STOPPED = 76
+EXIT_STOPPED = 77
 
 _EMPTY = p.Payload(b"")
 
@@ -153,7 +153,12 @@ class WorkerIO:
             while not self.stopped:
                 # Back-to-back tasks skip the socket for a moment so that their results
                 # share one DONE; a lone task's result leaves at once.
-                if not inbox or time.monotonic() - self._last_pass >= RESULT_DELAY:
+                # A drain (or retirement) hands back the inbox before another task starts.
+                if (
+                    not inbox
+                    or self.w._drain_requests
+                    or time.monotonic() - self._last_pass >= RESULT_DELAY
+                ):
                     self._pass(block=not inbox)
                 if inbox and not self.stopped:
                     return self._start(inbox.popleft())

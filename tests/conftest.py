@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -137,6 +137,15 @@ def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
+        return False
+
+
+def _resource_tracker(proc: psutil.Process) -> bool:
+    """multiprocessing's resource tracker: started by the first "spawn" ProcessPoolExecutor
+    (max_tasks_per_child), it lives as long as this process, by design."""
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
         return False
 
 
@@ -265,12 +274,13 @@ def curve_pool(pool: Pool, curve_keys: Keys) -> Pool:
     return pool
 
 
-def make_executor(kind: str, request: pytest.FixtureRequest) -> cf.Executor:
+def make_executor(kind: str, request: pytest.FixtureRequest, **kwargs: Any) -> cf.Executor:
+    """An executor of that kind; ``kwargs`` are those both kinds take (``initializer``...)."""
     if kind == "processpool":
-        return cf.ProcessPoolExecutor(2)
+        return cf.ProcessPoolExecutor(2, **kwargs)
     if kind == "embedded":
         return fade.Executor(
-            max_workers=2, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS
+            max_workers=2, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS, **kwargs
         )
     if kind == "tcp-curve":
         pool = request.getfixturevalue("curve_pool")
@@ -280,12 +290,18 @@ def make_executor(kind: str, request: pytest.FixtureRequest) -> cf.Executor:
             keys=keys.client,
             heartbeat_interval=INTERVAL,
             heartbeat_liveness=LIVENESS,
+            **kwargs,
         )
     pool = request.getfixturevalue("tcp_pool")
-    return fade.Executor(pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS)
+    return fade.Executor(
+        pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS, **kwargs
+    )
 
 
-@pytest.fixture(params=["embedded", "tcp", "tcp-curve", "processpool"])
+KINDS = ["embedded", "tcp", "tcp-curve", "processpool"]
+
+
+@pytest.fixture(params=KINDS)
 def executor(request: pytest.FixtureRequest) -> Iterator[cf.Executor]:
     """The behaviour suite runs against each of these."""
     ex = make_executor(request.param, request)
@@ -294,6 +310,12 @@ def executor(request: pytest.FixtureRequest) -> Iterator[cf.Executor]:
         yield ex
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(params=KINDS)
+def executor_kind(request: pytest.FixtureRequest) -> str:
+    """For the behaviour tests that build their executor themselves (make_executor)."""
+    return str(request.param)
 
 
 @pytest.fixture
@@ -313,7 +335,11 @@ def no_leftover_processes() -> Iterator[None]:
     me = psutil.Process()
 
     def leftovers() -> list[psutil.Process]:
-        return [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
+        return [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in before and _alive(p) and not _resource_tracker(p)
+        ]
 
     deadline = time.monotonic() + 10
     while leftovers() and time.monotonic() < deadline:

@@ -234,3 +234,85 @@ def ignore_stop_signal_and_sleep(seconds: float) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     time.sleep(seconds)
     return os.getpid()
+
+
+# -- what the standard library's own suite (test_concurrent_futures) throws at a pool --------
+
+
+class ErrorAtPickle:
+    """Raises pickle.PicklingError when pickled."""
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("error in pickle")
+
+
+def raise_unpickling_error() -> None:
+    import pickle
+
+    raise pickle.UnpicklingError("error in unpickle")
+
+
+class ErrorAtUnpickle:
+    """Pickles, but raises pickle.UnpicklingError where it is unpickled."""
+
+    def __reduce__(self) -> Any:
+        return raise_unpickling_error, ()
+
+
+class ExitAtUnpickle:
+    """Pickles, but calls sys.exit(1) where it is unpickled."""
+
+    def __reduce__(self) -> Any:
+        import sys
+
+        return sys.exit, (1,)
+
+
+def return_instance(cls: type) -> Any:
+    return cls()
+
+
+class Box:
+    """A plain object, to watch with a weak reference."""
+
+
+def make_box(_: Any) -> Box:
+    return Box()
+
+
+INIT_STATUS = "uninitialized"
+
+
+def init(value: str, log: str | None = None) -> None:
+    """An initializer: sets INIT_STATUS; with ``log``, appends this process's pid to it."""
+    global INIT_STATUS
+    INIT_STATUS = value
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def init_status() -> str:
+    return INIT_STATUS
+
+
+def init_fail() -> None:
+    raise ValueError("error in initializer")
+
+
+def init_status_and_pid(_: Any = None) -> tuple[str, int]:
+    return INIT_STATUS, os.getpid()
+
+
+def sleep_and_print(seconds: float, message: str) -> None:
+    import sys
+
+    time.sleep(seconds)
+    print(message)
+    sys.stdout.flush()
+
+
+def raise_with_comment() -> None:
+    raise RuntimeError(123)  # some comment

@@ -6,16 +6,26 @@ Python 3.14), the test says so and runs for fade only.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import contextlib
+import gc
+import io
 import itertools
+import pickle
+import subprocess
 import sys
+import textwrap
 import threading
 import time
+import weakref
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tasks
+from conftest import make_executor, wait_for
 
 import fade
 
@@ -271,3 +281,212 @@ def test_unpicklable_result_fails_that_future_only(executor: cf.Executor) -> Non
     with pytest.raises(Exception, match="refuses to be pickled"):
         executor.submit(tasks.return_unpicklable).result(timeout=30)
     assert executor.submit(tasks.add, 2, 2).result(timeout=30) == 4
+
+
+# -- what CPython's test_concurrent_futures asks of a process pool ---------------------------------
+
+
+def test_unpicklable_argument_is_a_pickling_error(executor: cf.Executor) -> None:
+    with pytest.raises(pickle.PicklingError):
+        executor.submit(tasks.identity, tasks.ErrorAtPickle()).result(timeout=30)
+
+
+def test_unpicklable_result_is_a_pickling_error(executor: cf.Executor) -> None:
+    with pytest.raises(pickle.PicklingError):
+        executor.submit(tasks.return_instance, tasks.ErrorAtPickle).result(timeout=30)
+
+
+@pytest.mark.parametrize("bad", ["ErrorAtUnpickle", "ExitAtUnpickle"])
+def test_task_that_cannot_be_unpickled_on_a_worker_is_a_broken_process_pool(
+    executor: cf.Executor, bad: str
+) -> None:
+    with pytest.raises(BrokenProcessPool):
+        executor.submit(tasks.identity, getattr(tasks, bad)()).result(timeout=60)
+    if isinstance(executor, fade.Executor):  # only that future failed
+        assert executor.submit(tasks.add, 1, 2).result(timeout=30) == 3
+
+
+@pytest.mark.parametrize("bad", ["ErrorAtUnpickle", "ExitAtUnpickle"])
+def test_result_that_cannot_be_unpickled_here_is_a_broken_process_pool(
+    executor: cf.Executor, bad: str
+) -> None:
+    with pytest.raises(BrokenProcessPool):
+        executor.submit(tasks.return_instance, getattr(tasks, bad)).result(timeout=60)
+    if isinstance(executor, fade.Executor):  # only that future failed
+        assert executor.submit(tasks.add, 1, 2).result(timeout=30) == 3
+
+
+def test_task_that_kills_its_worker_is_a_broken_process_pool(executor: cf.Executor) -> None:
+    with pytest.raises(BrokenProcessPool):
+        executor.submit(tasks.die).result(timeout=60)
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_keeps_no_reference_to_what_it_yielded(executor: cf.Executor, chunksize: int) -> None:
+    """bpo-14406: the caller may be the only owner of a result."""
+    for box in executor.map(tasks.make_box, range(10), chunksize=chunksize):
+        ref = weakref.ref(box)
+        del box
+        gc.collect()
+        assert ref() is None
+
+
+def test_remote_traceback_shows_the_source_line(executor: cf.Executor) -> None:
+    with pytest.raises(RuntimeError) as info:
+        executor.submit(tasks.raise_with_comment).result(timeout=30)
+    error = info.value
+    assert error.args == (123,)
+    line = "raise RuntimeError(123)  # some comment"
+    assert line in error.__cause__.tb  # type: ignore[union-attr]
+    with contextlib.redirect_stderr(io.StringIO()) as printed:
+        sys.excepthook(type(error), error, error.__traceback__)
+    assert line in printed.getvalue()
+
+
+def test_initializer_runs_once_in_each_worker_process(
+    executor_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    log = tmp_path / "initialized.txt"
+    ex = make_executor(
+        executor_kind, request, initializer=tasks.init, initargs=("initialized", str(log))
+    )
+    try:
+        results = list(ex.map(tasks.init_status_and_pid, range(40)))
+    finally:
+        ex.shutdown(wait=True)
+    assert {status for status, _ in results} == {"initialized"}
+    initialized = [int(pid) for pid in log.read_text().split()]
+    assert len(initialized) == len(set(initialized)), "an initializer ran twice in one process"
+    assert {pid for _, pid in results} <= set(initialized)
+
+
+def test_failing_initializer_breaks_the_executor(
+    executor_kind: str, request: pytest.FixtureRequest
+) -> None:
+    ex = make_executor(executor_kind, request, initializer=tasks.init_fail)
+    try:
+        with pytest.raises(cf.BrokenExecutor):  # at submit if already broken, else here
+            ex.submit(tasks.add, 1, 2).result(timeout=30)
+
+        def submit_raises() -> bool:
+            try:
+                ex.submit(tasks.add, 1, 2)
+            except cf.BrokenExecutor:
+                return True
+            return False
+
+        wait_for(submit_raises, 10, "submit() to raise BrokenExecutor")
+    finally:
+        ex.shutdown(wait=True)
+
+
+def test_max_tasks_per_child_replaces_worker_processes(
+    executor_kind: str, request: pytest.FixtureRequest
+) -> None:
+    ex = make_executor(executor_kind, request, max_tasks_per_child=2)
+    try:
+        pids = collections.Counter(ex.submit(tasks.pid).result(timeout=30) for _ in range(6))
+    finally:
+        ex.shutdown(wait=True)
+    assert max(pids.values()) <= 2 and len(pids) >= 3
+
+
+def test_max_tasks_per_child_loses_nothing_in_a_burst(
+    executor_kind: str, request: pytest.FixtureRequest
+) -> None:
+    if executor_kind == "processpool":
+        pytest.skip("ProcessPoolExecutor: hangs here until python/cpython#115634's fix (2025)")
+    ex = make_executor(executor_kind, request, max_tasks_per_child=2)
+    try:
+        # The processes that retire hand back what they held.
+        results = list(ex.map(tasks.init_status_and_pid, range(20)))
+    finally:
+        ex.shutdown(wait=True)
+    per_process = collections.Counter(pid for _, pid in results)
+    assert len(results) == 20 and max(per_process.values()) <= 2
+
+
+def test_shutdown_cancel_futures_lets_the_first_tasks_run(
+    executor_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """CPython's test_cancel_futures: on a fresh pool, shutdown(cancel_futures=True) right
+    after 50 submits cancels most but not all of them; the others finish."""
+    ex = make_executor(executor_kind, request)
+    if executor_kind.startswith("tcp"):
+        # A client of a remote pool knows what the pool can run from the broker's first
+        # message; before it, no task counts as running (see the Executor's docstring).
+        ex.submit(tasks.add, 0, 0).result(timeout=30)
+    futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(cancel_futures=True)
+    cancelled = [f for f in futures if f.cancelled()]
+    others = [f for f in futures if not f.cancelled()]
+    assert len(cancelled) > 20
+    assert others, "no task ran"
+    for future in others:
+        assert future.done() and future.exception() is None
+
+
+# -- at interpreter exit (CPython's suite runs these in child interpreters) ----------------
+
+
+EXIT_SCRIPTS = {
+    # test_interpreter_shutdown: pending work is done at exit.
+    "pending work is done": (
+        """
+        t = EXECUTOR
+        t.submit(tasks.sleep_and_print, 1.0, "apple")
+        """,
+        "apple",
+    ),
+    # test_submit_after_interpreter_shutdown: the executor is shut down before later
+    # atexit functions run.
+    "submit from atexit raises": (
+        """
+        import atexit
+
+        @atexit.register
+        def run_last():
+            try:
+                t.submit(id, None)
+            except RuntimeError:
+                print("runtime-error")
+                raise
+
+        t = EXECUTOR
+        """,
+        "runtime-error",
+    ),
+    # test_hang_gh83386: shutdown(wait=False) with work running does not hang at exit.
+    "shutdown(wait=False) does not hang": (
+        """
+        t = EXECUTOR
+        t.submit(tasks.sleep_and_print, 1.0, "apple")
+        t.shutdown(wait=False)
+        """,
+        "apple",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_SCRIPTS))
+@pytest.mark.parametrize("kind", ["embedded", "processpool"])
+def test_at_interpreter_exit(kind: str, case: str, tmp_path: Path) -> None:
+    """The pool lives in the script's process (and prints to its stdout): embedded only."""
+    if kind == "processpool" and "wait=False" in case:
+        pytest.skip("ProcessPoolExecutor: hangs here (python/cpython#83386)")
+    constructor = {
+        "embedded": "fade.Executor(2)",
+        "processpool": "concurrent.futures.ProcessPoolExecutor(2)",
+    }[kind]
+    body, expected = EXIT_SCRIPTS[case]
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import concurrent.futures, fade, tasks\n"
+        + textwrap.dedent(body).replace("EXECUTOR", constructor)
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == expected
+    if "atexit" in body:
+        assert "RuntimeError: cannot schedule new futures" in out.stderr
+    else:
+        assert out.stderr == ""

@@ -583,7 +583,7 @@ def test_oversized_messages_harm_nothing(pool: Pool, sockets: Sockets, tmp_path:
     small = fade.Executor(pool.address, max_message_size=1 << 20)
     try:
         with pytest.raises(fade.MessageTooLargeError, match="more than max_message_size"):
-            small.submit(tasks.identity, big)
+            small.submit(tasks.identity, big).result(timeout=0)
     finally:
         small.shutdown()
 

@@ -358,9 +358,7 @@ def _build_extension(directory: Path, name: str) -> None:
         pytest.skip(f"no C compiler or Python headers to build a test extension: {exc}")
 
 
-def test_local_compiled_extension_is_refused_at_submit(
-    code_pool: Pool, make_package: MakePackage
-) -> None:
+def test_local_compiled_extension_is_refused(code_pool: Pool, make_package: MakePackage) -> None:
     name = make_package({"PKG/__init__.py": "from .fast import answer\n", "PKG/py.py": "X = 1\n"})
     _build_extension(Path(sys.path[0]) / name, "fast")
     importlib.invalidate_caches()
@@ -368,7 +366,7 @@ def test_local_compiled_extension_is_refused_at_submit(
     assert pkg.answer() == 42
     with _executor(code_pool) as ex:
         with pytest.raises(fade.CodeShippingError, match="compiled extension"):
-            ex.submit(pkg.answer)
+            ex.submit(pkg.answer).result(timeout=0)
         # Code that does not need the extension still runs.
         assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
 
@@ -382,7 +380,7 @@ def test_size_cap_is_a_clear_error(code_pool: Pool, make_package: MakePackage) -
         _executor(code_pool, ship_code_limit=100_000) as ex,
         pytest.raises(fade.CodeShippingError, match=r"ship_code_limit"),
     ):
-        ex.submit(pkg.f)
+        ex.submit(pkg.f).result(timeout=0)
 
 
 def test_ship_code_off_sends_nothing(code_pool: Pool, make_package: MakePackage) -> None:

@@ -181,9 +181,12 @@ def test_garbage_does_not_hurt_the_broker(tcp_pool: Pool, fade_executor: fade.Ex
         ctx.destroy(linger=0)
 
 
-def test_unpicklable_argument_raises_at_submit(fade_executor: fade.Executor) -> None:
+def test_unpicklable_argument_fails_its_future(fade_executor: fade.Executor) -> None:
+    """As in the standard pools, submit() does not raise: the future fails at once."""
+    future = fade_executor.submit(tasks.identity, tasks.Unpicklable())
+    assert future.done()
     with pytest.raises(fade.SerializationError, match="refuses to be pickled"):
-        fade_executor.submit(tasks.identity, tasks.Unpicklable())
+        future.result(timeout=0)
     assert fade_executor.submit(tasks.add, 1, 1).result(timeout=30) == 2
 
 
