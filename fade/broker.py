@@ -141,6 +141,9 @@ class Broker:
         self._bad_input = RateLimitedLog(log)
         self._relays = _Relays()
         self._local: dict[bytes, Callable[[list[p.Frame]], None]] = {}
+        self._local_results: dict[
+            bytes, Callable[[int, list[tuple[p.ResultRecord, p.Payload]]], None]
+        ] = {}
         self._next_upkeep = 0.0
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
@@ -300,11 +303,26 @@ class Broker:
 
     # -- a client in this very process (the embedded pool: fade/locallink.py) --------------
 
-    def attach_local(self, identity: bytes, deliver: Callable[[list[p.Frame]], None]) -> None:
+    def attach_local(
+        self,
+        identity: bytes,
+        deliver: Callable[[list[p.Frame]], None],
+        results: Callable[[int, list[tuple[p.ResultRecord, p.Payload]]], None],
+    ) -> None:
         """Serve a client that lives in this process: what the broker sends it goes to
-        ``deliver`` (in the thread that drives the broker), never through a socket, and
-        it is never expired (it cannot be silent without its process being gone)."""
+        ``deliver`` (in the thread that drives the broker), results to ``results`` as
+        records, never through a socket; and it is never expired (it cannot be silent
+        without its process being gone)."""
         self._local[identity] = deliver
+        self._local_results[identity] = results
+
+    def local_submit(self, identity: bytes, tasks: list[tuple[p.SubmitRecord, p.Payload]]) -> None:
+        """A local client's tasks, as records: no SUBMIT to encode and decode."""
+        if identity not in self.scheduler.clients:
+            self._reset(identity)
+            return
+        self.scheduler.submit(identity, tasks)
+        self._flush()
 
     def handle_local(self, identity: bytes, frames: list[p.Frame]) -> None:
         """A message from a local client, as if it had come through the socket."""
@@ -548,9 +566,9 @@ class Broker:
     def _flush(self) -> None:
         """Send what the scheduler decided: STOPs and TASK batches to workers, RESULT
         batches and NOTICEs to clients, the capacity."""
-        sends = self.scheduler.take_sends()
-        if not sends:
+        if not self.scheduler.has_sends():
             return
+        sends = self.scheduler.take_sends()
         for identity, keys in sends.stops.items():
             self._send(identity, p.encode_stop(keys))
         for identity, tasks in sends.tasks.items():
@@ -560,6 +578,10 @@ class Broker:
                 self._send(identity, p.encode_notice(message, task_ids))
         capacity = self.scheduler.capacity
         for identity, results in sends.results.items():
+            local = self._local_results.get(identity) if self._local_results else None
+            if local is not None:
+                local(capacity, results)
+                continue
             limit = _batch_limit(self.scheduler.clients.get(identity))
             for batch in p.chunked(results, limit):
                 self._send(identity, p.encode_result(capacity, batch))

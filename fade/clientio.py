@@ -253,7 +253,7 @@ class ClientIO:
             "log": log,
         }
         if self.pool is not None:
-            return LocalLink(self.pool.broker, **common)  # type: ignore[arg-type]
+            return LocalLink(self.pool.broker, on_results=self._take_results, **common)  # type: ignore[arg-type]
         return BrokerLink(
             address,
             keys=keys,
@@ -441,15 +441,17 @@ class ClientIO:
         for item in sorted(self.in_flight.values(), key=lambda item: item.task_id):
             inline = len(item.payload.inline) + p.HEAD_ROOM
             if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
-                self.link.send(self.submit_frames(batch))
+                self.link.submit(self.submit_records(batch))
                 batch, size = [], 0
             batch.append(item)
             size += inline
         if batch:
-            self.link.send(self.submit_frames(batch))
+            self.link.submit(self.submit_records(batch))
 
     def _on_result(self, message: p.Message) -> None:
-        capacity, results = p.decode_result(message.body)
+        self._take_results(*p.decode_result(message.body))
+
+    def _take_results(self, capacity: int, results: list[tuple[p.ResultRecord, p.Payload]]) -> None:
         self.capacity = capacity
         for record, payload in results:
             self._complete(record, payload)
@@ -533,7 +535,7 @@ class ClientIO:
             batch = self._refuse_oversized(self._take(room, urgent))
             if not batch:
                 return
-            self.link.send(self.submit_frames(batch))
+            self.link.submit(self.submit_records(batch))
 
     def _refuse_oversized(self, batch: list[WorkItem]) -> list[WorkItem]:
         """Fail the tasks the broker would not accept: it would drop our connection."""
@@ -584,8 +586,8 @@ class ClientIO:
             limits.append(self.link.broker_max_message_size)
         return min(limits)
 
-    def submit_frames(self, items: list[WorkItem]) -> list[Any]:
-        return p.encode_submit([(self._record(item), item.payload) for item in items])
+    def submit_records(self, items: list[WorkItem]) -> list[tuple[p.SubmitRecord, p.Payload]]:
+        return [(self._record(item), item.payload) for item in items]
 
     def _record(self, item: WorkItem) -> p.SubmitRecord:
         options = item.options

@@ -100,7 +100,7 @@ class ClientFastPath:
             ):
                 return False
             io.in_flight[item.task_id] = item
-            link.send(io.submit_frames([item]))
+            link.submit(io.submit_records([item]))
             self._wake_if_input()
             return True
         finally:
@@ -127,10 +127,13 @@ class ClientFastPath:
             try:
                 outcome = self._read_until(future, deadline)
             finally:
+                # Ask ZMQ_EVENTS last: that resets the descriptor, so that unmuting does
+                # not wake the I/O thread for what was read here, and it signals the
+                # next message (invariant 3); a message that waits already is the I/O
+                # thread's, and it is woken for it.
+                pending = io.link.socket is sock and has_input(sock)
                 io.sleeper.unmute()
-                # The last thing done to the socket here found no input (the poll, or
-                # the read's last check), so the descriptor signals the next message.
-                if io.ready:
+                if io.ready or pending:
                     io.wake.wake()
         finally:
             io.baton.release()

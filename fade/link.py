@@ -51,6 +51,7 @@ CHECK_INTERVAL = 0.1
 
 Handler = Callable[[p.Message], None]
 
+
 def check_address(address: object) -> str:
     """The address if a DEALER can connect to it (several, comma-separated, for a pair of
     brokers); TypeError or ValueError naming what is wrong and the forms expected."""
@@ -201,6 +202,10 @@ class BrokerLink:
             )
             return
         self.told = time.monotonic()
+
+    def submit(self, tasks: list[tuple[p.SubmitRecord, p.Payload]]) -> None:
+        """Send tasks in one SUBMIT (LocalLink hands them over as records instead)."""
+        self.send(p.encode_submit(tasks))
 
     # -- input ----------------------------------------------------------------------------
 

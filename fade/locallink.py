@@ -52,6 +52,7 @@ class LocalLink:
         on_unreachable: Callable[[BrokerUnreachableError | None], None],
         on_socket: Callable[[zmq.Socket[bytes] | None], None] | None,
         log: logging.Logger,
+        on_results: Callable[[int, list[tuple[p.ResultRecord, p.Payload]]], None],
     ) -> None:
         self.broker = broker
         self.address = broker.address
@@ -67,7 +68,7 @@ class LocalLink:
         self._on_fatal = on_fatal
         self._on_socket = on_socket
         self._log = log
-        broker.attach_local(identity, self._deliver)
+        broker.attach_local(identity, self._deliver, on_results)
 
     def connect(self) -> zmq.Socket[bytes]:
         """Bind the broker's socket (once) and say HELLO."""
@@ -90,6 +91,10 @@ class LocalLink:
             self.broker.handle_local(self.identity, frames)
         except ProtocolError as exc:  # our own message: a bug, but never a wedged client
             self._log.error("the local broker refused our message: %s", exc)
+
+    def submit(self, tasks: list[tuple[p.SubmitRecord, p.Payload]]) -> None:
+        """Hand tasks to the broker as records (no SUBMIT to encode and decode)."""
+        self.broker.local_submit(self.identity, tasks)
 
     def read(self, sock: zmq.Socket[bytes], known: bool = False, most: int = 1 << 30) -> None:
         """Serve the broker's socket: the workers' messages (results reach us through

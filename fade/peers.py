@@ -103,7 +103,8 @@ class Client:
                 heapq.heappop(heap)  # finished since it was queued
             if heap:
                 heads.append(heap[0][2])
-        heads.sort(key=lambda t: (-t.priority, t.seq))
+        if len(heads) > 1:
+            heads.sort(key=lambda t: (-t.priority, t.seq))
         return heads
 
     def pop(self, task: Task) -> None:

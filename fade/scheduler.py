@@ -124,7 +124,11 @@ class Scheduler:
         self._waiting: dict[bytes, Client] = {}  # clients with queued tasks
         self._suspects: collections.deque[Task] = collections.deque()
         self._held: dict[bytes, Worker] = {}  # keys held by workers, not yet submitted here
+        self._serving: dict[bytes, list[WorkerClass]] = {}  # _kinds_serving, per client
         self._sends = Sends()
+
+    def has_sends(self) -> bool:
+        return bool(self._sends)
 
     def take_sends(self) -> Sends:
         sends, self._sends = self._sends, Sends()
@@ -149,6 +153,7 @@ class Scheduler:
             self.clients[identity] = client
             self._tags[hello.tag] = client
         client.hello, client.python = hello, p.python_of(hello)
+        self._serving.pop(identity, None)
         return client
 
     def remove_client(self, identity: bytes) -> list[Task]:
@@ -165,6 +170,7 @@ class Scheduler:
             self._finish(task, TaskState.DROPPED)
         client.queues.clear()
         self._waiting.pop(identity, None)
+        self._serving.pop(identity, None)
         self._tags.pop(client.hello.tag, None)
         self._dispatch()
         return running
@@ -236,7 +242,7 @@ class Scheduler:
         if worker is None:
             worker = Worker(identity, hello, kind, key_name, self._pool(hello))
             self.workers[identity] = worker
-            self._class(kind).members += 1
+            self._members(kind, +1)
         else:
             self._unfile(worker)
             self._requeue_unheld(worker, set(hello.holding))
@@ -276,7 +282,7 @@ class Scheduler:
                 self._lose(task, worker, lost)
         worker.draining, worker.credits = True, 0
         self._file(worker)
-        self._class(worker.kind).members -= 1
+        self._members(worker.kind, -1)
         self._leave_pool(worker)
         self._forget_held(worker)
         self._sends.capacity_changed = True
@@ -409,10 +415,15 @@ class Scheduler:
 
     def _kinds_serving(self, client: Client) -> list[WorkerClass] | None:
         """The classes of connected workers that serve this client; None if no worker is
-        connected (then none is refused: workers may yet come)."""
+        connected (then none is refused: workers may yet come). Kept per client until a
+        class gains or loses its first or last worker."""
         if not self.workers:
             return None
-        return [kind for kind, c in self._classes.items() if c.members and kind.serves(client)]
+        cached = self._serving.get(client.identity)
+        if cached is None:
+            cached = [k for k, c in self._classes.items() if c.members and k.serves(client)]
+            self._serving[client.identity] = cached
+        return cached
 
     def _could_ever(self, task: Task, kinds: list[WorkerClass]) -> bool:
         assert task.need is not None
@@ -575,9 +586,15 @@ class Scheduler:
 
     def _reclass(self, worker: Worker, kind: WorkerClass) -> None:
         if kind != worker.kind:
-            self._class(worker.kind).members -= 1
-            self._class(kind).members += 1
+            self._members(worker.kind, -1)
+            self._members(kind, +1)
             worker.kind = kind
+
+    def _members(self, kind: WorkerClass, change: int) -> None:
+        filed = self._class(kind)
+        filed.members += change
+        if filed.members in (0, 1):  # a class appeared or went: which serve whom changed
+            self._serving.clear()
 
     def _pool(self, hello: p.WorkerHello) -> ResourcePool | None:
         """The resource pool a worker process shares with the others of its host."""

@@ -46,7 +46,7 @@ import cloudpickle
 import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from fade import tracebacks
-from fade.errors import ResultDecodeError, SerializationError, TaskDecodeError
+from fade.errors import CodeShippingError, ResultDecodeError, SerializationError, TaskDecodeError
 from fade.protocol import Payload
 from fade.shipping import client_file
 
@@ -252,12 +252,13 @@ def loads_call(
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
     version it names is active).
 
-    Raises TaskDecodeError (its cause says why), or ModuleNotFoundError when the
-    task needs a module this worker lacks."""
+    Raises TaskDecodeError (its cause says why), ModuleNotFoundError when the task needs
+    a module this worker lacks, or CodeShippingError when its shipped code cannot be
+    used here (that says why already)."""
     code, _, fn_bytes, arg_bytes = _split_call(payload.inline)
     try:
         fn = functions.load(code, fn_bytes)
-    except (ModuleNotFoundError, KeyboardInterrupt):
+    except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
         raise
     except BaseException as exc:  # SystemExit too: a __reduce__ may run anything
         raise TaskDecodeError(
@@ -265,7 +266,7 @@ def loads_call(
         ) from exc
     try:
         args, kwargs = pickle.loads(arg_bytes, buffers=[_as_buffer(f) for f in payload.buffers])
-    except (ModuleNotFoundError, KeyboardInterrupt):
+    except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
         raise
     except BaseException as exc:
         raise TaskDecodeError(

@@ -29,6 +29,7 @@ from fade.protocol import frame_size
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "POLLIN",
     "ZAP_DOMAIN",
     "bind_router",
     "check_endpoint",
@@ -36,6 +37,7 @@ __all__ = [
     "has_input",
     "is_local_address",
     "parse_size",
+    "poll",
     "recv_frames",
     "send_frames",
     "wait_for_input",
@@ -104,6 +106,16 @@ def recv_frames(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:
 def has_input(sock: zmq.Socket[bytes]) -> bool:
     """Whether a message waits to be read (far cheaper than a recv that raises zmq.Again)."""
     return bool(cast(int, _get(sock, _EVENTS)) & _POLLIN)
+
+
+#: For :func:`poll`'s items.
+POLLIN = _POLLIN
+
+
+def poll(items: list[tuple[Any, int]], timeout_ms: int) -> list[tuple[Any, int]]:
+    """pyzmq's compiled poll over ready-made (socket or fd, events) items: zmq.Poller
+    rebuilds its list and wraps the answer on every call."""
+    return cast(list[tuple[Any, int]], _zmq_poll(items, timeout_ms))
 
 
 def wait_for_input(sock: zmq.Socket[bytes], timeout_ms: int) -> bool:

@@ -37,6 +37,7 @@ holds it.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal.getsignal, without the enum
 import collections
 import itertools
 import logging
@@ -130,7 +131,7 @@ class Worker:
         """Serve tasks until drained or stopped; returns the process exit status."""
         signal.signal(STOP_SIGNAL, self._on_stop_signal)
         signals = (signal.SIGTERM, signal.SIGINT, STOP_SIGNAL)
-        self._handlers = {sig: signal.getsignal(sig) for sig in signals}
+        self._handlers = {int(sig): _signal.getsignal(sig) for sig in signals}
         io = WorkerIO(self)
         keeper = threading.Thread(target=io.keep, name="fade-worker-keeper", daemon=True)
         try:
@@ -229,7 +230,8 @@ class Worker:
     def _after_task(self) -> None:
         """Undo what a task may have changed that the worker itself relies on."""
         for sig, handler in self._handlers.items():
-            if signal.getsignal(sig) is not handler:
+            # _signal's, not signal's: that one wraps every answer in an enum, a cost per task
+            if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
 
     def _missing(self, exc: ModuleNotFoundError) -> BaseException:

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -40,7 +40,7 @@ from fade._version import __version__
 from fade.errors import BrokerUnreachableError, FadeError, ProtocolVersionError, TaskTimeoutError
 from fade.lifecycle import PROCESS_MOVES, ProcessState, move
 from fade.link import BrokerLink
-from fade.sockets import has_input
+from fade.sockets import POLLIN, has_input, poll
 from fade.supervisor import CONTROL_DRAIN, CONTROL_LEAVE, CONTROL_SERVING, EXIT_INCOMPATIBLE
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class WorkerIO:
             liveness=options.heartbeat_liveness,
             linger_ms=1000,
         )
-        self._poller = zmq.Poller()
+        self._polled: list[tuple[Any, int]] = []
         self._credits = 0  # credits the broker believes we have unused
         self._drain_acked = False
         self._drain_started = 0.0
@@ -137,12 +137,14 @@ class WorkerIO:
     # -- main thread ------------------------------------------------------------------------
 
     def connect(self) -> None:
-        sock = self.link.connect()
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self.w.wake.fd, zmq.POLLIN)
+        self._watch(self.link.connect())
+
+    def _watch(self, sock: zmq.Socket[bytes]) -> None:
+        """What a pass polls: the socket, the wake-up pipe, the supervisor's control socket
+        (a list for the compiled poll: zmq.Poller rebuilds one on every call)."""
+        self._polled = [(sock, POLLIN), (self.w.wake.fd, POLLIN)]
         if self.w.control is not None:
-            self._poller.register(self.w.control.fileno(), zmq.POLLIN)
+            self._polled.append((self.w.control.fileno(), POLLIN))
 
     def next_job(self) -> Job | None:
         """The next task, marked running; None: leave."""
@@ -265,7 +267,7 @@ class WorkerIO:
         assert sock is not None
         self._flush()  # before a blocking poll: a finished result must not wait
         timeout = self._poll_timeout() if block else 0.0
-        events = dict(self._poller.poll(int(timeout * 1000)))
+        events = dict(poll(self._polled, int(timeout * 1000)))
         if self.w.wake.fd in events:
             self.w.wake.clear()
         control = self.w.control
@@ -282,17 +284,11 @@ class WorkerIO:
         self._check_stopping(now)
         self.link.upkeep(now)
         if self.link.socket is not sock and self.link.socket is not None:
-            self._rewatch(sock)
+            self._watch(self.link.socket)
         self._maybe_leave()
         if now >= self._next_check:
             self._slow_checks(now)
         self._last_pass = now
-
-    def _rewatch(self, old: zmq.Socket[bytes]) -> None:
-        """The link opened a new socket: poll it instead of the old one."""
-        self._poller.unregister(old)
-        assert self.link.socket is not None
-        self._poller.register(self.link.socket, zmq.POLLIN)
 
     def _read_control(self, control: socket.socket) -> None:
         try:
