@@ -278,6 +278,13 @@ def make_executor(kind: str, request: pytest.FixtureRequest, **kwargs: Any) -> c
     """An executor of that kind; ``kwargs`` are those both kinds take (``initializer``...)."""
     if kind == "processpool":
         return cf.ProcessPoolExecutor(2, **kwargs)
+    if kind.endswith("-plain"):
+        # The fast paths off (fade/fastpath.py): the client's I/O thread sends and reads
+        # everything, and the workers' keeper threads hold their sockets for good.
+        kind = kind.removesuffix("-plain")
+        kwargs["fast_paths"] = False
+        os.environ["FADE_FAST_PATHS"] = "0"  # for the workers this test starts
+        request.addfinalizer(lambda: os.environ.pop("FADE_FAST_PATHS", None))
     if kind == "embedded":
         return fade.Executor(
             max_workers=2, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS, **kwargs
@@ -298,7 +305,8 @@ def make_executor(kind: str, request: pytest.FixtureRequest, **kwargs: Any) -> c
     )
 
 
-KINDS = ["embedded", "tcp", "tcp-curve", "processpool"]
+#: fade's pools with the fast paths on (the default) and off ("-plain"), and the baseline.
+KINDS = ["embedded", "tcp", "tcp-curve", "embedded-plain", "tcp-plain", "processpool"]
 
 
 @pytest.fixture(params=KINDS)
