@@ -43,6 +43,7 @@ from fade.errors import ProtocolError
 __all__ = [
     "BATCH_BYTES",
     "DEFAULT_ADDRESS",
+    "ENVIRONMENTS_LIMIT",
     "HEAD_ROOM",
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
     "SMALL_FRAME",
+    "SUBMIT_NATIVE",
     "TAG_SIZE",
     "VERSION",
     "ClientHello",
@@ -74,6 +76,7 @@ __all__ = [
     "decode_code",
     "decode_done",
     "decode_drain",
+    "decode_environments",
     "decode_error",
     "decode_fetch",
     "decode_hello",
@@ -90,6 +93,7 @@ __all__ = [
     "encode_capacity",
     "encode_code",
     "encode_done",
+    "encode_environments",
     "encode_error",
     "encode_fetch",
     "encode_hello",
@@ -108,6 +112,7 @@ __all__ = [
     "largest_part",
     "pack_request",
     "parse",
+    "platform_of",
     "python_of",
     "short_id",
     "speaks_fade",
@@ -116,7 +121,9 @@ __all__ = [
 ]
 
 MAGIC = b"fd"
-VERSION = 3
+#: 4: SUBMIT records carry flags (SUBMIT_NATIVE); HELLOs say platform and ABI; a task
+#: payload names its installed-package environment; workers report ENVIRONMENTS.
+VERSION = 4
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 #: Seconds between heartbeats, in both directions.
@@ -188,6 +195,7 @@ class Command(enum.IntEnum):
     STATUS = 15  # any peer -> broker: describe the pool (no HELLO needed)
     STATE = 16  # broker -> asker: the pool's state (JSON)
     ERROR = 17  # broker -> peer: your message was refused, and why (UTF-8 text)
+    ENVIRONMENTS = 18  # worker -> broker: the package environments it has (JSON)
 
 
 class Status(enum.IntEnum):
@@ -212,7 +220,7 @@ _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
 _BATCHES = frozenset({Command.SUBMIT, Command.TASK, Command.DONE, Command.RESULT})
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
-_SUBMIT = struct.Struct("<QIHHd")  # task id, inline size, buffers, max attempts, timeout
+_SUBMIT = struct.Struct("<QIHHdB")  # task id, inline size, buffers, max attempts, timeout, flags
 _TASK = struct.Struct("<16sIHd")  # key, inline size, buffers, timeout
 _DONE = struct.Struct("<16sBIH")  # key, status, inline size, buffers
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
@@ -262,6 +270,8 @@ class ClientHello:
     implementation: str  # "cpython"
     tag: bytes  # TAG_SIZE random bytes: the first half of this client's task keys
     max_message_size: int = 0  # the largest frame it accepts; 0: not said
+    platform: str = ""  # sysconfig.get_platform(): "linux-x86_64"
+    abi: str = ""  # the SOABI of its compiled extensions: "cpython-311-x86_64-linux-gnu"
     role: str = "client"
 
 
@@ -279,6 +289,8 @@ class WorkerHello:
     max_message_size: int = 0
     #: Key names of the only clients whose tasks it takes; None: any client's.
     clients: tuple[str, ...] | None = None
+    platform: str = ""
+    abi: str = ""
     role: str = "worker"
 
 
@@ -301,6 +313,11 @@ class Welcome:
     max_message_size: int = 0  # the broker's frame size limit; 0: not announced
 
 
+#: A SUBMIT flag: the task needs compiled packages of the client's, so only a worker of
+#: the client's platform and ABI may run it (fade/packages.py).
+SUBMIT_NATIVE = 1
+
+
 @dataclass(slots=True)
 class SubmitRecord:
     """One task as a client submits it (the payload frames follow separately)."""
@@ -308,6 +325,7 @@ class SubmitRecord:
     task_id: int
     max_attempts: int  # 0: the broker's default
     timeout: float  # seconds; 0: none
+    flags: int = 0  # SUBMIT_NATIVE
 
 
 @dataclass(slots=True)
@@ -389,6 +407,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         "python": hello.python,
         "implementation": hello.implementation,
         "max_message_size": hello.max_message_size,
+        "platform": hello.platform,
+        "abi": hello.abi,
     }
     if isinstance(hello, ClientHello):
         fields["tag"] = hello.tag.hex()
@@ -412,6 +432,8 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
         "python": _field(data, "python", str, "?"),
         "implementation": _field(data, "implementation", str, "?"),
         "max_message_size": _field(data, "max_message_size", int, 0),
+        "platform": _field(data, "platform", str, ""),
+        "abi": _field(data, "abi", str, ""),
     }
     if role == "client":
         tag = _hex_field(data, "tag", TAG_SIZE)
@@ -440,6 +462,11 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
 def python_of(hello: Hello) -> str:
     """The Python a task pickled by this peer needs: implementation and minor version."""
     return f"{hello.implementation} {'.'.join(hello.python.split('.')[:2])}"
+
+
+def platform_of(hello: Hello) -> tuple[str, str]:
+    """What compiled packages built by or for this peer need: its platform and ABI."""
+    return hello.platform, hello.abi
 
 
 def encode_welcome(welcome: Welcome) -> list[Frame]:
@@ -479,6 +506,66 @@ def decode_obituary(body: Sequence[Frame]) -> tuple[bytes, dict[str, Any]]:
     if len(body) != 2:
         raise ProtocolError(f"OBITUARY needs 2 frames, got {len(body)}")
     return _bytes(body[0]), _unjson(body[1:], "OBITUARY")
+
+
+# -- ENVIRONMENTS: what a worker has of installed packages (fade/environments.py) --------
+
+#: An ENVIRONMENTS body is at most this many bytes; longer lists are cut by the worker.
+ENVIRONMENTS_LIMIT = 64 * 1024
+_ENV_TEXT = 200  # the longest string in it
+
+
+def encode_environments(report: dict[str, Any]) -> list[Frame]:
+    """ENVIRONMENTS: one JSON object, ``{"environments": [{"id", "packages", "where",
+    "tasks"}...], "cache": {"distributions": [[name, version, bytes]...], "bytes",
+    "limit"}}`` (see docs/protocol.md)."""
+    return [_HEADERS[Command.ENVIRONMENTS], _json(report)]
+
+
+def decode_environments(body: Sequence[Frame]) -> dict[str, Any]:
+    """A checked ENVIRONMENTS report, rebuilt from its known keys only."""
+    if len(body) == 1 and frame_size(body[0]) > ENVIRONMENTS_LIMIT:
+        raise ProtocolError(f"ENVIRONMENTS is over {ENVIRONMENTS_LIMIT} bytes")
+    data = _unjson(body, "ENVIRONMENTS")
+    try:
+        environments = [
+            {
+                "id": _text(env["id"]),
+                "packages": [_text(p) for p in _items(env["packages"], 256)],
+                "where": _text(env["where"]),
+                "tasks": _count(env["tasks"]),
+            }
+            for env in _items(data.get("environments", []), 64)
+        ]
+        cache = data.get("cache", {})
+        if not isinstance(cache, dict):
+            raise TypeError("cache")
+        cached = [
+            [_text(name), _text(version), _count(size)]
+            for name, version, size in _items(cache.get("distributions", []), 512)
+        ]
+        totals = {k: _count(cache.get(k, 0)) for k in ("bytes", "limit")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed ENVIRONMENTS ({exc})") from None
+    return {"environments": environments, "cache": {"distributions": cached, **totals}}
+
+
+def _items(value: object, most: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > most:
+        raise TypeError(f"a list of at most {most} items expected")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or len(value) > _ENV_TEXT:
+        raise TypeError(f"a string of at most {_ENV_TEXT} characters expected")
+    return value
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError("a count expected")
+    return value
 
 
 # -- STATUS / STATE (operators' tools; see fade/status.py) -------------------------
@@ -656,7 +743,7 @@ def _batch(command: Command, meta: bytes, payloads: Sequence[Payload]) -> list[F
 
 def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
     meta = b"".join(
-        _SUBMIT.pack(r.task_id, len(pl.inline), len(pl.buffers), r.max_attempts, r.timeout)
+        _SUBMIT.pack(r.task_id, len(pl.inline), len(pl.buffers), r.max_attempts, r.timeout, r.flags)
         for r, pl in tasks
     )
     return _batch(Command.SUBMIT, meta, [pl for _, pl in tasks])
@@ -665,12 +752,12 @@ def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
 def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
     meta, inline = _meta(body, "SUBMIT", _SUBMIT.size)
     if len(meta) == _SUBMIT.size:  # a lone task
-        task_id, size, nbuf, attempts, timeout = _SUBMIT.unpack(meta)
+        task_id, size, nbuf, attempts, timeout, flags = _SUBMIT.unpack(meta)
         payload = _one_payload(inline, body[1:], size, nbuf, "SUBMIT")
-        return [(SubmitRecord(task_id, attempts, timeout), payload)]
+        return [(SubmitRecord(task_id, attempts, timeout, flags), payload)]
     records, sizes = [], []
-    for task_id, size, nbuf, attempts, timeout in _SUBMIT.iter_unpack(meta):
-        records.append(SubmitRecord(task_id, attempts, timeout))
+    for task_id, size, nbuf, attempts, timeout, flags in _SUBMIT.iter_unpack(meta):
+        records.append(SubmitRecord(task_id, attempts, timeout, flags))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "SUBMIT")))
 

@@ -11,9 +11,10 @@
 
 * A worker receives tasks only against the credits it granted; within a worker
   class, one holding nothing is served before one that is busy.
-* Workers are grouped in *classes* of the same Python, frame-size limit and client
-  restriction; a client's tasks go only to classes that can run them, so dispatch
-  looks at classes and clients, never at every worker or every task.
+* Workers are grouped in *classes* of the same Python, platform and ABI, frame-size
+  limit and client restriction; a client's tasks go only to classes that can run them
+  (a task that needs compiled packages, only to the client's platform and ABI), so
+  dispatch looks at classes and clients, never at every worker or every task.
 * A lost worker's tasks come back as *suspects*: each runs alone on an idle worker,
   so a task that kills its worker cannot take innocent neighbours down with it;
   after ``max_attempts`` losses it is LOST.
@@ -47,11 +48,13 @@ class Refusal(Exception):
 
 @dataclass(frozen=True, slots=True)
 class WorkerClass:
-    """What decides which tasks a worker can take: its Python, frame limit and clients."""
+    """What decides which tasks a worker can take: its Python, platform and ABI, frame
+    limit and clients."""
 
     python: str
     max_message_size: int  # 0: no limit said
     clients: tuple[str, ...] | None  # key names served; None: all
+    platform: tuple[str, str] = ("", "")  # p.platform_of(hello): platform and ABI
 
     def serves(self, client: Client) -> bool:
         if self.python != client.python:
@@ -59,6 +62,8 @@ class WorkerClass:
         return self.clients is None or client.key_name in self.clients
 
     def fits(self, task: Task) -> bool:
+        if task.native and self.platform != task.client.platform:
+            return False
         return not self.max_message_size or task.largest <= self.max_message_size
 
 
@@ -68,6 +73,7 @@ class Client:
     hello: p.ClientHello
     python: str  # p.python_of(hello): what its pickles need
     key_name: str | None = None
+    platform: tuple[str, str] = ("", "")  # what its compiled packages need
     tasks: dict[bytes, Task] = field(default_factory=dict)  # everything it has here
     queue: collections.deque[Task] = field(default_factory=collections.deque)
 
@@ -81,6 +87,7 @@ class Task:
     timeout: float
     max_attempts: int
     largest: int  # bytes in its largest frame, for the workers' limits
+    native: bool = False  # needs the client's platform and ABI (p.SUBMIT_NATIVE)
     state: TaskState = TaskState.QUEUED
     worker: Worker | None = None
     losses: int = 0
@@ -99,6 +106,7 @@ class Worker:
     counted: int = 0  # its share of the pool capacity, as last counted
     done: int = 0
     exit: dict[str, Any] = field(default_factory=dict)  # exitcode/signal, from an OBITUARY
+    environments: dict[str, Any] = field(default_factory=dict)  # its ENVIRONMENTS report
 
 
 @dataclass(slots=True)
@@ -108,6 +116,7 @@ class _Class:
     idle: dict[bytes, Worker] = field(default_factory=dict)  # credit, holding nothing
     busy: dict[bytes, Worker] = field(default_factory=dict)  # credit, holding some
     members: int = 0
+    hosts: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def next_worker(self) -> Worker | None:
         for filed in (self.idle, self.busy):
@@ -176,6 +185,7 @@ class Scheduler:
             self.clients[identity] = client
             self._tags[hello.tag] = client
         client.hello, client.python = hello, p.python_of(hello)
+        client.platform = p.platform_of(hello)
         return client
 
     def remove_client(self, identity: bytes) -> list[Task]:
@@ -209,6 +219,7 @@ class Scheduler:
                 record.timeout,
                 record.max_attempts or self.max_attempts,
                 p.largest_part(payload),
+                bool(record.flags & p.SUBMIT_NATIVE),
             )
             self.tasks[key] = task
             client.tasks[key] = task
@@ -225,16 +236,18 @@ class Scheduler:
         """Register a worker, or take a repeated HELLO (after a reconnection)."""
         if identity in self.clients:
             self.remove_client(identity)
-        kind = WorkerClass(p.python_of(hello), hello.max_message_size, hello.clients)
+        kind = WorkerClass(
+            p.python_of(hello), hello.max_message_size, hello.clients, p.platform_of(hello)
+        )
         worker = self.workers.get(identity)
         if worker is None:
             worker = Worker(identity, hello, kind, key_name)
             self.workers[identity] = worker
-            self._class(kind).members += 1
+            self._join(kind, hello.host)
         else:
             self._unfile(worker)
             self._requeue_unheld(worker, set(hello.holding))
-            self._reclass(worker, kind)
+            self._reclass(worker, kind, hello.host)
         self._remember_held(worker, hello.holding)
         worker.hello, worker.draining, worker.credits = hello, False, 0
         self.grant(identity, hello.credits)
@@ -270,7 +283,7 @@ class Scheduler:
                 self._lose(task, worker, lost)
         worker.draining, worker.credits = True, 0
         self._file(worker)
-        self._class(worker.kind).members -= 1
+        self._leave(worker.kind, worker.hello.host)
         self._forget_held(worker)
         self._sends.capacity_changed = True
         self._dispatch()
@@ -364,11 +377,16 @@ class Scheduler:
         if kinds is None:
             return False
         if not kinds:
-            present = [kind for kind, c in self._classes.items() if c.members]
+            present = {kind: c.hosts for kind, c in self._classes.items() if c.members}
             self.refuse(task, "incompatible", _incompatible(task.client, present))
             return True
         if not any(kind.fits(task) for kind in kinds):
-            limit = max(kind.max_message_size for kind in kinds)
+            native = [kind for kind in kinds if kind.platform == task.client.platform]
+            if task.native and not native:
+                serving = {kind: self._classes[kind].hosts for kind in kinds}
+                self.refuse(task, "incompatible", _incompatible(task.client, serving, True))
+                return True
+            limit = max(kind.max_message_size for kind in (native if task.native else kinds))
             self.refuse(task, "too_large", _too_large(task.largest, limit))
             return True
         return False
@@ -483,11 +501,23 @@ class Scheduler:
         filed.busy.pop(worker.identity, None)
         return filed
 
-    def _reclass(self, worker: Worker, kind: WorkerClass) -> None:
-        if kind != worker.kind:
-            self._class(worker.kind).members -= 1
-            self._class(kind).members += 1
+    def _reclass(self, worker: Worker, kind: WorkerClass, host: str) -> None:
+        if kind != worker.kind or host != worker.hello.host:
+            self._leave(worker.kind, worker.hello.host)
+            self._join(kind, host)
             worker.kind = kind
+
+    def _join(self, kind: WorkerClass, host: str) -> None:
+        filed = self._class(kind)
+        filed.members += 1
+        filed.hosts[host] += 1  # to name them when a task is refused
+
+    def _leave(self, kind: WorkerClass, host: str) -> None:
+        filed = self._class(kind)
+        filed.members -= 1
+        filed.hosts[host] -= 1
+        if filed.hosts[host] <= 0:
+            del filed.hosts[host]
 
     # -- tasks a worker holds across a reconnection or a broker restart -----------------------
 
@@ -536,19 +566,54 @@ def _lost_report(task: Task, worker: Worker, reason: str) -> p.Payload:
     return p.Payload(json.dumps(report).encode())
 
 
-def _incompatible(client: Client, kinds: list[WorkerClass]) -> str:
-    pythons = sorted({kind.python for kind in kinds})
-    if client.python not in pythons:
+def _incompatible(
+    client: Client, kinds: dict[WorkerClass, collections.Counter[str]], native: bool = False
+) -> str:
+    """Why no worker can run a task, naming both sides: "client CPython 3.12 linux-x86_64
+    on host a; workers: CPython 3.11 linux-x86_64 on host h3"."""
+    me = f"client {_python_name(client.python)} {_platform_name(client.platform)}"
+    me += f" on host {client.hello.host}"
+    sides: dict[str, collections.Counter[str]] = {}
+    for kind, hosts in kinds.items():
+        sides.setdefault(
+            f"{_python_name(kind.python)} {_platform_name(kind.platform)}", collections.Counter()
+        ).update(hosts)
+    workers = "; ".join(
+        f"{side} on "
+        + ", ".join(f"host {h}" for h in sorted(hosts)[:3])
+        + (f" and {len(hosts) - 3} more hosts" if len(hosts) > 3 else "")
+        for side, hosts in sorted(sides.items())
+    )
+    if native:
         return (
-            f"no connected worker can run this task: the client runs {client.python} "
-            f"(host {client.hello.host}), the workers run {', '.join(pythons)}; start "
-            f"workers with {client.python}, or run the client with the workers' Python"
+            f"no connected worker can run this task: it needs compiled packages of the "
+            f"client's ({me}), and the workers that serve it are of another platform or ABI "
+            f"(workers: {workers}); start workers on the client's platform, or install those "
+            "packages on the workers and leave them out with fade.Executor(ship_packages=...)"
+        )
+    if client.python not in {kind.python for kind in kinds}:
+        return (
+            f"no connected worker can run this task: {me}; workers: {workers}. Start "
+            f"workers with {_python_name(client.python)}, or run the client with the "
+            "workers' Python"
         )
     who = f"key {client.key_name!r}" if client.key_name else "clients without keys"
     return (
         f"no connected worker serves this client ({who}): the workers of its Python "
         "were started with --serve-clients for other keys"
     )
+
+
+def _python_name(python: str) -> str:
+    """ "cpython 3.12" -> "CPython 3.12" (as people write it)."""
+    implementation, _, version = python.partition(" ")
+    names = {"cpython": "CPython", "pypy": "PyPy", "graalpy": "GraalPy"}
+    return f"{names.get(implementation, implementation)} {version}"
+
+
+def _platform_name(platform: tuple[str, str]) -> str:
+    name, abi = platform
+    return f"{name or 'unknown platform'} (ABI {abi or 'unknown'})"
 
 
 def _result_too_large(payload: p.Payload, limit: int) -> str:

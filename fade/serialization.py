@@ -1,10 +1,13 @@
 """Turning calls and results into frames and back (cloudpickle, pickle protocol 5).
 
 A task's payload (a :class:`fade.protocol.Payload`) packs inline
-``code version | function | arguments`` and carries large buffers apart:
+``code version | environment | function | arguments`` and carries large buffers apart:
 
 * the code version is the 16-byte id of the client's local code (see
   fade/shipping.py), or empty; workers set that code up before unpickling;
+* the environment is the 16-byte id of the installed distributions the task
+  needs (fade/packages.py), or empty; a worker that lacks some runs the task in
+  a process that has them (fade/environments.py);
 * the function is pickled on its own, so its bytes can be reused: a function
   that pickles *by reference* (an importable module-level function) always
   pickles to the same bytes, and those are cached per function object;
@@ -12,6 +15,12 @@ A task's payload (a :class:`fade.protocol.Payload`) packs inline
 * the arguments ``(args, kwargs)`` are pickled with protocol 5; every buffer of
   at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
   a frame of its own, sent without copying and rebuilt without copying.
+
+:func:`pickle_call` also says which modules the pickles refer to (for the
+environment): a function pickled by reference names its module (cached with its
+bytes); plain data names numpy if it holds an array; anything else is pickled by
+a pickler that notes the module of every object, class and function it meets and
+the names the code it pickles by value uses (``import x`` in a function body).
 
 A result payload is the pickled value inline, and its large buffers apart. An
 exception payload is ``(exception, traceback text, RemoteTrace)`` (see
@@ -33,6 +42,7 @@ import types
 import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -45,14 +55,18 @@ from fade.shipping import client_file
 
 __all__ = [
     "OUT_OF_BAND_MIN",
+    "CallParts",
     "FunctionCache",
+    "assemble_call",
     "code_version",
     "dumps_call",
     "dumps_exception",
     "dumps_value",
+    "environment_of",
     "loads_call",
     "loads_exception",
     "loads_value",
+    "pickle_call",
 ]
 
 #: Buffers at least this large travel as their own zero-copy frames.
@@ -60,31 +74,49 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 
-_CALL = struct.Struct("<BI")  # code version size, function pickle size
+_CALL = struct.Struct("<BBI")  # code version size, environment size, function pickle size
 
-_by_reference: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+_by_reference: weakref.WeakKeyDictionary[Any, tuple[bytes, frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
+#: The modules a pickle refers to (see pickle_call); the two shared values are the
+#: common cases, so that most submits build no set at all.
+NO_MODULES: frozenset[str] = frozenset()
+NUMPY: frozenset[str] = frozenset({"numpy"})
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 _CONTAINERS = frozenset({tuple, list})
+_NOT_PLAIN, _SCALARS, _ARRAYS = 0, 1, 2
 
 
-def _is_plain(obj: Any, depth: int = 0) -> bool:
-    """True for data the C pickler handles exactly as cloudpickle would (no code inside):
-    scalars, strings, numpy arrays of numbers, and small tuples, lists and str-keyed dicts
-    of those. Cheap enough to try on every call; anything else goes to cloudpickle."""
+def _is_plain(obj: Any, depth: int = 0) -> int:
+    """Non-zero for data the C pickler handles exactly as cloudpickle would (no code
+    inside): scalars, strings, numpy arrays of numbers, and small tuples, lists and
+    str-keyed dicts of those; _ARRAYS when it holds a numpy array. Cheap enough to try on
+    every call; anything else goes to cloudpickle."""
     kind = type(obj)
     if kind in _PLAIN:
-        return True
+        return _SCALARS
     if depth > 2:
-        return False
-    if kind in _CONTAINERS:
-        return len(obj) <= 16 and all(_is_plain(x, depth + 1) for x in obj)
-    if kind is dict:
-        return len(obj) <= 16 and all(
-            type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items()
-        )
-    return kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject
+        return _NOT_PLAIN
+    if kind in _CONTAINERS or kind is dict:
+        if len(obj) > 16:
+            return _NOT_PLAIN
+        found = _SCALARS
+        if kind is dict:
+            if not all(type(k) is str for k in obj):
+                return _NOT_PLAIN
+            obj = obj.values()
+        for x in obj:
+            plain = _is_plain(x, depth + 1)
+            if not plain:
+                return _NOT_PLAIN
+            found = max(found, plain)
+        return found
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject:
+        return _ARRAYS
+    return _NOT_PLAIN
 
 
 def _reduce_code(code: types.CodeType) -> Any:
@@ -102,15 +134,45 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
+class _NotingPickler(_Pickler):
+    """Also notes, in ``modules``, the module of every object, class and function it
+    pickles, and the names used by the code it pickles by value (``import x`` in a
+    function body is one of them); fade/packages.py keeps those of installed packages."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.modules: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is types.CodeType:
+            self.modules.update(obj.co_names)
+        elif kind is types.ModuleType:
+            self.modules.add(obj.__name__)
+        else:
+            named = obj if kind is types.FunctionType or isinstance(obj, type) else kind
+            module = getattr(named, "__module__", None)
+            if isinstance(module, str):
+                self.modules.add(module)
+        return super().reducer_override(obj)
+
+
 def _cloudpickle(
-    obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None
+    obj: Any,
+    buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None,
+    modules: set[str] | None = None,
 ) -> bytes:
     out = io.BytesIO()
-    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    if modules is None:
+        _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    else:
+        pickler = _NotingPickler(out, protocol=5, buffer_callback=buffer_callback)
+        pickler.dump(obj)
+        modules.update(pickler.modules)
     return out.getvalue()
 
 
-def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
+def _dumps(obj: Any, buffers: list[Frame], modules: set[str] | None = None) -> bytes:
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
         if raw.nbytes >= OUT_OF_BAND_MIN:
@@ -118,10 +180,13 @@ def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
             return False  # out of band
         return True
 
-    if _is_plain(obj):
+    plain = _is_plain(obj)
+    if plain:
+        if plain == _ARRAYS and modules is not None:
+            modules.add("numpy")
         # About ten times cheaper than building a CloudPickler for each call.
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
-    return _cloudpickle(obj, keep_large)
+    return _cloudpickle(obj, keep_large, modules)
 
 
 def _pickles_by_reference(fn: Any) -> bool:
@@ -140,22 +205,71 @@ def _pickles_by_reference(fn: Any) -> bool:
 
 def dumps_function(fn: Callable[..., Any]) -> bytes:
     """The function's pickle; cached when it pickles by reference (the bytes cannot go stale)."""
+    return _function_pickle(fn, False)[0]
+
+
+def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, frozenset[str]]:
+    """The function's pickle and (``noting``) the modules it refers to."""
     try:
         cached = _by_reference.get(fn)
     except TypeError:  # not weak-referenceable (a bound method, a partial...)
         cached = None
     if cached is not None:
-        return bytes(cached)
+        return cached
+    modules: set[str] | None = set() if noting else None
     try:
-        data = _cloudpickle(fn)
+        data = _cloudpickle(fn, None, modules)
     except Exception as exc:
         raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
     if _pickles_by_reference(fn):
+        # The bytes name the module; nothing else is pickled, nothing else is noted.
+        found = (data, frozenset({fn.__module__}))
         try:
-            _by_reference[fn] = data
+            _by_reference[fn] = found
         except TypeError:
             pass
-    return data
+        return found
+    return data, frozenset(modules) if modules else NO_MODULES
+
+
+@dataclass(slots=True)
+class CallParts:
+    """A call pickled, before its payload is assembled: the function's and the arguments'
+    pickles, the large buffers, and the modules both refer to (see pickle_call)."""
+
+    function: bytes
+    arguments: bytes
+    buffers: tuple[Frame, ...]
+    function_modules: frozenset[str]
+    argument_modules: frozenset[str]
+
+
+def pickle_call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], noting: bool = True
+) -> CallParts:
+    """Pickle ``fn(*args, **kwargs)``, noting the modules the pickles refer to (unless
+    ``noting`` is False). Raises SerializationError."""
+    fn_bytes, fn_modules = _function_pickle(fn, noting)
+    buffers: list[Frame] = []
+    modules: set[str] | None = set() if noting else None
+    try:
+        arg_bytes = _dumps((args, kwargs), buffers, modules)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
+    if not modules:
+        arg_modules = NO_MODULES
+    elif modules == NUMPY:
+        arg_modules = NUMPY
+    else:
+        arg_modules = frozenset(modules)
+    return CallParts(fn_bytes, arg_bytes, tuple(buffers), fn_modules, arg_modules)
+
+
+def assemble_call(parts: CallParts, code: bytes = b"", environment: bytes = b"") -> Payload:
+    """The task payload: the code version and environment ids, then the pickles."""
+    head = _CALL.pack(len(code), len(environment), len(parts.function))
+    inline = b"".join((head, code, environment, parts.function, parts.arguments))
+    return Payload(inline, parts.buffers)
 
 
 def dumps_call(
@@ -168,18 +282,20 @@ def dumps_call(
         arg_bytes = _dumps((args, kwargs), buffers)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    inline = b"".join((_CALL.pack(len(code), len(fn_bytes)), code, fn_bytes, arg_bytes))
+    inline = b"".join((_CALL.pack(len(code), 0, len(fn_bytes)), code, fn_bytes, arg_bytes))
     return Payload(inline, tuple(buffers))
 
 
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes]:
+def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """(code version, environment, function pickle, arguments pickle)."""
     if len(inline) < _CALL.size:
         raise SerializationError("a task payload is too short")
-    code_size, fn_size = _CALL.unpack_from(inline)
+    code_size, env_size, fn_size = _CALL.unpack_from(inline)
     start = _CALL.size
-    code = inline[start : start + code_size]
-    fn = inline[start + code_size : start + code_size + fn_size]
-    return code, fn, inline[start + code_size + fn_size :]
+    env = start + code_size
+    fn = env + env_size
+    args = fn + fn_size
+    return inline[start:env], inline[env:fn], inline[fn:args], inline[args:]
 
 
 class FunctionCache:
@@ -217,7 +333,7 @@ def loads_call(
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
     version it names is active)."""
-    code, fn_bytes, arg_bytes = _split_call(payload.inline)
+    code, _, fn_bytes, arg_bytes = _split_call(payload.inline)
     fn = functions.load(code, fn_bytes)
     args, kwargs = pickle.loads(arg_bytes, buffers=[_as_buffer(f) for f in payload.buffers])
     return fn, args, kwargs
@@ -226,6 +342,16 @@ def loads_call(
 def code_version(payload: Payload) -> bytes:
     """The code version a task payload names (b"" for none)."""
     return _split_call(payload.inline)[0]
+
+
+def environment_of(payload: Payload) -> bytes:
+    """The package environment a task payload names (b"" for none); O(1)."""
+    inline = payload.inline
+    if len(inline) < _CALL.size:
+        raise SerializationError("a task payload is too short")
+    code_size, env_size, _ = _CALL.unpack_from(inline)
+    start = _CALL.size + code_size
+    return inline[start : start + env_size]
 
 
 def dumps_value(value: Any) -> Payload:

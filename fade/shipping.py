@@ -51,6 +51,7 @@ __all__ = [
     "Manifest",
     "client_file",
     "install_import_hook",
+    "recorder_generation",
     "uninstall_import_hook",
 ]
 
@@ -134,6 +135,11 @@ class _SourceRecorder(importlib.abc.MetaPathFinder):
 
 
 _recorder = _SourceRecorder()
+
+
+def recorder_generation() -> int:
+    """Changes whenever a local module is imported or reloaded."""
+    return _recorder.generation
 
 
 def uninstall_import_hook() -> None:

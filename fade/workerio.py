@@ -25,6 +25,7 @@ import os
 import platform
 import socket
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass
@@ -357,10 +358,13 @@ class WorkerIO:
             holding=tuple(self.w.holding()),
             max_message_size=options.max_message_size,
             clients=options.clients,
+            platform=sysconfig.get_platform(),
+            abi=str(sysconfig.get_config_var("SOABI") or ""),
         )
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.w.broker_max_message_size = welcome.max_message_size
+        self.w.environments.report_again()
         log.debug("registered with broker %s", welcome.broker_id)
         if self.state is ProcessState.DRAINING:
             self.link.send(p.encode(p.Command.DRAIN))
@@ -412,6 +416,9 @@ class WorkerIO:
                 w._fetch_outbox.clear()
             for fetch in fetches:
                 self.link.send(p.encode_fetch(fetch.key, fetch.request_id, fetch.request))
+        report = w.environments.take_report()
+        if report is not None:
+            self.link.send(p.encode_environments(report))
         results = []
         if w._outbox:
             with w._lock:
