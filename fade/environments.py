@@ -26,6 +26,7 @@ cache are reported to the broker (ENVIRONMENTS) whenever they change, for fade-s
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.metadata as md
 import logging
 import os
@@ -322,7 +323,8 @@ def _die_like(status: int, pid: int) -> None:
     )
     logging.shutdown()
     if status < 0:
-        signal.signal(-status, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
         status = 1  # a signal that does not end a process by default
     os._exit(status)

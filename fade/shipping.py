@@ -305,7 +305,12 @@ class LocalCode:
         unshippable: dict[str, str] = {}
         for name, module in list(sys.modules.items()):
             top = name.partition(".")[0]
-            if top in NEVER_SHIP or module is None or self._is_installed(top, module):
+            # By its top-level module: a package comes after its submodules in sys.modules
+            # (moved to the end once imported), and a submodule's folder is not where the
+            # package's dist-info is.
+            if top in NEVER_SHIP or module is None:
+                continue
+            if self._is_installed(top, sys.modules.get(top) or module):
                 continue
             origin = getattr(module, "__file__", None)
             if origin and origin.endswith(_EXTENSIONS):
