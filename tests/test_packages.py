@@ -324,9 +324,9 @@ def test_ship_packages_off_or_a_list(packages: PackagePool, site: Site) -> None:
     pkg = site.module(name)
     packages.worker()
     packages.pool.wait_workers(1)
-    with packages.executor(ship_packages="off") as ex:
-        with pytest.raises(fade.MissingDependencyError, match=f"{name}-dist 1.0.*ship_packages"):
-            ex.submit(getattr, pkg, "X").result(timeout=60)
+    missing = pytest.raises(fade.MissingDependencyError, match=f"{name}-dist 1.0.*ship_packages")
+    with packages.executor(ship_packages="off") as ex, missing:
+        ex.submit(getattr, pkg, "X").result(timeout=60)
     # A list ships exactly those, for every task, whatever the task names.
     with packages.executor(ship_packages=[f"{name}-dist", f"{other.upper()}_dist"]) as ex:
         assert ex.submit(pkg.lazy).result(timeout=60) == 2  # type: ignore[attr-defined]
