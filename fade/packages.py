@@ -51,7 +51,7 @@ from fade.distributions import (
     this_python,
 )
 from fade.serialization import CallParts
-from fade.shipping import recorder_generation
+from fade.shipping import _recorder
 
 __all__ = ["DEFAULT_MAX_BYTES", "InstalledPackages"]
 
@@ -110,8 +110,8 @@ class InstalledPackages:
         flags. O(1) unless the process imported or reloaded modules since the last call."""
         if self._fixed is not None:
             return self._fixed
-        generation = (len(sys.modules), recorder_generation())
         key = (parts.function_modules, parts.argument_modules)
+        generation = (len(sys.modules), _recorder.generation)
         if generation == self._generation:
             found = self._tracked.get(key)
             if found is not None:

@@ -251,17 +251,29 @@ def pickle_call(
     ``noting`` is False). Raises SerializationError."""
     fn_bytes, fn_modules = _function_pickle(fn, noting)
     buffers: list[Frame] = []
-    modules: set[str] | None = set() if noting else None
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes >= OUT_OF_BAND_MIN:
+            buffers.append(raw)
+            return False  # out of band
+        return True
+
+    call = (args, kwargs)
+    arg_modules = NO_MODULES
     try:
-        arg_bytes = _dumps((args, kwargs), buffers, modules)
+        plain = _is_plain(call)
+        if plain:  # no set to fill: the common case costs nothing more than "off"
+            arg_bytes = pickle.dumps(call, protocol=5, buffer_callback=keep_large)
+            if plain == _ARRAYS and noting:
+                arg_modules = NUMPY
+        else:
+            modules: set[str] | None = set() if noting else None
+            arg_bytes = _cloudpickle(call, keep_large, modules)
+            if modules:
+                arg_modules = frozenset(modules)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    if not modules:
-        arg_modules = NO_MODULES
-    elif modules == NUMPY:
-        arg_modules = NUMPY
-    else:
-        arg_modules = frozenset(modules)
     return CallParts(fn_bytes, arg_bytes, tuple(buffers), fn_modules, arg_modules)
 
 
