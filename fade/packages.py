@@ -199,7 +199,7 @@ class InstalledPackages:
         """Top-level module -> the installed distributions that provide it."""
         found = self._top_map
         if found is None:
-            found = self._top_map = md.packages_distributions()
+            found = self._top_map = _top_map()
         return found
 
     def _with_requirements(self, names: set[str]) -> set[str]:
@@ -310,6 +310,21 @@ class InstalledPackages:
         self.stats["files_served"] += len(out)
         self.stats["bytes_served"] += sum(len(d) for d in out)
         return p.CodeStatus.OK, out
+
+
+_top_maps: dict[tuple[str, ...], Mapping[str, list[str]]] = {}
+
+
+def _top_map() -> Mapping[str, list[str]]:
+    """importlib.metadata.packages_distributions(), which reads every distribution's
+    metadata (tens of milliseconds): once per process and sys.path, not per Executor."""
+    key = tuple(sys.path)
+    found = _top_maps.get(key)
+    if found is None:
+        if len(_top_maps) > 8:
+            _top_maps.clear()
+        found = _top_maps[key] = md.packages_distributions()
+    return found
 
 
 def _names_used(module: types.ModuleType, installed: Mapping[str, list[str]]) -> set[str]:

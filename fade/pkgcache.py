@@ -79,7 +79,7 @@ class PackageCache:
         self.envs = os.path.join(base, "envs")
         self.dists = os.path.join(base, "dists")
         self.locks = os.path.join(root, "locks")
-        for directory in (base, self.envs, self.dists, self.locks):
+        for directory in (root, base, self.envs, self.dists, self.locks):
             check_private_dir(directory)
         self.downloads = 0  # distributions this process fetched
         self.evictions = 0

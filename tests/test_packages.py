@@ -600,3 +600,37 @@ def test_the_content_id_ignores_what_the_installer_adds() -> None:
                 "problem": "",
             }
         )
+
+
+def test_a_tree_a_task_uses_is_never_evicted_and_dead_downloads_are_cleared(
+    site: Site, tmp_path: Path
+) -> None:
+    """The cache on its own, served by a client's InstalledPackages: no processes."""
+    names = []
+    for letter in "abc":
+        name = _unique(f"fadeuse{letter}")
+        files = {f"{name}/__init__.py": "X = 1\n", f"{name}/blob.bin": os.urandom(2**20)}
+        site.add(f"{name}-dist", "1.0", files)
+        names.append(f"{name}-dist")
+    client = InstalledPackages(names)
+    env = next(iter(client._environments.values()))
+    a, b, c = sorted(env.distributions, key=lambda d: names.index(d.name))
+
+    def ask(request: dict[str, object]) -> list[bytes]:
+        status, frames = client.serve(request)
+        assert status is p.CodeStatus.OK, frames
+        return frames
+
+    cache = PackageCache(str(tmp_path / "cache"), max_bytes=int(2.5 * 2**20))
+    dead = Path(cache.dists) / f".staging-{a.id}-deadbeef"
+    (dead / "half").mkdir(parents=True)  # what a download that died leaves
+    cache.provide(a, ask)
+    assert not dead.exists() and cache.check(a) == []
+    cache.provide(b, ask)
+    with cache.using([a.id]) as present:  # a task runs with a (the least recently used)
+        assert present
+        os.utime(cache.tree(a.id), (0, 0))  # and make it the oldest by far
+        cache.provide(c, ask)
+    assert {d.id for d in cache.listing()} == {a.id, c.id}  # b went, not a
+    with cache.using([b.id]) as present:
+        assert not present  # evicted: its environment process would be replaced
