@@ -242,9 +242,9 @@ class Executor(cf.Executor):
         if packages is None:
             payload = ser.dumps_call(fn, args, kwargs, code)
         else:
-            parts = ser.pickle_call(fn, args, kwargs, packages.noting)
-            environment, flags = packages.environment(parts)
-            payload = ser.assemble_call(parts, code, environment)
+            payload, flags = ser.dumps_tracked_call(
+                fn, args, kwargs, code, packages.environment, packages.noting
+            )
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
             raise MessageTooLargeError(

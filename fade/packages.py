@@ -3,10 +3,10 @@
 ::
 
     submit(fn, *args)
-      serialization.pickle_call ── the modules the pickles name (a function by
+      serialization.dumps_tracked_call ── the modules the pickles name (a function by
         │                          reference: its module; plain data: numpy or nothing;
         │                          anything else: noted while cloudpickle pickles it)
-      InstalledPackages.environment(parts) ── per submit: one dict look-up while the
+      InstalledPackages.environment(modules) ── per submit: one dict look-up while the
         │   client imports nothing new; else, once per set of modules:
         │     module -> installed distribution (importlib.metadata), or a local module:
         │       its globals and the imports in its code, in turn
@@ -50,7 +50,6 @@ from fade.distributions import (
     record_entries,
     this_python,
 )
-from fade.serialization import CallParts
 from fade.shipping import _recorder
 
 __all__ = ["DEFAULT_MAX_BYTES", "InstalledPackages"]
@@ -78,7 +77,7 @@ class InstalledPackages:
         self.max_bytes = max_bytes
         self.python = this_python()
         self._lock = threading.RLock()
-        self._generation: tuple[int, int] = (-1, -1)
+        self._seen_modules = self._seen_local = -1  # len(sys.modules), local imports
         self._tracked: dict[tuple[frozenset[str], frozenset[str]], Tracked] = {}
         self._module_dists: dict[str, tuple[str, ...]] = {}  # installed modules: permanent
         self._local_dists: dict[str, tuple[str, ...]] = {}  # local modules: per generation
@@ -105,27 +104,31 @@ class InstalledPackages:
 
     # -- per submit ------------------------------------------------------------------------
 
-    def environment(self, parts: CallParts) -> Tracked:
-        """The id of the environment a pickled call needs (b"" for none) and its SUBMIT
-        flags. O(1) unless the process imported or reloaded modules since the last call."""
-        if self._fixed is not None:
-            return self._fixed
-        key = (parts.function_modules, parts.argument_modules)
-        generation = (len(sys.modules), _recorder.generation)
-        if generation == self._generation:
+    def environment(
+        self, function_modules: frozenset[str], argument_modules: frozenset[str]
+    ) -> Tracked:
+        """The id of the environment a call needs (b"" for none) and its SUBMIT flags,
+        given the modules its function and arguments refer to (serialization.Tracker).
+        O(1) unless the process imported or reloaded modules since the last call."""
+        fixed = self._fixed
+        if fixed is not None:
+            return fixed
+        key = (function_modules, argument_modules)
+        if len(sys.modules) == self._seen_modules and _recorder.generation == self._seen_local:
             found = self._tracked.get(key)
             if found is not None:
                 return found
         with self._lock:
-            if generation != self._generation:
+            seen = (len(sys.modules), _recorder.generation)
+            if seen != (self._seen_modules, self._seen_local):
                 # New modules may import new things: look at local modules again.
                 self._tracked.clear()
                 self._local_dists.clear()
-                self._generation = generation
+                self._seen_modules, self._seen_local = seen
             found = self._tracked.get(key)
             if found is None:
                 names: set[str] = set()
-                for module in key[0] | key[1]:
+                for module in function_modules | argument_modules:
                     names.update(self._dists_of_module(module, set()))
                 found = self._track(self._with_requirements(names))
                 self._tracked[key] = found

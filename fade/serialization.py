@@ -16,7 +16,7 @@ A task's payload (a :class:`fade.protocol.Payload`) packs inline
   at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
   a frame of its own, sent without copying and rebuilt without copying.
 
-:func:`pickle_call` also says which modules the pickles refer to (for the
+:func:`dumps_tracked_call` also notes which modules the pickles refer to (for the
 environment): a function pickled by reference names its module (cached with its
 bytes); plain data names numpy if it holds an array; anything else is pickled by
 a pickler that notes the module of every object, class and function it meets and
@@ -42,7 +42,6 @@ import types
 import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -55,18 +54,17 @@ from fade.shipping import client_file
 
 __all__ = [
     "OUT_OF_BAND_MIN",
-    "CallParts",
     "FunctionCache",
-    "assemble_call",
+    "Tracker",
     "code_version",
     "dumps_call",
     "dumps_exception",
+    "dumps_tracked_call",
     "dumps_value",
     "environment_of",
     "loads_call",
     "loads_exception",
     "loads_value",
-    "pickle_call",
 ]
 
 #: Buffers at least this large travel as their own zero-copy frames.
@@ -80,7 +78,7 @@ _by_reference: weakref.WeakKeyDictionary[Any, tuple[bytes, frozenset[str]]] = (
     weakref.WeakKeyDictionary()
 )
 
-#: The modules a pickle refers to (see pickle_call); the two shared values are the
+#: The modules a pickle refers to (see dumps_tracked_call); the two shared values are the
 #: common cases, so that most submits build no set at all.
 NO_MODULES: frozenset[str] = frozenset()
 NUMPY: frozenset[str] = frozenset({"numpy"})
@@ -134,27 +132,55 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
-class _NotingPickler(_Pickler):
-    """Also notes, in ``modules``, the module of every object, class and function it
-    pickles, and the names used by the code it pickles by value (``import x`` in a
-    function body is one of them); fade/packages.py keeps those of installed packages."""
+#: cloudpickle's own reducer_override handles classes and functions only (with these
+#: two helpers) and leaves everything else to the pickler: _NotingPickler then does the
+#: same itself, saving a Python call per object. Checked, not assumed: another
+#: cloudpickle gets its reducer_override called as it is.
+_CLOUDPICKLE_DISPATCH = {"_class_reduce", "_function_reduce"} <= set(
+    cloudpickle.Pickler.reducer_override.__code__.co_names
+)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.modules: set[str] = set()
+
+class _NotingPickler(_Pickler):
+    """Also notes the module of every object, class and function it pickles, and the
+    names used by the code it pickles by value (``import x`` in a function body is one of
+    them); fade/packages.py keeps those of installed packages. Set ``modules`` and
+    ``kinds`` (empty sets) before pickling; :meth:`noted` says what was seen."""
+
+    modules: set[str]
+    kinds: set[type]  # of the other objects: their modules, looked up once each
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind is types.CodeType:
+        if kind is types.FunctionType:
+            module = obj.__module__
+            if isinstance(module, str):
+                self.modules.add(module)
+            if _CLOUDPICKLE_DISPATCH:
+                return self._function_reduce(obj)
+        elif isinstance(obj, type):
+            module = obj.__module__
+            if isinstance(module, str):
+                self.modules.add(module)
+            if _CLOUDPICKLE_DISPATCH:
+                return _cloudpickle_impl._class_reduce(obj)
+        elif kind is types.CodeType:
             self.modules.update(obj.co_names)
         elif kind is types.ModuleType:
             self.modules.add(obj.__name__)
         else:
-            named = obj if kind is types.FunctionType or isinstance(obj, type) else kind
-            module = getattr(named, "__module__", None)
+            self.kinds.add(kind)
+        if _CLOUDPICKLE_DISPATCH:
+            return NotImplemented
+        return _Pickler.reducer_override(self, obj)
+
+    def noted(self) -> set[str]:
+        """Every module noted (once the pickle is done)."""
+        for kind in self.kinds:
+            module = getattr(kind, "__module__", None)
             if isinstance(module, str):
                 self.modules.add(module)
-        return super().reducer_override(obj)
+        return self.modules
 
 
 def _cloudpickle(
@@ -167,8 +193,9 @@ def _cloudpickle(
         _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
     else:
         pickler = _NotingPickler(out, protocol=5, buffer_callback=buffer_callback)
+        pickler.modules, pickler.kinds = modules, set()
         pickler.dump(obj)
-        modules.update(pickler.modules)
+        pickler.noted()
     return out.getvalue()
 
 
@@ -232,23 +259,22 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
     return data, frozenset(modules) if modules else NO_MODULES
 
 
-@dataclass(slots=True)
-class CallParts:
-    """A call pickled, before its payload is assembled: the function's and the arguments'
-    pickles, the large buffers, and the modules both refer to (see pickle_call)."""
-
-    function: bytes
-    arguments: bytes
-    buffers: tuple[Frame, ...]
-    function_modules: frozenset[str]
-    argument_modules: frozenset[str]
+#: Given the modules a call's function and arguments refer to: the id of the package
+#: environment the task needs (b"" for none) and its SUBMIT flags (fade/packages.py).
+Tracker = Callable[[frozenset[str], frozenset[str]], tuple[bytes, int]]
 
 
-def pickle_call(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], noting: bool = True
-) -> CallParts:
-    """Pickle ``fn(*args, **kwargs)``, noting the modules the pickles refer to (unless
-    ``noting`` is False). Raises SerializationError."""
+def dumps_tracked_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    code: bytes,
+    environment: Tracker,
+    noting: bool = True,
+) -> tuple[Payload, int]:
+    """:func:`dumps_call` that also names the task's package environment: the modules
+    the pickles refer to (unless ``noting`` is False) go to ``environment``, whose id
+    goes in the payload. Returns the payload and the SUBMIT flags."""
     fn_bytes, fn_modules = _function_pickle(fn, noting)
     buffers: list[Frame] = []
 
@@ -263,7 +289,7 @@ def pickle_call(
     arg_modules = NO_MODULES
     try:
         plain = _is_plain(call)
-        if plain:  # no set to fill: the common case costs nothing more than "off"
+        if plain:  # no set to fill: the common case costs no more than dumps_call
             arg_bytes = pickle.dumps(call, protocol=5, buffer_callback=keep_large)
             if plain == _ARRAYS and noting:
                 arg_modules = NUMPY
@@ -274,14 +300,10 @@ def pickle_call(
                 arg_modules = frozenset(modules)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    return CallParts(fn_bytes, arg_bytes, tuple(buffers), fn_modules, arg_modules)
-
-
-def assemble_call(parts: CallParts, code: bytes = b"", environment: bytes = b"") -> Payload:
-    """The task payload: the code version and environment ids, then the pickles."""
-    head = _CALL.pack(len(code), len(environment), len(parts.function))
-    inline = b"".join((head, code, environment, parts.function, parts.arguments))
-    return Payload(inline, parts.buffers)
+    env, flags = environment(fn_modules, arg_modules)
+    head = _CALL.pack(len(code), len(env), len(fn_bytes))
+    inline = b"".join((head, code, env, fn_bytes, arg_bytes))
+    return Payload(inline, tuple(buffers)), flags
 
 
 def dumps_call(

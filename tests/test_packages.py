@@ -551,7 +551,8 @@ def test_what_the_client_describes_for_a_call(site: Site) -> None:
     tracker = InstalledPackages()
 
     def described(fn: Callable[..., object], *args: object) -> list[str]:
-        env_id, _ = tracker.environment(ser.pickle_call(fn, args, {}))
+        payload, _ = ser.dumps_tracked_call(fn, args, {}, b"", tracker.environment)
+        env_id = ser.environment_of(payload)
         env = tracker._environments.get(env_id)
         return [d.name for d in env.distributions] if env else []
 
