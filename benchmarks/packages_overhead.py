@@ -54,13 +54,15 @@ class Point:
 def scale(values, factor=2):
     return np.asarray(values) * factor
 """
-_folder = tempfile.mkdtemp(prefix="fade-bench-packages-")
-Path(_folder, "pkgbench_user.py").write_text(MODULE)
-sys.path.insert(0, _folder)
-import pkgbench_user  # noqa: E402
 
-_scale = pkgbench_user.scale
-Point = pkgbench_user.Point
+
+def _user_module() -> Any:
+    folder = tempfile.mkdtemp(prefix="fade-bench-packages-")
+    Path(folder, "pkgbench_user.py").write_text(MODULE)
+    sys.path.insert(0, folder)
+    import pkgbench_user  # type: ignore[import-not-found]
+
+    return pkgbench_user
 
 
 def _free_port() -> int:
@@ -79,24 +81,24 @@ def _per_call(fn: Callable[[], object], n: int) -> float:
     return (time.thread_time() - started) / n * 1e6
 
 
-def _calls() -> dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]:
+def _calls(user: Any) -> dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]:
     offset = 3
 
     def closure(d: dict[str, int]) -> int:
         return len(d) + offset
 
     return {
-        "by reference, ints": (_scale, (1, 2)),
-        "by reference, numpy array": (_scale, (np.arange(1000),)),
+        "by reference, ints": (user.scale, (1, 2)),
+        "by reference, numpy array": (user.scale, (np.arange(1000),)),
         "closure, dict": (closure, ({"a": 1, "b": 2},)),
-        "by reference, objects": (_scale, ([Point(1.0, 2.0) for _ in range(4)],)),
+        "by reference, objects": (user.scale, ([user.Point(1.0, 2.0) for _ in range(4)],)),
     }
 
 
-def client_side(rounds: int, n: int) -> dict[str, dict[str, float]]:
+def client_side(user: Any, rounds: int, n: int) -> dict[str, dict[str, float]]:
     tracker = InstalledPackages()
     out: dict[str, dict[str, float]] = {}
-    for label, (fn, args) in _calls().items():
+    for label, (fn, args) in _calls(user).items():
 
         def off(fn: Callable[..., Any] = fn, args: tuple[Any, ...] = args) -> object:
             return ser.dumps_call(fn, args, {}, b"")
@@ -117,7 +119,7 @@ def _executor(address: str, ship_packages: str) -> fade.Executor:
     return fade.Executor(address, ship_packages=ship_packages)
 
 
-def on_a_pool(rounds: int, tasks: int) -> dict[str, dict[str, float]]:
+def on_a_pool(user: Any, rounds: int, tasks: int) -> dict[str, dict[str, float]]:
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "FADE_CODE_CACHE": tempfile.mkdtemp(prefix="fade-bench-cache-")}
@@ -144,16 +146,16 @@ def on_a_pool(rounds: int, tasks: int) -> dict[str, dict[str, float]]:
     try:
         executors = {mode: _executor(address, mode) for mode in ("off", "auto")}
         for ex in executors.values():
-            ex.submit(_scale, arrays[0]).result(timeout=60)  # start-up and the first fetch
+            ex.submit(user.scale, arrays[0]).result(timeout=60)  # start-up and the first fetch
         for _ in range(rounds):
             for mode, ex in executors.items():
                 started = time.thread_time()  # this thread's CPU, as above
-                futures = [ex.submit(_scale, a) for a in arrays]
+                futures = [ex.submit(user.scale, a) for a in arrays]
                 submit[mode].append((time.thread_time() - started) / tasks * 1e6)
                 for f in futures:
                     f.result(timeout=120)
                 started = time.perf_counter()
-                for f in [ex.submit(_scale, a) for a in arrays]:
+                for f in [ex.submit(user.scale, a) for a in arrays]:
                     f.result(timeout=120)
                 throughput[mode].append(tasks / (time.perf_counter() - started))
         for ex in executors.values():
@@ -184,8 +186,9 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    client = client_side(args.rounds, args.calls)
-    pool = on_a_pool(args.rounds, args.tasks)
+    user = _user_module()
+    client = client_side(user, args.rounds, args.calls)
+    pool = on_a_pool(user, args.rounds, args.tasks)
 
     width = max(len(k) for k in client) + 2
 

@@ -209,6 +209,9 @@ class Executor(cf.Executor):
             else LocalCode(pinned=ship_code == "pin", max_bytes=ship_code_limit)
         )
         self._packages = packages
+        # Looked up once: submit is the hot path.
+        self._track = packages.environment if packages is not None else None
+        self._noting = packages is not None and packages.noting
         self._io = ClientIO(
             address,
             heartbeat_interval=heartbeat_interval,
@@ -238,13 +241,11 @@ class Executor(cf.Executor):
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        packages, flags = self._packages, 0
-        if packages is None:
+        track, flags = self._track, 0
+        if track is None:
             payload = ser.dumps_call(fn, args, kwargs, code)
         else:
-            payload, flags = ser.dumps_tracked_call(
-                fn, args, kwargs, code, packages.environment, packages.noting
-            )
+            payload, flags = ser.dumps_tracked_call(fn, args, kwargs, code, track, self._noting)
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
             raise MessageTooLargeError(
