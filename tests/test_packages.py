@@ -168,6 +168,34 @@ def test_a_worker_with_another_version_runs_the_clients_and_its_own_side_by_side
     assert all(pid != worker_pid for _, pid in seen)
 
 
+def test_local_code_that_uses_a_shipped_package_runs_in_its_environment_process(
+    packages: PackagePool, site: Site, tmp_path: Path
+) -> None:
+    """The environment process fetches the client's local code through its worker
+    process's broker link, and that code imports the shipped distribution."""
+    dist, local = _unique("fadeused"), _unique("fadelocal")
+    site.add(f"{dist}-dist", "5.0", {f"{dist}/__init__.py": "VALUE = 5\n"})
+    code = tmp_path / "local-code"
+    (code / local).mkdir(parents=True)
+    (code / local / "__init__.py").write_text(
+        f"import os\nimport {dist}\ndef work(x):\n    return x * {dist}.VALUE, os.getpid()\n"
+    )
+    sys.path.insert(0, str(code))
+    try:
+        pkg = site.module(local)
+        packages.worker()
+        (worker_pid,) = packages.pool.wait_workers(1)
+        with packages.executor() as ex:
+            value, pid = ex.submit(pkg.work, 3).result(timeout=60)  # type: ignore[attr-defined]
+            assert value == 15 and pid != worker_pid
+            assert ex._code.stats["manifests_served"] == 1  # type: ignore[union-attr]
+            env = _envs(ex)[0]
+        assert [d.label for d in env.distributions] == [f"{dist}-dist 5.0"]
+    finally:
+        sys.path.remove(str(code))
+        sys.modules.pop(local, None)
+
+
 def test_requirements_travel_with_what_requires_them(packages: PackagePool, site: Site) -> None:
     base, top = _unique("fadebase"), _unique("fadetop")
     site.add(f"{base}-dist", "3.1", {f"{base}/__init__.py": "def value():\n    return 31\n"})
@@ -567,6 +595,7 @@ def test_what_the_client_describes_for_a_call(site: Site) -> None:
 
     assert "numpy" in described(tasks.identity, numpy.arange(3))
     assert described(tasks.identity, [1, "x", {"a": 2.0}]) == []
+    assert described(tasks.identity, zmq) == []  # fade, pyzmq and cloudpickle never travel
 
 
 def test_the_content_id_ignores_what_the_installer_adds() -> None:
