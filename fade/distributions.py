@@ -43,6 +43,7 @@ __all__ = [
     "PythonInfo",
     "content_id",
     "hash_matches",
+    "is_native",
     "normalize",
     "record_entries",
     "this_python",

@@ -123,11 +123,6 @@ class Environments:
             return None
         return self._run_there(route, key, payload)
 
-    def close(self) -> None:
-        for process in self._processes.values():
-            process.stop()
-        self._processes.clear()
-
     # -- deciding ----------------------------------------------------------------------------
 
     def _route(self, env_id: bytes, key: bytes) -> _Route:
