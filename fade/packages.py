@@ -253,7 +253,16 @@ class InstalledPackages:
     # -- serving workers (the client's I/O thread) -------------------------------------------
 
     def serve(self, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
-        """Answer a worker's FETCH for an environment, a distribution's files list, or files."""
+        """Answer a worker's FETCH for an environment, a distribution's files list, or files
+        (on the client's I/O thread: whatever goes wrong becomes the answer, never raises)."""
+        try:
+            return self._serve(request)
+        except Exception as exc:  # metadata or files that changed under us, say
+            return p.CodeStatus.MISSING, [
+                f"the client could not serve {request!r:.100}: {exc!r}".encode()
+            ]
+
+    def _serve(self, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
         kind = request.get("kind")
         with self._lock:
             if kind == "environment":
