@@ -116,6 +116,8 @@ class Environments:
         route = self._routes.get(env_id)
         if route is None:
             route = self._route(env_id, key)
+        else:
+            self._routes.move_to_end(env_id)  # the least recently used is forgotten first
         route.tasks += 1
         if time.monotonic() >= self._report_due:
             self._changed()  # the task counts, now and then
