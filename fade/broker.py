@@ -485,6 +485,15 @@ class Broker:
             frames = [f"the code has a frame over the worker's limit of {limit} bytes".encode()]
         self._send(worker.identity, p.encode_code(task.key, request_id, status, frames))
 
+    def _on_environments(self, identity: bytes, body: list[p.Frame]) -> None:
+        """A worker's package environments and cache, kept for fade-status."""
+        report = p.decode_environments(body)
+        worker = self.scheduler.workers.get(identity)
+        if worker is None:
+            self._reset(identity)
+            return
+        worker.environments = report
+
     def _on_status(self, identity: bytes, body: list[p.Frame]) -> None:
         p.decode_status(body)
         self._send(identity, p.encode_state(self.snapshot()))
@@ -504,6 +513,7 @@ class Broker:
         p.Command.OBITUARY: _on_obituary,
         p.Command.FETCH: _on_fetch,
         p.Command.CODE: _on_code,
+        p.Command.ENVIRONMENTS: _on_environments,
         p.Command.STATUS: _on_status,
     }
 

@@ -12,6 +12,9 @@
   wait here, still PENDING, so ``cancel()`` on them succeeds and they never run.
 * Code shipping: each task names the version of the client's local code
   (fade/shipping.py); workers that lack it FETCH it, and the I/O thread answers.
+* Package shipping: each task names the environment of installed distributions
+  it needs (fade/packages.py); workers that lack one of them, or have another
+  version, FETCH its files and run the task with the client's versions.
 * Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
   talks only to the holder of the broker's secret key.
 * Nothing waits forever: a broker that cannot be reached fails pending futures
@@ -29,7 +32,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -48,6 +51,8 @@ from fade.errors import (
     TaskTerminatedError,
 )
 from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, check_address
+from fade.packages import DEFAULT_MAX_BYTES as DEFAULT_PACKAGES_LIMIT
+from fade.packages import InstalledPackages
 from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -144,6 +149,16 @@ class Executor(cf.Executor):
             edits and reloads; ``"pin"`` freezes them as they are at the first
             submit; ``"off"`` sends none (workers must have the code).
         ship_code_limit: the most bytes of local code and data to ship.
+        ship_packages: ``"auto"`` describes, for each task, the installed
+            distributions it needs (those its function and arguments refer to,
+            with what they require), so that a worker that lacks one, or has
+            another version, fetches the client's files and runs the task with
+            exactly the client's versions; a list of distribution names ships
+            exactly those, for every task; ``"off"`` ships none (the workers'
+            own packages are used). fade, pyzmq and cloudpickle never travel.
+        ship_packages_limit: the most bytes of installed distributions that may
+            travel to a worker for one task (default 1 GiB); a task over it
+            fails with PackageShippingError naming them.
         keys: with an address, the path of this client's key file (made by
             ``fade-keys add client NAME``); default: $FADE_KEYS, else no keys.
         max_message_size: the largest frame (a pickle, or one large buffer such
@@ -183,6 +198,8 @@ class Executor(cf.Executor):
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         ship_code: str = "auto",
         ship_code_limit: int = DEFAULT_MAX_BYTES,
+        ship_packages: str | Sequence[str] = "auto",
+        ship_packages_limit: int = DEFAULT_PACKAGES_LIMIT,
         keys: security.KeySource | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -206,6 +223,7 @@ class Executor(cf.Executor):
             ship_code, max_workers, max_attempts, task_timeout, heartbeat_interval,
             heartbeat_liveness, max_message_size, connect_timeout, reconnect_timeout,
         )  # fmt: skip
+        packages = _packages(ship_packages, ship_packages_limit)
         if address is None and keys is not None:
             raise ValueError("keys are for a broker at an address; the embedded pool needs none")
         # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
@@ -230,6 +248,10 @@ class Executor(cf.Executor):
             if ship_code == "off"
             else LocalCode(pinned=ship_code == "pin", max_bytes=ship_code_limit)
         )
+        self._packages = packages
+        # Looked up once: submit is the hot path.
+        self._track = packages.environment if packages is not None else None
+        self._noting = packages is not None and packages.noting
         self._io = ClientIO(
             address,
             heartbeat_interval=heartbeat_interval,
@@ -238,6 +260,7 @@ class Executor(cf.Executor):
             task_timeout=task_timeout,
             pool=self._pool,
             code=self._code,
+            packages=packages,
             keys=peer_keys,
             max_message_size=max_message_size,
             connect_timeout=connect_timeout,
@@ -265,7 +288,7 @@ class Executor(cf.Executor):
             raise kind(str(broken)) from broken
         future: _Future[T] = _Future(self._io)
         try:
-            payload, largest = self._payload(fn, args, kwargs)
+            payload, largest, flags = self._payload(fn, args, kwargs)
         except FadeError as exc:
             # As in the standard pools: a task that cannot be sent fails its future.
             future.set_exception(exc)
@@ -274,25 +297,33 @@ class Executor(cf.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future.task_id = next(self._ids)
-            self._io.enqueue(WorkItem(future.task_id, future, payload, largest, options))
+            item = WorkItem(future.task_id, future, payload, largest, options, flags=flags)
+            self._io.enqueue(item)
         return future
 
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[p.Payload, int]:
-        """The task's payload and the size of its largest part; raises FadeError."""
+    ) -> tuple[p.Payload, int, int]:
+        """The task's payload, the size of its largest part and its SUBMIT flags (it needs
+        compiled packages of this platform); raises FadeError."""
         code = b""
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        payload = ser.dumps_call(fn, args, kwargs, code, self._setup)
+        track, flags = self._track, 0
+        if track is None:
+            payload = ser.dumps_call(fn, args, kwargs, code, self._setup)
+        else:
+            payload, flags = ser.dumps_tracked_call(
+                fn, args, kwargs, code, track, self._noting, self._setup
+            )
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
             raise MessageTooLargeError(
                 f"the task has a {largest}-byte part, more than max_message_size "
                 f"({self._max_message_size}); raise it here, on the broker and on the workers"
             )
-        return payload, largest
+        return payload, largest, flags
 
     @property
     def _broken(self) -> BaseException | bool:
@@ -533,6 +564,17 @@ def _check_options(
         raise ValueError("max_message_size must be at least 1 byte")
     if connect_timeout <= 0 or reconnect_timeout <= 0:
         raise ValueError("connect_timeout and reconnect_timeout must be positive")
+
+
+def _packages(ship: str | Sequence[str], limit: int) -> InstalledPackages | None:
+    if isinstance(ship, str):
+        if ship not in ("auto", "off"):
+            raise ValueError("ship_packages must be 'auto', 'off' or a list of distribution names")
+        if ship == "off":
+            return None
+    if limit < 0:
+        raise ValueError("ship_packages_limit must be at least 0 bytes")
+    return InstalledPackages(ship, limit)
 
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()

@@ -37,6 +37,7 @@ import os
 import platform
 import socket
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +69,7 @@ from fade.errors import (
 from fade.initializer import report_failure
 from fade.link import BrokerLink
 from fade.locallink import LocalLink
+from fade.packages import InstalledPackages
 from fade.shipping import LocalCode
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
@@ -110,6 +112,7 @@ class WorkItem:
     largest: int = 0  # bytes in its largest frame (p.largest_part)
     options: TaskOptions = DEFAULT_OPTIONS
     started: bool = False  # marked running while still in the outbox (ClientIO.enqueue)
+    flags: int = 0  # SUBMIT flags (p.SUBMIT_NATIVE)
 
 
 class Outbox:
@@ -180,6 +183,7 @@ class ClientIO:
         pool: EmbeddedPool | None,
         code: LocalCode | None,
         keys: security.PeerKeys | None = None,
+        packages: InstalledPackages | None = None,
         max_message_size: int,
         connect_timeout: float,
         reconnect_timeout: float,
@@ -193,6 +197,7 @@ class ClientIO:
         self.timeout = task_timeout or 0.0
         self.pool = pool
         self.code = code
+        self.packages = packages
         self.tag = os.urandom(p.TAG_SIZE)
         self.lock = threading.Lock()  # guards outbox, closing, _woken
         self.outbox = Outbox()
@@ -425,6 +430,8 @@ class ClientIO:
             implementation=sys.implementation.name,
             tag=self.tag,
             max_message_size=self.max_message_size,
+            platform=sysconfig.get_platform(),
+            abi=str(sysconfig.get_config_var("SOABI") or ""),
         )
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
@@ -462,11 +469,17 @@ class ClientIO:
             self.capacity = announced
 
     def _on_fetch(self, message: p.Message) -> None:
-        """A worker asks for our code: the manifest of a version, or file contents."""
-        ref, request_id, request = p.decode_fetch(message.body)
+        """A worker asks for our code (the manifest of a version, or file contents) or for
+        our installed packages (fade/packages.py)."""
+        ref, request_id, frame = p.decode_fetch(message.body)
+        request = p.unpack_request(frame)
         status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
-        if self.code is not None:
-            status, frames = _serve(self.code, p.unpack_request(request))
+        if request.get("kind") in _PACKAGE_REQUESTS:
+            frames = [b"this client ships no packages"]
+            if self.packages is not None:
+                status, frames = self.packages.serve(request)
+        elif self.code is not None:
+            status, frames = _serve(self.code, request)
         self.link.send(p.encode_code(ref, request_id, status, frames))
 
     def _on_notice(self, message: p.Message) -> None:
@@ -592,10 +605,12 @@ class ClientIO:
     def _record(self, item: WorkItem) -> p.SubmitRecord:
         options = item.options
         if options is DEFAULT_OPTIONS:
-            return p.SubmitRecord(item.task_id, self.max_attempts, self.timeout)
+            return p.SubmitRecord(item.task_id, self.max_attempts, self.timeout, flags=item.flags)
         timeout = options.task_timeout if options.task_timeout is not None else self.timeout
         attempts = options.max_attempts or self.max_attempts
-        return p.SubmitRecord(item.task_id, attempts, timeout, options.priority, options.resources)
+        return p.SubmitRecord(
+            item.task_id, attempts, timeout, options.priority, options.resources, item.flags
+        )
 
     # -- failure ---------------------------------------------------------------------
 
@@ -672,6 +687,9 @@ def _refusal_error(payload: p.Payload) -> FadeError:
     return _REFUSALS.get(kind, FadeError)(message)
 
 
+_PACKAGE_REQUESTS = frozenset({"environment", "distribution", "files"})
+
+
 def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
     kind = request.get("kind")
     if kind == "manifest":
@@ -692,8 +710,9 @@ def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list
 
 
 def _name_distribution(exc: BaseException) -> BaseException:
-    """Add to a worker's MissingDependencyError the distribution the client has it from."""
-    if not isinstance(exc, MissingDependencyError) or not exc.module:
+    """Add to a worker's MissingDependencyError the distribution the client has it from
+    (unless the worker named it already)."""
+    if not isinstance(exc, MissingDependencyError) or not exc.module or exc.distribution:
         return exc
     top = exc.module.partition(".")[0]
     try:
@@ -704,7 +723,10 @@ def _name_distribution(exc: BaseException) -> BaseException:
         dists = []
     if dists:
         versions = ", ".join(f"{d} {_version_of(d)}" for d in dists)
-        hint = f"; this client has it from the distribution {versions}: install that on the workers"
+        hint = (
+            f"; this client has it from the distribution {versions}: install that on the "
+            "workers, or name it in fade.Executor(ship_packages=[...]) to ship it"
+        )
     else:
         hint = "; install it on the workers"
     enriched = MissingDependencyError(str(exc) + hint, module=exc.module, host=exc.host)

@@ -18,6 +18,7 @@
      +-- MessageTooLargeError    a frame over a peer's max_message_size
      +-- CodeShippingError       local code could not travel to a worker
      |    +-- MissingDependencyError  a worker lacks an installed package the task needs
+     |    +-- PackageShippingError    an installed package could not travel or load there
      +-- NoWorkersError          no worker answered in time (also a TimeoutError)
      +-- RemoteTraceback         the __cause__ of a task's re-raised exception
      +-- BrokerUnreachableError  the broker cannot be reached (never answered, or gone)
@@ -54,6 +55,7 @@ __all__ = [
     "MissingDependencyError",
     "MissingExtraError",
     "NoWorkersError",
+    "PackageShippingError",
     "ProtocolError",
     "ProtocolVersionError",
     "QuotaExceededError",
@@ -135,20 +137,48 @@ class CodeShippingError(FadeError):
 
 
 class MissingDependencyError(CodeShippingError, ModuleNotFoundError):
-    """A worker cannot import an installed package the task needs; install it there."""
+    """A worker cannot import an installed package the task needs; install it there.
+    ``distribution`` names it when the worker knew which one (the message then says all)."""
 
-    def __init__(self, message: str, *, module: str = "", host: str = "") -> None:
+    def __init__(
+        self, message: str, *, module: str = "", host: str = "", distribution: str = ""
+    ) -> None:
         super().__init__(message)
         self.name = module
         self.module = module
         self.host = host
+        self.distribution = distribution
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_missing, (str(self), self.module, self.host))
+        return (_rebuild_missing, (str(self), self.module, self.host, self.distribution))
+
+    @classmethod
+    def on_host(cls, exc: ModuleNotFoundError, host: str) -> BaseException:
+        """A worker's failed import, naming the module and this host (the client adds the
+        distribution it has it from); ``exc`` itself if it says no more than that."""
+        if isinstance(exc, MissingDependencyError) or not exc.name:
+            return exc
+        import os
+
+        error = cls(
+            f"worker pid {os.getpid()} on host {host} cannot import {exc.name!r}",
+            module=exc.name,
+            host=host,
+        )
+        error.__cause__ = exc
+        return error
 
 
-def _rebuild_missing(message: str, module: str, host: str) -> MissingDependencyError:
-    return MissingDependencyError(message, module=module, host=host)
+def _rebuild_missing(
+    message: str, module: str, host: str, distribution: str = ""
+) -> MissingDependencyError:
+    return MissingDependencyError(message, module=module, host=host, distribution=distribution)
+
+
+class PackageShippingError(CodeShippingError):
+    """An installed distribution the task needs could not travel to a worker, or does not
+    load there (it records the client's paths, or needs a system library the worker
+    lacks): the message names it and what is missing."""
 
 
 class IncompatibleWorkerError(FadeError):

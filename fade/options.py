@@ -18,6 +18,7 @@ from fade import protocol as p
 from fade._env import default_address
 from fade._version import __version__
 from fade.keyfiles import KEYS_ENV
+from fade.pkgcache import DEFAULT_MAX_BYTES as DEFAULT_PACKAGE_CACHE_SIZE
 from fade.resources import parse_resources
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 
@@ -34,6 +35,7 @@ class WorkerOptions:
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
     prefetch: int | None = None  # tasks held beyond the running one; None: adapt
     code_cache: str | None = None
+    package_cache_size: int = DEFAULT_PACKAGE_CACHE_SIZE  # bytes of shipped packages kept
     keys: str | None = None  # the key file's path
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     log_level: str = "INFO"
@@ -81,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where shipped code is cached on this host (default: $FADE_CODE_CACHE or "
         "~/.cache/fade/code)",
+    )
+    parser.add_argument(
+        "--package-cache-size",
+        type=parse_size,
+        default=DEFAULT_PACKAGE_CACHE_SIZE,
+        metavar="BYTES",
+        help="the most bytes of installed packages shipped from clients that this host keeps "
+        "in its cache, e.g. 500M or 20G (default 8G); the least recently used go first",
     )
     parser.add_argument(
         "--keys",
@@ -147,6 +157,7 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         heartbeat_liveness=args.heartbeat_liveness,
         prefetch=args.prefetch,
         code_cache=args.code_cache,
+        package_cache_size=args.package_cache_size,
         keys=args.keys,
         max_message_size=args.max_message_size,
         log_level=args.log_level,
@@ -181,6 +192,8 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         options.log_level,
         "--max-message-size",
         str(options.max_message_size),
+        "--package-cache-size",
+        str(options.package_cache_size),
     ]
     if options.keys is not None:
         argv += ["--keys", options.keys]

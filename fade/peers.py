@@ -21,11 +21,13 @@ __all__ = ["Client", "Counts", "Sends", "Task", "Worker", "WorkerClass"]
 
 @dataclass(frozen=True, slots=True)
 class WorkerClass:
-    """What decides which tasks a worker can take: its Python, frame limit and clients."""
+    """What decides which tasks a worker can take: its Python, platform and ABI, frame
+    limit and clients."""
 
     python: str
     max_message_size: int  # 0: no limit said
     clients: tuple[str, ...] | None  # key names served; None: all
+    platform: tuple[str, str] = ("", "")  # p.platform_of(hello): platform and ABI
 
     def serves(self, client: Client) -> bool:
         if self.python != client.python:
@@ -33,6 +35,8 @@ class WorkerClass:
         return self.clients is None or client.key_name in self.clients
 
     def fits(self, task: Task) -> bool:
+        if task.native and self.platform != task.client.platform:
+            return False  # it needs compiled packages of the client's platform and ABI
         return not self.max_message_size or task.largest <= self.max_message_size
 
 
@@ -48,6 +52,7 @@ class Task:
     size: int  # bytes the broker holds for it
     priority: int = 0
     spec: bytes = b""  # its resource request, canonical JSON (the queue it waits in)
+    native: bool = False  # needs the client's platform and ABI (p.SUBMIT_NATIVE)
     need: dict[str, float] | None = None
     seq: int = 0  # submission order, within its client
     state: TaskState = TaskState.QUEUED
@@ -66,6 +71,7 @@ class Client:
     python: str  # p.python_of(hello): what its pickles need
     key_name: str | None = None
     weight: float = 1.0
+    platform: tuple[str, str] = ("", "")  # what its compiled packages need
     tasks: dict[bytes, Task] = field(default_factory=dict)  # everything it has here
     queues: dict[bytes, list[tuple[int, int, Task]]] = field(default_factory=dict)
     queued: int = 0
@@ -135,6 +141,7 @@ class Worker:
     counted: int = 0  # its share of the pool capacity, as last counted
     done: int = 0
     exit: dict[str, Any] = field(default_factory=dict)  # exitcode/signal, from an OBITUARY
+    environments: dict[str, Any] = field(default_factory=dict)  # its ENVIRONMENTS report
 
 
 @dataclass(slots=True)

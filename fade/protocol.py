@@ -43,6 +43,7 @@ from fade.errors import ProtocolError
 __all__ = [
     "BATCH_BYTES",
     "DEFAULT_ADDRESS",
+    "ENVIRONMENTS_LIMIT",
     "HEAD_ROOM",
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
     "SMALL_FRAME",
+    "SUBMIT_NATIVE",
     "TAG_SIZE",
     "VERSION",
     "ClientHello",
@@ -74,6 +76,7 @@ __all__ = [
     "decode_code",
     "decode_done",
     "decode_drain",
+    "decode_environments",
     "decode_error",
     "decode_fetch",
     "decode_hello",
@@ -90,6 +93,7 @@ __all__ = [
     "encode_capacity",
     "encode_code",
     "encode_done",
+    "encode_environments",
     "encode_error",
     "encode_fetch",
     "encode_hello",
@@ -108,6 +112,7 @@ __all__ = [
     "largest_part",
     "pack_request",
     "parse",
+    "platform_of",
     "python_of",
     "short_id",
     "speaks_fade",
@@ -116,7 +121,9 @@ __all__ = [
 ]
 
 MAGIC = b"fd"
-VERSION = 3
+#: 4: SUBMIT records carry flags (SUBMIT_NATIVE); HELLOs say platform and ABI; a task
+#: payload names its installed-package environment; workers report ENVIRONMENTS.
+VERSION = 4
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 #: Seconds between heartbeats, in both directions.
@@ -191,6 +198,7 @@ class Command(enum.IntEnum):
     TERMINATE = 18  # client -> broker: stop these tasks of mine, running or not (u64 ids)
     STOP = 19  # broker -> worker: stop these tasks you hold (task keys)
     NOTICE = 20  # broker -> client: something it should know about its tasks (JSON)
+    ENVIRONMENTS = 21  # worker -> broker: the package environments it has (JSON)
 
 
 class Status(enum.IntEnum):
@@ -215,8 +223,9 @@ _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}
 _BATCHES = frozenset({Command.SUBMIT, Command.TASK, Command.DONE, Command.RESULT})
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
-# task id, inline size, buffers, max attempts, timeout, priority, size of the resource spec
-_SUBMIT = struct.Struct("<QIHHdhH")
+# task id, inline size, buffers, max attempts, timeout, priority, flags (SUBMIT_NATIVE),
+# size of the resource spec
+_SUBMIT = struct.Struct("<QIHHdhBH")
 _TASK = struct.Struct("<16sIHdH")  # key, inline size, buffers, timeout, size of the devices
 _DONE = struct.Struct("<16sBIH")  # key, status, inline size, buffers
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
@@ -266,6 +275,8 @@ class ClientHello:
     implementation: str  # "cpython"
     tag: bytes  # TAG_SIZE random bytes: the first half of this client's task keys
     max_message_size: int = 0  # the largest frame it accepts; 0: not said
+    platform: str = ""  # sysconfig.get_platform(): "linux-x86_64"
+    abi: str = ""  # the SOABI of its compiled extensions: "cpython-311-x86_64-linux-gnu"
     role: str = "client"
 
 
@@ -287,6 +298,8 @@ class WorkerHello:
     #: worker processes of one ``pool`` (their supervisor).
     resources: dict[str, float] | None = None
     pool: str = ""
+    platform: str = ""
+    abi: str = ""
     role: str = "worker"
 
 
@@ -309,6 +322,11 @@ class Welcome:
     max_message_size: int = 0  # the broker's frame size limit; 0: not announced
 
 
+#: A SUBMIT flag: the task needs compiled packages of the client's, so only a worker of
+#: the client's platform and ABI may run it (fade/packages.py).
+SUBMIT_NATIVE = 1
+
+
 @dataclass(slots=True)
 class SubmitRecord:
     """One task as a client submits it (the payload frames follow separately)."""
@@ -319,6 +337,7 @@ class SubmitRecord:
     priority: int = 0  # higher runs first among this client's tasks (-32768..32767)
     #: The resources it needs, as canonical JSON ({"gpu": 1}); empty: none.
     resources: bytes = b""
+    flags: int = 0  # SUBMIT_NATIVE
 
 
 @dataclass(slots=True)
@@ -403,6 +422,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         "python": hello.python,
         "implementation": hello.implementation,
         "max_message_size": hello.max_message_size,
+        "platform": hello.platform,
+        "abi": hello.abi,
     }
     if isinstance(hello, ClientHello):
         fields["tag"] = hello.tag.hex()
@@ -429,6 +450,8 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
         "python": _field(data, "python", str, "?"),
         "implementation": _field(data, "implementation", str, "?"),
         "max_message_size": _field(data, "max_message_size", int, 0),
+        "platform": _field(data, "platform", str, ""),
+        "abi": _field(data, "abi", str, ""),
     }
     if role == "client":
         tag = _hex_field(data, "tag", TAG_SIZE)
@@ -493,6 +516,11 @@ def python_of(hello: Hello) -> str:
     return f"{hello.implementation} {'.'.join(hello.python.split('.')[:2])}"
 
 
+def platform_of(hello: Hello) -> tuple[str, str]:
+    """What compiled packages built by or for this peer need: its platform and ABI."""
+    return hello.platform, hello.abi
+
+
 def encode_welcome(welcome: Welcome) -> list[Frame]:
     return [
         _HEADERS[Command.WELCOME],
@@ -530,6 +558,66 @@ def decode_obituary(body: Sequence[Frame]) -> tuple[bytes, dict[str, Any]]:
     if len(body) != 2:
         raise ProtocolError(f"OBITUARY needs 2 frames, got {len(body)}")
     return _bytes(body[0]), _unjson(body[1:], "OBITUARY")
+
+
+# -- ENVIRONMENTS: what a worker has of installed packages (fade/environments.py) --------
+
+#: An ENVIRONMENTS body is at most this many bytes; longer lists are cut by the worker.
+ENVIRONMENTS_LIMIT = 64 * 1024
+_ENV_TEXT = 200  # the longest string in it
+
+
+def encode_environments(report: dict[str, Any]) -> list[Frame]:
+    """ENVIRONMENTS: one JSON object, ``{"environments": [{"id", "packages", "where",
+    "tasks"}...], "cache": {"distributions": [[name, version, bytes]...], "bytes",
+    "limit"}}`` (see docs/protocol.md)."""
+    return [_HEADERS[Command.ENVIRONMENTS], _json(report)]
+
+
+def decode_environments(body: Sequence[Frame]) -> dict[str, Any]:
+    """A checked ENVIRONMENTS report, rebuilt from its known keys only."""
+    if len(body) == 1 and frame_size(body[0]) > ENVIRONMENTS_LIMIT:
+        raise ProtocolError(f"ENVIRONMENTS is over {ENVIRONMENTS_LIMIT} bytes")
+    data = _unjson(body, "ENVIRONMENTS")
+    try:
+        environments = [
+            {
+                "id": _text(env["id"]),
+                "packages": [_text(p) for p in _items(env["packages"], 256)],
+                "where": _text(env["where"]),
+                "tasks": _count(env["tasks"]),
+            }
+            for env in _items(data.get("environments", []), 64)
+        ]
+        cache = data.get("cache", {})
+        if not isinstance(cache, dict):
+            raise TypeError("cache")
+        cached = [
+            [_text(name), _text(version), _count(size)]
+            for name, version, size in _items(cache.get("distributions", []), 512)
+        ]
+        totals = {k: _count(cache.get(k, 0)) for k in ("bytes", "limit")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed ENVIRONMENTS ({exc})") from None
+    return {"environments": environments, "cache": {"distributions": cached, **totals}}
+
+
+def _items(value: object, most: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > most:
+        raise TypeError(f"a list of at most {most} items expected")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or len(value) > _ENV_TEXT:
+        raise TypeError(f"a string of at most {_ENV_TEXT} characters expected")
+    return value
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError("a count expected")
+    return value
 
 
 # -- STATUS / STATE (operators' tools; see fade/status.py) -------------------------
@@ -755,6 +843,7 @@ def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
             r.max_attempts,
             r.timeout,
             r.priority,
+            r.flags,
             len(r.resources),
         )
         + r.resources
@@ -766,14 +855,14 @@ def encode_submit(tasks: Sequence[tuple[SubmitRecord, Payload]]) -> list[Frame]:
 def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
     meta, inline = _meta(body, "SUBMIT", 1)
     if len(meta) == _SUBMIT.size:  # a lone task, with no resource spec: most messages
-        task_id, size, nbuf, attempts, timeout, priority, _ = _SUBMIT.unpack(meta)
+        task_id, size, nbuf, attempts, timeout, priority, flags, _ = _SUBMIT.unpack(meta)
         payload = _one_payload(inline, body[1:], size, nbuf, "SUBMIT")
-        return [(SubmitRecord(task_id, attempts, timeout, priority), payload)]
+        return [(SubmitRecord(task_id, attempts, timeout, priority, flags=flags), payload)]
     records, sizes = [], []
-    for (task_id, size, nbuf, attempts, timeout, priority), spec in _tailed(
+    for (task_id, size, nbuf, attempts, timeout, priority, flags), spec in _tailed(
         meta, _SUBMIT, "SUBMIT"
     ):
-        records.append(SubmitRecord(task_id, attempts, timeout, priority, spec))
+        records.append(SubmitRecord(task_id, attempts, timeout, priority, spec, flags))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "SUBMIT")))
 

@@ -21,9 +21,11 @@
 * **Resources**: a task that asks for some runs only on a worker whose host has them
   free; the host lends them (device indices for GPUs) until the task ends.
 * **Credits**: a worker receives tasks only against the credits it granted; within a
-  class (same Python, frame limit and clients served), one holding nothing is served
-  before one that is busy. Plain tasks cost O(clients + classes) to place; a task that
-  asks for resources also looks at the workers with credit of its classes.
+  class (same Python, platform and ABI, frame limit and clients served), one holding
+  nothing is served before one that is busy; a task that needs compiled packages goes
+  only to workers of its client's platform and ABI. Plain tasks cost O(clients + classes)
+  to place; a task that asks for resources also looks at the workers with credit of its
+  classes.
 * A lost worker's tasks come back as *suspects*: each runs alone on an idle worker, so a
   task that kills its worker cannot take innocent neighbours down with it; after
   ``max_attempts`` losses it is LOST.
@@ -72,12 +74,13 @@ class _Filed:
     """The workers of one class, filed for dispatch: with credit and holding nothing, or
     with credit and busy."""
 
-    __slots__ = ("busy", "idle", "members")
+    __slots__ = ("busy", "hosts", "idle", "members")
 
     def __init__(self) -> None:
         self.idle: dict[bytes, Worker] = {}
         self.busy: dict[bytes, Worker] = {}
         self.members = 0
+        self.hosts: collections.Counter[str] = collections.Counter()  # to name them
 
     def next_worker(self) -> Worker | None:
         for filed in (self.idle, self.busy):
@@ -153,6 +156,7 @@ class Scheduler:
             self.clients[identity] = client
             self._tags[hello.tag] = client
         client.hello, client.python = hello, p.python_of(hello)
+        client.platform = p.platform_of(hello)
         self._serving.pop(identity, None)
         return client
 
@@ -224,6 +228,7 @@ class Scheduler:
             size,
             record.priority,
             record.resources,
+            bool(record.flags & p.SUBMIT_NATIVE),
             seq=client.next_seq,
         )
         self.tasks[key] = task
@@ -237,12 +242,14 @@ class Scheduler:
         """Register a worker, or take a repeated HELLO (after a reconnection)."""
         if identity in self.clients:
             self.remove_client(identity)
-        kind = WorkerClass(p.python_of(hello), hello.max_message_size, hello.clients)
+        kind = WorkerClass(
+            p.python_of(hello), hello.max_message_size, hello.clients, p.platform_of(hello)
+        )
         worker = self.workers.get(identity)
         if worker is None:
             worker = Worker(identity, hello, kind, key_name, self._pool(hello))
             self.workers[identity] = worker
-            self._members(kind, +1)
+            self._members(kind, hello.host, +1)
         else:
             self._unfile(worker)
             self._requeue_unheld(worker, set(hello.holding))
@@ -282,7 +289,7 @@ class Scheduler:
                 self._lose(task, worker, lost)
         worker.draining, worker.credits = True, 0
         self._file(worker)
-        self._members(worker.kind, -1)
+        self._members(worker.kind, worker.hello.host, -1)
         self._leave_pool(worker)
         self._forget_held(worker)
         self._sends.capacity_changed = True
@@ -404,11 +411,16 @@ class Scheduler:
         if kinds is None:
             return False  # no worker yet: workers may come
         if not kinds:
-            present = [kind for kind, c in self._classes.items() if c.members]
+            present = {kind: c.hosts for kind, c in self._classes.items() if c.members}
             self.refuse(task, "incompatible", _incompatible(client, present))
             return True
         if not any(kind.fits(task) for kind in kinds):
-            limit = max(kind.max_message_size for kind in kinds)
+            native = [kind for kind in kinds if kind.platform == client.platform]
+            if task.native and not native:
+                serving = {kind: self._classes[kind].hosts for kind in kinds}
+                self.refuse(task, "incompatible", _incompatible(client, serving, True))
+                return True
+            limit = max(kind.max_message_size for kind in (native if task.native else kinds))
             self.refuse(task, "too_large", _too_large(task.largest, limit))
             return True
         return False
@@ -586,13 +598,16 @@ class Scheduler:
 
     def _reclass(self, worker: Worker, kind: WorkerClass) -> None:
         if kind != worker.kind:
-            self._members(worker.kind, -1)
-            self._members(kind, +1)
+            self._members(worker.kind, worker.hello.host, -1)
+            self._members(kind, worker.hello.host, +1)
             worker.kind = kind
 
-    def _members(self, kind: WorkerClass, change: int) -> None:
+    def _members(self, kind: WorkerClass, host: str, change: int) -> None:
         filed = self._class(kind)
         filed.members += change
+        filed.hosts[host] += change
+        if filed.hosts[host] <= 0:
+            del filed.hosts[host]
         if filed.members in (0, 1):  # a class appeared or went: which serve whom changed
             self._serving.clear()
 
@@ -662,19 +677,54 @@ def _lost_report(task: Task, worker: Worker, reason: str) -> p.Payload:
     return p.Payload(json.dumps(report).encode())
 
 
-def _incompatible(client: Client, kinds: list[WorkerClass]) -> str:
-    pythons = sorted({kind.python for kind in kinds})
-    if client.python not in pythons:
+def _incompatible(
+    client: Client, kinds: dict[WorkerClass, collections.Counter[str]], native: bool = False
+) -> str:
+    """Why no worker can run a task, naming both sides: "client CPython 3.12 linux-x86_64
+    on host a; workers: CPython 3.11 linux-x86_64 on host h3"."""
+    me = f"client {_python_name(client.python)} {_platform_name(client.platform)}"
+    me += f" on host {client.hello.host}"
+    sides: dict[str, collections.Counter[str]] = {}
+    for kind, hosts in kinds.items():
+        sides.setdefault(
+            f"{_python_name(kind.python)} {_platform_name(kind.platform)}", collections.Counter()
+        ).update(hosts)
+    workers = "; ".join(
+        f"{side} on "
+        + ", ".join(f"host {h}" for h in sorted(hosts)[:3])
+        + (f" and {len(hosts) - 3} more hosts" if len(hosts) > 3 else "")
+        for side, hosts in sorted(sides.items())
+    )
+    if native:
         return (
-            f"no connected worker can run this task: the client runs {client.python} "
-            f"(host {client.hello.host}), the workers run {', '.join(pythons)}; start "
-            f"workers with {client.python}, or run the client with the workers' Python"
+            f"no connected worker can run this task: it needs compiled packages of the "
+            f"client's ({me}), and the workers that serve it are of another platform or ABI "
+            f"(workers: {workers}); start workers on the client's platform, or install those "
+            "packages on the workers and leave them out with fade.Executor(ship_packages=...)"
+        )
+    if client.python not in {kind.python for kind in kinds}:
+        return (
+            f"no connected worker can run this task: {me}; workers: {workers}. Start "
+            f"workers with {_python_name(client.python)}, or run the client with the "
+            "workers' Python"
         )
     who = f"key {client.key_name!r}" if client.key_name else "clients without keys"
     return (
         f"no connected worker serves this client ({who}): the workers of its Python "
         "were started with --serve-clients for other keys"
     )
+
+
+def _python_name(python: str) -> str:
+    """ "cpython 3.12" -> "CPython 3.12" (as people write it)."""
+    implementation, _, version = python.partition(" ")
+    names = {"cpython": "CPython", "pypy": "PyPy", "graalpy": "GraalPy"}
+    return f"{names.get(implementation, implementation)} {version}"
+
+
+def _platform_name(platform: tuple[str, str]) -> str:
+    name, abi = platform
+    return f"{name or 'unknown platform'} (ABI {abi or 'unknown'})"
 
 
 def _unsatisfiable(spec: bytes) -> str:

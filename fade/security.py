@@ -130,6 +130,7 @@ PERMITTED: dict[str, frozenset[p.Command]] = {
             p.Command.DISCONNECT,
             p.Command.OBITUARY,  # sent by the supervisor, which holds its workers' key
             p.Command.FETCH,  # asks a task's client for its code
+            p.Command.ENVIRONMENTS,  # what it has of installed packages, for fade-status
             p.Command.STATUS,
         }
     ),

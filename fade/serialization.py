@@ -1,16 +1,18 @@
 """Turning calls and results into frames and back (cloudpickle, pickle protocol 5).
 
 A task's payload (a :class:`fade.protocol.Payload`) packs inline
-``code version | [executor setup] | function | arguments`` and carries large
-buffers apart:
+``code version | environment | [executor setup] | function | arguments`` and
+carries large buffers apart:
 
 * the code version is the 16-byte id of the client's local code (see
   fade/shipping.py), or empty; workers set that code up before unpickling;
+* the environment is the 16-byte id of the installed distributions the task
+  needs (fade/packages.py), or empty; a worker that lacks some runs the task in
+  a process that has them (fade/environments.py);
 * the executor setup is there only for an Executor made with ``initializer``
   or ``max_tasks_per_child``: its id, the task limit and the pickled
   ``(initializer, initargs)``, which a worker runs once (fade/initializer.py).
-  A flag in the header says it is there, so that every other payload is
-  byte for byte what it was before setups existed;
+  A flag in the header says it is there;
 * the function is pickled on its own, so its bytes can be reused: a function
   that pickles *by reference* (an importable module-level function) always
   pickles to the same bytes, and those are cached per function object;
@@ -18,6 +20,12 @@ buffers apart:
 * the arguments ``(args, kwargs)`` are pickled with protocol 5; every buffer of
   at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
   a frame of its own, sent without copying and rebuilt without copying.
+
+:func:`dumps_tracked_call` also notes which modules the pickles refer to (for the
+environment): a function pickled by reference names its module (cached with its
+bytes); plain data names numpy if it holds an array; anything else is pickled by
+a pickler that notes the module of every object, class and function it meets and
+the names the code it pickles by value uses (``import x`` in a function body).
 
 A result payload is the pickled value inline, and its large buffers apart. An
 exception payload is ``(exception, traceback text, RemoteTrace)`` (see
@@ -54,11 +62,14 @@ __all__ = [
     "OUT_OF_BAND_MIN",
     "ExecutorSetup",
     "FunctionCache",
+    "Tracker",
     "code_version",
     "dumps_call",
     "dumps_exception",
     "dumps_setup",
+    "dumps_tracked_call",
     "dumps_value",
+    "environment_of",
     "executor_setup",
     "loads_call",
     "loads_exception",
@@ -71,35 +82,54 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 
-_CALL = struct.Struct("<BI")  # code version size (| _HAS_SETUP), function pickle size
+#: code version size (| _HAS_SETUP), environment size, function pickle size
+_CALL = struct.Struct("<BBI")
 #: In the code version size byte (which is 0 or 16): an executor setup follows the header.
 _HAS_SETUP = 0x80
 _SETUP_SIZE = struct.Struct("<I")
 _SETUP = struct.Struct("<16sI")  # executor id, max_tasks_per_child (0: no limit)
 
-_by_reference: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+_by_reference: weakref.WeakKeyDictionary[Any, tuple[bytes, frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
+#: The modules a pickle refers to (see dumps_tracked_call); the two shared values are the
+#: common cases, so that most submits build no set at all.
+NO_MODULES: frozenset[str] = frozenset()
+NUMPY: frozenset[str] = frozenset({"numpy"})
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 _CONTAINERS = frozenset({tuple, list})
+_NOT_PLAIN, _SCALARS, _ARRAYS = 0, 1, 2
 
 
-def _is_plain(obj: Any, depth: int = 0) -> bool:
-    """True for data the C pickler handles exactly as cloudpickle would (no code inside):
-    scalars, strings, numpy arrays of numbers, and small tuples, lists and str-keyed dicts
-    of those. Cheap enough to try on every call; anything else goes to cloudpickle."""
+def _is_plain(obj: Any, depth: int = 0) -> int:
+    """Non-zero for data the C pickler handles exactly as cloudpickle would (no code
+    inside): scalars, strings, numpy arrays of numbers, and small tuples, lists and
+    str-keyed dicts of those; _ARRAYS when it holds a numpy array. Cheap enough to try on
+    every call; anything else goes to cloudpickle."""
     kind = type(obj)
     if kind in _PLAIN:
-        return True
+        return _SCALARS
     if depth > 2:
-        return False
-    if kind in _CONTAINERS:
-        return len(obj) <= 16 and all(_is_plain(x, depth + 1) for x in obj)
-    if kind is dict:
-        return len(obj) <= 16 and all(
-            type(k) is str and _is_plain(v, depth + 1) for k, v in obj.items()
-        )
-    return kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject
+        return _NOT_PLAIN
+    if kind in _CONTAINERS or kind is dict:
+        if len(obj) > 16:
+            return _NOT_PLAIN
+        found = _SCALARS
+        if kind is dict:
+            if not all(type(k) is str for k in obj):
+                return _NOT_PLAIN
+            obj = obj.values()
+        for x in obj:
+            plain = _is_plain(x, depth + 1)
+            if not plain:
+                return _NOT_PLAIN
+            found = max(found, plain)
+        return found
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject:
+        return _ARRAYS
+    return _NOT_PLAIN
 
 
 def _reduce_code(code: types.CodeType) -> Any:
@@ -117,15 +147,74 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
+#: cloudpickle's own reducer_override handles classes and functions only (with these
+#: two helpers) and leaves everything else to the pickler: _NotingPickler then does the
+#: same itself, saving a Python call per object. Checked, not assumed: another
+#: cloudpickle gets its reducer_override called as it is.
+_CLOUDPICKLE_DISPATCH = {"_class_reduce", "_function_reduce"} <= set(
+    cloudpickle.Pickler.reducer_override.__code__.co_names
+)
+
+
+class _NotingPickler(_Pickler):
+    """Also notes the module of every object, class and function it pickles, and the
+    names used by the code it pickles by value (``import x`` in a function body is one of
+    them); fade/packages.py keeps those of installed packages. Set ``modules`` and
+    ``kinds`` (empty sets) before pickling; :meth:`noted` says what was seen."""
+
+    modules: set[str]
+    kinds: set[type]  # of the other objects: their modules, looked up once each
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is types.FunctionType:
+            module = obj.__module__
+            if isinstance(module, str):
+                self.modules.add(module)
+            if _CLOUDPICKLE_DISPATCH:
+                return self._function_reduce(obj)
+        elif isinstance(obj, type):
+            module = obj.__module__
+            if isinstance(module, str):
+                self.modules.add(module)
+            if _CLOUDPICKLE_DISPATCH:
+                return _cloudpickle_impl._class_reduce(obj)
+        elif kind is types.CodeType:
+            self.modules.update(obj.co_names)
+        elif kind is types.ModuleType:
+            self.modules.add(obj.__name__)
+        else:
+            self.kinds.add(kind)
+        if _CLOUDPICKLE_DISPATCH:
+            return NotImplemented
+        return _Pickler.reducer_override(self, obj)
+
+    def noted(self) -> set[str]:
+        """Every module noted (once the pickle is done)."""
+        for kind in self.kinds:
+            module = getattr(kind, "__module__", None)
+            if isinstance(module, str):
+                self.modules.add(module)
+        return self.modules
+
+
 def _cloudpickle(
-    obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None
+    obj: Any,
+    buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None,
+    modules: set[str] | None = None,
 ) -> bytes:
     out = io.BytesIO()
-    _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    if modules is None:
+        _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    else:
+        pickler = _NotingPickler(out, protocol=5, buffer_callback=buffer_callback)
+        pickler.modules, pickler.kinds = modules, set()
+        pickler.dump(obj)
+        pickler.noted()
     return out.getvalue()
 
 
-def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
+def _dumps(obj: Any, buffers: list[Frame], modules: set[str] | None = None) -> bytes:
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
         if raw.nbytes >= OUT_OF_BAND_MIN:
@@ -133,10 +222,13 @@ def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
             return False  # out of band
         return True
 
-    if _is_plain(obj):
+    plain = _is_plain(obj)
+    if plain:
+        if plain == _ARRAYS and modules is not None:
+            modules.add("numpy")
         # About ten times cheaper than building a CloudPickler for each call.
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
-    return _cloudpickle(obj, keep_large)
+    return _cloudpickle(obj, keep_large, modules)
 
 
 def _pickles_by_reference(fn: Any) -> bool:
@@ -155,22 +247,77 @@ def _pickles_by_reference(fn: Any) -> bool:
 
 def dumps_function(fn: Callable[..., Any]) -> bytes:
     """The function's pickle; cached when it pickles by reference (the bytes cannot go stale)."""
+    return _function_pickle(fn, False)[0]
+
+
+def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, frozenset[str]]:
+    """The function's pickle and (``noting``) the modules it refers to."""
     try:
         cached = _by_reference.get(fn)
     except TypeError:  # not weak-referenceable (a bound method, a partial...)
         cached = None
     if cached is not None:
-        return bytes(cached)
+        return cached
+    modules: set[str] | None = set() if noting else None
     try:
-        data = _cloudpickle(fn)
+        data = _cloudpickle(fn, None, modules)
     except Exception as exc:
         raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
     if _pickles_by_reference(fn):
+        # The bytes name the module; nothing else is pickled, nothing else is noted.
+        found = (data, frozenset({fn.__module__}))
         try:
-            _by_reference[fn] = data
+            _by_reference[fn] = found
         except TypeError:
             pass
-    return data
+        return found
+    return data, frozenset(modules) if modules else NO_MODULES
+
+
+#: Given the modules a call's function and arguments refer to: the id of the package
+#: environment the task needs (b"" for none) and its SUBMIT flags (fade/packages.py).
+Tracker = Callable[[frozenset[str], frozenset[str]], tuple[bytes, int]]
+
+
+def dumps_tracked_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    code: bytes,
+    environment: Tracker,
+    noting: bool = True,
+    setup: bytes = b"",
+) -> tuple[Payload, int]:
+    """:func:`dumps_call` that also names the task's package environment: the modules
+    the pickles refer to (unless ``noting`` is False) go to ``environment``, whose id
+    goes in the payload. Returns the payload and the SUBMIT flags."""
+    fn_bytes, fn_modules = _function_pickle(fn, noting)
+    buffers: list[Frame] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes >= OUT_OF_BAND_MIN:
+            buffers.append(raw)
+            return False  # out of band
+        return True
+
+    call = (args, kwargs)
+    arg_modules = NO_MODULES
+    try:
+        plain = _is_plain(call)
+        if plain:  # no set to fill: the common case costs no more than dumps_call
+            arg_bytes = pickle.dumps(call, protocol=5, buffer_callback=keep_large)
+            if plain == _ARRAYS and noting:
+                arg_modules = NUMPY
+        else:
+            modules: set[str] | None = set() if noting else None
+            arg_bytes = _cloudpickle(call, keep_large, modules)
+            if modules:
+                arg_modules = frozenset(modules)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
+    env, flags = environment(fn_modules, arg_modules)
+    return Payload(_inline(code, env, setup, fn_bytes, arg_bytes), tuple(buffers)), flags
 
 
 def dumps_call(
@@ -188,19 +335,25 @@ def dumps_call(
         arg_bytes = _dumps((args, kwargs), buffers)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
+    return Payload(_inline(code, b"", setup, fn_bytes, arg_bytes), tuple(buffers))
+
+
+def _inline(code: bytes, env: bytes, setup: bytes, fn_bytes: bytes, arg_bytes: bytes) -> bytes:
+    """A task payload's inline bytes: header, code version, environment, setup, function,
+    arguments (the setup's size follows the header only when there is one)."""
     if setup:
-        head = _CALL.pack(len(code) | _HAS_SETUP, len(fn_bytes)) + _SETUP_SIZE.pack(len(setup))
-        inline = b"".join((head, code, setup, fn_bytes, arg_bytes))
-    else:
-        inline = b"".join((_CALL.pack(len(code), len(fn_bytes)), code, fn_bytes, arg_bytes))
-    return Payload(inline, tuple(buffers))
+        head = _CALL.pack(len(code) | _HAS_SETUP, len(env), len(fn_bytes))
+        return b"".join((head, _SETUP_SIZE.pack(len(setup)), code, env, setup, fn_bytes, arg_bytes))
+    return b"".join(
+        (_CALL.pack(len(code), len(env), len(fn_bytes)), code, env, fn_bytes, arg_bytes)
+    )
 
 
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """(code version, executor setup, function pickle, arguments pickle)."""
+def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """(code version, environment, executor setup, function pickle, arguments pickle)."""
     if len(inline) < _CALL.size:
         raise SerializationError("a task payload is too short")
-    code_size, fn_size = _CALL.unpack_from(inline)
+    code_size, env_size, fn_size = _CALL.unpack_from(inline)
     start = _CALL.size
     setup_size = 0
     if code_size & _HAS_SETUP:
@@ -209,11 +362,13 @@ def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes]:
             raise SerializationError("a task payload is too short")
         (setup_size,) = _SETUP_SIZE.unpack_from(inline, start)
         start += _SETUP_SIZE.size
-    code = inline[start : start + code_size]
-    start += code_size
-    setup = inline[start : start + setup_size]
-    start += setup_size
-    return code, setup, inline[start : start + fn_size], inline[start + fn_size :]
+    env = start + code_size
+    setup = env + env_size
+    fn = setup + setup_size
+    args = fn + fn_size
+    if args > len(inline):
+        raise SerializationError("a task payload is shorter than its header says")
+    return inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
 
 
 class FunctionCache:
@@ -255,7 +410,7 @@ def loads_call(
     Raises TaskDecodeError (its cause says why), ModuleNotFoundError when the task needs
     a module this worker lacks, or CodeShippingError when its shipped code cannot be
     used here (that says why already)."""
-    code, _, fn_bytes, arg_bytes = _split_call(payload.inline)
+    code, _, _, fn_bytes, arg_bytes = _split_call(payload.inline)
     try:
         fn = functions.load(code, fn_bytes)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
@@ -279,6 +434,11 @@ def loads_call(
 def code_version(payload: Payload) -> bytes:
     """The code version a task payload names (b"" for none)."""
     return _split_call(payload.inline)[0]
+
+
+def environment_of(payload: Payload) -> bytes:
+    """The package environment a task payload names (b"" for none)."""
+    return _split_call(payload.inline)[1]
 
 
 # -- the executor setup: initializer, initargs, max_tasks_per_child ------------------------------
@@ -315,7 +475,7 @@ def executor_setup(payload: Payload) -> ExecutorSetup | None:
     """The setup a task payload carries; None for a task of an executor without one."""
     if not payload.inline or not payload.inline[0] & _HAS_SETUP:
         return None
-    setup = _split_call(payload.inline)[1]
+    setup = _split_call(payload.inline)[2]
     if len(setup) < _SETUP.size:
         raise SerializationError("a task's executor setup is too short")
     executor_id, max_tasks = _SETUP.unpack_from(setup)

@@ -51,6 +51,7 @@ __all__ = [
     "Manifest",
     "client_file",
     "install_import_hook",
+    "recorder_generation",
     "uninstall_import_hook",
 ]
 
@@ -134,6 +135,11 @@ class _SourceRecorder(importlib.abc.MetaPathFinder):
 
 
 _recorder = _SourceRecorder()
+
+
+def recorder_generation() -> int:
+    """Changes whenever a local module is imported or reloaded."""
+    return _recorder.generation
 
 
 def uninstall_import_hook() -> None:
@@ -299,7 +305,12 @@ class LocalCode:
         unshippable: dict[str, str] = {}
         for name, module in list(sys.modules.items()):
             top = name.partition(".")[0]
-            if top in NEVER_SHIP or module is None or self._is_installed(top, module):
+            # By its top-level module: a package comes after its submodules in sys.modules
+            # (moved to the end once imported), and a submodule's folder is not where the
+            # package's dist-info is.
+            if top in NEVER_SHIP or module is None:
+                continue
+            if self._is_installed(top, sys.modules.get(top) or module):
                 continue
             origin = getattr(module, "__file__", None)
             if origin and origin.endswith(_EXTENSIONS):

@@ -133,6 +133,7 @@ def format_status(state: dict[str, Any]) -> str:
                 for w in workers
             ],
         )
+        lines += _environments(workers)
     else:
         lines.append("no workers")
     if clients:
@@ -157,6 +158,56 @@ def format_status(state: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def _environments(workers: list[dict[str, Any]]) -> list[str]:
+    """Each worker's package environments (where their tasks run), and each host's cache
+    of shipped distributions."""
+    rows = []
+    hosts: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        for env in w.get("environments") or []:
+            packages = [printable(name) for name in env.get("packages", [])]
+            rows.append(
+                [
+                    peer_id(w),
+                    printable(w.get("host")),
+                    printable(env.get("id")),
+                    printable(env.get("where")),
+                    _cell(env.get("tasks")),
+                    _listed(packages, 4),
+                ]
+            )
+        cache = w.get("package_cache") or {}
+        if cache.get("distributions"):
+            host = hosts.setdefault(str(w.get("host")), {"dists": {}, "bytes": 0.0, "limit": 0.0})
+            for name, version, _ in cache["distributions"]:
+                host["dists"][f"{printable(name)} {printable(version)}"] = True
+            host["bytes"] = max(host["bytes"], _number(cache.get("bytes")))
+            host["limit"] = max(host["limit"], _number(cache.get("limit")))
+    lines: list[str] = []
+    if rows:
+        header = ["WORKER", "HOST", "ENVIRONMENT", "RUNS", "TASKS", "PACKAGES"]
+        lines += ["", *_table(header, rows)]
+    if hosts:
+        header = ["HOST", "CACHED", "SIZE", "LIMIT", "DISTRIBUTIONS"]
+        table = [
+            [
+                printable(host),
+                len(info["dists"]),
+                f"{info['bytes'] / 2**20:.1f} MiB",
+                f"{info['limit'] / 2**20:.0f} MiB",
+                _listed(list(info["dists"]), 6),
+            ]
+            for host, info in sorted(hosts.items())
+        ]
+        lines += ["", *_table(header, table)]
+    return lines
+
+
+def _listed(items: list[str], most: int) -> str:
+    more = f" +{len(items) - most}" if len(items) > most else ""
+    return (", ".join(items[:most]) + more) or "-"
 
 
 def _summary(

@@ -31,6 +31,9 @@ holds it.
 * Code shipping: before a task runs, the code version it names is made active
   (fade/codecache.py); a version this host lacks is fetched from the task's
   client through the broker, the main thread waiting while the keeper serves.
+* Package shipping: a task whose installed distributions differ from this
+  process's runs in an environment process that has the client's versions
+  (fade/environments.py), the main thread waiting for it as for a task of its own.
 * A result with a frame larger than the limit of any peer on its way back (ours,
   the broker's) is reported as MessageTooLargeError instead of being sent.
 """
@@ -53,6 +56,7 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade import serialization as ser
 from fade.codecache import CodeCache, CodeRunner
+from fade.environments import Environments
 from fade.errors import (
     CodeShippingError,
     MessageTooLargeError,
@@ -119,6 +123,13 @@ class Worker:
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
         self.host = socket.gethostname()
+        self.environments = Environments(
+            self._code.cache.root,
+            options.package_cache_size,
+            self._fetch,
+            self.host,
+            options.log_level,
+        )
         self.fast = fastpath.enabled(options.fast_paths)
         self.devices = {name: host_devices(name) for name in DEVICE_RESOURCES}
         self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, by when
@@ -157,8 +168,14 @@ class Worker:
         started = time.monotonic()
         with self._task_env:  # cwd, environment, sys.path, builtins: put back after the task
             try:
-                value = self._call(job)
-                status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
+                elsewhere = self.environments.run(job.record.key, job.payload)
+                if elsewhere is None:
+                    value = self._call(job)
+                    status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
+                else:  # it ran in an environment process: its outcome is pickled already
+                    status, payload = elsewhere
+                    if status is p.Status.OK:
+                        payload = self._checked_size(payload)
             except ModuleNotFoundError as exc:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
             except _Stopped:
@@ -236,15 +253,7 @@ class Worker:
 
     def _missing(self, exc: ModuleNotFoundError) -> BaseException:
         """Name the module and this host; the client adds the distribution it came from."""
-        if isinstance(exc, MissingDependencyError) or not exc.name:
-            return exc
-        error = MissingDependencyError(
-            f"worker pid {os.getpid()} on host {self.host} cannot import {exc.name!r}",
-            module=exc.name,
-            host=self.host,
-        )
-        error.__cause__ = exc
-        return error
+        return MissingDependencyError.on_host(exc, self.host)
 
     def _fetch(self, key: bytes, request: dict[str, object]) -> list[bytes]:
         """Ask the client of task ``key`` for code and wait for the answer (main thread)."""

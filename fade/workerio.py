@@ -26,6 +26,7 @@ import platform
 import shutil
 import socket
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass
@@ -378,10 +379,13 @@ class WorkerIO:
             clients=options.clients,
             resources=options.resources,
             pool=options.pool,
+            platform=sysconfig.get_platform(),
+            abi=str(sysconfig.get_config_var("SOABI") or ""),
         )
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.w.broker_max_message_size = welcome.max_message_size
+        self.w.environments.report_again()
         log.debug("registered with broker %s", welcome.broker_id)
         if self.state is ProcessState.DRAINING:
             self.link.send(p.encode(p.Command.DRAIN))
@@ -466,6 +470,9 @@ class WorkerIO:
                 w._fetch_outbox.clear()
             for fetch in fetches:
                 self.link.send(p.encode_fetch(fetch.key, fetch.request_id, fetch.request))
+        report = w.environments.take_report()
+        if report is not None:
+            self.link.send(p.encode_environments(report))
         results = []
         if w._outbox:
             with w._lock:

@@ -131,10 +131,11 @@ def test_a_task_that_cannot_be_unpickled_says_so(fade_executor: fade.Executor) -
 # -- the executor setup in a task's payload, and the worker's side of it (no I/O) -------------
 
 
-def test_a_payload_without_setup_is_what_it_always_was() -> None:
+def test_a_payload_without_setup_has_no_setup_section() -> None:
     payload = ser.dumps_call(tasks.add, (1, 2), {}, b"v" * 16)
     fn = ser.dumps_function(tasks.add)
-    assert payload.inline.startswith(struct.pack("<BI", 16, len(fn)) + b"v" * 16 + fn)
+    # Header (code version size, environment size, function size), then the sections.
+    assert payload.inline.startswith(struct.pack("<BBI", 16, 0, len(fn)) + b"v" * 16 + fn)
     assert ser.executor_setup(payload) is None
 
 

@@ -30,6 +30,7 @@ from conftest import (
     other_python,
     wait_for,
 )
+from dists import make_dist
 
 import fade
 from fade import protocol as p
@@ -324,7 +325,9 @@ def test_a_newer_peer_gets_an_error_it_can_read(tcp_pool: Pool) -> None:
 
 @pytest.mark.timeout(240)
 def test_a_worker_on_another_python_never_gets_the_task(pool: Pool, tmp_path: Path) -> None:
-    """A closure's bytecode from one minor version crashes a worker of another."""
+    """A closure's bytecode from one minor version crashes a worker of another; a task
+    that needs an installed package of the client's cannot run there either. Both fail
+    before running, naming both sides, and the pool stays usable."""
     minor = "3.12" if sys.version_info[:2] != (3, 12) else "3.11"
     python = other_python(minor)
     pool.start_broker()
@@ -338,17 +341,32 @@ def test_a_worker_on_another_python_never_gets_the_task(pool: Pool, tmp_path: Pa
     def closure(x: int) -> int:
         return x + offset
 
-    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
-        wait_for(lambda: ex._io.capacity > 0, 30, "the worker to register")  # type: ignore[attr-defined]
-        before = set(pool.worker_pids())
-        with pytest.raises(fade.IncompatibleWorkerError) as caught:
-            ex.submit(closure, 1).result(timeout=30)
-        this = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        assert f"cpython {this}" in str(caught.value) and f"cpython {minor}" in str(caught.value)
-        assert set(pool.worker_pids()) == before  # no worker died for it
-        pool.start_worker()  # a worker of our own version: the pool is usable
-        wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the second worker")
-        assert ex.submit(closure, 1).result(timeout=60) == 11
+    # An installed distribution only this client has: it would travel to a worker of
+    # our Python, not to this one.
+    site = tmp_path / "client-site"
+    make_dist(site, "fade-hardening-dist", "1.0", {"fadehardening/__init__.py": "X = 7\n"})
+    sys.path.insert(0, str(site))
+    try:
+        import fadehardening  # type: ignore[import-not-found]
+
+        with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+            wait_for(lambda: ex._io.capacity > 0, 30, "the worker to register")  # type: ignore[attr-defined]
+            before = set(pool.worker_pids())
+            this = f"{sys.version_info[0]}.{sys.version_info[1]}"
+            for fn, args in ((closure, (1,)), (getattr, (fadehardening, "X"))):
+                with pytest.raises(fade.IncompatibleWorkerError) as caught:
+                    ex.submit(fn, *args).result(timeout=30)
+                message = str(caught.value)
+                assert f"client CPython {this}" in message and "on host" in message
+                assert f"workers: CPython {minor}" in message
+            assert set(pool.worker_pids()) == before  # no worker died for it
+            pool.start_worker()  # a worker of our own version: the pool is usable
+            wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the second worker")
+            assert ex.submit(closure, 1).result(timeout=60) == 11
+            assert ex.submit(getattr, fadehardening, "X").result(timeout=60) == 7
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("fadehardening", None)
 
 
 # -- forks ---------------------------------------------------------------------------------

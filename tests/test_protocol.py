@@ -22,7 +22,7 @@ def test_submit_round_trip() -> None:
     tasks = [
         (p.SubmitRecord(1, 3, 0.0), p.Payload(b"small")),
         (p.SubmitRecord(2**64 - 1, 0, 1.5), p.Payload(b"", (b"buffer", b"another"))),
-        (p.SubmitRecord(7, 1, 0.0), p.Payload(b"x" * 300, (b"b",))),
+        (p.SubmitRecord(7, 1, 0.0, p.SUBMIT_NATIVE), p.Payload(b"x" * 300, (b"b",))),
     ]
     frames = p.encode_submit(tasks)
     assert len(frames) == 1 + 3  # one frame with header, meta and all inline bytes; buffers
@@ -69,10 +69,13 @@ def test_hello_welcome_obituary_round_trip() -> None:
             holding=(KEY,),
             max_message_size=99,
             clients=("alice",),
+            platform="linux-aarch64",
+            abi="cpython-311-aarch64-linux-gnu",
         ),
     ):
         assert p.decode_hello(p.parse(p.encode_hello(hello)).body) == hello
     assert p.python_of(CLIENT_HELLO) == "cpython 3.12"
+    assert p.platform_of(CLIENT_HELLO) == ("", "")  # a peer that does not say
     welcome = p.Welcome("abc", 1.0, 3, 4)
     assert p.decode_welcome(p.parse(p.encode_welcome(welcome)).body) == welcome
     assert p.decode_obituary(p.parse(p.encode_obituary(b"id", {"exitcode": 3})).body) == (
@@ -185,3 +188,29 @@ def test_malformed_bodies_are_protocol_errors(decoder, body) -> None:  # type: i
 
 def test_expiry_is_interval_times_liveness() -> None:
     assert p.expiry(0.5, 4) == 2.0
+
+
+def test_environments_reports_are_checked_and_rebuilt() -> None:
+    report = {
+        "environments": [{"id": "ab" * 6, "packages": ["six 1.17.0"], "where": "here", "tasks": 3}],
+        "cache": {"distributions": [["six", "1.17.0", 1234]], "bytes": 1234, "limit": 10},
+    }
+    message = p.parse(p.encode_environments(report))
+    assert message.command is p.Command.ENVIRONMENTS
+    assert p.decode_environments(message.body) == report
+    extra = {**report, "surprise": 1}  # unknown keys are dropped
+    assert p.decode_environments(p.parse(p.encode_environments(extra)).body) == report
+    bad = [
+        {"environments": [{"id": 1, "packages": [], "where": "", "tasks": 0}]},
+        {"environments": [{"id": "x", "packages": ["p"] * 300, "where": "", "tasks": 0}]},
+        {"environments": [{"id": "x", "packages": [], "where": "", "tasks": -1}]},
+        {"cache": {"distributions": [["six", "1", True]]}},
+        {"cache": []},
+        {"environments": [{"id": "x" * 500, "packages": [], "where": "", "tasks": 0}]},
+    ]
+    for body in bad:
+        with pytest.raises(ProtocolError):
+            p.decode_environments(p.parse(p.encode_environments(body)).body)
+    huge = p.encode_environments({"environments": [], "padding": "x" * p.ENVIRONMENTS_LIMIT})
+    with pytest.raises(ProtocolError, match="over"):
+        p.decode_environments(p.parse(huge).body)

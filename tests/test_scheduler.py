@@ -27,7 +27,16 @@ pytestmark = pytest.mark.timeout(10)
 _ids = itertools.count(1)
 
 
-def client_hello(python: str = "3.11.7", tag: bytes | None = None, limit: int = 0) -> p.ClientHello:
+LINUX = ("linux-x86_64", "cpython-311-x86_64-linux-gnu")
+ARM = ("linux-aarch64", "cpython-311-aarch64-linux-gnu")
+
+
+def client_hello(
+    python: str = "3.11.7",
+    tag: bytes | None = None,
+    limit: int = 0,
+    platform: tuple[str, str] = LINUX,
+) -> p.ClientHello:
     return p.ClientHello(
         host="c",
         pid=1,
@@ -36,6 +45,8 @@ def client_hello(python: str = "3.11.7", tag: bytes | None = None, limit: int = 
         implementation="cpython",
         tag=tag or next(_ids).to_bytes(p.TAG_SIZE, "little"),
         max_message_size=limit,
+        platform=platform[0],
+        abi=platform[1],
     )
 
 
@@ -45,9 +56,11 @@ def worker_hello(
     holding: tuple[bytes, ...] = (),
     limit: int = 0,
     clients: tuple[str, ...] | None = None,
+    platform: tuple[str, str] = LINUX,
+    host: str = "w",
 ) -> p.WorkerHello:
     return p.WorkerHello(
-        host="w",
+        host=host,
         pid=2,
         version="0",
         python=python,
@@ -56,11 +69,15 @@ def worker_hello(
         holding=holding,
         max_message_size=limit,
         clients=clients,
+        platform=platform[0],
+        abi=platform[1],
     )
 
 
-def records(*task_ids: int, size: int = 10) -> list[tuple[p.SubmitRecord, p.Payload]]:
-    return [(p.SubmitRecord(i, 0, 0.0), p.Payload(b"x" * size)) for i in task_ids]
+def records(
+    *task_ids: int, size: int = 10, flags: int = 0
+) -> list[tuple[p.SubmitRecord, p.Payload]]:
+    return [(p.SubmitRecord(i, 0, 0.0, flags=flags), p.Payload(b"x" * size)) for i in task_ids]
 
 
 def sent(sends: Sends) -> dict[bytes, list[int]]:
@@ -292,7 +309,38 @@ def test_tasks_no_connected_worker_could_run_are_refused_at_once(sched: Schedule
     sends = sched.take_sends()
     assert results(sends, b"C1") == {2: p.Status.REFUSED} and not sends.tasks
     kind, message = p.decode_refusal(sends.results[b"C1"][0][1])
-    assert kind == "incompatible" and "cpython 3.12" in message and "cpython 3.11" in message
+    assert kind == "incompatible"
+    assert "client CPython 3.12" in message and "on host c" in message
+    assert "workers: CPython 3.11" in message and "on host w" in message
+
+
+def test_tasks_needing_compiled_packages_go_only_to_the_clients_platform(
+    sched: Scheduler,
+) -> None:
+    sched.add_client(b"C1", client_hello(), None)
+    sched.add_worker(b"ARM", worker_hello(credits=4, platform=ARM, host="h3"), None)
+    sched.submit(b"C1", records(1))  # pure Python: any platform of its Python runs it
+    assert sent(sched.take_sends()) == {b"ARM": [1]}
+    sched.submit(b"C1", records(2, flags=p.SUBMIT_NATIVE))  # compiled: refused at once
+    sends = sched.take_sends()
+    assert results(sends, b"C1") == {2: p.Status.REFUSED} and not sends.tasks
+    kind, message = p.decode_refusal(sends.results[b"C1"][0][1])
+    assert kind == "incompatible" and "compiled packages" in message
+    assert "client CPython 3.11 linux-x86_64" in message and "on host c" in message
+    assert "CPython 3.11 linux-aarch64" in message and "on host h3" in message
+    sched.add_worker(b"X86", worker_hello(credits=4, host="h4"), None)
+    sched.submit(b"C1", records(3, 4, flags=p.SUBMIT_NATIVE))
+    assert sent(sched.take_sends()) == {b"X86": [3, 4]}  # never the ARM worker
+
+
+def test_a_worker_leaving_takes_its_host_out_of_refusals(sched: Scheduler) -> None:
+    sched.add_client(b"C1", client_hello(python="3.12.1"), None)
+    sched.add_worker(b"W1", worker_hello(host="gone"), None)
+    sched.add_worker(b"W2", worker_hello(host="here"), None)
+    sched.remove_worker(b"W1")
+    sched.submit(b"C1", records(1))
+    _, message = p.decode_refusal(sched.take_sends().results[b"C1"][0][1])
+    assert "host here" in message and "gone" not in message
 
 
 def test_workers_take_only_what_fits_their_frame_limit(sched: Scheduler) -> None:
