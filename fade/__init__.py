@@ -32,6 +32,7 @@ from fade.errors import (
     ResultDecodeError,
     SecurityError,
     SerializationError,
+    SharedDataError,
     TaskTimeoutError,
     WorkerLostError,
 )
@@ -39,6 +40,7 @@ from fade.shipping import install_import_hook
 
 if TYPE_CHECKING:
     from fade.client import Executor
+    from fade.data import Shared, share
     from fade.progress import as_completed
 
 # Record the source of local modules imported from now on, so that what the
@@ -53,6 +55,10 @@ def __getattr__(name: str) -> Any:
         from fade.client import Executor
 
         return Executor
+    if name in ("share", "Shared"):
+        from fade import data
+
+        return getattr(data, name)
     if name == "as_completed":
         from fade.progress import as_completed
 
@@ -78,8 +84,11 @@ __all__ = [
     "ResultDecodeError",
     "SecurityError",
     "SerializationError",
+    "Shared",
+    "SharedDataError",
     "TaskTimeoutError",
     "WorkerLostError",
     "__version__",
     "as_completed",
+    "share",
 ]

@@ -46,6 +46,7 @@ from fade import security
 from fade._logutil import RateLimitedLog, printable
 from fade._rate import Throughput
 from fade._version import __version__
+from fade.data import scope_of
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
@@ -124,6 +125,9 @@ class Broker:
         self._wake = WakePipe()  # stop() may be called from a signal handler
         self._bad_input = RateLimitedLog(log)
         self._relays = _Relays()
+        #: Payload bytes this broker sent on: to workers in TASK, to clients in RESULT,
+        #: and relayed in CODE (shipped code and data fetched by content).
+        self.relayed = {"task": 0, "result": 0, "code": 0}
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
@@ -406,6 +410,7 @@ class Broker:
         if limit and any(p.frame_size(f) > limit for f in frames):
             status = p.CodeStatus.MISSING
             frames = [f"the code has a frame over the worker's limit of {limit} bytes".encode()]
+        self.relayed["code"] += sum(p.frame_size(f) for f in frames)
         self._send(worker.identity, p.encode_code(task.key, request_id, status, frames))
 
     def _on_status(self, identity: bytes, body: list[p.Frame]) -> None:
@@ -496,17 +501,29 @@ class Broker:
         for identity, results in sends.results.items():
             limit = _batch_limit(self.scheduler.clients.get(identity))
             for batch in p.chunked(results, limit):
-                self._send(identity, p.encode_result(capacity, batch))
+                frames = p.encode_result(capacity, batch)
+                self.relayed["result"] += _size(frames)
+                self._send(identity, frames)
         if sends.capacity_changed:
             beat = p.encode_capacity(p.Command.HEARTBEAT, capacity)
             for identity in self.scheduler.clients:
                 self._send(identity, beat)
 
     def _send_tasks(self, identity: bytes, tasks: list[Task]) -> None:
-        records = [(p.TaskRecord(task.key, task.timeout), task.payload) for task in tasks]
+        records = [
+            (
+                p.TaskRecord(
+                    task.key, task.timeout, scope_of(task.client.key_name, p.key_tag(task.key))
+                ),
+                task.payload,
+            )
+            for task in tasks
+        ]
         limit = _batch_limit(self.scheduler.workers.get(identity))
         for batch in p.chunked(records, limit):
-            self._send(identity, p.encode_task(batch))
+            frames = p.encode_task(batch)
+            self.relayed["task"] += _size(frames)
+            self._send(identity, frames)
 
     def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
         sock = self._socket
@@ -550,6 +567,10 @@ class Broker:
             return
         self.published = self.snapshot()
         self._next_publish = now + self.publish_interval
+
+
+def _size(frames: list[p.Frame]) -> int:
+    return sum(p.frame_size(f) for f in frames)
 
 
 def _header_byte(frame: zmq.Frame) -> int:

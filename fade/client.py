@@ -12,6 +12,9 @@
   wait here, still PENDING, so ``cancel()`` on them succeeds and they never run.
 * Code shipping: each task names the version of the client's local code
   (fade/shipping.py); workers that lack it FETCH it, and the I/O thread answers.
+* Large arguments travel by content (fade/data.py): a buffer of at least
+  ``share_threshold`` bytes is named by its hash and kept (not copied) until no
+  pending task needs it; each worker host fetches it once, through the same FETCH.
 * Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
   talks only to the holder of the broker's secret key.
 * Nothing waits forever: a broker that cannot be reached fails pending futures
@@ -39,6 +42,7 @@ from fade import protocol as p
 from fade import security
 from fade import serialization as ser
 from fade.clientio import ClientIO, WorkItem
+from fade.data import DEFAULT_SHARE_THRESHOLD, DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import BrokenPoolError, MessageTooLargeError
 from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, check_address
@@ -138,6 +142,11 @@ class Executor(cf.Executor):
             it stays unreachable, new tasks fail at once; once it answers, they run.
         fast_paths: False sends and reads everything on the I/O thread (see
             fade/fastpath.py); default: on, unless $FADE_FAST_PATHS is "0".
+        share_threshold: argument buffers (a numpy array's data, any pickle protocol 5
+            out-of-band buffer) of at least this many bytes travel by content: each
+            worker host fetches each one once and keeps it in its data cache, however
+            many tasks name it (default 1 MiB; None: never, except ``fade.share``
+            handles). See docs/data.md.
     """
 
     def __init__(
@@ -156,6 +165,7 @@ class Executor(cf.Executor):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         fast_paths: bool | None = None,
+        share_threshold: int | None = DEFAULT_SHARE_THRESHOLD,
     ) -> None:
         if isinstance(address, int) and not isinstance(address, bool):
             # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
@@ -173,6 +183,7 @@ class Executor(cf.Executor):
         # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
         peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
         self._max_message_size = max_message_size
+        self._shelf = DataShelf(share_threshold)
         self._pool: EmbeddedPool | None = None
         if address is None:
             self._pool = EmbeddedPool(
@@ -203,6 +214,7 @@ class Executor(cf.Executor):
             connect_timeout=connect_timeout,
             reconnect_timeout=reconnect_timeout,
             fast_paths=fast_paths,
+            shelf=self._shelf,
         )
         self._owner = os.getpid()
         self._io.thread.start()
@@ -218,19 +230,30 @@ class Executor(cf.Executor):
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        payload = ser.dumps_call(fn, args, kwargs, code)
+        payload, pinned = ser.dumps_call_shared(fn, args, kwargs, code, self._shelf)
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
+            self._release(pinned)
             raise MessageTooLargeError(
                 f"the task has a {largest}-byte part, more than max_message_size "
-                f"({self._max_message_size}); raise it here, on the broker and on the workers"
+                f"({self._max_message_size}); raise it here, on the broker and on the "
+                "workers, or send it by content (share_threshold, fade.share)"
             )
-        future: cf.Future[T] = _Future(self._io)
+        future: _Future[T] = _Future(self._io)
         with self._shutdown_lock:
             if self._shutdown:
+                self._release(pinned)
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if pinned:
+                # Kept until the task is done, however it ends (result, error, cancel).
+                shelf = self._shelf
+                future.add_done_callback(lambda _: shelf.release(pinned))
             self._io.enqueue(WorkItem(next(self._ids), future, payload, largest))
         return future
+
+    def _release(self, pinned: list[bytes]) -> None:
+        if pinned:
+            self._shelf.release(pinned)
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.

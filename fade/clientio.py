@@ -48,6 +48,7 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade import serialization as ser
 from fade._version import __version__
+from fade.data import DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
@@ -107,8 +108,10 @@ class ClientIO:
         connect_timeout: float,
         reconnect_timeout: float,
         fast_paths: bool | None = None,
+        shelf: DataShelf | None = None,
     ) -> None:
         self.max_message_size = max_message_size
+        self.shelf = shelf
         self.max_attempts = max_attempts
         self.timeout = task_timeout or 0.0
         self.pool = pool
@@ -304,11 +307,18 @@ class ClientIO:
             self.capacity = announced
 
     def _on_fetch(self, message: p.Message) -> None:
-        """A worker asks for our code: the manifest of a version, or file contents."""
+        """A worker asks for our code (the manifest of a version, or file contents) or for
+        data a task names by content (fade/data.py)."""
         ref, request_id, request = p.decode_fetch(message.body)
+        asked = p.unpack_request(request)
         status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
-        if self.code is not None:
-            status, frames = _serve(self.code, p.unpack_request(request))
+        if asked.get("kind") == "data":
+            frames = [b"this client sends no data by content"]
+            if self.shelf is not None:
+                ok, frames = self.shelf.serve(asked)
+                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
+        elif self.code is not None:
+            status, frames = _serve(self.code, asked)
         self.link.send(p.encode_code(ref, request_id, status, frames))
 
     def _on_unreachable(self, error: BrokerUnreachableError | None) -> None:

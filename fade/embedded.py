@@ -79,6 +79,9 @@ class EmbeddedPool:
             heartbeat_liveness=heartbeat_liveness,
             log_level=os.environ.get("FADE_LOG_LEVEL", "WARNING"),
             parent_pid=os.getpid(),
+            # Data by content, kept only as long as this pool: each client's entries are
+            # its own (scoped by its tag), so no later pool could use them.
+            data_cache_dir=os.path.join(self._dir, "data"),
         )
         self._supervisor = Supervisor(options, env=env)
         self._supervisor.start()

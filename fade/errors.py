@@ -44,6 +44,7 @@ __all__ = [
     "ResultDecodeError",
     "SecurityError",
     "SerializationError",
+    "SharedDataError",
     "TaskTimeoutError",
     "WorkerLostError",
 ]
@@ -100,6 +101,11 @@ class MissingDependencyError(CodeShippingError, ModuleNotFoundError):
 
 def _rebuild_missing(message: str, module: str, host: str) -> MissingDependencyError:
     return MissingDependencyError(message, module=module, host=host)
+
+
+class SharedDataError(FadeError):
+    """Argument data that travels by content id could not reach the worker, or did not
+    match its id; the message says which and why."""
 
 
 class IncompatibleWorkerError(FadeError):

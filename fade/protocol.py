@@ -52,6 +52,8 @@ __all__ = [
     "MAX_CREDITS",
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
+    "NO_SCOPE",
+    "SCOPE_SIZE",
     "SMALL_FRAME",
     "TAG_SIZE",
     "VERSION",
@@ -116,7 +118,7 @@ __all__ = [
 ]
 
 MAGIC = b"fd"
-VERSION = 3
+VERSION = 4
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 #: Seconds between heartbeats, in both directions.
@@ -127,6 +129,9 @@ HEARTBEAT_LIVENESS = 3
 #: A task key: the client's 8-byte tag (see ClientHello) and its 8-byte task id.
 KEY_SIZE = 16
 TAG_SIZE = 8
+#: A TASK's scope: whose data cache entries it may use (fade/data.py, scope_of).
+SCOPE_SIZE = 8
+NO_SCOPE = bytes(SCOPE_SIZE)
 #: The oldest protocol version that parses an ERROR in its own version only: a peer
 #: of that version or older is answered in its own version, so that it logs why.
 LAST_STRICT_VERSION = 2
@@ -213,7 +218,7 @@ _BATCHES = frozenset({Command.SUBMIT, Command.TASK, Command.DONE, Command.RESULT
 _COMMANDS = {h: c for c, h in _HEADERS.items()}
 
 _SUBMIT = struct.Struct("<QIHHd")  # task id, inline size, buffers, max attempts, timeout
-_TASK = struct.Struct("<16sIHd")  # key, inline size, buffers, timeout
+_TASK = struct.Struct("<16sIHd8s")  # key, inline size, buffers, timeout, scope
 _DONE = struct.Struct("<16sBIH")  # key, status, inline size, buffers
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
@@ -316,6 +321,7 @@ class TaskRecord:
 
     key: bytes
     timeout: float
+    scope: bytes = NO_SCOPE  # set by the broker: the client's data scope
 
 
 @dataclass(slots=True)
@@ -677,7 +683,7 @@ def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
 
 def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
     meta = b"".join(
-        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout) for r, pl in tasks
+        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout, r.scope) for r, pl in tasks
     )
     return _batch(Command.TASK, meta, [pl for _, pl in tasks])
 
@@ -685,11 +691,12 @@ def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
 def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
     meta, inline = _meta(body, "TASK", _TASK.size)
     if len(meta) == _TASK.size:  # a lone task
-        key, size, nbuf, timeout = _TASK.unpack(meta)
-        return [(TaskRecord(key, timeout), _one_payload(inline, body[1:], size, nbuf, "TASK"))]
+        key, size, nbuf, timeout, scope = _TASK.unpack(meta)
+        payload = _one_payload(inline, body[1:], size, nbuf, "TASK")
+        return [(TaskRecord(key, timeout, scope), payload)]
     records, sizes = [], []
-    for key, size, nbuf, timeout in _TASK.iter_unpack(meta):
-        records.append(TaskRecord(key, timeout))
+    for key, size, nbuf, timeout, scope in _TASK.iter_unpack(meta):
+        records.append(TaskRecord(key, timeout, scope))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "TASK")))
 

@@ -10,8 +10,17 @@ A task's payload (a :class:`fade.protocol.Payload`) packs inline
   pickles to the same bytes, and those are cached per function object;
   workers cache what they unpickle by those bytes;
 * the arguments ``(args, kwargs)`` are pickled with protocol 5; every buffer of
-  at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
-  a frame of its own, sent without copying and rebuilt without copying.
+  at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array's data) becomes a frame of
+  its own, sent without copying and rebuilt without copying;
+* except buffers that travel *by content* (fade/data.py): those of at least the
+  client's ``share_threshold`` and the parts of ``fade.share`` handles. The inline
+  header lists them as refs (position among the buffers, content id, size) and no
+  frame carries them; the worker puts in their place the mappings of its host's
+  cache before unpickling.
+
+Inline layout: ``u8 code version size, u32 function size, u16 refs``, the refs
+(``u16 position, 32-byte content id, u64 size`` each), the code version, the
+function, the arguments.
 
 A result payload is the pickled value inline, and its large buffers apart. An
 exception payload is ``(exception, traceback text, RemoteTrace)`` (see
@@ -32,13 +41,14 @@ import sys
 import types
 import weakref
 from collections import ChainMap, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from fade import tracebacks
+from fade.data import DataRef, DataShelf
 from fade.errors import ResultDecodeError, SerializationError
 from fade.protocol import Payload
 from fade.shipping import client_file
@@ -47,8 +57,11 @@ __all__ = [
     "OUT_OF_BAND_MIN",
     "FunctionCache",
     "code_version",
+    "data_refs",
     "dumps_call",
+    "dumps_call_shared",
     "dumps_exception",
+    "dumps_parts",
     "dumps_value",
     "loads_call",
     "loads_exception",
@@ -60,7 +73,8 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 
-_CALL = struct.Struct("<BI")  # code version size, function pickle size
+_CALL = struct.Struct("<BIH")  # code version size, function pickle size, refs
+_REF = struct.Struct("<H32sQ")  # position among the buffers, content id, size
 
 _by_reference: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
@@ -110,9 +124,22 @@ def _cloudpickle(
     return out.getvalue()
 
 
-def _dumps(obj: Any, buffers: list[Frame]) -> bytes:
+def _dumps(
+    obj: Any,
+    buffers: list[Frame],
+    claim: Callable[[pickle.PickleBuffer], bytes | None] | None = None,
+    refs: list[DataRef] | None = None,
+) -> bytes:
+    """Pickle ``obj``: large buffers are appended to ``buffers``; with ``claim``, those it
+    gives a content id for are listed in ``refs`` instead."""
+
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
+        if claim is not None and refs is not None:
+            cid = claim(buf)
+            if cid is not None:
+                refs.append(DataRef(len(buffers) + len(refs), cid, raw.nbytes))
+                return False  # out of band, by content
         if raw.nbytes >= OUT_OF_BAND_MIN:
             buffers.append(raw)
             return False  # out of band
@@ -161,25 +188,79 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
 def dumps_call(
     fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], code: bytes = b""
 ) -> Payload:
-    """The payload for calling ``fn(*args, **kwargs)`` remotely. Raises SerializationError."""
+    """The payload for calling ``fn(*args, **kwargs)`` remotely, every buffer in frames.
+    Raises SerializationError."""
+    return dumps_call_shared(fn, args, kwargs, code, None)[0]
+
+
+def dumps_call_shared(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    code: bytes,
+    shelf: DataShelf | None,
+) -> tuple[Payload, list[bytes]]:
+    """The payload for calling ``fn(*args, **kwargs)``, with the buffers ``shelf`` claims
+    sent by content; and their content ids, pinned on the shelf until released."""
     fn_bytes = dumps_function(fn)
     buffers: list[Frame] = []
+    refs: list[DataRef] = []
+    claim = shelf.claim if shelf is not None else None
     try:
-        arg_bytes = _dumps((args, kwargs), buffers)
+        arg_bytes = _dumps((args, kwargs), buffers, claim, refs)
     except Exception as exc:
+        if shelf is not None:
+            shelf.release([ref.cid for ref in refs])
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    inline = b"".join((_CALL.pack(len(code), len(fn_bytes)), code, fn_bytes, arg_bytes))
-    return Payload(inline, tuple(buffers))
+    if not refs:  # the usual case: nothing more to pack
+        head = _CALL.pack(len(code), len(fn_bytes), 0)
+        return Payload(b"".join((head, code, fn_bytes, arg_bytes)), tuple(buffers)), []
+    table = b"".join(_REF.pack(r.position, r.cid, r.size) for r in refs)
+    head = _CALL.pack(len(code), len(fn_bytes), len(refs))
+    inline = b"".join((head, table, code, fn_bytes, arg_bytes))
+    return Payload(inline, tuple(buffers)), [ref.cid for ref in refs]
 
 
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes]:
+def dumps_parts(value: Any) -> tuple[bytes, list[Frame]]:
+    """``value``'s pickle and its large buffers (for ``fade.share``)."""
+    buffers: list[Frame] = []
+    try:
+        return _dumps(value, buffers), buffers
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {type(value).__qualname__}: {exc}") from exc
+
+
+def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, int]:
+    """(code version, function pickle, arguments pickle, number of refs)."""
     if len(inline) < _CALL.size:
         raise SerializationError("a task payload is too short")
-    code_size, fn_size = _CALL.unpack_from(inline)
-    start = _CALL.size
+    code_size, fn_size, nrefs = _CALL.unpack_from(inline)
+    start = _CALL.size + nrefs * _REF.size
     code = inline[start : start + code_size]
     fn = inline[start + code_size : start + code_size + fn_size]
-    return code, fn, inline[start + code_size + fn_size :]
+    return code, fn, inline[start + code_size + fn_size :], nrefs
+
+
+def data_refs(payload: Payload) -> list[DataRef]:
+    """The buffers a task payload names by content (empty for most tasks)."""
+    inline = payload.inline
+    if len(inline) < _CALL.size:
+        raise SerializationError("a task payload is too short")
+    nrefs = _CALL.unpack_from(inline)[2]
+    if not nrefs:
+        return []
+    if len(inline) < _CALL.size + nrefs * _REF.size:
+        raise SerializationError("a task payload's data refs run past it")
+    refs = [
+        DataRef(*fields)
+        for fields in _REF.iter_unpack(inline[_CALL.size : _CALL.size + nrefs * _REF.size])
+    ]
+    total = len(payload.buffers) + nrefs
+    if sorted(ref.position for ref in refs) != sorted(set(ref.position for ref in refs)) or any(
+        ref.position >= total for ref in refs
+    ):
+        raise SerializationError("a task payload's data refs name impossible positions")
+    return refs
 
 
 class FunctionCache:
@@ -213,13 +294,23 @@ class FunctionCache:
 
 
 def loads_call(
-    payload: Payload, functions: FunctionCache
+    payload: Payload,
+    functions: FunctionCache,
+    data: Sequence[Any] = (),
+    refs: Sequence[DataRef] = (),
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
-    version it names is active)."""
-    code, fn_bytes, arg_bytes = _split_call(payload.inline)
+    version it names is active); ``data`` holds the buffers of ``refs``
+    (:func:`data_refs`), in order."""
+    code, fn_bytes, arg_bytes, nrefs = _split_call(payload.inline)
     fn = functions.load(code, fn_bytes)
-    args, kwargs = pickle.loads(arg_bytes, buffers=[_as_buffer(f) for f in payload.buffers])
+    buffers = [_as_buffer(f) for f in payload.buffers]
+    if nrefs:
+        if len(refs) != nrefs or len(data) != nrefs:
+            raise SerializationError("a task's data by content was not resolved")
+        for ref, view in sorted(zip(refs, data), key=lambda pair: pair[0].position):
+            buffers.insert(ref.position, view)
+    args, kwargs = pickle.loads(arg_bytes, buffers=buffers)
     return fn, args, kwargs
 
 

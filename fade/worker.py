@@ -31,6 +31,9 @@ holds it.
 * Code shipping: before a task runs, the code version it names is made active
   (fade/codecache.py); a version this host lacks is fetched from the task's
   client through the broker, the main thread waiting while the keeper serves.
+* Data by content: the buffers a task names by content id come mapped from the
+  host's data cache, or are fetched from its client the same way, once per host
+  (fade/datafetch.py, fade/datacache.py).
 * A result with a frame larger than the limit of any peer on its way back (ours,
   the broker's) is reported as MessageTooLargeError instead of being sent.
 """
@@ -38,6 +41,7 @@ holds it.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -52,11 +56,15 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade import serialization as ser
 from fade.codecache import CodeCache, CodeRunner
+from fade.datacache import DataCache
+from fade.datafetch import DataFetcher
 from fade.errors import (
     CodeShippingError,
+    FadeError,
     MessageTooLargeError,
     MissingDependencyError,
     SecurityError,
+    SharedDataError,
 )
 from fade.options import WorkerOptions, parse_worker_args
 from fade.shipping import uninstall_import_hook
@@ -100,6 +108,11 @@ class Worker:
         self.tasks_done = 0
         self._code = CodeRunner(CodeCache(options.code_cache), self._fetch, self._functions)
         self._task_env = TaskEnvironment(self._code.managed_path)
+        self._data = DataFetcher(
+            DataCache(options.data_cache_dir, options.data_cache),
+            functools.partial(self._fetch, what="data", error=SharedDataError),
+            self._frame_limit,
+        )
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
@@ -158,9 +171,11 @@ class Worker:
             self.wake.wake()  # the keeper is polling the socket: make it act on the result
 
     def _call(self, job: Job) -> object:
-        key = job.record.key
-        self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
-        fn, args, kwargs = ser.loads_call(job.payload, self._functions)
+        key, payload = job.record.key, job.payload
+        self._code.ensure(ser.code_version(payload), p.key_tag(key), key)
+        refs = ser.data_refs(payload)
+        data = self._data.resolve(job.record.scope, key, refs) if refs else ()
+        fn, args, kwargs = ser.loads_call(payload, self._functions, data, refs)
         return fn(*args, **kwargs)
 
     def _after_task(self) -> None:
@@ -181,8 +196,16 @@ class Worker:
         error.__cause__ = exc
         return error
 
-    def _fetch(self, key: bytes, request: dict[str, object]) -> list[bytes]:
-        """Ask the client of task ``key`` for code and wait for the answer (main thread)."""
+    def _fetch(
+        self,
+        key: bytes,
+        request: dict[str, object],
+        *,
+        what: str = "code",
+        error: type[FadeError] = CodeShippingError,
+    ) -> list[bytes]:
+        """Ask the client of task ``key`` for ``what`` (code, or data by content) and wait
+        for the answer (main thread); failures raise ``error``."""
         fetch = Fetch(next(self._fetch_ids), key, p.pack_request(request), threading.Event())
         with self._lock:
             self._fetches[fetch.request_id] = fetch
@@ -193,13 +216,18 @@ class Worker:
         with self._lock:
             self._fetches.pop(fetch.request_id, None)
         if not answered:
-            raise CodeShippingError(f"the client sent no code within {FETCH_TIMEOUT:g}s")
+            raise error(f"the client sent no {what} within {FETCH_TIMEOUT:g}s")
         if fetch.status is p.CodeStatus.GONE:
-            raise CodeShippingError("the task's client is gone, so its code cannot be fetched")
+            raise error(f"the task's client is gone, so its {what} cannot be fetched")
         if fetch.status is not p.CodeStatus.OK or fetch.frames is None:
             reason = fetch.frames[0].decode(errors="replace") if fetch.frames else "?"
-            raise CodeShippingError(f"the client could not send the code asked for: {reason}")
+            raise error(f"the client could not send the {what} asked for: {reason}")
         return fetch.frames
+
+    def _frame_limit(self) -> int:
+        """The smallest frame limit between the broker and us (0: none said)."""
+        limits = [x for x in (self.options.max_message_size, self.broker_max_message_size) if x]
+        return min(limits) if limits else 0
 
     def answer_fetch(self, request_id: int, status: p.CodeStatus, frames: list[bytes]) -> None:
         """Called by the socket holder when CODE arrives."""
@@ -280,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     if keys is not None:
         options = options.with_keys(str(keys.path))  # the children read the same file
     try:
-        CodeCache(options.code_cache)  # refuse a cache others could write, before any child starts
-    except (CodeShippingError, OSError) as exc:
+        # Refuse caches others could write, before any child starts.
+        CodeCache(options.code_cache)
+        DataCache(options.data_cache_dir, options.data_cache)
+    except (CodeShippingError, SharedDataError, OSError) as exc:
         print(f"fade-worker: {exc}", file=sys.stderr)
         return 2
     if options.child:
