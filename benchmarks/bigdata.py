@@ -322,15 +322,29 @@ def distinct(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _folder_bytes(path: str) -> int:
-    """Bytes of the files under ``path`` (apparent sizes: what the bound counts)."""
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(folder, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
+    """Bytes of the files under a data cache folder (apparent sizes: what the bound
+    counts), walked holding the cache's index lock: entries move from tmp/ to entries/ by
+    a rename made under it, and an unlocked walk could count one twice."""
+    import fcntl
+
+    lock = os.path.join(path, "locks", "index")
+    fd = (
+        os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if os.path.isdir(os.path.dirname(lock)) else -1
+    )
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        total = 0
+        for folder, _, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ runs the full sizes (200 tasks x 200 MB; 1,000 x 10 MB through a 1 GB cache):
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import json
@@ -58,14 +59,25 @@ def relayed(pool: Pool, keys: str | None = None) -> dict[str, int]:
 
 
 def folder_bytes(path: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(folder, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
+    """Bytes of the files under a data cache folder, seen consistently: entries move from
+    tmp/ to entries/ by a rename made under the cache's index lock, so an unlocked walk
+    could count one twice."""
+    lock = path / "locks" / "index"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600) if lock.parent.exists() else -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        total = 0
+        for folder, _, files in os.walk(path):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def entries(cache: Path) -> list[Path]:
