@@ -510,15 +510,13 @@ class Broker:
                 self._send(identity, beat)
 
     def _send_tasks(self, identity: bytes, tasks: list[Task]) -> None:
-        records = [
-            (
-                p.TaskRecord(
-                    task.key, task.timeout, scope_of(task.client.key_name, p.key_tag(task.key))
-                ),
-                task.payload,
-            )
-            for task in tasks
-        ]
+        records = []
+        owner, scope = None, p.NO_SCOPE
+        for task in tasks:
+            if task.client is not owner:  # a batch's tasks are mostly one client's
+                owner = task.client
+                scope = scope_of(owner.key_name, owner.hello.tag)
+            records.append((p.TaskRecord(task.key, task.timeout, scope), task.payload))
         limit = _batch_limit(self.scheduler.workers.get(identity))
         for batch in p.chunked(records, limit):
             frames = p.encode_task(batch)
@@ -570,7 +568,11 @@ class Broker:
 
 
 def _size(frames: list[p.Frame]) -> int:
-    return sum(p.frame_size(f) for f in frames)
+    """Bytes in a batch (its first frame is bytes; buffers follow, if any)."""
+    total = len(frames[0])
+    for frame in frames[1:]:
+        total += p.frame_size(frame)
+    return total
 
 
 def _header_byte(frame: zmq.Frame) -> int:

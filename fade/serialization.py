@@ -296,17 +296,20 @@ class FunctionCache:
 def loads_call(
     payload: Payload,
     functions: FunctionCache,
-    data: Sequence[Any] = (),
-    refs: Sequence[DataRef] = (),
+    resolve: Callable[[list[DataRef]], Sequence[Any]] | None = None,
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
-    version it names is active); ``data`` holds the buffers of ``refs``
-    (:func:`data_refs`), in order."""
+    version it names is active). A payload that names data by content needs
+    ``resolve``: given its refs (:func:`data_refs`), it returns their buffers in order."""
     code, fn_bytes, arg_bytes, nrefs = _split_call(payload.inline)
     fn = functions.load(code, fn_bytes)
     buffers = [_as_buffer(f) for f in payload.buffers]
     if nrefs:
-        if len(refs) != nrefs or len(data) != nrefs:
+        if resolve is None:
+            raise SerializationError("a task names data by content and nothing resolves it")
+        refs = data_refs(payload)
+        data = resolve(refs)
+        if len(data) != nrefs:
             raise SerializationError("a task's data by content was not resolved")
         for ref, view in sorted(zip(refs, data), key=lambda pair: pair[0].position):
             buffers.insert(ref.position, view)

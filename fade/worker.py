@@ -56,6 +56,7 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade import serialization as ser
 from fade.codecache import CodeCache, CodeRunner
+from fade.data import DataRef
 from fade.datacache import DataCache
 from fade.datafetch import DataFetcher
 from fade.errors import (
@@ -173,9 +174,11 @@ class Worker:
     def _call(self, job: Job) -> object:
         key, payload = job.record.key, job.payload
         self._code.ensure(ser.code_version(payload), p.key_tag(key), key)
-        refs = ser.data_refs(payload)
-        data = self._data.resolve(job.record.scope, key, refs) if refs else ()
-        fn, args, kwargs = ser.loads_call(payload, self._functions, data, refs)
+
+        def resolve(refs: list[DataRef]) -> list[memoryview]:
+            return self._data.resolve(job.record.scope, key, refs)
+
+        fn, args, kwargs = ser.loads_call(payload, self._functions, resolve)
         return fn(*args, **kwargs)
 
     def _after_task(self) -> None:
