@@ -32,7 +32,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ class Executor(cf.Executor):
             self._io.enqueue(WorkItem(next(self._ids), future, payload, largest))
         return future
 
-    def _release(self, pinned: list[bytes]) -> None:
+    def _release(self, pinned: Sequence[bytes]) -> None:
         if pinned:
             self._shelf.release(pinned)
 

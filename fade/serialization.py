@@ -124,21 +124,16 @@ def _cloudpickle(
     return out.getvalue()
 
 
-def _dumps(
-    obj: Any,
-    buffers: list[Frame],
-    claim: Callable[[pickle.PickleBuffer], bytes | None] | None = None,
-    refs: list[DataRef] | None = None,
-) -> bytes:
-    """Pickle ``obj``: large buffers are appended to ``buffers``; with ``claim``, those it
-    gives a content id for are listed in ``refs`` instead."""
+def _dumps(obj: Any, buffers: list[Any], shelf: DataShelf | None = None) -> bytes:
+    """Pickle ``obj``: large buffers are appended to ``buffers``; with a ``shelf``, those it
+    claims go there as a :class:`DataRef` instead (its position: its index in the list)."""
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
-        if claim is not None and refs is not None:
-            cid = claim(buf)
+        if shelf is not None:
+            cid = shelf.claim(buf)
             if cid is not None:
-                refs.append(DataRef(len(buffers) + len(refs), cid, raw.nbytes))
+                buffers.append(DataRef(len(buffers), cid, raw.nbytes))
                 return False  # out of band, by content
         if raw.nbytes >= OUT_OF_BAND_MIN:
             buffers.append(raw)
@@ -199,31 +194,31 @@ def dumps_call_shared(
     kwargs: dict[str, Any],
     code: bytes,
     shelf: DataShelf | None,
-) -> tuple[Payload, list[bytes]]:
+) -> tuple[Payload, Sequence[bytes]]:
     """The payload for calling ``fn(*args, **kwargs)``, with the buffers ``shelf`` claims
     sent by content; and their content ids, pinned on the shelf until released."""
     fn_bytes = dumps_function(fn)
-    buffers: list[Frame] = []
-    refs: list[DataRef] = []
-    claim = shelf.claim if shelf is not None else None
+    parts: list[Any] = []  # frames, and DataRefs where a buffer goes by content
     try:
-        arg_bytes = _dumps((args, kwargs), buffers, claim, refs)
+        arg_bytes = _dumps((args, kwargs), parts, shelf)
     except Exception as exc:
         if shelf is not None:
-            shelf.release([ref.cid for ref in refs])
+            shelf.release([part.cid for part in parts if type(part) is DataRef])
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
+    refs = [part for part in parts if type(part) is DataRef] if parts else parts
     if not refs:  # the usual case: nothing more to pack
         head = _CALL.pack(len(code), len(fn_bytes), 0)
-        return Payload(b"".join((head, code, fn_bytes, arg_bytes)), tuple(buffers)), []
+        return Payload(b"".join((head, code, fn_bytes, arg_bytes)), tuple(parts)), ()
     table = b"".join(_REF.pack(r.position, r.cid, r.size) for r in refs)
     head = _CALL.pack(len(code), len(fn_bytes), len(refs))
     inline = b"".join((head, table, code, fn_bytes, arg_bytes))
-    return Payload(inline, tuple(buffers)), [ref.cid for ref in refs]
+    frames = tuple(part for part in parts if type(part) is not DataRef)
+    return Payload(inline, frames), [ref.cid for ref in refs]
 
 
-def dumps_parts(value: Any) -> tuple[bytes, list[Frame]]:
+def dumps_parts(value: Any) -> tuple[bytes, list[Any]]:
     """``value``'s pickle and its large buffers (for ``fade.share``)."""
-    buffers: list[Frame] = []
+    buffers: list[Any] = []
     try:
         return _dumps(value, buffers), buffers
     except Exception as exc:

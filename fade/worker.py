@@ -109,6 +109,8 @@ class Worker:
         self.tasks_done = 0
         self._code = CodeRunner(CodeCache(options.code_cache), self._fetch, self._functions)
         self._task_env = TaskEnvironment(self._code.managed_path)
+        self._job: Job | None = None
+        self._resolve = self._resolve_data  # one bound method, not one per task
         self._data = DataFetcher(
             DataCache(options.data_cache_dir, options.data_cache),
             functools.partial(self._fetch, what="data", error=SharedDataError),
@@ -172,14 +174,17 @@ class Worker:
             self.wake.wake()  # the keeper is polling the socket: make it act on the result
 
     def _call(self, job: Job) -> object:
-        key, payload = job.record.key, job.payload
-        self._code.ensure(ser.code_version(payload), p.key_tag(key), key)
-
-        def resolve(refs: list[DataRef]) -> list[memoryview]:
-            return self._data.resolve(job.record.scope, key, refs)
-
-        fn, args, kwargs = ser.loads_call(payload, self._functions, resolve)
+        key = job.record.key
+        self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
+        self._job = job  # for _resolve, if the task names data by content
+        fn, args, kwargs = ser.loads_call(job.payload, self._functions, self._resolve)
         return fn(*args, **kwargs)
+
+    def _resolve_data(self, refs: list[DataRef]) -> list[memoryview]:
+        """The buffers a task names by content (from the host's cache, or fetched)."""
+        job = self._job
+        assert job is not None
+        return self._data.resolve(job.record.scope, job.record.key, refs)
 
     def _after_task(self) -> None:
         """Undo what a task may have changed that the worker itself relies on."""
