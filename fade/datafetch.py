@@ -119,7 +119,8 @@ class DataFetcher:
             sink: Writer | _Memory
             if writer is None:
                 self.uncached += 1
-                log.info(
+                log.log(
+                    logging.INFO if self.cache.limit else logging.DEBUG,  # 0: asked for
                     "%d bytes of task data do not fit in the data cache (%d bytes, the rest "
                     "in use): holding them in memory for this task",
                     ref.size,

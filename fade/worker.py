@@ -177,7 +177,10 @@ class Worker:
         key = job.record.key
         self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
         self._job = job  # for _resolve, if the task names data by content
-        fn, args, kwargs = ser.loads_call(job.payload, self._functions, self._resolve)
+        try:
+            fn, args, kwargs = ser.loads_call(job.payload, self._functions, self._resolve)
+        finally:
+            self._job = None  # the payload's frames must not outlive the task
         return fn(*args, **kwargs)
 
     def _resolve_data(self, refs: list[DataRef]) -> list[memoryview]:

@@ -147,6 +147,24 @@ def test_an_array_larger_than_every_frame_limit_travels_in_chunks(
         ex.submit(tasks.checksum, a).result(timeout=60)
 
 
+@pytest.mark.parametrize("limit", ["0", "1M"], ids=["cache-off", "too-small"])
+def test_data_the_cache_cannot_hold_still_reaches_each_task(
+    pool: Pool, tmp_path: Path, limit: str
+) -> None:
+    cache = tmp_path / "cache"
+    pool.start_broker()
+    pool.start_worker(1, None, "--data-cache", limit, "--data-cache-dir", str(cache))
+    pool.wait_workers(1)
+    a = array(3, seed=4)
+    with executor(pool) as ex:
+        before = relayed(pool)["code"]
+        results = [ex.submit(tasks.checksum, a).result(timeout=60) for _ in range(3)]
+        fetched = relayed(pool)["code"] - before
+    assert results == [tasks.checksum(a)] * 3
+    assert entries(cache) == [] and os.listdir(cache / "tmp") == []
+    assert fetched >= 3 * a.nbytes  # nothing kept: each task fetched it
+
+
 # -- distinct arrays, a small cache --------------------------------------------------------
 
 
