@@ -51,7 +51,10 @@ def _pool(keys_dir: Path | None) -> Iterator[ExecutorTarget]:
         worker_key = security.add_peer(keys_dir, "worker", "bench-w", keys_dir / "worker.key")
         broker += ["--keys", str(keys_dir)]
         worker += ["--keys", str(worker_key)]
-    with module_processes([broker, worker]), fade.Executor(address, keys=client_key) as ex:
+    with (
+        module_processes([broker, worker]),
+        fade.Executor(address, keys=client_key, share_threshold=None) as ex,  # transport
+    ):
         yield ExecutorTarget(ex)
 
 

@@ -10,6 +10,8 @@
     dask           distributed LocalCluster, 2 worker processes x 1 thread  tcp loopback
     ray            ray.init(num_cpus=2) behind a small Executor adapter  ray
 
+fade runs with ``share_threshold=None`` (see TRANSPORT): every row compares transport.
+
 Opening a system starts everything it needs and closing it stops everything, error or not, so the
 runner can time "start to first result" from before ``open_target`` is entered; ``preload`` does
 the imports first, so that time leaves them out. Optional peers are imported only here, never at
@@ -105,13 +107,19 @@ def _executor_target(opener: Callable[[], AbstractContextManager[cf.Executor]]) 
         yield ExecutorTarget(executor)
 
 
+#: The 50 MB row compares transport: the same array sent again and again would otherwise
+#: travel by content once and be cached on the worker (docs/data.md), which no other system
+#: does. benchmarks/bigdata.py measures that.
+TRANSPORT = {"share_threshold": None}
+
+
 @contextmanager
 def _fade_tcp() -> Iterator[cf.Executor]:
     import fade
 
     address = free_tcp_address()
     commands = [["fade.broker", address], ["fade.worker", address, "--processes", str(WORKERS)]]
-    with module_processes(commands), fade.Executor(address) as executor:
+    with module_processes(commands), fade.Executor(address, **TRANSPORT) as executor:
         yield executor
 
 
@@ -119,7 +127,7 @@ def _fade_tcp() -> Iterator[cf.Executor]:
 def _fade_embedded() -> Iterator[cf.Executor]:
     import fade
 
-    with fade.Executor(max_workers=WORKERS) as executor:
+    with fade.Executor(max_workers=WORKERS, **TRANSPORT) as executor:
         yield executor
 
 

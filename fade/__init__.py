@@ -35,6 +35,7 @@ from fade.errors import (
     ResultDecodeError,
     SecurityError,
     SerializationError,
+    SharedDataError,
     TaskDecodeError,
     TaskTerminatedError,
     TaskTimeoutError,
@@ -44,6 +45,7 @@ from fade.shipping import install_import_hook
 
 if TYPE_CHECKING:
     from fade.client import Executor
+    from fade.data import Shared, share
     from fade.progress import as_completed
 
 # Record the source of local modules imported from now on, so that what the
@@ -58,6 +60,10 @@ def __getattr__(name: str) -> Any:
         from fade.client import Executor
 
         return Executor
+    if name in ("share", "Shared"):
+        from fade import data
+
+        return getattr(data, name)
     if name == "as_completed":
         from fade.progress import as_completed
 
@@ -86,10 +92,13 @@ __all__ = [
     "ResultDecodeError",
     "SecurityError",
     "SerializationError",
+    "Shared",
+    "SharedDataError",
     "TaskDecodeError",
     "TaskTerminatedError",
     "TaskTimeoutError",
     "WorkerLostError",
     "__version__",
     "as_completed",
+    "share",
 ]

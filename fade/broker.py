@@ -46,6 +46,7 @@ from fade import security
 from fade._logutil import RateLimitedLog, printable
 from fade._rate import Throughput
 from fade._version import __version__
+from fade.data import scope_of
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
 from fade.peers import Task, Worker
@@ -145,6 +146,9 @@ class Broker:
             bytes, Callable[[int, list[tuple[p.ResultRecord, p.Payload]]], None]
         ] = {}
         self._next_upkeep = 0.0
+        #: Payload bytes this broker sent on: to workers in TASK, to clients in RESULT,
+        #: and relayed in CODE (shipped code and data fetched by content).
+        self.relayed = {"task": 0, "result": 0, "code": 0}
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
@@ -483,6 +487,7 @@ class Broker:
         if limit and any(p.frame_size(f) > limit for f in frames):
             status = p.CodeStatus.MISSING
             frames = [f"the code has a frame over the worker's limit of {limit} bytes".encode()]
+        self.relayed["code"] += sum(p.frame_size(f) for f in frames)
         self._send(worker.identity, p.encode_code(task.key, request_id, status, frames))
 
     def _on_environments(self, identity: bytes, body: list[p.Frame]) -> None:
@@ -594,17 +599,29 @@ class Broker:
                 continue
             limit = _batch_limit(self.scheduler.clients.get(identity))
             for batch in p.chunked(results, limit):
-                self._send(identity, p.encode_result(capacity, batch))
+                frames = p.encode_result(capacity, batch)
+                self.relayed["result"] += _size(frames)
+                self._send(identity, frames)
         if sends.capacity_changed:
             beat = p.encode_capacity(p.Command.HEARTBEAT, capacity)
             for identity in self.scheduler.clients:
                 self._send(identity, beat)
 
     def _send_tasks(self, identity: bytes, tasks: list[Task]) -> None:
-        records = [(p.TaskRecord(t.key, t.timeout, t.devices), t.payload) for t in tasks]
+        records = []
+        owner, scope = None, p.NO_SCOPE
+        for task in tasks:
+            if task.client is not owner:  # a batch's tasks are mostly one client's
+                owner = task.client
+                scope = scope_of(owner.key_name, owner.hello.tag)
+            records.append(
+                (p.TaskRecord(task.key, task.timeout, task.devices, scope), task.payload)
+            )
         limit = _batch_limit(self.scheduler.workers.get(identity))
         for batch in p.chunked(records, limit):
-            self._send(identity, p.encode_task(batch))
+            frames = p.encode_task(batch)
+            self.relayed["task"] += _size(frames)
+            self._send(identity, frames)
 
     def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
         local = self._local.get(identity) if self._local else None
@@ -652,6 +669,14 @@ class Broker:
             return
         self.published = self.snapshot()
         self._next_publish = now + self.publish_interval
+
+
+def _size(frames: list[p.Frame]) -> int:
+    """Bytes in a batch (its first frame is bytes; buffers follow, if any)."""
+    total = len(frames[0])
+    for frame in frames[1:]:
+        total += p.frame_size(frame)
+    return total
 
 
 def _header_byte(frame: zmq.Frame) -> int:

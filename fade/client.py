@@ -15,6 +15,9 @@
 * Package shipping: each task names the environment of installed distributions
   it needs (fade/packages.py); workers that lack one of them, or have another
   version, FETCH its files and run the task with the client's versions.
+* Large arguments travel by content (fade/data.py): a buffer of at least
+  ``share_threshold`` bytes is named by its hash and kept (not copied) until no
+  pending task needs it; each worker host fetches it once, through the same FETCH.
 * Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
   talks only to the holder of the broker's secret key.
 * Nothing waits forever: a broker that cannot be reached fails pending futures
@@ -42,6 +45,7 @@ from fade import protocol as p
 from fade import security
 from fade import serialization as ser
 from fade.clientio import ClientIO, TaskOptions, WorkItem
+from fade.data import DEFAULT_SHARE_THRESHOLD, DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
@@ -172,6 +176,11 @@ class Executor(cf.Executor):
             it stays unreachable, new tasks fail at once; once it answers, they run.
         fast_paths: False sends and reads everything on the I/O thread (see
             fade/fastpath.py); default: on, unless $FADE_FAST_PATHS is "0".
+        share_threshold: argument buffers (a numpy array's data, any pickle protocol 5
+            out-of-band buffer) of at least this many bytes travel by content: each
+            worker host fetches each one once and keeps it in its data cache, however
+            many tasks name it (default 1 MiB; None: never, except ``fade.share``
+            handles). See docs/data.md.
         priority, resources: the defaults of this executor's tasks (see
             :meth:`options` and docs/scheduling.md).
 
@@ -210,6 +219,7 @@ class Executor(cf.Executor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
+        share_threshold: int | None = DEFAULT_SHARE_THRESHOLD,
     ) -> None:
         if isinstance(address, int) and not isinstance(address, bool):
             # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
@@ -229,6 +239,7 @@ class Executor(cf.Executor):
         # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
         peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
         self._max_message_size = max_message_size
+        self._shelf = DataShelf(share_threshold)
         self._pool: EmbeddedPool | None = None
         assumed_capacity = 0
         if address is None:
@@ -267,6 +278,7 @@ class Executor(cf.Executor):
             reconnect_timeout=reconnect_timeout,
             fast_paths=fast_paths,
             assumed_capacity=assumed_capacity,
+            shelf=self._shelf,
         )
         self._options = _merge(TaskOptions(), priority, resources, None, None)
         self._owner = os.getpid()
@@ -288,14 +300,19 @@ class Executor(cf.Executor):
             raise kind(str(broken)) from broken
         future: _Future[T] = _Future(self._io)
         try:
-            payload, largest, flags = self._payload(fn, args, kwargs)
+            payload, largest, flags, pinned = self._payload(fn, args, kwargs)
         except FadeError as exc:
             # As in the standard pools: a task that cannot be sent fails its future.
             future.set_exception(exc)
             return future
         with self._shutdown_lock:
             if self._shutdown:
+                self._release(pinned)
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if pinned:
+                # Kept until the task is done, however it ends (result, error, cancel).
+                shelf = self._shelf
+                future.add_done_callback(lambda _: shelf.release(pinned))
             future.task_id = next(self._ids)
             item = WorkItem(future.task_id, future, payload, largest, options, flags=flags)
             self._io.enqueue(item)
@@ -303,27 +320,33 @@ class Executor(cf.Executor):
 
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[p.Payload, int, int]:
-        """The task's payload, the size of its largest part and its SUBMIT flags (it needs
-        compiled packages of this platform); raises FadeError."""
+    ) -> tuple[p.Payload, int, int, Sequence[bytes]]:
+        """The task's payload, the size of its largest part, its SUBMIT flags (it needs
+        compiled packages of this platform) and the content ids it pinned on the shelf
+        (fade/data.py); raises FadeError."""
         code = b""
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        track, flags = self._track, 0
-        if track is None:
-            payload = ser.dumps_call(fn, args, kwargs, code, self._setup)
-        else:
-            payload, flags = ser.dumps_tracked_call(
-                fn, args, kwargs, code, track, self._noting, self._setup
-            )
+        payload, flags, pinned = ser.dumps_task(
+            fn,
+            args,
+            kwargs,
+            code,
+            setup=self._setup,
+            environment=self._track,
+            noting=self._noting,
+            shelf=self._shelf,
+        )
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
+            self._release(pinned)
             raise MessageTooLargeError(
                 f"the task has a {largest}-byte part, more than max_message_size "
-                f"({self._max_message_size}); raise it here, on the broker and on the workers"
+                f"({self._max_message_size}); raise it here, on the broker and on the "
+                "workers, or send it by content (share_threshold, fade.share)"
             )
-        return payload, largest, flags
+        return payload, largest, flags, pinned
 
     @property
     def _broken(self) -> BaseException | bool:
@@ -361,6 +384,10 @@ class Executor(cf.Executor):
         if not isinstance(future, _Future) or future._io is not self._io:
             raise ValueError("terminate() takes a future of this executor")
         return self._io.terminate(future.task_id, future)
+
+    def _release(self, pinned: Sequence[bytes]) -> None:
+        if pinned:
+            self._shelf.release(pinned)
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.

@@ -51,6 +51,7 @@ from fade import protocol as p
 from fade import serialization as ser
 from fade._logutil import RateLimitedLog, printable
 from fade._version import __version__
+from fade.data import DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
@@ -189,10 +190,12 @@ class ClientIO:
         reconnect_timeout: float,
         fast_paths: bool | None = None,
         assumed_capacity: int = 0,
+        shelf: DataShelf | None = None,
     ) -> None:
         self.max_message_size = max_message_size
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
+        self.shelf = shelf
         self.max_attempts = max_attempts
         self.timeout = task_timeout or 0.0
         self.pool = pool
@@ -470,14 +473,21 @@ class ClientIO:
 
     def _on_fetch(self, message: p.Message) -> None:
         """A worker asks for our code (the manifest of a version, or file contents) or for
-        our installed packages (fade/packages.py)."""
+        our installed packages (fade/packages.py), or for data a task names by content
+        (fade/data.py)."""
         ref, request_id, frame = p.decode_fetch(message.body)
         request = p.unpack_request(frame)
+        kind = request.get("kind")
         status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
-        if request.get("kind") in _PACKAGE_REQUESTS:
+        if kind in _PACKAGE_REQUESTS:
             frames = [b"this client ships no packages"]
             if self.packages is not None:
                 status, frames = self.packages.serve(request)
+        elif kind == "data":
+            frames = [b"this client sends no data by content"]
+            if self.shelf is not None:
+                ok, frames = self.shelf.serve(request)
+                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
         elif self.code is not None:
             status, frames = _serve(self.code, request)
         self.link.send(p.encode_code(ref, request_id, status, frames))

@@ -71,6 +71,9 @@ class EmbeddedPool:
             log_level=os.environ.get("FADE_LOG_LEVEL", "WARNING"),
             parent_pid=os.getpid(),
             remove_dir=self._dir,
+            # Data by content, kept only as long as this pool: each client's entries are
+            # its own (scoped by its tag), so no later pool could use them.
+            data_cache_dir=os.path.join(self._dir, "data"),
         )
         # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
         env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}

@@ -106,10 +106,18 @@ class Environments:
         self._report: dict[str, Any] | None = None  # not sent yet
         self._last_report: dict[str, Any] | None = None
 
-    def run(self, key: bytes, payload: p.Payload) -> tuple[p.Status, p.Payload] | None:
+    def run(
+        self,
+        key: bytes,
+        payload: p.Payload,
+        data_inline: Callable[[p.Payload], p.Payload] | None = None,
+    ) -> tuple[p.Status, p.Payload] | None:
         """Run a task whose distributions differ from this process's in an environment
         process and return its outcome; None: it runs here, as any task. Raises what
-        keeps it from running (the task fails with that, before it ran)."""
+        keeps it from running (the task fails with that, before it ran).
+
+        ``data_inline`` turns a payload's data by content into plain frames: the
+        environment process has no data cache (fade/data.py)."""
         env_id = ser.environment_of(payload)
         if not env_id:
             return None
@@ -123,6 +131,8 @@ class Environments:
             self._changed()  # the task counts, now and then
         if not route.shipped:
             return None
+        if data_inline is not None and ser.data_refs(payload):
+            payload = data_inline(payload)
         return self._run_there(route, key, payload)
 
     # -- deciding ----------------------------------------------------------------------------

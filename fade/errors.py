@@ -63,6 +63,7 @@ __all__ = [
     "ResultDecodeError",
     "SecurityError",
     "SerializationError",
+    "SharedDataError",
     "TaskDecodeError",
     "TaskTerminatedError",
     "TaskTimeoutError",
@@ -179,6 +180,11 @@ class PackageShippingError(CodeShippingError):
     """An installed distribution the task needs could not travel to a worker, or does not
     load there (it records the client's paths, or needs a system library the worker
     lacks): the message names it and what is missing."""
+
+
+class SharedDataError(FadeError):
+    """Argument data that travels by content id could not reach the worker, or did not
+    match its id; the message says which and why."""
 
 
 class IncompatibleWorkerError(FadeError):

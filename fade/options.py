@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from fade import protocol as p
 from fade._env import default_address
 from fade._version import __version__
+from fade.datacache import DEFAULT_LIMIT
 from fade.keyfiles import KEYS_ENV
 from fade.pkgcache import DEFAULT_MAX_BYTES as DEFAULT_PACKAGE_CACHE_SIZE
 from fade.resources import parse_resources
@@ -36,6 +37,8 @@ class WorkerOptions:
     prefetch: int | None = None  # tasks held beyond the running one; None: adapt
     code_cache: str | None = None
     package_cache_size: int = DEFAULT_PACKAGE_CACHE_SIZE  # bytes of shipped packages kept
+    data_cache: int = DEFAULT_LIMIT  # bytes of task data this host keeps
+    data_cache_dir: str | None = None
     keys: str | None = None  # the key file's path
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     log_level: str = "INFO"
@@ -93,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
         "in its cache, e.g. 500M or 20G (default 8G); the least recently used go first",
     )
     parser.add_argument(
+        "--data-cache",
+        type=_cache_size,
+        default=DEFAULT_LIMIT,
+        metavar="BYTES",
+        help="the most task data (large arguments sent by content) this host keeps, e.g. "
+        "500M or 4G (default 4G; 0: keep nothing, fetch for each task)",
+    )
+    parser.add_argument(
+        "--data-cache-dir",
+        metavar="DIR",
+        default=None,
+        help="where task data is cached on this host (default: $FADE_DATA_CACHE or "
+        "~/.cache/fade/data)",
+    )
+    parser.add_argument(
         "--keys",
         metavar="FILE",
         default=None,
@@ -131,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cache_size(text: str) -> int:
+    """A size as ``parse_size`` takes it, or 0."""
+    return 0 if text.strip() == "0" else parse_size(text)
+
+
 def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
     """The command line of ``fade-worker``, parsed and checked."""
     parser = _parser()
@@ -158,6 +181,8 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         prefetch=args.prefetch,
         code_cache=args.code_cache,
         package_cache_size=args.package_cache_size,
+        data_cache=args.data_cache,
+        data_cache_dir=args.data_cache_dir,
         keys=args.keys,
         max_message_size=args.max_message_size,
         log_level=args.log_level,
@@ -194,6 +219,8 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         str(options.max_message_size),
         "--package-cache-size",
         str(options.package_cache_size),
+        "--data-cache",
+        str(options.data_cache),
     ]
     if options.keys is not None:
         argv += ["--keys", options.keys]
@@ -201,6 +228,8 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         argv += ["--prefetch", str(options.prefetch)]
     if options.code_cache is not None:
         argv += ["--code-cache", options.code_cache]
+    if options.data_cache_dir is not None:
+        argv += ["--data-cache-dir", options.data_cache_dir]
     if options.clients is not None:
         argv += ["--serve-clients", ",".join(options.clients)]
     if options.fast_paths is False:

@@ -53,6 +53,8 @@ __all__ = [
     "MAX_CREDITS",
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
+    "NO_SCOPE",
+    "SCOPE_SIZE",
     "SMALL_FRAME",
     "SUBMIT_NATIVE",
     "TAG_SIZE",
@@ -122,7 +124,8 @@ __all__ = [
 
 MAGIC = b"fd"
 #: 4: SUBMIT records carry flags (SUBMIT_NATIVE); HELLOs say platform and ABI; a task
-#: payload names its installed-package environment; workers report ENVIRONMENTS.
+#: payload names its installed-package environment; workers report ENVIRONMENTS;
+#: TASK records carry the client's data scope (fade/data.py).
 VERSION = 4
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -134,6 +137,9 @@ HEARTBEAT_LIVENESS = 3
 #: A task key: the client's 8-byte tag (see ClientHello) and its 8-byte task id.
 KEY_SIZE = 16
 TAG_SIZE = 8
+#: A TASK's scope: whose data cache entries it may use (fade/data.py, scope_of).
+SCOPE_SIZE = 8
+NO_SCOPE = bytes(SCOPE_SIZE)
 #: The oldest protocol version that parses an ERROR in its own version only: a peer
 #: of that version or older is answered in its own version, so that it logs why.
 LAST_STRICT_VERSION = 2
@@ -226,7 +232,8 @@ _COMMANDS = {h: c for c, h in _HEADERS.items()}
 # task id, inline size, buffers, max attempts, timeout, priority, flags (SUBMIT_NATIVE),
 # size of the resource spec
 _SUBMIT = struct.Struct("<QIHHdhBH")
-_TASK = struct.Struct("<16sIHdH")  # key, inline size, buffers, timeout, size of the devices
+# key, inline size, buffers, timeout, data scope, size of the devices
+_TASK = struct.Struct("<16sIHd8sH")
 _DONE = struct.Struct("<16sBIH")  # key, status, inline size, buffers
 _RESULT = struct.Struct("<QBIH")  # task id, status, inline size, buffers
 _U32 = struct.Struct("<I")
@@ -349,6 +356,7 @@ class TaskRecord:
     #: The devices it was given, as JSON: indices among its host's, per resource
     #: ({"gpu": [1]}: the worker sets CUDA_VISIBLE_DEVICES); empty: none.
     devices: bytes = b""
+    scope: bytes = NO_SCOPE  # set by the broker: the client's data scope
 
 
 @dataclass(slots=True)
@@ -869,7 +877,8 @@ def decode_submit(body: Sequence[Frame]) -> list[tuple[SubmitRecord, Payload]]:
 
 def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
     meta = b"".join(
-        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout, len(r.devices)) + r.devices
+        _TASK.pack(r.key, len(pl.inline), len(pl.buffers), r.timeout, r.scope, len(r.devices))
+        + r.devices
         for r, pl in tasks
     )
     return _batch(Command.TASK, meta, [pl for _, pl in tasks])
@@ -878,11 +887,12 @@ def encode_task(tasks: Sequence[tuple[TaskRecord, Payload]]) -> list[Frame]:
 def decode_task(body: Sequence[Frame]) -> list[tuple[TaskRecord, Payload]]:
     meta, inline = _meta(body, "TASK", 1)
     if len(meta) == _TASK.size:  # a lone task with no devices
-        key, size, nbuf, timeout, _ = _TASK.unpack(meta)
-        return [(TaskRecord(key, timeout), _one_payload(inline, body[1:], size, nbuf, "TASK"))]
+        key, size, nbuf, timeout, scope, _ = _TASK.unpack(meta)
+        payload = _one_payload(inline, body[1:], size, nbuf, "TASK")
+        return [(TaskRecord(key, timeout, b"", scope), payload)]
     records, sizes = [], []
-    for (key, size, nbuf, timeout), devices in _tailed(meta, _TASK, "TASK"):
-        records.append(TaskRecord(key, timeout, devices))
+    for (key, size, nbuf, timeout, scope), devices in _tailed(meta, _TASK, "TASK"):
+        records.append(TaskRecord(key, timeout, devices, scope))
         sizes.append((size, nbuf))
     return list(zip(records, _split_payloads(inline, body[1:], sizes, "TASK")))
 

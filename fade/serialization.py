@@ -18,8 +18,18 @@ carries large buffers apart:
   pickles to the same bytes, and those are cached per function object;
   workers cache what they unpickle by those bytes;
 * the arguments ``(args, kwargs)`` are pickled with protocol 5; every buffer of
-  at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array, a bytearray) becomes
-  a frame of its own, sent without copying and rebuilt without copying.
+  at least ``OUT_OF_BAND_MIN`` bytes (a large numpy array's data) becomes a frame of
+  its own, sent without copying and rebuilt without copying;
+* except buffers that travel *by content* (fade/data.py): those of at least the
+  client's ``share_threshold`` and the parts of ``fade.share`` handles. The inline
+  header lists them as refs (position among the buffers, content id, size) and no
+  frame carries them; the worker puts in their place the mappings of its host's
+  cache before unpickling.
+
+Inline layout: ``u8 code version size (| 0x80: a setup follows), u8 environment
+size, u32 function size, u16 refs``; ``u32 setup size`` when the flag says so;
+the refs (``u16 position, 32-byte content id, u64 size`` each); then the code
+version, the environment, the setup, the function and the arguments.
 
 :func:`dumps_tracked_call` also notes which modules the pickles refer to (for the
 environment): a function pickled by reference names its module (cached with its
@@ -46,7 +56,7 @@ import sys
 import types
 import weakref
 from collections import ChainMap, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +64,7 @@ import cloudpickle
 import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from fade import tracebacks
+from fade.data import DataRef, DataShelf
 from fade.errors import CodeShippingError, ResultDecodeError, SerializationError, TaskDecodeError
 from fade.protocol import Payload
 from fade.shipping import client_file
@@ -64,9 +75,13 @@ __all__ = [
     "FunctionCache",
     "Tracker",
     "code_version",
+    "data_refs",
     "dumps_call",
+    "dumps_call_shared",
     "dumps_exception",
+    "dumps_parts",
     "dumps_setup",
+    "dumps_task",
     "dumps_tracked_call",
     "dumps_value",
     "environment_of",
@@ -75,6 +90,7 @@ __all__ = [
     "loads_exception",
     "loads_initializer",
     "loads_value",
+    "with_data_inline",
 ]
 
 #: Buffers at least this large travel as their own zero-copy frames.
@@ -82,12 +98,13 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 
-#: code version size (| _HAS_SETUP), environment size, function pickle size
-_CALL = struct.Struct("<BBI")
+#: code version size (| _HAS_SETUP), environment size, function pickle size, refs
+_CALL = struct.Struct("<BBIH")
 #: In the code version size byte (which is 0 or 16): an executor setup follows the header.
 _HAS_SETUP = 0x80
 _SETUP_SIZE = struct.Struct("<I")
 _SETUP = struct.Struct("<16sI")  # executor id, max_tasks_per_child (0: no limit)
+_REF = struct.Struct("<H32sQ")  # position among the buffers, content id, size
 
 _by_reference: weakref.WeakKeyDictionary[Any, tuple[bytes, frozenset[str]]] = (
     weakref.WeakKeyDictionary()
@@ -214,14 +231,16 @@ def _cloudpickle(
     return out.getvalue()
 
 
-def _dumps(obj: Any, buffers: list[Frame], modules: set[str] | None = None) -> bytes:
-    def keep_large(buf: pickle.PickleBuffer) -> bool:
-        raw = buf.raw()
-        if raw.nbytes >= OUT_OF_BAND_MIN:
-            buffers.append(raw)
-            return False  # out of band
-        return True
-
+def _dumps(
+    obj: Any,
+    buffers: list[Any],
+    modules: set[str] | None = None,
+    shelf: DataShelf | None = None,
+) -> bytes:
+    """Pickle ``obj``: large buffers are appended to ``buffers``; with a ``shelf``, those it
+    claims go there as a :class:`DataRef` instead (its position: its index in the list).
+    With ``modules``, the modules the pickle refers to are added to it."""
+    keep_large = _keeper(buffers, shelf)
     plain = _is_plain(obj)
     if plain:
         if plain == _ARRAYS and modules is not None:
@@ -229,6 +248,25 @@ def _dumps(obj: Any, buffers: list[Frame], modules: set[str] | None = None) -> b
         # About ten times cheaper than building a CloudPickler for each call.
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     return _cloudpickle(obj, keep_large, modules)
+
+
+def _keeper(buffers: list[Any], shelf: DataShelf | None) -> Callable[[pickle.PickleBuffer], bool]:
+    """The pickler's buffer callback: large buffers go to ``buffers`` (by content when
+    ``shelf`` claims them), small ones stay in the pickle."""
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if shelf is not None:
+            cid = shelf.claim(buf)
+            if cid is not None:
+                buffers.append(DataRef(len(buffers), cid, raw.nbytes))
+                return False  # out of band, by content
+        if raw.nbytes >= OUT_OF_BAND_MIN:
+            buffers.append(raw)
+            return False  # out of band
+        return True
+
+    return keep_large
 
 
 def _pickles_by_reference(fn: Any) -> bool:
@@ -279,6 +317,53 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
 Tracker = Callable[[frozenset[str], frozenset[str]], tuple[bytes, int]]
 
 
+def dumps_task(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    code: bytes = b"",
+    *,
+    setup: bytes = b"",
+    environment: Tracker | None = None,
+    noting: bool = True,
+    shelf: DataShelf | None = None,
+) -> tuple[Payload, int, Sequence[bytes]]:
+    """The payload for calling ``fn(*args, **kwargs)`` remotely, with the executor's
+    ``setup`` (:func:`dumps_setup`) if it has one. With ``environment``, the modules
+    the pickles refer to (unless ``noting`` is False) go to it, and the id it gives
+    goes in the payload; with ``shelf``, the buffers it claims travel by content.
+
+    Returns the payload, its SUBMIT flags and the content ids it pinned on ``shelf``
+    (release them once the task is done). Raises SerializationError."""
+    fn_bytes, fn_modules = _function_pickle(fn, noting and environment is not None)
+    parts: list[Any] = []  # frames, and DataRefs where a buffer goes by content
+    modules: set[str] | None = set() if noting and environment is not None else None
+    try:
+        arg_bytes = _dumps((args, kwargs), parts, modules, shelf)
+    except Exception as exc:
+        if shelf is not None:
+            shelf.release([part.cid for part in parts if type(part) is DataRef])
+        raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
+    env, flags = b"", 0
+    if environment is not None:
+        env, flags = environment(fn_modules, _frozen(modules))
+    refs = [part for part in parts if type(part) is DataRef] if shelf is not None else ()
+    if not refs:  # the usual case: nothing by content
+        return Payload(_inline(code, env, setup, fn_bytes, arg_bytes), tuple(parts)), flags, ()
+    frames = tuple(part for part in parts if type(part) is not DataRef)
+    inline = _inline(code, env, setup, fn_bytes, arg_bytes, refs)
+    return Payload(inline, frames), flags, [ref.cid for ref in refs]
+
+
+def _frozen(modules: set[str] | None) -> frozenset[str]:
+    """The shared value for the common cases, so that most submits build no set."""
+    if not modules:
+        return NO_MODULES
+    if modules == NUMPY:
+        return NUMPY
+    return frozenset(modules)
+
+
 def dumps_tracked_call(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -288,36 +373,12 @@ def dumps_tracked_call(
     noting: bool = True,
     setup: bytes = b"",
 ) -> tuple[Payload, int]:
-    """:func:`dumps_call` that also names the task's package environment: the modules
-    the pickles refer to (unless ``noting`` is False) go to ``environment``, whose id
-    goes in the payload. Returns the payload and the SUBMIT flags."""
-    fn_bytes, fn_modules = _function_pickle(fn, noting)
-    buffers: list[Frame] = []
-
-    def keep_large(buf: pickle.PickleBuffer) -> bool:
-        raw = buf.raw()
-        if raw.nbytes >= OUT_OF_BAND_MIN:
-            buffers.append(raw)
-            return False  # out of band
-        return True
-
-    call = (args, kwargs)
-    arg_modules = NO_MODULES
-    try:
-        plain = _is_plain(call)
-        if plain:  # no set to fill: the common case costs no more than dumps_call
-            arg_bytes = pickle.dumps(call, protocol=5, buffer_callback=keep_large)
-            if plain == _ARRAYS and noting:
-                arg_modules = NUMPY
-        else:
-            modules: set[str] | None = set() if noting else None
-            arg_bytes = _cloudpickle(call, keep_large, modules)
-            if modules:
-                arg_modules = frozenset(modules)
-    except Exception as exc:
-        raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    env, flags = environment(fn_modules, arg_modules)
-    return Payload(_inline(code, env, setup, fn_bytes, arg_bytes), tuple(buffers)), flags
+    """:func:`dumps_task` naming the task's package environment: the payload and the
+    SUBMIT flags."""
+    payload, flags, _ = dumps_task(
+        fn, args, kwargs, code, setup=setup, environment=environment, noting=noting
+    )
+    return payload, flags
 
 
 def dumps_call(
@@ -327,33 +388,58 @@ def dumps_call(
     code: bytes = b"",
     setup: bytes = b"",
 ) -> Payload:
-    """The payload for calling ``fn(*args, **kwargs)`` remotely, with the executor's
-    ``setup`` (:func:`dumps_setup`) if it has one. Raises SerializationError."""
-    fn_bytes = dumps_function(fn)
-    buffers: list[Frame] = []
+    """The payload for calling ``fn(*args, **kwargs)`` remotely, every buffer in frames.
+    Raises SerializationError."""
+    return dumps_task(fn, args, kwargs, code, setup=setup)[0]
+
+
+def dumps_call_shared(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    code: bytes,
+    shelf: DataShelf | None,
+) -> tuple[Payload, Sequence[bytes]]:
+    """The payload for calling ``fn(*args, **kwargs)``, with the buffers ``shelf`` claims
+    sent by content; and their content ids, pinned on the shelf until released."""
+    payload, _, pinned = dumps_task(fn, args, kwargs, code, shelf=shelf)
+    return payload, pinned
+
+
+def dumps_parts(value: Any) -> tuple[bytes, list[Any]]:
+    """``value``'s pickle and its large buffers (for ``fade.share``)."""
+    buffers: list[Any] = []
     try:
-        arg_bytes = _dumps((args, kwargs), buffers)
+        return _dumps(value, buffers), buffers
     except Exception as exc:
-        raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
-    return Payload(_inline(code, b"", setup, fn_bytes, arg_bytes), tuple(buffers))
+        raise SerializationError(f"cannot pickle {type(value).__qualname__}: {exc}") from exc
 
 
-def _inline(code: bytes, env: bytes, setup: bytes, fn_bytes: bytes, arg_bytes: bytes) -> bytes:
-    """A task payload's inline bytes: header, code version, environment, setup, function,
-    arguments (the setup's size follows the header only when there is one)."""
+def _inline(
+    code: bytes,
+    env: bytes,
+    setup: bytes,
+    fn_bytes: bytes,
+    arg_bytes: bytes,
+    refs: Sequence[DataRef] = (),
+) -> bytes:
+    """A task payload's inline bytes: header, [setup size], refs, code version,
+    environment, setup, function, arguments (see the module's docstring)."""
+    table = b"".join([_REF.pack(r.position, r.cid, r.size) for r in refs]) if refs else b""
     if setup:
-        head = _CALL.pack(len(code) | _HAS_SETUP, len(env), len(fn_bytes))
-        return b"".join((head, _SETUP_SIZE.pack(len(setup)), code, env, setup, fn_bytes, arg_bytes))
-    return b"".join(
-        (_CALL.pack(len(code), len(env), len(fn_bytes)), code, env, fn_bytes, arg_bytes)
-    )
+        head = _CALL.pack(len(code) | _HAS_SETUP, len(env), len(fn_bytes), len(refs))
+        head += _SETUP_SIZE.pack(len(setup))
+        return b"".join((head, table, code, env, setup, fn_bytes, arg_bytes))
+    head = _CALL.pack(len(code), len(env), len(fn_bytes), len(refs))
+    return b"".join((head, table, code, env, fn_bytes, arg_bytes))
 
 
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
-    """(code version, environment, executor setup, function pickle, arguments pickle)."""
+def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
+    """(code version, environment, executor setup, function pickle, arguments pickle,
+    number of refs)."""
     if len(inline) < _CALL.size:
         raise SerializationError("a task payload is too short")
-    code_size, env_size, fn_size = _CALL.unpack_from(inline)
+    code_size, env_size, fn_size, nrefs = _CALL.unpack_from(inline)
     start = _CALL.size
     setup_size = 0
     if code_size & _HAS_SETUP:
@@ -362,13 +448,52 @@ def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes]:
             raise SerializationError("a task payload is too short")
         (setup_size,) = _SETUP_SIZE.unpack_from(inline, start)
         start += _SETUP_SIZE.size
+    start += nrefs * _REF.size
     env = start + code_size
     setup = env + env_size
     fn = setup + setup_size
     args = fn + fn_size
     if args > len(inline):
         raise SerializationError("a task payload is shorter than its header says")
-    return inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
+    parts = inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
+    return (*parts, nrefs)
+
+
+def data_refs(payload: Payload) -> list[DataRef]:
+    """The buffers a task payload names by content (empty for most tasks)."""
+    inline = payload.inline
+    if len(inline) < _CALL.size:
+        raise SerializationError("a task payload is too short")
+    code_size, _, _, nrefs = _CALL.unpack_from(inline)
+    if not nrefs:
+        return []
+    start = _CALL.size + (_SETUP_SIZE.size if code_size & _HAS_SETUP else 0)
+    end = start + nrefs * _REF.size
+    if len(inline) < end:
+        raise SerializationError("a task payload's data refs run past it")
+    refs = [DataRef(*fields) for fields in _REF.iter_unpack(inline[start:end])]
+    total = len(payload.buffers) + nrefs
+    positions = [ref.position for ref in refs]
+    if len(set(positions)) != len(positions) or any(pos >= total for pos in positions):
+        raise SerializationError("a task payload's data refs name impossible positions")
+    return refs
+
+
+def with_data_inline(
+    payload: Payload, resolve: Callable[[list[DataRef]], Sequence[Any]]
+) -> Payload:
+    """``payload`` with the buffers it names by content resolved and carried as plain
+    frames: for a process that has no data cache of its own."""
+    refs = data_refs(payload)
+    if not refs:
+        return payload
+    buffers = list(payload.buffers)
+    _insert_data(payload, buffers, resolve)
+    inline = payload.inline
+    code_size, env_size, fn_size, nrefs = _CALL.unpack_from(inline)
+    start = _CALL.size + (_SETUP_SIZE.size if code_size & _HAS_SETUP else 0)
+    head = _CALL.pack(code_size, env_size, fn_size, 0) + inline[_CALL.size : start]
+    return Payload(head + inline[start + nrefs * _REF.size :], tuple(buffers))
 
 
 class FunctionCache:
@@ -402,15 +527,18 @@ class FunctionCache:
 
 
 def loads_call(
-    payload: Payload, functions: FunctionCache
+    payload: Payload,
+    functions: FunctionCache,
+    resolve: Callable[[list[DataRef]], Sequence[Any]] | None = None,
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
-    version it names is active).
+    version it names is active). A payload that names data by content needs
+    ``resolve``: given its refs (:func:`data_refs`), it returns their buffers in order.
 
     Raises TaskDecodeError (its cause says why), ModuleNotFoundError when the task needs
-    a module this worker lacks, or CodeShippingError when its shipped code cannot be
-    used here (that says why already)."""
-    code, _, _, fn_bytes, arg_bytes = _split_call(payload.inline)
+    a module this worker lacks, CodeShippingError when its shipped code cannot be used
+    here (that says why already), or what ``resolve`` raises."""
+    code, _, _, fn_bytes, arg_bytes, nrefs = _split_call(payload.inline)
     try:
         fn = functions.load(code, fn_bytes)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
@@ -419,8 +547,11 @@ def loads_call(
         raise TaskDecodeError(
             f"the task's function could not be unpickled on the worker: {_describe(exc)}"
         ) from exc
+    buffers = [_as_buffer(f) for f in payload.buffers]
+    if nrefs:
+        _insert_data(payload, buffers, resolve)
     try:
-        args, kwargs = pickle.loads(arg_bytes, buffers=[_as_buffer(f) for f in payload.buffers])
+        args, kwargs = pickle.loads(arg_bytes, buffers=buffers)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
         raise
     except BaseException as exc:
@@ -429,6 +560,22 @@ def loads_call(
             f"{_describe(exc)}"
         ) from exc
     return fn, args, kwargs
+
+
+def _insert_data(
+    payload: Payload,
+    buffers: list[Any],
+    resolve: Callable[[list[DataRef]], Sequence[Any]] | None,
+) -> None:
+    """Put the buffers the payload names by content in their places among ``buffers``."""
+    if resolve is None:
+        raise SerializationError("a task names data by content and nothing resolves it")
+    refs = data_refs(payload)
+    data = resolve(refs)
+    if len(data) != len(refs):
+        raise SerializationError("a task's data by content was not resolved")
+    for ref, view in sorted(zip(refs, data), key=lambda pair: pair[0].position):
+        buffers.insert(ref.position, view)
 
 
 def code_version(payload: Payload) -> bytes:

@@ -56,6 +56,7 @@ def snapshot(broker: Broker) -> dict[str, Any]:
         "capacity": sched.capacity,
         "rate": broker.throughput.rate(now),
         "per_second": broker.throughput.series(now),
+        "relayed_bytes": dict(broker.relayed),
     }
 
 

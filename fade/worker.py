@@ -34,6 +34,9 @@ holds it.
 * Package shipping: a task whose installed distributions differ from this
   process's runs in an environment process that has the client's versions
   (fade/environments.py), the main thread waiting for it as for a task of its own.
+* Data by content: the buffers a task names by content id come mapped from the
+  host's data cache, or are fetched from its client the same way, once per host
+  (fade/datafetch.py, fade/datacache.py).
 * A result with a frame larger than the limit of any peer on its way back (ours,
   the broker's) is reported as MessageTooLargeError instead of being sent.
 """
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal.getsignal, without the enum
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -56,12 +60,17 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade import serialization as ser
 from fade.codecache import CodeCache, CodeRunner
+from fade.data import DataRef
+from fade.datacache import DataCache
+from fade.datafetch import DataFetcher
 from fade.environments import Environments
 from fade.errors import (
     CodeShippingError,
+    FadeError,
     MessageTooLargeError,
     MissingDependencyError,
     SecurityError,
+    SharedDataError,
     TaskTerminatedError,
 )
 from fade.initializer import EXIT_RETIRED, Setups
@@ -119,6 +128,13 @@ class Worker:
         self._task_env = TaskEnvironment(self._code.managed_path)
         self._setups = Setups()  # initializer and max_tasks_per_child (fade/initializer.py)
         self.retired = False
+        self._job: Job | None = None
+        self._resolve = self._resolve_data  # one bound method, not one per task
+        self._data = DataFetcher(
+            DataCache(options.data_cache_dir, options.data_cache),
+            functools.partial(self._fetch, what="data", error=SharedDataError),
+            self._frame_limit,
+        )
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
@@ -166,9 +182,10 @@ class Worker:
 
     def _execute(self, job: Job) -> None:
         started = time.monotonic()
+        self._job = job  # for _resolve, if the task names data by content
         with self._task_env:  # cwd, environment, sys.path, builtins: put back after the task
             try:
-                elsewhere = self.environments.run(job.record.key, job.payload)
+                elsewhere = self.environments.run(job.record.key, job.payload, self._data_inline)
                 if elsewhere is None:
                     value = self._call(job)
                     status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
@@ -182,6 +199,8 @@ class Worker:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self.terminated())
             except BaseException as exc:  # the task's own failure, SystemExit included
                 status, payload = p.Status.RAISED, ser.dumps_exception(exc)
+            finally:
+                self._job = None  # the payload's frames must not outlive the task
         self._after_task()
         duration = time.monotonic() - started
         with self._lock:
@@ -209,7 +228,7 @@ class Worker:
         key = job.record.key
         self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
         self._setups.before(job.payload)
-        fn, args, kwargs = ser.loads_call(job.payload, self._functions)
+        fn, args, kwargs = ser.loads_call(job.payload, self._functions, self._resolve)
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))
         self._interruptible = True  # a stop signal raises in the task's code only
@@ -217,6 +236,17 @@ class Worker:
             return fn(*args, **kwargs)
         finally:
             self._interruptible = False
+
+    def _resolve_data(self, refs: list[DataRef]) -> list[memoryview]:
+        """The buffers a task names by content (from the host's cache, or fetched)."""
+        job = self._job
+        assert job is not None
+        return self._data.resolve(job.record.scope, job.record.key, refs)
+
+    def _data_inline(self, payload: p.Payload) -> p.Payload:
+        """The task's payload with its data by content as plain frames: for a task that
+        runs in an environment process (fade/environments.py), which has no data cache."""
+        return ser.with_data_inline(payload, self._resolve)
 
     # -- stopping a running task (Executor.terminate) -------------------------------------
 
@@ -255,8 +285,16 @@ class Worker:
         """Name the module and this host; the client adds the distribution it came from."""
         return MissingDependencyError.on_host(exc, self.host)
 
-    def _fetch(self, key: bytes, request: dict[str, object]) -> list[bytes]:
-        """Ask the client of task ``key`` for code and wait for the answer (main thread)."""
+    def _fetch(
+        self,
+        key: bytes,
+        request: dict[str, object],
+        *,
+        what: str = "code",
+        error: type[FadeError] = CodeShippingError,
+    ) -> list[bytes]:
+        """Ask the client of task ``key`` for ``what`` (code, or data by content) and wait
+        for the answer (main thread); failures raise ``error``."""
         fetch = Fetch(next(self._fetch_ids), key, p.pack_request(request), threading.Event())
         with self._lock:
             self._fetches[fetch.request_id] = fetch
@@ -267,13 +305,18 @@ class Worker:
         with self._lock:
             self._fetches.pop(fetch.request_id, None)
         if not answered:
-            raise CodeShippingError(f"the client sent no code within {FETCH_TIMEOUT:g}s")
+            raise error(f"the client sent no {what} within {FETCH_TIMEOUT:g}s")
         if fetch.status is p.CodeStatus.GONE:
-            raise CodeShippingError("the task's client is gone, so its code cannot be fetched")
+            raise error(f"the task's client is gone, so its {what} cannot be fetched")
         if fetch.status is not p.CodeStatus.OK or fetch.frames is None:
             reason = fetch.frames[0].decode(errors="replace") if fetch.frames else "?"
-            raise CodeShippingError(f"the client could not send the code asked for: {reason}")
+            raise error(f"the client could not send the {what} asked for: {reason}")
         return fetch.frames
+
+    def _frame_limit(self) -> int:
+        """The smallest frame limit between the broker and us (0: none said)."""
+        limits = [x for x in (self.options.max_message_size, self.broker_max_message_size) if x]
+        return min(limits) if limits else 0
 
     def answer_fetch(self, request_id: int, status: p.CodeStatus, frames: list[bytes]) -> None:
         """Called by the socket holder when CODE arrives."""
@@ -354,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     if keys is not None:
         options = options.with_keys(str(keys.path))  # the children read the same file
     try:
-        CodeCache(options.code_cache)  # refuse a cache others could write, before any child starts
-    except (CodeShippingError, OSError) as exc:
+        # Refuse caches others could write, before any child starts.
+        CodeCache(options.code_cache)
+        DataCache(options.data_cache_dir, options.data_cache)
+    except (CodeShippingError, SharedDataError, OSError) as exc:
         print(f"fade-worker: {exc}", file=sys.stderr)
         return 2
     if options.child:

@@ -40,6 +40,10 @@ if str(TESTS) not in sys.path:
 os.environ.setdefault(
     "FADE_CODE_CACHE", os.path.join(tempfile.gettempdir(), f"fade-test-code-{os.getpid()}")
 )
+# Task data sent by content likewise (fade/datacache.py).
+os.environ.setdefault(
+    "FADE_DATA_CACHE", os.path.join(tempfile.gettempdir(), f"fade-test-data-{os.getpid()}")
+)
 
 #: Fast failure detection for tests: a silent peer is dead after 0.6 s.
 INTERVAL = 0.2

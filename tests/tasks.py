@@ -316,3 +316,20 @@ def sleep_and_print(seconds: float, message: str) -> None:
 
 def raise_with_comment() -> None:
     raise RuntimeError(123)  # some comment
+
+
+def checksum(a: Any, pause: float = 0.0) -> float:
+    """A cheap checksum of a large array (every 4096th element and its size)."""
+    time.sleep(pause)
+    return float(a[::4096].sum()) + float(a.size)
+
+
+def scribble_and_sum(d: Any) -> float:
+    """Change the received arrays in place, then sum them: what a task may do to its
+    arguments (the worker's copy, never the cached one)."""
+    total = 0.0
+    for value in d.values():
+        if hasattr(value, "sum"):
+            value += 1
+            total += float(value.sum())
+    return total

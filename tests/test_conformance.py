@@ -134,8 +134,8 @@ def test_a_task_that_cannot_be_unpickled_says_so(fade_executor: fade.Executor) -
 def test_a_payload_without_setup_has_no_setup_section() -> None:
     payload = ser.dumps_call(tasks.add, (1, 2), {}, b"v" * 16)
     fn = ser.dumps_function(tasks.add)
-    # Header (code version size, environment size, function size), then the sections.
-    assert payload.inline.startswith(struct.pack("<BBI", 16, 0, len(fn)) + b"v" * 16 + fn)
+    # Header (code version size, environment size, function size, refs), then the sections.
+    assert payload.inline.startswith(struct.pack("<BBIH", 16, 0, len(fn), 0) + b"v" * 16 + fn)
     assert ser.executor_setup(payload) is None
 
 
