@@ -6,10 +6,12 @@ reference, the way real user code is shipped, and every worker imports them from
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["call_chunk", "identity", "noop"]
+__all__ = ["call_chunk", "identity", "noop", "pid_after", "spin"]
 
 
 def noop(x: Any) -> Any:
@@ -25,3 +27,17 @@ def identity(x: Any) -> Any:
 def call_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Run ``fn(*args)`` for each argument tuple in ``chunk``: one message carries many calls."""
     return [fn(*args) for args in chunk]
+
+
+def spin(seconds: float) -> None:
+    """Keep the CPU busy for ``seconds`` of wall-clock time: a CPU-bound task of a known
+    duration (its length does not grow when another process takes the core meanwhile)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def pid_after(seconds: float) -> int:
+    """Sleep ``seconds``, then return the worker's pid: which processes are serving."""
+    time.sleep(seconds)
+    return os.getpid()

@@ -48,6 +48,7 @@ import collections
 import functools
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -79,9 +80,9 @@ from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
 from fade.taskenv import TaskEnvironment
 from fade.wakeup import WakePipe
-from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, Fetch, Job, WorkerIO
+from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, SLOW_TASK, Fetch, Job, WorkerIO
 
-__all__ = ["MAX_PREFETCH", "Worker", "main"]
+__all__ = ["MAX_PREFETCH", "SLOW_TASK", "Worker", "main"]
 
 log = logging.getLogger("fade.worker")
 
@@ -347,9 +348,9 @@ class Worker:
         if self.options.prefetch is not None:
             return 1 + self.options.prefetch
         avg = self._avg_duration
-        if avg is None:
+        if avg is None or avg >= SLOW_TASK:
             return 1
-        return 1 + min(MAX_PREFETCH, int(PREFETCH_HORIZON / max(avg, 1e-6)))
+        return 1 + min(MAX_PREFETCH, math.ceil(PREFETCH_HORIZON / max(avg, 1e-6)))
 
     def holding(self) -> list[bytes]:
         """Keys of every task this worker still owes the broker an answer for."""

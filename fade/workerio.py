@@ -47,14 +47,18 @@ from fade.supervisor import CONTROL_DRAIN, CONTROL_LEAVE, CONTROL_SERVING, EXIT_
 if TYPE_CHECKING:
     from fade.worker import Worker
 
-__all__ = ["MAX_PREFETCH", "PREFETCH_HORIZON", "Fetch", "Job", "WorkerIO"]
+__all__ = ["MAX_PREFETCH", "PREFETCH_HORIZON", "SLOW_TASK", "Fetch", "Job", "WorkerIO"]
 
 log = logging.getLogger("fade.worker")
 
 #: Tasks a worker may hold beyond the one it runs.
 MAX_PREFETCH = 64
-#: Seconds of queued work a worker tries to keep at hand.
+#: Seconds of queued work a worker tries to keep at hand (at least one task, if faster
+#: than SLOW_TASK): it runs while DONE goes to the broker and the next TASK comes back.
 PREFETCH_HORIZON = 0.002
+#: Seconds a task takes on average from which the worker holds none queued: that round
+#: trip is then a small part of a task, and a queued task might run sooner elsewhere.
+SLOW_TASK = 0.02
 #: Seconds a task runs before the keeper thread takes the socket to heartbeat for it.
 TAKEOVER = 0.01
 #: Between back-to-back tasks, results wait at most this long to share one DONE.

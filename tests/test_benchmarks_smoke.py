@@ -1,7 +1,7 @@
 """The benchmark harness must not rot: a smoke run of ``benchmarks/bench.py`` has to produce a
 positive figure for every metric of processpool, raw-zmq and both fade systems, a smoke run
-of ``benchmarks/alternating.py`` figures for every system in every round, and neither may leave
-a process behind.
+of ``benchmarks/alternating.py`` figures for every system in every round, one of
+``benchmarks/durations.py`` a figure in every cell, and none may leave a process behind.
 
 Every process the run starts inherits a unique environment tag, so teardown finds and kills
 stragglers even after they were orphaned and re-parented away from this test.
@@ -148,3 +148,31 @@ def test_every_benchmark_runs_as_a_script(script: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_durations_smoke_run_fills_every_cell(tmp_path: Path) -> None:
+    """benchmarks/durations.py: a figure for every pool, worker count, task kind and duration
+    (no thresholds here: speed is the benchmark's to report, not a unit test's to judge)."""
+    out = tmp_path / "durations.json"
+    stdout, report = _run_script("durations.py", "--smoke", "--json", str(out))
+    document = json.loads(out.read_text())
+    durations = {0.0, 1.0, 5.0}
+    expected = {
+        (pool, workers, kind, duration)
+        for pool in ("tcp", "embedded", "processpool", "loop")
+        for workers in ((1,) if pool == "loop" else (1, 2))
+        for kind in ("sleep", "cpu")
+        for duration in durations
+    }
+    cells = document["cells"]
+    assert {(c["pool"], c["workers"], c["kind"], c["duration_ms"]) for c in cells} == expected
+    assert len(cells) == len(expected), report
+    for cell in cells:
+        assert cell["tasks_per_s"] > 0 and cell["done"] > 0, (cell, report)
+        assert cell["cut"] or cell["done"] == cell["tasks"], (cell, report)
+        if cell["duration_ms"] == 0:
+            assert cell["efficiency"] is None, cell
+        else:
+            assert cell["efficiency"] > 0, cell
+    assert "target: fade's efficiency > 0.8" in stdout, report
