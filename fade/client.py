@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import asyncio
 
+from fade import fastpath, security, shm
 from fade import protocol as p
-from fade import security
 from fade import serialization as ser
 from fade.clientio import ClientIO, TaskOptions, WorkItem
 from fade.data import DEFAULT_SHARE_THRESHOLD, DataShelf
@@ -180,7 +180,13 @@ class Executor(cf.Executor):
             out-of-band buffer) of at least this many bytes travel by content: each
             worker host fetches each one once and keeps it in its data cache, however
             many tasks name it (default 1 MiB; None: never, except ``fade.share``
-            handles). See docs/data.md.
+            handles). See docs/data.md. On the embedded pool, whose workers share
+            this machine, large buffers go through shared memory instead.
+        shared_memory: large buffers (256 KiB or more) between this client and
+            workers on its machine travel through shared memory (``/dev/shm``): the
+            embedded pool's arguments and results, and the results of a remote
+            pool's workers that run on this machine (docs/data.md). Default: on,
+            unless the fast paths are off (``fast_paths``, $FADE_FAST_PATHS).
         priority, resources: the defaults of this executor's tasks (see
             :meth:`options` and docs/scheduling.md).
 
@@ -220,6 +226,7 @@ class Executor(cf.Executor):
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
         share_threshold: int | None = DEFAULT_SHARE_THRESHOLD,
+        shared_memory: bool | None = None,
     ) -> None:
         if isinstance(address, int) and not isinstance(address, bool):
             # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
@@ -240,6 +247,10 @@ class Executor(cf.Executor):
         peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
         self._max_message_size = max_message_size
         self._shelf = DataShelf(share_threshold)
+        self._segments: shm.ClientSegments | None = None
+        if shared_memory if shared_memory is not None else fastpath.enabled(fast_paths):
+            shm.sweep()  # what clients killed on this machine left
+            self._segments = shm.ClientSegments(eager=address is None)
         self._pool: EmbeddedPool | None = None
         assumed_capacity = 0
         if address is None:
@@ -279,6 +290,7 @@ class Executor(cf.Executor):
             fast_paths=fast_paths,
             assumed_capacity=assumed_capacity,
             shelf=self._shelf,
+            segments=self._segments,
         )
         self._options = _merge(TaskOptions(), priority, resources, None, None)
         self._owner = os.getpid()
@@ -300,19 +312,20 @@ class Executor(cf.Executor):
             raise kind(str(broken)) from broken
         future: _Future[T] = _Future(self._io)
         try:
-            payload, largest, flags, pinned = self._payload(fn, args, kwargs)
+            payload, largest, flags, pinned, segs = self._payload(fn, args, kwargs)
         except FadeError as exc:
             # As in the standard pools: a task that cannot be sent fails its future.
             future.set_exception(exc)
             return future
         with self._shutdown_lock:
             if self._shutdown:
-                self._release(pinned)
+                self._release(pinned, segs)
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if pinned:
-                # Kept until the task is done, however it ends (result, error, cancel).
-                shelf = self._shelf
-                future.add_done_callback(lambda _: shelf.release(pinned))
+            if pinned or segs:
+                # Kept until the task is done, however it ends (result, error, cancel),
+                # re-runs after a lost worker included.
+                shelf, segments = self._shelf, self._segments
+                future.add_done_callback(lambda _: _release(shelf, segments, pinned, segs))
             future.task_id = next(self._ids)
             item = WorkItem(future.task_id, future, payload, largest, options, flags=flags)
             self._io.enqueue(item)
@@ -320,15 +333,15 @@ class Executor(cf.Executor):
 
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[p.Payload, int, int, Sequence[bytes]]:
+    ) -> tuple[p.Payload, int, int, Sequence[bytes], Sequence[bytes]]:
         """The task's payload, the size of its largest part, its SUBMIT flags (it needs
-        compiled packages of this platform) and the content ids it pinned on the shelf
-        (fade/data.py); raises FadeError."""
+        compiled packages of this platform), the content ids it pinned on the shelf
+        (fade/data.py) and the segments it wrote (fade/shm.py); raises FadeError."""
         code = b""
         if self._code is not None:
             code = self._code.version()
             self._code.check_function(fn)
-        payload, flags, pinned = ser.dumps_task(
+        payload, flags, pinned, segs = ser.dumps_task(
             fn,
             args,
             kwargs,
@@ -337,16 +350,17 @@ class Executor(cf.Executor):
             environment=self._track,
             noting=self._noting,
             shelf=self._shelf,
+            segments=self._segments,
         )
         largest = p.largest_part(payload)
         if largest > self._max_message_size:
-            self._release(pinned)
+            self._release(pinned, segs)
             raise MessageTooLargeError(
                 f"the task has a {largest}-byte part, more than max_message_size "
                 f"({self._max_message_size}); raise it here, on the broker and on the "
                 "workers, or send it by content (share_threshold, fade.share)"
             )
-        return payload, largest, flags, pinned
+        return payload, largest, flags, pinned, segs
 
     @property
     def _broken(self) -> BaseException | bool:
@@ -385,9 +399,8 @@ class Executor(cf.Executor):
             raise ValueError("terminate() takes a future of this executor")
         return self._io.terminate(future.task_id, future)
 
-    def _release(self, pinned: Sequence[bytes]) -> None:
-        if pinned:
-            self._shelf.release(pinned)
+    def _release(self, pinned: Sequence[bytes], segs: Sequence[bytes] = ()) -> None:
+        _release(self._shelf, self._segments, pinned, segs)
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.
@@ -544,6 +557,19 @@ def _merge(
         options.task_timeout if task_timeout is None else task_timeout,
         options.max_attempts if max_attempts is None else max_attempts,
     )
+
+
+def _release(
+    shelf: DataShelf,
+    segments: shm.ClientSegments | None,
+    pinned: Sequence[bytes],
+    segs: Sequence[bytes],
+) -> None:
+    """Let go of what a task kept: by content on the shelf, in shared memory."""
+    if pinned:
+        shelf.release(pinned)
+    if segs and segments is not None:
+        segments.release(segs)
 
 
 def _setup(

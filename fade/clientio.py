@@ -72,6 +72,7 @@ from fade.link import BrokerLink
 from fade.locallink import LocalLink
 from fade.packages import InstalledPackages
 from fade.shipping import LocalCode
+from fade.shm import SWEEP_INTERVAL, ClientSegments
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
 
@@ -191,8 +192,11 @@ class ClientIO:
         fast_paths: bool | None = None,
         assumed_capacity: int = 0,
         shelf: DataShelf | None = None,
+        segments: ClientSegments | None = None,
     ) -> None:
         self.max_message_size = max_message_size
+        self.segments = segments  # large buffers through shared memory (fade/shm.py)
+        self._next_sweep = 0.0
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
         self.shelf = shelf
@@ -360,6 +364,8 @@ class ClientIO:
                 self.link.close(linger_ms=200)
             self.sleeper.close()
             self.wake.close()
+            if self.segments is not None:
+                self.segments.close()
 
     def _serve_until_workers_leave(self) -> None:
         """The embedded pool's broker lives in this thread: keep serving it while its
@@ -409,6 +415,9 @@ class ClientIO:
             problem = self.pool.problem()
             if problem is not None:
                 self.break_pool(BrokenPoolError(problem))
+        if self.segments is not None and now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self.segments.sweep_results(self.in_flight)
 
     def _poll_timeout(self) -> float:
         sock = self.link.socket
@@ -488,6 +497,14 @@ class ClientIO:
             if self.shelf is not None:
                 ok, frames = self.shelf.serve(request)
                 status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
+        elif kind in ("segments", "segment"):
+            frames = [b"this client uses no shared memory"]
+            if self.segments is not None:
+                if kind == "segments":
+                    ok, frames = self.segments.describe()
+                else:
+                    ok, frames = self.segments.serve(request)
+                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
         elif self.code is not None:
             status, frames = _serve(self.code, request)
         self.link.send(p.encode_code(ref, request_id, status, frames))
@@ -512,10 +529,16 @@ class ClientIO:
 
     def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
         item = self.in_flight.pop(record.task_id, None)
+        segments = self.segments
         if item is None:
             self.late_results += 1  # a duplicate: this future already has its result
+            if segments is not None and record.status is p.Status.OK:
+                segments.discard(record.task_id, ser.result_segments(payload))
             return
-        ok, value = _outcome(record.status, payload)
+        take = None
+        if segments is not None and payload.inline[:1] == b"S":  # some in shared memory
+            take = segments.taker(record.task_id)
+        ok, value = _outcome(record.status, payload, take)
         self.ready.append((item.future, ok, value))
         if isinstance(value, InitializerError):
             # As in the standard pools, a failed initializer breaks the executor.
@@ -662,11 +685,14 @@ def _deliver(ready: list[Outcome]) -> None:
             pass  # completed meanwhile (failed with its broken pool, terminated...)
 
 
-def _outcome(status: p.Status, payload: p.Payload) -> tuple[bool, Any]:
-    """What a result record means for its future: (True, value) or (False, exception)."""
+def _outcome(
+    status: p.Status, payload: p.Payload, take: Callable[[Any], Any] | None = None
+) -> tuple[bool, Any]:
+    """What a result record means for its future: (True, value) or (False, exception);
+    ``take`` maps what the result has in shared memory."""
     if status is p.Status.OK:
         try:
-            return True, ser.loads_value(payload)
+            return True, ser.loads_value(payload, take)
         except FadeError as exc:
             return False, exc
         except BaseException as exc:  # unpickling ran code that raised SystemExit...

@@ -114,6 +114,13 @@ class DataShelf:
         self._known: dict[tuple[int, int], bytes] = {}  # (id of exporter, size) -> content id
         self.hashed = 0  # buffers hashed (a claim that found the hash remembered does not)
 
+    def claim_shared(self, buffer: pickle.PickleBuffer) -> bytes | None:
+        """:meth:`claim` for the parts of ``fade.share`` handles only (where what goes by
+        its size alone travels through shared memory instead: fade/shm.py)."""
+        if id(buffer) not in _shared_parts:
+            return None
+        return self.claim(buffer)
+
     def claim(self, buffer: pickle.PickleBuffer) -> bytes | None:
         """The content id under which ``buffer`` travels, pinned for one more task; None:
         it travels as a frame. Release every id returned, once, with :meth:`release`."""

@@ -31,7 +31,7 @@ from fade.data import DataRef
 from fade.datacache import DataCache, Writer
 from fade.errors import SharedDataError
 
-__all__ = ["CHUNK", "WINDOW_CHUNKS", "DataFetcher"]
+__all__ = ["CHUNK", "WINDOW_CHUNKS", "DataFetcher", "download"]
 
 log = logging.getLogger("fade.worker")
 
@@ -137,27 +137,32 @@ class DataFetcher:
         return view
 
     def _download(self, key: bytes, ref: DataRef, sink: Writer | _Memory) -> None:
-        chunk = self._chunk()
-        offset = 0
-        while offset < ref.size:
-            size = min(ref.size - offset, chunk * WINDOW_CHUNKS)
-            request = {
-                "kind": "data",
-                "id": ref.cid.hex(),
-                "offset": offset,
-                "size": size,
-                "chunk": chunk,
-            }
-            frames = self._fetch(key, request)
-            got = sum(len(frame) for frame in frames)
-            if got != size or any(len(frame) > chunk for frame in frames):
-                raise SharedDataError(
-                    f"the client answered a request for {size} bytes of task data with {got}"
-                )
-            for frame in frames:
-                sink.write(frame)
-            offset += size
+        fields: dict[str, object] = {"kind": "data", "id": ref.cid.hex()}
+        download(self._fetch, key, fields, ref.size, self._frame_limit(), sink.write)
 
-    def _chunk(self) -> int:
-        limit = self._frame_limit()
-        return min(CHUNK, max(1, limit - FRAME_ROOM)) if limit else CHUNK
+
+def download(
+    fetch: Fetch,
+    key: bytes,
+    fields: dict[str, object],
+    size: int,
+    frame_limit: int,
+    sink: Callable[[Any], None],
+) -> None:
+    """Fetch ``size`` bytes from the client of task ``key`` (the request ``fields`` plus
+    offset, size and chunk) in windows of chunks, each within ``frame_limit`` (0: none),
+    giving each frame to ``sink`` in order. Raises SharedDataError."""
+    chunk = min(CHUNK, max(1, frame_limit - FRAME_ROOM)) if frame_limit else CHUNK
+    offset = 0
+    while offset < size:
+        window = min(size - offset, chunk * WINDOW_CHUNKS)
+        request = {**fields, "offset": offset, "size": window, "chunk": chunk}
+        frames = fetch(key, request)
+        got = sum(len(frame) for frame in frames)
+        if got != window or any(len(frame) > chunk for frame in frames):
+            raise SharedDataError(
+                f"the client answered a request for {window} bytes of task data with {got}"
+            )
+        for frame in frames:
+            sink(frame)
+        offset += window

@@ -24,12 +24,16 @@ carries large buffers apart:
   client's ``share_threshold`` and the parts of ``fade.share`` handles. The inline
   header lists them as refs (position among the buffers, content id, size) and no
   frame carries them; the worker puts in their place the mappings of its host's
-  cache before unpickling.
+  cache before unpickling;
+* and buffers that travel *through shared memory* (fade/shm.py: the embedded pool's
+  buffers of at least its threshold): the header lists them as segments (position,
+  16-byte segment name, size); the worker maps them from its client's folder.
 
-Inline layout: ``u8 code version size (| 0x80: a setup follows), u8 environment
-size, u32 function size, u16 refs``; ``u32 setup size`` when the flag says so;
-the refs (``u16 position, 32-byte content id, u64 size`` each); then the code
-version, the environment, the setup, the function and the arguments.
+Inline layout: ``u8 code version size (| 0x80: a setup follows, | 0x40: segments
+follow), u8 environment size, u32 function size, u16 refs``; ``u32 setup size`` and
+``u16 segments`` when the flags say so; the refs (``u16 position, 32-byte content id,
+u64 size`` each); the segments (``u16 position, 16-byte name, u64 size`` each); then
+the code version, the environment, the setup, the function and the arguments.
 
 :func:`dumps_tracked_call` also notes which modules the pickles refer to (for the
 environment): a function pickled by reference names its module (cached with its
@@ -37,8 +41,10 @@ bytes); plain data names numpy if it holds an array; anything else is pickled by
 a pickler that notes the module of every object, class and function it meets and
 the names the code it pickles by value uses (``import x`` in a function body).
 
-A result payload is the pickled value inline, and its large buffers apart. An
-exception payload is ``(exception, traceback text, RemoteTrace)`` (see
+A result payload is the pickled value inline, and its large buffers apart; when some
+of them travel through shared memory, the inline starts with ``b"S"``, ``u16
+segments`` and their table (a pickle never starts with ``S``). An exception payload
+is ``(exception, traceback text, RemoteTrace)`` (see
 fade/tracebacks.py): the client shows the traceback with its own file names.
 
 Code pickled by value (a function of ``__main__``, a lambda, a closure) keeps its
@@ -68,6 +74,7 @@ from fade.data import DataRef, DataShelf
 from fade.errors import CodeShippingError, ResultDecodeError, SerializationError, TaskDecodeError
 from fade.protocol import Payload
 from fade.shipping import client_file
+from fade.shm import SEGMENT_SIZE, ClientSegments, SegmentRef, pack_table, unpack_table
 
 __all__ = [
     "OUT_OF_BAND_MIN",
@@ -90,6 +97,8 @@ __all__ = [
     "loads_exception",
     "loads_initializer",
     "loads_value",
+    "result_segments",
+    "segment_refs",
     "with_data_inline",
 ]
 
@@ -100,9 +109,15 @@ Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer prot
 
 #: code version size (| _HAS_SETUP), environment size, function pickle size, refs
 _CALL = struct.Struct("<BBIH")
-#: In the code version size byte (which is 0 or 16): an executor setup follows the header.
+#: In the code version size byte (which is 0 or 16): an executor setup follows the header;
+#: a segment table follows the refs.
 _HAS_SETUP = 0x80
+_HAS_SEGMENTS = 0x40
+_SIZE_BITS = 0x3F
 _SETUP_SIZE = struct.Struct("<I")
+_COUNT = struct.Struct("<H")
+#: A result whose buffers are partly in shared memory starts with this, then its table.
+_RESULT_SEGMENTS = b"S"
 _SETUP = struct.Struct("<16sI")  # executor id, max_tasks_per_child (0: no limit)
 _REF = struct.Struct("<H32sQ")  # position among the buffers, content id, size
 
@@ -236,11 +251,13 @@ def _dumps(
     buffers: list[Any],
     modules: set[str] | None = None,
     shelf: DataShelf | None = None,
+    segments: Segmenter | None = None,
 ) -> bytes:
     """Pickle ``obj``: large buffers are appended to ``buffers``; with a ``shelf``, those it
-    claims go there as a :class:`DataRef` instead (its position: its index in the list).
+    claims go there as a :class:`DataRef` instead (its position: its index in the list),
+    and with ``segments``, those it writes into shared memory as a SegmentRef.
     With ``modules``, the modules the pickle refers to are added to it."""
-    keep_large = _keeper(buffers, shelf)
+    keep_large = _keeper(buffers, shelf, segments)
     plain = _is_plain(obj)
     if plain:
         if plain == _ARRAYS and modules is not None:
@@ -250,17 +267,35 @@ def _dumps(
     return _cloudpickle(obj, keep_large, modules)
 
 
-def _keeper(buffers: list[Any], shelf: DataShelf | None) -> Callable[[pickle.PickleBuffer], bool]:
+#: Given a large buffer, the name of the segment it now travels in, or None.
+Segmenter = Callable[[memoryview], "bytes | None"]
+
+
+def _keeper(
+    buffers: list[Any], shelf: DataShelf | None, segments: Segmenter | None = None
+) -> Callable[[pickle.PickleBuffer], bool]:
     """The pickler's buffer callback: large buffers go to ``buffers`` (by content when
-    ``shelf`` claims them), small ones stay in the pickle."""
+    ``shelf`` claims them, in shared memory when ``segments`` takes them), small ones
+    stay in the pickle. ``fade.share`` parts go by content first; then shared memory;
+    then by content for their size."""
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
         if shelf is not None:
-            cid = shelf.claim(buf)
+            cid = shelf.claim(buf) if segments is None else shelf.claim_shared(buf)
             if cid is not None:
                 buffers.append(DataRef(len(buffers), cid, raw.nbytes))
                 return False  # out of band, by content
+        if segments is not None and raw.nbytes >= OUT_OF_BAND_MIN:
+            name = segments(raw)
+            if name is not None:
+                buffers.append(SegmentRef(len(buffers), name, raw.nbytes))
+                return False  # out of band, in shared memory
+            if shelf is not None:  # no shared memory after all: by content, as without it
+                cid = shelf.claim(buf)
+                if cid is not None:
+                    buffers.append(DataRef(len(buffers), cid, raw.nbytes))
+                    return False
         if raw.nbytes >= OUT_OF_BAND_MIN:
             buffers.append(raw)
             return False  # out of band
@@ -327,32 +362,49 @@ def dumps_task(
     environment: Tracker | None = None,
     noting: bool = True,
     shelf: DataShelf | None = None,
-) -> tuple[Payload, int, Sequence[bytes]]:
+    segments: ClientSegments | None = None,
+) -> tuple[Payload, int, Sequence[bytes], Sequence[bytes]]:
     """The payload for calling ``fn(*args, **kwargs)`` remotely, with the executor's
     ``setup`` (:func:`dumps_setup`) if it has one. With ``environment``, the modules
     the pickles refer to (unless ``noting`` is False) go to it, and the id it gives
-    goes in the payload; with ``shelf``, the buffers it claims travel by content.
+    goes in the payload; with ``shelf``, the buffers it claims travel by content; with
+    ``segments`` (eager), large buffers travel through shared memory.
 
-    Returns the payload, its SUBMIT flags and the content ids it pinned on ``shelf``
-    (release them once the task is done). Raises SerializationError."""
+    Returns the payload, its SUBMIT flags, the content ids it pinned on ``shelf`` and
+    the segments it pinned on ``segments`` (release both once the task is done).
+    Raises SerializationError."""
     fn_bytes, fn_modules = _function_pickle(fn, noting and environment is not None)
-    parts: list[Any] = []  # frames, and DataRefs where a buffer goes by content
+    parts: list[Any] = []  # frames, DataRefs (by content), SegmentRefs (shared memory)
     modules: set[str] | None = set() if noting and environment is not None else None
+    segmenter = segments.claim if segments is not None and segments.eager else None
     try:
-        arg_bytes = _dumps((args, kwargs), parts, modules, shelf)
+        arg_bytes = _dumps((args, kwargs), parts, modules, shelf, segmenter)
     except Exception as exc:
-        if shelf is not None:
-            shelf.release([part.cid for part in parts if type(part) is DataRef])
+        _release(parts, shelf, segments)
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc
     env, flags = b"", 0
     if environment is not None:
         env, flags = environment(fn_modules, _frozen(modules))
-    refs = [part for part in parts if type(part) is DataRef] if shelf is not None else ()
-    if not refs:  # the usual case: nothing by content
-        return Payload(_inline(code, env, setup, fn_bytes, arg_bytes), tuple(parts)), flags, ()
-    frames = tuple(part for part in parts if type(part) is not DataRef)
-    inline = _inline(code, env, setup, fn_bytes, arg_bytes, refs)
-    return Payload(inline, frames), flags, [ref.cid for ref in refs]
+    if not parts or all(
+        type(part) is not DataRef and type(part) is not SegmentRef for part in parts
+    ):
+        # the usual case: every buffer in a frame
+        return Payload(_inline(code, env, setup, fn_bytes, arg_bytes), tuple(parts)), flags, (), ()
+    refs = [part for part in parts if type(part) is DataRef]
+    segs = [part for part in parts if type(part) is SegmentRef]
+    frames = tuple(
+        part for part in parts if type(part) is not DataRef and type(part) is not SegmentRef
+    )
+    inline = _inline(code, env, setup, fn_bytes, arg_bytes, refs, segs)
+    return Payload(inline, frames), flags, [ref.cid for ref in refs], [seg.name for seg in segs]
+
+
+def _release(parts: list[Any], shelf: DataShelf | None, segments: ClientSegments | None) -> None:
+    """Let go of what a payload that will not be sent pinned."""
+    if shelf is not None:
+        shelf.release([part.cid for part in parts if type(part) is DataRef])
+    if segments is not None:
+        segments.release([part.name for part in parts if type(part) is SegmentRef])
 
 
 def _frozen(modules: set[str] | None) -> frozenset[str]:
@@ -375,7 +427,7 @@ def dumps_tracked_call(
 ) -> tuple[Payload, int]:
     """:func:`dumps_task` naming the task's package environment: the payload and the
     SUBMIT flags."""
-    payload, flags, _ = dumps_task(
+    payload, flags, _, _ = dumps_task(
         fn, args, kwargs, code, setup=setup, environment=environment, noting=noting
     )
     return payload, flags
@@ -402,7 +454,7 @@ def dumps_call_shared(
 ) -> tuple[Payload, Sequence[bytes]]:
     """The payload for calling ``fn(*args, **kwargs)``, with the buffers ``shelf`` claims
     sent by content; and their content ids, pinned on the shelf until released."""
-    payload, _, pinned = dumps_task(fn, args, kwargs, code, shelf=shelf)
+    payload, _, pinned, _ = dumps_task(fn, args, kwargs, code, shelf=shelf)
     return payload, pinned
 
 
@@ -422,33 +474,50 @@ def _inline(
     fn_bytes: bytes,
     arg_bytes: bytes,
     refs: Sequence[DataRef] = (),
+    segs: Sequence[SegmentRef] = (),
 ) -> bytes:
-    """A task payload's inline bytes: header, [setup size], refs, code version,
-    environment, setup, function, arguments (see the module's docstring)."""
+    """A task payload's inline bytes: header, [setup size], [segments], refs, segments,
+    code version, environment, setup, function, arguments (see the module's docstring)."""
     table = b"".join([_REF.pack(r.position, r.cid, r.size) for r in refs]) if refs else b""
-    if setup:
-        head = _CALL.pack(len(code) | _HAS_SETUP, len(env), len(fn_bytes), len(refs))
-        head += _SETUP_SIZE.pack(len(setup))
+    if setup or segs:
+        flags = (_HAS_SETUP if setup else 0) | (_HAS_SEGMENTS if segs else 0)
+        head = _CALL.pack(len(code) | flags, len(env), len(fn_bytes), len(refs))
+        if setup:
+            head += _SETUP_SIZE.pack(len(setup))
+        if segs:
+            head += _COUNT.pack(len(segs))
+            table += pack_table(segs)
         return b"".join((head, table, code, env, setup, fn_bytes, arg_bytes))
     head = _CALL.pack(len(code), len(env), len(fn_bytes), len(refs))
     return b"".join((head, table, code, env, fn_bytes, arg_bytes))
 
 
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
-    """(code version, environment, executor setup, function pickle, arguments pickle,
-    number of refs)."""
+def _header(inline: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """(code version size, environment size, function size, refs, segments, setup size,
+    where the tables start) of a task payload's inline bytes."""
     if len(inline) < _CALL.size:
         raise SerializationError("a task payload is too short")
     code_size, env_size, fn_size, nrefs = _CALL.unpack_from(inline)
-    start = _CALL.size
-    setup_size = 0
+    at = _CALL.size
+    setup_size = nsegs = 0
     if code_size & _HAS_SETUP:
-        code_size &= ~_HAS_SETUP
-        if len(inline) < start + _SETUP_SIZE.size:
+        if len(inline) < at + _SETUP_SIZE.size:
             raise SerializationError("a task payload is too short")
-        (setup_size,) = _SETUP_SIZE.unpack_from(inline, start)
-        start += _SETUP_SIZE.size
-    start += nrefs * _REF.size
+        (setup_size,) = _SETUP_SIZE.unpack_from(inline, at)
+        at += _SETUP_SIZE.size
+    if code_size & _HAS_SEGMENTS:
+        if len(inline) < at + _COUNT.size:
+            raise SerializationError("a task payload is too short")
+        (nsegs,) = _COUNT.unpack_from(inline, at)
+        at += _COUNT.size
+    return code_size & _SIZE_BITS, env_size, fn_size, nrefs, nsegs, setup_size, at
+
+
+def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
+    """(code version, environment, executor setup, function pickle, arguments pickle,
+    number of refs and segments)."""
+    code_size, env_size, fn_size, nrefs, nsegs, setup_size, start = _header(inline)
+    start += nrefs * _REF.size + nsegs * SEGMENT_SIZE
     env = start + code_size
     setup = env + env_size
     fn = setup + setup_size
@@ -456,44 +525,60 @@ def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
     if args > len(inline):
         raise SerializationError("a task payload is shorter than its header says")
     parts = inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
-    return (*parts, nrefs)
+    return (*parts, nrefs + nsegs)
+
+
+def _tables(payload: Payload) -> tuple[list[DataRef], list[SegmentRef]]:
+    """The buffers a task payload names by content, and those in shared memory (both
+    empty for most tasks)."""
+    inline = payload.inline
+    _, _, _, nrefs, nsegs, _, start = _header(inline)
+    if not nrefs and not nsegs:
+        return [], []
+    end = start + nrefs * _REF.size
+    if len(inline) < end + nsegs * SEGMENT_SIZE:
+        raise SerializationError("a task payload's data refs run past it")
+    refs = [DataRef(*fields) for fields in _REF.iter_unpack(inline[start:end])]
+    segs = unpack_table(inline, nsegs, end) if nsegs else []
+    total = len(payload.buffers) + nrefs + nsegs
+    positions = [ref.position for ref in refs] + [seg.position for seg in segs]
+    if len(set(positions)) != len(positions) or any(pos >= total for pos in positions):
+        raise SerializationError("a task payload's data refs name impossible positions")
+    return refs, segs
 
 
 def data_refs(payload: Payload) -> list[DataRef]:
     """The buffers a task payload names by content (empty for most tasks)."""
-    inline = payload.inline
-    if len(inline) < _CALL.size:
-        raise SerializationError("a task payload is too short")
-    code_size, _, _, nrefs = _CALL.unpack_from(inline)
-    if not nrefs:
-        return []
-    start = _CALL.size + (_SETUP_SIZE.size if code_size & _HAS_SETUP else 0)
-    end = start + nrefs * _REF.size
-    if len(inline) < end:
-        raise SerializationError("a task payload's data refs run past it")
-    refs = [DataRef(*fields) for fields in _REF.iter_unpack(inline[start:end])]
-    total = len(payload.buffers) + nrefs
-    positions = [ref.position for ref in refs]
-    if len(set(positions)) != len(positions) or any(pos >= total for pos in positions):
-        raise SerializationError("a task payload's data refs name impossible positions")
-    return refs
+    return _tables(payload)[0]
+
+
+def segment_refs(payload: Payload) -> list[SegmentRef]:
+    """The buffers a task payload has in shared memory (empty for most tasks)."""
+    return _tables(payload)[1]
+
+
+#: Given a task's refs (or segments), their buffers in order.
+Resolver = Callable[[list[Any]], Sequence[Any]]
 
 
 def with_data_inline(
-    payload: Payload, resolve: Callable[[list[DataRef]], Sequence[Any]]
+    payload: Payload, resolve: Resolver, resolve_segments: Resolver | None = None
 ) -> Payload:
-    """``payload`` with the buffers it names by content resolved and carried as plain
-    frames: for a process that has no data cache of its own."""
-    refs = data_refs(payload)
-    if not refs:
+    """``payload`` with the buffers it names by content or has in shared memory resolved
+    and carried as plain frames: for a process that has no data cache of its own."""
+    refs, segs = _tables(payload)
+    if not refs and not segs:
         return payload
     buffers = list(payload.buffers)
-    _insert_data(payload, buffers, resolve)
+    _insert_data(payload, buffers, resolve, resolve_segments)
     inline = payload.inline
     code_size, env_size, fn_size, nrefs = _CALL.unpack_from(inline)
-    start = _CALL.size + (_SETUP_SIZE.size if code_size & _HAS_SETUP else 0)
-    head = _CALL.pack(code_size, env_size, fn_size, 0) + inline[_CALL.size : start]
-    return Payload(head + inline[start + nrefs * _REF.size :], tuple(buffers))
+    *_, start = _header(inline)
+    head = _CALL.pack(code_size & ~_HAS_SEGMENTS, env_size, fn_size, 0)
+    if code_size & _HAS_SETUP:
+        head += inline[_CALL.size : _CALL.size + _SETUP_SIZE.size]
+    rest = inline[start + nrefs * _REF.size + len(segs) * SEGMENT_SIZE :]
+    return Payload(head + rest, tuple(buffers))
 
 
 class FunctionCache:
@@ -529,11 +614,13 @@ class FunctionCache:
 def loads_call(
     payload: Payload,
     functions: FunctionCache,
-    resolve: Callable[[list[DataRef]], Sequence[Any]] | None = None,
+    resolve: Resolver | None = None,
+    resolve_segments: Resolver | None = None,
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Rebuild ``(fn, args, kwargs)`` from :func:`dumps_call`'s payload (once the code
     version it names is active). A payload that names data by content needs
-    ``resolve``: given its refs (:func:`data_refs`), it returns their buffers in order.
+    ``resolve``: given its refs (:func:`data_refs`), it returns their buffers in order;
+    one with buffers in shared memory, ``resolve_segments`` likewise.
 
     Raises TaskDecodeError (its cause says why), ModuleNotFoundError when the task needs
     a module this worker lacks, CodeShippingError when its shipped code cannot be used
@@ -549,7 +636,7 @@ def loads_call(
         ) from exc
     buffers = [_as_buffer(f) for f in payload.buffers]
     if nrefs:
-        _insert_data(payload, buffers, resolve)
+        _insert_data(payload, buffers, resolve, resolve_segments)
     try:
         args, kwargs = pickle.loads(arg_bytes, buffers=buffers)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
@@ -565,17 +652,28 @@ def loads_call(
 def _insert_data(
     payload: Payload,
     buffers: list[Any],
-    resolve: Callable[[list[DataRef]], Sequence[Any]] | None,
+    resolve: Resolver | None,
+    resolve_segments: Resolver | None = None,
 ) -> None:
-    """Put the buffers the payload names by content in their places among ``buffers``."""
-    if resolve is None:
-        raise SerializationError("a task names data by content and nothing resolves it")
-    refs = data_refs(payload)
-    data = resolve(refs)
-    if len(data) != len(refs):
-        raise SerializationError("a task's data by content was not resolved")
-    for ref, view in sorted(zip(refs, data), key=lambda pair: pair[0].position):
-        buffers.insert(ref.position, view)
+    """Put the buffers the payload names by content or has in shared memory in their
+    places among ``buffers``."""
+    refs, segs = _tables(payload)
+    placed: list[tuple[int, Any]] = []
+    tables: list[tuple[list[Any], Resolver | None, str]] = [
+        (refs, resolve, "data by content"),
+        (segs, resolve_segments, "shared memory"),
+    ]
+    for table, resolver, what in tables:
+        if not table:
+            continue
+        if resolver is None:
+            raise SerializationError(f"a task has {what} and nothing resolves it")
+        data = resolver(table)
+        if len(data) != len(table):
+            raise SerializationError(f"a task's {what} was not resolved")
+        placed += [(ref.position, view) for ref, view in zip(table, data)]
+    for position, view in sorted(placed, key=lambda pair: pair[0]):
+        buffers.insert(position, view)
 
 
 def code_version(payload: Payload) -> bytes:
@@ -635,25 +733,54 @@ def loads_initializer(data: bytes) -> tuple[Callable[..., object], tuple[Any, ..
     return initializer, tuple(initargs)
 
 
-def dumps_value(value: Any) -> Payload:
-    """The payload for a return value. Raises ResultDecodeError naming the cause."""
-    buffers: list[Frame] = []
+def dumps_value(value: Any, segments: Segmenter | None = None) -> Payload:
+    """The payload for a return value; with ``segments``, the large buffers it takes
+    travel through shared memory. Raises ResultDecodeError naming the cause."""
+    buffers: list[Any] = []
     try:
-        data = _dumps(value, buffers)
+        data = _dumps(value, buffers, segments=segments)
     except Exception as exc:
         raise ResultDecodeError(
             f"the task's result of type {type(value).__qualname__} cannot be pickled: "
             f"{type(exc).__name__}: {exc}"
         ) from None
-    return Payload(data, tuple(buffers))
+    if segments is None or all(type(b) is not SegmentRef for b in buffers):
+        return Payload(data, tuple(buffers))
+    segs = [b for b in buffers if type(b) is SegmentRef]
+    head = _RESULT_SEGMENTS + _COUNT.pack(len(segs)) + pack_table(segs)
+    return Payload(head + data, tuple(b for b in buffers if type(b) is not SegmentRef))
 
 
-def loads_value(payload: Payload) -> Any:
-    """The task's result. Raises ResultDecodeError, also when unpickling raised a
-    BaseException such as SystemExit (the client's I/O thread must survive it)."""
+def result_segments(payload: Payload) -> list[SegmentRef]:
+    """The buffers a result has in shared memory (empty for most); [] if malformed."""
+    inline = payload.inline
+    if inline[:1] != _RESULT_SEGMENTS or len(inline) < 1 + _COUNT.size:
+        return []
+    (count,) = _COUNT.unpack_from(inline, 1)
     try:
-        return pickle.loads(payload.inline, buffers=[_as_buffer(f) for f in payload.buffers])
-    except KeyboardInterrupt:
+        return unpack_table(inline, count, 1 + _COUNT.size)
+    except ValueError:
+        return []
+
+
+def loads_value(payload: Payload, take: Callable[[SegmentRef], Any] | None = None) -> Any:
+    """The task's result (its buffers in shared memory mapped by ``take``). Raises
+    ResultDecodeError, also when unpickling raised a BaseException such as SystemExit
+    (the client's I/O thread must survive it)."""
+    data: bytes | memoryview = payload.inline
+    buffers = [_as_buffer(f) for f in payload.buffers]
+    try:
+        if data[:1] == _RESULT_SEGMENTS:
+            segs = result_segments(payload)
+            if not segs or take is None:
+                raise ResultDecodeError("the result's shared memory could not be read here")
+            data = memoryview(data)[1 + _COUNT.size + len(segs) * SEGMENT_SIZE :]
+            for seg in sorted(segs, key=lambda s: s.position):
+                if seg.position > len(buffers):
+                    raise ResultDecodeError("a result names an impossible buffer position")
+                buffers.insert(seg.position, take(seg))
+        return pickle.loads(data, buffers=buffers)
+    except (KeyboardInterrupt, ResultDecodeError):
         raise
     except BaseException as exc:
         raise ResultDecodeError(

@@ -78,6 +78,7 @@ from fade.initializer import EXIT_RETIRED, Setups
 from fade.options import WorkerOptions, parse_worker_args
 from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
+from fade.shm import SegmentRef, WorkerSegments
 from fade.taskenv import TaskEnvironment
 from fade.wakeup import WakePipe
 from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, SLOW_TASK, Fetch, Job, WorkerIO
@@ -136,6 +137,15 @@ class Worker:
             functools.partial(self._fetch, what="data", error=SharedDataError),
             self._frame_limit,
         )
+        self.fast = fastpath.enabled(options.fast_paths)
+        # Large buffers through shared memory with clients on this host (fade/shm.py).
+        self._segments = WorkerSegments(
+            functools.partial(self._fetch, what="shared memory", error=SharedDataError),
+            self._frame_limit,
+            enabled=self.fast,
+        )
+        self._resolve_segments = self._mapped_segments  # one bound method, not one per task
+        self._write_result = self._result_segment if self.fast else None
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
@@ -147,7 +157,6 @@ class Worker:
             self.host,
             options.log_level,
         )
-        self.fast = fastpath.enabled(options.fast_paths)
         self.devices = {name: host_devices(name) for name in DEVICE_RESOURCES}
         self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, by when
         self._interruptible = False
@@ -189,7 +198,8 @@ class Worker:
                 elsewhere = self.environments.run(job.record.key, job.payload, self._data_inline)
                 if elsewhere is None:
                     value = self._call(job)
-                    status, payload = p.Status.OK, self._checked_size(ser.dumps_value(value))
+                    result = ser.dumps_value(value, self._write_result)
+                    status, payload = p.Status.OK, self._checked_size(result)
                 else:  # it ran in an environment process: its outcome is pickled already
                     status, payload = elsewhere
                     if status is p.Status.OK:
@@ -229,7 +239,9 @@ class Worker:
         key = job.record.key
         self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
         self._setups.before(job.payload)
-        fn, args, kwargs = ser.loads_call(job.payload, self._functions, self._resolve)
+        fn, args, kwargs = ser.loads_call(
+            job.payload, self._functions, self._resolve, self._resolve_segments
+        )
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))
         self._interruptible = True  # a stop signal raises in the task's code only
@@ -244,10 +256,23 @@ class Worker:
         assert job is not None
         return self._data.resolve(job.record.scope, job.record.key, refs)
 
+    def _mapped_segments(self, refs: list[SegmentRef]) -> list[memoryview]:
+        """The buffers a task has in shared memory (mapped, or fetched if not on this host)."""
+        job = self._job
+        assert job is not None
+        return self._segments.resolve(job.record.key, refs)
+
+    def _result_segment(self, raw: memoryview) -> bytes | None:
+        """Where a large buffer of the running task's result goes in shared memory, if it
+        does (fade/shm.py)."""
+        job = self._job
+        return None if job is None else self._segments.write(job.record.key, raw)
+
     def _data_inline(self, payload: p.Payload) -> p.Payload:
-        """The task's payload with its data by content as plain frames: for a task that
-        runs in an environment process (fade/environments.py), which has no data cache."""
-        return ser.with_data_inline(payload, self._resolve)
+        """The task's payload with its data by content (and in shared memory) as plain
+        frames: for a task that runs in an environment process (fade/environments.py),
+        which has no data cache."""
+        return ser.with_data_inline(payload, self._resolve, self._resolve_segments)
 
     # -- stopping a running task (Executor.terminate) -------------------------------------
 

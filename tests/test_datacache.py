@@ -277,7 +277,7 @@ def test_refs_live_beside_a_setup_and_an_environment_and_can_be_inlined() -> Non
         assert "numpy" in arg_modules
         return b"n" * 16, 0
 
-    payload, _, pinned = ser.dumps_task(
+    payload, _, pinned, _ = ser.dumps_task(
         tasks.add, (big, 1), {}, b"v" * 16, setup=setup, environment=environment, shelf=shelf
     )
     assert len(pinned) == 1 and payload.buffers == ()

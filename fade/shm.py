@@ -1,0 +1,594 @@
+"""Large buffers through shared memory, between a client and the workers of its host.
+
+::
+
+    client (fade/client.py, clientio.py)                        worker process (fade/worker.py)
+    submit(f, big) --pickle--> buffer >= threshold (embedded pool)
+      ClientSegments.claim: written once into <root>/fade-seg-<pid>-<random>/a-<id>,
+      kept while a pending task names it (not hashed, not copied again)
+      TASK inline: segments [(position, id, size)] -------------> WorkerSegments.resolve
+                                                                   where are its segments?
+      ClientSegments.describe <-- FETCH {"kind": "segments"} ----- (once per client)
+      {dir, boot, dev, ino, threshold} ------------------------>  same boot id, and the folder
+                                                                   at that path has that st_dev
+                                                                   and st_ino: mmap MAP_PRIVATE
+                                                                   (no copy; writes stay private)
+      ClientSegments.serve  <-- FETCH {"kind": "segment"} ------- otherwise: its bytes, through
+                                                                   the broker
+                                                                 result buffer >= threshold, and
+                                                                   the client's folder is here:
+                                                                   written as r-<task id>-<id>
+      loads_value: mapped, then unlinked <-- RESULT "S" + table -- (else frames, as ever)
+    future done: its a- segments released (removed when no pending task names them)
+    every SWEEP_INTERVAL: r- files of tasks no longer pending removed (a worker that died
+      after writing one, a result the broker dropped)
+
+**Same host** is decided by what a different mount of the folder changes: the worker
+compares the boot id, and the ``st_dev`` and ``st_ino`` the client saw for its folder
+with what it sees at that path. Containers or network namespaces that share the
+kernel but not ``/dev/shm`` see another device (or nothing) there, and fall back.
+
+**Nothing left behind.** Each folder is locked (``flock``) by its owner for as long as
+it lives: the lock is released by the kernel however the owner ends, SIGKILL
+included, and in every pid namespace alike. :func:`sweep` removes the folders whose lock
+it can take: run by every new Executor, by a ``fade-worker`` supervisor every
+SWEEP_INTERVAL, and by an embedded pool's workers when their parent dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+import stat
+import struct
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fade.errors import FadeError, ResultDecodeError, SharedDataError
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "ROOT_ENV",
+    "SWEEP_INTERVAL",
+    "ClientSegments",
+    "Folder",
+    "SegmentRef",
+    "WorkerSegments",
+    "sweep",
+]
+
+log = logging.getLogger("fade.shm")
+
+#: Where segment folders go, unless $FADE_SHM_DIR says otherwise (a tmpfs: memory).
+DEFAULT_ROOT = "/dev/shm"
+ROOT_ENV = "FADE_SHM_DIR"
+#: Buffers of at least this many bytes travel through shared memory (measured:
+#: benchmarks/shm_threshold.py); smaller ones cost less as frames.
+DEFAULT_THRESHOLD = 256 * 1024
+#: Seconds between sweeps of leftovers (a client's results; a supervisor's dead owners).
+SWEEP_INTERVAL = 1.0
+#: A folder still being set up (before its lock is taken) is left alone this long.
+NEW_AGE = 60.0
+NAME_SIZE = 16
+#: Bytes written per system call.
+WRITE_CHUNK = 8 * 2**20
+
+FOLDER_PREFIX = "fade-seg-"
+_NEW_PREFIX = ".fade-seg-new-"
+_FOLDER = re.compile(r"fade-seg-\d+-[A-Za-z0-9_]+")
+_ARG = "a-"
+_RESULT = re.compile(r"r-([0-9a-f]{1,16})-([0-9a-f]{32})")
+
+Fetch = Callable[[bytes, dict[str, object]], list[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    """One out-of-band buffer that travels through shared memory: its place among the
+    pickle's buffers, its segment's name (NAME_SIZE bytes) and its size."""
+
+    position: int
+    name: bytes
+    size: int
+
+
+def root() -> str:
+    return os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+
+
+_boot: str | None = None
+
+
+def boot_id() -> str:
+    """This kernel's boot id ("" where there is none: then no folder is taken as local)."""
+    global _boot
+    if _boot is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _boot = f.read().strip()
+        except OSError:
+            _boot = ""
+    return _boot
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def write_file(path: str, buffer: Any) -> None:
+    """A new file (0600) holding ``buffer``'s bytes; removed again if that fails (a full
+    tmpfs says ENOSPC here, never SIGBUS later). Raises OSError."""
+    view = memoryview(buffer).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while offset < view.nbytes:
+            offset += os.pwrite(fd, view[offset : offset + WRITE_CHUNK], offset)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def map_file(path: str, size: int) -> memoryview:
+    """The file as a writable, copy-on-write mapping (MAP_PRIVATE): reading costs no copy,
+    and what a task writes changes its own pages only. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise OSError(errno.EINVAL, f"{path} does not hold {size} bytes")
+        if size == 0:
+            return memoryview(bytearray())
+        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class Folder:
+    """A folder of segments owned by this process, locked for as long as it lives."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._owner = os.getpid()
+        st = os.fstat(fd)
+        self.description = {
+            "dir": path,
+            "boot": boot_id(),
+            "dev": st.st_dev,
+            "ino": st.st_ino,
+        }
+
+    @classmethod
+    def create(cls, base: str | None = None) -> Folder | None:
+        """A new folder under ``base`` (default :func:`root`); None if it cannot be made
+        there (no /dev/shm on this system, say)."""
+        base = base or root()
+        try:
+            # Made under a name sweeps skip, locked, then renamed: a sweep can never take
+            # a folder for abandoned between its creation and its lock.
+            new = tempfile.mkdtemp(prefix=_NEW_PREFIX, dir=base)
+            fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            _lock(fd)
+            suffix = os.path.basename(new)[len(_NEW_PREFIX) :]
+            path = os.path.join(base, f"{FOLDER_PREFIX}{os.getpid()}-{suffix}")
+            os.rename(new, path)
+        except OSError as exc:
+            log.info("no shared memory for large buffers (%s): they travel as frames", exc)
+            return None
+        return cls(path, fd)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def close(self) -> None:
+        """Remove the folder and everything in it (in the process that made it only)."""
+        if self._fd < 0 or os.getpid() != self._owner:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+        self._fd = -1
+
+
+def sweep(base: str | None = None) -> int:
+    """Remove the segment folders of this user whose owner is gone (their lock is free);
+    returns how many. Never raises."""
+    base = base or root()
+    removed = 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    uid = os.geteuid()
+    now = time.time()
+    for entry in entries:
+        try:
+            if entry.name.startswith(_NEW_PREFIX):
+                st = entry.stat(follow_symlinks=False)
+                if st.st_uid == uid and now - st.st_mtime > NEW_AGE:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+                continue
+            if not _FOLDER.fullmatch(entry.name):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid != uid or not stat.S_ISDIR(st.st_mode):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if _lock(fd):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d shared-memory folders left by processes that are gone", removed)
+    return removed
+
+
+def _result_name(task_id: int, name: bytes) -> str:
+    return f"r-{task_id:x}-{name.hex()}"
+
+
+# -- the client's side -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pin:
+    size: int
+    count: int
+    key: tuple[int, int]
+    view: memoryview  # keeps the exporting object alive, so that its id stays its own
+
+
+class ClientSegments:
+    """A client's segments: its arguments (``eager``: written at submit; the embedded pool,
+    whose workers are all on this host) and its workers' results, in one folder made at
+    first use. Thread-safe: submit threads claim, the I/O thread serves, takes results,
+    releases and sweeps."""
+
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD, *, eager: bool) -> None:
+        self.threshold = threshold
+        self.eager = eager
+        self._lock = threading.Lock()
+        self._folder: Folder | None = None
+        self._failed = False
+        self._pins: dict[bytes, _Pin] = {}
+        self._known: dict[tuple[int, int], bytes] = {}  # (id of exporter, size) -> name
+        self.written = 0  # argument segments written
+        self.mapped = 0  # result segments mapped
+
+    def folder(self) -> Folder | None:
+        with self._lock:
+            if self._folder is None and not self._failed:
+                self._folder = Folder.create()
+                self._failed = self._folder is None
+            return self._folder
+
+    # -- arguments ---------------------------------------------------------------------
+
+    def claim(self, raw: memoryview) -> bytes | None:
+        """The segment ``raw`` travels in, pinned for one more task (release it with
+        :meth:`release`); None: it travels otherwise (too small, or no shared memory)."""
+        if not self.eager or raw.nbytes < self.threshold:
+            return None
+        key = (id(raw.obj), raw.nbytes)
+        with self._lock:
+            name = self._known.get(key)
+            if name is not None:
+                self._pins[name].count += 1
+                return name
+        folder = self.folder()
+        if folder is None:
+            return None
+        name = os.urandom(NAME_SIZE)
+        try:
+            write_file(folder.file(_ARG + name.hex()), raw)  # outside the lock
+        except OSError as exc:
+            log.info("a %d-byte argument travels as a frame: %s", raw.nbytes, exc)
+            return None
+        with self._lock:
+            self.written += 1
+            if key in self._known:  # another thread wrote the same buffer meanwhile
+                _unlink(folder.file(_ARG + name.hex()))
+                name = self._known[key]
+                self._pins[name].count += 1
+                return name
+            self._pins[name] = _Pin(raw.nbytes, 1, key, raw)
+            self._known[key] = name
+        return name
+
+    def release(self, names: Sequence[bytes]) -> None:
+        """A task that named these is done (or was never sent): remove what no pending task
+        names any more."""
+        gone = []
+        with self._lock:
+            for name in names:
+                pin = self._pins.get(name)
+                if pin is None:
+                    continue
+                pin.count -= 1
+                if pin.count <= 0:
+                    del self._pins[name]
+                    if self._known.get(pin.key) == name:
+                        del self._known[pin.key]
+                    gone.append(name)
+            folder = self._folder
+        if folder is not None:
+            for name in gone:
+                _unlink(folder.file(_ARG + name.hex()))
+
+    def held(self) -> int:
+        """Argument segments kept for pending tasks."""
+        with self._lock:
+            return len(self._pins)
+
+    # -- answering workers --------------------------------------------------------------
+
+    def describe(self) -> tuple[bool, list[bytes]]:
+        """Where this client's segments are (a worker's ``{"kind": "segments"}``)."""
+        folder = self.folder()
+        if folder is None:
+            return False, [b"this client has no shared memory"]
+        answer = {**folder.description, "threshold": self.threshold}
+        return True, [json.dumps(answer).encode()]
+
+    def serve(self, request: dict[str, Any]) -> tuple[bool, list[bytes]]:
+        """The bytes of an argument segment, for a worker that cannot map it:
+        ``{"kind": "segment", "name", "offset", "size", "chunk"}``."""
+        try:
+            name = bytes.fromhex(str(request["name"]))
+            offset, size, chunk = (int(request[k]) for k in ("offset", "size", "chunk"))
+        except (KeyError, TypeError, ValueError):
+            return False, [b"malformed segment request"]
+        with self._lock:
+            pin = self._pins.get(name)
+            folder = self._folder
+        if pin is None or folder is None:
+            return False, [b"this client keeps no such segment (no pending task names it)"]
+        if offset < 0 or size < 1 or chunk < 1 or offset + size > pin.size:
+            return False, [b"segment request out of range"]
+        if -(-size // chunk) > 4096:
+            return False, [b"segment request in too many chunks"]
+        try:
+            fd = os.open(folder.file(_ARG + name.hex()), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return False, [f"cannot read the segment: {exc}".encode()]
+        try:
+            return True, [
+                os.pread(fd, min(chunk, offset + size - at), at)
+                for at in range(offset, offset + size, chunk)
+            ]
+        finally:
+            os.close(fd)
+
+    # -- results ------------------------------------------------------------------------
+
+    def taker(self, task_id: int) -> Callable[[SegmentRef], memoryview]:
+        """What maps task ``task_id``'s result segments (each removed once mapped)."""
+
+        def take(ref: SegmentRef) -> memoryview:
+            folder = self._folder
+            if folder is None:
+                raise ResultDecodeError("a result came in shared memory this client never set up")
+            path = folder.file(_result_name(task_id, ref.name))
+            try:
+                view = map_file(path, ref.size)
+            except OSError as exc:
+                raise ResultDecodeError(
+                    f"the task's result was in shared memory that is gone: {exc}"
+                ) from None
+            finally:
+                _unlink(path)
+            self.mapped += 1
+            return view
+
+        return take
+
+    def discard(self, task_id: int, refs: Sequence[SegmentRef]) -> None:
+        """A result not used (a second one for a task already done): remove its segments."""
+        folder = self._folder
+        if folder is not None:
+            for ref in refs:
+                _unlink(folder.file(_result_name(task_id, ref.name)))
+
+    def sweep_results(self, pending: Container[int]) -> int:
+        """Remove result segments of tasks that are not pending (a worker that died after
+        writing one, a result the broker dropped); returns how many."""
+        folder = self._folder
+        if folder is None:
+            return 0
+        removed = 0
+        try:
+            names = os.listdir(folder.path)
+        except OSError:
+            return 0
+        for name in names:
+            match = _RESULT.fullmatch(name)
+            if match and int(match[1], 16) not in pending:
+                _unlink(folder.file(name))
+                removed += 1
+        return removed
+
+    def files(self) -> list[str]:
+        """What the folder holds now (tests, diagnostics)."""
+        folder = self._folder
+        if folder is None:
+            return []
+        with contextlib.suppress(OSError):
+            return sorted(os.listdir(folder.path))
+        return []
+
+    def close(self) -> None:
+        with self._lock:
+            folder, self._folder = self._folder, None
+            self._failed = True
+            self._pins.clear()
+            self._known.clear()
+        if folder is not None:
+            folder.close()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+# -- a worker's side -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """A client's folder as this worker sees it."""
+
+    path: str
+    threshold: int
+
+
+class WorkerSegments:
+    """Maps a task's argument segments (or fetches their bytes when its client's folder is
+    not here) and writes its results into that folder (``enabled``: the fast paths are
+    on). Main thread only."""
+
+    def __init__(
+        self, fetch: Fetch, frame_limit: Callable[[], int], *, enabled: bool = True
+    ) -> None:
+        self._fetch = fetch
+        self._frame_limit = frame_limit
+        self.enabled = enabled
+        self._places: OrderedDict[bytes, _Place | None] = OrderedDict()  # client tag -> place
+        self.mapped = 0
+        self.fetched = 0
+        self.written = 0
+
+    def place(self, key: bytes) -> _Place | None:
+        """Where the client of task ``key`` keeps its segments, if that folder is on this
+        host and this user may write it (asked once per client); None otherwise."""
+        tag = key[:8]
+        if tag in self._places:
+            self._places.move_to_end(tag)
+            return self._places[tag]
+        found = self._ask(key) if self.enabled else None
+        self._places[tag] = found
+        if len(self._places) > 256:
+            self._places.popitem(last=False)
+        return found
+
+    def _ask(self, key: bytes) -> _Place | None:
+        try:
+            frames = self._fetch(key, {"kind": "segments"})
+            answer = json.loads(frames[0])
+            path, boot = str(answer["dir"]), str(answer["boot"])
+            dev, ino, threshold = int(answer["dev"]), int(answer["ino"]), int(answer["threshold"])
+        except (FadeError, LookupError, TypeError, ValueError) as exc:
+            log.debug("the client's shared memory is not for us: %s", exc)
+            return None
+        if not boot or boot != boot_id() or not _FOLDER.fullmatch(os.path.basename(path)):
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # another /dev/shm (a container), or another machine
+        if (st.st_dev, st.st_ino) != (dev, ino) or st.st_uid != os.geteuid():
+            return None
+        return _Place(path, max(threshold, 1))
+
+    def resolve(self, key: bytes, refs: Sequence[SegmentRef]) -> list[memoryview]:
+        """Each argument segment's buffer, in order: mapped if its folder is here, else
+        fetched from the client through the broker. Raises SharedDataError."""
+        place = self.place(key)
+        views = []
+        for ref in refs:
+            view = None
+            if place is not None:
+                try:
+                    view = map_file(os.path.join(place.path, _ARG + ref.name.hex()), ref.size)
+                    self.mapped += 1
+                except OSError as exc:
+                    log.info("cannot map an argument segment (%s): fetching it", exc)
+            if view is None:
+                view = self._download(key, ref)
+            views.append(view)
+        return views
+
+    def _download(self, key: bytes, ref: SegmentRef) -> memoryview:
+        from fade.datafetch import download
+
+        if ref.size == 0:
+            return memoryview(bytearray())
+        try:
+            memory = mmap.mmap(-1, ref.size)
+        except (OSError, OverflowError, ValueError) as exc:
+            raise SharedDataError(
+                f"cannot hold {ref.size} bytes of task data here: {exc}"
+            ) from None
+        fields: dict[str, object] = {"kind": "segment", "name": ref.name.hex()}
+        at = 0
+
+        def sink(frame: Any) -> None:
+            nonlocal at
+            view = memoryview(frame).cast("B")
+            memory[at : at + view.nbytes] = view
+            at += view.nbytes
+
+        download(self._fetch, key, fields, ref.size, self._frame_limit(), sink)
+        self.fetched += 1
+        return memoryview(memory)
+
+    def write(self, key: bytes, raw: memoryview) -> bytes | None:
+        """Write a large result buffer of task ``key`` into its client's folder: the
+        segment's name, or None (it goes as a frame: shared memory is off, the folder is
+        not here, the buffer is under the client's threshold, or the write failed)."""
+        if not self.enabled:
+            return None
+        where = self.place(key)  # asked at the first large result of a client only
+        if where is None or raw.nbytes < where.threshold:
+            return None
+        name = os.urandom(NAME_SIZE)
+        task_id = int.from_bytes(key[8:16], "little")
+        try:
+            write_file(os.path.join(where.path, _result_name(task_id, name)), raw)
+        except OSError as exc:
+            log.info("a %d-byte result buffer goes as a frame: %s", raw.nbytes, exc)
+            return None
+        self.written += 1
+        return name
+
+
+def pack_table(refs: Sequence[SegmentRef]) -> bytes:
+    return b"".join([_SEG.pack(r.position, r.name, r.size) for r in refs])
+
+
+def unpack_table(data: bytes, count: int, at: int) -> list[SegmentRef]:
+    end = at + count * _SEG.size
+    if len(data) < end:
+        raise ValueError("a segment table runs past its payload")
+    return [SegmentRef(*fields) for fields in _SEG.iter_unpack(data[at:end])]
+
+
+#: position among the buffers, name, size
+_SEG = struct.Struct(f"<H{NAME_SIZE}sQ")
+SEGMENT_SIZE = _SEG.size
