@@ -183,10 +183,13 @@ class Executor(cf.Executor):
             handles). See docs/data.md. On the embedded pool, whose workers share
             this machine, large buffers go through shared memory instead.
         shared_memory: large buffers (256 KiB or more) between this client and
-            workers on its machine travel through shared memory (``/dev/shm``): the
-            embedded pool's arguments and results, and the results of a remote
-            pool's workers that run on this machine (docs/data.md). Default: on,
-            unless the fast paths are off (``fast_paths``, $FADE_FAST_PATHS).
+            workers on its machine travel through shared memory (``/dev/shm``).
+            Default (None): the embedded pool's arguments and results, and the
+            results of a remote pool's workers that run on this machine, unless the
+            fast paths are off (``fast_paths``, $FADE_FAST_PATHS). True: a remote
+            pool's arguments too (for a pool whose workers share this machine:
+            others fetch each such buffer through the broker). False: never.
+            See docs/data.md.
         priority, resources: the defaults of this executor's tasks (see
             :meth:`options` and docs/scheduling.md).
 
@@ -250,7 +253,7 @@ class Executor(cf.Executor):
         self._segments: shm.ClientSegments | None = None
         if shared_memory if shared_memory is not None else fastpath.enabled(fast_paths):
             shm.sweep()  # what clients killed on this machine left
-            self._segments = shm.ClientSegments(eager=address is None)
+            self._segments = shm.ClientSegments(eager=address is None or bool(shared_memory))
         self._pool: EmbeddedPool | None = None
         assumed_capacity = 0
         if address is None:

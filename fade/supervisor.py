@@ -22,6 +22,8 @@
 * :meth:`Supervisor.tick` never blocks: back-off delays a spawn, it does not sleep.
 * With keys, the supervisor and its workers use the same worker key: the
   broker accepts an OBITUARY only for identities bound to the sender's key.
+* Every SWEEP_INTERVAL it removes the shared-memory folders of processes of this
+  host that are gone (fade/shm.py): a client killed while its workers wrote results.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass, replace
 import zmq
 
 from fade import protocol as p
-from fade import security
+from fade import security, shm
 from fade.initializer import EXIT_RETIRED
 from fade.options import WorkerOptions, child_argv
 from fade.resources import detect_resources
@@ -90,6 +92,7 @@ class Supervisor:
         self._backoff = 0.0
         self._owed = 0  # replacements not started yet
         self._spawn_at = 0.0
+        self._next_sweep = 0.0
         self._context = zmq.Context()
         self._socket = connect_dealer(
             self._context,
@@ -128,7 +131,11 @@ class Supervisor:
         """Reap and replace dead workers; never blocks. False once none is left."""
         self._read_controls()
         self._reap()
-        if self._owed and not self._stopping and time.monotonic() >= self._spawn_at:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + shm.SWEEP_INTERVAL
+            shm.sweep()
+        if self._owed and not self._stopping and now >= self._spawn_at:
             self._owed -= 1
             self._spawn()
         return bool(self._children) or bool(self._owed and not self._stopping)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from fade import fastpath
+from fade import fastpath, shm
 from fade import protocol as p
 from fade import serialization as ser
 from fade._version import __version__
@@ -346,10 +346,12 @@ class WorkerIO:
         return parent is not None and os.getppid() != parent
 
     def _clean_up_after_parent(self) -> None:
-        """The embedded pool's process is gone: nobody else will remove its socket folder."""
+        """The embedded pool's process is gone: nobody else will remove its socket folder,
+        or its shared-memory folder (fade/shm.py: its lock is free now)."""
         folder = self.w.options.remove_dir
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+            shm.sweep()
 
     def _poll_timeout(self) -> float:
         now = time.monotonic()

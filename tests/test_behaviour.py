@@ -251,6 +251,20 @@ def test_fifty_megabyte_array_argument_and_result(executor: cf.Executor) -> None
     result += 1  # results are ordinary writable arrays
 
 
+def test_large_arrays_there_and_back_many_at_once(executor: cf.Executor) -> None:
+    # Sizes either side of the shared-memory threshold (fade/shm.py), several tasks naming
+    # the same buffer at once, arrays inside containers, and a task that writes into its
+    # argument: the caller's array never changes.
+    arrays = [np.full(n, i, dtype=np.uint8) for i, n in enumerate((70_000, 300_000, 3 * 2**20))]
+    futures = [executor.submit(tasks.identity, {"k": a, "t": (a, 1)}) for a in arrays * 3]
+    for a, future in zip(arrays * 3, futures):
+        back = future.result(timeout=60)
+        assert np.array_equal(back["k"], a) and np.array_equal(back["t"][0], a)
+    sums = [executor.submit(tasks.scribble_and_sum, {"a": a}) for a in arrays * 2]
+    assert [f.result(timeout=60) for f in sums] == [float(a.sum() + a.size) for a in arrays * 2]
+    assert [int(a[0]) for a in arrays] == [0, 1, 2]
+
+
 def test_closures_and_lambdas(executor: cf.Executor) -> None:
     _fade_only(executor, "cannot pickle lambdas or closures")
     offset = 10
