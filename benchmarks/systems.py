@@ -10,7 +10,10 @@
     dask           distributed LocalCluster, 2 worker processes x 1 thread  tcp loopback
     ray            ray.init(num_cpus=2) behind a small Executor adapter  ray
 
-fade runs with ``share_threshold=None`` (see TRANSPORT): every row compares transport.
+fade-tcp runs with ``share_threshold=None`` (see TRANSPORT): every row compares transport.
+fade-embedded runs with the Executor's defaults, as ``fade.Executor()`` is first tried: its
+large buffers go through shared memory (fade/shm.py), never by content, so its 50 MB row
+compares transport too.
 
 Opening a system starts everything it needs and closing it stops everything, error or not, so the
 runner can time "start to first result" from before ``open_target`` is entered; ``preload`` does
@@ -127,7 +130,7 @@ def _fade_tcp() -> Iterator[cf.Executor]:
 def _fade_embedded() -> Iterator[cf.Executor]:
     import fade
 
-    with fade.Executor(max_workers=WORKERS, **TRANSPORT) as executor:
+    with fade.Executor(max_workers=WORKERS) as executor:
         yield executor
 
 

@@ -417,7 +417,7 @@ class ClientIO:
                 self.break_pool(BrokenPoolError(problem))
         if self.segments is not None and now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
-            self.segments.sweep_results(self.in_flight)
+            self.segments.sweep(self.in_flight)
 
     def _poll_timeout(self) -> float:
         sock = self.link.socket
@@ -497,17 +497,26 @@ class ClientIO:
             if self.shelf is not None:
                 ok, frames = self.shelf.serve(request)
                 status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
-        elif kind in ("segments", "segment"):
+        elif kind in ("segments", "segment", "slot"):
             frames = [b"this client uses no shared memory"]
             if self.segments is not None:
                 if kind == "segments":
                     ok, frames = self.segments.describe()
-                else:
+                elif kind == "segment":
                     ok, frames = self.segments.serve(request)
+                else:
+                    ok, frames = self._reserve(request)
                 status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
         elif self.code is not None:
             status, frames = _serve(self.code, request)
         self.link.send(p.encode_code(ref, request_id, status, frames))
+
+    def _reserve(self, request: dict[str, Any]) -> tuple[bool, list[bytes]]:
+        """A slot in shared memory for a result of a task of ours that is still pending."""
+        task_id = request.get("task")
+        if self.segments is None or not isinstance(task_id, int) or task_id not in self.in_flight:
+            return False, [b"no such task pending"]
+        return self.segments.reserve(task_id, request)
 
     def _on_notice(self, message: p.Message) -> None:
         text, task_ids = p.decode_notice(message.body)
@@ -529,16 +538,16 @@ class ClientIO:
 
     def _complete(self, record: p.ResultRecord, payload: p.Payload) -> None:
         item = self.in_flight.pop(record.task_id, None)
-        segments = self.segments
         if item is None:
             self.late_results += 1  # a duplicate: this future already has its result
-            if segments is not None and record.status is p.Status.OK:
-                segments.discard(record.task_id, ser.result_segments(payload))
             return
+        segments = self.segments
         take = None
         if segments is not None and payload.inline[:1] == b"S":  # some in shared memory
             take = segments.taker(record.task_id)
         ok, value = _outcome(record.status, payload, take)
+        if segments is not None:
+            segments.done(record.task_id)
         self.ready.append((item.future, ok, value))
         if isinstance(value, InitializerError):
             # As in the standard pools, a failed initializer breaks the executor.

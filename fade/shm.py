@@ -3,11 +3,11 @@
 ::
 
     client (fade/client.py, clientio.py)                        worker process (fade/worker.py)
-    submit(f, big) --pickle--> buffer >= threshold (embedded pool)
-      ClientSegments.claim: written once into <root>/fade-seg-<pid>-<random>/a-<id>,
-      kept while a pending task names it (not hashed, not copied again)
-      TASK inline: segments [(position, id, size)] -------------> WorkerSegments.resolve
-                                                                   where are its segments?
+    submit(f, big) --pickle--> buffer >= threshold (embedded pool, or shared_memory=True)
+      ClientSegments.claim: copied once into a slot, a file of the client's folder
+      <root>/fade-seg-<pid>-<random>/s-<name>; pinned while a pending task names it
+      TASK inline: segments [(position, name, size)] -----------> WorkerSegments.resolve
+                                                                   where are its slots?
       ClientSegments.describe <-- FETCH {"kind": "segments"} ----- (once per client)
       {dir, boot, dev, ino, threshold} ------------------------>  same boot id, and the folder
                                                                    at that path has that st_dev
@@ -16,12 +16,20 @@
       ClientSegments.serve  <-- FETCH {"kind": "segment"} ------- otherwise: its bytes, through
                                                                    the broker
                                                                  result buffer >= threshold, and
-                                                                   the client's folder is here:
-                                                                   written as r-<task id>-<id>
-      loads_value: mapped, then unlinked <-- RESULT "S" + table -- (else frames, as ever)
-    future done: its a- segments released (removed when no pending task names them)
-    every SWEEP_INTERVAL: r- files of tasks no longer pending removed (a worker that died
-      after writing one, a result the broker dropped)
+      ClientSegments.reserve <-- FETCH {"kind": "slot"} --------- the client's folder is here:
+      a slot for that task ------------------------------------>   written into the slot
+      loads_value: mapped <------- RESULT "S" + table ------------ (else frames, as ever)
+
+**Slots are reused.** On a tmpfs, writing into new pages costs several times what a
+copy into pages it has costs (measured: 17 against 7 ms for 50 MB, and far more on a
+busy machine): so a slot whose task is done is kept (FREE_BYTES at most, for IDLE
+seconds) and written again. Two rules make that safe. Every mapping holds a shared
+``flock`` on its slot for as long as it lives (through the descriptor mmap keeps), and
+a slot is reused only if an exclusive lock can be had: never while a worker, a task
+that kept its argument, or the caller's result array maps it. And a slot gets a new
+name each time it is reused: a late worker (one given up for lost, still alive) that
+opens the old name finds nothing, and one that opened it before takes its lock after
+the new writer let go, sees the name gone, and stops.
 
 **Same host** is decided by what a different mount of the folder changes: the worker
 compares the boot id, and the ``st_dev`` and ``st_ino`` the client saw for its folder
@@ -32,7 +40,8 @@ kernel but not ``/dev/shm`` see another device (or nothing) there, and fall back
 it lives: the lock is released by the kernel however the owner ends, SIGKILL
 included, and in every pid namespace alike. :func:`sweep` removes the folders whose lock
 it can take: run by every new Executor, by a ``fade-worker`` supervisor every
-SWEEP_INTERVAL, and by an embedded pool's workers when their parent dies.
+SWEEP_INTERVAL, and by an embedded pool's workers when their parent dies. A client
+removes its own folder when it shuts down.
 """
 
 from __future__ import annotations
@@ -85,11 +94,17 @@ NAME_SIZE = 16
 #: Bytes written per system call.
 WRITE_CHUNK = 8 * 2**20
 
+#: Free slots kept for reuse: at most this many bytes, each for at most IDLE seconds.
+FREE_BYTES = 512 * 2**20
+IDLE = 5.0
+#: The largest result slot a worker may ask for.
+MAX_SLOT = 2**40
+PAGE = mmap.PAGESIZE
+
 FOLDER_PREFIX = "fade-seg-"
 _NEW_PREFIX = ".fade-seg-new-"
 _FOLDER = re.compile(r"fade-seg-\d+-[A-Za-z0-9_]+")
-_ARG = "a-"
-_RESULT = re.compile(r"r-([0-9a-f]{1,16})-([0-9a-f]{32})")
+_SLOT = "s-"
 
 Fetch = Callable[[bytes, dict[str, object]], list[bytes]]
 
@@ -126,30 +141,48 @@ def boot_id() -> str:
 # -- files -------------------------------------------------------------------------------
 
 
-def write_file(path: str, buffer: Any) -> None:
-    """A new file (0600) holding ``buffer``'s bytes; removed again if that fails (a full
-    tmpfs says ENOSPC here, never SIGBUS later). Raises OSError."""
+def _write(fd: int, buffer: Any) -> None:
     view = memoryview(buffer).cast("B")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    offset = 0
+    while offset < view.nbytes:
+        offset += os.pwrite(fd, view[offset : offset + WRITE_CHUNK], offset)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (slots are renamed when reused:
+    a late opener of an old name must not use the new content)."""
     try:
-        offset = 0
-        while offset < view.nbytes:
-            offset += os.pwrite(fd, view[offset : offset + WRITE_CHUNK], offset)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+def write_slot(path: str, buffer: Any) -> None:
+    """Write ``buffer`` at the start of the slot at ``path`` (which must be at least that
+    large), holding its lock: no one maps a slot while it is written. Raises OSError (a
+    full tmpfs says ENOSPC here, never SIGBUS later)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if not _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB) or not _same_file(fd, path):
+            raise OSError(errno.EBUSY, f"{path} is in use or was given to another")
+        if os.fstat(fd).st_size < memoryview(buffer).nbytes:
+            raise OSError(errno.EINVAL, f"{path} is too small")
+        _write(fd, buffer)
     finally:
         os.close(fd)
 
 
 def map_file(path: str, size: int) -> memoryview:
-    """The file as a writable, copy-on-write mapping (MAP_PRIVATE): reading costs no copy,
-    and what a task writes changes its own pages only. Raises OSError."""
+    """The first ``size`` bytes of a slot as a writable, copy-on-write mapping
+    (MAP_PRIVATE): reading costs no copy, and what a task writes changes its own pages
+    only. The mapping holds a shared lock on the slot for as long as it lives (through the
+    descriptor mmap keeps), so the slot is not reused meanwhile. Raises OSError."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if os.fstat(fd).st_size != size:
-            raise OSError(errno.EINVAL, f"{path} does not hold {size} bytes")
+        if not _lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB) or not _same_file(fd, path):
+            raise OSError(errno.EBUSY, f"{path} is being written or was given to another")
+        if os.fstat(fd).st_size < size:
+            raise OSError(errno.EINVAL, f"{path} holds fewer than {size} bytes")
         if size == 0:
             return memoryview(bytearray())
         return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
@@ -157,9 +190,9 @@ def map_file(path: str, size: int) -> memoryview:
         os.close(fd)
 
 
-def _lock(fd: int) -> bool:
+def _lock(fd: int, how: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, how)
     except BlockingIOError:
         return False
     return True
@@ -249,37 +282,51 @@ def sweep(base: str | None = None) -> int:
     return removed
 
 
-def _result_name(task_id: int, name: bytes) -> str:
-    return f"r-{task_id:x}-{name.hex()}"
-
-
 # -- the client's side -----------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """A file of the client's folder that carries one buffer at a time, reused: writing
+    into pages a tmpfs already has costs a copy; new pages cost several times more."""
+
+    name: bytes  # its file is s-<name hex>; a new name each time it is reused
+    capacity: int
+    used: float = 0.0  # when it was last given back (time.monotonic())
 
 
 @dataclass(slots=True)
 class _Pin:
-    size: int
+    slot: _Slot
     count: int
     key: tuple[int, int]
     view: memoryview  # keeps the exporting object alive, so that its id stays its own
 
 
 class ClientSegments:
-    """A client's segments: its arguments (``eager``: written at submit; the embedded pool,
-    whose workers are all on this host) and its workers' results, in one folder made at
-    first use. Thread-safe: submit threads claim, the I/O thread serves, takes results,
-    releases and sweeps."""
+    """A client's slots in shared memory, in one folder made at first use: its arguments
+    (``eager``: written at submit; on the embedded pool, whose workers all share this
+    machine) and the results its workers on this host write. Thread-safe: submit threads
+    claim, the I/O thread serves workers, takes results, releases and sweeps.
+
+    A slot is reused only when no process maps it (each mapping holds a shared lock on
+    it) and under a new name (a late opener of the old one finds nothing). Free slots are
+    kept up to FREE_BYTES, and removed once idle for ``idle`` seconds or at close."""
 
     def __init__(self, threshold: int = DEFAULT_THRESHOLD, *, eager: bool) -> None:
         self.threshold = threshold
         self.eager = eager
+        self.idle = IDLE
         self._lock = threading.Lock()
         self._folder: Folder | None = None
         self._failed = False
-        self._pins: dict[bytes, _Pin] = {}
+        self._free: list[_Slot] = []
+        self._pins: dict[bytes, _Pin] = {}  # argument slots by name
         self._known: dict[tuple[int, int], bytes] = {}  # (id of exporter, size) -> name
-        self.written = 0  # argument segments written
-        self.mapped = 0  # result segments mapped
+        self._reserved: dict[int, list[_Slot]] = {}  # result slots given out, by task id
+        self.written = 0  # arguments written
+        self.mapped = 0  # results mapped
+        self.reused = 0  # slots reused rather than made
 
     def folder(self) -> Folder | None:
         with self._lock:
@@ -288,10 +335,62 @@ class ClientSegments:
                 self._failed = self._folder is None
             return self._folder
 
+    def _path(self, folder: Folder, name: bytes) -> str:
+        return folder.file(_SLOT + name.hex())
+
+    def _slot(self, folder: Folder, size: int) -> tuple[_Slot, int] | None:
+        """A free slot that fits ``size`` and that nobody maps, renamed, with its descriptor
+        (holding its lock: close it when done); or None. Holding ``_lock``."""
+        fits = sorted(
+            (s for s in self._free if size <= s.capacity <= 2 * size + PAGE),
+            key=lambda s: s.capacity,
+        )
+        for slot in fits:
+            old = self._path(folder, slot.name)
+            try:
+                fd = os.open(old, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                self._free.remove(slot)
+                continue
+            if not _lock(fd):
+                os.close(fd)  # a worker, or one of our own results, still maps it
+                continue
+            self._free.remove(slot)
+            slot.name = os.urandom(NAME_SIZE)
+            try:
+                os.rename(old, self._path(folder, slot.name))
+            except OSError:
+                os.close(fd)
+                continue
+            self.reused += 1
+            return slot, fd
+        return None
+
+    def _new_slot(self, folder: Folder, size: int) -> tuple[_Slot, int]:
+        """A new slot file of ``size`` bytes (sparse until written), with its descriptor."""
+        slot = _Slot(os.urandom(NAME_SIZE), size)
+        path = self._path(folder, slot.name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _lock(fd)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            _unlink(path)
+            raise
+        return slot, fd
+
+    def _give_back(self, slots: Sequence[_Slot]) -> None:
+        """Holding ``_lock``: these may be reused once nobody maps them."""
+        now = time.monotonic()
+        for slot in slots:
+            slot.used = now
+            self._free.append(slot)
+
     # -- arguments ---------------------------------------------------------------------
 
     def claim(self, raw: memoryview) -> bytes | None:
-        """The segment ``raw`` travels in, pinned for one more task (release it with
+        """The slot ``raw`` travels in, pinned for one more task (release it with
         :meth:`release`); None: it travels otherwise (too small, or no shared memory)."""
         if not self.eager or raw.nbytes < self.threshold:
             return None
@@ -304,27 +403,35 @@ class ClientSegments:
         folder = self.folder()
         if folder is None:
             return None
-        name = os.urandom(NAME_SIZE)
         try:
-            write_file(folder.file(_ARG + name.hex()), raw)  # outside the lock
+            with self._lock:
+                found = self._slot(folder, raw.nbytes) or self._new_slot(folder, raw.nbytes)
+            slot, fd = found
         except OSError as exc:
             log.info("a %d-byte argument travels as a frame: %s", raw.nbytes, exc)
             return None
+        try:
+            _write(fd, raw)  # outside the lock; the slot's own lock is held
+        except OSError as exc:
+            log.info("a %d-byte argument travels as a frame: %s", raw.nbytes, exc)
+            _unlink(self._path(folder, slot.name))
+            return None
+        finally:
+            os.close(fd)
         with self._lock:
             self.written += 1
             if key in self._known:  # another thread wrote the same buffer meanwhile
-                _unlink(folder.file(_ARG + name.hex()))
+                self._give_back([slot])
                 name = self._known[key]
                 self._pins[name].count += 1
                 return name
-            self._pins[name] = _Pin(raw.nbytes, 1, key, raw)
-            self._known[key] = name
-        return name
+            self._pins[slot.name] = _Pin(slot, 1, key, raw)
+            self._known[key] = slot.name
+        return slot.name
 
     def release(self, names: Sequence[bytes]) -> None:
-        """A task that named these is done (or was never sent): remove what no pending task
-        names any more."""
-        gone = []
+        """A task that named these is done (or was never sent): what no pending task names
+        any more may be reused (once no worker maps it)."""
         with self._lock:
             for name in names:
                 pin = self._pins.get(name)
@@ -335,14 +442,10 @@ class ClientSegments:
                     del self._pins[name]
                     if self._known.get(pin.key) == name:
                         del self._known[pin.key]
-                    gone.append(name)
-            folder = self._folder
-        if folder is not None:
-            for name in gone:
-                _unlink(folder.file(_ARG + name.hex()))
+                    self._give_back([pin.slot])
 
     def held(self) -> int:
-        """Argument segments kept for pending tasks."""
+        """Argument slots kept for pending tasks."""
         with self._lock:
             return len(self._pins)
 
@@ -356,8 +459,27 @@ class ClientSegments:
         answer = {**folder.description, "threshold": self.threshold}
         return True, [json.dumps(answer).encode()]
 
+    def reserve(self, task_id: int, request: dict[str, Any]) -> tuple[bool, list[bytes]]:
+        """A slot for a result of task ``task_id`` (pending: the caller checks),
+        ``{"kind": "slot", "size": N}``: its name, which that task's result may name."""
+        try:
+            size = int(request["size"])
+        except (KeyError, TypeError, ValueError):
+            return False, [b"malformed slot request"]
+        folder = self._folder
+        if folder is None or not 0 < size <= MAX_SLOT:
+            return False, [b"no slot of that size here"]
+        try:
+            with self._lock:
+                slot, fd = self._slot(folder, size) or self._new_slot(folder, size)
+                os.close(fd)
+                self._reserved.setdefault(task_id, []).append(slot)
+        except OSError as exc:
+            return False, [f"no slot: {exc}".encode()]
+        return True, [slot.name.hex().encode()]
+
     def serve(self, request: dict[str, Any]) -> tuple[bool, list[bytes]]:
-        """The bytes of an argument segment, for a worker that cannot map it:
+        """The bytes of an argument slot, for a worker that cannot map it:
         ``{"kind": "segment", "name", "offset", "size", "chunk"}``."""
         try:
             name = bytes.fromhex(str(request["name"]))
@@ -369,12 +491,12 @@ class ClientSegments:
             folder = self._folder
         if pin is None or folder is None:
             return False, [b"this client keeps no such segment (no pending task names it)"]
-        if offset < 0 or size < 1 or chunk < 1 or offset + size > pin.size:
+        if offset < 0 or size < 1 or chunk < 1 or offset + size > pin.view.nbytes:
             return False, [b"segment request out of range"]
         if -(-size // chunk) > 4096:
             return False, [b"segment request in too many chunks"]
         try:
-            fd = os.open(folder.file(_ARG + name.hex()), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path(folder, pin.slot.name), os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             return False, [f"cannot read the segment: {exc}".encode()]
         try:
@@ -388,50 +510,57 @@ class ClientSegments:
     # -- results ------------------------------------------------------------------------
 
     def taker(self, task_id: int) -> Callable[[SegmentRef], memoryview]:
-        """What maps task ``task_id``'s result segments (each removed once mapped)."""
+        """What maps task ``task_id``'s result slots: only those reserved for it."""
 
         def take(ref: SegmentRef) -> memoryview:
-            folder = self._folder
-            if folder is None:
-                raise ResultDecodeError("a result came in shared memory this client never set up")
-            path = folder.file(_result_name(task_id, ref.name))
+            with self._lock:
+                slots = self._reserved.get(task_id, [])
+                slot = next((s for s in slots if s.name == ref.name), None)
+                folder = self._folder
+            if slot is None or folder is None:
+                raise ResultDecodeError("a result names shared memory not given to its task")
             try:
-                view = map_file(path, ref.size)
+                view = map_file(self._path(folder, slot.name), ref.size)
             except OSError as exc:
                 raise ResultDecodeError(
-                    f"the task's result was in shared memory that is gone: {exc}"
+                    f"the task's result in shared memory could not be read: {exc}"
                 ) from None
-            finally:
-                _unlink(path)
             self.mapped += 1
-            return view
+            return view  # its slot is reused once this mapping is gone (its lock says)
 
         return take
 
-    def discard(self, task_id: int, refs: Sequence[SegmentRef]) -> None:
-        """A result not used (a second one for a task already done): remove its segments."""
-        folder = self._folder
-        if folder is not None:
-            for ref in refs:
-                _unlink(folder.file(_result_name(task_id, ref.name)))
+    def done(self, task_id: int) -> None:
+        """Task ``task_id`` has its outcome: its result slots may be reused once unmapped
+        (a slot given to an attempt that never answered too: renamed before reuse, so a
+        late writer finds nothing, and locked while written, so no reuse meanwhile)."""
+        if self._reserved:
+            with self._lock:
+                slots = self._reserved.pop(task_id, None)
+                if slots:
+                    self._give_back(slots)
 
-    def sweep_results(self, pending: Container[int]) -> int:
-        """Remove result segments of tasks that are not pending (a worker that died after
-        writing one, a result the broker dropped); returns how many."""
-        folder = self._folder
-        if folder is None:
-            return 0
-        removed = 0
-        try:
-            names = os.listdir(folder.path)
-        except OSError:
-            return 0
-        for name in names:
-            match = _RESULT.fullmatch(name)
-            if match and int(match[1], 16) not in pending:
-                _unlink(folder.file(name))
-                removed += 1
-        return removed
+    def sweep(self, pending: Container[int]) -> int:
+        """Give back the result slots of tasks no longer pending (a result the broker
+        dropped, say), and remove free slots idle for ``idle`` seconds or beyond
+        FREE_BYTES; returns how many were removed."""
+        now = time.monotonic()
+        with self._lock:
+            for task_id in [t for t in self._reserved if t not in pending]:
+                self._give_back(self._reserved.pop(task_id))
+            keep, drop, kept = [], [], 0
+            for slot in sorted(self._free, key=lambda s: -s.used):
+                if now - slot.used < self.idle and kept + slot.capacity <= FREE_BYTES:
+                    keep.append(slot)
+                    kept += slot.capacity
+                else:
+                    drop.append(slot)
+            self._free = keep
+            folder = self._folder
+        if folder is not None:
+            for slot in drop:  # a mapping keeps its pages: removing is safe at any time
+                _unlink(self._path(folder, slot.name))
+        return len(drop)
 
     def files(self) -> list[str]:
         """What the folder holds now (tests, diagnostics)."""
@@ -448,6 +577,8 @@ class ClientSegments:
             self._failed = True
             self._pins.clear()
             self._known.clear()
+            self._free.clear()
+            self._reserved.clear()
         if folder is not None:
             folder.close()
 
@@ -525,7 +656,7 @@ class WorkerSegments:
             view = None
             if place is not None:
                 try:
-                    view = map_file(os.path.join(place.path, _ARG + ref.name.hex()), ref.size)
+                    view = map_file(os.path.join(place.path, _SLOT + ref.name.hex()), ref.size)
                     self.mapped += 1
                 except OSError as exc:
                     log.info("cannot map an argument segment (%s): fetching it", exc)
@@ -559,19 +690,22 @@ class WorkerSegments:
         return memoryview(memory)
 
     def write(self, key: bytes, raw: memoryview) -> bytes | None:
-        """Write a large result buffer of task ``key`` into its client's folder: the
-        segment's name, or None (it goes as a frame: shared memory is off, the folder is
-        not here, the buffer is under the client's threshold, or the write failed)."""
+        """Write a large result buffer of task ``key`` into a slot its client gives it: the
+        slot's name, or None (it goes as a frame: shared memory is off, the client's
+        folder is not here, the buffer is under the client's threshold, or no slot)."""
         if not self.enabled:
             return None
         where = self.place(key)  # asked at the first large result of a client only
         if where is None or raw.nbytes < where.threshold:
             return None
-        name = os.urandom(NAME_SIZE)
         task_id = int.from_bytes(key[8:16], "little")
         try:
-            write_file(os.path.join(where.path, _result_name(task_id, name)), raw)
-        except OSError as exc:
+            frames = self._fetch(key, {"kind": "slot", "task": task_id, "size": raw.nbytes})
+            name = bytes.fromhex(frames[0].decode())
+            if len(name) != NAME_SIZE:
+                raise ValueError("a slot name of the wrong size")
+            write_slot(os.path.join(where.path, _SLOT + name.hex()), raw)
+        except (FadeError, OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
             log.info("a %d-byte result buffer goes as a frame: %s", raw.nbytes, exc)
             return None
         self.written += 1

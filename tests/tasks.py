@@ -385,3 +385,16 @@ def stall_then_big(size: int, marker: str) -> tuple[StallOnce, Any]:
     """A result whose pickling signals (once, without sleeping) just before its large
     buffer is written."""
     return StallOnce(marker, 0.0), ones(size)
+
+
+_kept: list[Any] = []
+
+
+def keep(a: Any) -> float:
+    """Keep the argument in this worker process after the task ends (a cache, say)."""
+    _kept.append(a)
+    return float(a.sum())
+
+
+def kept_sums() -> list[float]:
+    return [float(a.sum()) for a in _kept]

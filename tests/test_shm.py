@@ -58,6 +58,11 @@ def segments_of(executor: fade.Executor) -> shm.ClientSegments:
     return segments
 
 
+def slot_of(view_or_path: object) -> str:
+    path = view_or_path if isinstance(view_or_path, str) else tasks.backing_file(view_or_path)
+    return os.path.basename(path).split()[0]
+
+
 # -- the path ---------------------------------------------------------------------------------
 
 
@@ -67,15 +72,24 @@ def test_arguments_and_results_are_mapped_not_copied(ex: fade.Executor) -> None:
     segments = segments_of(ex)
     folder = segments.folder()
     assert folder is not None
-    # The worker's argument is a mapping of the client's segment file...
-    assert where.startswith(os.path.join(folder.path, "a-")), where
-    # ...and the client's result a mapping of the worker's, removed once mapped.
-    assert tasks.backing_file(back).startswith(os.path.join(folder.path, "r-"))
-    assert tasks.backing_file(back).endswith("(deleted)")
+    # The worker's argument is a mapping of a slot of the client's folder...
+    assert where.startswith(os.path.join(folder.path, "s-")), where
+    # ...and the client's result a mapping of another, which the worker wrote.
+    assert tasks.backing_file(back).startswith(os.path.join(folder.path, "s-"))
+    assert slot_of(back) != slot_of(where)
     assert np.array_equal(back, data)
-    back[0] = 42.0  # writable: the client's own pages
-    assert segments.written == 1 and segments.mapped == 1
-    wait_for(lambda: segments.files() == [], 10, "the argument segment to be removed")
+    back[0] = 42.0  # writable: the client's own pages, copy-on-write
+    assert segments.written == 1 and segments.mapped == 1 and segments.reused == 0
+    # A slot nobody maps is reused (renamed): the argument's; the one our result maps is
+    # not, so the second result needs a new slot.
+    held = slot_of(back)
+    where, again = ex.submit(tasks.backing_and_back, data).result(timeout=60)
+    assert segments.reused == 1 and held not in (slot_of(where), slot_of(again))
+    del again
+    where, again = ex.submit(tasks.backing_and_back, data).result(timeout=60)
+    assert segments.reused == 3 and held not in (slot_of(where), slot_of(again))
+    assert back[0] == 42.0 and again[0] == 0.0
+    assert held in segments.files()
 
 
 def test_small_buffers_still_travel_as_frames(ex: fade.Executor) -> None:
@@ -93,6 +107,20 @@ def test_a_task_that_changes_its_argument_changes_only_its_own_view(ex: fade.Exe
     assert [f.result(timeout=60) for f in futures] == [float(data.size)] * 4
     assert not data.any()
     assert segments_of(ex).written <= 4
+    # A task that keeps its argument after it ends keeps the slot from being reused.
+
+
+def test_a_slot_a_task_kept_is_not_reused() -> None:
+    with fade.Executor(
+        max_workers=1, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS
+    ) as executor:
+        ones = np.ones(BIG, dtype=np.uint8)
+        assert executor.submit(tasks.keep, ones).result(timeout=60) == BIG
+        # The argument's slot is free for the client, but the worker still maps it.
+        zeros = np.zeros(BIG, dtype=np.uint8)
+        assert executor.submit(tasks.checksum, zeros).result(timeout=60) == float(BIG)
+        assert segments_of(executor).reused == 0
+        assert executor.submit(tasks.kept_sums).result(timeout=60) == [float(BIG)]
 
 
 def test_an_argument_is_written_once_while_tasks_name_it(ex: fade.Executor) -> None:
@@ -103,7 +131,8 @@ def test_an_argument_is_written_once_while_tasks_name_it(ex: fade.Executor) -> N
     expected = float(data[::4096].sum()) + data.size
     assert [f.result(timeout=60) for f in futures] == [expected] * 6
     wait_for(lambda: segments_of(ex).held() == 0, 10, "the pin to go")
-    wait_for(lambda: segments_of(ex).files() == [], 10, "the segment to be removed")
+    segments_of(ex).idle = 0.1
+    wait_for(lambda: segments_of(ex).files() == [], 10, "the idle slot to be removed")
 
 
 def test_results_made_by_the_task_come_through_shared_memory(ex: fade.Executor) -> None:
@@ -135,7 +164,10 @@ def test_nothing_is_left_after_1000_round_trips() -> None:
             del back
         segments = segments_of(executor)
         assert segments.written == 1000 and segments.mapped == 1000
-        wait_for(lambda: segments.files() == [], 10, "the last segments to be removed")
+        assert segments.reused >= 1990  # two new slots, then the same two again and again
+        assert len(segments.files()) <= 3
+        segments.idle = 0.1
+        wait_for(lambda: segments.files() == [], 10, "the idle slots to be removed")
         folder = segments.folder()
         assert folder is not None
         name = os.path.basename(folder.path)
@@ -154,6 +186,7 @@ def test_a_worker_killed_before_its_done_leaves_nothing(
     removed once the future is done."""
     marker = str(tmp_path / "marker")
     segments = segments_of(ex)
+    segments.idle = 0.5
     if when == "after-writing":
         size = BIG
         future = ex.submit(tasks.big_then_stall, size, marker)
@@ -165,25 +198,25 @@ def test_a_worker_killed_before_its_done_leaves_nothing(
     folder = segments.folder()
     assert folder is not None
 
-    def result_file() -> str | None:
-        return next((f for f in segments.files() if f.startswith("r-")), None)
+    def result_file() -> str | None:  # the slot given to the result: the only file
+        return next(iter(segments.files()), None)
 
     wait_for(result_file, 60, "the result segment to appear")
     os.kill(pid, signal.SIGSTOP)
     name = result_file()
     assert name is not None
-    written = os.stat(os.path.join(folder.path, name)).st_size
+    # A new slot is sparse: its pages are allocated as the worker writes them.
+    written = os.stat(os.path.join(folder.path, name)).st_blocks * 512
     os.kill(pid, signal.SIGKILL)
     if when == "after-writing":
-        assert written == size
+        assert written >= size
     else:
-        # pwrite appends in 8 MiB steps: the file is shorter than the buffer mid-write.
         assert written < size, "the write finished before the kill: not mid-write"
     value = future.result(timeout=60)  # re-run on another worker process
     array = value[0] if when == "after-writing" else value[1]
     assert array.nbytes == size
     del value, array
-    wait_for(lambda: segments.files() == [], 10, "the dead worker's segment to be removed")
+    wait_for(lambda: segments.files() == [], 10, "the dead worker's slot to be removed")
 
 
 CLIENT = """
@@ -218,7 +251,7 @@ def test_a_killed_clients_embedded_workers_remove_its_segments() -> None:
     client, folder, pids = run_client()
     try:
         assert os.path.isdir(folder) and pids
-        assert any(name.startswith("a-") for name in os.listdir(folder))
+        assert any(name.startswith("s-") for name in os.listdir(folder))
         os.kill(client.pid, signal.SIGKILL)  # the client alone: its workers watch it
         client.wait()
         wait_for(lambda: not os.path.exists(folder), 30, "the workers to remove its folder")
