@@ -692,6 +692,9 @@ def _deliver(ready: list[Outcome]) -> None:
                 future.set_exception(value)
         except cf.InvalidStateError:
             pass  # completed meanwhile (failed with its broken pool, terminated...)
+    # Hold no result past its delivery (the loop keeps this list while it sleeps): a
+    # result in shared memory keeps its slot from reuse for as long as it is referenced.
+    ready.clear()
 
 
 def _outcome(

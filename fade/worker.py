@@ -199,6 +199,9 @@ class Worker:
                 if elsewhere is None:
                     value = self._call(job)
                     result = ser.dumps_value(value, self._write_result)
+                    # Let go of the value (and the task's mapped arguments it may hold)
+                    # before the result can leave: its client may reuse their slots then.
+                    del value
                     status, payload = p.Status.OK, self._checked_size(result)
                 else:  # it ran in an environment process: its outcome is pickled already
                     status, payload = elsewhere
