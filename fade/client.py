@@ -180,9 +180,9 @@ class Executor(cf.Executor):
             out-of-band buffer) of at least this many bytes travel by content: each
             worker host fetches each one once and keeps it in its data cache, however
             many tasks name it (default 1 MiB; None: never, except ``fade.share``
-            handles). See docs/data.md. On the embedded pool, whose workers share
-            this machine, large buffers go through shared memory instead.
-        shared_memory: large buffers (256 KiB or more) between this client and
+            handles). See docs/data.md. Where arguments go through shared memory
+            (``shared_memory``), only ``fade.share`` handles travel by content.
+        shared_memory: large buffers (2 MiB or more) between this client and
             workers on its machine travel through shared memory (``/dev/shm``).
             Default (None): the embedded pool's arguments and results, and the
             results of a remote pool's workers that run on this machine, unless the

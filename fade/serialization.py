@@ -276,8 +276,8 @@ def _keeper(
 ) -> Callable[[pickle.PickleBuffer], bool]:
     """The pickler's buffer callback: large buffers go to ``buffers`` (by content when
     ``shelf`` claims them, in shared memory when ``segments`` takes them), small ones
-    stay in the pickle. ``fade.share`` parts go by content first; then shared memory;
-    then by content for their size."""
+    stay in the pickle. With ``segments``, only ``fade.share`` parts go by content, and
+    large buffers through shared memory (or as frames: the segments decide)."""
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
@@ -291,11 +291,6 @@ def _keeper(
             if name is not None:
                 buffers.append(SegmentRef(len(buffers), name, raw.nbytes))
                 return False  # out of band, in shared memory
-            if shelf is not None:  # no shared memory after all: by content, as without it
-                cid = shelf.claim(buf)
-                if cid is not None:
-                    buffers.append(DataRef(len(buffers), cid, raw.nbytes))
-                    return False
         if raw.nbytes >= OUT_OF_BAND_MIN:
             buffers.append(raw)
             return False  # out of band
@@ -376,7 +371,9 @@ def dumps_task(
     fn_bytes, fn_modules = _function_pickle(fn, noting and environment is not None)
     parts: list[Any] = []  # frames, DataRefs (by content), SegmentRefs (shared memory)
     modules: set[str] | None = set() if noting and environment is not None else None
-    segmenter = segments.claim if segments is not None and segments.eager else None
+    # Without a usable shared memory (no /dev/shm), by content as ever.
+    eager = segments is not None and segments.eager and segments.usable()
+    segmenter = segments.claim if segments is not None and eager else None
     try:
         arg_bytes = _dumps((args, kwargs), parts, modules, shelf, segmenter)
     except Exception as exc:

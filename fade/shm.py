@@ -83,9 +83,11 @@ log = logging.getLogger("fade.shm")
 #: Where segment folders go, unless $FADE_SHM_DIR says otherwise (a tmpfs: memory).
 DEFAULT_ROOT = "/dev/shm"
 ROOT_ENV = "FADE_SHM_DIR"
-#: Buffers of at least this many bytes travel through shared memory (measured:
-#: benchmarks/shm_threshold.py); smaller ones cost less as frames.
-DEFAULT_THRESHOLD = 256 * 1024
+#: Buffers of at least this many bytes travel through shared memory; smaller ones cost
+#: less as frames (benchmarks/shm_threshold.py: a round trip through shared memory has a
+#: fixed cost of about 0.5 ms here, one more request included, against a copy less per
+#: side; frames win up to 1 MiB, shared memory from 4 MiB when results are kept).
+DEFAULT_THRESHOLD = 2 * 2**20
 #: Seconds between sweeps of leftovers (a client's results; a supervisor's dead owners).
 SWEEP_INTERVAL = 1.0
 #: A folder still being set up (before its lock is taken) is left alone this long.
@@ -327,6 +329,10 @@ class ClientSegments:
         self.written = 0  # arguments written
         self.mapped = 0  # results mapped
         self.reused = 0  # slots reused rather than made
+
+    def usable(self) -> bool:
+        """False once its folder could not be made (no /dev/shm here, say)."""
+        return not self._failed
 
     def folder(self) -> Folder | None:
         with self._lock:

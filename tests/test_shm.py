@@ -427,11 +427,8 @@ def test_a_payload_carries_refs_segments_and_a_setup_together() -> None:
         def claim(self, raw: memoryview) -> bytes | None:
             return seg_name if raw.nbytes == 6 * 2**18 else None
 
-    class Shelf(fade.data.DataShelf):
+    class Shelf(fade.data.DataShelf):  # as if the second array were a fade.share part
         def claim_shared(self, buffer: object) -> bytes | None:
-            return None
-
-        def claim(self, buffer: object) -> bytes | None:
             return cid if buffer.raw().nbytes == 5 * 2**18 else None  # type: ignore[attr-defined]
 
     by_content = np.full(5 * 2**18, 1, np.uint8)
