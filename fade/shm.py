@@ -699,9 +699,9 @@ class WorkerSegments:
         """Write a large result buffer of task ``key`` into a slot its client gives it: the
         slot's name, or None (it goes as a frame: shared memory is off, the client's
         folder is not here, the buffer is under the client's threshold, or no slot)."""
-        if not self.enabled:
-            return None
-        where = self.place(key)  # asked at the first large result of a client only
+        if not self.enabled or (key[:8] not in self._places and raw.nbytes < DEFAULT_THRESHOLD):
+            return None  # (a client is asked where its slots are at its first large result)
+        where = self.place(key)
         if where is None or raw.nbytes < where.threshold:
             return None
         task_id = int.from_bytes(key[8:16], "little")
