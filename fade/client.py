@@ -18,6 +18,8 @@
 * Large arguments travel by content (fade/data.py): a buffer of at least
   ``share_threshold`` bytes is named by its hash and kept (not copied) until no
   pending task needs it; each worker host fetches it once, through the same FETCH.
+* On one machine, large buffers go through shared memory instead (fade/shm.py): the
+  embedded pool's arguments and results, and results from workers on this machine.
 * Security: with ``keys`` (or $FADE_KEYS) the socket is a CurveZMQ client that
   talks only to the holder of the broker's secret key.
 * Nothing waits forever: a broker that cannot be reached fails pending futures
