@@ -78,7 +78,8 @@ from fade.initializer import EXIT_RETIRED, Setups
 from fade.options import WorkerOptions, parse_worker_args
 from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
-from fade.shm import SegmentRef, WorkerSegments
+from fade.shm import SegmentRef
+from fade.shmworker import WorkerSegments
 from fade.taskenv import TaskEnvironment
 from fade.wakeup import WakePipe
 from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, SLOW_TASK, Fetch, Job, WorkerIO
