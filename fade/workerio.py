@@ -174,7 +174,9 @@ class WorkerIO:
     def _wait_for_job(self) -> Job | None:
         """Fast paths off: the keeper serves the socket; wait for it to hand us a task."""
         with self.w.jobs:
-            while not self.w._inbox and not self.stopped:
+            # A drain (or retirement) asked for: the keeper hands the inbox back; none of
+            # it may start meanwhile.
+            while (not self.w._inbox or self.w._drain_requests) and not self.stopped:
                 self.w.jobs.wait(CHECK_INTERVAL)
             if self.stopped:
                 return None
