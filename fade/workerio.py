@@ -366,6 +366,7 @@ class WorkerIO:
             clients=options.clients,
             resources=options.resources,
             pool=options.pool,
+            label=options.label,
         )
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
