@@ -42,6 +42,7 @@ class Listed:
 @dataclass(slots=True)
 class _Memory:
     submitted: float
+    listed: bool = False  # the scheduler has listed it
     started: float | None = None
     joined: bool = False
     ending: bool = False  # we cancelled or drained it
@@ -87,6 +88,7 @@ class Observer:
 
     def _job(self, now: float, entry: Listed, workers: list[dict[str, Any]]) -> Job:
         memory = self._jobs.setdefault(entry.id, _Memory(submitted=now))
+        memory.listed = True
         if entry.running and memory.started is None:
             memory.started = now
         serving = [w for w in workers if w.get("state") != "draining"]
@@ -117,7 +119,7 @@ class Observer:
         )
 
     def _unlisted(self, now: float, listed: set[str]) -> tuple[Job, ...]:
-        """Jobs just submitted that the listing does not show yet: pending."""
+        """Jobs just submitted that the listing has not shown yet: pending."""
         return tuple(
             Job(job_id, JobState.DRAINING if memory.ending else JobState.PENDING, memory.submitted)
             for job_id, memory in self._jobs.items()
@@ -130,8 +132,7 @@ class Observer:
         gone = [
             job_id
             for job_id, memory in self._jobs.items()
-            if job_id not in listed
-            and (memory.started is not None or now - memory.submitted >= LISTING_GRACE)
+            if job_id not in listed and (memory.listed or now - memory.submitted >= LISTING_GRACE)
         ]
         failed = 0
         for job_id in gone:
