@@ -19,7 +19,7 @@
   (its ``--label``), which jobs are idle and since when, which never joined.
 * :mod:`fade.scale.slurm` is the Slurm provider: sbatch, squeue, scancel.
 * On Kubernetes the existing engine scales (KEDA or an HPA on fade's Prometheus metrics;
-  ``deploy/k8s/autoscale``), with the same rules expressed in its settings.
+  ``deploy/k8s/keda``, ``deploy/k8s/hpa``), with the same rules expressed in its settings.
 """
 
 from __future__ import annotations
