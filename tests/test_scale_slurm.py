@@ -28,12 +28,130 @@ from deployment import BIN, environ, make_pool_keys
 from slurm import SlurmCluster
 
 import fade
+from fade.scale.slurm import JobSpec, Slurm, SlurmError, compose_script, default_script
 from fade.status import query
 
 pytestmark = pytest.mark.timeout(240)
 
 #: The scaler's timing here: looks twice a second, gives back capacity unused for 3 s.
 POLL, IDLE = 0.5, 3.0
+RECIPE = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "fade-worker.sbatch"
+
+
+# -- the provider's commands, without a cluster ---------------------------------------------
+
+
+def test_the_scaler_submits_the_recipe() -> None:
+    """The job script installed with fade is deploy/slurm/fade-worker.sbatch, byte for byte."""
+    assert default_script().read_bytes() == RECIPE.read_bytes()
+
+
+def test_extra_sbatch_lines_go_after_the_scripts_own() -> None:
+    text = compose_script(RECIPE.read_text(), ["#SBATCH --qos=long", "#SBATCH --constraint=avx"])
+    lines = text.splitlines()
+    directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    assert lines[directives[-2]] == "#SBATCH --qos=long"
+    assert lines[directives[-1]] == "#SBATCH --constraint=avx"
+    first_command = next(i for i, line in enumerate(lines) if line.startswith("set -"))
+    assert directives[-1] < first_command  # sbatch reads them only before the first command
+    for bad in ("--qos=long", "#SBATCH --qos=long\necho"):
+        with pytest.raises(ValueError, match="SBATCH"):
+            compose_script(RECIPE.read_text(), [bad])
+
+
+class Recorder:
+    """Stands in for subprocess.run: records each command, answers like Slurm."""
+
+    def __init__(self, squeue: str = "") -> None:
+        self.calls: list[tuple[list[str], dict[str, str], str | None]] = []
+        self.squeue = squeue
+        self.next_job = 40
+
+    def __call__(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        self.calls.append((argv, kw["env"], kw.get("input")))
+        out = ""
+        if argv[0] == "sbatch":
+            self.next_job += 1
+            out = f"{self.next_job}\n"
+        elif argv[0] == "squeue":
+            out = self.squeue
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+def test_worker_jobs_get_the_key_path_in_their_environment_never_on_a_command_line(
+    tmp_path: Path,
+) -> None:
+    keys = make_pool_keys(tmp_path / "pool")
+    secret = keys.worker.read_text().split('secret-key = "')[1].split('"')[0]
+    spec = JobSpec(
+        worker_address="tcp://head:5555",
+        worker_keys=str(keys.worker),
+        job_name="elastic",
+        cpus=16,
+        gpus=2,
+        partition="gpu",
+        account="proj",
+        time="4:00:00",
+        mem="64G",
+        extra_lines=("#SBATCH --qos=long",),
+    )
+    run = Recorder()
+    slurm = Slurm(spec, run=run, environ={"PATH": "/usr/bin"}, user="alice")
+    assert slurm.submit(3) == ["41_0", "41_1", "41_2"]  # several: one array
+    assert slurm.submit(1) == ["42"]
+    slurm.cancel(["41_2"])
+    slurm.drain(["41_0", "42"])
+    (argv, env, script), single, (cancel, _, _), (drain, _, _) = run.calls
+    assert argv[:2] == ["sbatch", "--parsable"] and "--array=0-2" in argv
+    assert "--array=0-2" not in single[0]
+    for option in ("--job-name=elastic", "--nodes=1", "--ntasks=1", "--cpus-per-task=16",
+                   "--gres=gpu:2", "--partition=gpu", "--account=proj", "--time=4:00:00",
+                   "--mem=64G", "--export=ALL"):  # fmt: skip
+        assert option in argv
+    assert env["FADE_KEYS"] == str(keys.worker) and env["FADE_ADDRESS"] == "tcp://head:5555"
+    assert script is not None and "#SBATCH --qos=long" in script and "--label" in script
+    for call, _, _ in run.calls:
+        assert not any(str(keys.worker) in a or secret in a for a in call), call
+    assert cancel == ["scancel", "41_2"]
+    assert drain == ["scancel", "--batch", "--signal=USR2", "41_0", "42"]
+
+
+def test_jobs_are_listed_with_their_state() -> None:
+    run = Recorder(squeue="41_0|RUNNING\n41_1|PENDING\n43|CONFIGURING\n44|COMPLETING\n")
+    spec = JobSpec(worker_address="tcp://h:1", worker_keys="/k", job_name="elastic")
+    listed = Slurm(spec, run=run, environ={}, user="alice").jobs()
+    assert [(j.id, j.running) for j in listed] == [("41_0", True), ("41_1", False), ("43", True)]
+    argv = run.calls[0][0]
+    assert "--user=alice" in argv and "--name=elastic" in argv and "--array" in argv
+
+
+def test_a_failing_slurm_command_says_what_it_said() -> None:
+    def failing(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 1, "", "sbatch: error: invalid partition\n")
+
+    spec = JobSpec(worker_address="tcp://h:1", worker_keys="/k")
+    with pytest.raises(SlurmError, match="invalid partition"):
+        Slurm(spec, run=failing, environ={}, user="alice").submit(1)
+
+
+def test_the_scaler_refuses_to_start_without_the_worker_key(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(BIN / "fade-scale"), "slurm", "--max", "2", "--worker-keys", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "no worker key file" in out.stderr
+    out = subprocess.run(
+        [str(BIN / "fade-scale"), "slurm", "--max", "2", "--min", "3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "--min" in out.stderr
+
+
+# -- on the cluster -------------------------------------------------------------------------
 
 
 @dataclass
