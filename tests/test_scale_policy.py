@@ -11,7 +11,6 @@ tests/test_scale_slurm.py, replayed through a fresh policy.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -275,8 +274,34 @@ def test_task_clock_follows_littles_law_and_a_broker_restart() -> None:
     for t in range(0, 120):
         clock.observe(t, t * 4, 8)  # 8 busy, 4 done per second: 2 s per task
     assert clock.mean() == pytest.approx(2.0)
-    clock.observe(121, 3, 8)  # the counter started again
-    assert clock.mean() is None
+    clock.observe(121, 3, 8)  # the counter started again: the tasks are the same
+    assert clock.mean() == pytest.approx(2.0)
+
+
+def test_task_clock_remembers_between_bursts_and_learns_of_longer_tasks() -> None:
+    clock = TaskClock(window=60)
+    for t in range(0, 31):
+        clock.observe(t, t * 10, 2 if t < 30 else 0)  # 0.2 s per task, then nothing
+    assert clock.mean() == pytest.approx(0.2, rel=0.05)
+    for t in range(31, 500):
+        clock.observe(t, 300, 0)  # an idle pool, scaled to zero: still 0.2 s
+        assert clock.mean() == pytest.approx(0.2, rel=0.25), t  # as the window leaves it
+    # New work of long tasks: busy for 100 s with nothing finished, so at least 100 s.
+    for t in range(500, 601):
+        clock.observe(t, 300, 4)
+    assert clock.mean() == pytest.approx(100.0)
+    clock.observe(601, 301, 4)  # one finished, after 100 s at least
+    assert clock.mean() == pytest.approx(100.0)
+
+
+def test_a_pool_at_zero_remembers_how_long_tasks_take() -> None:
+    """After a pause longer than the clock's window, a new burst of the same short tasks
+    asks for what they need, not a process each."""
+    policy = Policy(settings(max_jobs=20, target_wait=30))
+    t = feed_rate(policy, 0, 30, per_second=20, busy=2)  # 0.1 s per task
+    for u in range(int(t), int(t) + 300, 5):
+        policy.clock.observe(u, 600, 0)
+    assert policy.decide(obs(t + 300, 500, done=600)).submit == 2  # 500 * 0.1 / 30
 
 
 # -- a simulated cluster: minutes of mixed load, counting the jobs started and ended -------------
@@ -558,13 +583,16 @@ def test_jobs_we_ended_are_draining_until_gone() -> None:
 # -- a trace recorded on the real cluster ---------------------------------------------------------
 
 
-def recorded(name: str) -> list[tuple[Observation, Decision]]:
+def recorded(name: str) -> list[tuple[Observation, Decision] | float]:
+    """A trace's looks and decisions, and the times at which a submission failed."""
     path = TRACES / name
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [
         (observation_from_dict(r["obs"]), decision_from_dict(r["decision"]))
-        for r in rows
         if "obs" in r
+        else float(r["submission_failed"])
+        for r in rows
+        if "obs" in r or "submission_failed" in r
     ]
 
 
@@ -577,9 +605,84 @@ def test_a_recorded_trace_replays_to_the_same_decisions(name: str) -> None:
     policy = Policy(s)
     trace = recorded(name)
     assert len(trace) > 10
-    for observation, decision in trace:
+    submitted = 0
+    for entry in trace:
+        if isinstance(entry, float):
+            policy.submission_failed(entry)
+            continue
+        observation, decision = entry
         again = policy.decide(observation)
         assert to_dict(again) == to_dict(decision), observation
-    submitted = sum(d.submit for _, d in trace)
-    assert submitted <= s.max_jobs * 2
-    assert math.isfinite(submitted)
+        submitted += decision.submit
+    assert 1 <= submitted <= s.max_jobs * 2
+
+
+# -- the loop, with a provider that only records -----------------------------------------------
+
+
+class FakeProvider:
+    label_prefix = "slurm:"
+
+    def __init__(self) -> None:
+        self.listed: list[Listed] = []
+        self.calls: list[tuple[str, object]] = []
+        self.refuse = False
+        self.next_id = 0
+
+    def jobs(self) -> list[Listed]:
+        return list(self.listed)
+
+    def submit(self, count: int) -> list[str]:
+        self.calls.append(("submit", count))
+        if self.refuse:
+            from fade.scale.slurm import SlurmError
+
+            raise SlurmError("sbatch: error: invalid partition specified: nope")
+        ids = [str(self.next_id + i) for i in range(count)]
+        self.next_id += count
+        self.listed += [Listed(i, False) for i in ids]
+        return ids
+
+    def cancel(self, ids: object) -> None:
+        self.calls.append(("cancel", ids))
+
+    def drain(self, ids: object) -> None:
+        self.calls.append(("drain", ids))
+
+
+def test_the_loop_backs_off_when_the_scheduler_refuses_a_submission(tmp_path: Path) -> None:
+    from fade.scale.loop import Scaler
+
+    now = [0.0]
+    provider = FakeProvider()
+    provider.refuse = True
+    states = {"queued": 0, "backlog": 50, "tasks_done": 0, "workers": []}
+    with (tmp_path / "trace").open("w") as trace:
+        scaler = Scaler(
+            lambda: states,
+            provider,
+            Policy(settings(retry_delay=10, max_jobs=2)),
+            trace=trace,
+            clock=lambda: now[0],
+        )
+        for t in range(0, 31):
+            now[0] = float(t)
+            scaler.step()
+    # Refused at 0, held back 10 s; refused at 10, held back 20 s; tried again at 30:
+    # three tries in 31 looks.
+    assert [c for c in provider.calls if c[0] == "submit"] == [("submit", 2)] * 3
+    assert scaler.submitted == 0
+    lines = (tmp_path / "trace").read_text().splitlines()
+    assert sum('"submission_failed"' in line for line in lines) == 3
+
+
+def test_a_round_without_the_broker_changes_nothing() -> None:
+    from fade.errors import BrokerUnreachableError
+    from fade.scale.loop import Scaler
+
+    def unreachable() -> dict[str, object]:
+        raise BrokerUnreachableError("no answer")
+
+    provider = FakeProvider()
+    scaler = Scaler(unreachable, provider, Policy(settings()), clock=lambda: 0.0)
+    assert scaler.step() is None and provider.calls == []

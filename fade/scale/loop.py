@@ -78,7 +78,7 @@ class Scaler:
             try:
                 self.step()
             except FadeError as exc:
-                log.warning("this round changed nothing: %s", exc)
+                log.warning("this round failed: %s", exc)
             self._stop.wait(poll)
 
     def stop(self) -> None:
@@ -95,33 +95,51 @@ class Scaler:
         listed = self.provider.jobs()
         obs = self.observer.observe(now, state, listed)
         decision = self.policy.decide(obs)
+        self._write({"obs": to_dict(obs), "decision": to_dict(decision)})
         self._apply(decision, obs)
         self._resend_drains(obs)
-        if self.trace is not None:
-            self.trace.write(json.dumps({"obs": to_dict(obs), "decision": to_dict(decision)}))
-            self.trace.write("\n")
-            self.trace.flush()
         return decision
 
     def _apply(self, decision: Decision, obs: Observation) -> None:
+        """Carry a decision out. A failed scancel (a job that ended meanwhile, say) is
+        logged; a failed sbatch also makes the policy back off, and is traced."""
         if decision:
             log.info("%s", decision.reason)
         if decision.cancel:
             self.observer.ending(decision.cancel)
-            self.provider.cancel(decision.cancel)
-            self.cancelled += len(decision.cancel)
-            log.info("cancelled jobs %s", " ".join(decision.cancel))
+            if self._try(self.provider.cancel, decision.cancel, "cancel"):
+                self.cancelled += len(decision.cancel)
+                log.info("cancelled jobs %s", " ".join(decision.cancel))
         if decision.drain:
             self.observer.ending(decision.drain)
-            self.provider.drain(decision.drain)
-            self.drained += len(decision.drain)
             self._drains.update(dict.fromkeys(decision.drain, obs.now))
-            log.info("draining jobs %s", " ".join(decision.drain))
+            if self._try(self.provider.drain, decision.drain, "drain"):
+                self.drained += len(decision.drain)
+                log.info("draining jobs %s", " ".join(decision.drain))
         if decision.submit:
-            ids = self.provider.submit(decision.submit)
+            try:
+                ids = self.provider.submit(decision.submit)
+            except FadeError as exc:
+                log.error("could not submit jobs (trying again later): %s", exc)
+                self.policy.submission_failed(obs.now)
+                self._write({"submission_failed": obs.now})
+                return
             self.observer.submitted(ids, obs.now)
             self.submitted += len(ids)
             log.info("submitted jobs %s", " ".join(ids))
+
+    def _try(self, action: Callable[[Sequence[str]], None], ids: Sequence[str], what: str) -> bool:
+        try:
+            action(ids)
+        except FadeError as exc:
+            log.warning("could not %s jobs %s: %s", what, " ".join(ids), exc)
+            return False
+        return True
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.trace is not None:
+            self.trace.write(json.dumps(record) + "\n")
+            self.trace.flush()
 
     def _resend_drains(self, obs: Observation) -> None:
         """Ask again the jobs told to drain whose workers still take tasks."""
@@ -134,8 +152,8 @@ class Scaler:
         ]
         if again:
             log.info("asking jobs %s again to drain", " ".join(again))
-            self.provider.drain(again)
             self._drains.update(dict.fromkeys(again, obs.now))
+            self._try(self.provider.drain, again, "drain")
 
 
 # -- the trace ------------------------------------------------------------------------------

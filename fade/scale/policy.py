@@ -60,6 +60,9 @@ __all__ = [
 MAX_RETRY_DELAY = 600.0
 #: Seconds of observations the task clock averages over.
 CLOCK_WINDOW = 60.0
+#: The task clock measures when its window holds this many times more finished tasks
+#: than tasks running at either of its edges (so the edges bias it by under 1/8).
+EDGE_FACTOR = 4
 
 
 class JobState(enum.Enum):
@@ -139,29 +142,53 @@ class Settings:
 
 class TaskClock:
     """The mean task duration, by Little's law over the last :data:`CLOCK_WINDOW`
-    seconds of observations: busy worker-seconds divided by tasks finished."""
+    seconds of observations: busy worker-seconds divided by tasks finished.
+
+    Between bursts of work (no task finished in the window) the last measurement
+    stands, so a pool scaled to zero does not forget how long its tasks take; but while
+    processes have been busy all along without finishing anything, their tasks have run
+    at least that long, and the estimate is raised to it."""
 
     def __init__(self, window: float = CLOCK_WINDOW) -> None:
         self.window = window
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._known: float | None = None
+        self._busy_since: float | None = None  # the start of the current busy stretch
 
     def observe(self, now: float, done: int, busy: int) -> None:
         if self._samples and done < self._samples[-1][1]:
             self._samples.clear()  # the broker restarted: its counter began again
+            self._busy_since = None
+        if self._busy_since is not None and (not busy or done != self._samples[-1][1]):
+            # The stretch ends: its tasks ran at least from its start to the last look
+            # that saw nothing finished.
+            stretch = self._samples[-1][0] - self._busy_since
+            if stretch > (self._known or 0.0):
+                self._known = stretch
+            self._busy_since = None
+        if busy and self._busy_since is None:
+            self._busy_since = now
         self._samples.append((now, done, busy))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()
+        samples = self._samples
+        finished = samples[-1][1] - samples[0][1]
+        # Tasks running at either edge of the window are counted in part (their time or
+        # their end, not both): measure only when they are few beside those finished.
+        if finished > 0 and finished >= EDGE_FACTOR * max(samples[0][2], busy):
+            # Each look's busy count holds until the next look (the tasks it saw ran then).
+            busy_seconds = sum(
+                (t1 - t0) * b0 for (t0, _, b0), (t1, _, _) in zip(samples, list(samples)[1:])
+            )
+            self._known = max(busy_seconds, 1e-3) / finished
 
     def mean(self) -> float | None:
-        """Seconds per task; None while no task finished in the window."""
-        samples = self._samples
-        if len(samples) < 2 or samples[-1][1] == samples[0][1]:
-            return None
-        busy_seconds = sum(
-            (t1 - t0) * (b0 + b1) / 2
-            for (t0, _, b0), (t1, _, b1) in zip(samples, list(samples)[1:])
-        )
-        return max(busy_seconds, 1e-3) / (samples[-1][1] - samples[0][1])
+        """Seconds per task; None until one finished (and its length is not bounded
+        from below by tasks running for long without finishing)."""
+        if self._busy_since is None or self._known is None:
+            return self._known
+        running_for = self._samples[-1][0] - self._busy_since
+        return max(self._known, running_for)
 
 
 class _Window:
@@ -229,6 +256,11 @@ class Policy:
         )
         reason = "; ".join(text for text in (why, change.reason) if text)
         return Decision(change.submit, stuck + change.cancel, change.drain, reason)
+
+    def submission_failed(self, now: float) -> None:
+        """The scheduler refused a submission (a bad partition, say): back off as after a
+        job that never joined, so that a broken setup is not retried every poll."""
+        self._fail(now, 1)
 
     # -- the rules ----------------------------------------------------------------------
 
