@@ -568,6 +568,10 @@ def test_the_observer_counts_jobs_that_vanish_before_joining() -> None:
     o.submitted(["4"], 10)
     assert [j.state for j in o.observe(11, state(), []).jobs] == [P]
     assert o.observe(10 + LISTING_GRACE, state(), []).failed == 1
+    # With a scheduler whose list never lags (Slurm's), missing at the next look is gone.
+    slurm = Observer("slurm:", listing_grace=0.0)
+    slurm.submitted(["5"], 20)
+    assert slurm.observe(20.5, state(), []).failed == 1
 
 
 def test_jobs_we_ended_are_draining_until_gone() -> None:
@@ -622,6 +626,7 @@ def test_a_recorded_trace_replays_to_the_same_decisions(name: str) -> None:
 
 class FakeProvider:
     label_prefix = "slurm:"
+    listing_grace = 0.0
 
     def __init__(self) -> None:
         self.listed: list[Listed] = []

@@ -41,6 +41,7 @@ class Provider(Protocol):
     """What the loop needs of a scheduler (fade/scale/slurm.py is one)."""
 
     label_prefix: str
+    listing_grace: float  # seconds its job list may lag a submission
 
     def jobs(self) -> list[Listed]: ...
     def submit(self, count: int) -> list[str]: ...
@@ -63,7 +64,7 @@ class Scaler:
         self.query = query
         self.provider = provider
         self.policy = policy
-        self.observer = Observer(provider.label_prefix)
+        self.observer = Observer(provider.label_prefix, provider.listing_grace)
         self.trace = trace
         self.clock = clock
         self.submitted = self.cancelled = self.drained = 0  # jobs, since start

@@ -27,7 +27,7 @@ from fade.scale.policy import Job, JobState, Observation
 __all__ = ["LISTING_GRACE", "Listed", "Observer"]
 
 #: Seconds a job we submitted may be missing from the scheduler's list before it counts
-#: as gone (a listing may lag a submission).
+#: as gone, for a scheduler whose listing may lag a submission (Slurm's does not).
 LISTING_GRACE = 15.0
 
 
@@ -55,6 +55,7 @@ class Observer:
     """Turns each look at the broker and the scheduler into an Observation."""
 
     label_prefix: str  # "slurm:": a worker labelled slurm:123 belongs to job 123
+    listing_grace: float = LISTING_GRACE
     _jobs: dict[str, _Memory] = field(default_factory=dict)
 
     def submitted(self, ids: Iterable[str], now: float) -> None:
@@ -123,7 +124,7 @@ class Observer:
         return tuple(
             Job(job_id, JobState.DRAINING if memory.ending else JobState.PENDING, memory.submitted)
             for job_id, memory in self._jobs.items()
-            if job_id not in listed and now - memory.submitted < LISTING_GRACE
+            if job_id not in listed and now - memory.submitted < self.listing_grace
         )
 
     def _forget_gone(self, now: float, listed: set[str]) -> int:
@@ -132,7 +133,8 @@ class Observer:
         gone = [
             job_id
             for job_id, memory in self._jobs.items()
-            if job_id not in listed and (memory.listed or now - memory.submitted >= LISTING_GRACE)
+            if job_id not in listed
+            and (memory.listed or now - memory.submitted >= self.listing_grace)
         ]
         failed = 0
         for job_id in gone:

@@ -117,6 +117,9 @@ class Slurm:
     """Submits, lists and ends our worker jobs (those named ``spec.job_name``, ours)."""
 
     label_prefix = LABEL_PREFIX
+    #: sbatch returns once slurmctld holds the job: squeue lists it from then on, so a
+    #: submitted job squeue does not show has ended (a job that fails at once, say).
+    listing_grace = 0.0
 
     def __init__(
         self,
