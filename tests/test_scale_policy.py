@@ -691,3 +691,38 @@ def test_a_round_without_the_broker_changes_nothing() -> None:
     provider = FakeProvider()
     scaler = Scaler(unreachable, provider, Policy(settings()), clock=lambda: 0.0)
     assert scaler.step() is None and provider.calls == []
+
+
+def test_starting_jobs_are_drained_not_cancelled() -> None:
+    """A job running without workers yet may get one, and a task, any moment: a plain
+    scancel would make it hand a running task back; the drain lets it finish."""
+    policy = Policy(settings(idle_time=10, max_jobs=3, min_age=0, start_timeout=1000))
+    jobs = [job("p", P, at=0), job("s", S, at=0), job("r", at=0)]
+    for t in range(0, 10, 2):
+        policy.decide(obs(t, 0, *jobs))
+    decision = policy.decide(obs(10, 0, *jobs))
+    assert decision.cancel == ("p",) and decision.drain == ("s", "r")
+
+
+def test_the_loop_asks_again_a_job_that_missed_its_drain() -> None:
+    from fade.scale.loop import DRAIN_RESEND, Scaler
+
+    now = [0.0]
+    provider = FakeProvider()
+    provider.listed = [Listed("7", True)]
+    serving = {"queued": 0, "tasks_done": 0, "workers": [{"label": "slurm:7", "state": "idle"}]}
+    scaler = Scaler(
+        lambda: serving,
+        provider,
+        Policy(settings(idle_time=5, min_age=0)),
+        clock=lambda: now[0],
+    )
+    for t in range(0, 6):
+        now[0] = float(t)
+        scaler.step()
+    assert provider.calls == [("drain", ("7",))]
+    # Its workers still serve: the signal came before the job's script set its trap.
+    for t in range(6, 6 + int(DRAIN_RESEND) + 1):
+        now[0] = float(t)
+        scaler.step()
+    assert provider.calls == [("drain", ("7",)), ("drain", ["7"])]

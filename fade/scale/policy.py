@@ -23,9 +23,9 @@ finishes it is unknown and each waiting task is given a process of its own.
 **Scaling down.** Only capacity that went unused for ``idle_time`` is given back: over
 a window of ``idle_time`` seconds with no waiting task at any observation, the pool
 needed at most as many processes as were busy at the window's peak; jobs beyond that
-(and beyond ``min_jobs``) go: pending or starting ones are cancelled, running ones
-whose workers hold no task are drained (their workers finish a task that reached them
-meanwhile and hand back what they had not started: nothing is lost or run twice).
+(and beyond ``min_jobs``) go: pending ones are cancelled, starting ones and running
+ones whose workers hold no task are drained (their workers finish a task that reached
+them meanwhile and hand back what they had not started: nothing is lost or run twice).
 
 **Anti-churn.** (1) Nothing is given back while work waits, or before a full
 ``idle_time`` has passed since the last change of size, up or down: each scale-down
@@ -344,8 +344,11 @@ class Policy:
 def _surplus(
     jobs: list[Job], count: int, now: float, min_age: float
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Up to ``count`` jobs to give back, cheapest first: pending (newest first), then
-    starting, then running ones that hold no task and are old enough (idle longest first)."""
+    """Up to ``count`` jobs to give back, cheapest first: pending ones (newest first) are
+    cancelled; starting ones, then running ones that hold no task and are old enough
+    (idle longest first), are drained. A starting job is drained, not cancelled: its
+    workers may join, and take a task, between the look and the scancel, and a plain
+    scancel would make them hand a running task back, to run again elsewhere."""
     pending = sorted((j for j in jobs if j.state is JobState.PENDING), key=lambda j: -j.submitted)
     starting = [j for j in jobs if j.state is JobState.STARTING]
     idle = sorted(
@@ -360,6 +363,6 @@ def _surplus(
         ),
         key=lambda j: (j.idle_since, j.id),
     )
-    cancel = [j.id for j in [*pending, *starting]][:count]
-    drain = [j.id for j in idle][: count - len(cancel)]
+    cancel = [j.id for j in pending][:count]
+    drain = [j.id for j in [*starting, *idle]][: count - len(cancel)]
     return tuple(cancel), tuple(drain)
