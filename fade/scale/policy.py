@@ -6,7 +6,7 @@ decisions out, no I/O; the same for every provider.
     Observation (every poll)          Policy.decide                        Decision
       now, waiting tasks, busy and  ──> 1. jobs that never joined: cancel ──> submit N jobs
       idle worker processes, tasks      2. work waits longer than the       cancel [pending]
-      done, our jobs (pending,             target: ask for jobs             drain  [idle, running]
+      done, our jobs (pending,             target: ask for jobs             drain  [starting, idle]
       starting, ready, draining)        3. capacity unused for the idle
                                            time: give the surplus back
 
@@ -17,8 +17,9 @@ tasks lasting ``d`` seconds on average, the last waiting task starts after about
 ``waiting * d / S`` seconds. When that exceeds ``target_wait``, the policy asks for
 enough jobs to bring it under, never for more processes than there are tasks, and
 never for more than ``max_jobs`` jobs alive at once (draining ones included). ``d``
-is measured (:class:`TaskClock`, Little's law over the last minute); until a task
-finishes it is unknown and each waiting task is given a process of its own.
+is measured (:class:`TaskClock`, Little's law over the last minute, kept between
+bursts, raised while processes stay busy with nothing finishing); until it is known,
+each waiting task is given a process of its own.
 
 **Scaling down.** Only capacity that went unused for ``idle_time`` is given back: over
 a window of ``idle_time`` seconds with no waiting task at any observation, the pool
