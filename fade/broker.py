@@ -382,8 +382,13 @@ class Broker:
         self._send(identity, p.encode_welcome(welcome))
 
     def _on_heartbeat(self, identity: bytes, body: list[p.Frame]) -> None:
+        backlog = p.decode_backlog(body)
         if not self._known(identity):
             self._reset(identity)
+            return
+        client = self.scheduler.clients.get(identity)
+        if client is not None and backlog is not None:
+            client.backlog = backlog  # for fade-status and scalers (fade/scale)
 
     def _on_ready(self, identity: bytes, body: list[p.Frame]) -> None:
         credits = p.decode_ready(body)

@@ -216,6 +216,9 @@ class ClientIO:
         #: once regardless); the broker is meant to send none, and tests check it.
         self.late_results = 0
         self._woken = False
+        #: The backlog (tasks in the outbox) the broker was last told of, and when.
+        self._told_backlog = 0
+        self._backlog_at = 0.0
         self.wake = WakePipe()
         self.sleeper = Sleeper(self.wake.fd)
         self.link = self._make_link(
@@ -403,12 +406,28 @@ class ClientIO:
         """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
         self._send_tasks()
         now = time.monotonic()
+        self._report_backlog(now)
         self.link.upkeep(now)
         if self.pool is not None and now >= self._next_pool_check:
             self._next_pool_check = now + POOL_CHECK_INTERVAL  # it asks the OS: not every pass
             problem = self.pool.problem()
             if problem is not None:
                 self.break_pool(BrokenPoolError(problem))
+
+    def _report_backlog(self, now: float) -> None:
+        """Tell the broker how many tasks wait here for room there, so that a scaler
+        (fade/scale) sees the work a pool without workers cannot take: at once when a
+        backlog starts or ends, otherwise at most once per heartbeat interval. The
+        report is a HEARTBEAT, so it also serves as one."""
+        if not self.link.welcomed:
+            return
+        with self.lock:
+            backlog = len(self.outbox)
+        told = self._told_backlog
+        if backlog == told or (backlog and told and now - self._backlog_at < self.link.interval):
+            return
+        self.link.send(p.encode_backlog(backlog))
+        self._told_backlog, self._backlog_at = backlog, now
 
     def _poll_timeout(self) -> float:
         sock = self.link.socket
@@ -439,6 +458,7 @@ class ClientIO:
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.capacity = welcome.capacity
+        self._told_backlog = 0  # a broker that (re)welcomes us knows of no backlog
         if not self.in_flight:
             return
         # Whatever the broker had of ours may be gone: send it all again. It skips ids

@@ -62,6 +62,11 @@ class _ViewCollector:
         gauges = [
             ("fade_tasks_queued", "Tasks at the broker waiting for a worker", view["queued"]),
             ("fade_tasks_running", "Tasks held by workers", view["running"]),
+            (
+                "fade_tasks_backlog",
+                "Tasks clients hold back for want of room at the broker (scale on this too)",
+                view.get("backlog", 0),
+            ),
             ("fade_clients", "Clients (Executors) connected to the broker", view["client_count"]),
             ("fade_capacity", "Tasks the pool takes at once", view["capacity"]),
             ("fade_tasks_per_second", "Tasks finished per second, last minute", view["rate"]),

@@ -50,9 +50,11 @@ __all__ = [
     "KEY_SIZE",
     "LAST_STRICT_VERSION",
     "MAGIC",
+    "MAX_BACKLOG",
     "MAX_CREDITS",
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
+    "MAX_LABEL",
     "NO_SCOPE",
     "SCOPE_SIZE",
     "SMALL_FRAME",
@@ -74,6 +76,7 @@ __all__ = [
     "Welcome",
     "WorkerHello",
     "chunked",
+    "decode_backlog",
     "decode_capacity",
     "decode_code",
     "decode_done",
@@ -92,6 +95,7 @@ __all__ = [
     "decode_task",
     "decode_welcome",
     "encode",
+    "encode_backlog",
     "encode_capacity",
     "encode_code",
     "encode_done",
@@ -187,7 +191,7 @@ class Command(enum.IntEnum):
     HELLO = 1  # client|worker -> broker: who I am (JSON)
     WELCOME = 2  # broker -> client|worker: broker id and settings (JSON)
     RESET = 3  # broker -> peer: "I do not know you", say HELLO again
-    HEARTBEAT = 4  # both ways; broker -> client carries the pool capacity
+    HEARTBEAT = 4  # both ways; broker -> client carries the capacity, client -> broker its backlog
     READY = 5  # worker -> broker: grant N more task credits
     SUBMIT = 6  # client -> broker: a batch of tasks
     TASK = 7  # broker -> worker: a batch of tasks
@@ -307,6 +311,9 @@ class WorkerHello:
     pool: str = ""
     platform: str = ""
     abi: str = ""
+    #: What started it, for people and scalers (``slurm:1234`` for a Slurm job's workers);
+    #: at most MAX_LABEL characters.
+    label: str = ""
     role: str = "worker"
 
 
@@ -316,6 +323,10 @@ Hello = Union[ClientHello, WorkerHello]  # noqa: UP007 (a runtime alias on 3.10)
 MAX_CREDITS = 4096
 #: A repeated HELLO lists at most this many held tasks (credits bound what a worker holds).
 MAX_HOLDING = MAX_CREDITS + 1
+#: A worker's label is at most this many characters.
+MAX_LABEL = 200
+#: A client's backlog is reported up to this count (the most a u32 holds).
+MAX_BACKLOG = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +454,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         if hello.resources:
             fields["resources"] = hello.resources
             fields["pool"] = hello.pool
+        if hello.label:
+            fields["label"] = hello.label
     return [_HEADERS[Command.HELLO], _json(fields)]
 
 
@@ -476,12 +489,16 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
             not isinstance(clients, list) or not all(isinstance(c, str) for c in clients)
         ):
             raise ProtocolError("HELLO field 'clients' must be a list of key names")
+        label = _field(data, "label", str, "")
+        if len(label) > MAX_LABEL:
+            raise ProtocolError(f"HELLO field 'label' must be at most {MAX_LABEL} characters")
         return WorkerHello(
             credits=credits,
             holding=tuple(_hex(key, KEY_SIZE, "holding") for key in holding),
             clients=None if clients is None else tuple(clients),
             resources=_resources(data.get("resources")),
             pool=_field(data, "pool", str, ""),
+            label=label,
             **common,
         )
     raise ProtocolError(f"HELLO with unknown role {role!r}")
@@ -672,6 +689,19 @@ def encode_capacity(command: Command, capacity: int) -> list[Frame]:
 
 def decode_capacity(body: Sequence[Frame]) -> int | None:
     """The capacity carried by a broker HEARTBEAT, or None when it carries none."""
+    if not body:
+        return None
+    return _one_u32(body, "HEARTBEAT")
+
+
+def encode_backlog(backlog: int) -> list[Frame]:
+    """HEARTBEAT from client to broker, telling how many tasks it holds back for want of
+    room at the broker (cut to MAX_BACKLOG). A broker of before this field ignores it."""
+    return [_HEADERS[Command.HEARTBEAT], _U32.pack(min(max(backlog, 0), MAX_BACKLOG))]
+
+
+def decode_backlog(body: Sequence[Frame]) -> int | None:
+    """The backlog carried by a client HEARTBEAT, or None when it carries none."""
     if not body:
         return None
     return _one_u32(body, "HEARTBEAT")

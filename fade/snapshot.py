@@ -50,6 +50,7 @@ def snapshot(broker: Broker) -> dict[str, Any]:
         "clients": [_client(c, now, running) for c in sched.clients.values()],
         "queued": len(sched.tasks) - running,
         "running": running,
+        "backlog": sum(c.backlog for c in sched.clients.values()),
         "tasks_done": counts.done,
         "tasks_failed": counts.failed,
         "tasks_lost": counts.lost,
@@ -70,6 +71,7 @@ def _worker(worker: Worker, silent: float) -> dict[str, Any]:
         "environments": worker.environments.get("environments", []),
         "package_cache": worker.environments.get("cache", {}),
         "state": "draining" if worker.draining else "busy" if worker.tasks else "idle",
+        "label": worker.hello.label,
         "running": len(worker.tasks),
         "credits": worker.credits,
         "resources": worker.pool.totals if worker.pool is not None else {},
@@ -91,6 +93,7 @@ def _client(client: Client, now: float, running_total: int) -> dict[str, Any]:
         "tasks": len(client.tasks),
         "queued": client.queued,
         "running": client.running,
+        "backlog": client.backlog,
         "weight": client.weight,
         "usage": client.usage(now),  # worker-seconds used while connected
         "share": client.running / running_total if running_total else 0.0,

@@ -117,13 +117,27 @@ def format_status(state: dict[str, Any]) -> str:
     clients = state.get("clients", [])
     lines = [*_summary(state, workers, clients), ""]
     if workers:
+        # The LABEL column (what started a worker: a Slurm job, say) only where one has it.
+        labelled = any(w.get("label") for w in workers)
+        label = ["LABEL"] if labelled else []
         lines += _table(
-            ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD", "FREE/RESOURCES"],
+            [
+                "WORKER",
+                "HOST",
+                "PID",
+                *label,
+                "STATE",
+                "RUNNING",
+                "DONE",
+                "LAST HEARD",
+                "FREE/RESOURCES",
+            ],
             [
                 [
                     peer_id(w),
                     printable(w.get("host")),
                     _cell(w.get("pid")),
+                    *([printable(w.get("label") or "-")] if labelled else []),
                     printable(w.get("state")),
                     _cell(w.get("running")),
                     _cell(w.get("done")),
@@ -217,6 +231,8 @@ def _summary(
     draining = len(workers) - states["busy"] - states["idle"]
     text = {name: printable(state.get(name)) for name in ("version", "address", "host")}
     text["broker_id"] = printable(str(state.get("broker_id"))[:12])
+    backlog = state.get("backlog")
+    held = f", {_cell(backlog)} held back by clients" if backlog else ""
     return [
         f"fade {text['version']} broker {text['broker_id']} at {text['address']} "
         f"(pid {_cell(state.get('pid'))} on {text['host']}), "
@@ -225,7 +241,7 @@ def _summary(
         f"{draining} draining)   clients {len(clients)}",
         f"tasks    {state.get('queued')} queued, {state.get('running')} running, "
         f"{state.get('tasks_done')} done ({state.get('tasks_failed')} raised, "
-        f"{state.get('tasks_lost')} lost)",
+        f"{state.get('tasks_lost')} lost){held}",
         f"rate     {state.get('rate', 0.0):.1f} tasks/s over the last minute",
     ]
 

@@ -93,6 +93,7 @@ _PUBLIC_FIELDS = (
     "heartbeat_interval",
     "queued",
     "running",
+    "backlog",
     "tasks_done",
     "tasks_failed",
     "tasks_lost",
@@ -102,10 +103,11 @@ _PUBLIC_FIELDS = (
 )
 _BROKER_FIELDS = ("version", "address", "host", "pid")
 _WORKER_FIELDS = (
-    "host", "pid", "state", "running", "credits", "done", "last_heard", "resources", "free",
+    "host", "pid", "label", "state", "running", "credits", "done", "last_heard", "resources",
+    "free",
 )  # fmt: skip
 _CLIENT_FIELDS = (
-    "host", "pid", "key", "tasks", "queued", "running", "weight", "share",
+    "host", "pid", "key", "tasks", "queued", "running", "backlog", "weight", "share",
     "waiting_for_resources",
 )  # fmt: skip
 

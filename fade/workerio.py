@@ -387,6 +387,7 @@ class WorkerIO:
             pool=options.pool,
             platform=sysconfig.get_platform(),
             abi=str(sysconfig.get_config_var("SOABI") or ""),
+            label=options.label,
         )
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
