@@ -96,6 +96,12 @@ class _Future(cf.Future[T]):
             self.has_callbacks = True
         super().add_done_callback(fn)
 
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:
+            self._io.note_cancelled()
+        return cancelled
+
     def complete_here(self, ok: bool, value: Any) -> bool:
         """Complete this future in the calling thread, unless it has done-callbacks
         (those run on the I/O thread); False if it has. A callback added while this
@@ -445,10 +451,8 @@ class Executor(cf.Executor):
             with io.lock:
                 # Tasks marked running as they were submitted run, as in the standard
                 # pools (unless terminated below).
-                items = [item for item in io.outbox if not item.started or terminate]
-                for item in items:
-                    io.outbox.remove(item)
-                    io._started -= item.started
+                items = io.outbox.drop(lambda item: not item.started or terminate)
+                io._started -= sum(item.started for item in items)
             for item in items:
                 if not item.future.cancel():
                     io.fail(item, TaskTerminatedError("the task was terminated before it was sent"))

@@ -162,6 +162,18 @@ class Outbox:
         self._plain.clear()
         self._ranked.clear()
 
+    def drop(self, unwanted: Callable[[WorkItem], bool]) -> list[WorkItem]:
+        """Take out every item ``unwanted`` says, in one pass (the others keep their order)."""
+        dropped = [item for item in self._plain if unwanted(item)]
+        if dropped:
+            self._plain = collections.deque(item for item in self._plain if not unwanted(item))
+        ranked = [entry for entry in self._ranked if unwanted(entry[2])]
+        if ranked:
+            self._ranked = [entry for entry in self._ranked if not unwanted(entry[2])]
+            heapq.heapify(self._ranked)
+            dropped += [entry[2] for entry in ranked]
+        return dropped
+
     def __iter__(self) -> Iterator[WorkItem]:
         yield from self._plain
         yield from (entry[2] for entry in self._ranked)
@@ -195,6 +207,7 @@ class ClientIO:
         self.max_message_size = max_message_size
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
+        self._cancelled = False  # a future was cancelled since the outbox was last swept
         self.shelf = shelf
         self.max_attempts = max_attempts
         self.timeout = task_timeout or 0.0
@@ -402,8 +415,23 @@ class ClientIO:
         if sock is not None:
             self.link.read(sock)
 
+    def note_cancelled(self) -> None:
+        """A future was cancelled (any thread): its task leaves the outbox soon, so that it
+        neither holds up shutdown nor counts as work for a scaler."""
+        self._cancelled = True
+        self.wake.wake()
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._cancelled = False  # before the pass: a later cancel sets it again
+        with self.lock:
+            dropped = self.outbox.drop(_cancelled_item)
+            self._started -= sum(item.started for item in dropped)
+
     def _upkeep(self) -> None:
         """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
+        self._drop_cancelled()
         self._send_tasks()
         now = time.monotonic()
         self._report_backlog(now)
@@ -680,6 +708,10 @@ def _deliver(ready: list[Outcome]) -> None:
                 future.set_exception(value)
         except cf.InvalidStateError:
             pass  # completed meanwhile (failed with its broken pool, terminated...)
+
+
+def _cancelled_item(item: WorkItem) -> bool:
+    return item.future.cancelled()
 
 
 def _outcome(status: p.Status, payload: p.Payload) -> tuple[bool, Any]:
