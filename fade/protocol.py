@@ -52,6 +52,8 @@ __all__ = [
     "MAX_CREDITS",
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
+    "PAIR_ROLES",
+    "PAIR_STATES",
     "SMALL_FRAME",
     "TAG_SIZE",
     "VERSION",
@@ -61,8 +63,10 @@ __all__ = [
     "DoneRecord",
     "Hello",
     "Message",
+    "PairReport",
     "Payload",
     "ResultRecord",
+    "Standby",
     "Status",
     "SubmitRecord",
     "TaskRecord",
@@ -78,9 +82,11 @@ __all__ = [
     "decode_fetch",
     "decode_hello",
     "decode_obituary",
+    "decode_pair",
     "decode_ready",
     "decode_refusal",
     "decode_result",
+    "decode_standby",
     "decode_state",
     "decode_status",
     "decode_submit",
@@ -94,9 +100,11 @@ __all__ = [
     "encode_fetch",
     "encode_hello",
     "encode_obituary",
+    "encode_pair",
     "encode_ready",
     "encode_refusal",
     "encode_result",
+    "encode_standby",
     "encode_state",
     "encode_status",
     "encode_submit",
@@ -188,6 +196,8 @@ class Command(enum.IntEnum):
     STATUS = 15  # any peer -> broker: describe the pool (no HELLO needed)
     STATE = 16  # broker -> asker: the pool's state (JSON)
     ERROR = 17  # broker -> peer: your message was refused, and why (UTF-8 text)
+    PAIR = 18  # broker -> its pair's other broker: my role, state and term (JSON)
+    STANDBY = 19  # passive broker -> client|worker: I do not serve; go to the other (JSON)
 
 
 class Status(enum.IntEnum):
@@ -262,6 +272,9 @@ class ClientHello:
     implementation: str  # "cpython"
     tag: bytes  # TAG_SIZE random bytes: the first half of this client's task keys
     max_message_size: int = 0  # the largest frame it accepts; 0: not said
+    #: Seconds the broker this client left had been silent when it left it for this one
+    #: (a pair's failover); 0: it left none for silence.
+    left_silent: float = 0.0
     role: str = "client"
 
 
@@ -279,6 +292,7 @@ class WorkerHello:
     max_message_size: int = 0
     #: Key names of the only clients whose tasks it takes; None: any client's.
     clients: tuple[str, ...] | None = None
+    left_silent: float = 0.0  # as ClientHello's
     role: str = "worker"
 
 
@@ -390,6 +404,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         "implementation": hello.implementation,
         "max_message_size": hello.max_message_size,
     }
+    if hello.left_silent:
+        fields["left_silent"] = hello.left_silent
     if isinstance(hello, ClientHello):
         fields["tag"] = hello.tag.hex()
     else:
@@ -412,6 +428,7 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
         "python": _field(data, "python", str, "?"),
         "implementation": _field(data, "implementation", str, "?"),
         "max_message_size": _field(data, "max_message_size", int, 0),
+        "left_silent": _seconds(data, "left_silent"),
     }
     if role == "client":
         tag = _hex_field(data, "tag", TAG_SIZE)
@@ -435,6 +452,13 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
             **common,
         )
     raise ProtocolError(f"HELLO with unknown role {role!r}")
+
+
+def _seconds(data: dict[str, Any], name: str) -> float:
+    value = data.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ProtocolError(f"HELLO field {name!r} must be a number of seconds")
+    return float(value)
 
 
 def python_of(hello: Hello) -> str:
@@ -505,6 +529,85 @@ def decode_state(body: Sequence[Frame]) -> dict[str, Any]:
         if not isinstance(data.get(name), kind):
             raise ProtocolError(f"STATE lacks {name!r} or it is not a {kind.__name__}")
     return data
+
+
+# -- a broker pair: PAIR between the brokers, STANDBY to peers (see fade/pair.py) ----------
+
+#: The roles a pair's brokers are started in, and the states they report.
+PAIR_ROLES = ("primary", "backup")
+PAIR_STATES = ("starting", "active", "passive", "alone")
+
+
+@dataclass(frozen=True, slots=True)
+class PairReport:
+    """What a broker of a pair tells the other, every interval and at each change."""
+
+    role: str  # one of PAIR_ROLES
+    state: str  # one of PAIR_STATES
+    term: int  # the takeover its last active claim came from: the higher claim wins
+    incarnation: str  # random for each broker process: tells a restarted broker apart
+    number: int  # counts this incarnation's reports
+    #: (incarnation, number) of the last report heard from the other broker; None: none yet.
+    ack: tuple[str, int] | None = None
+
+
+def encode_pair(report: PairReport) -> list[Frame]:
+    fields: dict[str, Any] = {
+        "role": report.role,
+        "state": report.state,
+        "term": report.term,
+        "incarnation": report.incarnation,
+        "number": report.number,
+    }
+    if report.ack is not None:
+        fields["ack"] = list(report.ack)
+    return [_HEADERS[Command.PAIR], _json(fields)]
+
+
+def decode_pair(body: Sequence[Frame]) -> PairReport:
+    data = _unjson(body, "PAIR")
+    role, state = data.get("role"), data.get("state")
+    if role not in PAIR_ROLES or state not in PAIR_STATES:
+        raise ProtocolError(f"PAIR with unknown role {role!r} or state {state!r}")
+    incarnation = data.get("incarnation")
+    if not isinstance(incarnation, str):
+        raise ProtocolError("PAIR needs an incarnation (text)")
+    ack = data.get("ack")
+    if ack is not None:
+        if not (isinstance(ack, list) and len(ack) == 2 and isinstance(ack[0], str)):
+            raise ProtocolError("PAIR field 'ack' must be [incarnation, number]")
+        ack = (ack[0][:64], _count(ack[1], "ack"))
+    term, number = _count(data.get("term"), "term"), _count(data.get("number"), "number")
+    return PairReport(role, state, term, incarnation[:64], number, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class Standby:
+    """A passive broker's answer to a client or worker: it serves no one."""
+
+    state: str  # one of PAIR_STATES (never "active")
+    #: Seconds after which to say HELLO here again: this broker expects to take over
+    #: by then (it has just been told its peer is gone); 0: go to the other broker.
+    retry: float = 0.0
+
+
+def encode_standby(standby: Standby) -> list[Frame]:
+    return [_HEADERS[Command.STANDBY], _json({"state": standby.state, "retry": standby.retry})]
+
+
+def decode_standby(body: Sequence[Frame]) -> Standby:
+    data = _unjson(body, "STANDBY")
+    state, retry = data.get("state"), data.get("retry", 0.0)
+    if state not in PAIR_STATES or isinstance(retry, bool) or not isinstance(retry, int | float):
+        raise ProtocolError("STANDBY needs a pair state and a retry time")
+    # A broker that asks for more than a minute is wrong; never wait on its word alone.
+    return Standby(state, min(max(float(retry), 0.0), 60.0))
+
+
+def _count(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise ProtocolError(f"PAIR field {name!r} must be a count")
+    return value
 
 
 # -- small numeric bodies -------------------------------------------------------
