@@ -24,6 +24,10 @@
   requests, and status shows short ids that are hashes of identities.
 * Bad input is dropped, logged (rate-limited) and, if its sender speaks fade,
   answered with ERROR in a version it can read; replies are rate-limited too.
+* With ``peer`` (``--peer ADDRESS``) it is one broker of a pair (fade/pair.py): it
+  serves only while its pair's state is ACTIVE; otherwise it answers clients and
+  workers STANDBY and keeps no state of theirs. Its reports reach the other broker
+  through a PairLink (fade/pairlink.py) and are read here, by ``_on_pair``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from fade._rate import Throughput
 from fade._version import __version__
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
+from fade.pair import Change, Pair, PairState, Role
+from fade.pairlink import PairLink
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
 from fade.snapshot import snapshot
 from fade.sockets import (
@@ -74,6 +80,10 @@ PUBLISH_INTERVAL = 1.0
 INSECURE_WARNING_PERIOD = 60.0
 #: Code requests relayed to clients and not yet answered, at most (the oldest are forgotten).
 MAX_RELAYS = 65536
+#: Results a worker sent for tasks whose clients have not re-sent them yet (a fresh broker)
+#: are kept for one to two of these (in seconds, at least two expiries): clients re-send
+#: everything at once after their WELCOME.
+ORPHAN_AGE = 5.0
 
 
 class Broker:
@@ -92,6 +102,8 @@ class Broker:
         insecure: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         insecure_warning_period: float = INSECURE_WARNING_PERIOD,
+        peer: str | None = None,
+        backup: bool = False,
     ) -> None:
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
@@ -103,16 +115,29 @@ class Broker:
             insecure,
             interval=heartbeat_interval,
             warning_period=insecure_warning_period,
+            pair=peer is not None,
         )
         self.max_message_size = max_message_size
         self.address = address
         self.broker_id = uuid.uuid4().hex
         self.interval = heartbeat_interval
         self.liveness = heartbeat_liveness
-        self.scheduler = Scheduler(max_attempts)
+        self.max_attempts = max_attempts
+        self.scheduler = self._new_scheduler()
         self._clocks = Liveness(
             heartbeat_interval, p.expiry(heartbeat_interval, heartbeat_liveness)
         )
+        #: The pair this broker is one of (None: it serves alone, always).
+        self.pair: Pair | None = None
+        self.peer_address = peer
+        self._pair_link: PairLink | None = None
+        # After a takeover: clients wait until then, or until this many workers are back.
+        self._settle: tuple[float, int] | None = None
+        self._handlers = self._HANDLERS
+        if peer is not None:
+            role = Role.BACKUP if backup else Role.PRIMARY
+            self.pair = Pair(role, heartbeat_interval, heartbeat_liveness, time.monotonic())
+            self._handlers = self._STANDBY_HANDLERS
         self._parent_pid = parent_pid
         # ZAP's endpoint is one per context: a broker with keys gets a context of its own.
         self._own_context = context is None and self.gate.keys is not None
@@ -132,6 +157,8 @@ class Broker:
         #: changes one it has published, so a reader thread needs no lock.
         self.published: dict[str, Any] | None = None
         self._next_publish = 0.0
+        self._orphan_age = max(ORPHAN_AGE, 2 * self._clocks.expiry)
+        self._next_ageing = self.started + self._orphan_age
 
     @property
     def tasks_done(self) -> int:
@@ -156,6 +183,21 @@ class Broker:
         self._socket = sock
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("fade-broker %s listening on %s", __version__, endpoint)
+        if self.pair is not None and self.peer_address is not None:
+            self._pair_link = PairLink(
+                self._context,
+                self.peer_address,
+                keys=self.gate.keys,
+                interval=self.interval,
+                expiry=self._clocks.expiry,
+                log=log,
+            )
+            log.info(
+                "the %s of a pair with the broker at %s; serving no one until the pair "
+                "agrees that this one is active",
+                self.pair.role.value,
+                self.peer_address,
+            )
         self.gate.warn_if_insecure(time.monotonic())
         return endpoint
 
@@ -165,6 +207,9 @@ class Broker:
         self._wake.wake()
 
     def close(self) -> None:
+        if self._pair_link is not None:
+            self._pair_link.close()
+            self._pair_link = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -189,11 +234,14 @@ class Broker:
         zap = self.gate.zap
         if zap is not None:
             poller.register(zap.socket, zmq.POLLIN)
-        next_upkeep = 0.0
+        pair = self.pair
+        next_upkeep = time.monotonic()
         try:
             while not self._stopping:
                 timeout = max(0.0, next_upkeep - time.monotonic())
                 events = dict(poller.poll(math.ceil(timeout * 1000)))
+                if pair is not None:
+                    self._check_stall(pair, next_upkeep)
                 if zap is not None and events.get(zap.socket):
                     zap.handle()
                 if events.get(sock):
@@ -211,9 +259,14 @@ class Broker:
     def _upkeep(self, now: float) -> bool:
         """Expire, heartbeat, publish and re-read keys; False if our parent is gone."""
         self.throughput.record(now, self.tasks_done)
+        if self.pair is not None:
+            self._pair_upkeep(self.pair, now)
         self._purge_silent_peers(now)
         self._send_due_heartbeats(now)
         self._publish(now)
+        if now >= self._next_ageing:
+            self._next_ageing = now + self._orphan_age
+            self.scheduler.age_orphans()
         self._drop_revoked(now)
         self.gate.warn_if_insecure(now)
         if self._parent_pid is not None and os.getppid() != self._parent_pid:
@@ -225,6 +278,8 @@ class Broker:
         due = self._clocks.next_due(now)
         if self.publish_interval is not None:
             due = min(due, max(0.0, self._next_publish - now))
+        if self._pair_link is not None:
+            due = min(due, self._pair_link.next_due(now))
         return due
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
@@ -255,7 +310,7 @@ class Broker:
             message = p.parse(frames[1:])
             self._sender = self.gate.check(frames[0], identity, message)
             self._clocks.heard(identity, time.monotonic())
-            handler = self._HANDLERS.get(message.command)
+            handler = self._handlers.get(message.command)
             if handler is None:
                 raise ProtocolError(f"{message.command.name} is not for the broker")
             handler(self, identity, message.body)
@@ -428,6 +483,158 @@ class Broker:
         p.Command.CODE: _on_code,
         p.Command.STATUS: _on_status,
     }
+
+    # -- a broker pair (fade/pair.py) --------------------------------------------------------
+
+    def _on_pair(self, identity: bytes, body: list[p.Frame]) -> None:
+        """A report from the other broker of our pair."""
+        report = p.decode_pair(body)
+        self._clocks.forget(identity)  # the other broker is no client or worker of ours
+        pair = self.pair
+        if pair is None:
+            raise ProtocolError("PAIR is for a broker of a pair; this one has no --peer")
+        self._pair_changed(pair.heard(report, time.monotonic()))
+        if pair.misconfigured is not None:
+            self._bad_input.warning("ignoring the other broker's reports: %s", pair.misconfigured)
+
+    def _on_hello_standby(self, identity: bytes, body: list[p.Frame]) -> None:
+        """HELLO while not serving: a vote may make us active; else, STANDBY."""
+        hello = p.decode_hello(body)
+        pair = self.pair
+        assert pair is not None
+        now = time.monotonic()
+        voter = hello.left_silent > 0
+        if voter:
+            log.info(
+                "%s %s says the other broker has been silent to it for %.1fs",
+                hello.role,
+                _peer_name(identity, hello),
+                hello.left_silent,
+            )
+            self._pair_changed(pair.vote(now))
+        if pair.serving:
+            self._on_hello_active(identity, body)
+            return
+        # Never rate-limited: a voter told to come back soon must get its answer then.
+        standby = p.Standby(pair.state.value, pair.retry_hint(now, voter))
+        self._send(identity, p.encode_standby(standby))
+        self._clocks.forget(identity)
+
+    def _on_standby(self, identity: bytes, body: list[p.Frame]) -> None:
+        """Anything else from a client or worker while not serving: go to the other broker."""
+        assert self.pair is not None
+        if self._replies.allow(identity):
+            self._send(identity, p.encode_standby(p.Standby(self.pair.state.value)))
+        self._clocks.forget(identity)
+
+    def _on_ignored(self, identity: bytes, body: list[p.Frame]) -> None:
+        """OBITUARY and DISCONNECT while not serving: supervisors tell both brokers."""
+        self._clocks.forget(identity)
+
+    def _on_hello_active(self, identity: bytes, body: list[p.Frame]) -> None:
+        """HELLO to a broker of a pair that serves. Just after a takeover, clients wait
+        until as many workers as the other broker had are back, or an interval has
+        passed: the workers say what they hold first, so the tasks the clients re-send
+        go back to the workers running them instead of running twice."""
+        settle = self._settle
+        if settle is not None:
+            now = time.monotonic()
+            if now >= settle[0] or len(self.scheduler.workers) >= settle[1]:
+                self._settle = None
+            elif p.decode_hello(body).role == "client":
+                retry = min(settle[0] - now, self.interval / 5) + 0.001
+                self._send(identity, p.encode_standby(p.Standby("active", retry)))
+                self._clocks.forget(identity)
+                return
+        self._on_hello(identity, body)
+
+    #: A broker of a pair that serves: as alone, and its pair's reports.
+    _ACTIVE_HANDLERS = {**_HANDLERS, p.Command.HELLO: _on_hello_active, p.Command.PAIR: _on_pair}
+    #: A broker of a pair that does not serve keeps nothing of any client or worker.
+    _STANDBY_HANDLERS = {
+        **dict.fromkeys(_HANDLERS, _on_standby),
+        p.Command.HELLO: _on_hello_standby,
+        p.Command.STATUS: _on_status,
+        p.Command.PAIR: _on_pair,
+        p.Command.OBITUARY: _on_ignored,
+        p.Command.DISCONNECT: _on_ignored,
+    }
+
+    def _pair_changed(self, changes: list[Change]) -> None:
+        """Act on the moves of our pair's state: serve, or stop serving; tell the other."""
+        for change in changes:
+            self._pair_moved(change)
+
+    def _pair_moved(self, change: Change) -> None:
+        pair = self.pair
+        assert pair is not None
+        log.warning(
+            "pair: %s -> %s (%s)%s",
+            change.old.value,
+            change.new.value,
+            change.event.value,
+            f"; serving as the active broker, term {pair.term}" if pair.serving else "",
+        )
+        if change.new is PairState.ACTIVE:
+            # A fresh id: peers that knew this broker before it stood by must not take
+            # its state for the one they left.
+            self.broker_id = uuid.uuid4().hex
+            self._handlers = self._ACTIVE_HANDLERS
+            expected = pair.peer.workers if pair.peer is not None else 0
+            self._settle = (time.monotonic() + self.interval, expected) if expected else None
+        elif change.old is PairState.ACTIVE:
+            self._stand_by()
+        if self._pair_link is not None:
+            now = time.monotonic()
+            self._pair_link.send(pair.report(now, len(self.scheduler.workers)), now)
+
+    def _stand_by(self) -> None:
+        """Stop serving: send every client and worker to the other broker and forget them
+        (the clients re-send their unfinished tasks there, the workers say what they hold)."""
+        assert self.pair is not None
+        sched = self.scheduler
+        standby = p.encode_standby(p.Standby(self.pair.state.value))
+        for identity in [*sched.workers, *sched.clients]:
+            self._send(identity, standby)
+        log.warning(
+            "sent %d workers and %d clients to the other broker; dropped the %d tasks "
+            "held here (their clients re-send them there)",
+            len(sched.workers),
+            len(sched.clients),
+            len(sched.tasks),
+        )
+        self.scheduler = self._new_scheduler()
+        self.scheduler.counts = sched.counts  # the totals status shows go on counting
+        self._clocks = Liveness(self.interval, self._clocks.expiry)
+        self._relays = _Relays()
+        self._handlers = self._STANDBY_HANDLERS
+
+    def _pair_upkeep(self, pair: Pair, now: float) -> None:
+        self._pair_changed(pair.upkeep(now))
+        link = self._pair_link
+        if link is not None:
+            link.check()
+            if link.due(now):
+                link.send(pair.report(now, len(self.scheduler.workers)), now)
+
+    def _check_stall(self, pair: Pair, deadline: float) -> None:
+        """After each poll: if this loop stopped past ``deadline`` for longer than our
+        peers wait for us, they may have gone to the other broker; stop serving and ask."""
+        now = time.monotonic()
+        late = now - deadline
+        if late > pair.late_limit():
+            changes = pair.stalled(now)
+            if changes:
+                log.warning(
+                    "this broker did not run for %.1fs (stopped, or starved of CPU): its "
+                    "peers may have gone to the other broker; serving no one until the "
+                    "pair agrees again",
+                    late,
+                )
+                self._pair_changed(changes)
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(self.max_attempts)
 
     # -- peers ----------------------------------------------------------------------------
 

@@ -164,7 +164,7 @@ class Pair:
     votes it was given. No sockets, no clock of its own: every call says ``now``.
 
     :meth:`heard`, :meth:`vote`, :meth:`upkeep` and :meth:`stalled` return the
-    :class:`Change` they made (None: none), which the broker acts on; :meth:`report`
+    changes (:class:`Change`) they made, in order, which the broker acts on; :meth:`report`
     is what it tells the other broker.
     """
 
@@ -192,8 +192,9 @@ class Pair:
     def serving(self) -> bool:
         return self.state is PairState.ACTIVE
 
-    def report(self, now: float) -> p.PairReport:
-        """The next report for the other broker (every interval, and after each change)."""
+    def report(self, now: float, workers: int = 0) -> p.PairReport:
+        """The next report for the other broker (every interval, and after each change),
+        saying how many ``workers`` are registered here."""
         self.reports += 1
         self._made[self.reports] = now
         while len(self._made) > self._kept:
@@ -201,45 +202,49 @@ class Pair:
         peer = self.peer
         ack = (peer.incarnation, peer.number) if peer is not None else None
         return p.PairReport(
-            self.role.value, self.state.value, self.term, self.incarnation, self.reports, ack
+            self.role.value,
+            self.state.value,
+            self.term,
+            self.incarnation,
+            self.reports,
+            ack,
+            workers,
         )
 
     # -- events -------------------------------------------------------------------------
 
-    def heard(self, report: p.PairReport, now: float) -> Change | None:
+    def heard(self, report: p.PairReport, now: float) -> list[Change]:
         """A report from the other broker."""
         if report.role == self.role.value:
             self.misconfigured = (
                 f"the other broker was also started as the {self.role.value}: start one "
                 "of the two with --backup and the other with --primary"
             )
-            return None
+            return []
         self.misconfigured = None
         self.peer = report
         self.peer_heard = now
         self.peer_lost = False
         event = self._event_for(report, now)
-        if event is None:
-            return None
-        return self._apply(event, now)
+        return [] if event is None else self._apply(event, now)
 
-    def vote(self, now: float) -> Change | None:
+    def vote(self, now: float) -> list[Change]:
         """A client or worker came here because the other broker went silent on it."""
         self.voted = now
         return self._apply(PairEvent.VOTE, now)
 
-    def upkeep(self, now: float) -> Change | None:
+    def upkeep(self, now: float) -> list[Change]:
         """Lose the other broker after the expiry; a vote given within the expiry before
         then still counts (the voter may have noticed first)."""
         if self.peer_lost or now - self.peer_heard <= self.expiry:
-            return None
+            return []
         self.peer_lost = True
-        change = self._apply(PairEvent.PEER_LOST, now)
+        changes = self._apply(PairEvent.PEER_LOST, now)
         if now - self.voted <= self.expiry:
-            return self._apply(PairEvent.VOTE, now) or change
-        return change
+            changes += self._apply(PairEvent.VOTE, now)
+        return changes
 
-    def stalled(self, now: float) -> Change | None:
+    def stalled(self, now: float) -> list[Change]:
         """Our loop did not run for longer than peers wait for us (see :meth:`late_limit`)."""
         return self._apply(PairEvent.STALLED, now)
 
@@ -285,15 +290,15 @@ class Pair:
         ours = (self.term, self.role is Role.PRIMARY)
         return ours > (report.term, report.role == Role.PRIMARY.value)
 
-    def _apply(self, event: PairEvent, now: float) -> Change | None:
+    def _apply(self, event: PairEvent, now: float) -> list[Change]:
         old = self.state
         new = step(self.role, old, event)
         if new is old:
-            return None
+            return []
         self.state = new
         self._first_in_state = self.reports + 1
         self.since = now
         if new is PairState.ACTIVE:
             self.term = max(self.term, self.peer.term if self.peer is not None else 0) + 1
             self.takeovers += 1
-        return Change(old, new, event)
+        return [Change(old, new, event)]

@@ -549,6 +549,7 @@ class PairReport:
     number: int  # counts this incarnation's reports
     #: (incarnation, number) of the last report heard from the other broker; None: none yet.
     ack: tuple[str, int] | None = None
+    workers: int = 0  # worker processes registered here (an active broker has some)
 
 
 def encode_pair(report: PairReport) -> list[Frame]:
@@ -558,6 +559,7 @@ def encode_pair(report: PairReport) -> list[Frame]:
         "term": report.term,
         "incarnation": report.incarnation,
         "number": report.number,
+        "workers": report.workers,
     }
     if report.ack is not None:
         fields["ack"] = list(report.ack)
@@ -578,16 +580,18 @@ def decode_pair(body: Sequence[Frame]) -> PairReport:
             raise ProtocolError("PAIR field 'ack' must be [incarnation, number]")
         ack = (ack[0][:64], _count(ack[1], "ack"))
     term, number = _count(data.get("term"), "term"), _count(data.get("number"), "number")
-    return PairReport(role, state, term, incarnation[:64], number, ack)
+    workers = _count(data.get("workers", 0), "workers")
+    return PairReport(role, state, term, incarnation[:64], number, ack, workers)
 
 
 @dataclass(frozen=True, slots=True)
 class Standby:
-    """A passive broker's answer to a client or worker: it serves no one."""
+    """A broker's answer to a client or worker it does not serve now: a passive one, or
+    an active one that has just taken over and lets the workers register first."""
 
-    state: str  # one of PAIR_STATES (never "active")
-    #: Seconds after which to say HELLO here again: this broker expects to take over
-    #: by then (it has just been told its peer is gone); 0: go to the other broker.
+    state: str  # one of PAIR_STATES
+    #: Seconds after which to say HELLO here again: this broker expects to serve by
+    #: then; 0: go to the other broker.
     retry: float = 0.0
 
 

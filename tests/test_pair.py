@@ -187,11 +187,10 @@ class Sim:
         if self.now >= node.next_report:
             self._send(name)
 
-    def _record(self, node: Node, change: Change | None) -> None:
-        if change is not None:
-            node.changes.append(change)
-            if node.running:
-                self._send(self._name(node))
+    def _record(self, node: Node, changes: list[Change]) -> None:
+        node.changes += changes
+        if changes and node.running:
+            self._send(self._name(node))
 
     def _name(self, node: Node) -> str:
         return next(name for name, n in self.nodes.items() if n is node)
@@ -211,9 +210,9 @@ class Sim:
     def _check(self) -> None:
         """No split brain: never two running brokers serving at once."""
         a, b = self.nodes["a"], self.nodes["b"]
-        if a.running and b.running and a.pair.serving and b.pair.serving:
-            if self.both_served_at is None:
-                self.both_served_at = self.now
+        both = a.running and b.running and a.pair.serving and b.pair.serving
+        if both and self.both_served_at is None:
+            self.both_served_at = self.now
 
 
 def started() -> Sim:
@@ -373,10 +372,10 @@ def test_a_report_held_up_in_the_network_cannot_start_a_broker_serving() -> None
     assert b.serving
     a_new = Pair(Role.PRIMARY, INTERVAL, LIVENESS, sim.now)
     a_new.peer_lost = True
-    assert a_new.heard(old, sim.now) is None  # acknowledges another incarnation
+    assert a_new.heard(old, sim.now) == []  # acknowledges another incarnation
     # Even for the same incarnation: an acknowledgement older than the expiry is stale.
     a.state = S.ALONE
-    assert a.heard(old, sim.now) is None
+    assert a.heard(old, sim.now) == []
 
 
 def test_two_active_brokers_keep_the_later_takeover() -> None:
@@ -399,15 +398,15 @@ def test_equal_claims_go_to_the_primary() -> None:
         pair.upkeep(EXPIRY + 1)
         pair.vote(EXPIRY + 1)
     assert a.serving and b.serving and a.term == b.term == 1
-    assert b.heard(a.report(EXPIRY + 1), EXPIRY + 1) == Change(S.ACTIVE, S.PASSIVE, E.PEER_ACTIVE)
-    assert a.heard(b.report(EXPIRY + 1), EXPIRY + 1) is None
+    assert b.heard(a.report(EXPIRY + 1), EXPIRY + 1) == [Change(S.ACTIVE, S.PASSIVE, E.PEER_ACTIVE)]
+    assert a.heard(b.report(EXPIRY + 1), EXPIRY + 1) == []
     assert a.serving
 
 
 def test_two_primaries_say_what_is_wrong_and_neither_serves() -> None:
     a = Pair(Role.PRIMARY, INTERVAL, LIVENESS, 0.0)
     other = Pair(Role.PRIMARY, INTERVAL, LIVENESS, 0.0)
-    assert a.heard(other.report(0.1), 0.1) is None
+    assert a.heard(other.report(0.1), 0.1) == []
     assert a.misconfigured is not None and "--backup" in a.misconfigured
     assert a.state is S.STARTING
 

@@ -1,0 +1,98 @@
+"""A broker's link to the other broker of its pair: a DEALER that carries its PAIR reports.
+
+::
+
+    broker A loop --every interval, and at once on a change--> PairLink.send(report)
+        DEALER (identity "P...") --PAIR--> broker B's ROUTER --> Broker._on_pair --> Pair.heard
+    broker B does the same towards A: each direction is one socket, and nothing is
+    ever sent back on it.
+
+* The reports travel on the brokers' own ROUTERs: a pair needs no second port, and
+  a report proves that the other broker's main socket is up, which is what clients
+  and workers reach too.
+* A report is worth sending only while it is fresh: nothing queues for a connection
+  that is down, and ZMTP heartbeats end one whose other end stopped answering
+  (``sockets.connect_dealer``'s ``lossy``). A report that cannot be queued is
+  dropped; the next one says it all.
+* With keys, the link authenticates with the broker's own key pair, which both
+  brokers hold (they serve the same key folder); each admits that key, and only
+  that key, as its pair's (role ``broker``, allowed PAIR and STATUS only:
+  fade/security.py). Whoever lacks the broker's secret key cannot pose as the other
+  broker, and the other broker proves it holds it, as to any peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import zmq
+
+from fade import protocol as p
+from fade import security
+from fade.keyfiles import BrokerKeys, PeerKeys
+from fade.sockets import connect_dealer, send_frames
+
+__all__ = ["PairLink", "pair_keys"]
+
+
+def pair_keys(keys: BrokerKeys) -> PeerKeys:
+    """The key file a broker's pair link connects with: the broker's own pair."""
+    return PeerKeys(
+        role="broker",
+        name="pair",
+        public=keys.public,
+        secret=keys.secret,
+        broker=keys.public,
+        path=str(keys.directory),
+    )
+
+
+class PairLink:
+    """Sends this broker's reports to the other broker at ``address``; never reads."""
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        *,
+        keys: BrokerKeys | None,
+        interval: float,
+        expiry: float,
+        log: logging.Logger,
+    ) -> None:
+        self.address = address
+        self.interval = interval
+        peer_keys = pair_keys(keys) if keys is not None else None
+        self._socket = connect_dealer(
+            context,
+            address,
+            identity=security.peer_identity(b"P", peer_keys),
+            keys=peer_keys,
+            lossy=(max(1, int(interval * 1000)), max(1, int(expiry * 1000))),
+        )
+        self._watch = security.HandshakeWatch(self._socket, log, peer_keys)
+        self._sent = -math.inf
+
+    def send(self, report: p.PairReport, now: float) -> None:
+        """Queue a report, never blocking; dropped if the other broker is not connected."""
+        try:
+            send_frames(self._socket, p.encode_pair(report), block=False)
+        except zmq.Again:
+            pass
+        self._sent = now
+
+    def due(self, now: float) -> bool:
+        return now - self._sent >= self.interval
+
+    def next_due(self, now: float) -> float:
+        """Seconds until the next report is due."""
+        return max(0.0, self._sent + self.interval - now)
+
+    def check(self) -> None:
+        """Log why the other broker refuses our handshake, if it does (wrong keys)."""
+        self._watch.check()
+
+    def close(self) -> None:
+        self._watch.close()
+        self._socket.close(linger=0)
