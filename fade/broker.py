@@ -133,6 +133,7 @@ class Broker:
         self._pair_link: PairLink | None = None
         # After a takeover: clients wait until then, or until this many workers are back.
         self._settle: tuple[float, int] | None = None
+        self._last_upkeep = time.monotonic()
         self._handlers = self._HANDLERS
         if peer is not None:
             role = Role.BACKUP if backup else Role.PRIMARY
@@ -491,8 +492,7 @@ class Broker:
         report = p.decode_pair(body)
         self._clocks.forget(identity)  # the other broker is no client or worker of ours
         pair = self.pair
-        if pair is None:
-            raise ProtocolError("PAIR is for a broker of a pair; this one has no --peer")
+        assert pair is not None  # a lone broker's handlers have no PAIR
         self._pair_changed(pair.heard(report, time.monotonic()))
         if pair.misconfigured is not None:
             self._bad_input.warning("ignoring the other broker's reports: %s", pair.misconfigured)
@@ -610,6 +610,11 @@ class Broker:
         self._handlers = self._STANDBY_HANDLERS
 
     def _pair_upkeep(self, pair: Pair, now: float) -> None:
+        # Upkeep heartbeats every peer: if it did not run for longer than the expiry
+        # (the loop was stopped while it handled messages), peers may have given up on us.
+        if now - self._last_upkeep > pair.expiry:
+            self._stalled(pair, now, now - self._last_upkeep)
+        self._last_upkeep = now
         self._pair_changed(pair.upkeep(now))
         link = self._pair_link
         if link is not None:
@@ -621,17 +626,19 @@ class Broker:
         """After each poll: if this loop stopped past ``deadline`` for longer than our
         peers wait for us, they may have gone to the other broker; stop serving and ask."""
         now = time.monotonic()
-        late = now - deadline
-        if late > pair.late_limit():
-            changes = pair.stalled(now)
-            if changes:
-                log.warning(
-                    "this broker did not run for %.1fs (stopped, or starved of CPU): its "
-                    "peers may have gone to the other broker; serving no one until the "
-                    "pair agrees again",
-                    late,
-                )
-                self._pair_changed(changes)
+        if now - deadline > pair.late_limit():
+            self._stalled(pair, now, now - deadline)
+
+    def _stalled(self, pair: Pair, now: float, late: float) -> None:
+        changes = pair.stalled(now)
+        if changes:
+            log.warning(
+                "this broker did not run for %.1fs (stopped, or starved of CPU): its "
+                "peers may have gone to the other broker; serving no one until the "
+                "pair agrees again",
+                late,
+            )
+            self._pair_changed(changes)
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.max_attempts)

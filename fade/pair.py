@@ -23,18 +23,19 @@ no one and has not heard from the other broker for interval x liveness.
 
 **The rule against split brain.** A broker that serves no one becomes ACTIVE only
 
-1. when the other broker itself says it serves no one (it has just started, or it
-   is passive too, and then only the primary takes over), in a report that
-   acknowledges one of ours sent in our current state and within the expiry: so
-   the report is younger than the time the other would need to lose us and take
-   over, and one queued while this broker was frozen, or held up in the network,
-   cannot make it active; or
-2. when it has not heard from the other broker for the expiry (ALONE) *and* a
-   client or worker comes to it saying that the other broker went silent on it too
-   (a vote: two of three parties agree that the other is gone). Binary Star counts
-   any client request as a vote; here a client that merely lists this broker first,
-   or was sent on by the other broker, does not vote, so a restarted broker that
-   cannot see its peer never takes clients away from an active one.
+1. if it is the primary, when the other broker says it serves no one either
+   (starting, passive or alone), in a report that acknowledges one of ours sent in
+   our current state and within the expiry: so the report is younger than the time
+   the other would need to lose us and take over, and one queued while this broker
+   was frozen, or held up in the network, cannot make it active. (The backup never
+   takes over this way: when neither serves and both can see each other, the
+   primary goes first, at start-up and after any restart.) Or,
+2. either broker, when it has not heard from the other for the expiry (ALONE) *and*
+   a client or worker comes to it saying that the other broker went silent on it
+   too (a vote: two of three parties agree that the other is gone). Binary Star
+   counts any client request as a vote; here a client that merely lists this broker
+   first, or was sent on by the other broker, does not vote, so a restarted broker
+   that cannot see its peer never takes clients away from an active one.
 
 A broker whose own loop stopped for longer than its peers wait for it (SIGSTOP,
 swapping) no longer knows whether it was replaced: it stops serving (STALLED: ALONE)
@@ -85,8 +86,8 @@ class PairEvent(enum.Enum):
     """What can happen to a broker of a pair (see :meth:`Pair.heard` for how a report
     from the other broker becomes one)."""
 
-    PEER_STARTING = "peer starting"  # it has just started: it holds nothing, serves no one
-    PEER_PASSIVE = "peer passive"  # it serves no one (passive, or alone)
+    PEER_IDLE = "peer idle"  # it serves no one (starting, passive or alone), lately said
+    PEER_HEARD = "peer heard"  # idle too, but its report may predate our state: it is alive
     PEER_ACTIVE = "peer active"  # it serves, and its claim is higher than ours
     PEER_OUTRANKED = "peer outranked"  # it serves, but we do with a higher claim: it yields
     PEER_LOST = "peer lost"  # nothing from it for interval x liveness
@@ -99,43 +100,40 @@ _S, _E = PairState, PairEvent
 #: The moves of the primary: (state, event) -> new state. Absent: the event cannot
 #: happen in that state (Pair never makes it), and step() raises IllegalTransition.
 PRIMARY_MOVES: dict[tuple[PairState, PairEvent], PairState] = {
-    # Just started: serve once the other says it is starting too; follow an active
-    # one; a passive one takes over itself when it hears that we started.
-    (_S.STARTING, _E.PEER_STARTING): _S.ACTIVE,
-    (_S.STARTING, _E.PEER_PASSIVE): _S.STARTING,
+    # Neither serves, and the other says so in a fresh report: the primary goes first.
+    (_S.STARTING, _E.PEER_IDLE): _S.ACTIVE,
+    (_S.STARTING, _E.PEER_HEARD): _S.STARTING,
     (_S.STARTING, _E.PEER_ACTIVE): _S.PASSIVE,
     (_S.STARTING, _E.PEER_LOST): _S.ALONE,
-    (_S.STARTING, _E.VOTE): _S.STARTING,
+    (_S.STARTING, _E.VOTE): _S.STARTING,  # not lost yet: the voter may be wrong
     (_S.STARTING, _E.STALLED): _S.STARTING,
-    (_S.ACTIVE, _E.PEER_STARTING): _S.ACTIVE,
-    (_S.ACTIVE, _E.PEER_PASSIVE): _S.ACTIVE,
+    (_S.ACTIVE, _E.PEER_IDLE): _S.ACTIVE,
+    (_S.ACTIVE, _E.PEER_HEARD): _S.ACTIVE,
     (_S.ACTIVE, _E.PEER_ACTIVE): _S.PASSIVE,  # a later takeover: yield to it
     (_S.ACTIVE, _E.PEER_OUTRANKED): _S.ACTIVE,
     (_S.ACTIVE, _E.PEER_LOST): _S.ACTIVE,  # the other died: go on serving
     (_S.ACTIVE, _E.VOTE): _S.ACTIVE,
     (_S.ACTIVE, _E.STALLED): _S.ALONE,  # we may have been replaced meanwhile: ask
-    # Passive: take over when the other restarted (it holds nothing) or is passive too
-    # (the primary settles the tie).
-    (_S.PASSIVE, _E.PEER_STARTING): _S.ACTIVE,
-    (_S.PASSIVE, _E.PEER_PASSIVE): _S.ACTIVE,
+    (_S.PASSIVE, _E.PEER_IDLE): _S.ACTIVE,
+    (_S.PASSIVE, _E.PEER_HEARD): _S.PASSIVE,
     (_S.PASSIVE, _E.PEER_ACTIVE): _S.PASSIVE,
     (_S.PASSIVE, _E.PEER_LOST): _S.ALONE,
     (_S.PASSIVE, _E.VOTE): _S.PASSIVE,  # the other is alive: the voter cannot reach it
     (_S.PASSIVE, _E.STALLED): _S.PASSIVE,
-    (_S.ALONE, _E.PEER_STARTING): _S.ACTIVE,
-    (_S.ALONE, _E.PEER_PASSIVE): _S.ACTIVE,
+    (_S.ALONE, _E.PEER_IDLE): _S.ACTIVE,
+    (_S.ALONE, _E.PEER_HEARD): _S.PASSIVE,  # not lost after all: votes no longer count
     (_S.ALONE, _E.PEER_ACTIVE): _S.PASSIVE,
     (_S.ALONE, _E.PEER_LOST): _S.ALONE,
     (_S.ALONE, _E.VOTE): _S.ACTIVE,  # two of three say the other is gone
     (_S.ALONE, _E.STALLED): _S.ALONE,
 }
 
-#: The backup's moves: the primary's, except that the backup leaves ties to it.
+#: The backup's moves: the primary's, except that the backup never goes first.
 BACKUP_MOVES: dict[tuple[PairState, PairEvent], PairState] = {
     **PRIMARY_MOVES,
-    (_S.STARTING, _E.PEER_STARTING): _S.STARTING,  # the primary goes first
-    (_S.PASSIVE, _E.PEER_PASSIVE): _S.PASSIVE,  # the primary takes over
-    (_S.ALONE, _E.PEER_PASSIVE): _S.PASSIVE,
+    (_S.STARTING, _E.PEER_IDLE): _S.PASSIVE,
+    (_S.PASSIVE, _E.PEER_IDLE): _S.PASSIVE,
+    (_S.ALONE, _E.PEER_IDLE): _S.PASSIVE,
 }
 
 _MOVES = {Role.PRIMARY: PRIMARY_MOVES, Role.BACKUP: BACKUP_MOVES}
@@ -225,8 +223,7 @@ class Pair:
         self.peer = report
         self.peer_heard = now
         self.peer_lost = False
-        event = self._event_for(report, now)
-        return [] if event is None else self._apply(event, now)
+        return self._apply(self._event_for(report, now), now)
 
     def vote(self, now: float) -> list[Change]:
         """A client or worker came here because the other broker went silent on it."""
@@ -264,19 +261,18 @@ class Pair:
 
     # -- the machine --------------------------------------------------------------------
 
-    def _event_for(self, report: p.PairReport, now: float) -> PairEvent | None:
-        """The event a report is; None when it says the other serves no one but does not
-        acknowledge a recent report of ours in our current state (rule 1 in the module
-        docstring): what it says may be out of date."""
+    def _event_for(self, report: p.PairReport, now: float) -> PairEvent:
+        """The event a report is. A report that the other serves no one counts as such
+        only if it acknowledges a recent report of ours in our current state (rule 1 in
+        the module docstring); otherwise it may be out of date, and says only that the
+        other is alive."""
         if report.state == PairState.ACTIVE.value:
             if self.serving and self._outranks(report):
                 return PairEvent.PEER_OUTRANKED
             return PairEvent.PEER_ACTIVE
         if not self._acknowledges(report, now):
-            return None
-        if report.state == PairState.STARTING.value:
-            return PairEvent.PEER_STARTING
-        return PairEvent.PEER_PASSIVE
+            return PairEvent.PEER_HEARD
+        return PairEvent.PEER_IDLE
 
     def _acknowledges(self, report: p.PairReport, now: float) -> bool:
         ack = report.ack

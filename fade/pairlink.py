@@ -30,6 +30,7 @@ import zmq
 
 from fade import protocol as p
 from fade import security
+from fade._logutil import RateLimitedLog
 from fade.keyfiles import BrokerKeys, PeerKeys
 from fade.sockets import connect_dealer, send_frames
 
@@ -72,6 +73,8 @@ class PairLink:
             lossy=(max(1, int(interval * 1000)), max(1, int(expiry * 1000))),
         )
         self._watch = security.HandshakeWatch(self._socket, log, peer_keys)
+        self._refused = RateLimitedLog(log, burst=1, period=30.0)
+        self._keyed = keys is not None
         self._sent = -math.inf
 
     def send(self, report: p.PairReport, now: float) -> None:
@@ -91,7 +94,20 @@ class PairLink:
 
     def check(self) -> None:
         """Log why the other broker refuses our handshake, if it does (wrong keys)."""
-        self._watch.check()
+        failures = self._watch.failures()
+        if failures:
+            need = (
+                "both brokers must be started with --keys and copies of the same key "
+                "folder (the same broker key pair)"
+                if self._keyed
+                else "both brokers must be started with --keys, or both without"
+            )
+            self._refused.warning(
+                "the other broker of the pair, at %s, refused our handshake (%s): %s",
+                self.address,
+                failures[-1],
+                need,
+            )
 
     def close(self) -> None:
         self._watch.close()

@@ -108,14 +108,21 @@ class PairPool:
             self.start_broker(name)
         self.wait_active("a")
 
-    def start_worker(self, processes: int = 1, *extra: str) -> subprocess.Popen[bytes]:
+    @property
+    def backup_first(self) -> str:
+        """Both brokers, the backup first (as a peer configured the other way round)."""
+        return ",".join(self.address(name) for name in reversed(NAMES))
+
+    def start_worker(
+        self, processes: int = 1, *extra: str, addresses: str | None = None
+    ) -> subprocess.Popen[bytes]:
         keys = ["--keys", str(self.keys.worker)] if self.keys is not None else []
         worker = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "fade.worker",
-                self.addresses,
+                addresses or self.addresses,
                 "--processes",
                 str(processes),
                 *self.timing(),

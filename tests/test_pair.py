@@ -56,21 +56,23 @@ def test_an_event_that_cannot_happen_raises() -> None:
 
 @pytest.mark.parametrize("role", list(Role))
 def test_a_broker_starts_serving_only_by_the_rule(role: Role) -> None:
-    """Rule 1: the other says it serves no one (a tie goes to the primary); rule 2: alone,
-    and a vote. Nothing else starts a broker serving."""
+    """Rule 1: the primary, when the other says lately that it serves no one; rule 2:
+    either, alone, and a vote. Nothing else starts a broker serving."""
     takeovers = {
         (old, event)
         for (old, event), new in TABLES[role].items()
         if new is S.ACTIVE and old is not S.ACTIVE
     }
-    expected = {(S.PASSIVE, E.PEER_STARTING), (S.ALONE, E.PEER_STARTING), (S.ALONE, E.VOTE)}
+    expected = {(S.ALONE, E.VOTE)}
     if role is Role.PRIMARY:
-        expected |= {
-            (S.STARTING, E.PEER_STARTING),
-            (S.PASSIVE, E.PEER_PASSIVE),
-            (S.ALONE, E.PEER_PASSIVE),
-        }
+        expected |= {(state, E.PEER_IDLE) for state in (S.STARTING, S.PASSIVE, S.ALONE)}
     assert takeovers == expected
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_a_broker_that_hears_the_other_is_not_alone(role: Role) -> None:
+    for event in (E.PEER_IDLE, E.PEER_HEARD, E.PEER_ACTIVE):
+        assert step(role, S.ALONE, event) is not S.ALONE
 
 
 @pytest.mark.parametrize("role", list(Role))
@@ -302,12 +304,37 @@ def test_the_old_primary_restarted_joins_as_passive_then_the_pool_fails_back() -
     assert sim.both_served_at is None
 
 
-def test_the_active_one_restarted_hands_over_to_the_passive() -> None:
+def test_the_primary_restarted_before_anyone_noticed_serves_again() -> None:
     sim = started()
     sim.kill("a")
-    sim.restart("a")  # before the backup noticed
+    sim.restart("a")
+    sim.run(3 * INTERVAL)
+    assert (sim.state("a"), sim.state("b")) == (S.ACTIVE, S.PASSIVE)
+    assert sim.nodes["a"].pair.term == 1
+
+
+def test_the_backup_started_long_before_the_primary_leaves_it_to_the_primary() -> None:
+    sim = Sim()
+    sim.kill("a")
+    sim.run(3 * EXPIRY)
+    assert sim.state("b") is S.ALONE
+    sim.restart("a")
+    sim.run(3 * INTERVAL)
+    assert (sim.state("a"), sim.state("b")) == (S.ACTIVE, S.PASSIVE)
+
+
+def test_the_backup_restarted_while_the_primary_stands_by_leaves_it_to_the_primary() -> None:
+    sim = started()
+    sim.kill("a")
+    sim.run(EXPIRY + INTERVAL)
+    sim.vote("b")
+    sim.restart("a")
     sim.run(3 * INTERVAL)
     assert (sim.state("a"), sim.state("b")) == (S.PASSIVE, S.ACTIVE)
+    sim.kill("b")
+    sim.restart("b")
+    sim.run(3 * INTERVAL)
+    assert (sim.state("a"), sim.state("b")) == (S.ACTIVE, S.PASSIVE)
 
 
 def test_brokers_cut_off_from_each_other_keep_one_active() -> None:
@@ -375,7 +402,8 @@ def test_a_report_held_up_in_the_network_cannot_start_a_broker_serving() -> None
     assert a_new.heard(old, sim.now) == []  # acknowledges another incarnation
     # Even for the same incarnation: an acknowledgement older than the expiry is stale.
     a.state = S.ALONE
-    assert a.heard(old, sim.now) == []
+    a.heard(old, sim.now)
+    assert a.state is S.PASSIVE  # alive, so not alone; but not a reason to serve
 
 
 def test_two_active_brokers_keep_the_later_takeover() -> None:
