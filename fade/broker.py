@@ -50,9 +50,10 @@ from fade import security
 from fade._logutil import RateLimitedLog, printable
 from fade._rate import Throughput
 from fade._version import __version__
+from fade.brokerpair import PairDuties
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
-from fade.pair import Change, Pair, PairState, Role
+from fade.pair import Pair, Role
 from fade.pairlink import PairLink
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, Refusal, Scheduler, Task, Worker
 from fade.snapshot import snapshot
@@ -86,7 +87,7 @@ MAX_RELAYS = 65536
 ORPHAN_AGE = 5.0
 
 
-class Broker:
+class Broker(PairDuties):
     """A fade broker bound to ``address``. Call :meth:`run`; :meth:`stop` ends it."""
 
     def __init__(
@@ -131,9 +132,7 @@ class Broker:
         self.pair: Pair | None = None
         self.peer_address = peer
         self._pair_link: PairLink | None = None
-        # After a takeover: clients wait until then, or until this many workers are back.
-        self._settle: tuple[float, int] | None = None
-        self._last_upkeep = time.monotonic()
+        self._init_pair()
         self._handlers = self._HANDLERS
         if peer is not None:
             role = Role.BACKUP if backup else Role.PRIMARY
@@ -150,6 +149,7 @@ class Broker:
         self._wake = WakePipe()  # stop() may be called from a signal handler
         self._bad_input = RateLimitedLog(log)
         self._relays = _Relays()
+        self._parked = _Parked()
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
@@ -268,6 +268,8 @@ class Broker:
         if now >= self._next_ageing:
             self._next_ageing = now + self._orphan_age
             self.scheduler.age_orphans()
+        if self._parked:
+            self._unpark(now)
         self._drop_revoked(now)
         self.gate.warn_if_insecure(now)
         if self._parent_pid is not None and os.getppid() != self._parent_pid:
@@ -279,8 +281,8 @@ class Broker:
         due = self._clocks.next_due(now)
         if self.publish_interval is not None:
             due = min(due, max(0.0, self._next_publish - now))
-        if self._pair_link is not None:
-            due = min(due, self._pair_link.next_due(now))
+        if self.pair is not None:
+            due = min(due, self._pair_due(self.pair, now))
         return due
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
@@ -382,6 +384,8 @@ class Broker:
             self._reset(identity)
             return
         self.scheduler.submit(identity, tasks)
+        if self._parked:
+            self._unpark(time.monotonic())
 
     def _on_done(self, identity: bytes, body: list[p.Frame]) -> None:
         credits, results = p.decode_done(body)
@@ -440,11 +444,33 @@ class Broker:
             self._reset(identity)
             return
         task = worker.tasks.get(key)
+        if task is None and self.scheduler.holder(key) is worker:
+            # A fresh broker: the worker holds the task, its client has not re-sent it
+            # yet. Pass the request on when it does, rather than fail the task for it.
+            self._parked.park(key, identity, request_id, request, time.monotonic())
+            return
         if task is None or task.client.identity not in self.scheduler.clients:
             self._send(identity, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
             return
         relay = self._relays.add(identity, key)
         self._send(task.client.identity, p.encode_fetch(relay, request_id, request))
+
+    def _unpark(self, now: float) -> None:
+        """Pass on the code requests whose tasks have come back; answer GONE to those
+        whose worker left, or whose client did not come back in time. O(parked): only
+        after a restart or a failover, for the few tasks fetching code then."""
+        sched = self.scheduler
+        for key, (asker, request_id, request, since) in self._parked.items():
+            worker = sched.workers.get(asker)
+            task = worker.tasks.get(key) if worker is not None else None
+            if task is not None and task.client.identity in sched.clients:
+                self._parked.pop(key)
+                relay = self._relays.add(asker, key)
+                self._send(task.client.identity, p.encode_fetch(relay, request_id, request))
+            elif worker is None or now - since > self._orphan_age:
+                self._parked.pop(key)
+                if worker is not None:
+                    self._send(asker, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
 
     def _on_code(self, identity: bytes, body: list[p.Frame]) -> None:
         """A client answers a FETCH: relay the answer to the worker that asked, if the
@@ -485,163 +511,28 @@ class Broker:
         p.Command.STATUS: _on_status,
     }
 
-    # -- a broker pair (fade/pair.py) --------------------------------------------------------
-
-    def _on_pair(self, identity: bytes, body: list[p.Frame]) -> None:
-        """A report from the other broker of our pair."""
-        report = p.decode_pair(body)
-        self._clocks.forget(identity)  # the other broker is no client or worker of ours
-        pair = self.pair
-        assert pair is not None  # a lone broker's handlers have no PAIR
-        self._pair_changed(pair.heard(report, time.monotonic()))
-        if pair.misconfigured is not None:
-            self._bad_input.warning("ignoring the other broker's reports: %s", pair.misconfigured)
-
-    def _on_hello_standby(self, identity: bytes, body: list[p.Frame]) -> None:
-        """HELLO while not serving: a vote may make us active; else, STANDBY."""
-        hello = p.decode_hello(body)
-        pair = self.pair
-        assert pair is not None
-        now = time.monotonic()
-        voter = hello.left_silent > 0
-        if voter:
-            log.info(
-                "%s %s says the other broker has been silent to it for %.1fs",
-                hello.role,
-                _peer_name(identity, hello),
-                hello.left_silent,
-            )
-            self._pair_changed(pair.vote(now))
-        if pair.serving:
-            self._on_hello_active(identity, body)
-            return
-        # Never rate-limited: a voter told to come back soon must get its answer then.
-        standby = p.Standby(pair.state.value, pair.retry_hint(now, voter))
-        self._send(identity, p.encode_standby(standby))
-        self._clocks.forget(identity)
-
-    def _on_standby(self, identity: bytes, body: list[p.Frame]) -> None:
-        """Anything else from a client or worker while not serving: go to the other broker."""
-        assert self.pair is not None
-        if self._replies.allow(identity):
-            self._send(identity, p.encode_standby(p.Standby(self.pair.state.value)))
-        self._clocks.forget(identity)
-
-    def _on_ignored(self, identity: bytes, body: list[p.Frame]) -> None:
-        """OBITUARY and DISCONNECT while not serving: supervisors tell both brokers."""
-        self._clocks.forget(identity)
-
-    def _on_hello_active(self, identity: bytes, body: list[p.Frame]) -> None:
-        """HELLO to a broker of a pair that serves. Just after a takeover, clients wait
-        until as many workers as the other broker had are back, or an interval has
-        passed: the workers say what they hold first, so the tasks the clients re-send
-        go back to the workers running them instead of running twice."""
-        settle = self._settle
-        if settle is not None:
-            now = time.monotonic()
-            if now >= settle[0] or len(self.scheduler.workers) >= settle[1]:
-                self._settle = None
-            elif p.decode_hello(body).role == "client":
-                retry = min(settle[0] - now, self.interval / 5) + 0.001
-                self._send(identity, p.encode_standby(p.Standby("active", retry)))
-                self._clocks.forget(identity)
-                return
-        self._on_hello(identity, body)
-
-    #: A broker of a pair that serves: as alone, and its pair's reports.
-    _ACTIVE_HANDLERS = {**_HANDLERS, p.Command.HELLO: _on_hello_active, p.Command.PAIR: _on_pair}
+    #: A broker of a pair that serves: as alone, and its pair's reports (fade/brokerpair.py).
+    _ACTIVE_HANDLERS = {
+        **_HANDLERS,
+        p.Command.HELLO: PairDuties._on_hello_active,
+        p.Command.PAIR: PairDuties._on_pair,
+    }
     #: A broker of a pair that does not serve keeps nothing of any client or worker.
     _STANDBY_HANDLERS = {
-        **dict.fromkeys(_HANDLERS, _on_standby),
-        p.Command.HELLO: _on_hello_standby,
+        **dict.fromkeys(_HANDLERS, PairDuties._on_standby),
+        p.Command.HELLO: PairDuties._on_hello_standby,
         p.Command.STATUS: _on_status,
-        p.Command.PAIR: _on_pair,
-        p.Command.OBITUARY: _on_ignored,
-        p.Command.DISCONNECT: _on_ignored,
+        p.Command.PAIR: PairDuties._on_pair,
+        p.Command.OBITUARY: PairDuties._on_ignored,
+        p.Command.DISCONNECT: PairDuties._on_ignored,
     }
-
-    def _pair_changed(self, changes: list[Change]) -> None:
-        """Act on the moves of our pair's state: serve, or stop serving; tell the other."""
-        for change in changes:
-            self._pair_moved(change)
-
-    def _pair_moved(self, change: Change) -> None:
-        pair = self.pair
-        assert pair is not None
-        log.warning(
-            "pair: %s -> %s (%s)%s",
-            change.old.value,
-            change.new.value,
-            change.event.value,
-            f"; serving as the active broker, term {pair.term}" if pair.serving else "",
-        )
-        if change.new is PairState.ACTIVE:
-            # A fresh id: peers that knew this broker before it stood by must not take
-            # its state for the one they left.
-            self.broker_id = uuid.uuid4().hex
-            self._handlers = self._ACTIVE_HANDLERS
-            expected = pair.peer.workers if pair.peer is not None else 0
-            self._settle = (time.monotonic() + self.interval, expected) if expected else None
-        elif change.old is PairState.ACTIVE:
-            self._stand_by()
-        if self._pair_link is not None:
-            now = time.monotonic()
-            self._pair_link.send(pair.report(now, len(self.scheduler.workers)), now)
-
-    def _stand_by(self) -> None:
-        """Stop serving: send every client and worker to the other broker and forget them
-        (the clients re-send their unfinished tasks there, the workers say what they hold)."""
-        assert self.pair is not None
-        sched = self.scheduler
-        standby = p.encode_standby(p.Standby(self.pair.state.value))
-        for identity in [*sched.workers, *sched.clients]:
-            self._send(identity, standby)
-        log.warning(
-            "sent %d workers and %d clients to the other broker; dropped the %d tasks "
-            "held here (their clients re-send them there)",
-            len(sched.workers),
-            len(sched.clients),
-            len(sched.tasks),
-        )
-        self.scheduler = self._new_scheduler()
-        self.scheduler.counts = sched.counts  # the totals status shows go on counting
-        self._clocks = Liveness(self.interval, self._clocks.expiry)
-        self._relays = _Relays()
-        self._handlers = self._STANDBY_HANDLERS
-
-    def _pair_upkeep(self, pair: Pair, now: float) -> None:
-        # Upkeep heartbeats every peer: if it did not run for longer than the expiry
-        # (the loop was stopped while it handled messages), peers may have given up on us.
-        if now - self._last_upkeep > pair.expiry:
-            self._stalled(pair, now, now - self._last_upkeep)
-        self._last_upkeep = now
-        self._pair_changed(pair.upkeep(now))
-        link = self._pair_link
-        if link is not None:
-            link.check()
-            if link.due(now):
-                link.send(pair.report(now, len(self.scheduler.workers)), now)
-
-    def _check_stall(self, pair: Pair, deadline: float) -> None:
-        """After each poll: if this loop stopped past ``deadline`` for longer than our
-        peers wait for us, they may have gone to the other broker; stop serving and ask."""
-        now = time.monotonic()
-        if now - deadline > pair.late_limit():
-            self._stalled(pair, now, now - deadline)
-
-    def _stalled(self, pair: Pair, now: float, late: float) -> None:
-        changes = pair.stalled(now)
-        if changes:
-            log.warning(
-                "this broker did not run for %.1fs (stopped, or starved of CPU): its "
-                "peers may have gone to the other broker; serving no one until the "
-                "pair agrees again",
-                late,
-            )
-            self._pair_changed(changes)
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.max_attempts)
+
+    def _forget_relays(self) -> None:
+        self._relays = _Relays()
+        self._parked = _Parked()
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -783,6 +674,33 @@ def _batch_limit(peer: Any) -> int:
     """The most bytes a batch's first frame may carry to this peer."""
     limit = peer.hello.max_message_size if peer is not None else 0
     return min(limit, p.BATCH_BYTES) if limit else p.BATCH_BYTES
+
+
+class _Parked:
+    """Code requests for tasks a worker holds whose clients have not re-sent them to this
+    (fresh) broker yet: task key -> (the worker, request id, request, since). Bounded:
+    the oldest are forgotten (their worker's wait for code times out)."""
+
+    def __init__(self) -> None:
+        self._waiting: collections.OrderedDict[bytes, tuple[bytes, int, p.Frame, float]] = (
+            collections.OrderedDict()
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def park(
+        self, key: bytes, worker: bytes, request_id: int, request: p.Frame, now: float
+    ) -> None:
+        self._waiting[key] = (worker, request_id, request, now)
+        while len(self._waiting) > MAX_RELAYS:
+            self._waiting.popitem(last=False)
+
+    def items(self) -> list[tuple[bytes, tuple[bytes, int, p.Frame, float]]]:
+        return list(self._waiting.items())
+
+    def pop(self, key: bytes) -> None:
+        self._waiting.pop(key, None)
 
 
 class _Relays:

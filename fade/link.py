@@ -298,10 +298,9 @@ class BrokerLink:
         self.welcomed = False
         self._standby_at = now
         vote = self._vote
-        voted = vote is not None and now - vote[0] <= 2 * self.expiry
-        if standby.retry > 0 and (voted or standby.state == "active"):
-            # It expects to serve us soon: it has not lost the other broker yet (and we
-            # say the other is gone), or it has just taken over and waits for workers.
+        if standby.retry > 0 and vote is not None and now - vote[0] <= 2 * self.expiry:
+            # It expects to serve us soon: it has not lost the other broker yet, and we
+            # say the other is gone.
             self._move_at, self._retry_here = now + standby.retry, True
             return
         self._vote = None  # a vote is for the broker we left for silence, not this one

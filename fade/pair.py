@@ -245,6 +245,13 @@ class Pair:
         """Our loop did not run for longer than peers wait for us (see :meth:`late_limit`)."""
         return self._apply(PairEvent.STALLED, now)
 
+    def next_due(self, now: float) -> float:
+        """Seconds until :meth:`upkeep` may lose the other broker (at once: the takeover
+        a vote waits for must not wait for the broker's next round of timed work)."""
+        if self.peer_lost:
+            return math.inf
+        return max(0.0, self.peer_heard + self.expiry - now) + 0.001
+
     def late_limit(self) -> float:
         """How late a pass of the broker's loop may be before a peer may have given up
         on it: peers wait the expiry after the last message, sent at most an interval

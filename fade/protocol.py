@@ -586,12 +586,11 @@ def decode_pair(body: Sequence[Frame]) -> PairReport:
 
 @dataclass(frozen=True, slots=True)
 class Standby:
-    """A broker's answer to a client or worker it does not serve now: a passive one, or
-    an active one that has just taken over and lets the workers register first."""
+    """A passive broker's answer to a client or worker: it serves no one."""
 
-    state: str  # one of PAIR_STATES
-    #: Seconds after which to say HELLO here again: this broker expects to serve by
-    #: then; 0: go to the other broker.
+    state: str  # one of PAIR_STATES (never "active")
+    #: Seconds after which to say HELLO here again: this broker expects to take over
+    #: by then (a voter came before it lost the other); 0: go to the other broker.
     retry: float = 0.0
 
 

@@ -536,6 +536,10 @@ class Scheduler:
             del self._orphans[next(iter(self._orphans))]
         self._orphans[record.key] = (record.status, payload)
 
+    def holder(self, key: bytes) -> Worker | None:
+        """The worker that said it holds this task, which is not here yet (a fresh broker)."""
+        return self._held.get(key)
+
     def age_orphans(self) -> None:
         """Forget the results kept for tasks no client re-sent since the call before the
         last (the broker calls this every few expiries: clients re-send at once)."""

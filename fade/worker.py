@@ -201,6 +201,13 @@ class Worker:
             raise CodeShippingError(f"the client could not send the code asked for: {reason}")
         return fetch.frames
 
+    def ask_again(self) -> None:
+        """Send every code request not answered yet once more (called by the socket holder
+        after a reconnection: the broker that had them may be gone)."""
+        with self._lock:
+            waiting = [f for f in self._fetches.values() if not f.answered.is_set()]
+            self._fetch_outbox.extend(f for f in waiting if f not in self._fetch_outbox)
+
     def answer_fetch(self, request_id: int, status: p.CodeStatus, frames: list[bytes]) -> None:
         """Called by the socket holder when CODE arrives."""
         with self._lock:

@@ -393,9 +393,10 @@ class WorkerIO:
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.w.broker_max_message_size = welcome.max_message_size
         log.debug("registered with broker %s", welcome.broker_id)
-        if self._welcomed_before and self._retained:
-            # It may be the other broker of a pair, or a restarted one: the results we
-            # sent lately may never have reached their clients.
+        if self._welcomed_before:
+            # It may be the other broker of a pair, or a restarted one: our code requests
+            # and the results we sent lately may never have reached their clients.
+            self.w.ask_again()
             kept = [(record, payload) for _, record, payload, _ in self._retained]
             for batch in p.chunked(kept, self._batch_limit()):
                 self.link.send(p.encode_done(0, batch))

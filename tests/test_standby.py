@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from conftest import (
     INTERVAL,
     LIVENESS,
     Keys,
+    Pool,
     Sockets,
     free_port,
     make_keys,
@@ -39,6 +41,7 @@ from pairpool import PairPool
 import fade
 from fade import protocol as p
 from fade import security
+from fade import serialization as ser
 from fade.broker import Broker
 from fade.pairlink import pair_keys
 from fade.sockets import connect_dealer
@@ -419,13 +422,14 @@ def test_a_worker_that_dies_is_reported_to_the_active_broker(plain_pair: PairPoo
     assert state is not None and state["workers"] == [] and state["tasks_done"] == 0
 
 
-@pytest.fixture
-def lone_backup() -> Iterator[Broker]:
-    """A backup whose primary never answers (its port is closed), in this process."""
+@pytest.fixture(params=[LIVENESS])
+def lone_backup(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """A backup whose primary never answers (its port is closed), in this process; the
+    param is its heartbeat liveness."""
     broker = Broker(
         "tcp://127.0.0.1:0",
         heartbeat_interval=INTERVAL,
-        heartbeat_liveness=LIVENESS,
+        heartbeat_liveness=request.param,
         peer=f"tcp://127.0.0.1:{free_port()}",
         backup=True,
     )
@@ -445,9 +449,11 @@ def answer(sock: zmq.Socket[bytes], timeout: float = 5.0) -> p.Message:
     return p.parse(sock.recv_multipart())
 
 
+@pytest.mark.parametrize("lone_backup", [10], indirect=True)  # 2 s before it is alone
 def test_a_broker_that_stands_by_serves_no_one(lone_backup: Broker, sockets: Sockets) -> None:
-    """Before it has lost its peer: STANDBY to everyone, a retry hint to a voter; nothing
-    of theirs is kept, and no heartbeat is owed to them."""
+    """Before it has lost its peer: STANDBY to everyone; nothing of theirs is kept, and
+    no heartbeat is owed to them. A voter is told to come back, and its vote counts
+    when the broker loses its peer."""
     client, worker, supervisor = (sockets.dealer(lone_backup.address) for _ in range(3))
     client.send_multipart(raw_hello("client"))
     message = answer(client)
@@ -455,15 +461,17 @@ def test_a_broker_that_stands_by_serves_no_one(lone_backup: Broker, sockets: Soc
     assert p.decode_standby(message.body) == p.Standby("starting", 0.0)
     client.send_multipart(p.encode_submit([(p.SubmitRecord(1, 0, 0.0), p.Payload(b"x"))]))
     assert answer(client).command is p.Command.STANDBY
-    worker.send_multipart(raw_hello("worker", left_silent=0.7))
-    hint = p.decode_standby(answer(worker).body)
-    assert hint.state == "starting" and 0 < hint.retry <= 1.1 * INTERVAL
     supervisor.send_multipart([bytes(f) for f in p.encode_obituary(b"W" * 16, {"pid": 1})])
-    assert not supervisor.poll(int(3 * INTERVAL * 1000))  # no answer to an obituary
+    assert not supervisor.poll(int(INTERVAL * 1000))  # no answer to an obituary
     assert lone_backup.scheduler.clients == {} and lone_backup.scheduler.workers == {}
     assert not lone_backup._clocks._heard and not lone_backup._clocks._told
     state = query(lone_backup.address, timeout=5)
-    assert state["pair"]["state"] in ("starting", "alone") and not state["pair"]["active"]
+    assert state["pair"]["state"] == "starting" and not state["pair"]["active"]
+    worker.send_multipart(raw_hello("worker", left_silent=0.7))
+    hint = p.decode_standby(answer(worker).body)
+    assert hint.state == "starting" and 0 < hint.retry <= 1.1 * INTERVAL
+    wait_for(lambda: query(lone_backup.address)["pair"]["active"], 10, "the remembered vote")
+    assert lone_backup.pair is not None and lone_backup.pair.term == 1
 
 
 def test_a_lone_backup_serves_when_a_peer_says_its_primary_is_gone(
@@ -609,3 +617,87 @@ def test_dashboard_and_metrics_say_which_broker_is_active(
         assert ex.submit(tasks.add, 2, 2).result(timeout=30) == 4  # its vote: b takes over
     wait_for(lambda: browser.evaluate(badge) == "active", 30, "b's badge to say active")
     assert not browser.exceptions, browser.exceptions
+
+
+# -- code requests across a failover or a restart --------------------------------------------
+
+
+def next_of(sock: zmq.Socket[bytes], command: p.Command, timeout: float = 10.0) -> p.Message:
+    """The next message of ``command`` on a raw socket (heartbeats and the like skipped)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000)):
+            message = p.parse(sock.recv_multipart())
+            if message.command is command:
+                return message
+    raise AssertionError(f"no {command.name} within {timeout}s")
+
+
+def test_a_fresh_broker_passes_on_a_held_tasks_code_request_when_its_client_re_sends_it(
+    sockets: Sockets,
+) -> None:
+    """A worker holding task 7 asks a fresh broker for its code before the task's client
+    has re-sent the task: the request waits for it, instead of being answered GONE (the
+    task would fail with CodeShippingError)."""
+    broker = Broker("tcp://127.0.0.1:0", heartbeat_interval=INTERVAL)
+    broker.address = broker.bind()
+    thread = threading.Thread(target=broker.run, daemon=True)
+    thread.start()
+    try:
+        tag = os.urandom(p.TAG_SIZE)
+        key = p.task_key(tag, 7)
+        worker = sockets.dealer(broker.address)
+        worker.send_multipart(raw_hello("worker", holding=(key,), credits=1))
+        next_of(worker, p.Command.WELCOME)
+        request = p.pack_request({"kind": "manifest", "version": "00" * 16})
+        worker.send_multipart([bytes(f) for f in p.encode_fetch(key, 1, request)])
+        for _ in range(3):  # a while, heartbeating so that the raw worker stays
+            with pytest.raises(AssertionError, match="no CODE"):
+                next_of(worker, p.Command.CODE, timeout=INTERVAL)
+            worker.send_multipart([bytes(f) for f in p.encode(p.Command.HEARTBEAT)])
+        client = sockets.dealer(broker.address)
+        client.send_multipart(raw_hello("client", tag=tag))
+        next_of(client, p.Command.WELCOME)
+        task = [(p.SubmitRecord(7, 0, 0.0), p.Payload(b"x"))]
+        client.send_multipart([bytes(f) for f in p.encode_submit(task)])
+        ref, request_id, asked = p.decode_fetch(next_of(client, p.Command.FETCH).body)
+        assert (request_id, bytes(asked)) == (1, request)
+        answer = p.encode_code(ref, 1, p.CodeStatus.OK, [b"the manifest"])
+        client.send_multipart([bytes(f) for f in answer])
+        got = p.decode_code(next_of(worker, p.Command.CODE).body)
+        assert (got[0], got[1], got[2], [bytes(f) for f in got[3]]) == (
+            key,
+            1,
+            p.CodeStatus.OK,
+            [b"the manifest"],
+        )
+    finally:
+        broker.stop()
+        thread.join(10)
+
+
+def test_a_worker_asks_again_for_code_after_the_broker_restarts(
+    pool: Pool, sockets: Sockets
+) -> None:
+    """The worker's code request died with the broker; after the restart it asks the new
+    broker, which passes it on once the client has re-sent the task."""
+    pool.start_broker()
+    pool.start_worker(1)
+    wait_for(lambda: len(query(pool.address, timeout=5)["workers"]) == 1, 30, "the worker")
+    tag = os.urandom(p.TAG_SIZE)
+    task = [(p.SubmitRecord(7, 0, 0.0), ser.dumps_call(tasks.add, (1, 2), {}, os.urandom(16)))]
+    client = sockets.dealer(pool.address)
+    client.send_multipart(raw_hello("client", tag=tag))
+    next_of(client, p.Command.WELCOME)
+    client.send_multipart([bytes(f) for f in p.encode_submit(task)])
+    next_of(client, p.Command.FETCH)  # the worker lacks the task's code version
+    pool.kill_broker()
+    pool.start_broker()
+    client.send_multipart(raw_hello("client", tag=tag))
+    next_of(client, p.Command.WELCOME, timeout=30)
+    client.send_multipart([bytes(f) for f in p.encode_submit(task)])
+    ref, request_id, _ = p.decode_fetch(next_of(client, p.Command.FETCH, timeout=30).body)
+    missing = p.encode_code(ref, request_id, p.CodeStatus.MISSING, [b"not here"])
+    client.send_multipart([bytes(f) for f in missing])
+    _, [(record, _)] = p.decode_result(next_of(client, p.Command.RESULT, timeout=30).body)
+    assert (record.task_id, record.status) == (7, p.Status.RAISED)
