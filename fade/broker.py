@@ -247,6 +247,8 @@ class Broker(PairDuties):
                     zap.handle()
                 if events.get(sock):
                     self._drain_socket(sock)
+                    if pair is not None and self.upkeep_by < next_upkeep:
+                        next_upkeep = self.upkeep_by
                 now = time.monotonic()
                 # Timed work only when some is due: a busy broker would otherwise spend
                 # as long on it as on the messages themselves.
@@ -460,15 +462,15 @@ class Broker(PairDuties):
         whose worker left, or whose client did not come back in time. O(parked): only
         after a restart or a failover, for the few tasks fetching code then."""
         sched = self.scheduler
-        for key, (asker, request_id, request, since) in self._parked.items():
+        for key, (asker, request_id, request, since) in list(self._parked.items()):
             worker = sched.workers.get(asker)
             task = worker.tasks.get(key) if worker is not None else None
             if task is not None and task.client.identity in sched.clients:
-                self._parked.pop(key)
+                del self._parked[key]
                 relay = self._relays.add(asker, key)
                 self._send(task.client.identity, p.encode_fetch(relay, request_id, request))
             elif worker is None or now - since > self._orphan_age:
-                self._parked.pop(key)
+                del self._parked[key]
                 if worker is not None:
                     self._send(asker, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
 
@@ -676,31 +678,16 @@ def _batch_limit(peer: Any) -> int:
     return min(limit, p.BATCH_BYTES) if limit else p.BATCH_BYTES
 
 
-class _Parked:
+class _Parked(collections.OrderedDict[bytes, tuple[bytes, int, p.Frame, float]]):
     """Code requests for tasks a worker holds whose clients have not re-sent them to this
     (fresh) broker yet: task key -> (the worker, request id, request, since). Bounded:
-    the oldest are forgotten (their worker's wait for code times out)."""
+    the oldest are forgotten (their worker's wait for code times out). A dict, so that
+    the check for any, made at every SUBMIT, costs no call."""
 
-    def __init__(self) -> None:
-        self._waiting: collections.OrderedDict[bytes, tuple[bytes, int, p.Frame, float]] = (
-            collections.OrderedDict()
-        )
-
-    def __bool__(self) -> bool:
-        return bool(self._waiting)
-
-    def park(
-        self, key: bytes, worker: bytes, request_id: int, request: p.Frame, now: float
-    ) -> None:
-        self._waiting[key] = (worker, request_id, request, now)
-        while len(self._waiting) > MAX_RELAYS:
-            self._waiting.popitem(last=False)
-
-    def items(self) -> list[tuple[bytes, tuple[bytes, int, p.Frame, float]]]:
-        return list(self._waiting.items())
-
-    def pop(self, key: bytes) -> None:
-        self._waiting.pop(key, None)
+    def park(self, key: bytes, asker: bytes, request_id: int, request: p.Frame, now: float) -> None:
+        self[key] = (asker, request_id, request, now)
+        while len(self) > MAX_RELAYS:
+            self.popitem(last=False)
 
 
 class _Relays:

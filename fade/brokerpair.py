@@ -19,7 +19,8 @@ pair state, mixed into :class:`fade.broker.Broker`. The state machine is fade/pa
 * Just after a takeover, client HELLOs wait unanswered until as many workers as the
   other broker last reported have registered, or an interval has passed: the workers
   say what they hold first, so the tasks clients re-send go back to the workers
-  running them (fade/scheduler.py) instead of running twice.
+  running them (fade/scheduler.py) instead of running twice. A broker reports within
+  a tenth of an interval after a worker joins, so that count is current.
 * A loop that did not run for longer than peers wait for it (SIGSTOP, swapping) may
   have been replaced: it stops serving and asks (STALLED), checked after each poll
   and at each upkeep.
@@ -28,6 +29,7 @@ pair state, mixed into :class:`fade.broker.Broker`. The state machine is fade/pa
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -84,6 +86,8 @@ class PairDuties:
         self._settle: tuple[float, int] | None = None
         self._waiting: dict[bytes, tuple[list[p.Frame], Peer | None]] = {}
         self._last_upkeep = time.monotonic()
+        #: The loop's timed work must run by then (a report made due sooner).
+        self.upkeep_by = math.inf
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -124,16 +128,22 @@ class PairDuties:
 
     def _on_hello_active(self, identity: bytes, body: list[p.Frame]) -> None:
         """HELLO to a broker of a pair that serves; just after a takeover, a client's
-        waits until the workers are back (module docstring)."""
-        if self._settle is not None:
-            if p.decode_hello(body).role == "client":
+        waits until the workers are back (module docstring). A worker that joins is
+        reported to the other broker soon: it is how many that one waits for if it takes
+        over (a failover shortly after a start must not find 0 there)."""
+        if p.decode_hello(body).role == "client":
+            if self._settle is not None:
                 self._waiting[identity] = (body, self._sender)
                 self._clocks.forget(identity)
                 return
             self._on_hello(identity, body)
-            self._settle_if_due(time.monotonic())
             return
         self._on_hello(identity, body)
+        now = time.monotonic()
+        if self._pair_link is not None:
+            self._pair_link.hasten(now, self.interval / 10)
+            self.upkeep_by = min(self.upkeep_by, now + self.interval / 10)
+        self._settle_if_due(now)
 
     def _on_standby(self, identity: bytes, body: list[p.Frame]) -> None:
         """Anything else from a client or worker while not serving: go to the other broker."""
@@ -224,6 +234,7 @@ class PairDuties:
         if now - self._last_upkeep > pair.expiry:
             self._stalled(pair, now, now - self._last_upkeep)
         self._last_upkeep = now
+        self.upkeep_by = math.inf
         self._pair_changed(pair.upkeep(now))
         self._settle_if_due(now)
         link = self._pair_link

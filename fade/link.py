@@ -60,6 +60,7 @@ CHECK_INTERVAL = 0.1
 Handler = Callable[[p.Message], None]
 
 _TRANSPORTS = ("tcp", "ipc", "inproc")
+_STANDBY = p.Command.STANDBY
 
 
 def check_address(address: object) -> str:
@@ -249,7 +250,7 @@ class BrokerLink:
                 return
             try:
                 message = p.parse(frames)
-                if message.command is p.Command.STANDBY:
+                if message.command is _STANDBY:
                     self.heard = time.monotonic()  # alive, but not serving: not an answer
                 else:
                     self._heard_now()

@@ -75,7 +75,7 @@ class PairLink:
         self._watch = security.HandshakeWatch(self._socket, log, peer_keys)
         self._refused = RateLimitedLog(log, burst=1, period=30.0)
         self._keyed = keys is not None
-        self._sent = -math.inf
+        self._next = -math.inf  # when the next report is due
 
     def send(self, report: p.PairReport, now: float) -> None:
         """Queue a report, never blocking; dropped if the other broker is not connected."""
@@ -83,14 +83,18 @@ class PairLink:
             send_frames(self._socket, p.encode_pair(report), block=False)
         except zmq.Again:
             pass
-        self._sent = now
+        self._next = now + self.interval
+
+    def hasten(self, now: float, within: float) -> None:
+        """Make the next report due within ``within`` seconds (news the other needs soon)."""
+        self._next = min(self._next, now + within)
 
     def due(self, now: float) -> bool:
-        return now - self._sent >= self.interval
+        return now >= self._next
 
     def next_due(self, now: float) -> float:
         """Seconds until the next report is due."""
-        return max(0.0, self._sent + self.interval - now)
+        return max(0.0, self._next - now)
 
     def check(self) -> None:
         """Log why the other broker refuses our handshake, if it does (wrong keys)."""

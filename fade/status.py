@@ -355,11 +355,15 @@ def _main_pair(args: argparse.Namespace) -> int:
     else:
         text = format_pair(answers)
     code = _print(text)
-    serving = any(
-        not isinstance(answer, FadeError) and answer.get("pair", {}).get("active", True)
-        for _, answer in answers
-    )
+    serving = any(_serves(answer) for _, answer in answers)
     return code or (0 if serving else 1)
+
+
+def _serves(answer: dict[str, Any] | FadeError) -> bool:
+    if isinstance(answer, FadeError):
+        return False
+    pair = answer.get("pair")
+    return pair.get("active") is True if isinstance(pair, dict) else True
 
 
 def _print(text: str) -> int:

@@ -701,3 +701,46 @@ def test_a_worker_asks_again_for_code_after_the_broker_restarts(
     client.send_multipart([bytes(f) for f in missing])
     _, [(record, _)] = p.decode_result(next_of(client, p.Command.RESULT, timeout=30).body)
     assert (record.task_id, record.status) == (7, p.Status.RAISED)
+
+
+def test_a_worker_that_joins_is_reported_to_the_other_broker_soon(sockets: Sockets) -> None:
+    """If the active broker fails soon after a worker joined, the other must know of that
+    worker: it waits for as many workers as it was told of before it lets clients re-send
+    (otherwise a client's re-sent tasks can go to another worker and run twice). The test
+    plays the backup: it reads the primary's reports and answers them."""
+    interval = 2.0  # the regular report is 2 s away; the one for the worker comes at once
+    reports = sockets.context.socket(zmq.ROUTER)
+    sockets._made.append(reports)
+    port = reports.bind_to_random_port("tcp://127.0.0.1")
+    broker = Broker(
+        "tcp://127.0.0.1:0",
+        heartbeat_interval=interval,
+        peer=f"tcp://127.0.0.1:{port}",
+    )
+    broker.address = broker.bind()
+    thread = threading.Thread(target=broker.run, daemon=True)
+    thread.start()
+    try:
+
+        def next_report(timeout: float) -> p.PairReport:
+            assert reports.poll(int(timeout * 1000)), "no report"
+            return p.decode_pair(p.parse(reports.recv_multipart()[1:]).body)
+
+        backup = sockets.dealer(broker.address)
+        first = next_report(10)
+        ack = (first.incarnation, first.number)
+        idle = p.PairReport("backup", "passive", 0, "test", 1, ack)
+        backup.send_multipart([bytes(f) for f in p.encode_pair(idle)])
+        while (report := next_report(10)).state != "active":
+            pass
+        assert report.workers == 0
+        worker = sockets.dealer(broker.address)
+        worker.send_multipart(raw_hello("worker"))
+        next_of(worker, p.Command.WELCOME)
+        joined = time.monotonic()
+        report = next_report(interval)
+        assert report.workers == 1
+        assert time.monotonic() - joined < interval / 2
+    finally:
+        broker.stop()
+        thread.join(10)
