@@ -175,6 +175,8 @@ def test_stop_the_active_broker_for_ten_seconds(pair_pool: PairPool, tmp_path: P
         assert results == list(range(5000))
         fault.join(timeout=30)
         assert fault.when is not None, "the map ended before the fault"
+        stopped_for = outage(log, fault.when)
+        assert stopped_for < 2 * EXPIRY, f"no task ran for {stopped_for:.2f}s after the stop"
         # After SIGCONT: the woken broker must not take clients or workers back.
         wait_for(lambda: pool.pair_state("a") == "passive", 30, "the woken broker to stand by")
         again = list(ex.map(tasks.record_run, [str(log)] * 1000, range(5000, 6000)))
