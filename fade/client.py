@@ -140,10 +140,12 @@ class Executor(cf.Executor):
     real ``concurrent.futures.Future``; ``map`` yields results in order.
 
     Args:
-        address: a broker endpoint such as ``"tcp://head:5555"`` (``ipc://PATH`` too).
-            None starts an embedded broker and ``max_workers`` worker processes on
-            this machine; an int is taken as ``max_workers``, as
-            ``ThreadPoolExecutor(4)`` does. A malformed address raises ValueError.
+        address: a broker endpoint such as ``"tcp://head:5555"`` (``ipc://PATH`` too),
+            or a broker pair's two, comma-separated (``"tcp://a:5555,tcp://b:5555"``:
+            the client moves to whichever serves, docs/reliability.md). None starts
+            an embedded broker and ``max_workers`` worker processes on this machine;
+            an int is taken as ``max_workers``, as ``ThreadPoolExecutor(4)`` does. A
+            malformed address raises ValueError.
         max_workers: worker processes of the embedded pool (default: one per
             core). Ignored with an address.
         initializer, initargs: a worker process runs ``initializer(*initargs)``

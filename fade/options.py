@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "address",
         nargs="?",
         default=default_address(),
-        help="the broker's ZeroMQ endpoint (default %(default)s; FADE_ADDRESS sets it)",
+        help="the broker's ZeroMQ endpoint, or a broker pair's two, comma-separated "
+        "(default %(default)s; FADE_ADDRESS sets it)",
     )
     parser.add_argument(
         "--processes",

@@ -56,6 +56,8 @@ __all__ = [
     "MAX_HOLDING",
     "MAX_LABEL",
     "NO_SCOPE",
+    "PAIR_ROLES",
+    "PAIR_STATES",
     "SCOPE_SIZE",
     "SMALL_FRAME",
     "SUBMIT_NATIVE",
@@ -67,8 +69,10 @@ __all__ = [
     "DoneRecord",
     "Hello",
     "Message",
+    "PairReport",
     "Payload",
     "ResultRecord",
+    "Standby",
     "Status",
     "SubmitRecord",
     "TaskRecord",
@@ -86,9 +90,11 @@ __all__ = [
     "decode_fetch",
     "decode_hello",
     "decode_obituary",
+    "decode_pair",
     "decode_ready",
     "decode_refusal",
     "decode_result",
+    "decode_standby",
     "decode_state",
     "decode_status",
     "decode_submit",
@@ -104,9 +110,11 @@ __all__ = [
     "encode_fetch",
     "encode_hello",
     "encode_obituary",
+    "encode_pair",
     "encode_ready",
     "encode_refusal",
     "encode_result",
+    "encode_standby",
     "encode_state",
     "encode_status",
     "encode_submit",
@@ -209,6 +217,8 @@ class Command(enum.IntEnum):
     STOP = 19  # broker -> worker: stop these tasks you hold (task keys)
     NOTICE = 20  # broker -> client: something it should know about its tasks (JSON)
     ENVIRONMENTS = 21  # worker -> broker: the package environments it has (JSON)
+    PAIR = 22  # broker -> its pair's other broker: my role, state and term (JSON)
+    STANDBY = 23  # passive broker -> client|worker: I do not serve; go to the other (JSON)
 
 
 class Status(enum.IntEnum):
@@ -288,6 +298,9 @@ class ClientHello:
     max_message_size: int = 0  # the largest frame it accepts; 0: not said
     platform: str = ""  # sysconfig.get_platform(): "linux-x86_64"
     abi: str = ""  # the SOABI of its compiled extensions: "cpython-311-x86_64-linux-gnu"
+    #: Seconds the broker this client left had been silent when it left it for this one
+    #: (a pair's failover); 0: it left none for silence.
+    left_silent: float = 0.0
     role: str = "client"
 
 
@@ -314,6 +327,7 @@ class WorkerHello:
     #: What started it, for people and scalers (``slurm:1234`` for a Slurm job's workers);
     #: at most MAX_LABEL characters.
     label: str = ""
+    left_silent: float = 0.0  # as ClientHello's
     role: str = "worker"
 
 
@@ -444,6 +458,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         "platform": hello.platform,
         "abi": hello.abi,
     }
+    if hello.left_silent:
+        fields["left_silent"] = hello.left_silent
     if isinstance(hello, ClientHello):
         fields["tag"] = hello.tag.hex()
     else:
@@ -473,6 +489,7 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
         "max_message_size": _field(data, "max_message_size", int, 0),
         "platform": _field(data, "platform", str, ""),
         "abi": _field(data, "abi", str, ""),
+        "left_silent": _seconds(data, "left_silent"),
     }
     if role == "client":
         tag = _hex_field(data, "tag", TAG_SIZE)
@@ -534,6 +551,13 @@ def decode_resources(spec: bytes) -> dict[str, float] | None:
         return _resources(json.loads(spec))
     except ValueError:
         raise ProtocolError("a resource spec is not JSON") from None
+
+
+def _seconds(data: dict[str, Any], name: str) -> float:
+    value = data.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ProtocolError(f"HELLO field {name!r} must be a number of seconds")
+    return float(value)
 
 
 def python_of(hello: Hello) -> str:
@@ -669,6 +693,88 @@ def decode_state(body: Sequence[Frame]) -> dict[str, Any]:
         if not isinstance(data.get(name), kind):
             raise ProtocolError(f"STATE lacks {name!r} or it is not a {kind.__name__}")
     return data
+
+
+# -- a broker pair: PAIR between the brokers, STANDBY to peers (see fade/pair.py) ----------
+
+#: The roles a pair's brokers are started in, and the states they report.
+PAIR_ROLES = ("primary", "backup")
+PAIR_STATES = ("starting", "active", "passive", "alone")
+
+
+@dataclass(frozen=True, slots=True)
+class PairReport:
+    """What a broker of a pair tells the other, every interval and at each change."""
+
+    role: str  # one of PAIR_ROLES
+    state: str  # one of PAIR_STATES
+    term: int  # the takeover its last active claim came from: the higher claim wins
+    incarnation: str  # random for each broker process: tells a restarted broker apart
+    number: int  # counts this incarnation's reports
+    #: (incarnation, number) of the last report heard from the other broker; None: none yet.
+    ack: tuple[str, int] | None = None
+    workers: int = 0  # worker processes registered here (an active broker has some)
+
+
+def encode_pair(report: PairReport) -> list[Frame]:
+    fields: dict[str, Any] = {
+        "role": report.role,
+        "state": report.state,
+        "term": report.term,
+        "incarnation": report.incarnation,
+        "number": report.number,
+        "workers": report.workers,
+    }
+    if report.ack is not None:
+        fields["ack"] = list(report.ack)
+    return [_HEADERS[Command.PAIR], _json(fields)]
+
+
+def decode_pair(body: Sequence[Frame]) -> PairReport:
+    data = _unjson(body, "PAIR")
+    role, state = data.get("role"), data.get("state")
+    if role not in PAIR_ROLES or state not in PAIR_STATES:
+        raise ProtocolError(f"PAIR with unknown role {role!r} or state {state!r}")
+    incarnation = data.get("incarnation")
+    if not isinstance(incarnation, str):
+        raise ProtocolError("PAIR needs an incarnation (text)")
+    ack = data.get("ack")
+    if ack is not None:
+        if not (isinstance(ack, list) and len(ack) == 2 and isinstance(ack[0], str)):
+            raise ProtocolError("PAIR field 'ack' must be [incarnation, number]")
+        ack = (ack[0][:64], _pair_count(ack[1], "ack"))
+    term, number = _pair_count(data.get("term"), "term"), _pair_count(data.get("number"), "number")
+    workers = _pair_count(data.get("workers", 0), "workers")
+    return PairReport(role, state, term, incarnation[:64], number, ack, workers)
+
+
+@dataclass(frozen=True, slots=True)
+class Standby:
+    """A passive broker's answer to a client or worker: it serves no one."""
+
+    state: str  # one of PAIR_STATES (never "active")
+    #: Seconds after which to say HELLO here again: this broker expects to take over
+    #: by then (a voter came before it lost the other); 0: go to the other broker.
+    retry: float = 0.0
+
+
+def encode_standby(standby: Standby) -> list[Frame]:
+    return [_HEADERS[Command.STANDBY], _json({"state": standby.state, "retry": standby.retry})]
+
+
+def decode_standby(body: Sequence[Frame]) -> Standby:
+    data = _unjson(body, "STANDBY")
+    state, retry = data.get("state"), data.get("retry", 0.0)
+    if state not in PAIR_STATES or isinstance(retry, bool) or not isinstance(retry, int | float):
+        raise ProtocolError("STANDBY needs a pair state and a retry time")
+    # A broker that asks for more than a minute is wrong; never wait on its word alone.
+    return Standby(state, min(max(float(retry), 0.0), 60.0))
+
+
+def _pair_count(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise ProtocolError(f"PAIR field {name!r} must be a count")
+    return value
 
 
 # -- small numeric bodies -------------------------------------------------------

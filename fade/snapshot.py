@@ -35,7 +35,7 @@ def snapshot(broker: Broker) -> dict[str, Any]:
     sched = broker.scheduler
     running = sum(len(w.tasks) for w in sched.workers.values())
     counts = sched.counts
-    return {
+    state = {
         "broker_id": broker.broker_id,
         "version": __version__,
         "address": broker.address,
@@ -58,6 +58,31 @@ def snapshot(broker: Broker) -> dict[str, Any]:
         "rate": broker.throughput.rate(now),
         "per_second": broker.throughput.series(now),
         "relayed_bytes": dict(broker.relayed),
+    }
+    if broker.pair is not None:
+        state["pair"] = _pair(broker, now)
+    return state
+
+
+def _pair(broker: Broker, now: float) -> dict[str, Any]:
+    """Where this broker of a pair stands, and what it last heard of the other."""
+    pair = broker.pair
+    assert pair is not None
+    peer = pair.peer
+    peer_state = peer.state if peer is not None else "unknown"
+    if pair.peer_lost:
+        peer_state = "lost"
+    return {
+        "role": pair.role.value,
+        "state": pair.state.value,
+        "active": pair.serving,
+        "term": pair.term,
+        "takeovers": pair.takeovers,
+        "in_state": now - pair.since,
+        "peer_address": broker.peer_address,
+        "peer_state": peer_state,
+        "peer_heard": now - pair.peer_heard if peer is not None else None,
+        "problem": pair.misconfigured,
     }
 
 
