@@ -22,10 +22,10 @@
   free; the host lends them (device indices for GPUs) until the task ends.
 * **Credits**: a worker receives tasks only against the credits it granted; within a
   class (same Python, platform and ABI, frame limit and clients served), one holding
-  nothing is served before one that is busy; a task that needs compiled packages goes
-  only to workers of its client's platform and ABI. Plain tasks cost O(clients + classes)
-  to place; a task that asks for resources also looks at the workers with credit of its
-  classes.
+  nothing is served before one that is busy, the most recently busy first; a task that
+  needs compiled packages goes only to workers of its client's platform and ABI. Plain
+  tasks cost O(clients + classes) to place; a task that asks for resources also looks at
+  the workers with credit of its classes.
 * A lost worker's tasks come back as *suspects*: each runs alone on an idle worker, so a
   task that kills its worker cannot take innocent neighbours down with it; after
   ``max_attempts`` losses it is LOST.
@@ -90,18 +90,29 @@ class _Filed:
         self.hosts: collections.Counter[str] = collections.Counter()  # to name them
 
     def next_worker(self) -> Worker | None:
-        for filed in (self.idle, self.busy):
-            if filed:
-                return next(iter(filed.values()))
+        """The idle worker filed last (most recently busy), else the busy one filed first.
+
+        Most recently busy, not idle longest: a light load then stays on the few workers
+        it needs, whose caches and threads are warm (a round trip on two idle workers
+        took 200 us served in turn, 145 us on one), and the others stay idle long
+        enough for an elastic pool to give them back (fade/scale)."""
+        if self.idle:
+            return next(reversed(self.idle.values()))
+        if self.busy:
+            return next(iter(self.busy.values()))
         return None
 
     def with_room(self, need: dict[str, float]) -> Worker | None:
-        """A worker with credit whose host has ``need`` free (idle ones first)."""
-        for filed in (self.idle, self.busy):
-            for worker in filed.values():
-                if worker.pool is not None and worker.pool.fits(need):
-                    return worker
+        """A worker with credit whose host has ``need`` free (idle ones first, in the
+        order of next_worker)."""
+        for worker in reversed(self.idle.values()):
+            if worker.pool is not None and worker.pool.fits(need):
+                return worker
+        for worker in self.busy.values():
+            if worker.pool is not None and worker.pool.fits(need):
+                return worker
         return None
+
 
 class Scheduler:
     """Tasks, clients and workers; every decision about them."""
