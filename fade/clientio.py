@@ -708,6 +708,9 @@ def _deliver(ready: list[Outcome]) -> None:
                 future.set_exception(value)
         except cf.InvalidStateError:
             pass  # completed meanwhile (failed with its broken pool, terminated...)
+    # The caller may be a result's only owner (bpo-14406): the list must not keep the
+    # values alive while this thread goes on to its upkeep and its sleep.
+    ready.clear()
 
 
 def _cancelled_item(item: WorkItem) -> bool:
