@@ -26,10 +26,12 @@ def check_install(expected: str) -> None:
     site = Path(sysconfig.get_paths()["purelib"]).resolve()
     assert package.parent == site, f"fade imported from {package}, not from {site}"
     assert (package / "py.typed").is_file(), "py.typed is missing"
+    # fade-scale submits the worker job script installed with the package.
+    assert (package / "scale" / "fade-worker.sbatch").is_file(), "fade-worker.sbatch is missing"
     assert fade.__version__ == expected, (fade.__version__, expected)
     assert importlib.metadata.version("fade") == expected
     scripts = Path(sys.executable).parent
-    for name in ("fade-broker", "fade-worker"):
+    for name in ("fade-broker", "fade-worker", "fade-scale"):
         out = subprocess.run(
             [str(scripts / name), "--version"], capture_output=True, text=True, timeout=60
         )

@@ -68,17 +68,21 @@ class Target:
         return f"{self.system} {label} {op} {self.threshold:g}x {self.baseline}"
 
 
-# From the issue. Targets against processpool are checked for both fade systems (embedded is the
-# drop-in replacement); targets against raw-zmq for fade-tcp only, the like-for-like transport.
+# From the issues. On one machine (issue 18), the embedded pool against the pool users already
+# have, ProcessPoolExecutor, and against Ray's shared-memory object store for 50 MB; the TCP
+# pool against raw pyzmq, the like-for-like transport (issue 8).
 TARGETS: tuple[Target, ...] = (
+    Target("fade-embedded", "startup_s", None, "<=", 0.2),
+    Target("fade-embedded", "lat_median_us", "processpool", "<=", 1.2),
+    Target("fade-embedded", "big_mbps", "processpool", ">=", 3.0),
+    Target("fade-embedded", "big_mbps", "ray", ">=", 1.5),
+    Target("fade-embedded", "submit_tps", "processpool", ">=", 3.0),
+    Target("fade-embedded", "map_c100_tps", "processpool", ">=", 1.5),
     Target("fade-tcp", "submit_tps", "processpool", ">=", 1.25),
-    Target("fade-embedded", "submit_tps", "processpool", ">=", 1.25),
     Target("fade-tcp", "submit_tps", "raw-zmq", ">=", 0.4),
     Target("fade-tcp", "map_c100_tps", "processpool", ">=", 1.0),
-    Target("fade-embedded", "map_c100_tps", "processpool", ">=", 1.0),
     Target("fade-tcp", "lat_median_us", "raw-zmq", "<=", 1.3),
     Target("fade-tcp", "big_mbps", "raw-zmq", ">=", 0.8),
-    Target("fade-embedded", "startup_s", None, "<=", 0.5),
 )
 
 

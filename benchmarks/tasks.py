@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["call_chunk", "identity", "noop", "pid_after", "spin"]
+__all__ = ["call_chunk", "identity", "noop", "pid_after", "record_run", "spin"]
 
 
 def noop(x: Any) -> Any:
@@ -41,3 +41,12 @@ def pid_after(seconds: float) -> int:
     """Sleep ``seconds``, then return the worker's pid: which processes are serving."""
     time.sleep(seconds)
     return os.getpid()
+
+
+def record_run(path: str, value: Any, seconds: float = 0.0) -> Any:
+    """Sleep ``seconds``, append "value pid wall-time" to ``path``, return ``value``: each line
+    is one run, so a failover's re-runs can be counted and its outage timed."""
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{value} {os.getpid()} {time.time():.6f}\n")
+    return value

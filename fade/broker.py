@@ -24,6 +24,10 @@
   requests, and status shows short ids that are hashes of identities.
 * Bad input is dropped, logged (rate-limited) and, if its sender speaks fade,
   answered with ERROR in a version it can read; replies are rate-limited too.
+* With ``peer`` (``--peer ADDRESS``) it is one broker of a pair (fade/pair.py): it
+  serves only while its pair's state is ACTIVE; otherwise it answers clients and
+  workers STANDBY and keeps no state of theirs. Its reports reach the other broker
+  through a PairLink (fade/pairlink.py) and are read here, by ``_on_pair``.
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ from fade import security
 from fade._logutil import RateLimitedLog, printable
 from fade._rate import Throughput
 from fade._version import __version__
+from fade.brokerpair import PairDuties
 from fade.data import scope_of
 from fade.errors import ProtocolError
 from fade.liveness import Liveness
+from fade.pair import Pair, Role
+from fade.pairlink import PairLink
 from fade.peers import Task, Worker
 from fade.scheduler import (
     DEFAULT_MAX_ATTEMPTS,
@@ -82,9 +89,13 @@ PUBLISH_INTERVAL = 1.0
 INSECURE_WARNING_PERIOD = 60.0
 #: Code requests relayed to clients and not yet answered, at most (the oldest are forgotten).
 MAX_RELAYS = 65536
+#: Results a worker sent for tasks whose clients have not re-sent them yet (a fresh broker)
+#: are kept for one to two of these (in seconds, at least two expiries): clients re-send
+#: everything at once after their WELCOME.
+ORPHAN_AGE = 5.0
 
 
-class Broker:
+class Broker(PairDuties):
     """A fade broker bound to ``address``. Call :meth:`run`; :meth:`stop` ends it."""
 
     def __init__(
@@ -104,6 +115,8 @@ class Broker:
         max_client_tasks: int = DEFAULT_MAX_CLIENT_TASKS,
         max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
         own_context: bool = False,
+        peer: str | None = None,
+        backup: bool = False,
     ) -> None:
         if heartbeat_interval <= 0 or heartbeat_liveness < 1:
             raise ValueError("heartbeat interval must be > 0 and liveness >= 1")
@@ -115,21 +128,31 @@ class Broker:
             insecure,
             interval=heartbeat_interval,
             warning_period=insecure_warning_period,
+            pair=peer is not None,
         )
         self.max_message_size = max_message_size
         self.address = address
         self.broker_id = uuid.uuid4().hex
         self.interval = heartbeat_interval
         self.liveness = heartbeat_liveness
-        self.scheduler = Scheduler(
-            max_attempts,
-            weights=weights,
-            max_client_tasks=max_client_tasks,
-            max_client_bytes=max_client_bytes,
-        )
+        self.max_attempts = max_attempts
+        self._weights = weights
+        self._max_client_tasks = max_client_tasks
+        self._max_client_bytes = max_client_bytes
+        self.scheduler = self._new_scheduler()
         self._clocks = Liveness(
             heartbeat_interval, p.expiry(heartbeat_interval, heartbeat_liveness)
         )
+        #: The pair this broker is one of (None: it serves alone, always).
+        self.pair: Pair | None = None
+        self.peer_address = peer
+        self._pair_link: PairLink | None = None
+        self._init_pair()
+        self._handlers = self._HANDLERS
+        if peer is not None:
+            role = Role.BACKUP if backup else Role.PRIMARY
+            self.pair = Pair(role, heartbeat_interval, heartbeat_liveness, time.monotonic())
+            self._handlers = self._STANDBY_HANDLERS
         self._parent_pid = parent_pid
         # ZAP's endpoint is one per context: a broker with keys gets a context of its own.
         self._own_context = own_context or (context is None and self.gate.keys is not None)
@@ -149,6 +172,7 @@ class Broker:
         #: Payload bytes this broker sent on: to workers in TASK, to clients in RESULT,
         #: and relayed in CODE (shipped code and data fetched by content).
         self.relayed = {"task": 0, "result": 0, "code": 0}
+        self._parked = _Parked()
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
         #: Seconds between snapshots published for other threads (None: never).
@@ -157,6 +181,8 @@ class Broker:
         #: changes one it has published, so a reader thread needs no lock.
         self.published: dict[str, Any] | None = None
         self._next_publish = 0.0
+        self._orphan_age = max(ORPHAN_AGE, 2 * self._clocks.expiry)
+        self._next_ageing = self.started + self._orphan_age
 
     @property
     def socket(self) -> zmq.Socket[bytes] | None:
@@ -186,6 +212,21 @@ class Broker:
         self._socket = sock
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("fade-broker %s listening on %s", __version__, endpoint)
+        if self.pair is not None and self.peer_address is not None:
+            self._pair_link = PairLink(
+                self._context,
+                self.peer_address,
+                keys=self.gate.keys,
+                interval=self.interval,
+                expiry=self._clocks.expiry,
+                log=log,
+            )
+            log.info(
+                "the %s of a pair with the broker at %s; serving no one until the pair "
+                "agrees that this one is active",
+                self.pair.role.value,
+                self.peer_address,
+            )
         self.gate.warn_if_insecure(time.monotonic())
         return endpoint
 
@@ -195,6 +236,9 @@ class Broker:
         self._wake.wake()
 
     def close(self) -> None:
+        if self._pair_link is not None:
+            self._pair_link.close()
+            self._pair_link = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -219,15 +263,20 @@ class Broker:
         zap = self.gate.zap
         if zap is not None:
             poller.register(zap.socket, zmq.POLLIN)
-        next_upkeep = 0.0
+        pair = self.pair
+        next_upkeep = time.monotonic()
         try:
             while not self._stopping:
                 timeout = max(0.0, next_upkeep - time.monotonic())
                 events = dict(poller.poll(math.ceil(timeout * 1000)))
+                if pair is not None:
+                    self._check_stall(pair, next_upkeep)
                 if zap is not None and events.get(zap.socket):
                     zap.handle()
                 if events.get(sock):
                     self._drain_socket(sock)
+                    if pair is not None and self.upkeep_by < next_upkeep:
+                        next_upkeep = self.upkeep_by
                 now = time.monotonic()
                 # Timed work only when some is due: a busy broker would otherwise spend
                 # as long on it as on the messages themselves.
@@ -241,9 +290,16 @@ class Broker:
     def _upkeep(self, now: float) -> bool:
         """Expire, heartbeat, publish and re-read keys; False if our parent is gone."""
         self.throughput.record(now, self.tasks_done)
+        if self.pair is not None:
+            self._pair_upkeep(self.pair, now)
         self._purge_silent_peers(now)
         self._send_due_heartbeats(now)
         self._publish(now)
+        if now >= self._next_ageing:
+            self._next_ageing = now + self._orphan_age
+            self.scheduler.age_orphans()
+        if self._parked:
+            self._unpark(now)
         self._drop_revoked(now)
         self.gate.warn_if_insecure(now)
         if self._parent_pid is not None and os.getppid() != self._parent_pid:
@@ -255,6 +311,8 @@ class Broker:
         due = self._clocks.next_due(now)
         if self.publish_interval is not None:
             due = min(due, max(0.0, self._next_publish - now))
+        if self.pair is not None:
+            due = min(due, self._pair_due(self.pair, now))
         return due
 
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
@@ -285,7 +343,7 @@ class Broker:
             message = p.parse(frames[1:])
             self._sender = self.gate.check(frames[0], identity, message)
             self._clocks.heard(identity, time.monotonic())
-            handler = self._HANDLERS.get(message.command)
+            handler = self._handlers.get(message.command)
             if handler is None:
                 raise ProtocolError(f"{message.command.name} is not for the broker")
             handler(self, identity, message.body)
@@ -382,8 +440,13 @@ class Broker:
         self._send(identity, p.encode_welcome(welcome))
 
     def _on_heartbeat(self, identity: bytes, body: list[p.Frame]) -> None:
+        backlog = p.decode_backlog(body)
         if not self._known(identity):
             self._reset(identity)
+            return
+        client = self.scheduler.clients.get(identity)
+        if client is not None and backlog is not None:
+            client.backlog = backlog  # for fade-status and scalers (fade/scale)
 
     def _on_ready(self, identity: bytes, body: list[p.Frame]) -> None:
         credits = p.decode_ready(body)
@@ -400,6 +463,8 @@ class Broker:
             self._reset(identity)
             return
         self.scheduler.submit(identity, tasks)
+        if self._parked:
+            self._unpark(time.monotonic())
 
     def _on_terminate(self, identity: bytes, body: list[p.Frame]) -> None:
         task_ids = p.decode_terminate(body)
@@ -465,11 +530,33 @@ class Broker:
             self._reset(identity)
             return
         task = worker.tasks.get(key)
+        if task is None and self.scheduler.holder(key) is worker:
+            # A fresh broker: the worker holds the task, its client has not re-sent it
+            # yet. Pass the request on when it does, rather than fail the task for it.
+            self._parked.park(key, identity, request_id, request, time.monotonic())
+            return
         if task is None or task.client.identity not in self.scheduler.clients:
             self._send(identity, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
             return
         relay = self._relays.add(identity, key)
         self._send(task.client.identity, p.encode_fetch(relay, request_id, request))
+
+    def _unpark(self, now: float) -> None:
+        """Pass on the code requests whose tasks have come back; answer GONE to those
+        whose worker left, or whose client did not come back in time. O(parked): only
+        after a restart or a failover, for the few tasks fetching code then."""
+        sched = self.scheduler
+        for key, (asker, request_id, request, since) in list(self._parked.items()):
+            worker = sched.workers.get(asker)
+            task = worker.tasks.get(key) if worker is not None else None
+            if task is not None and task.client.identity in sched.clients:
+                del self._parked[key]
+                relay = self._relays.add(asker, key)
+                self._send(task.client.identity, p.encode_fetch(relay, request_id, request))
+            elif worker is None or now - since > self._orphan_age:
+                del self._parked[key]
+                if worker is not None:
+                    self._send(asker, p.encode_code(key, request_id, p.CodeStatus.GONE, []))
 
     def _on_code(self, identity: bytes, body: list[p.Frame]) -> None:
         """A client answers a FETCH: relay the answer to the worker that asked, if the
@@ -521,6 +608,34 @@ class Broker:
         p.Command.ENVIRONMENTS: _on_environments,
         p.Command.STATUS: _on_status,
     }
+
+    #: A broker of a pair that serves: as alone, and its pair's reports (fade/brokerpair.py).
+    _ACTIVE_HANDLERS = {
+        **_HANDLERS,
+        p.Command.HELLO: PairDuties._on_hello_active,
+        p.Command.PAIR: PairDuties._on_pair,
+    }
+    #: A broker of a pair that does not serve keeps nothing of any client or worker.
+    _STANDBY_HANDLERS = {
+        **dict.fromkeys(_HANDLERS, PairDuties._on_standby),
+        p.Command.HELLO: PairDuties._on_hello_standby,
+        p.Command.STATUS: _on_status,
+        p.Command.PAIR: PairDuties._on_pair,
+        p.Command.OBITUARY: PairDuties._on_ignored,
+        p.Command.DISCONNECT: PairDuties._on_ignored,
+    }
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(
+            self.max_attempts,
+            weights=self._weights,
+            max_client_tasks=self._max_client_tasks,
+            max_client_bytes=self._max_client_bytes,
+        )
+
+    def _forget_relays(self) -> None:
+        self._relays = _Relays()
+        self._parked = _Parked()
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -696,6 +811,18 @@ def _batch_limit(peer: Any) -> int:
     """The most bytes a batch's first frame may carry to this peer."""
     limit = peer.hello.max_message_size if peer is not None else 0
     return min(limit, p.BATCH_BYTES) if limit else p.BATCH_BYTES
+
+
+class _Parked(collections.OrderedDict[bytes, tuple[bytes, int, p.Frame, float]]):
+    """Code requests for tasks a worker holds whose clients have not re-sent them to this
+    (fresh) broker yet: task key -> (the worker, request id, request, since). Bounded:
+    the oldest are forgotten (their worker's wait for code times out). A dict, so that
+    the check for any, made at every SUBMIT, costs no call."""
+
+    def park(self, key: bytes, asker: bytes, request_id: int, request: p.Frame, now: float) -> None:
+        self[key] = (asker, request_id, request, now)
+        while len(self) > MAX_RELAYS:
+            self.popitem(last=False)
 
 
 class _Relays:

@@ -3,6 +3,7 @@
 ::
 
     fade-broker ADDRESS [--keys DIR] [--http HOST:PORT ...] --> Broker(...).bind()
+    fade-broker ADDRESS --peer OTHER (--primary | --backup)  --> one broker of a pair
         SIGINT/SIGTERM --> Broker.stop()         --http --> fade.web.StatusServer (a thread)
 """
 
@@ -26,6 +27,7 @@ from fade._logutil import OneLineFormatter
 from fade._version import __version__
 from fade.broker import INSECURE_WARNING_PERIOD, PUBLISH_INTERVAL, Broker
 from fade.errors import SecurityError
+from fade.link import check_address
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_CLIENT_TASKS
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 
@@ -126,6 +128,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="largest frame accepted, e.g. 64M or 2G (default 1G); a peer sending more "
         "is disconnected",
     )
+    parser.add_argument(
+        "--peer",
+        metavar="ADDRESS",
+        default=None,
+        help="run as one broker of a pair with the broker at ADDRESS (its ZeroMQ endpoint): "
+        "one serves, the other takes over if it fails; clients and workers are given both "
+        "addresses, comma-separated. Needs --primary or --backup",
+    )
+    role = parser.add_mutually_exclusive_group()
+    role.add_argument(
+        "--primary",
+        action="store_true",
+        help="with --peer: this broker serves when both start together, and settles ties",
+    )
+    role.add_argument(
+        "--backup", action="store_true", help="with --peer: this broker stands by at first"
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     # The embedded pool's private socket folder: removed when the broker ends.
@@ -140,6 +159,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.http and (args.http_public or args.http_allow_host or args.http_token_file):
         parser.error("--http-public, --http-allow-host and --http-token-file need --http")
+    if "," in args.address:
+        parser.error(
+            "a broker binds one address; run the other broker of a pair with its own, "
+            "and name each other with --peer"
+        )
+    if args.peer is not None and not (args.primary or args.backup):
+        parser.error("--peer needs --primary (on one broker) or --backup (on the other)")
+    if args.peer is None and (args.primary or args.backup):
+        parser.error("--primary and --backup are for a pair: give the other broker's --peer")
+    if args.peer is not None:
+        try:
+            check_address(args.peer)
+        except ValueError as exc:
+            parser.error(f"--peer: {exc}")
+        if "," in args.peer:
+            parser.error("--peer takes the one other broker's address")
     return args
 
 
@@ -198,6 +233,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             weights=dict(args.weight),
             max_client_tasks=args.max_client_tasks,
             max_client_bytes=args.max_client_bytes,
+            peer=args.peer,
+            backup=args.backup,
         )
         broker.bind()
         web = _start_http(broker, args) if args.http else None

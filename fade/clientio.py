@@ -163,6 +163,18 @@ class Outbox:
         self._plain.clear()
         self._ranked.clear()
 
+    def drop(self, unwanted: Callable[[WorkItem], bool]) -> list[WorkItem]:
+        """Take out every item ``unwanted`` says, in one pass (the others keep their order)."""
+        dropped = [item for item in self._plain if unwanted(item)]
+        if dropped:
+            self._plain = collections.deque(item for item in self._plain if not unwanted(item))
+        ranked = [entry for entry in self._ranked if unwanted(entry[2])]
+        if ranked:
+            self._ranked = [entry for entry in self._ranked if not unwanted(entry[2])]
+            heapq.heapify(self._ranked)
+            dropped += [entry[2] for entry in ranked]
+        return dropped
+
     def __iter__(self) -> Iterator[WorkItem]:
         yield from self._plain
         yield from (entry[2] for entry in self._ranked)
@@ -199,6 +211,7 @@ class ClientIO:
         self._next_sweep = 0.0
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
+        self._cancelled = False  # a future was cancelled since the outbox was last swept
         self.shelf = shelf
         self.max_attempts = max_attempts
         self.timeout = task_timeout or 0.0
@@ -220,6 +233,9 @@ class ClientIO:
         #: once regardless); the broker is meant to send none, and tests check it.
         self.late_results = 0
         self._woken = False
+        #: The backlog (tasks in the outbox) the broker was last told of, and when.
+        self._told_backlog = 0
+        self._backlog_at = 0.0
         self.wake = WakePipe()
         self.sleeper = Sleeper(self.wake.fd)
         self.link = self._make_link(
@@ -405,10 +421,26 @@ class ClientIO:
         if sock is not None:
             self.link.read(sock)
 
+    def note_cancelled(self) -> None:
+        """A future was cancelled (any thread): its task leaves the outbox soon, so that it
+        neither holds up shutdown nor counts as work for a scaler."""
+        self._cancelled = True
+        self.wake.wake()
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._cancelled = False  # before the pass: a later cancel sets it again
+        with self.lock:
+            dropped = self.outbox.drop(_cancelled_item)
+            self._started -= sum(item.started for item in dropped)
+
     def _upkeep(self) -> None:
         """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
+        self._drop_cancelled()
         self._send_tasks()
         now = time.monotonic()
+        self._report_backlog(now)
         self.link.upkeep(now)
         if self.pool is not None and now >= self._next_pool_check:
             self._next_pool_check = now + POOL_CHECK_INTERVAL  # it asks the OS: not every pass
@@ -418,6 +450,21 @@ class ClientIO:
         if self.segments is not None and now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
             self.segments.sweep(self.in_flight)
+
+    def _report_backlog(self, now: float) -> None:
+        """Tell the broker how many tasks wait here for room there, so that a scaler
+        (fade/scale) sees the work a pool without workers cannot take: at once when a
+        backlog starts or ends, otherwise at most once per heartbeat interval. The
+        report is a HEARTBEAT, so it also serves as one."""
+        if not self.link.welcomed:
+            return
+        with self.lock:
+            backlog = len(self.outbox)
+        told = self._told_backlog
+        if backlog == told or (backlog and told and now - self._backlog_at < self.link.interval):
+            return
+        self.link.send(p.encode_backlog(backlog))
+        self._told_backlog, self._backlog_at = backlog, now
 
     def _poll_timeout(self) -> float:
         sock = self.link.socket
@@ -448,6 +495,7 @@ class ClientIO:
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.capacity = welcome.capacity
+        self._told_backlog = 0  # a broker that (re)welcomes us knows of no backlog
         if not self.in_flight:
             return
         # Whatever the broker had of ours may be gone: send it all again. It skips ids
@@ -695,6 +743,10 @@ def _deliver(ready: list[Outcome]) -> None:
     # Hold no result past its delivery (the loop keeps this list while it sleeps): a
     # result in shared memory keeps its slot from reuse for as long as it is referenced.
     ready.clear()
+
+
+def _cancelled_item(item: WorkItem) -> bool:
+    return item.future.cancelled()
 
 
 def _outcome(

@@ -20,12 +20,20 @@
   it was reached, is reported once per outage to the owner as BrokerUnreachableError
   naming the address and the likely cause (the link keeps trying).
 * An ERROR from a broker of another protocol version is fatal; others are logged.
+* A broker pair (``"tcp://a:5555,tcp://b:5555"``, fade/pair.py): the link talks to
+  one address at a time. A broker silent for interval x liveness is left for the
+  next, and the HELLO there says how long it was silent (``left_silent``: a vote
+  that the other is gone). A passive broker answers STANDBY: go to the next one
+  at once (after a full round of them, an interval later), or, for a voter the
+  broker expects to take over for soon, say HELLO there again after ``retry``.
+  The owner sees a reconnection like any other: a new socket, then WELCOME.
 
 Not thread-safe: the owner calls it only from the thread that holds the socket.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -50,6 +58,9 @@ DEFAULT_RECONNECT_TIMEOUT = 30.0
 CHECK_INTERVAL = 0.1
 
 Handler = Callable[[p.Message], None]
+
+_TRANSPORTS = ("tcp", "ipc", "inproc")
+_STANDBY = p.Command.STANDBY
 
 
 def check_address(address: object) -> str:
@@ -102,7 +113,10 @@ class BrokerLink:
         linger_ms: int = 0,
         on_socket: Callable[[zmq.Socket[bytes] | None], None] | None = None,
     ) -> None:
-        self.address = address
+        #: The brokers to try, in turn (one, or a pair's two); ``address`` is the current.
+        self.addresses = address.split(",")
+        self._at = 0
+        self.address = self.addresses[0]
         self.identity = identity
         self.keys = keys
         self.max_message_size = max_message_size
@@ -134,6 +148,13 @@ class BrokerLink:
         self._connected_at = 0.0
         self._bad_input = RateLimitedLog(log)
         self._silence_log = RateLimitedLog(log, burst=1, period=10.0)
+        # A broker pair: the vote we carry (when we left a silent broker, and how long
+        # it had been silent), what to do about the last STANDBY, and when.
+        self._vote: tuple[float, float] | None = None
+        self._standbys = 0  # STANDBY answers since the last WELCOME
+        self._standby_at: float | None = None  # the last one, for cause()
+        self._move_at: float | None = None
+        self._retry_here = False
 
     # -- connection -----------------------------------------------------------------------
 
@@ -163,7 +184,14 @@ class BrokerLink:
 
     def hello(self) -> None:
         self.welcomed = False
-        self.send(p.encode_hello(self._hello()))
+        hello = self._hello()
+        if self._vote is not None:
+            hello = dataclasses.replace(hello, left_silent=round(max(self._vote[1], 0.001), 3))
+        self.send(p.encode_hello(hello))
+
+    def _next_address(self) -> None:
+        self._at = (self._at + 1) % len(self.addresses)
+        self.address = self.addresses[self._at]
 
     def close(self, linger_ms: int = 0) -> None:
         self._close_socket(linger_ms)
@@ -220,10 +248,15 @@ class BrokerLink:
                 frames = recv_frames(sock)
             except zmq.Again:
                 return
-            self._heard_now()
             try:
-                self._handle(p.parse(frames))
+                message = p.parse(frames)
+                if message.command is _STANDBY:
+                    self.heard = time.monotonic()  # alive, but not serving: not an answer
+                else:
+                    self._heard_now()
+                self._handle(message)
             except ProtocolError as exc:
+                self._heard_now()
                 self._bad_input.warning("dropped a message from the broker: %s", exc)
             if sock is not self.socket:
                 return  # a handler replaced the socket
@@ -244,7 +277,11 @@ class BrokerLink:
             self.expiry = p.expiry(welcome.heartbeat_interval, welcome.heartbeat_liveness)
             self.broker_max_message_size = welcome.max_message_size
             self.welcomed = True
+            self._vote = self._move_at = None
+            self._standbys = 0
             self._on_welcome(welcome)
+        elif command is p.Command.STANDBY:
+            self._on_standby(p.decode_standby(message.body))
         elif command is p.Command.RESET:
             self._log.info("the broker does not know us (it may have restarted); registering again")
             self.hello()
@@ -255,6 +292,28 @@ class BrokerLink:
             if handler is None:
                 raise ProtocolError(f"{command.name} is not for this peer")
             handler(message)
+
+    def _on_standby(self, standby: p.Standby) -> None:
+        """A passive broker of a pair: say HELLO again later, here or at the next one."""
+        now = time.monotonic()
+        self.welcomed = False
+        self._standby_at = now
+        vote = self._vote
+        if standby.retry > 0 and vote is not None and now - vote[0] <= 2 * self.expiry:
+            # It expects to serve us soon: it has not lost the other broker yet, and we
+            # say the other is gone.
+            self._move_at, self._retry_here = now + standby.retry, True
+            return
+        self._vote = None  # a vote is for the broker we left for silence, not this one
+        self._standbys += 1
+        if len(self.addresses) == 1:
+            self._move_at, self._retry_here = now + self.interval, True
+            return
+        if self._standbys == 1:  # once per failover, not at every round
+            self._log.info("the broker at %s stands by; trying the next one", self.address)
+        # Neither serves after a full round: the pair is settling; do not spin.
+        wait = self.interval if self._standbys >= len(self.addresses) else 0.0
+        self._move_at, self._retry_here = now + wait, False
 
     def _on_error(self, message: p.Message) -> None:
         reason = p.decode_error(message.body)
@@ -277,8 +336,18 @@ class BrokerLink:
             self._next_check = now + CHECK_INTERVAL
             if self._watch is not None:
                 self._watch.check()
-        if now - self.heard > self.expiry:
+        if self._move_at is not None and now >= self._move_at:
+            self._move_at = None
+            if self._retry_here:
+                self.hello()
+            else:
+                self._next_address()
+                self.connect()
+        elif now - self.heard > self.expiry:
             self._report_silence(now)
+            if len(self.addresses) > 1:
+                self._vote = (now, now - self.heard)
+                self._next_address()
             self.connect()
         elif self._dead:
             if now - self._connected_at >= self.interval:  # not in a tight loop
@@ -290,13 +359,21 @@ class BrokerLink:
     def poll_timeout(self, now: float) -> float:
         """Seconds until upkeep has something to do (at most one interval)."""
         due = min(self.told + self.interval, self.heard + self.expiry)
+        if self._move_at is not None:
+            due = min(due, self._move_at)
         if self._dead:
             due = min(due, self._connected_at + self.interval)
         return max(0.0, min(due - now, self.interval))
 
     def _report_silence(self, now: float) -> None:
         silent = now - self._last_word
-        if self.reached:
+        if len(self.addresses) > 1:
+            self._silence_log.warning(
+                "the broker at %s has been silent for %.1fs; trying the next one",
+                self.address,
+                now - self.heard,
+            )
+        elif self.reached:
             self._silence_log.warning(
                 "the broker at %s has been silent for %.1fs; reconnecting", self.address, silent
             )
@@ -330,6 +407,11 @@ class BrokerLink:
         handshake = self._watch.last_problem if self._watch is not None else None
         if handshake is not None:
             return handshake
+        if self._standby_at is not None and time.monotonic() - self._standby_at < 2 * self.expiry:
+            return (
+                "the brokers answer that they stand by: neither is active (they cannot "
+                "see each other, or the active one cannot be reached from here)"
+            )
         return (
             "it is not running, not at that address, or not reachable from here "
             "(a firewall, a wrong host or port)"

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fade.errors import MissingExtraError
+from fade.protocol import PAIR_STATES
 
 __all__ = ["CONTENT_TYPE", "WORKER_STATES", "render"]
 
@@ -62,6 +63,11 @@ class _ViewCollector:
         gauges = [
             ("fade_tasks_queued", "Tasks at the broker waiting for a worker", view["queued"]),
             ("fade_tasks_running", "Tasks held by workers", view["running"]),
+            (
+                "fade_tasks_backlog",
+                "Tasks clients hold back for want of room at the broker (scale on this too)",
+                view.get("backlog", 0),
+            ),
             ("fade_clients", "Clients (Executors) connected to the broker", view["client_count"]),
             ("fade_capacity", "Tasks the pool takes at once", view["capacity"]),
             ("fade_tasks_per_second", "Tasks finished per second, last minute", view["rate"]),
@@ -83,3 +89,33 @@ class _ViewCollector:
         yield InfoMetricFamily(
             "fade_broker", "The broker's id (and, with the token, version)", value=info
         )
+        pair = view.get("pair")
+        if isinstance(pair, Mapping):
+            yield from _pair_metrics(pair)
+
+
+def _pair_metrics(pair: Mapping[str, Any]) -> Iterator[Any]:
+    """A broker of a pair (fade-broker --peer): whether it serves, and how it got there."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield GaugeMetricFamily(
+        "fade_pair_active",
+        "1 if this broker of a pair serves clients and workers now, 0 if it stands by",
+        value=1 if pair.get("active") else 0,
+    )
+    states = GaugeMetricFamily(
+        "fade_pair_state", "This broker's pair state (1 for the current one)", labels=["state"]
+    )
+    for name in PAIR_STATES:
+        states.add_metric([name], 1 if pair.get("state") == name else 0)
+    yield states
+    yield GaugeMetricFamily(
+        "fade_pair_term",
+        "The takeover this broker's last active claim came from",
+        value=pair.get("term", 0),
+    )
+    yield CounterMetricFamily(
+        "fade_pair_takeovers",
+        "Times this broker became the active one",
+        value=pair.get("takeovers", 0),
+    )

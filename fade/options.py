@@ -47,6 +47,7 @@ class WorkerOptions:
     #: What the host has for tasks that ask (fade/resources.py); None: detect.
     resources: dict[str, float] | None = None
     pool: str = ""  # the id the worker processes of one supervisor share
+    label: str = ""  # what started it (fade-status shows it; scalers match jobs by it)
     parent_pid: int | None = None  # end when this process is gone
     child: bool = False
     identity: bytes | None = None
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "address",
         nargs="?",
         default=default_address(),
-        help="the broker's ZeroMQ endpoint (default %(default)s; FADE_ADDRESS sets it)",
+        help="the broker's ZeroMQ endpoint, or a broker pair's two, comma-separated "
+        "(default %(default)s; FADE_ADDRESS sets it)",
     )
     parser.add_argument(
         "--processes",
@@ -132,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         "'' for none)",
     )
     parser.add_argument(
+        "--label",
+        default="",
+        help="what started these workers, shown by fade-status and matched by fade-scale "
+        "(e.g. slurm:1234; the Slurm recipe sets it)",
+    )
+    parser.add_argument(
         "--max-message-size",
         type=parse_size,
         default=DEFAULT_MAX_MESSAGE_SIZE,
@@ -168,6 +176,8 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
             resources = parse_resources(args.resources)
         except ValueError as exc:
             parser.error(f"--resources: {exc}")
+    if len(args.label) > p.MAX_LABEL:
+        parser.error(f"--label must be at most {p.MAX_LABEL} characters")
     clients = None
     if args.serve_clients is not None:
         clients = tuple(name.strip() for name in args.serve_clients.split(",") if name.strip())
@@ -191,6 +201,7 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         resources=resources,
         pool=args.pool,
         remove_dir=args.remove_dir,
+        label=args.label,
         parent_pid=args.parent_pid,
         child=args.child,
         identity=bytes.fromhex(args.identity) if args.identity else None,
@@ -236,6 +247,8 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         argv.append("--no-fast-paths")
     if options.remove_dir is not None:
         argv += ["--remove-dir", options.remove_dir]
+    if options.label:
+        argv += ["--label", options.label]
     if options.resources is not None:
         spec = ",".join(f"{name}={amount:.17g}" for name, amount in options.resources.items())
         argv += ["--resources", spec, "--pool", options.pool]

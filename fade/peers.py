@@ -80,6 +80,7 @@ class Client:
     running: int = 0  # tasks assigned now
     start_sum: float = 0.0  # the sum of their start times
     next_seq: int = 0
+    backlog: int = 0  # tasks it holds back for want of room here, as it last said
 
     def usage(self, now: float) -> float:
         """Worker-seconds used, running tasks counted up to ``now``: O(1)."""

@@ -50,10 +50,14 @@ __all__ = [
     "KEY_SIZE",
     "LAST_STRICT_VERSION",
     "MAGIC",
+    "MAX_BACKLOG",
     "MAX_CREDITS",
     "MAX_ERROR_TEXT",
     "MAX_HOLDING",
+    "MAX_LABEL",
     "NO_SCOPE",
+    "PAIR_ROLES",
+    "PAIR_STATES",
     "SCOPE_SIZE",
     "SMALL_FRAME",
     "SUBMIT_NATIVE",
@@ -65,8 +69,10 @@ __all__ = [
     "DoneRecord",
     "Hello",
     "Message",
+    "PairReport",
     "Payload",
     "ResultRecord",
+    "Standby",
     "Status",
     "SubmitRecord",
     "TaskRecord",
@@ -74,6 +80,7 @@ __all__ = [
     "Welcome",
     "WorkerHello",
     "chunked",
+    "decode_backlog",
     "decode_capacity",
     "decode_code",
     "decode_done",
@@ -83,15 +90,18 @@ __all__ = [
     "decode_fetch",
     "decode_hello",
     "decode_obituary",
+    "decode_pair",
     "decode_ready",
     "decode_refusal",
     "decode_result",
+    "decode_standby",
     "decode_state",
     "decode_status",
     "decode_submit",
     "decode_task",
     "decode_welcome",
     "encode",
+    "encode_backlog",
     "encode_capacity",
     "encode_code",
     "encode_done",
@@ -100,9 +110,11 @@ __all__ = [
     "encode_fetch",
     "encode_hello",
     "encode_obituary",
+    "encode_pair",
     "encode_ready",
     "encode_refusal",
     "encode_result",
+    "encode_standby",
     "encode_state",
     "encode_status",
     "encode_submit",
@@ -187,7 +199,7 @@ class Command(enum.IntEnum):
     HELLO = 1  # client|worker -> broker: who I am (JSON)
     WELCOME = 2  # broker -> client|worker: broker id and settings (JSON)
     RESET = 3  # broker -> peer: "I do not know you", say HELLO again
-    HEARTBEAT = 4  # both ways; broker -> client carries the pool capacity
+    HEARTBEAT = 4  # both ways; broker -> client carries the capacity, client -> broker its backlog
     READY = 5  # worker -> broker: grant N more task credits
     SUBMIT = 6  # client -> broker: a batch of tasks
     TASK = 7  # broker -> worker: a batch of tasks
@@ -205,6 +217,8 @@ class Command(enum.IntEnum):
     STOP = 19  # broker -> worker: stop these tasks you hold (task keys)
     NOTICE = 20  # broker -> client: something it should know about its tasks (JSON)
     ENVIRONMENTS = 21  # worker -> broker: the package environments it has (JSON)
+    PAIR = 22  # broker -> its pair's other broker: my role, state and term (JSON)
+    STANDBY = 23  # passive broker -> client|worker: I do not serve; go to the other (JSON)
 
 
 class Status(enum.IntEnum):
@@ -284,6 +298,9 @@ class ClientHello:
     max_message_size: int = 0  # the largest frame it accepts; 0: not said
     platform: str = ""  # sysconfig.get_platform(): "linux-x86_64"
     abi: str = ""  # the SOABI of its compiled extensions: "cpython-311-x86_64-linux-gnu"
+    #: Seconds the broker this client left had been silent when it left it for this one
+    #: (a pair's failover); 0: it left none for silence.
+    left_silent: float = 0.0
     role: str = "client"
 
 
@@ -307,6 +324,10 @@ class WorkerHello:
     pool: str = ""
     platform: str = ""
     abi: str = ""
+    #: What started it, for people and scalers (``slurm:1234`` for a Slurm job's workers);
+    #: at most MAX_LABEL characters.
+    label: str = ""
+    left_silent: float = 0.0  # as ClientHello's
     role: str = "worker"
 
 
@@ -316,6 +337,10 @@ Hello = Union[ClientHello, WorkerHello]  # noqa: UP007 (a runtime alias on 3.10)
 MAX_CREDITS = 4096
 #: A repeated HELLO lists at most this many held tasks (credits bound what a worker holds).
 MAX_HOLDING = MAX_CREDITS + 1
+#: A worker's label is at most this many characters.
+MAX_LABEL = 200
+#: A client's backlog is reported up to this count (the most a u32 holds).
+MAX_BACKLOG = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +458,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         "platform": hello.platform,
         "abi": hello.abi,
     }
+    if hello.left_silent:
+        fields["left_silent"] = hello.left_silent
     if isinstance(hello, ClientHello):
         fields["tag"] = hello.tag.hex()
     else:
@@ -443,6 +470,8 @@ def encode_hello(hello: Hello) -> list[Frame]:
         if hello.resources:
             fields["resources"] = hello.resources
             fields["pool"] = hello.pool
+        if hello.label:
+            fields["label"] = hello.label
     return [_HEADERS[Command.HELLO], _json(fields)]
 
 
@@ -460,6 +489,7 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
         "max_message_size": _field(data, "max_message_size", int, 0),
         "platform": _field(data, "platform", str, ""),
         "abi": _field(data, "abi", str, ""),
+        "left_silent": _seconds(data, "left_silent"),
     }
     if role == "client":
         tag = _hex_field(data, "tag", TAG_SIZE)
@@ -476,12 +506,16 @@ def decode_hello(body: Sequence[Frame]) -> Hello:
             not isinstance(clients, list) or not all(isinstance(c, str) for c in clients)
         ):
             raise ProtocolError("HELLO field 'clients' must be a list of key names")
+        label = _field(data, "label", str, "")
+        if len(label) > MAX_LABEL:
+            raise ProtocolError(f"HELLO field 'label' must be at most {MAX_LABEL} characters")
         return WorkerHello(
             credits=credits,
             holding=tuple(_hex(key, KEY_SIZE, "holding") for key in holding),
             clients=None if clients is None else tuple(clients),
             resources=_resources(data.get("resources")),
             pool=_field(data, "pool", str, ""),
+            label=label,
             **common,
         )
     raise ProtocolError(f"HELLO with unknown role {role!r}")
@@ -517,6 +551,13 @@ def decode_resources(spec: bytes) -> dict[str, float] | None:
         return _resources(json.loads(spec))
     except ValueError:
         raise ProtocolError("a resource spec is not JSON") from None
+
+
+def _seconds(data: dict[str, Any], name: str) -> float:
+    value = data.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ProtocolError(f"HELLO field {name!r} must be a number of seconds")
+    return float(value)
 
 
 def python_of(hello: Hello) -> str:
@@ -654,6 +695,88 @@ def decode_state(body: Sequence[Frame]) -> dict[str, Any]:
     return data
 
 
+# -- a broker pair: PAIR between the brokers, STANDBY to peers (see fade/pair.py) ----------
+
+#: The roles a pair's brokers are started in, and the states they report.
+PAIR_ROLES = ("primary", "backup")
+PAIR_STATES = ("starting", "active", "passive", "alone")
+
+
+@dataclass(frozen=True, slots=True)
+class PairReport:
+    """What a broker of a pair tells the other, every interval and at each change."""
+
+    role: str  # one of PAIR_ROLES
+    state: str  # one of PAIR_STATES
+    term: int  # the takeover its last active claim came from: the higher claim wins
+    incarnation: str  # random for each broker process: tells a restarted broker apart
+    number: int  # counts this incarnation's reports
+    #: (incarnation, number) of the last report heard from the other broker; None: none yet.
+    ack: tuple[str, int] | None = None
+    workers: int = 0  # worker processes registered here (an active broker has some)
+
+
+def encode_pair(report: PairReport) -> list[Frame]:
+    fields: dict[str, Any] = {
+        "role": report.role,
+        "state": report.state,
+        "term": report.term,
+        "incarnation": report.incarnation,
+        "number": report.number,
+        "workers": report.workers,
+    }
+    if report.ack is not None:
+        fields["ack"] = list(report.ack)
+    return [_HEADERS[Command.PAIR], _json(fields)]
+
+
+def decode_pair(body: Sequence[Frame]) -> PairReport:
+    data = _unjson(body, "PAIR")
+    role, state = data.get("role"), data.get("state")
+    if role not in PAIR_ROLES or state not in PAIR_STATES:
+        raise ProtocolError(f"PAIR with unknown role {role!r} or state {state!r}")
+    incarnation = data.get("incarnation")
+    if not isinstance(incarnation, str):
+        raise ProtocolError("PAIR needs an incarnation (text)")
+    ack = data.get("ack")
+    if ack is not None:
+        if not (isinstance(ack, list) and len(ack) == 2 and isinstance(ack[0], str)):
+            raise ProtocolError("PAIR field 'ack' must be [incarnation, number]")
+        ack = (ack[0][:64], _pair_count(ack[1], "ack"))
+    term, number = _pair_count(data.get("term"), "term"), _pair_count(data.get("number"), "number")
+    workers = _pair_count(data.get("workers", 0), "workers")
+    return PairReport(role, state, term, incarnation[:64], number, ack, workers)
+
+
+@dataclass(frozen=True, slots=True)
+class Standby:
+    """A passive broker's answer to a client or worker: it serves no one."""
+
+    state: str  # one of PAIR_STATES (never "active")
+    #: Seconds after which to say HELLO here again: this broker expects to take over
+    #: by then (a voter came before it lost the other); 0: go to the other broker.
+    retry: float = 0.0
+
+
+def encode_standby(standby: Standby) -> list[Frame]:
+    return [_HEADERS[Command.STANDBY], _json({"state": standby.state, "retry": standby.retry})]
+
+
+def decode_standby(body: Sequence[Frame]) -> Standby:
+    data = _unjson(body, "STANDBY")
+    state, retry = data.get("state"), data.get("retry", 0.0)
+    if state not in PAIR_STATES or isinstance(retry, bool) or not isinstance(retry, int | float):
+        raise ProtocolError("STANDBY needs a pair state and a retry time")
+    # A broker that asks for more than a minute is wrong; never wait on its word alone.
+    return Standby(state, min(max(float(retry), 0.0), 60.0))
+
+
+def _pair_count(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+        raise ProtocolError(f"PAIR field {name!r} must be a count")
+    return value
+
+
 # -- small numeric bodies -------------------------------------------------------
 
 
@@ -672,6 +795,19 @@ def encode_capacity(command: Command, capacity: int) -> list[Frame]:
 
 def decode_capacity(body: Sequence[Frame]) -> int | None:
     """The capacity carried by a broker HEARTBEAT, or None when it carries none."""
+    if not body:
+        return None
+    return _one_u32(body, "HEARTBEAT")
+
+
+def encode_backlog(backlog: int) -> list[Frame]:
+    """HEARTBEAT from client to broker, telling how many tasks it holds back for want of
+    room at the broker (cut to MAX_BACKLOG). A broker of before this field ignores it."""
+    return [_HEADERS[Command.HEARTBEAT], _U32.pack(min(max(backlog, 0), MAX_BACKLOG))]
+
+
+def decode_backlog(body: Sequence[Frame]) -> int | None:
+    """The backlog carried by a client HEARTBEAT, or None when it carries none."""
     if not body:
         return None
     return _one_u32(body, "HEARTBEAT")

@@ -22,10 +22,10 @@
   free; the host lends them (device indices for GPUs) until the task ends.
 * **Credits**: a worker receives tasks only against the credits it granted; within a
   class (same Python, platform and ABI, frame limit and clients served), one holding
-  nothing is served before one that is busy; a task that needs compiled packages goes
-  only to workers of its client's platform and ABI. Plain tasks cost O(clients + classes)
-  to place; a task that asks for resources also looks at the workers with credit of its
-  classes.
+  nothing is served before one that is busy, the most recently busy first; a task that
+  needs compiled packages goes only to workers of its client's platform and ABI. Plain
+  tasks cost O(clients + classes) to place; a task that asks for resources also looks at
+  the workers with credit of its classes.
 * A lost worker's tasks come back as *suspects*: each runs alone on an idle worker, so a
   task that kills its worker cannot take innocent neighbours down with it; after
   ``max_attempts`` losses it is LOST.
@@ -38,6 +38,11 @@
 * A worker may complete only the tasks assigned to it; a client's tag (the first half
   of its task keys) is bound to the client that first said it. Every task moves through
   :data:`fade.lifecycle.TASK_MOVES`.
+* A fresh broker (restarted, or a pair's standby taking over) learns from each
+  worker's HELLO the keys it holds. A re-sent task held by a worker stays with it;
+  a result that worker sends for a task whose client has not re-sent it yet is kept
+  (an *orphan*) until the client does, then completes it at once, for two ageings
+  at most (:meth:`Scheduler.age_orphans`).
 
 The broker (fade/broker.py) calls these methods from its poll loop, then takes what to
 send with :meth:`Scheduler.take_sends`. Everything here is plain data and is
@@ -64,6 +69,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_CLIENT_TASKS = 100_000
 #: ... and this many bytes of their payloads.
 DEFAULT_MAX_CLIENT_BYTES = 2 << 30
+#: Results kept for tasks not re-sent yet (see age_orphans), at most; the oldest go first.
+MAX_ORPHANS = 65536
 
 
 class Refusal(Exception):
@@ -83,17 +90,27 @@ class _Filed:
         self.hosts: collections.Counter[str] = collections.Counter()  # to name them
 
     def next_worker(self) -> Worker | None:
-        for filed in (self.idle, self.busy):
-            if filed:
-                return next(iter(filed.values()))
+        """The idle worker filed last (most recently busy), else the busy one filed first.
+
+        Most recently busy, not idle longest: a light load then stays on the few workers
+        it needs, whose caches and threads are warm (a round trip on two idle workers
+        took 200 us served in turn, 145 us on one), and the others stay idle long
+        enough for an elastic pool to give them back (fade/scale)."""
+        if self.idle:
+            return next(reversed(self.idle.values()))
+        if self.busy:
+            return next(iter(self.busy.values()))
         return None
 
     def with_room(self, need: dict[str, float]) -> Worker | None:
-        """A worker with credit whose host has ``need`` free (idle ones first)."""
-        for filed in (self.idle, self.busy):
-            for worker in filed.values():
-                if worker.pool is not None and worker.pool.fits(need):
-                    return worker
+        """A worker with credit whose host has ``need`` free (idle ones first, in the
+        order of next_worker)."""
+        for worker in reversed(self.idle.values()):
+            if worker.pool is not None and worker.pool.fits(need):
+                return worker
+        for worker in self.busy.values():
+            if worker.pool is not None and worker.pool.fits(need):
+                return worker
         return None
 
 
@@ -128,6 +145,9 @@ class Scheduler:
         self._suspects: collections.deque[Task] = collections.deque()
         self._held: dict[bytes, Worker] = {}  # keys held by workers, not yet submitted here
         self._serving: dict[bytes, list[WorkerClass]] = {}  # _kinds_serving, per client
+        # Results for held keys not submitted yet: this age's, and the one before.
+        self._orphans: dict[bytes, tuple[p.Status, p.Payload]] = {}
+        self._old_orphans: dict[bytes, tuple[p.Status, p.Payload]] = {}
         self._sends = Sends()
 
     def has_sends(self) -> bool:
@@ -304,6 +324,8 @@ class Scheduler:
         for record, payload in results:
             task = self.tasks.get(record.key)
             if task is None or worker is None or task.worker is not worker:
+                if task is None and worker is not None and self._held:
+                    self._orphan(worker, record, payload)
                 continue  # late, duplicate, or not this worker's to answer
             self._unassign(task, refile=False)
             if record.status is p.Status.RETURNED:
@@ -652,7 +674,38 @@ class Scheduler:
             for key in [k for k, w in self._held.items() if w is worker]:
                 del self._held[key]
 
+    def _orphan(self, worker: Worker, record: p.DoneRecord, payload: p.Payload) -> None:
+        """A result for a task this worker told us it holds, whose client has not re-sent
+        it yet: keep it for the client's copy (a handed-back task is just forgotten)."""
+        if self._held.get(record.key) is not worker:
+            return
+        del self._held[record.key]
+        if record.status is p.Status.RETURNED:
+            return
+        while len(self._orphans) >= MAX_ORPHANS:
+            del self._orphans[next(iter(self._orphans))]
+        self._orphans[record.key] = (record.status, payload)
+
+    def holder(self, key: bytes) -> Worker | None:
+        """The worker that said it holds this task, which is not here yet (a fresh broker)."""
+        return self._held.get(key)
+
+    def age_orphans(self) -> None:
+        """Forget the results kept for tasks no client re-sent since the call before the
+        last (the broker calls this every few expiries: clients re-send at once)."""
+        self._old_orphans, self._orphans = self._orphans, {}
+
     def _adopt(self, task: Task) -> bool:
+        """A re-sent task that a worker holds is its own again; one it has already
+        answered is complete. True if so."""
+        if self._orphans or self._old_orphans:
+            orphan = self._orphans.pop(task.key, None) or self._old_orphans.pop(task.key, None)
+            if orphan is not None:
+                status, payload = orphan
+                move(task, TaskState.RUNNING, TASK_MOVES)  # it ran, before we knew of it
+                state = TaskState.DONE if status is p.Status.OK else TaskState.FAILED
+                self._finish(task, state, status, payload)
+                return True
         worker = self._held.pop(task.key, None) if self._held else None
         if worker is None or worker.identity not in self.workers:
             return False

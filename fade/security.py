@@ -134,6 +134,8 @@ PERMITTED: dict[str, frozenset[p.Command]] = {
             p.Command.STATUS,
         }
     ),
+    # The other broker of a pair (fade/pairlink.py), which holds the broker key pair.
+    "broker": frozenset({p.Command.PAIR, p.Command.STATUS}),
 }
 
 
@@ -183,8 +185,11 @@ class KeyRing:
     until :meth:`take_revoked` collects them.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, pair: bytes | None = None) -> None:
         self.directory = directory
+        # A pair's brokers link up with the broker key pair itself (fade/pairlink.py):
+        # that public key is admitted too, as the role "broker".
+        self._pair = pair
         self.peers: dict[str, Peer] = {}  # Z85 public key (the ZAP User-Id) -> peer
         self._stamp: object = None
         self._racy = True
@@ -255,6 +260,8 @@ class KeyRing:
             # One key in two roles (or twice): trust neither rather than guess.
             self._bad_files.warning("key of %r is authorised twice; refusing it", peers[key].name)
             del peers[key]
+        if self._pair is not None:
+            peers[self._pair.decode()] = Peer("broker", "pair", key_tag(self._pair))
         return peers
 
     def _key_files(self, role: str) -> Iterable[Path]:
@@ -480,12 +487,14 @@ class Gate:
         *,
         interval: float,
         warning_period: float,
+        pair: bool = False,
     ) -> None:
         # Checked before anything is bound: a refused broker never listens.
         check_address(address, keys, insecure)
         self.address = address
         self.keys = load_broker_keys(keys) if keys is not None else None
         self._insecure = insecure and keys is None and not is_local_address(address)
+        self._pair = pair
         self._interval = interval
         self._warning_period = warning_period
         self._warning_due = 0.0
@@ -497,7 +506,7 @@ class Gate:
         """Start the authenticator (before the ROUTER binds: it must answer the first
         handshake)."""
         if self.keys is not None:
-            keyring = KeyRing(self.keys.directory)
+            keyring = KeyRing(self.keys.directory, self.keys.public if self._pair else None)
             self.zap = ZapHandler(context, keyring)
             self._guard = Guard(keyring)
             log.info("CURVE keys on: accepting the keys authorised in %s", self.keys.directory)

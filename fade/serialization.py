@@ -55,12 +55,12 @@ nothing to point at.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import struct
 import sys
 import types
-import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,9 +121,11 @@ _RESULT_SEGMENTS = b"S"
 _SETUP = struct.Struct("<16sI")  # executor id, max_tasks_per_child (0: no limit)
 _REF = struct.Struct("<H32sQ")  # position among the buffers, content id, size
 
-_by_reference: weakref.WeakKeyDictionary[Any, tuple[bytes, frozenset[str]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: Functions that pickle by reference (module-level: they live as long as their module),
+#: with their pickle. A plain dict: a WeakKeyDictionary's get() makes a weak reference
+#: each time, a third of a small task's pickling. Bounded, for code that makes many.
+_by_reference: dict[Any, tuple[bytes, frozenset[str]]] = {}
+_BY_REFERENCE_MAX = 4096
 
 #: The modules a pickle refers to (see dumps_tracked_call); the two shared values are the
 #: common cases, so that most submits build no set at all.
@@ -131,7 +133,6 @@ NO_MODULES: frozenset[str] = frozenset()
 NUMPY: frozenset[str] = frozenset({"numpy"})
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
-_CONTAINERS = frozenset({tuple, list})
 _NOT_PLAIN, _SCALARS, _ARRAYS = 0, 1, 2
 
 
@@ -139,29 +140,35 @@ def _is_plain(obj: Any, depth: int = 0) -> int:
     """Non-zero for data the C pickler handles exactly as cloudpickle would (no code
     inside): scalars, strings, numpy arrays of numbers, and small tuples, lists and
     str-keyed dicts of those; _ARRAYS when it holds a numpy array. Cheap enough to try on
-    every call; anything else goes to cloudpickle."""
+    every call (no generators, scalars checked in line); anything else goes to cloudpickle."""
     kind = type(obj)
     if kind in _PLAIN:
         return _SCALARS
     if depth > 2:
         return _NOT_PLAIN
-    if kind in _CONTAINERS or kind is dict:
-        if len(obj) > 16:
-            return _NOT_PLAIN
-        found = _SCALARS
-        if kind is dict:
-            if not all(type(k) is str for k in obj):
+    if kind is tuple or kind is list:
+        items = obj
+    elif kind is dict:
+        for key in obj:
+            if type(key) is not str:
                 return _NOT_PLAIN
-            obj = obj.values()
-        for x in obj:
-            plain = _is_plain(x, depth + 1)
-            if not plain:
-                return _NOT_PLAIN
-            found = max(found, plain)
-        return found
-    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject:
+        items = obj.values()
+    elif kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject:
         return _ARRAYS
-    return _NOT_PLAIN
+    else:
+        return _NOT_PLAIN
+    if len(obj) > 16:
+        return _NOT_PLAIN
+    found = _SCALARS
+    for item in items:
+        if type(item) in _PLAIN:
+            continue
+        plain = _is_plain(item, depth + 1)
+        if not plain:
+            return _NOT_PLAIN
+        if plain > found:
+            found = plain
+    return found
 
 
 def _reduce_code(code: types.CodeType) -> Any:
@@ -322,7 +329,7 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
     """The function's pickle and (``noting``) the modules it refers to."""
     try:
         cached = _by_reference.get(fn)
-    except TypeError:  # not weak-referenceable (a bound method, a partial...)
+    except TypeError:  # an unhashable callable object
         cached = None
     if cached is not None:
         return cached
@@ -334,10 +341,10 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
     if _pickles_by_reference(fn):
         # The bytes name the module; nothing else is pickled, nothing else is noted.
         found = (data, frozenset({fn.__module__}))
-        try:
+        if len(_by_reference) >= _BY_REFERENCE_MAX:
+            _by_reference.clear()
+        with contextlib.suppress(TypeError):
             _by_reference[fn] = found
-        except TypeError:
-            pass
         return found
     return data, frozenset(modules) if modules else NO_MODULES
 
@@ -368,14 +375,23 @@ def dumps_task(
     Returns the payload, its SUBMIT flags, the content ids it pinned on ``shelf`` and
     the segments it pinned on ``segments`` (release both once the task is done).
     Raises SerializationError."""
-    fn_bytes, fn_modules = _function_pickle(fn, noting and environment is not None)
+    tracking = noting and environment is not None
+    fn_bytes, fn_modules = _function_pickle(fn, tracking)
+    call = (args, kwargs)
+    if _is_plain(call) == _SCALARS:
+        # The usual case: no buffer can be out of band, no module to note, nothing by
+        # content or in shared memory; the C pickler alone, about a third of the
+        # general path's cost.
+        arg_bytes = pickle.dumps(call, protocol=5)
+        env, flags = environment(fn_modules, NO_MODULES) if environment is not None else (b"", 0)
+        return Payload(_inline(code, env, setup, fn_bytes, arg_bytes)), flags, (), ()
     parts: list[Any] = []  # frames, DataRefs (by content), SegmentRefs (shared memory)
-    modules: set[str] | None = set() if noting and environment is not None else None
+    modules: set[str] | None = set() if tracking else None
     # Without a usable shared memory (no /dev/shm), by content as ever.
     eager = segments is not None and segments.eager and segments.usable()
     segmenter = segments.claim if segments is not None and eager else None
     try:
-        arg_bytes = _dumps((args, kwargs), parts, modules, shelf, segmenter)
+        arg_bytes = _dumps(call, parts, modules, shelf, segmenter)
     except Exception as exc:
         _release(parts, shelf, segments)
         raise SerializationError(f"cannot pickle the arguments of {_fn_name(fn)}: {exc}") from exc

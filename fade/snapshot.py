@@ -35,7 +35,7 @@ def snapshot(broker: Broker) -> dict[str, Any]:
     sched = broker.scheduler
     running = sum(len(w.tasks) for w in sched.workers.values())
     counts = sched.counts
-    return {
+    state = {
         "broker_id": broker.broker_id,
         "version": __version__,
         "address": broker.address,
@@ -50,6 +50,7 @@ def snapshot(broker: Broker) -> dict[str, Any]:
         "clients": [_client(c, now, running) for c in sched.clients.values()],
         "queued": len(sched.tasks) - running,
         "running": running,
+        "backlog": sum(c.backlog for c in sched.clients.values()),
         "tasks_done": counts.done,
         "tasks_failed": counts.failed,
         "tasks_lost": counts.lost,
@@ -57,6 +58,31 @@ def snapshot(broker: Broker) -> dict[str, Any]:
         "rate": broker.throughput.rate(now),
         "per_second": broker.throughput.series(now),
         "relayed_bytes": dict(broker.relayed),
+    }
+    if broker.pair is not None:
+        state["pair"] = _pair(broker, now)
+    return state
+
+
+def _pair(broker: Broker, now: float) -> dict[str, Any]:
+    """Where this broker of a pair stands, and what it last heard of the other."""
+    pair = broker.pair
+    assert pair is not None
+    peer = pair.peer
+    peer_state = peer.state if peer is not None else "unknown"
+    if pair.peer_lost:
+        peer_state = "lost"
+    return {
+        "role": pair.role.value,
+        "state": pair.state.value,
+        "active": pair.serving,
+        "term": pair.term,
+        "takeovers": pair.takeovers,
+        "in_state": now - pair.since,
+        "peer_address": broker.peer_address,
+        "peer_state": peer_state,
+        "peer_heard": now - pair.peer_heard if peer is not None else None,
+        "problem": pair.misconfigured,
     }
 
 
@@ -70,6 +96,7 @@ def _worker(worker: Worker, silent: float) -> dict[str, Any]:
         "environments": worker.environments.get("environments", []),
         "package_cache": worker.environments.get("cache", {}),
         "state": "draining" if worker.draining else "busy" if worker.tasks else "idle",
+        "label": worker.hello.label,
         "running": len(worker.tasks),
         "credits": worker.credits,
         "resources": worker.pool.totals if worker.pool is not None else {},
@@ -91,6 +118,7 @@ def _client(client: Client, now: float, running_total: int) -> dict[str, Any]:
         "tasks": len(client.tasks),
         "queued": client.queued,
         "running": client.running,
+        "backlog": client.backlog,
         "weight": client.weight,
         "usage": client.usage(now),  # worker-seconds used while connected
         "share": client.running / running_total if running_total else 0.0,

@@ -144,8 +144,14 @@ def connect_dealer(
     linger_ms: int = 0,
     keys: PeerKeys | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    lossy: tuple[int, int] | None = None,
 ) -> zmq.Socket[bytes]:
-    """A DEALER connected to the broker at ``address``, with a stable routing identity."""
+    """A DEALER connected to the broker at ``address``, with a stable routing identity.
+
+    ``lossy`` (interval, timeout in ms), for messages worth sending only while they are
+    fresh (a broker pair's reports): nothing is queued for a connection that is not up,
+    at most a few messages for one that is, and ZMTP heartbeats end a connection whose
+    other end stopped answering within the timeout."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, linger_ms)
     if identity is not None:
@@ -160,6 +166,11 @@ def connect_dealer(
     # Never drop outgoing messages while the broker is away: they are bounded by
     # the client window and worker credits, and re-sent after a reconnection.
     sock.setsockopt(zmq.SNDHWM, 0)
+    if lossy is not None:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, lossy[0])
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, lossy[1])
     if keys is not None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, keys.broker)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)

@@ -6,7 +6,9 @@
                 <----------- STATE (JSON: Broker.snapshot()) --
 
 The question needs no HELLO and leaves no trace at the broker. :func:`query`
-returns the state as a dict; :func:`format_status` turns it into the aligned
+returns the state as a dict; :func:`query_each` asks both brokers of a pair
+(``tcp://a:5555,tcp://b:5555``) at once, and :func:`format_pair` shows both,
+which one is active, and the active one's pool; :func:`format_status` turns it into the aligned
 text the command prints, every string a peer supplied (host names, say) escaped
 by :func:`fade._logutil.printable` so that it cannot move the cursor or clear
 the screen. The keys of the state are listed in docs/operating.md.
@@ -15,6 +17,7 @@ the screen. The keys of the state are listed in docs/operating.md.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import logging
 import os
@@ -31,10 +34,10 @@ from fade import security
 from fade._env import default_address
 from fade._logutil import printable
 from fade._version import __version__
-from fade.errors import BrokerUnreachableError, ProtocolError, SecurityError
+from fade.errors import BrokerUnreachableError, FadeError, ProtocolError, SecurityError
 from fade.sockets import connect_dealer
 
-__all__ = ["format_status", "main", "peer_id", "query"]
+__all__ = ["format_pair", "format_status", "main", "peer_id", "query", "query_each"]
 
 log = logging.getLogger("fade.status")
 
@@ -67,6 +70,27 @@ def query(
     finally:
         # destroy, not term: it also closes a socket whose connect() failed.
         context.destroy(linger=0)
+
+
+Answer = tuple[str, "dict[str, Any] | FadeError"]
+
+
+def query_each(
+    address: str, timeout: float = DEFAULT_TIMEOUT, keys: str | None = None
+) -> list[Answer]:
+    """Ask every broker of a comma-separated ``address`` (a pair) at once: (address, its
+    state, or the FadeError that says why it did not answer) for each, in order.
+    Raises SecurityError for an unreadable key file, ``zmq.ZMQError`` for a bad address."""
+    addresses = address.split(",")
+    with cf.ThreadPoolExecutor(len(addresses)) as pool:
+        futures = [pool.submit(query, one, timeout, keys) for one in addresses]
+        answers: list[Answer] = []
+        for one, future in zip(addresses, futures):
+            try:
+                answers.append((one, future.result()))
+            except (BrokerUnreachableError, ProtocolError) as exc:
+                answers.append((one, exc))
+    return answers
 
 
 def _ask(
@@ -117,13 +141,27 @@ def format_status(state: dict[str, Any]) -> str:
     clients = state.get("clients", [])
     lines = [*_summary(state, workers, clients), ""]
     if workers:
+        # The LABEL column (what started a worker: a Slurm job, say) only where one has it.
+        labelled = any(w.get("label") for w in workers)
+        label = ["LABEL"] if labelled else []
         lines += _table(
-            ["WORKER", "HOST", "PID", "STATE", "RUNNING", "DONE", "LAST HEARD", "FREE/RESOURCES"],
+            [
+                "WORKER",
+                "HOST",
+                "PID",
+                *label,
+                "STATE",
+                "RUNNING",
+                "DONE",
+                "LAST HEARD",
+                "FREE/RESOURCES",
+            ],
             [
                 [
                     peer_id(w),
                     printable(w.get("host")),
                     _cell(w.get("pid")),
+                    *([printable(w.get("label") or "-")] if labelled else []),
                     printable(w.get("state")),
                     _cell(w.get("running")),
                     _cell(w.get("done")),
@@ -210,6 +248,39 @@ def _listed(items: list[str], most: int) -> str:
     return (", ".join(items[:most]) + more) or "-"
 
 
+def format_pair(answers: list[Answer]) -> str:
+    """Each broker of a pair, which one is active, then the active one's pool."""
+    lines = []
+    active = None
+    for address, answer in answers:
+        where = printable(address)
+        if isinstance(answer, FadeError):
+            lines.append(f"broker   {where}: no answer ({printable(str(answer), limit=300)})")
+            continue
+        pair = answer.get("pair")
+        if not isinstance(pair, dict):
+            lines.append(f"broker   {where}: serves alone (started without --peer)")
+            active = active or answer
+            continue
+        lines.append(f"broker   {where}: {_pair_text(pair)}")
+        if pair.get("active") is True and active is None:
+            active = answer
+    lines.append("")
+    if active is None:
+        lines.append("no broker of the pair is active: none serves clients and workers now")
+    else:
+        lines.append(format_status(active))
+    return "\n".join(lines)
+
+
+def _pair_text(pair: dict[str, Any]) -> str:
+    text = {name: printable(pair.get(name)) for name in ("state", "role", "peer_state")}
+    out = f"{text['state'].upper()} ({text['role']}, term {_cell(pair.get('term'))})"
+    if pair.get("problem"):
+        out += f"; PROBLEM: {printable(pair.get('problem'), limit=300)}"
+    return out
+
+
 def _summary(
     state: dict[str, Any], workers: list[dict[str, Any]], clients: list[dict[str, Any]]
 ) -> list[str]:
@@ -217,6 +288,17 @@ def _summary(
     draining = len(workers) - states["busy"] - states["idle"]
     text = {name: printable(state.get(name)) for name in ("version", "address", "host")}
     text["broker_id"] = printable(str(state.get("broker_id"))[:12])
+    backlog = state.get("backlog")
+    held = f", {_cell(backlog)} held back by clients" if backlog else ""
+    pair = state.get("pair")
+    pair_line = []
+    if isinstance(pair, dict):
+        heard = pair.get("peer_heard")
+        pair_line = [
+            f"pair     this broker {_pair_text(pair)}; the other at "
+            f"{printable(pair.get('peer_address'))}: {printable(pair.get('peer_state'))}"
+            + (f", heard {_number(heard):.1f}s ago" if heard is not None else "")
+        ]
     return [
         f"fade {text['version']} broker {text['broker_id']} at {text['address']} "
         f"(pid {_cell(state.get('pid'))} on {text['host']}), "
@@ -225,8 +307,9 @@ def _summary(
         f"{draining} draining)   clients {len(clients)}",
         f"tasks    {state.get('queued')} queued, {state.get('running')} running, "
         f"{state.get('tasks_done')} done ({state.get('tasks_failed')} raised, "
-        f"{state.get('tasks_lost')} lost)",
+        f"{state.get('tasks_lost')} lost){held}",
         f"rate     {state.get('rate', 0.0):.1f} tasks/s over the last minute",
+        *pair_line,
     ]
 
 
@@ -299,7 +382,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "address",
         nargs="?",
         default=default_address(),
-        help="the broker's ZeroMQ endpoint (default %(default)s; FADE_ADDRESS sets it)",
+        help="the broker's ZeroMQ endpoint, or a pair's two, comma-separated (default "
+        "%(default)s; FADE_ADDRESS sets it)",
     )
     parser.add_argument("--json", action="store_true", help="print the raw state as JSON")
     parser.add_argument(
@@ -329,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fade-status``: 0 if the broker answered, 1 if not, 2 on bad usage;
     141 (as for a tool ended by SIGPIPE) if whoever read its output left early."""
     args = _parse_args(argv)
+    if "," in args.address:
+        return _main_pair(args)
     try:
         state = query(args.address, args.timeout, keys=args.keys)
     except BrokerUnreachableError as exc:
@@ -340,6 +426,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SecurityError as exc:
         return _fail(str(exc), 2)
     text = json.dumps(state, indent=2, sort_keys=True) if args.json else format_status(state)
+    return _print(text)
+
+
+def _main_pair(args: argparse.Namespace) -> int:
+    """A pair: 0 if one of its brokers is active, 1 if none answered or none is active."""
+    try:
+        answers = query_each(args.address, args.timeout, keys=args.keys)
+    except zmq.ZMQError as exc:
+        return _fail(f"cannot connect to {args.address!r}: {exc}", 2)
+    except SecurityError as exc:
+        return _fail(str(exc), 2)
+    if args.json:
+        brokers = [
+            {"queried": address, "error": str(answer)}
+            if isinstance(answer, FadeError)
+            else {"queried": address, **answer}
+            for address, answer in answers
+        ]
+        text = json.dumps({"brokers": brokers}, indent=2, sort_keys=True)
+    else:
+        text = format_pair(answers)
+    code = _print(text)
+    serving = any(_serves(answer) for _, answer in answers)
+    return code or (0 if serving else 1)
+
+
+def _serves(answer: dict[str, Any] | FadeError) -> bool:
+    if isinstance(answer, FadeError):
+        return False
+    pair = answer.get("pair")
+    return pair.get("active") is True if isinstance(pair, dict) else True
+
+
+def _print(text: str) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:

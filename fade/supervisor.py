@@ -94,15 +94,21 @@ class Supervisor:
         self._spawn_at = 0.0
         self._next_sweep = 0.0
         self._context = zmq.Context()
-        self._socket = connect_dealer(
-            self._context,
-            options.address,
-            # With keys the broker checks that every sender's identity carries its key's tag.
-            identity=security.peer_identity(b"S", keys),
-            linger_ms=500,
-            keys=keys,
-            max_message_size=options.max_message_size,
-        )
+        # With keys the broker checks that every sender's identity carries its key's tag.
+        identity = security.peer_identity(b"S", keys)
+        # One socket per broker of a pair: an OBITUARY goes to both, and the one that
+        # stands by drops it.
+        self._sockets = [
+            connect_dealer(
+                self._context,
+                address,
+                identity=identity,
+                linger_ms=500,
+                keys=keys,
+                max_message_size=options.max_message_size,
+            )
+            for address in options.address.split(",")
+        ]
 
     def run(self) -> int:
         """The ``fade-worker`` command: supervise until every worker has left."""
@@ -155,7 +161,8 @@ class Supervisor:
             child.process.wait()
             _end_group(child)
         self._children.clear()
-        self._socket.close()
+        for sock in self._sockets:
+            sock.close()
         self._context.term()
 
     @property
@@ -258,10 +265,11 @@ class Supervisor:
             what = f"exited with status {status}"
         when = "while serving" if child.serving else "during start-up"
         log.warning("worker process %d %s %s; replacing it", child.process.pid, what, when)
-        try:
-            self._socket.send_multipart(p.encode_obituary(child.identity, info), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the broker will notice the silence instead
+        for sock in self._sockets:
+            try:
+                sock.send_multipart(p.encode_obituary(child.identity, info), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the broker will notice the silence instead
 
     def _replace(self, child: _Child) -> None:
         if not child.serving and time.monotonic() - child.started < QUICK_DEATH:

@@ -93,6 +93,7 @@ _PUBLIC_FIELDS = (
     "heartbeat_interval",
     "queued",
     "running",
+    "backlog",
     "tasks_done",
     "tasks_failed",
     "tasks_lost",
@@ -101,11 +102,15 @@ _PUBLIC_FIELDS = (
     "per_second",
 )
 _BROKER_FIELDS = ("version", "address", "host", "pid")
+#: Of a broker pair's state (snapshot "pair"): what anyone is shown; the token adds
+#: the other broker's address.
+_PAIR_FIELDS = ("role", "state", "active", "term", "takeovers", "peer_state")
 _WORKER_FIELDS = (
-    "host", "pid", "state", "running", "credits", "done", "last_heard", "resources", "free",
+    "host", "pid", "label", "state", "running", "credits", "done", "last_heard", "resources",
+    "free",
 )  # fmt: skip
 _CLIENT_FIELDS = (
-    "host", "pid", "key", "tasks", "queued", "running", "weight", "share",
+    "host", "pid", "key", "tasks", "queued", "running", "backlog", "weight", "share",
     "waiting_for_resources",
 )  # fmt: skip
 
@@ -124,6 +129,9 @@ def public_view(state: Mapping[str, Any], detail: str = DETAIL_OFF) -> dict[str,
     view["worker_count"] = len(workers)
     view["worker_states"] = {name: counts.pop(name, 0) for name in WORKER_STATES} | dict(counts)
     view["client_count"] = len(clients)
+    pair = state.get("pair")
+    if isinstance(pair, Mapping):
+        view["pair"] = {name: pair.get(name) for name in _PAIR_FIELDS}
     view["detail"] = detail
     return view
 
@@ -136,6 +144,9 @@ def detail_view(state: Mapping[str, Any]) -> dict[str, Any]:
     """
     view = public_view(state, DETAIL_SHOWN)
     view.update({name: state[name] for name in _BROKER_FIELDS if name in state})
+    pair = state.get("pair")
+    if isinstance(pair, Mapping) and "pair" in view:
+        view["pair"]["peer_address"] = pair.get("peer_address")
     view["workers"] = [_peer(w, _WORKER_FIELDS) for w in state.get("workers", [])]
     view["clients"] = [_peer(c, _CLIENT_FIELDS) for c in state.get("clients", [])]
     return view

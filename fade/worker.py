@@ -348,6 +348,13 @@ class Worker:
         limits = [x for x in (self.options.max_message_size, self.broker_max_message_size) if x]
         return min(limits) if limits else 0
 
+    def ask_again(self) -> None:
+        """Send every code request not answered yet once more (called by the socket holder
+        after a reconnection: the broker that had them may be gone)."""
+        with self._lock:
+            waiting = [f for f in self._fetches.values() if not f.answered.is_set()]
+            self._fetch_outbox.extend(f for f in waiting if f not in self._fetch_outbox)
+
     def answer_fetch(self, request_id: int, status: p.CodeStatus, frames: list[bytes]) -> None:
         """Called by the socket holder when CODE arrives."""
         with self._lock:

@@ -16,10 +16,16 @@ Whoever holds the baton runs :meth:`WorkerIO._pass`: poll the socket, the wake-u
 pipe and the supervisor's control socket; read; send results (one DONE for
 everything finished, granting the credits now wanted) and code requests;
 heartbeat; check the running task's time limit; move the lifecycle along.
+
+With a broker pair (two addresses), the results sent in the last two expiries are
+kept: if the broker dies before passing them on, the HELLO to the one that takes over
+lists them as held and the first DONE after its WELCOME sends them again, so their
+tasks need not run again (fade/scheduler.py keeps them until the clients re-send).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import platform
@@ -70,6 +76,11 @@ CHECK_INTERVAL = 0.1
 #: Exit status of a worker that ended itself after a task timed out, or did not stop.
 EXIT_TIMEOUT = 75
 EXIT_STOPPED = 77
+#: With a broker pair: results sent within this many expiries are kept to be sent again
+#: after a failover; at most this many, and this many bytes.
+RETAIN_EXPIRIES = 2
+RETAIN_MAX = 1024
+RETAIN_BYTES = 16 << 20
 
 _EMPTY = p.Payload(b"")
 
@@ -134,6 +145,14 @@ class WorkerIO:
         self._last_start = 0.0
         self._keeper_asleep = False
         self._task_started = threading.Event()  # wakes a sleeping keeper
+        # A broker pair: results lately sent (when, record, payload, bytes), and whether
+        # a broker welcomed us before (after the first WELCOME, every one re-sends them).
+        self._retain = len(self.link.addresses) > 1
+        self._retained: collections.deque[tuple[float, p.DoneRecord, p.Payload, int]] = (
+            collections.deque()
+        )
+        self._retained_bytes = 0
+        self._welcomed_before = False
 
     @property
     def stopped(self) -> bool:
@@ -174,7 +193,9 @@ class WorkerIO:
     def _wait_for_job(self) -> Job | None:
         """Fast paths off: the keeper serves the socket; wait for it to hand us a task."""
         with self.w.jobs:
-            while not self.w._inbox and not self.stopped:
+            # A drain (or retirement) asked for: the keeper hands the inbox back; none of
+            # it may start meanwhile.
+            while (not self.w._inbox or self.w._drain_requests) and not self.stopped:
                 self.w.jobs.wait(CHECK_INTERVAL)
             if self.stopped:
                 return None
@@ -329,7 +350,11 @@ class WorkerIO:
             # thinks we hold is re-queued when it hears our DISCONNECT or expires us.
             log.warning("no answer to DRAIN for %.1fs; leaving anyway", now - self._drain_started)
             self._drain_acked = True
-        if self._drain_acked and self.w.held() == 0 and not self.w._outbox:
+        if self._drain_acked and self.w.held() == 0:
+            if self.w._outbox:
+                # Leaving: even a broker that has not welcomed us gets them (it may know
+                # the tasks; if not, their clients re-send them).
+                self._flush(force=True)
             self.link.send(p.encode(p.Command.DISCONNECT))
             move(self, ProcessState.LEAVING, PROCESS_MOVES)
 
@@ -380,19 +405,36 @@ class WorkerIO:
             credits=self._credits,
             # A TASK still in flight on a socket we replaced is gone: telling the broker
             # what we do hold lets it re-queue the rest instead of waiting forever.
-            holding=tuple(self.w.holding()),
+            holding=self._holding(),
             max_message_size=options.max_message_size,
             clients=options.clients,
             resources=options.resources,
             pool=options.pool,
             platform=sysconfig.get_platform(),
             abi=str(sysconfig.get_config_var("SOABI") or ""),
+            label=options.label,
         )
+
+    def _holding(self) -> tuple[bytes, ...]:
+        """What we owe an answer for, and the results we keep (the newest first)."""
+        keys = self.w.holding()
+        room = p.MAX_HOLDING - len(keys)
+        if room > 0 and self._retained:
+            keys += [entry[1].key for entry in list(self._retained)[-room:]]
+        return tuple(keys)
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.w.broker_max_message_size = welcome.max_message_size
         self.w.environments.report_again()
         log.debug("registered with broker %s", welcome.broker_id)
+        if self._welcomed_before:
+            # It may be the other broker of a pair, or a restarted one: our code requests
+            # and the results we sent lately may never have reached their clients.
+            self.w.ask_again()
+            kept = [(record, payload) for _, record, payload, _ in self._retained]
+            for batch in p.chunked(kept, self._batch_limit()):
+                self.link.send(p.encode_done(0, batch))
+        self._welcomed_before = True
         if self.state is ProcessState.DRAINING:
             self.link.send(p.encode(p.Command.DRAIN))
         if not self._said_serving and self.w.control is not None:
@@ -465,10 +507,15 @@ class WorkerIO:
 
     # -- output ------------------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        """Send every finished result in one DONE, granting the credits we now want."""
+    def _flush(self, force: bool = False) -> None:
+        """Send every finished result in one DONE, granting the credits we now want.
+        Unless ``force``d, only to a broker that has welcomed us: one that has not may be
+        the passive broker of a pair, or may not know us yet; meanwhile the results wait
+        here, and our HELLO lists them as held."""
         # The lists are looked at before taking the lock, which most passes then skip:
         # whoever appends to them while another thread holds the socket wakes it.
+        if not (force or self.link.welcomed):
+            return
         w = self.w
         if w._fetch_outbox:
             with w._lock:
@@ -493,8 +540,25 @@ class WorkerIO:
         if results:
             for i, batch in enumerate(p.chunked(results, self._batch_limit())):
                 self.link.send(p.encode_done(grant if i == 0 else 0, batch))
+            if self._retain:
+                self._keep(results)
         else:
             self.link.send(p.encode_ready(grant))
+
+    def _keep(self, results: list[tuple[p.DoneRecord, p.Payload]]) -> None:
+        """Keep results just sent (a broker pair), dropping those past the limits."""
+        now = time.monotonic()
+        kept = self._retained
+        for record, payload in results:
+            if record.status is not p.Status.RETURNED:
+                size = len(payload.inline) + sum(p.frame_size(b) for b in payload.buffers)
+                kept.append((now, record, payload, size))
+                self._retained_bytes += size
+        oldest = now - RETAIN_EXPIRIES * self.link.expiry
+        while kept and (
+            len(kept) > RETAIN_MAX or self._retained_bytes > RETAIN_BYTES or kept[0][0] < oldest
+        ):
+            self._retained_bytes -= kept.popleft()[3]
 
     def _batch_limit(self) -> int:
         limit = self.link.broker_max_message_size
@@ -552,7 +616,7 @@ class WorkerIO:
         process (the running task may never return)."""
         if self.state is ProcessState.SERVING:
             move(self, ProcessState.DRAINING, PROCESS_MOVES)
-        self._flush()
+        self._flush(force=True)
         self.link.send(p.encode(p.Command.DISCONNECT))
         move(self, ProcessState.LEAVING, PROCESS_MOVES)
         self.link.close(linger_ms=2000)

@@ -47,6 +47,14 @@ def record(path: str, value: Any) -> Any:
     return value
 
 
+def record_run(path: str, value: Any, seconds: float = 0.0) -> Any:
+    """Sleep ``seconds``, then append "value pid wall-time" to ``path``; return value."""
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{value} {os.getpid()} {time.time():.6f}\n")
+    return value
+
+
 def record_then_sleep(path: str, value: Any, seconds: float) -> Any:
     record(path, value)
     time.sleep(seconds)

@@ -126,6 +126,19 @@ def test_alternating_smoke_run_compares_every_round(tmp_path: Path) -> None:
     assert "target: fade-tcp 50 MB" in stdout, report
 
 
+@pytest.mark.timeout(120)
+def test_failover_smoke_run_times_each_failover(tmp_path: Path) -> None:
+    """benchmarks/failover.py: each run's takeover and outage measured, every result right."""
+    out = tmp_path / "failover.json"
+    stdout, report = _run_script("failover.py", "--smoke", "--json", str(out))
+    document = json.loads(out.read_text())
+    assert len(document["every_run"]) == document["runs"] == 2, report
+    for run in document["every_run"]:
+        assert run["correct"] and run["late_results"] == 0, report
+        assert 0 < run["takeover_s"] < 10 and 0 < run["outage_s"] < 10, report
+    assert "bound: outage <= 2 x interval x liveness" in stdout, report
+
+
 # Every benchmark with a command line, but the helpers bench.py starts with ``python -m``.
 INTERNAL = {"runner.py", "rawzmq.py", "rawclient.py", "tasks.py"}
 SCRIPTS = sorted(

@@ -497,3 +497,32 @@ def test_a_killed_embedded_client_leaves_no_socket_folder() -> None:
         wait_for(lambda: not folder.exists(), 15, f"{folder} to be removed")
     finally:
         kill_tree(script.pid)
+
+
+def test_cancelled_tasks_do_not_hold_up_shutdown_on_a_pool_with_no_workers(pool: Pool) -> None:
+    """Found by the elastic-pool work: a pool scaled to zero has no room, so every task
+    waits in the client's outbox; cancelling them all and shutting down waited for a
+    worker to arrive (forever, on a pool that stays at zero)."""
+    pool.start_broker()
+    ex = fade.Executor(pool.address)
+    try:
+        futures = [ex.submit(tasks.add, i, i) for i in range(5)]
+        wait_for(lambda: query(pool.address, timeout=5)["backlog"] == 5, 30, "a backlog of 5")
+        assert all(f.cancel() for f in futures)
+        started = time.monotonic()
+        ex.shutdown(wait=True)
+        assert time.monotonic() - started < 5
+        assert all(f.cancelled() for f in futures)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_cancelled_tasks_leave_the_backlog_a_scaler_sees(pool: Pool) -> None:
+    """A scaler reads the backlog to start workers: cancelled tasks are not work."""
+    pool.start_broker()
+    with fade.Executor(pool.address) as ex:
+        futures = [ex.submit(tasks.add, i, i) for i in range(5)]
+        wait_for(lambda: query(pool.address, timeout=5)["backlog"] == 5, 30, "a backlog of 5")
+        assert all(f.cancel() for f in futures[:3])
+        wait_for(lambda: query(pool.address, timeout=5)["backlog"] == 2, 30, "a backlog of 2")
+        ex.shutdown(wait=False, cancel_futures=True)

@@ -411,6 +411,49 @@ def test_tasks_a_worker_holds_are_its_own_again_under_a_new_broker(sched: Schedu
     assert results(sched.take_sends(), b"C1") == {7: p.Status.OK}
 
 
+def test_a_held_task_answered_before_its_client_re_sends_it_is_delivered(
+    sched: Scheduler,
+) -> None:
+    """A fresh broker: the worker that holds task 7 finishes it before the client has
+    re-sent it. The result waits for the client's copy of the task, which completes at
+    once (it used to stay RUNNING on a worker that no longer held it: stuck for good)."""
+    hello = client_hello()
+    key = p.task_key(hello.tag, 7)
+    sched.add_worker(b"W1", worker_hello(credits=1, holding=(key,)), None)
+    sched.done(b"W1", [(p.DoneRecord(key, p.Status.OK), p.Payload(b"seven"))])
+    sched.add_client(b"C1", hello, None)
+    sched.submit(b"C1", records(7, 8))
+    sends = sched.take_sends()
+    assert sent(sends) == {b"W1": [8]}  # 7 does not run again
+    [(record, payload)] = sends.results[b"C1"]
+    assert (record.task_id, record.status, payload.inline) == (7, p.Status.OK, b"seven")
+    assert key not in sched.tasks
+
+
+def test_results_kept_for_a_client_are_forgotten_after_two_ageings(sched: Scheduler) -> None:
+    hello = client_hello()
+    key = p.task_key(hello.tag, 7)
+    sched.add_worker(b"W1", worker_hello(credits=1, holding=(key,)), None)
+    sched.done(b"W1", [(p.DoneRecord(key, p.Status.OK), p.Payload(b"seven"))])
+    sched.age_orphans()
+    sched.age_orphans()
+    sched.add_client(b"C1", hello, None)
+    sched.submit(b"C1", records(7))
+    assert sent(sched.take_sends()) == {b"W1": [7]}  # runs again: nothing was kept
+
+
+def test_an_unknown_result_from_a_worker_that_did_not_hold_it_is_dropped(
+    sched: Scheduler,
+) -> None:
+    hello = client_hello()
+    key = p.task_key(hello.tag, 7)
+    sched.add_worker(b"W1", worker_hello(credits=1), None)
+    sched.done(b"W1", [(p.DoneRecord(key, p.Status.OK), p.Payload(b"forged"))])
+    sched.add_client(b"C1", hello, None)
+    sched.submit(b"C1", records(7))
+    assert sent(sched.take_sends()) == {b"W1": [7]}
+
+
 def test_capacity_counts_credits_held_tasks_and_one_per_worker(sched: Scheduler) -> None:
     sched.add_client(b"C1", client_hello(), None)
     sched.add_worker(b"W1", worker_hello(credits=3), None)
