@@ -55,6 +55,7 @@ def raw_hello(role: str, **fields: object) -> list[bytes]:
     """HELLO frames for a hand-made peer (pyzmq directly, no fade peer code), speaking as
     this interpreter's Python; ``fields`` override the defaults."""
     import platform
+    import sysconfig
 
     from fade import protocol as p
 
@@ -68,7 +69,10 @@ def raw_hello(role: str, **fields: object) -> list[bytes]:
     if role == "client":
         hello: p.Hello = p.ClientHello(**{"tag": os.urandom(p.TAG_SIZE), **common, **fields})  # type: ignore[arg-type]
     else:
-        hello = p.WorkerHello(**{"credits": 1, **common, **fields})  # type: ignore[arg-type]
+        # A worker of this machine's platform and ABI, as fade-worker says: it may take
+        # tasks that need compiled packages (tests/tasks.py imports numpy in places).
+        here = {"platform": sysconfig.get_platform(), "abi": sysconfig.get_config_var("SOABI")}
+        hello = p.WorkerHello(**{"credits": 1, **common, **here, **fields})  # type: ignore[arg-type]
     return [bytes(f) for f in p.encode_hello(hello)]
 
 

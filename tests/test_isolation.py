@@ -169,8 +169,13 @@ def test_a_worker_key_cannot_complete_another_workers_task(
             return any(w["host"] != "raw" for w in workers)
 
         wait_for(honest_worker, 30, "the honest worker")
-        second = ex.submit(tasks.sleep_and_return, 1.0, "real")
-        time.sleep(0.3)  # it runs on the honest worker now
+        second = ex.submit(tasks.sleep_and_return, 3.0, "real")
+
+        def running_on_the_honest_worker() -> bool:
+            workers = query(pool.address, keys=curve_keys.client)["workers"]
+            return any(w["host"] != "raw" and w["running"] for w in workers)
+
+        wait_for(running_on_the_honest_worker, 30, "the task on the honest worker")
         number = int.from_bytes(key[-8:], "little") + 1
         forged = key[:-8] + number.to_bytes(8, "little")
         # The rogue is a registered worker when it forges (it sends no heartbeats, so it

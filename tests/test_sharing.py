@@ -126,17 +126,27 @@ def test_a_flooding_client_is_held_to_its_quota(pool: Pool, tmp_path: Path) -> N
         for first in range(0, 200_000, 1000):
             batch = [(p.SubmitRecord(i, 0, 0.0), payload) for i in range(first + 1, first + 1001)]
             flood.send_multipart(p.encode_submit(batch))
-        refused = 0
-        deadline = time.monotonic() + 60
-        while refused < 180_000 and time.monotonic() < deadline:
-            if flood.poll(1000):
+        # The workers finish a few of the flood's tasks while it arrives, and each frees
+        # a place under the quota: count what ran too. Refusals come in as the broker
+        # reads the batches; they are all in once a second passes without one.
+        refused = ran = 0
+        last_refusal = time.monotonic()
+        deadline = last_refusal + 60
+        while time.monotonic() < deadline and (
+            not refused or time.monotonic() - last_refusal < 1.0
+        ):
+            if flood.poll(100):
                 message = p.parse(flood.recv_multipart())
                 if message.command is p.Command.RESULT:
                     for record, body in p.decode_result(message.body)[1]:
                         if record.status is p.Status.REFUSED:
                             assert p.decode_refusal(body)[0] == "quota"
                             refused += 1
-        assert refused == 180_000
+                            last_refusal = time.monotonic()
+                        else:
+                            ran += 1
+        accepted = 200_000 - refused
+        assert 20_000 <= accepted <= 20_000 + ran, (refused, ran)
         grown = broker.memory_info().rss - before
         assert grown < 200 * 2**20, f"the broker grew by {grown >> 20} MiB"
         log = tmp_path / "spans"
