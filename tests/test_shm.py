@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import arraytasks
 import numpy as np
 import pytest
 import tasks
@@ -136,7 +137,7 @@ def test_an_argument_is_written_once_while_tasks_name_it(ex: fade.Executor) -> N
 
 
 def test_results_made_by_the_task_come_through_shared_memory(ex: fade.Executor) -> None:
-    result = ex.submit(tasks.ones, 3 * BIG).result(timeout=60)
+    result = ex.submit(arraytasks.ones, 3 * BIG).result(timeout=60)
     assert result.nbytes == 3 * BIG and int(result.sum()) == 3 * BIG
     assert tasks.backing_file(result).startswith(shm.root())
 
@@ -189,10 +190,10 @@ def test_a_worker_killed_before_its_done_leaves_nothing(
     segments.idle = 0.5
     if when == "after-writing":
         size = BIG
-        future = ex.submit(tasks.big_then_stall, size, marker)
+        future = ex.submit(arraytasks.big_then_stall, size, marker)
     else:
         size = 512 * 2**20  # long enough to write that the kill lands during it
-        future = ex.submit(tasks.stall_then_big, size, marker)
+        future = ex.submit(arraytasks.stall_then_big, size, marker)
     wait_for(lambda: os.path.exists(marker) and Path(marker).read_text(), 60, "the marker")
     pid = int(Path(marker).read_text())
     folder = segments.folder()
@@ -222,13 +223,13 @@ def test_a_worker_killed_before_its_done_leaves_nothing(
 CLIENT = """
 import sys, time
 import numpy as np
-import fade, tasks
+import fade, tasks, arraytasks
 address = sys.argv[1] if len(sys.argv) > 1 else None
 kwargs = dict(heartbeat_interval=0.2, heartbeat_liveness=3)
 ex = fade.Executor(address, **kwargs) if address else fade.Executor(max_workers=2, **kwargs)
 data = np.ones({big}, dtype=np.uint8)
-ex.submit(tasks.ones, {big}).result(timeout=60)  # the folder exists now
-pending = [ex.submit(tasks.checksum, data, 60.0), ex.submit(tasks.ones, {big})]
+ex.submit(arraytasks.ones, {big}).result(timeout=60)  # the folder exists now
+pending = [ex.submit(tasks.checksum, data, 60.0), ex.submit(arraytasks.ones, {big})]
 time.sleep(0.5)
 print(ex._segments.folder().path, flush=True)
 print(" ".join(str(pid) for pid in (ex._pool.pids if ex._pool else [])), flush=True)
@@ -405,7 +406,7 @@ def test_a_tcp_worker_on_this_host_sends_results_through_shared_memory(pool: Poo
     with fade.Executor(
         pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=LIVENESS
     ) as executor:
-        result = executor.submit(tasks.ones, BIG).result(timeout=60)
+        result = executor.submit(arraytasks.ones, BIG).result(timeout=60)
         assert tasks.backing_file(result).startswith(shm.root())
         segments = segments_of(executor)
         assert segments.mapped == 1 and segments.written == 0  # arguments: as before
