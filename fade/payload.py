@@ -9,8 +9,8 @@
     client: result_segments, result_pickle (serialization.loads_value) <── inline
 
 Separate from fade/serialization.py, which pickles and unpickles: this module knows
-where each part of a payload sits and checks it, and nothing about pickles. The broker
-and the worker's I/O read a payload's tables without unpickling anything.
+where each part of a payload sits and checks it, and nothing about pickles. A worker
+reads a task's code version, environment, setup and tables before it unpickles anything.
 
 Task inline layout: ``u8 code version size (| 0x80: a setup follows, | 0x40: segments
 follow), u8 environment size, u32 function size, u16 refs``; ``u32 setup size`` and
