@@ -137,6 +137,10 @@ class BrokerLink:
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.socket: zmq.Socket[bytes] | None = None
         self._watch: security.HandshakeWatch | None = None
+        self._init_liveness(log)
+
+    def _init_liveness(self, log: logging.Logger) -> None:
+        """What the link knows of the broker's silence, its outages, and a pair's votes."""
         now = time.monotonic()
         self.heard = self.told = self._quiet_since = now
         self._last_word = now  # the last message received (a reconnection resets ``heard``)

@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fade-worker", description="Run fade worker processes connected to a broker."
     )
+    _connection_arguments(parser)
+    _cache_arguments(parser)
+    _serving_arguments(parser)
+    _other_arguments(parser)
+    return parser
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker, the processes and their heartbeats and prefetch."""
     parser.add_argument(
         "address",
         nargs="?",
@@ -83,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="tasks to hold beyond the running one (default: adapt to task duration)",
     )
+
+
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """This host's caches: shipped code, packages, task data."""
     parser.add_argument(
         "--code-cache",
         default=None,
@@ -112,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
         help="where task data is cached on this host (default: $FADE_DATA_CACHE or "
         "~/.cache/fade/data)",
     )
+
+
+def _serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """Whom and what the workers serve: keys, clients, resources, label, sizes."""
     parser.add_argument(
         "--keys",
         metavar="FILE",
@@ -146,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="largest frame sent or accepted, e.g. 64M or 2G (default 1G)",
     )
+
+
+def _other_arguments(parser: argparse.ArgumentParser) -> None:
+    """Logging, the version, and the options a supervisor gives its children."""
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -154,7 +175,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fast-paths", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pool", default="", help=argparse.SUPPRESS)
     parser.add_argument("--remove-dir", default=None, help=argparse.SUPPRESS)
-    return parser
 
 
 def _cache_size(text: str) -> int:

@@ -8,6 +8,8 @@
                                          v
       clients{identity}: priority heaps per resource request, a fair-share clock
       workers{identity}: filed by class (idle first, then busy with credit), a resource pool
+        (fade/roster.py); the fair-share clock's sums: fade/fairshare.py; keys held across a
+        broker restart: fade/holdings.py; the texts of refusals: fade/refusals.py
       tasks{key}, suspects
 
 * **Fair share by time.** When a worker has room, the waiting client whose clock is
@@ -52,15 +54,16 @@ unit-tested without processes (tests/test_scheduler.py, tests/test_scheduler_sha
 from __future__ import annotations
 
 import collections
-import json
 import time
 from collections.abc import Callable
 
+from fade import fairshare, refusals
 from fade import protocol as p
 from fade.errors import ProtocolError
+from fade.holdings import Holdings
 from fade.lifecycle import TASK_MOVES, TaskState, move
 from fade.peers import Client, Counts, Sends, Task, Worker, WorkerClass
-from fade.resources import ResourcePool
+from fade.roster import Roster
 
 __all__ = ["Refusal", "Scheduler"]
 
@@ -69,49 +72,10 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_CLIENT_TASKS = 100_000
 #: ... and this many bytes of their payloads.
 DEFAULT_MAX_CLIENT_BYTES = 2 << 30
-#: Results kept for tasks not re-sent yet (see age_orphans), at most; the oldest go first.
-MAX_ORPHANS = 65536
 
 
 class Refusal(Exception):
     """A peer's request the scheduler will not carry out; the message says why."""
-
-
-class _Filed:
-    """The workers of one class, filed for dispatch: with credit and holding nothing, or
-    with credit and busy."""
-
-    __slots__ = ("busy", "hosts", "idle", "members")
-
-    def __init__(self) -> None:
-        self.idle: dict[bytes, Worker] = {}
-        self.busy: dict[bytes, Worker] = {}
-        self.members = 0
-        self.hosts: collections.Counter[str] = collections.Counter()  # to name them
-
-    def next_worker(self) -> Worker | None:
-        """The idle worker filed last (most recently busy), else the busy one filed first.
-
-        Most recently busy, not idle longest: a light load then stays on the few workers
-        it needs, whose caches and threads are warm (a round trip on two idle workers
-        took 200 us served in turn, 145 us on one), and the others stay idle long
-        enough for an elastic pool to give them back (fade/scale)."""
-        if self.idle:
-            return next(reversed(self.idle.values()))
-        if self.busy:
-            return next(iter(self.busy.values()))
-        return None
-
-    def with_room(self, need: dict[str, float]) -> Worker | None:
-        """A worker with credit whose host has ``need`` free (idle ones first, in the
-        order of next_worker)."""
-        for worker in reversed(self.idle.values()):
-            if worker.pool is not None and worker.pool.fits(need):
-                return worker
-        for worker in self.busy.values():
-            if worker.pool is not None and worker.pool.fits(need):
-                return worker
-        return None
 
 
 class Scheduler:
@@ -136,18 +100,12 @@ class Scheduler:
         self.tasks: dict[bytes, Task] = {}
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
-        self.pools: dict[str, ResourcePool] = {}
+        self.roster = Roster()  # the workers filed for dispatch (fade/roster.py)
         self.counts = Counts()
-        self.capacity = 0
         self._tags: dict[bytes, Client] = {}
-        self._classes: dict[WorkerClass, _Filed] = {}
         self._waiting: dict[bytes, Client] = {}  # clients with queued tasks
         self._suspects: collections.deque[Task] = collections.deque()
-        self._held: dict[bytes, Worker] = {}  # keys held by workers, not yet submitted here
-        self._serving: dict[bytes, list[WorkerClass]] = {}  # _kinds_serving, per client
-        # Results for held keys not submitted yet: this age's, and the one before.
-        self._orphans: dict[bytes, tuple[p.Status, p.Payload]] = {}
-        self._old_orphans: dict[bytes, tuple[p.Status, p.Payload]] = {}
+        self.holdings = Holdings()  # across a broker restart (fade/holdings.py)
         self._sends = Sends()
 
     def has_sends(self) -> bool:
@@ -156,6 +114,11 @@ class Scheduler:
     def take_sends(self) -> Sends:
         sends, self._sends = self._sends, Sends()
         return sends
+
+    @property
+    def capacity(self) -> int:
+        """Credits, running tasks and 1 of every ready worker, added up (fade/roster.py)."""
+        return self.roster.capacity
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -177,7 +140,7 @@ class Scheduler:
             self._tags[hello.tag] = client
         client.hello, client.python = hello, p.python_of(hello)
         client.platform = p.platform_of(hello)
-        self._serving.pop(identity, None)
+        self.roster.serving.pop(identity, None)
         return client
 
     def remove_client(self, identity: bytes) -> list[Task]:
@@ -194,7 +157,7 @@ class Scheduler:
             self._finish(task, TaskState.DROPPED)
         client.queues.clear()
         self._waiting.pop(identity, None)
-        self._serving.pop(identity, None)
+        self.roster.serving.pop(identity, None)
         self._tags.pop(client.hello.tag, None)
         self._dispatch()
         return running
@@ -215,7 +178,7 @@ class Scheduler:
                 unsatisfiable.setdefault(task.spec, []).append(task.task_id)
             self._queue(task)
         for spec, ids in unsatisfiable.items():
-            self._notice(client, _unsatisfiable(spec), ids)
+            self._notice(client, refusals.unsatisfiable(spec), ids)
         self._dispatch()
 
     def terminate(self, identity: bytes, task_ids: list[int]) -> None:
@@ -267,14 +230,14 @@ class Scheduler:
         )
         worker = self.workers.get(identity)
         if worker is None:
-            worker = Worker(identity, hello, kind, key_name, self._pool(hello))
+            worker = Worker(identity, hello, kind, key_name, self.roster.pool(hello))
             self.workers[identity] = worker
-            self._members(kind, hello.host, +1)
+            self.roster.members(kind, hello.host, +1)
         else:
-            self._unfile(worker)
+            self.roster.unfile(worker)
             self._requeue_unheld(worker, set(hello.holding))
-            self._reclass(worker, kind)
-        self._remember_held(worker, hello.holding)
+            self.roster.reclass(worker, kind)
+        self.holdings.remember(worker, hello.holding, self.tasks)
         worker.hello, worker.draining, worker.credits = hello, False, 0
         self.grant(identity, hello.credits)
         self._sends.capacity_changed = True
@@ -309,9 +272,9 @@ class Scheduler:
                 self._lose(task, worker, lost)
         worker.draining, worker.credits = True, 0
         self._file(worker)
-        self._members(worker.kind, worker.hello.host, -1)
-        self._leave_pool(worker)
-        self._forget_held(worker)
+        self.roster.members(worker.kind, worker.hello.host, -1)
+        self.roster.leave_pool(worker)
+        self.holdings.forget(worker)
         self._sends.capacity_changed = True
         self._dispatch()
         return held
@@ -324,8 +287,8 @@ class Scheduler:
         for record, payload in results:
             task = self.tasks.get(record.key)
             if task is None or worker is None or task.worker is not worker:
-                if task is None and worker is not None and self._held:
-                    self._orphan(worker, record, payload)
+                if task is None and worker is not None and self.holdings.held:
+                    self.holdings.keep(worker, record, payload)
                 continue  # late, duplicate, or not this worker's to answer
             self._unassign(task, refile=False)
             if record.status is p.Status.RETURNED:
@@ -353,7 +316,7 @@ class Scheduler:
         if task.terminating:
             self.refuse(task, "terminated", f"the task was terminated (its worker: {reason})")
         elif task.losses >= task.max_attempts:
-            report = _lost_report(task, worker, reason)
+            report = refusals.lost_report(task, worker, reason)
             self._finish(task, TaskState.LOST, p.Status.LOST, report)
         else:
             move(task, TaskState.QUEUED, TASK_MOVES)
@@ -365,7 +328,7 @@ class Scheduler:
         client = task.client
         if client.identity not in self._waiting:
             if not client.running:
-                self._rebase(client)
+                fairshare.rebase(client, self.clients.values(), self.clock())
             self._waiting[client.identity] = client
         client.push(task)
 
@@ -377,15 +340,6 @@ class Scheduler:
             self._suspects.appendleft(task)
         else:
             self._queue(task)
-
-    def _rebase(self, client: Client) -> None:
-        """A client that was idle starts at the lowest clock of the active clients: its
-        share from now on, with no debt or credit from before."""
-        now = self.clock()
-        active = [c for c in self.clients.values() if c is not client and (c.queued or c.running)]
-        if active:
-            floor = min(c.usage(now) / c.weight for c in active)
-            client.charged = max(client.charged, floor * client.weight)
 
     def _finish(
         self,
@@ -414,7 +368,7 @@ class Scheduler:
         limit = client.hello.max_message_size
         if limit and p.largest_part(payload) > limit:
             status = p.Status.REFUSED
-            payload = p.encode_refusal("too_large", _result_too_large(payload, limit))
+            payload = p.encode_refusal("too_large", refusals.result_too_large(payload, limit))
         result = (p.ResultRecord(task.task_id, status), payload)
         self._sends.results.setdefault(client.identity, []).append(result)
 
@@ -423,7 +377,11 @@ class Scheduler:
         worker could run; True if it was refused."""
         client = task.client
         if len(client.tasks) > self.max_client_tasks or client.held_bytes > self.max_client_bytes:
-            self.refuse(task, "quota", _over_quota(self, client))
+            self.refuse(
+                task,
+                "quota",
+                refusals.over_quota(client, self.max_client_tasks, self.max_client_bytes),
+            )
             return True
         try:
             task.need = p.decode_resources(task.spec)
@@ -433,17 +391,17 @@ class Scheduler:
         if kinds is None:
             return False  # no worker yet: workers may come
         if not kinds:
-            present = {kind: c.hosts for kind, c in self._classes.items() if c.members}
-            self.refuse(task, "incompatible", _incompatible(client, present))
+            present = self.roster.hosts()
+            self.refuse(task, "incompatible", refusals.incompatible(client, present))
             return True
         if not any(kind.fits(task) for kind in kinds):
             native = [kind for kind in kinds if kind.platform == client.platform]
             if task.native and not native:
-                serving = {kind: self._classes[kind].hosts for kind in kinds}
-                self.refuse(task, "incompatible", _incompatible(client, serving, True))
+                serving = self.roster.hosts(kinds)
+                self.refuse(task, "incompatible", refusals.incompatible(client, serving, True))
                 return True
             limit = max(kind.max_message_size for kind in (native if task.native else kinds))
-            self.refuse(task, "too_large", _too_large(task.largest, limit))
+            self.refuse(task, "too_large", refusals.too_large(task.largest, limit))
             return True
         return False
 
@@ -453,11 +411,7 @@ class Scheduler:
         class gains or loses its first or last worker."""
         if not self.workers:
             return None
-        cached = self._serving.get(client.identity)
-        if cached is None:
-            cached = [k for k, c in self._classes.items() if c.members and k.serves(client)]
-            self._serving[client.identity] = cached
-        return cached
+        return self.roster.kinds_serving(client)
 
     def _could_ever(self, task: Task, kinds: list[WorkerClass]) -> bool:
         assert task.need is not None
@@ -504,7 +458,7 @@ class Scheduler:
         """Assign the client's best task that can run now (and, for plain tasks, what
         else of the same queue the chosen worker has credit for)."""
         for task in client.heads():
-            worker = self._worker_for(client, task)
+            worker = self.roster.worker_for(client, task)
             if worker is None:
                 continue
             batch = [task]
@@ -524,34 +478,18 @@ class Scheduler:
             batch.append(task)
             client.pop(task)
 
-    def _worker_for(self, client: Client, task: Task) -> Worker | None:
-        for kind, filed in self._classes.items():
-            if kind.serves(client) and kind.fits(task):
-                worker = filed.next_worker() if task.need is None else filed.with_room(task.need)
-                if worker is not None:
-                    return worker
-        return None
-
     def _dispatch_suspects(self) -> None:
         now = self.clock()
         for _ in range(len(self._suspects)):
             task = self._suspects.popleft()
             if task.state is not TaskState.QUEUED:
                 continue  # dropped meanwhile (its client left)
-            worker = self._idle_worker_for(task)
+            worker = self.roster.idle_worker_for(task)
             if worker is None:
                 self._suspects.append(task)
                 continue
             worker.isolated = True
             self._assign(worker, [task], now)
-
-    def _idle_worker_for(self, task: Task) -> Worker | None:
-        for kind, filed in self._classes.items():
-            if filed.idle and kind.serves(task.client) and kind.fits(task):
-                for worker in filed.idle.values():
-                    if task.need is None or (worker.pool and worker.pool.fits(task.need)):
-                        return worker
-        return None
 
     def _assign(self, worker: Worker, batch: list[Task], now: float) -> None:
         for task in batch:
@@ -560,7 +498,7 @@ class Scheduler:
             worker.tasks[task.key] = task
             if task.need is not None and worker.pool is not None:
                 task.devices = worker.pool.lend(task.need)
-            self._start_clock(task, now)
+            fairshare.start_clock(task, now)
         worker.credits -= len(batch)
         self._file(worker)
         self._sends.tasks.setdefault(worker.identity, []).extend(batch)
@@ -570,7 +508,7 @@ class Scheduler:
         if worker is None:
             return
         task.worker = None
-        self._stop_clock(task)
+        fairshare.stop_clock(task, self.clock)
         if task.need is not None and worker.pool is not None:
             worker.pool.give_back(task.need, task.devices)
             task.devices = b""
@@ -580,76 +518,11 @@ class Scheduler:
             if refile:
                 self._file(worker)
 
-    def _start_clock(self, task: Task, now: float) -> None:
-        client = task.client
-        task.started = now
-        client.running += 1
-        client.start_sum += now
-
-    def _stop_clock(self, task: Task) -> None:
-        if task.started is not None:
-            client = task.client
-            client.charged += self.clock() - task.started
-            client.running -= 1
-            client.start_sum -= task.started
-            task.started = None
-
     # -- a worker's standing ---------------------------------------------------------------------
 
-    def _class(self, kind: WorkerClass) -> _Filed:
-        filed = self._classes.get(kind)
-        if filed is None:
-            filed = self._classes[kind] = _Filed()
-        return filed
-
     def _file(self, worker: Worker) -> None:
-        """The one place that decides where a worker is filed, and its share of capacity."""
-        filed = self._unfile(worker)
-        ready = not worker.draining and worker.identity in self.workers
-        if ready and not worker.isolated and worker.credits > 0:
-            (filed.busy if worker.tasks else filed.idle)[worker.identity] = worker
-        share = worker.credits + len(worker.tasks) + 1 if ready else 0
-        self.capacity += share - worker.counted
-        worker.counted = share
-
-    def _unfile(self, worker: Worker) -> _Filed:
-        filed = self._class(worker.kind)
-        filed.idle.pop(worker.identity, None)
-        filed.busy.pop(worker.identity, None)
-        return filed
-
-    def _reclass(self, worker: Worker, kind: WorkerClass) -> None:
-        if kind != worker.kind:
-            self._members(worker.kind, worker.hello.host, -1)
-            self._members(kind, worker.hello.host, +1)
-            worker.kind = kind
-
-    def _members(self, kind: WorkerClass, host: str, change: int) -> None:
-        filed = self._class(kind)
-        filed.members += change
-        filed.hosts[host] += change
-        if filed.hosts[host] <= 0:
-            del filed.hosts[host]
-        if filed.members in (0, 1):  # a class appeared or went: which serve whom changed
-            self._serving.clear()
-
-    def _pool(self, hello: p.WorkerHello) -> ResourcePool | None:
-        """The resource pool a worker process shares with the others of its host."""
-        if not hello.resources:
-            return None
-        pool_id = hello.pool or hello.host
-        pool = self.pools.get(pool_id)
-        if pool is None:
-            pool = self.pools[pool_id] = ResourcePool(pool_id, dict(hello.resources))
-        pool.members += 1
-        return pool
-
-    def _leave_pool(self, worker: Worker) -> None:
-        pool = worker.pool
-        if pool is not None:
-            pool.members -= 1
-            if not pool.members:
-                del self.pools[pool.pool_id]
+        """Refile a worker after any change to it (fade/roster.py decides where)."""
+        self.roster.file(worker, not worker.draining and worker.identity in self.workers)
 
     # -- tasks a worker holds across a reconnection or a broker restart -----------------------
 
@@ -662,149 +535,31 @@ class Scheduler:
         for task in reversed(lost):
             self._requeue(task)
 
-    def _remember_held(self, worker: Worker, holding: tuple[bytes, ...]) -> None:
-        """Keys a worker holds that are unknown here (this broker is new): when their
-        client re-sends them, they are the worker's again instead of running twice."""
-        for key in holding:
-            if key not in self.tasks:
-                self._held[key] = worker
-
-    def _forget_held(self, worker: Worker) -> None:
-        if self._held:
-            for key in [k for k, w in self._held.items() if w is worker]:
-                del self._held[key]
-
-    def _orphan(self, worker: Worker, record: p.DoneRecord, payload: p.Payload) -> None:
-        """A result for a task this worker told us it holds, whose client has not re-sent
-        it yet: keep it for the client's copy (a handed-back task is just forgotten)."""
-        if self._held.get(record.key) is not worker:
-            return
-        del self._held[record.key]
-        if record.status is p.Status.RETURNED:
-            return
-        while len(self._orphans) >= MAX_ORPHANS:
-            del self._orphans[next(iter(self._orphans))]
-        self._orphans[record.key] = (record.status, payload)
-
     def holder(self, key: bytes) -> Worker | None:
         """The worker that said it holds this task, which is not here yet (a fresh broker)."""
-        return self._held.get(key)
+        return self.holdings.holder(key)
 
     def age_orphans(self) -> None:
         """Forget the results kept for tasks no client re-sent since the call before the
         last (the broker calls this every few expiries: clients re-send at once)."""
-        self._old_orphans, self._orphans = self._orphans, {}
+        self.holdings.age()
 
     def _adopt(self, task: Task) -> bool:
         """A re-sent task that a worker holds is its own again; one it has already
         answered is complete. True if so."""
-        if self._orphans or self._old_orphans:
-            orphan = self._orphans.pop(task.key, None) or self._old_orphans.pop(task.key, None)
-            if orphan is not None:
-                status, payload = orphan
-                move(task, TaskState.RUNNING, TASK_MOVES)  # it ran, before we knew of it
-                state = TaskState.DONE if status is p.Status.OK else TaskState.FAILED
-                self._finish(task, state, status, payload)
-                return True
-        worker = self._held.pop(task.key, None) if self._held else None
+        orphan = self.holdings.take_result(task.key)
+        if orphan is not None:
+            status, payload = orphan
+            move(task, TaskState.RUNNING, TASK_MOVES)  # it ran, before we knew of it
+            state = TaskState.DONE if status is p.Status.OK else TaskState.FAILED
+            self._finish(task, state, status, payload)
+            return True
+        worker = self.holdings.take_holder(task.key)
         if worker is None or worker.identity not in self.workers:
             return False
         move(task, TaskState.RUNNING, TASK_MOVES)
         task.worker = worker
         worker.tasks[task.key] = task  # its credits already count it
-        self._start_clock(task, self.clock())
+        fairshare.start_clock(task, self.clock())
         self._file(worker)
         return True
-
-
-def _lost_report(task: Task, worker: Worker, reason: str) -> p.Payload:
-    report = {
-        "attempts": task.losses,
-        "worker": p.short_id(worker.identity),
-        "host": worker.hello.host,
-        "pid": worker.hello.pid,
-        "exitcode": worker.exit.get("exitcode"),
-        "signal": worker.exit.get("signal"),
-        "reason": reason,
-    }
-    return p.Payload(json.dumps(report).encode())
-
-
-def _incompatible(
-    client: Client, kinds: dict[WorkerClass, collections.Counter[str]], native: bool = False
-) -> str:
-    """Why no worker can run a task, naming both sides: "client CPython 3.12 linux-x86_64
-    on host a; workers: CPython 3.11 linux-x86_64 on host h3"."""
-    me = f"client {_python_name(client.python)} {_platform_name(client.platform)}"
-    me += f" on host {client.hello.host}"
-    sides: dict[str, collections.Counter[str]] = {}
-    for kind, hosts in kinds.items():
-        sides.setdefault(
-            f"{_python_name(kind.python)} {_platform_name(kind.platform)}", collections.Counter()
-        ).update(hosts)
-    workers = "; ".join(
-        f"{side} on "
-        + ", ".join(f"host {h}" for h in sorted(hosts)[:3])
-        + (f" and {len(hosts) - 3} more hosts" if len(hosts) > 3 else "")
-        for side, hosts in sorted(sides.items())
-    )
-    if native:
-        return (
-            f"no connected worker can run this task: it needs compiled packages of the "
-            f"client's ({me}), and the workers that serve it are of another platform or ABI "
-            f"(workers: {workers}); start workers on the client's platform, or install those "
-            "packages on the workers and leave them out with fade.Executor(ship_packages=...)"
-        )
-    if client.python not in {kind.python for kind in kinds}:
-        return (
-            f"no connected worker can run this task: {me}; workers: {workers}. Start "
-            f"workers with {_python_name(client.python)}, or run the client with the "
-            "workers' Python"
-        )
-    who = f"key {client.key_name!r}" if client.key_name else "clients without keys"
-    return (
-        f"no connected worker serves this client ({who}): the workers of its Python "
-        "were started with --serve-clients for other keys"
-    )
-
-
-def _python_name(python: str) -> str:
-    """ "cpython 3.12" -> "CPython 3.12" (as people write it)."""
-    implementation, _, version = python.partition(" ")
-    names = {"cpython": "CPython", "pypy": "PyPy", "graalpy": "GraalPy"}
-    return f"{names.get(implementation, implementation)} {version}"
-
-
-def _platform_name(platform: tuple[str, str]) -> str:
-    name, abi = platform
-    return f"{name or 'unknown platform'} (ABI {abi or 'unknown'})"
-
-
-def _unsatisfiable(spec: bytes) -> str:
-    return (
-        f"no connected worker has the resources these tasks ask for ({spec.decode()}): "
-        "they wait until one that has them joins (fade-worker --resources)"
-    )
-
-
-def _over_quota(sched: Scheduler, client: Client) -> str:
-    return (
-        f"this client holds {len(client.tasks)} tasks ({client.held_bytes} bytes) at the "
-        f"broker, over its limit of {sched.max_client_tasks} tasks and "
-        f"{sched.max_client_bytes} bytes (fade-broker --max-client-tasks, "
-        "--max-client-bytes): wait for results before submitting more"
-    )
-
-
-def _result_too_large(payload: p.Payload, limit: int) -> str:
-    return (
-        f"the task's result has a {p.largest_part(payload)}-byte frame; this client accepts "
-        f"at most {limit} (max_message_size of the Executor): raise it"
-    )
-
-
-def _too_large(largest: int, limit: int) -> str:
-    return (
-        f"the task has a {largest}-byte frame; the workers accept at most {limit} "
-        "(their --max-message-size): raise it on the workers"
-    )

@@ -29,52 +29,60 @@ carries large buffers apart:
   buffers of at least its threshold): the header lists them as segments (position,
   16-byte segment name, size); the worker maps them from its client's folder.
 
-Inline layout: ``u8 code version size (| 0x80: a setup follows, | 0x40: segments
-follow), u8 environment size, u32 function size, u16 refs``; ``u32 setup size`` and
-``u16 segments`` when the flags say so; the refs (``u16 position, 32-byte content id,
-u64 size`` each); the segments (``u16 position, 16-byte name, u64 size`` each); then
-the code version, the environment, the setup, the function and the arguments.
+The byte layout of both payloads, and the tables in it, is fade/payload.py's.
 
 :func:`dumps_tracked_call` also notes which modules the pickles refer to (for the
 environment): a function pickled by reference names its module (cached with its
 bytes); plain data names numpy if it holds an array; anything else is pickled by
 a pickler that notes the module of every object, class and function it meets and
-the names the code it pickles by value uses (``import x`` in a function body).
+the names the code it pickles by value uses (``import x`` in a function body):
+fade/pickling.py.
 
-A result payload is the pickled value inline, and its large buffers apart; when some
-of them travel through shared memory, the inline starts with ``b"S"``, ``u16
-segments`` and their table (a pickle never starts with ``S``). An exception payload
-is ``(exception, traceback text, RemoteTrace)`` (see
-fade/tracebacks.py): the client shows the traceback with its own file names.
+A result payload is the pickled value inline, and its large buffers apart (those in
+shared memory listed in a table before the pickle). An exception payload is
+``(exception, traceback text, RemoteTrace)`` (see fade/tracebacks.py): the client
+shows the traceback with its own file names.
 
-Code pickled by value (a function of ``__main__``, a lambda, a closure) keeps its
-real file name: cloudpickle writes ``"<dynamic-code>"`` instead (to make equal
-functions from different files pickle alike), which leaves a remote traceback
-nothing to point at.
+The readers of a task payload's tables (:func:`data_refs`, :func:`code_version`,
+:func:`executor_setup`, ...) live in fade/payload.py and are re-exported here, where
+the worker, the environments and many tests have always found them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import pickle
-import struct
-import sys
-import types
-from collections import ChainMap, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from fade import tracebacks
 from fade.data import DataRef, DataShelf
 from fade.errors import CodeShippingError, ResultDecodeError, SerializationError, TaskDecodeError
+from fade.payload import (
+    RESULT_SEGMENTS,
+    ExecutorSetup,
+    Resolver,
+    code_version,
+    data_refs,
+    environment_of,
+    executor_setup,
+    insert_data,
+    pack_call,
+    pack_result,
+    pack_setup,
+    result_pickle,
+    result_segments,
+    segment_refs,
+    split_call,
+    with_data_inline,
+)
+from fade.pickling import ARRAYS, SCALARS, cloudpickle_dumps, is_plain, pickles_by_reference
 from fade.protocol import Payload
 from fade.shipping import client_file
-from fade.shm import SEGMENT_SIZE, ClientSegments, SegmentRef, pack_table, unpack_table
+from fade.shm import ClientSegments, SegmentRef
 
 __all__ = [
     "OUT_OF_BAND_MIN",
@@ -107,20 +115,6 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 Frame = Any  # bytes, memoryview or zmq.Frame: anything exposing the buffer protocol
 
-#: code version size (| _HAS_SETUP), environment size, function pickle size, refs
-_CALL = struct.Struct("<BBIH")
-#: In the code version size byte (which is 0 or 16): an executor setup follows the header;
-#: a segment table follows the refs.
-_HAS_SETUP = 0x80
-_HAS_SEGMENTS = 0x40
-_SIZE_BITS = 0x3F
-_SETUP_SIZE = struct.Struct("<I")
-_COUNT = struct.Struct("<H")
-#: A result whose buffers are partly in shared memory starts with this, then its table.
-_RESULT_SEGMENTS = b"S"
-_SETUP = struct.Struct("<16sI")  # executor id, max_tasks_per_child (0: no limit)
-_REF = struct.Struct("<H32sQ")  # position among the buffers, content id, size
-
 #: Functions that pickle by reference (module-level: they live as long as their module),
 #: with their pickle. A plain dict: a WeakKeyDictionary's get() makes a weak reference
 #: each time, a third of a small task's pickling. Bounded, for code that makes many.
@@ -131,126 +125,6 @@ _BY_REFERENCE_MAX = 4096
 #: common cases, so that most submits build no set at all.
 NO_MODULES: frozenset[str] = frozenset()
 NUMPY: frozenset[str] = frozenset({"numpy"})
-
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
-_NOT_PLAIN, _SCALARS, _ARRAYS = 0, 1, 2
-
-
-def _is_plain(obj: Any, depth: int = 0) -> int:
-    """Non-zero for data the C pickler handles exactly as cloudpickle would (no code
-    inside): scalars, strings, numpy arrays of numbers, and small tuples, lists and
-    str-keyed dicts of those; _ARRAYS when it holds a numpy array. Cheap enough to try on
-    every call (no generators, scalars checked in line); anything else goes to cloudpickle."""
-    kind = type(obj)
-    if kind in _PLAIN:
-        return _SCALARS
-    if depth > 2:
-        return _NOT_PLAIN
-    if kind is tuple or kind is list:
-        items = obj
-    elif kind is dict:
-        for key in obj:
-            if type(key) is not str:
-                return _NOT_PLAIN
-        items = obj.values()
-    elif kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not obj.dtype.hasobject:
-        return _ARRAYS
-    else:
-        return _NOT_PLAIN
-    if len(obj) > 16:
-        return _NOT_PLAIN
-    found = _SCALARS
-    for item in items:
-        if type(item) in _PLAIN:
-            continue
-        plain = _is_plain(item, depth + 1)
-        if not plain:
-            return _NOT_PLAIN
-        if plain > found:
-            found = plain
-    return found
-
-
-def _reduce_code(code: types.CodeType) -> Any:
-    """cloudpickle's reduction of a code object, with its file name left as it is."""
-    rebuild, args = _cloudpickle_impl._code_reduce(code)
-    if "<dynamic-code>" in args:
-        at = args.index("<dynamic-code>")  # co_filename: the first string argument
-        args = (*args[:at], code.co_filename, *args[at + 1 :])
-    return rebuild, args
-
-
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle's pickler, but code pickled by value keeps its file name."""
-
-    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
-
-
-#: cloudpickle's own reducer_override handles classes and functions only (with these
-#: two helpers) and leaves everything else to the pickler: _NotingPickler then does the
-#: same itself, saving a Python call per object. Checked, not assumed: another
-#: cloudpickle gets its reducer_override called as it is.
-_CLOUDPICKLE_DISPATCH = {"_class_reduce", "_function_reduce"} <= set(
-    cloudpickle.Pickler.reducer_override.__code__.co_names
-)
-
-
-class _NotingPickler(_Pickler):
-    """Also notes the module of every object, class and function it pickles, and the
-    names used by the code it pickles by value (``import x`` in a function body is one of
-    them); fade/packages.py keeps those of installed packages. Set ``modules`` and
-    ``kinds`` (empty sets) before pickling; :meth:`noted` says what was seen."""
-
-    modules: set[str]
-    kinds: set[type]  # of the other objects: their modules, looked up once each
-
-    def reducer_override(self, obj: Any) -> Any:
-        kind = type(obj)
-        if kind is types.FunctionType:
-            module = obj.__module__
-            if isinstance(module, str):
-                self.modules.add(module)
-            if _CLOUDPICKLE_DISPATCH:
-                return self._function_reduce(obj)
-        elif isinstance(obj, type):
-            module = obj.__module__
-            if isinstance(module, str):
-                self.modules.add(module)
-            if _CLOUDPICKLE_DISPATCH:
-                return _cloudpickle_impl._class_reduce(obj)
-        elif kind is types.CodeType:
-            self.modules.update(obj.co_names)
-        elif kind is types.ModuleType:
-            self.modules.add(obj.__name__)
-        else:
-            self.kinds.add(kind)
-        if _CLOUDPICKLE_DISPATCH:
-            return NotImplemented
-        return _Pickler.reducer_override(self, obj)
-
-    def noted(self) -> set[str]:
-        """Every module noted (once the pickle is done)."""
-        for kind in self.kinds:
-            module = getattr(kind, "__module__", None)
-            if isinstance(module, str):
-                self.modules.add(module)
-        return self.modules
-
-
-def _cloudpickle(
-    obj: Any,
-    buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None,
-    modules: set[str] | None = None,
-) -> bytes:
-    out = io.BytesIO()
-    if modules is None:
-        _Pickler(out, protocol=5, buffer_callback=buffer_callback).dump(obj)
-    else:
-        pickler = _NotingPickler(out, protocol=5, buffer_callback=buffer_callback)
-        pickler.modules, pickler.kinds = modules, set()
-        pickler.dump(obj)
-        pickler.noted()
-    return out.getvalue()
 
 
 def _dumps(
@@ -265,13 +139,13 @@ def _dumps(
     and with ``segments``, those it writes into shared memory as a SegmentRef.
     With ``modules``, the modules the pickle refers to are added to it."""
     keep_large = _keeper(buffers, shelf, segments)
-    plain = _is_plain(obj)
+    plain = is_plain(obj)
     if plain:
-        if plain == _ARRAYS and modules is not None:
+        if plain == ARRAYS and modules is not None:
             modules.add("numpy")
         # About ten times cheaper than building a CloudPickler for each call.
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
-    return _cloudpickle(obj, keep_large, modules)
+    return cloudpickle_dumps(obj, keep_large, modules)
 
 
 #: Given a large buffer, the name of the segment it now travels in, or None.
@@ -306,20 +180,6 @@ def _keeper(
     return keep_large
 
 
-def _pickles_by_reference(fn: Any) -> bool:
-    """True when cloudpickle would store ``fn`` as module + name (so its bytes never change)."""
-    module_name = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not module_name or not qualname or module_name == "__main__" or "<" in qualname:
-        return False
-    if module_name in cloudpickle.list_registry_pickle_by_value():
-        return False
-    obj: Any = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj is fn
-
-
 def dumps_function(fn: Callable[..., Any]) -> bytes:
     """The function's pickle; cached when it pickles by reference (the bytes cannot go stale)."""
     return _function_pickle(fn, False)[0]
@@ -335,10 +195,10 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
         return cached
     modules: set[str] | None = set() if noting else None
     try:
-        data = _cloudpickle(fn, None, modules)
+        data = cloudpickle_dumps(fn, None, modules)
     except Exception as exc:
         raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
-    if _pickles_by_reference(fn):
+    if pickles_by_reference(fn):
         # The bytes name the module; nothing else is pickled, nothing else is noted.
         found = (data, frozenset({fn.__module__}))
         if len(_by_reference) >= _BY_REFERENCE_MAX:
@@ -378,13 +238,13 @@ def dumps_task(
     tracking = noting and environment is not None
     fn_bytes, fn_modules = _function_pickle(fn, tracking)
     call = (args, kwargs)
-    if _is_plain(call) == _SCALARS:
+    if is_plain(call) == SCALARS:
         # The usual case: no buffer can be out of band, no module to note, nothing by
         # content or in shared memory; the C pickler alone, about a third of the
         # general path's cost.
         arg_bytes = pickle.dumps(call, protocol=5)
         env, flags = environment(fn_modules, NO_MODULES) if environment is not None else (b"", 0)
-        return Payload(_inline(code, env, setup, fn_bytes, arg_bytes)), flags, (), ()
+        return Payload(pack_call(code, env, setup, fn_bytes, arg_bytes)), flags, (), ()
     parts: list[Any] = []  # frames, DataRefs (by content), SegmentRefs (shared memory)
     modules: set[str] | None = set() if tracking else None
     # Without a usable shared memory (no /dev/shm), by content as ever.
@@ -398,18 +258,28 @@ def dumps_task(
     env, flags = b"", 0
     if environment is not None:
         env, flags = environment(fn_modules, _frozen(modules))
+    payload, pinned, names = _with_tables((code, env, setup, fn_bytes, arg_bytes), parts)
+    return payload, flags, pinned, names
+
+
+def _with_tables(
+    sections: tuple[bytes, bytes, bytes, bytes, bytes], parts: list[Any]
+) -> tuple[Payload, Sequence[bytes], Sequence[bytes]]:
+    """The payload of a call's ``sections`` (code version, environment, setup, function,
+    arguments) whose pickle left ``parts`` aside: frames, and the refs and segments its
+    tables list; and the content ids and segment names those pinned."""
     if not parts or all(
         type(part) is not DataRef and type(part) is not SegmentRef for part in parts
     ):
         # the usual case: every buffer in a frame
-        return Payload(_inline(code, env, setup, fn_bytes, arg_bytes), tuple(parts)), flags, (), ()
+        return Payload(pack_call(*sections), tuple(parts)), (), ()
     refs = [part for part in parts if type(part) is DataRef]
     segs = [part for part in parts if type(part) is SegmentRef]
     frames = tuple(
         part for part in parts if type(part) is not DataRef and type(part) is not SegmentRef
     )
-    inline = _inline(code, env, setup, fn_bytes, arg_bytes, refs, segs)
-    return Payload(inline, frames), flags, [ref.cid for ref in refs], [seg.name for seg in segs]
+    inline = pack_call(*sections, refs, segs)
+    return Payload(inline, frames), [ref.cid for ref in refs], [seg.name for seg in segs]
 
 
 def _release(parts: list[Any], shelf: DataShelf | None, segments: ClientSegments | None) -> None:
@@ -480,120 +350,6 @@ def dumps_parts(value: Any) -> tuple[bytes, list[Any]]:
         raise SerializationError(f"cannot pickle {type(value).__qualname__}: {exc}") from exc
 
 
-def _inline(
-    code: bytes,
-    env: bytes,
-    setup: bytes,
-    fn_bytes: bytes,
-    arg_bytes: bytes,
-    refs: Sequence[DataRef] = (),
-    segs: Sequence[SegmentRef] = (),
-) -> bytes:
-    """A task payload's inline bytes: header, [setup size], [segments], refs, segments,
-    code version, environment, setup, function, arguments (see the module's docstring)."""
-    table = b"".join([_REF.pack(r.position, r.cid, r.size) for r in refs]) if refs else b""
-    if setup or segs:
-        flags = (_HAS_SETUP if setup else 0) | (_HAS_SEGMENTS if segs else 0)
-        head = _CALL.pack(len(code) | flags, len(env), len(fn_bytes), len(refs))
-        if setup:
-            head += _SETUP_SIZE.pack(len(setup))
-        if segs:
-            head += _COUNT.pack(len(segs))
-            table += pack_table(segs)
-        return b"".join((head, table, code, env, setup, fn_bytes, arg_bytes))
-    head = _CALL.pack(len(code), len(env), len(fn_bytes), len(refs))
-    return b"".join((head, table, code, env, fn_bytes, arg_bytes))
-
-
-def _header(inline: bytes) -> tuple[int, int, int, int, int, int, int]:
-    """(code version size, environment size, function size, refs, segments, setup size,
-    where the tables start) of a task payload's inline bytes."""
-    if len(inline) < _CALL.size:
-        raise SerializationError("a task payload is too short")
-    code_size, env_size, fn_size, nrefs = _CALL.unpack_from(inline)
-    at = _CALL.size
-    setup_size = nsegs = 0
-    if code_size & _HAS_SETUP:
-        if len(inline) < at + _SETUP_SIZE.size:
-            raise SerializationError("a task payload is too short")
-        (setup_size,) = _SETUP_SIZE.unpack_from(inline, at)
-        at += _SETUP_SIZE.size
-    if code_size & _HAS_SEGMENTS:
-        if len(inline) < at + _COUNT.size:
-            raise SerializationError("a task payload is too short")
-        (nsegs,) = _COUNT.unpack_from(inline, at)
-        at += _COUNT.size
-    return code_size & _SIZE_BITS, env_size, fn_size, nrefs, nsegs, setup_size, at
-
-
-def _split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
-    """(code version, environment, executor setup, function pickle, arguments pickle,
-    number of refs and segments)."""
-    code_size, env_size, fn_size, nrefs, nsegs, setup_size, start = _header(inline)
-    start += nrefs * _REF.size + nsegs * SEGMENT_SIZE
-    env = start + code_size
-    setup = env + env_size
-    fn = setup + setup_size
-    args = fn + fn_size
-    if args > len(inline):
-        raise SerializationError("a task payload is shorter than its header says")
-    parts = inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
-    return (*parts, nrefs + nsegs)
-
-
-def _tables(payload: Payload) -> tuple[list[DataRef], list[SegmentRef]]:
-    """The buffers a task payload names by content, and those in shared memory (both
-    empty for most tasks)."""
-    inline = payload.inline
-    _, _, _, nrefs, nsegs, _, start = _header(inline)
-    if not nrefs and not nsegs:
-        return [], []
-    end = start + nrefs * _REF.size
-    if len(inline) < end + nsegs * SEGMENT_SIZE:
-        raise SerializationError("a task payload's data refs run past it")
-    refs = [DataRef(*fields) for fields in _REF.iter_unpack(inline[start:end])]
-    segs = unpack_table(inline, nsegs, end) if nsegs else []
-    total = len(payload.buffers) + nrefs + nsegs
-    positions = [ref.position for ref in refs] + [seg.position for seg in segs]
-    if len(set(positions)) != len(positions) or any(pos >= total for pos in positions):
-        raise SerializationError("a task payload's data refs name impossible positions")
-    return refs, segs
-
-
-def data_refs(payload: Payload) -> list[DataRef]:
-    """The buffers a task payload names by content (empty for most tasks)."""
-    return _tables(payload)[0]
-
-
-def segment_refs(payload: Payload) -> list[SegmentRef]:
-    """The buffers a task payload has in shared memory (empty for most tasks)."""
-    return _tables(payload)[1]
-
-
-#: Given a task's refs (or segments), their buffers in order.
-Resolver = Callable[[list[Any]], Sequence[Any]]
-
-
-def with_data_inline(
-    payload: Payload, resolve: Resolver, resolve_segments: Resolver | None = None
-) -> Payload:
-    """``payload`` with the buffers it names by content or has in shared memory resolved
-    and carried as plain frames: for a process that has no data cache of its own."""
-    refs, segs = _tables(payload)
-    if not refs and not segs:
-        return payload
-    buffers = list(payload.buffers)
-    _insert_data(payload, buffers, resolve, resolve_segments)
-    inline = payload.inline
-    code_size, env_size, fn_size, nrefs = _CALL.unpack_from(inline)
-    *_, start = _header(inline)
-    head = _CALL.pack(code_size & ~_HAS_SEGMENTS, env_size, fn_size, 0)
-    if code_size & _HAS_SETUP:
-        head += inline[_CALL.size : _CALL.size + _SETUP_SIZE.size]
-    rest = inline[start + nrefs * _REF.size + len(segs) * SEGMENT_SIZE :]
-    return Payload(head + rest, tuple(buffers))
-
-
 class FunctionCache:
     """Worker-side cache from (code version, function pickle) to the function (LRU).
 
@@ -638,7 +394,7 @@ def loads_call(
     Raises TaskDecodeError (its cause says why), ModuleNotFoundError when the task needs
     a module this worker lacks, CodeShippingError when its shipped code cannot be used
     here (that says why already), or what ``resolve`` raises."""
-    code, _, _, fn_bytes, arg_bytes, nrefs = _split_call(payload.inline)
+    code, _, _, fn_bytes, arg_bytes, nrefs = split_call(payload.inline)
     try:
         fn = functions.load(code, fn_bytes)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
@@ -649,7 +405,7 @@ def loads_call(
         ) from exc
     buffers = [_as_buffer(f) for f in payload.buffers]
     if nrefs:
-        _insert_data(payload, buffers, resolve, resolve_segments)
+        insert_data(payload, buffers, resolve, resolve_segments)
     try:
         args, kwargs = pickle.loads(arg_bytes, buffers=buffers)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
@@ -662,53 +418,7 @@ def loads_call(
     return fn, args, kwargs
 
 
-def _insert_data(
-    payload: Payload,
-    buffers: list[Any],
-    resolve: Resolver | None,
-    resolve_segments: Resolver | None = None,
-) -> None:
-    """Put the buffers the payload names by content or has in shared memory in their
-    places among ``buffers``."""
-    refs, segs = _tables(payload)
-    placed: list[tuple[int, Any]] = []
-    tables: list[tuple[list[Any], Resolver | None, str]] = [
-        (refs, resolve, "data by content"),
-        (segs, resolve_segments, "shared memory"),
-    ]
-    for table, resolver, what in tables:
-        if not table:
-            continue
-        if resolver is None:
-            raise SerializationError(f"a task has {what} and nothing resolves it")
-        data = resolver(table)
-        if len(data) != len(table):
-            raise SerializationError(f"a task's {what} was not resolved")
-        placed += [(ref.position, view) for ref, view in zip(table, data)]
-    for position, view in sorted(placed, key=lambda pair: pair[0]):
-        buffers.insert(position, view)
-
-
-def code_version(payload: Payload) -> bytes:
-    """The code version a task payload names (b"" for none)."""
-    return _split_call(payload.inline)[0]
-
-
-def environment_of(payload: Payload) -> bytes:
-    """The package environment a task payload names (b"" for none)."""
-    return _split_call(payload.inline)[1]
-
-
 # -- the executor setup: initializer, initargs, max_tasks_per_child ------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ExecutorSetup:
-    """What a task payload says about its executor's set-up (see fade/initializer.py)."""
-
-    executor_id: bytes
-    max_tasks: int  # tasks of this executor a worker process runs before it retires; 0: no limit
-    initializer: bytes  # pickled (initializer, initargs); b"" for none
 
 
 def dumps_setup(
@@ -726,18 +436,7 @@ def dumps_setup(
             raise SerializationError(
                 f"cannot pickle the initializer {_fn_name(initializer)} or its initargs: {exc}"
             ) from exc
-    return _SETUP.pack(executor_id, max_tasks) + pickled
-
-
-def executor_setup(payload: Payload) -> ExecutorSetup | None:
-    """The setup a task payload carries; None for a task of an executor without one."""
-    if not payload.inline or not payload.inline[0] & _HAS_SETUP:
-        return None
-    setup = _split_call(payload.inline)[2]
-    if len(setup) < _SETUP.size:
-        raise SerializationError("a task's executor setup is too short")
-    executor_id, max_tasks = _SETUP.unpack_from(setup)
-    return ExecutorSetup(executor_id, max_tasks, setup[_SETUP.size :])
+    return pack_setup(executor_id, max_tasks, pickled)
 
 
 def loads_initializer(data: bytes) -> tuple[Callable[..., object], tuple[Any, ...]]:
@@ -760,20 +459,8 @@ def dumps_value(value: Any, segments: Segmenter | None = None) -> Payload:
     if segments is None or all(type(b) is not SegmentRef for b in buffers):
         return Payload(data, tuple(buffers))
     segs = [b for b in buffers if type(b) is SegmentRef]
-    head = _RESULT_SEGMENTS + _COUNT.pack(len(segs)) + pack_table(segs)
-    return Payload(head + data, tuple(b for b in buffers if type(b) is not SegmentRef))
-
-
-def result_segments(payload: Payload) -> list[SegmentRef]:
-    """The buffers a result has in shared memory (empty for most); [] if malformed."""
-    inline = payload.inline
-    if inline[:1] != _RESULT_SEGMENTS or len(inline) < 1 + _COUNT.size:
-        return []
-    (count,) = _COUNT.unpack_from(inline, 1)
-    try:
-        return unpack_table(inline, count, 1 + _COUNT.size)
-    except ValueError:
-        return []
+    inline = pack_result(data, segs)
+    return Payload(inline, tuple(b for b in buffers if type(b) is not SegmentRef))
 
 
 def loads_value(payload: Payload, take: Callable[[SegmentRef], Any] | None = None) -> Any:
@@ -783,11 +470,11 @@ def loads_value(payload: Payload, take: Callable[[SegmentRef], Any] | None = Non
     data: bytes | memoryview = payload.inline
     buffers = [_as_buffer(f) for f in payload.buffers]
     try:
-        if data[:1] == _RESULT_SEGMENTS:
+        if data[:1] == RESULT_SEGMENTS:
             segs = result_segments(payload)
             if not segs or take is None:
                 raise ResultDecodeError("the result's shared memory could not be read here")
-            data = memoryview(data)[1 + _COUNT.size + len(segs) * SEGMENT_SIZE :]
+            data = result_pickle(data, segs)
             for seg in sorted(segs, key=lambda s: s.position):
                 if seg.position > len(buffers):
                     raise ResultDecodeError("a result names an impossible buffer position")
@@ -810,13 +497,13 @@ def dumps_exception(exc: BaseException) -> Payload:
     trace = tracebacks.capture(exc)
     text = trace.render()[0]
     try:
-        return Payload(_cloudpickle((exc, text, trace)))
+        return Payload(cloudpickle_dumps((exc, text, trace)))
     except Exception as why:
         stand_in = ResultDecodeError(
             f"the task raised {type(exc).__qualname__}: {exc}, "
             f"which cannot be pickled ({type(why).__name__}: {why})"
         )
-        return Payload(_cloudpickle((stand_in, text, trace)))
+        return Payload(cloudpickle_dumps((stand_in, text, trace)))
 
 
 def loads_exception(payload: Payload) -> BaseException:

@@ -29,13 +29,13 @@ a slot is reused only if an exclusive lock can be had: never while a worker, a t
 that kept its argument, or the caller's result array maps it. And a slot gets a new
 name each time it is reused: a late worker (one given up for lost, still alive) that
 opens the old name finds nothing, and one that opened it before takes its lock after
-the new writer let go, sees the name gone, and stops.
+the new writer let go, sees the name gone, and stops. The files themselves, written
+and mapped under those locks, are fade/shmfiles.py's.
 
 **Same host** is decided by what a different mount of the folder changes: the worker
 compares the boot id, and the ``st_dev`` and ``st_ino`` the client saw for its folder
 with what it sees at that path. Containers or network namespaces that share the
 kernel but not ``/dev/shm`` see another device (or nothing) there, and fall back.
-
 **Nothing left behind.** Each folder is locked (``flock``) by its owner for as long as
 it lives: the lock is released by the kernel however the owner ends, SIGKILL
 included, and in every pid namespace alike. :func:`sweep` removes the folders whose lock
@@ -47,8 +47,6 @@ removes its own folder when it shuts down.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import mmap
@@ -65,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fade.errors import ResultDecodeError
+from fade.shmfiles import lock, map_file, write_all
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -74,9 +73,7 @@ __all__ = [
     "Folder",
     "SegmentRef",
     "boot_id",
-    "map_file",
     "sweep",
-    "write_slot",
 ]
 
 log = logging.getLogger("fade.shm")
@@ -94,8 +91,6 @@ SWEEP_INTERVAL = 1.0
 #: A folder still being set up (before its lock is taken) is left alone this long.
 NEW_AGE = 60.0
 NAME_SIZE = 16
-#: Bytes written per system call.
-WRITE_CHUNK = 8 * 2**20
 
 #: Free slots kept for reuse: at most this many bytes, each for at most IDLE seconds.
 FREE_BYTES = 512 * 2**20
@@ -139,64 +134,7 @@ def boot_id() -> str:
     return _boot
 
 
-# -- files -------------------------------------------------------------------------------
-
-
-def _write(fd: int, buffer: Any) -> None:
-    view = memoryview(buffer).cast("B")
-    offset = 0
-    while offset < view.nbytes:
-        offset += os.pwrite(fd, view[offset : offset + WRITE_CHUNK], offset)
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """Whether ``path`` still names the file open at ``fd`` (slots are renamed when reused:
-    a late opener of an old name must not use the new content)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except OSError:
-        return False
-
-
-def write_slot(path: str, buffer: Any) -> None:
-    """Write ``buffer`` at the start of the slot at ``path`` (which must be at least that
-    large), holding its lock: no one maps a slot while it is written. Raises OSError (a
-    full tmpfs says ENOSPC here, never SIGBUS later)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        if not _lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB) or not _same_file(fd, path):
-            raise OSError(errno.EBUSY, f"{path} is in use or was given to another")
-        if os.fstat(fd).st_size < memoryview(buffer).nbytes:
-            raise OSError(errno.EINVAL, f"{path} is too small")
-        _write(fd, buffer)
-    finally:
-        os.close(fd)
-
-
-def map_file(path: str, size: int) -> memoryview:
-    """The first ``size`` bytes of a slot as a writable, copy-on-write mapping
-    (MAP_PRIVATE): reading costs no copy, and what a task writes changes its own pages
-    only. The mapping holds a shared lock on the slot for as long as it lives (through the
-    descriptor mmap keeps), so the slot is not reused meanwhile. Raises OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if not _lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB) or not _same_file(fd, path):
-            raise OSError(errno.EBUSY, f"{path} is being written or was given to another")
-        if os.fstat(fd).st_size < size:
-            raise OSError(errno.EINVAL, f"{path} holds fewer than {size} bytes")
-        if size == 0:
-            return memoryview(bytearray())
-        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
-    finally:
-        os.close(fd)
-
-
-def _lock(fd: int, how: int = fcntl.LOCK_EX | fcntl.LOCK_NB) -> bool:
-    try:
-        fcntl.flock(fd, how)
-    except BlockingIOError:
-        return False
-    return True
+# -- folders (their slot files and locks: fade/shmfiles.py) ---------------------------------
 
 
 class Folder:
@@ -224,7 +162,7 @@ class Folder:
             # a folder for abandoned between its creation and its lock.
             new = tempfile.mkdtemp(prefix=_NEW_PREFIX, dir=base)
             fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            _lock(fd)
+            lock(fd)
             suffix = os.path.basename(new)[len(_NEW_PREFIX) :]
             path = os.path.join(base, f"{FOLDER_PREFIX}{os.getpid()}-{suffix}")
             os.rename(new, path)
@@ -271,7 +209,7 @@ def sweep(base: str | None = None) -> int:
                 continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                if _lock(fd):
+                if lock(fd):
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed += 1
             finally:
@@ -357,7 +295,7 @@ class ClientSegments:
             except OSError:
                 self._free.remove(slot)
                 continue
-            if not _lock(fd):
+            if not lock(fd):
                 os.close(fd)  # a worker, or one of our own results, still maps it
                 continue
             self._free.remove(slot)
@@ -376,7 +314,7 @@ class ClientSegments:
         slot = _Slot(os.urandom(NAME_SIZE), size)
         path = self._path(folder, slot.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        _lock(fd)
+        lock(fd)
         try:
             os.ftruncate(fd, size)
         except OSError:
@@ -416,7 +354,7 @@ class ClientSegments:
             log.info("a %d-byte argument travels as a frame: %s", raw.nbytes, exc)
             return None
         try:
-            _write(fd, raw)  # outside the lock; the slot's own lock is held
+            write_all(fd, raw)  # outside the lock; the slot's own lock is held
         except OSError as exc:
             log.info("a %d-byte argument travels as a frame: %s", raw.nbytes, exc)
             _unlink(self._path(folder, slot.name))

@@ -36,9 +36,8 @@ from fade.shm import (
     SLOT_PREFIX,
     SegmentRef,
     boot_id,
-    map_file,
-    write_slot,
 )
+from fade.shmfiles import map_file, write_slot
 
 __all__ = ["WorkerSegments"]
 

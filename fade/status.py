@@ -141,61 +141,66 @@ def format_status(state: dict[str, Any]) -> str:
     clients = state.get("clients", [])
     lines = [*_summary(state, workers, clients), ""]
     if workers:
-        # The LABEL column (what started a worker: a Slurm job, say) only where one has it.
-        labelled = any(w.get("label") for w in workers)
-        label = ["LABEL"] if labelled else []
-        lines += _table(
-            [
-                "WORKER",
-                "HOST",
-                "PID",
-                *label,
-                "STATE",
-                "RUNNING",
-                "DONE",
-                "LAST HEARD",
-                "FREE/RESOURCES",
-            ],
-            [
-                [
-                    peer_id(w),
-                    printable(w.get("host")),
-                    _cell(w.get("pid")),
-                    *([printable(w.get("label") or "-")] if labelled else []),
-                    printable(w.get("state")),
-                    _cell(w.get("running")),
-                    _cell(w.get("done")),
-                    f"{_number(w.get('last_heard')):.1f}s ago",
-                    _resources(w.get("free"), w.get("resources")),
-                ]
-                for w in workers
-            ],
-        )
+        lines += _worker_table(workers)
         lines += _environments(workers)
     else:
         lines.append("no workers")
     if clients:
-        lines += [
-            "",
-            *_table(
-                ["CLIENT", "HOST", "PID", "KEY", "WEIGHT", "QUEUED", "RUNNING", "SHARE", "WAITING"],
-                [
-                    [
-                        peer_id(c),
-                        printable(c.get("host")),
-                        _cell(c.get("pid")),
-                        printable(c.get("key") or "-"),
-                        _cell(c.get("weight")),
-                        _cell(c.get("queued")),
-                        _cell(c.get("running")),
-                        f"{_number(c.get('share')):.0%}",
-                        _cell(c.get("waiting_for_resources")),
-                    ]
-                    for c in clients
-                ],
-            ),
-        ]
+        lines += ["", *_client_table(clients)]
     return "\n".join(lines)
+
+
+def _worker_table(workers: list[dict[str, Any]]) -> list[str]:
+    # The LABEL column (what started a worker: a Slurm job, say) only where one has it.
+    labelled = any(w.get("label") for w in workers)
+    label = ["LABEL"] if labelled else []
+    return _table(
+        [
+            "WORKER",
+            "HOST",
+            "PID",
+            *label,
+            "STATE",
+            "RUNNING",
+            "DONE",
+            "LAST HEARD",
+            "FREE/RESOURCES",
+        ],
+        [
+            [
+                peer_id(w),
+                printable(w.get("host")),
+                _cell(w.get("pid")),
+                *([printable(w.get("label") or "-")] if labelled else []),
+                printable(w.get("state")),
+                _cell(w.get("running")),
+                _cell(w.get("done")),
+                f"{_number(w.get('last_heard')):.1f}s ago",
+                _resources(w.get("free"), w.get("resources")),
+            ]
+            for w in workers
+        ],
+    )
+
+
+def _client_table(clients: list[dict[str, Any]]) -> list[str]:
+    return _table(
+        ["CLIENT", "HOST", "PID", "KEY", "WEIGHT", "QUEUED", "RUNNING", "SHARE", "WAITING"],
+        [
+            [
+                peer_id(c),
+                printable(c.get("host")),
+                _cell(c.get("pid")),
+                printable(c.get("key") or "-"),
+                _cell(c.get("weight")),
+                _cell(c.get("queued")),
+                _cell(c.get("running")),
+                f"{_number(c.get('share')):.0%}",
+                _cell(c.get("waiting_for_resources")),
+            ]
+            for c in clients
+        ],
+    )
 
 
 def _environments(workers: list[dict[str, Any]]) -> list[str]:

@@ -115,15 +115,7 @@ class Worker:
         self.keys = keys
         self.identity = options.identity or security.peer_identity(b"W", keys)
         self.control = control  # the supervisor's end of our control pair
-        self._inbox: collections.deque[Job] = collections.deque()
-        self.jobs = threading.Condition()  # guards _inbox when the fast paths are off
-        self._outbox: collections.deque[tuple[p.DoneRecord, p.Payload]] = collections.deque()
-        self._lock = threading.Lock()  # guards _current, _outbox, _fetches, _keeper_busy
-        self._current: tuple[bytes, float, float] | None = None  # key, started, timeout
-        self._keeper_busy = False  # the keeper holds the socket for the running task
-        self.io_wanted = threading.Event()  # the running task waits for the socket holder
-        self.wake = WakePipe()
-        self._drain_requests = 0
+        self._init_queues()
         self._functions = ser.FunctionCache()
         self._avg_duration: float | None = None
         self.tasks_done = 0
@@ -132,21 +124,8 @@ class Worker:
         self._setups = Setups()  # initializer and max_tasks_per_child (fade/initializer.py)
         self.retired = False
         self._job: Job | None = None
-        self._resolve = self._resolve_data  # one bound method, not one per task
-        self._data = DataFetcher(
-            DataCache(options.data_cache_dir, options.data_cache),
-            functools.partial(self._fetch, what="data", error=SharedDataError),
-            self._frame_limit,
-        )
         self.fast = fastpath.enabled(options.fast_paths)
-        # Large buffers through shared memory with clients on this host (fade/shm.py).
-        self._segments = WorkerSegments(
-            functools.partial(self._fetch, what="shared memory", error=SharedDataError),
-            self._frame_limit,
-            enabled=self.fast,
-        )
-        self._resolve_segments = self._mapped_segments  # one bound method, not one per task
-        self._write_result = self._result_segment if self.fast else None
+        self._init_data(options)
         self._fetch_ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # guarded by _lock
         self._fetch_outbox: collections.deque[Fetch] = collections.deque()
@@ -162,6 +141,35 @@ class Worker:
         self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, by when
         self._interruptible = False
         self._handlers: dict[int, Any] = {}
+
+    def _init_queues(self) -> None:
+        """What the main thread and the socket holder share, and its locks."""
+        self._inbox: collections.deque[Job] = collections.deque()
+        self.jobs = threading.Condition()  # guards _inbox when the fast paths are off
+        self._outbox: collections.deque[tuple[p.DoneRecord, p.Payload]] = collections.deque()
+        self._lock = threading.Lock()  # guards _current, _outbox, _fetches, _keeper_busy
+        self._current: tuple[bytes, float, float] | None = None  # key, started, timeout
+        self._keeper_busy = False  # the keeper holds the socket for the running task
+        self.io_wanted = threading.Event()  # the running task waits for the socket holder
+        self.wake = WakePipe()
+        self._drain_requests = 0
+
+    def _init_data(self, options: WorkerOptions) -> None:
+        """Task data by content (fade/datacache.py) and through shared memory."""
+        self._resolve = self._resolve_data  # one bound method, not one per task
+        self._data = DataFetcher(
+            DataCache(options.data_cache_dir, options.data_cache),
+            functools.partial(self._fetch, what="data", error=SharedDataError),
+            self._frame_limit,
+        )
+        # Large buffers through shared memory with clients on this host (fade/shm.py).
+        self._segments = WorkerSegments(
+            functools.partial(self._fetch, what="shared memory", error=SharedDataError),
+            self._frame_limit,
+            enabled=self.fast,
+        )
+        self._resolve_segments = self._mapped_segments  # one bound method, not one per task
+        self._write_result = self._result_segment if self.fast else None
 
     # -- main thread: run tasks --------------------------------------------------------
 

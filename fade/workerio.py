@@ -12,7 +12,7 @@ keeper thread, and the process's SERVING -> DRAINING -> LEAVING lifecycle.
       keeper        holds the baton for good and serves the socket
       main thread   waits on ``jobs`` for a task, runs it, wakes the keeper
 
-Whoever holds the baton runs :meth:`WorkerIO._pass`: poll the socket, the wake-up
+Whoever holds the baton runs :meth:`WorkerIO.run_pass`: poll the socket, the wake-up
 pipe and the supervisor's control socket; read; send results (one DONE for
 everything finished, granting the credits now wanted) and code requests;
 heartbeat; check the running task's time limit; move the lifecycle along.
@@ -45,6 +45,7 @@ from fade import protocol as p
 from fade import serialization as ser
 from fade._version import __version__
 from fade.errors import BrokerUnreachableError, FadeError, ProtocolVersionError, TaskTimeoutError
+from fade.keeper import Keeper
 from fade.lifecycle import PROCESS_MOVES, ProcessState, move
 from fade.link import BrokerLink
 from fade.sockets import POLLIN, has_input, poll
@@ -65,12 +66,8 @@ PREFETCH_HORIZON = 0.002
 #: Seconds a task takes on average from which the worker holds none queued: that round
 #: trip is then a small part of a task, and a queued task might run sooner elsewhere.
 SLOW_TASK = 0.02
-#: Seconds a task runs before the keeper thread takes the socket to heartbeat for it.
-TAKEOVER = 0.01
 #: Between back-to-back tasks, results wait at most this long to share one DONE.
 RESULT_DELAY = 0.001
-#: Seconds without a task after which the keeper stops checking and sleeps until woken.
-KEEPER_NAP = 1.0
 #: Seconds between the checks no task waits for: the parent process.
 CHECK_INTERVAL = 0.1
 #: Exit status of a worker that ended itself after a task timed out, or did not stop.
@@ -142,9 +139,7 @@ class WorkerIO:
         self._said_serving = False
         self._last_pass = 0.0
         self._next_check = 0.0
-        self._last_start = 0.0
-        self._keeper_asleep = False
-        self._task_started = threading.Event()  # wakes a sleeping keeper
+        self.keeper = Keeper(self)  # the second thread that may hold the socket
         # A broker pair: results lately sent (when, record, payload, bytes), and whether
         # a broker welcomed us before (after the first WELCOME, every one re-sends them).
         self._retain = len(self.link.addresses) > 1
@@ -185,7 +180,7 @@ class WorkerIO:
                     or self.w._drain_requests
                     or time.monotonic() - self._last_pass >= RESULT_DELAY
                 ):
-                    self._pass(block=not inbox)
+                    self.run_pass(block=not inbox)
                 if inbox and not self.stopped:
                     return self._start(inbox.popleft())
         return None
@@ -205,16 +200,17 @@ class WorkerIO:
     def _start(self, job: Job) -> Job:
         with self.w._lock:
             self.w._current = (job.record.key, time.monotonic(), job.record.timeout)
-        self._last_start = self.w._current[1]
-        if self._keeper_asleep:
-            self._task_started.set()
+        keeper = self.keeper
+        keeper.last_start = self.w._current[1]
+        if keeper.asleep:
+            keeper.task_started.set()
         return job
 
     def stop(self) -> None:
         """End the loop and the keeper, and close the socket (main thread, no task running)."""
         if not self.stopped:
             move(self, ProcessState.LEAVING, PROCESS_MOVES)
-        self._task_started.set()
+        self.keeper.task_started.set()
         self.w.io_wanted.set()
         with self.w.jobs:
             self.w.jobs.notify_all()
@@ -224,70 +220,12 @@ class WorkerIO:
     # -- keeper thread ------------------------------------------------------------------------
 
     def keep(self) -> None:
-        """Fast paths on: hold the socket for every task that outlasts TAKEOVER or waits
-        for code. Off: hold it for good."""
-        try:
-            if not self.w.fast:
-                with self.baton:
-                    while not self.stopped:
-                        self._pass(block=True)
-                return
-            while not self.stopped:
-                task = self._wait_for_a_long_task()
-                if task is not None:
-                    self._hold_socket_during(task)
-        except Exception:
-            log.exception("worker keeper thread failed")
-            os._exit(1)  # a running task would go on without heartbeats: leave instead
-
-    def _wait_for_a_long_task(self) -> Current | None:
-        """The running task once it has run TAKEOVER (at once if it waits for code)."""
-        w = self.w
-        current = w._current
-        if current is None:
-            if time.monotonic() - self._last_start < KEEPER_NAP:
-                if w.io_wanted.wait(TAKEOVER) and w._current is None:
-                    # Only a running task sets the flag. Its task is over, so it was
-                    # served while this thread held the socket (a second code fetch,
-                    # say): left set, it would end every wait at once, and this thread
-                    # would spin, taking the GIL from the main thread.
-                    w.io_wanted.clear()
-                return None
-            # Idle for a while: sleep until the main thread starts a task. The flag is
-            # set before _current is read again, so a task started in between is seen.
-            self._keeper_asleep = True
-            if w._current is None:
-                self._task_started.wait()
-            self._keeper_asleep = False
-            self._task_started.clear()
-            return None
-        takeover = min(TAKEOVER, current[2]) if current[2] > 0 else TAKEOVER
-        wait = current[1] + takeover - time.monotonic()
-        if wait > 0 and w.io_wanted.wait(wait) is False:
-            return None
-        w.io_wanted.clear()
-        return current
-
-    def _hold_socket_during(self, task: Current) -> None:
-        w = self.w
-        with self.baton:
-            with w._lock:
-                if w._current is not task:
-                    return
-                w._keeper_busy = True
-            try:
-                while not self.stopped:
-                    self._pass(block=True)
-                    with w._lock:
-                        if w._current is not task:
-                            return
-            finally:
-                with w._lock:
-                    w._keeper_busy = False
+        """The keeper thread's body (fade/keeper.py)."""
+        self.keeper.run()
 
     # -- the loop, run by whichever thread holds the baton ---------------------------------------
 
-    def _pass(self, block: bool) -> None:
+    def run_pass(self, block: bool) -> None:
         """One turn of the loop; never blocks longer than a heartbeat interval."""
         sock = self.link.socket
         assert sock is not None

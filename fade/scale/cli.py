@@ -70,6 +70,11 @@ def _policy_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="drain no job that has run less (default %(default)s)",
     )
+    _job_timing_arguments(group, d)
+
+
+def _job_timing_arguments(group: argparse._ArgumentGroup, d: Settings) -> None:
+    """The policy's patience with jobs that do not join, its polling, and its trace."""
     group.add_argument(
         "--start-timeout",
         type=float,
