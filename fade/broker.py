@@ -9,8 +9,13 @@
 
 * The loop: poll the socket (and the ZAP socket, and a wake-up pipe), hand each
   message to ``_on_<command>``, which checks it and calls the scheduler; then
-  :meth:`Broker._flush` sends what the scheduler decided, and, when due, timed
-  work runs: expiry, heartbeats, key re-reads, the published snapshot.
+  the Outbox (fade/brokerout.py) sends what the scheduler decided, and, when due,
+  timed work runs (fade/brokerupkeep.py): expiry, heartbeats, key re-reads, the
+  published snapshot.
+* Around the loop, each in its own module: the sockets and their context
+  (fade/brokersockets.py), FETCH/CODE routing (fade/coderelay.py), what departing
+  peers log and tell the scheduler (fade/departures.py), the surface for a loop that
+  drives this broker itself (fade/brokerlocal.py), the pair (fade/brokerpair.py).
 * Payloads are forwarded as the frames they arrived in: never unpickled, never
   copied. Batches are cut to each receiver's frame limit (said in its HELLO).
 * Every message from a peer counts as a heartbeat; peers silent for
@@ -38,7 +43,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -48,9 +53,11 @@ from fade import protocol as p
 from fade._logutil import RateLimitedLog
 from fade._rate import Throughput
 from fade._version import __version__
-from fade.brokerout import LocalResults, Outbox
+from fade.brokerlocal import LocalDuties
+from fade.brokerout import Outbox
 from fade.brokerpair import PairDuties
 from fade.brokersockets import BrokerSockets
+from fade.brokerupkeep import MIN_UPKEEP_GAP, UpkeepDuties
 from fade.coderelay import CodeRelay
 from fade.departures import peer_name, worker_name
 from fade.errors import ProtocolError
@@ -71,19 +78,13 @@ __all__ = ["Broker", "main"]
 
 log = logging.getLogger("fade.broker")
 
-#: Seconds between two rounds of timed work (expiry, heartbeats), at least.
-MIN_UPKEEP_GAP = 0.001
 #: Seconds between the snapshots the HTTP endpoint serves.
 PUBLISH_INTERVAL = 1.0
 #: Seconds between the repeated warnings of a broker started with ``insecure``.
 INSECURE_WARNING_PERIOD = 60.0
-#: Results a worker sent for tasks whose clients have not re-sent them yet (a fresh broker)
-#: are kept for one to two of these (in seconds, at least two expiries): clients re-send
-#: everything at once after their WELCOME.
-ORPHAN_AGE = 5.0
 
 
-class Broker(PairDuties):
+class Broker(PairDuties, UpkeepDuties, LocalDuties):
     """A fade broker bound to ``address``. Call :meth:`run`; :meth:`stop` ends it."""
 
     def __init__(
@@ -143,17 +144,9 @@ class Broker(PairDuties):
         self._replies = security.ReplyLimiter(self.interval)
         self._stopping = False
         self._bad_input = RateLimitedLog(log)
-        self._next_upkeep = 0.0
         self.started = time.monotonic()
         self.throughput = Throughput(self.started)
-        #: Seconds between snapshots published for other threads (None: never).
-        self.publish_interval: float | None = None
-        #: The latest published snapshot. The loop replaces it whole and never
-        #: changes one it has published, so a reader thread needs no lock.
-        self.published: dict[str, Any] | None = None
-        self._next_publish = 0.0
-        self._orphan_age = max(ORPHAN_AGE, 2 * expiry)
-        self._next_ageing = self.started + self._orphan_age
+        self._init_upkeep(self.started)
         self._code = CodeRelay(self._out, self._orphan_age)
 
     def _init_roles(self, peer: str | None, backup: bool) -> None:
@@ -168,11 +161,6 @@ class Broker(PairDuties):
             role = Role.BACKUP if backup else Role.PRIMARY
             self.pair = Pair(role, self.interval, self.liveness, time.monotonic())
             self._handlers = self._STANDBY_HANDLERS
-
-    @property
-    def socket(self) -> zmq.Socket[bytes] | None:
-        """The ROUTER, once bound (for a loop that drives this broker itself)."""
-        return self._out.socket
 
     @property
     def tasks_done(self) -> int:
@@ -238,34 +226,6 @@ class Broker(PairDuties):
         finally:
             self.close()
 
-    def _upkeep(self, now: float) -> bool:
-        """Expire, heartbeat, publish and re-read keys; False if our parent is gone."""
-        self.throughput.record(now, self.tasks_done)
-        if self.pair is not None:
-            self._pair_upkeep(self.pair, now)
-        self._purge_silent_peers(now)
-        self._send_due_heartbeats(now)
-        self._publish(now)
-        if now >= self._next_ageing:
-            self._next_ageing = now + self._orphan_age
-            self.scheduler.age_orphans()
-        if self._code.parked:
-            self._code.unpark(self.scheduler, now)
-        self._drop_revoked(now)
-        self.gate.warn_if_insecure(now)
-        if self._parent_pid is not None and os.getppid() != self._parent_pid:
-            log.info("parent process %d is gone; stopping", self._parent_pid)
-            return False
-        return True
-
-    def _poll_timeout(self, now: float) -> float:
-        due = self._clocks.next_due(now)
-        if self.publish_interval is not None:
-            due = min(due, max(0.0, self._next_publish - now))
-        if self.pair is not None:
-            due = min(due, self._pair_due(self.pair, now))
-        return due
-
     def _drain_socket(self, sock: zmq.Socket[bytes]) -> None:
         """Handle the message the poll saw and, unless at most one task is in the pool,
         whatever else waits (up to a bound). Checking for more costs a system call per
@@ -298,64 +258,20 @@ class Broker(PairDuties):
             if handler is None:
                 raise ProtocolError(f"{message.command.name} is not for the broker")
             handler(self, identity, message.body)
-        except security.Refused as exc:
-            self._bad_input.warning("refused a message from %s: %s", p.short_id(identity), exc)
-            if exc.revoked:
-                self._on_disconnect(identity, [])
-            self._answer_error(identity, str(exc))
-        except p.VersionMismatch as exc:
-            self._bad_input.warning("dropped a message from %s: %s", p.short_id(identity), exc)
-            reply = min(exc.version, p.VERSION) if exc.version <= p.LAST_STRICT_VERSION else None
-            self._answer_error(identity, _version_text(exc.version), reply or p.VERSION)
-        except (ProtocolError, Refusal) as exc:
-            self._bad_input.warning("dropped a message from %s: %s", p.short_id(identity), exc)
-            if p.speaks_fade(frames[1]) and _header_byte(frames[1]) != p.Command.ERROR:
-                self._answer_error(identity, str(exc))
+        except (ProtocolError, Refusal) as exc:  # a Refused or a VersionMismatch, too
+            self._dropped(identity, frames[1], exc)
         finally:
             self._sender = None
 
-    # -- a client in this very process (the embedded pool: fade/locallink.py) --------------
-
-    def attach_local(
-        self,
-        identity: bytes,
-        deliver: Callable[[list[p.Frame]], None],
-        results: LocalResults,
-    ) -> None:
-        """Serve a client that lives in this process: what the broker sends it goes to
-        ``deliver`` (in the thread that drives the broker), results to ``results`` as
-        records, never through a socket; and it is never expired (it cannot be silent
-        without its process being gone)."""
-        self._out.attach_local(identity, deliver, results)
-
-    def local_submit(self, identity: bytes, tasks: list[tuple[p.SubmitRecord, p.Payload]]) -> None:
-        """A local client's tasks, as records: no SUBMIT to encode and decode."""
-        if identity not in self.scheduler.clients:
-            self._reset(identity)
-            return
-        self.scheduler.submit(identity, tasks)
-        self._flush()
-
-    def handle_local(self, identity: bytes, frames: list[p.Frame]) -> None:
-        """A message from a local client, as if it had come through the socket."""
-        message = p.parse(frames)
-        handler = self._HANDLERS.get(message.command)
-        if handler is None:
-            raise ProtocolError(f"{message.command.name} is not for the broker")
-        handler(self, identity, message.body)
-        self._flush()
-
-    def drain(self, sock: zmq.Socket[bytes]) -> None:
-        """Handle what waits on the socket (for a loop that drives this broker itself)."""
-        self._drain_socket(sock)
-
-    def upkeep(self, now: float) -> float:
-        """Timed work when it is due (for a loop that drives this broker itself); returns
-        the seconds until it is due next."""
-        if now >= self._next_upkeep:
-            self._upkeep(now)
-            self._next_upkeep = now + max(self._poll_timeout(now), MIN_UPKEEP_GAP)
-        return max(0.0, self._next_upkeep - now)
+    def _dropped(self, identity: bytes, head: zmq.Frame, exc: Exception) -> None:
+        """Log a dropped message (rate-limited); answer ERROR if its sender can read it."""
+        verb = "refused" if isinstance(exc, security.Refused) else "dropped"
+        self._bad_input.warning("%s a message from %s: %s", verb, p.short_id(identity), exc)
+        if isinstance(exc, security.Refused) and exc.revoked:
+            self._on_disconnect(identity, [])
+        answer = _error_reply(exc, head)
+        if answer is not None:
+            self._answer_error(identity, *answer)
 
     def _answer_error(self, identity: bytes, reason: str, version: int = p.VERSION) -> None:
         """Tell a peer why its message was dropped (rate-limited, and no heartbeat follows)."""
@@ -546,15 +462,6 @@ class Broker(PairDuties):
         if not self._known(identity):
             self._clocks.forget(identity)
 
-    def _purge_silent_peers(self, now: float) -> None:
-        """Expire every peer not heard from within the expiry; O(expired)."""
-        for identity, silent in list(self._clocks.expired(now)):
-            departures.expire(self.scheduler, identity, silent)
-        self._flush()
-
-    def _send_due_heartbeats(self, now: float) -> None:
-        self._out.heartbeats(self.scheduler, self._clocks.due(now))
-
     # -- output (fade/brokerout.py) -------------------------------------------------------
 
     def _flush(self) -> None:
@@ -563,17 +470,6 @@ class Broker(PairDuties):
 
     def _send(self, identity: bytes, frames: list[p.Frame]) -> None:
         self._out.send(identity, frames)
-
-    # -- keys and warnings ------------------------------------------------------------------
-
-    def _drop_revoked(self, now: float) -> None:
-        """Disconnect the peers whose keys were revoked since the last check."""
-        revoked = self.gate.revoked(now)
-        if not revoked:
-            return
-        for identity in departures.revoked(self.scheduler, revoked):
-            self._on_disconnect(identity, [])
-        self._flush()
 
     # -- introspection (tests, status) ----------------------------------------------------
 
@@ -584,12 +480,19 @@ class Broker(PairDuties):
     def last_heard(self, identity: bytes, default: float) -> float:
         return self._clocks.last_heard(identity, default)
 
-    def _publish(self, now: float) -> None:
-        """Every ``publish_interval``, replace :attr:`published` with a fresh snapshot."""
-        if self.publish_interval is None or now < self._next_publish:
-            return
-        self.published = self.snapshot()
-        self._next_publish = now + self.publish_interval
+
+def _error_reply(exc: Exception, head: zmq.Frame) -> tuple[str, int] | None:
+    """The ERROR that answers a message dropped for ``exc``, as (reason, version) in a
+    version its sender reads; None if it gets none (it does not speak fade, or is an
+    ERROR itself: two peers must not answer each other's errors forever)."""
+    if isinstance(exc, security.Refused):
+        return str(exc), p.VERSION
+    if isinstance(exc, p.VersionMismatch):
+        reply = min(exc.version, p.VERSION) if exc.version <= p.LAST_STRICT_VERSION else None
+        return _version_text(exc.version), reply or p.VERSION
+    if p.speaks_fade(head) and _header_byte(head) != p.Command.ERROR:
+        return str(exc), p.VERSION
+    return None
 
 
 def _header_byte(frame: zmq.Frame) -> int:
