@@ -49,6 +49,28 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=default_address(),
         help="ZeroMQ endpoint to bind (default %(default)s; FADE_ADDRESS sets it)",
     )
+    _add_pool_options(parser)
+    _add_http_options(parser)
+    _add_security_options(parser)
+    _add_pair_options(parser)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    # The embedded pool's private socket folder: removed when the broker ends.
+    parser.add_argument("--remove-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--insecure-warning-period",
+        type=float,
+        default=INSECURE_WARNING_PERIOD,
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--version", action="version", version=f"fade {__version__}")
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _add_pool_options(parser: argparse.ArgumentParser) -> None:
+    """Timing, re-runs, and each client's share and limits."""
     parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
     parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
     parser.add_argument(
@@ -80,6 +102,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="BYTES",
         help="bytes of task data one client may hold at the broker (default 2G)",
     )
+
+
+def _add_http_options(parser: argparse.ArgumentParser) -> None:
+    """The dashboard, /status and /metrics (fade/web.py)."""
     parser.add_argument(
         "--http",
         metavar="HOST:PORT",
@@ -109,6 +135,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "'Authorization: Bearer TOKEN' also see each worker and client (host, pid, short "
         "id); without it the HTTP endpoint shows aggregate numbers only",
     )
+
+
+def _add_security_options(parser: argparse.ArgumentParser) -> None:
+    """Who may connect, and how large a frame may be."""
     parser.add_argument(
         "--keys",
         metavar="DIR",
@@ -128,6 +158,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="largest frame accepted, e.g. 64M or 2G (default 1G); a peer sending more "
         "is disconnected",
     )
+
+
+def _add_pair_options(parser: argparse.ArgumentParser) -> None:
+    """One broker of a pair (fade/pair.py)."""
     parser.add_argument(
         "--peer",
         metavar="ADDRESS",
@@ -145,18 +179,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     role.add_argument(
         "--backup", action="store_true", help="with --peer: this broker stands by at first"
     )
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    # The embedded pool's private socket folder: removed when the broker ends.
-    parser.add_argument("--remove-dir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--insecure-warning-period",
-        type=float,
-        default=INSECURE_WARNING_PERIOD,
-        help=argparse.SUPPRESS,
-    )
-    parser.add_argument("--version", action="version", version=f"fade {__version__}")
-    args = parser.parse_args(argv)
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations argparse cannot check by itself; exits with a usage error."""
     if not args.http and (args.http_public or args.http_allow_host or args.http_token_file):
         parser.error("--http-public, --http-allow-host and --http-token-file need --http")
     if "," in args.address:
@@ -175,7 +201,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--peer: {exc}")
         if "," in args.peer:
             parser.error("--peer takes the one other broker's address")
-    return args
 
 
 def _weight(text: str) -> tuple[str, float]:
