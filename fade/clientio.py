@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import heapq
-import json
 import logging
 import os
 import platform
@@ -48,7 +47,6 @@ import zmq
 
 from fade import fastpath, security
 from fade import protocol as p
-from fade import serialization as ser
 from fade._logutil import RateLimitedLog, printable
 from fade._version import __version__
 from fade.data import DataShelf
@@ -56,20 +54,14 @@ from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
     BrokerUnreachableError,
-    FadeError,
-    IncompatibleWorkerError,
     InitializerError,
     MessageTooLargeError,
-    MissingDependencyError,
-    ProtocolError,
-    QuotaExceededError,
-    ResultDecodeError,
     TaskTerminatedError,
-    WorkerLostError,
 )
 from fade.initializer import report_failure
 from fade.link import BrokerLink
 from fade.locallink import LocalLink
+from fade.outcomes import Outcome, deliver, outcome
 from fade.packages import InstalledPackages
 from fade.shipping import LocalCode
 from fade.shm import SWEEP_INTERVAL, ClientSegments
@@ -86,8 +78,6 @@ T = TypeVar("T")
 MAX_BATCH = 512
 #: Seconds between checks that the embedded pool's processes are alive.
 POOL_CHECK_INTERVAL = 0.1
-
-Outcome = tuple["cf.Future[Any]", bool, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +348,7 @@ class ClientIO:
                 with self.baton:
                     self._take_input(woken)
                     ready = self._take_ready()
-                _deliver(ready)  # before the upkeep: a caller is waiting for these
+                deliver(ready)  # before the upkeep: a caller is waiting for these
                 with self.baton:
                     self._upkeep()
                     finished = self._finished()
@@ -366,7 +356,7 @@ class ClientIO:
                         self.link.send(p.encode(p.Command.DISCONNECT))
                     timeout = self._poll_timeout()
                     ready = self._take_ready()
-                _deliver(ready)
+                deliver(ready)
                 if finished:
                     self._serve_until_workers_leave()
                     break
@@ -376,7 +366,7 @@ class ClientIO:
             self.break_pool(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
         finally:
             with self.baton:
-                _deliver(self._take_ready())
+                deliver(self._take_ready())
                 self.link.close(linger_ms=200)
             self.sleeper.close()
             self.wake.close()
@@ -593,7 +583,7 @@ class ClientIO:
         take = None
         if segments is not None and payload.inline[:1] == b"S":  # some in shared memory
             take = segments.taker(record.task_id)
-        ok, value = _outcome(record.status, payload, take)
+        ok, value = outcome(record.status, payload, take)
         if segments is not None:
             segments.done(record.task_id)
         self.ready.append((item.future, ok, value))
@@ -729,62 +719,8 @@ class ClientIO:
             pass  # completed or cancelled meanwhile
 
 
-def _deliver(ready: list[Outcome]) -> None:
-    """Complete the futures whose results came in (outside the baton, so a done-callback
-    may submit)."""
-    for future, ok, value in ready:
-        try:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        except cf.InvalidStateError:
-            pass  # completed meanwhile (failed with its broken pool, terminated...)
-    # Hold no result past its delivery (the loop keeps this list while it sleeps): a
-    # result in shared memory keeps its slot from reuse for as long as it is referenced.
-    ready.clear()
-
-
 def _cancelled_item(item: WorkItem) -> bool:
     return item.future.cancelled()
-
-
-def _outcome(
-    status: p.Status, payload: p.Payload, take: Callable[[Any], Any] | None = None
-) -> tuple[bool, Any]:
-    """What a result record means for its future: (True, value) or (False, exception);
-    ``take`` maps what the result has in shared memory."""
-    if status is p.Status.OK:
-        try:
-            return True, ser.loads_value(payload, take)
-        except FadeError as exc:
-            return False, exc
-        except BaseException as exc:  # unpickling ran code that raised SystemExit...
-            error = ResultDecodeError(
-                f"unpickling the task's result raised {type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
-            return False, error
-    if status is p.Status.RAISED:
-        return False, _name_distribution(ser.loads_exception(payload))
-    if status is p.Status.LOST:
-        return False, _lost_error(payload)
-    if status is p.Status.REFUSED:
-        return False, _refusal_error(payload)
-    return False, ProtocolError(f"unexpected result status {status.name}")
-
-
-_REFUSALS: dict[str, Callable[[str], FadeError]] = {
-    "too_large": MessageTooLargeError,
-    "incompatible": IncompatibleWorkerError,
-    "terminated": TaskTerminatedError,
-    "quota": QuotaExceededError,
-}
-
-
-def _refusal_error(payload: p.Payload) -> FadeError:
-    kind, message = p.decode_refusal(payload)
-    return _REFUSALS.get(kind, FadeError)(message)
 
 
 _PACKAGE_REQUESTS = frozenset({"environment", "distribution", "files"})
@@ -807,54 +743,3 @@ def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list
             return p.CodeStatus.OK, blobs
         return p.CodeStatus.MISSING, [b"unknown file hash"]
     return p.CodeStatus.MISSING, [b"malformed request"]
-
-
-def _name_distribution(exc: BaseException) -> BaseException:
-    """Add to a worker's MissingDependencyError the distribution the client has it from
-    (unless the worker named it already)."""
-    if not isinstance(exc, MissingDependencyError) or not exc.module or exc.distribution:
-        return exc
-    top = exc.module.partition(".")[0]
-    try:
-        import importlib.metadata as md
-
-        dists = md.packages_distributions().get(top, [])
-    except Exception:  # metadata is advisory; never hide the real error
-        dists = []
-    if dists:
-        versions = ", ".join(f"{d} {_version_of(d)}" for d in dists)
-        hint = (
-            f"; this client has it from the distribution {versions}: install that on the "
-            "workers, or name it in fade.Executor(ship_packages=[...]) to ship it"
-        )
-    else:
-        hint = "; install it on the workers"
-    enriched = MissingDependencyError(str(exc) + hint, module=exc.module, host=exc.host)
-    enriched.__cause__ = exc.__cause__
-    return enriched
-
-
-def _version_of(distribution: str) -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version(distribution)
-    except md.PackageNotFoundError:
-        return "?"
-
-
-def _lost_error(payload: p.Payload) -> WorkerLostError:
-    try:
-        info = json.loads(payload.inline)
-    except ValueError:
-        return WorkerLostError("the task's worker was lost too many times")
-    where = f"worker {info.get('worker', '?')} on host {info.get('host')} pid {info.get('pid')}"
-    if info.get("signal"):
-        where += f", killed by {info['signal']}"
-    elif info.get("exitcode") is not None:
-        where += f", exit code {info['exitcode']}"
-    return WorkerLostError(
-        f"the task was attempted {info.get('attempts')} times and lost its worker each time "
-        f"(it may crash its worker: a segfault, os._exit, running out of memory); "
-        f"last seen: {where} ({info.get('reason')})"
-    )
