@@ -28,9 +28,7 @@
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
-import heapq
 import logging
 import os
 import platform
@@ -39,8 +37,6 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import zmq
@@ -49,6 +45,7 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade._logutil import RateLimitedLog, printable
 from fade._version import __version__
+from fade.clientoptions import ClientSettings
 from fade.data import DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import (
@@ -61,6 +58,7 @@ from fade.errors import (
 from fade.initializer import report_failure
 from fade.link import BrokerLink
 from fade.locallink import LocalLink
+from fade.outbox import MAX_BATCH, Outbox, WorkItem, batches, submit_record
 from fade.outcomes import Outcome, deliver, outcome
 from fade.packages import InstalledPackages
 from fade.shipping import LocalCode
@@ -68,109 +66,14 @@ from fade.shm import SWEEP_INTERVAL, ClientSegments
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
 
-__all__ = ["DEFAULT_OPTIONS", "ClientIO", "TaskOptions", "WorkItem"]
+__all__ = ["ClientIO"]
 
 log = logging.getLogger("fade.client")
 
 T = TypeVar("T")
 
-#: At most this many tasks travel in one SUBMIT message (and p.BATCH_BYTES of inline data).
-MAX_BATCH = 512
 #: Seconds between checks that the embedded pool's processes are alive.
 POOL_CHECK_INTERVAL = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    """How tasks are to run: an Executor's defaults, or those of one of its views
-    (``Executor.options``). None: the broker's default."""
-
-    priority: int = 0
-    resources: bytes = b""  # p.encode_resources of the request; empty: none
-    task_timeout: float | None = None
-    max_attempts: int | None = None
-
-
-DEFAULT_OPTIONS = TaskOptions()
-
-
-@dataclass(slots=True, eq=False)
-class WorkItem:
-    """A submitted task as the client keeps it: it has the Future; only its payload travels."""
-
-    task_id: int
-    future: cf.Future[Any]
-    payload: p.Payload
-    largest: int = 0  # bytes in its largest frame (p.largest_part)
-    options: TaskOptions = DEFAULT_OPTIONS
-    started: bool = False  # marked running while still in the outbox (ClientIO.enqueue)
-    flags: int = 0  # SUBMIT flags (p.SUBMIT_NATIVE)
-
-
-class Outbox:
-    """Tasks waiting here to be sent, highest priority first, then in submission order.
-    Tasks of the default priority 0 (most) cost a deque's O(1); others a heap's O(log n)."""
-
-    __slots__ = ("_plain", "_ranked")
-
-    def __init__(self) -> None:
-        self._plain: collections.deque[WorkItem] = collections.deque()
-        self._ranked: list[tuple[int, int, WorkItem]] = []
-
-    def append(self, item: WorkItem) -> None:
-        priority = item.options.priority
-        if priority:
-            heapq.heappush(self._ranked, (-priority, item.task_id, item))
-        else:
-            self._plain.append(item)
-
-    def _ranked_first(self) -> bool:
-        if not self._ranked:
-            return False
-        if not self._plain:
-            return True
-        priority, task_id, _ = self._ranked[0]
-        return (priority, task_id) < (0, self._plain[0].task_id)
-
-    def peek(self) -> WorkItem:
-        return self._ranked[0][2] if self._ranked_first() else self._plain[0]
-
-    def popleft(self) -> WorkItem:
-        return heapq.heappop(self._ranked)[2] if self._ranked_first() else self._plain.popleft()
-
-    def remove(self, item: WorkItem) -> bool:
-        if item in self._plain:
-            self._plain.remove(item)
-            return True
-        for entry in self._ranked:
-            if entry[2] is item:
-                self._ranked.remove(entry)
-                heapq.heapify(self._ranked)
-                return True
-        return False
-
-    def clear(self) -> None:
-        self._plain.clear()
-        self._ranked.clear()
-
-    def drop(self, unwanted: Callable[[WorkItem], bool]) -> list[WorkItem]:
-        """Take out every item ``unwanted`` says, in one pass (the others keep their order)."""
-        dropped = [item for item in self._plain if unwanted(item)]
-        if dropped:
-            self._plain = collections.deque(item for item in self._plain if not unwanted(item))
-        ranked = [entry for entry in self._ranked if unwanted(entry[2])]
-        if ranked:
-            self._ranked = [entry for entry in self._ranked if not unwanted(entry[2])]
-            heapq.heapify(self._ranked)
-            dropped += [entry[2] for entry in ranked]
-        return dropped
-
-    def __iter__(self) -> Iterator[WorkItem]:
-        yield from self._plain
-        yield from (entry[2] for entry in self._ranked)
-
-    def __len__(self) -> int:
-        return len(self._plain) + len(self._ranked)
 
 
 class ClientIO:
@@ -179,32 +82,25 @@ class ClientIO:
     def __init__(
         self,
         address: str,
+        settings: ClientSettings,
         *,
-        heartbeat_interval: float,
-        heartbeat_liveness: int,
-        max_attempts: int,
-        task_timeout: float | None,
         pool: EmbeddedPool | None,
         code: LocalCode | None,
         keys: security.PeerKeys | None = None,
         packages: InstalledPackages | None = None,
-        max_message_size: int,
-        connect_timeout: float,
-        reconnect_timeout: float,
-        fast_paths: bool | None = None,
         assumed_capacity: int = 0,
         shelf: DataShelf | None = None,
         segments: ClientSegments | None = None,
     ) -> None:
-        self.max_message_size = max_message_size
+        self.max_message_size = settings.max_message_size
         self.segments = segments  # large buffers through shared memory (fade/shm.py)
         self._next_sweep = 0.0
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
         self._cancelled = False  # a future was cancelled since the outbox was last swept
         self.shelf = shelf
-        self.max_attempts = max_attempts
-        self.timeout = task_timeout or 0.0
+        self.max_attempts = settings.max_attempts
+        self.timeout = settings.task_timeout or 0.0
         self.pool = pool
         self.code = code
         self.packages = packages
@@ -228,35 +124,19 @@ class ClientIO:
         self._backlog_at = 0.0
         self.wake = WakePipe()
         self.sleeper = Sleeper(self.wake.fd)
-        self.link = self._make_link(
-            address,
-            keys=keys,
-            identity=security.peer_identity(b"C", keys),
-            interval=heartbeat_interval,
-            liveness=heartbeat_liveness,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
-        )
-        self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(fast_paths) else None
+        self.link = self._make_link(address, keys, settings)
+        self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(settings.fast_paths) else None
         self._notices = RateLimitedLog(log, burst=5, period=60.0)
         self._next_pool_check = 0.0
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
 
     def _make_link(
-        self,
-        address: str,
-        *,
-        keys: security.PeerKeys | None,
-        identity: bytes,
-        interval: float,
-        liveness: int,
-        connect_timeout: float,
-        reconnect_timeout: float,
+        self, address: str, keys: security.PeerKeys | None, settings: ClientSettings
     ) -> BrokerLink | LocalLink:
         """The link to the broker: through a socket, or, for the embedded pool, to the
         broker object this process drives itself (fade/locallink.py)."""
         common = {
-            "identity": identity,
+            "identity": security.peer_identity(b"C", keys),
             "hello": self._hello,
             "handlers": {
                 p.Command.RESULT: self._on_result,
@@ -276,10 +156,10 @@ class ClientIO:
             address,
             keys=keys,
             max_message_size=self.max_message_size,
-            interval=interval,
-            liveness=liveness,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
+            interval=settings.heartbeat_interval,
+            liveness=settings.heartbeat_liveness,
+            connect_timeout=settings.connect_timeout,
+            reconnect_timeout=settings.reconnect_timeout,
             **common,  # type: ignore[arg-type]
         )
 
@@ -493,16 +373,8 @@ class ClientIO:
         log.info(
             "re-sending %d unfinished tasks to broker %s", len(self.in_flight), welcome.broker_id
         )
-        batch: list[WorkItem] = []
-        size = 0
-        for item in sorted(self.in_flight.values(), key=lambda item: item.task_id):
-            inline = len(item.payload.inline) + p.HEAD_ROOM
-            if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
-                self.link.submit(self.submit_records(batch))
-                batch, size = [], 0
-            batch.append(item)
-            size += inline
-        if batch:
+        in_order = sorted(self.in_flight.values(), key=lambda item: item.task_id)
+        for batch in batches(in_order, self._batch_bytes()):
             self.link.submit(self.submit_records(batch))
 
     def _on_result(self, message: p.Message) -> None:
@@ -680,17 +552,9 @@ class ClientIO:
         return min(limits)
 
     def submit_records(self, items: list[WorkItem]) -> list[tuple[p.SubmitRecord, p.Payload]]:
-        return [(self._record(item), item.payload) for item in items]
-
-    def _record(self, item: WorkItem) -> p.SubmitRecord:
-        options = item.options
-        if options is DEFAULT_OPTIONS:
-            return p.SubmitRecord(item.task_id, self.max_attempts, self.timeout, flags=item.flags)
-        timeout = options.task_timeout if options.task_timeout is not None else self.timeout
-        attempts = options.max_attempts or self.max_attempts
-        return p.SubmitRecord(
-            item.task_id, attempts, timeout, options.priority, options.resources, item.flags
-        )
+        return [
+            (submit_record(item, self.max_attempts, self.timeout), item.payload) for item in items
+        ]
 
     # -- failure ---------------------------------------------------------------------
 
