@@ -24,6 +24,11 @@
   silent for ``reconnect_timeout``) fails every pending future with
   BrokerUnreachableError naming the address and the likely cause; while it stays
   unreachable, new tasks fail the same way at once.
+
+What this module decides is *when*; the *what* lives apart, with no socket or thread:
+the outbox and SUBMIT packing (fade/outbox.py), what a RESULT means
+(fade/outcomes.py), the answers to FETCH (fade/clientfetch.py), the settings
+(fade/clientoptions.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from fade import fastpath, security
 from fade import protocol as p
 from fade._logutil import RateLimitedLog, printable
 from fade._version import __version__
+from fade.clientfetch import answer
 from fade.clientoptions import ClientSettings
 from fade.data import DataShelf
 from fade.embedded import EmbeddedPool
@@ -391,42 +397,18 @@ class ClientIO:
             self.capacity = announced
 
     def _on_fetch(self, message: p.Message) -> None:
-        """A worker asks for our code (the manifest of a version, or file contents) or for
-        our installed packages (fade/packages.py), or for data a task names by content
-        (fade/data.py)."""
+        """A worker asks for our code, our installed packages, data a task names by
+        content, or shared memory (fade/clientfetch.py)."""
         ref, request_id, frame = p.decode_fetch(message.body)
-        request = p.unpack_request(frame)
-        kind = request.get("kind")
-        status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
-        if kind in _PACKAGE_REQUESTS:
-            frames = [b"this client ships no packages"]
-            if self.packages is not None:
-                status, frames = self.packages.serve(request)
-        elif kind == "data":
-            frames = [b"this client sends no data by content"]
-            if self.shelf is not None:
-                ok, frames = self.shelf.serve(request)
-                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
-        elif kind in ("segments", "segment", "slot"):
-            frames = [b"this client uses no shared memory"]
-            if self.segments is not None:
-                if kind == "segments":
-                    ok, frames = self.segments.describe()
-                elif kind == "segment":
-                    ok, frames = self.segments.serve(request)
-                else:
-                    ok, frames = self._reserve(request)
-                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
-        elif self.code is not None:
-            status, frames = _serve(self.code, request)
+        status, frames = answer(
+            p.unpack_request(frame),
+            code=self.code,
+            packages=self.packages,
+            shelf=self.shelf,
+            segments=self.segments,
+            pending=self.in_flight,
+        )
         self.link.send(p.encode_code(ref, request_id, status, frames))
-
-    def _reserve(self, request: dict[str, Any]) -> tuple[bool, list[bytes]]:
-        """A slot in shared memory for a result of a task of ours that is still pending."""
-        task_id = request.get("task")
-        if self.segments is None or not isinstance(task_id, int) or task_id not in self.in_flight:
-            return False, [b"no such task pending"]
-        return self.segments.reserve(task_id, request)
 
     def _on_notice(self, message: p.Message) -> None:
         text, task_ids = p.decode_notice(message.body)
@@ -585,25 +567,3 @@ class ClientIO:
 
 def _cancelled_item(item: WorkItem) -> bool:
     return item.future.cancelled()
-
-
-_PACKAGE_REQUESTS = frozenset({"environment", "distribution", "files"})
-
-
-def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
-    kind = request.get("kind")
-    if kind == "manifest":
-        try:
-            manifest = code.manifest_json(bytes.fromhex(str(request.get("version"))))
-        except ValueError:
-            manifest = None
-        if manifest is not None:
-            return p.CodeStatus.OK, [manifest]
-        return p.CodeStatus.MISSING, [b"unknown code version"]
-    hashes = request.get("hashes")
-    if kind == "blobs" and isinstance(hashes, list):
-        blobs = code.blobs([str(h) for h in hashes])
-        if blobs is not None:
-            return p.CodeStatus.OK, blobs
-        return p.CodeStatus.MISSING, [b"unknown file hash"]
-    return p.CodeStatus.MISSING, [b"malformed request"]
