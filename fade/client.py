@@ -25,6 +25,9 @@
 * Nothing waits forever: a broker that cannot be reached fails pending futures
   with BrokerUnreachableError (``connect_timeout``, ``reconnect_timeout``), so
   ``shutdown`` and interpreter exit end within those bounds.
+
+The future it returns is fade/futures.py's; its arguments are checked in
+fade/clientoptions.py.
 """
 
 from __future__ import annotations
