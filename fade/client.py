@@ -25,6 +25,9 @@
 * Nothing waits forever: a broker that cannot be reached fails pending futures
   with BrokerUnreachableError (``connect_timeout``, ``reconnect_timeout``), so
   ``shutdown`` and interpreter exit end within those bounds.
+
+The future it returns is fade/futures.py's; its arguments are checked in
+fade/clientoptions.py.
 """
 
 from __future__ import annotations
@@ -32,10 +35,8 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import itertools
-import math
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,20 +47,31 @@ if TYPE_CHECKING:
 from fade import fastpath, security, shm
 from fade import protocol as p
 from fade import serialization as ser
-from fade.clientio import ClientIO, TaskOptions, WorkItem
+from fade.clientio import ClientIO
+from fade.clientoptions import (
+    ClientSettings,
+    TaskOptions,
+    check_options,
+    client_keys,
+    executor_setup,
+    installed_packages,
+    local_code,
+    merge_options,
+    pool_size,
+)
 from fade.data import DEFAULT_SHARE_THRESHOLD, DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
     FadeError,
     MessageTooLargeError,
-    ProtocolError,
     TaskTerminatedError,
 )
-from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, check_address
+from fade.futures import _Future
+from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
+from fade.outbox import WorkItem
 from fade.packages import DEFAULT_MAX_BYTES as DEFAULT_PACKAGES_LIMIT
-from fade.packages import InstalledPackages
-from fade.shipping import DEFAULT_MAX_BYTES, LocalCode, install_import_hook
+from fade.shipping import DEFAULT_MAX_BYTES, install_import_hook
 from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = ["Executor"]
@@ -69,70 +81,6 @@ __all__ = ["Executor"]
 install_import_hook()
 
 T = TypeVar("T")
-_PENDING = cf._base.PENDING
-
-
-class _Future(cf.Future[T]):
-    """A ``concurrent.futures.Future`` whose ``result()`` may read the reply itself
-    (the wait-here fast path, fade/fastpath.py)."""
-
-    def __init__(self, io: ClientIO) -> None:
-        if io.fast is None:
-            super().__init__()
-        else:
-            # cf.Future.__init__'s fields (the same from 3.8 to 3.14), with a lighter
-            # condition (fastpath.FutureSignal): fewer objects for the garbage collector.
-            self._condition = fastpath.FutureSignal()  # type: ignore[assignment]
-            self._state = _PENDING
-            self._result = None
-            self._exception = None
-            self._waiters: list[Any] = []
-            self._done_callbacks: list[Callable[[cf.Future[T]], object]] = []
-        self._io = io
-        self.task_id = 0
-        self._callbacks_lock = threading.Lock()
-        self.has_callbacks = False
-
-    def add_done_callback(self, fn: Callable[[cf.Future[T]], object]) -> None:
-        with self._callbacks_lock:
-            self.has_callbacks = True
-        super().add_done_callback(fn)
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled:
-            self._io.note_cancelled()
-        return cancelled
-
-    def complete_here(self, ok: bool, value: Any) -> bool:
-        """Complete this future in the calling thread, unless it has done-callbacks
-        (those run on the I/O thread); False if it has. A callback added while this
-        runs waits, then runs at once in the thread that adds it, as on any done future."""
-        with self._callbacks_lock:
-            if self.has_callbacks:
-                return False
-            if ok:
-                self.set_result(value)
-            else:
-                self.set_exception(value)
-        return True
-
-    def result(self, timeout: float | None = None) -> T:
-        if self.done():
-            return super().result()
-        fast = self._io.fast
-        wait = timeout
-        if fast is not None:
-            deadline = math.inf if timeout is None else time.monotonic() + timeout
-            fast.wait_here(self, deadline)
-            if timeout is not None:
-                wait = max(0.0, deadline - time.monotonic())
-        try:
-            return super().result(wait)
-        except cf.TimeoutError:
-            if self.done():
-                raise
-            raise cf.TimeoutError(self._io.why_waiting(timeout)) from None
 
 
 class Executor(cf.Executor):
@@ -252,74 +200,46 @@ class Executor(cf.Executor):
         share_threshold: int | None = DEFAULT_SHARE_THRESHOLD,
         shared_memory: bool | None = None,
     ) -> None:
-        if isinstance(address, int) and not isinstance(address, bool):
-            # Executor(4), as ThreadPoolExecutor(4): the embedded pool's size.
-            if max_workers is not None:
-                raise TypeError("Executor() got max_workers both as its first argument and by name")
-            address, max_workers = None, address
-        if address is not None:
-            address = check_address(address)
-        self._setup = _setup(initializer, initargs, max_tasks_per_child)
-        _check_options(
-            ship_code, max_workers, max_attempts, task_timeout, heartbeat_interval,
-            heartbeat_liveness, max_message_size, connect_timeout, reconnect_timeout,
+        address, max_workers = pool_size(address, max_workers)
+        self._setup = executor_setup(initializer, initargs, max_tasks_per_child)
+        settings = ClientSettings(
+            max_attempts, task_timeout, heartbeat_interval, heartbeat_liveness,
+            max_message_size, connect_timeout, reconnect_timeout, fast_paths,
         )  # fmt: skip
-        packages = _packages(ship_packages, ship_packages_limit)
-        if address is None and keys is not None:
-            raise ValueError("keys are for a broker at an address; the embedded pool needs none")
-        # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
-        peer_keys = security.resolve_peer_keys(keys, "client") if address is not None else None
+        check_options(ship_code, max_workers, settings)
+        self._packages = packages = installed_packages(ship_packages, ship_packages_limit)
+        peer_keys = client_keys(address, keys)
         self._max_message_size = max_message_size
         self._shelf = DataShelf(share_threshold)
-        self._segments: shm.ClientSegments | None = None
-        if shared_memory if shared_memory is not None else fastpath.enabled(fast_paths):
-            shm.sweep()  # what clients killed on this machine left
-            self._segments = shm.ClientSegments(eager=address is None or bool(shared_memory))
-        self._pool: EmbeddedPool | None = None
-        assumed_capacity = 0
-        if address is None:
-            assumed_capacity = max_workers or os.cpu_count() or 1
-            self._pool = EmbeddedPool(
-                assumed_capacity,
-                heartbeat_interval=heartbeat_interval,
-                heartbeat_liveness=heartbeat_liveness,
-            )
-            address = self._pool.address
-        self.address: str = address
-        self._shutdown_lock = threading.Lock()
-        self._shutdown = False
+        self._segments = _segments(address, shared_memory, fast_paths)
+        self._pool, self.address, assumed_capacity = _pool(address, max_workers, settings)
+        self._shutdown_lock, self._shutdown = threading.Lock(), False
         self._ids = itertools.count(1)
-        self._code = (
-            None
-            if ship_code == "off"
-            else LocalCode(pinned=ship_code == "pin", max_bytes=ship_code_limit)
-        )
-        self._packages = packages
+        self._code = local_code(ship_code, ship_code_limit)
         # Looked up once: submit is the hot path.
         self._track = packages.environment if packages is not None else None
         self._noting = packages is not None and packages.noting
-        self._io = ClientIO(
-            address,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
-            max_attempts=max_attempts,
-            task_timeout=task_timeout,
+        self._io = self._open_io(settings, peer_keys, assumed_capacity)
+        self._options = merge_options(TaskOptions(), priority, resources, None, None)
+        self._owner = os.getpid()
+        self._io.thread.start()
+        _live_executors.add(self)
+
+    def _open_io(
+        self, settings: ClientSettings, keys: security.PeerKeys | None, assumed_capacity: int
+    ) -> ClientIO:
+        """The I/O side (not started), over what __init__ has set up."""
+        return ClientIO(
+            self.address,
+            settings,
             pool=self._pool,
             code=self._code,
-            packages=packages,
-            keys=peer_keys,
-            max_message_size=max_message_size,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
-            fast_paths=fast_paths,
+            packages=self._packages,
+            keys=keys,
             assumed_capacity=assumed_capacity,
             shelf=self._shelf,
             segments=self._segments,
         )
-        self._options = _merge(TaskOptions(), priority, resources, None, None)
-        self._owner = os.getpid()
-        self._io.thread.start()
-        _live_executors.add(self)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> cf.Future[T]:
         """Schedule ``fn(*args, **kwargs)``; raises SerializationError if it cannot be pickled."""
@@ -411,7 +331,7 @@ class Executor(cf.Executor):
             "mem": 16e9}; it runs only where that is free (docs/scheduling.md).
         """
         return ExecutorView(
-            self, _merge(self._options, priority, resources, task_timeout, max_attempts)
+            self, merge_options(self._options, priority, resources, task_timeout, max_attempts)
         )
 
     def terminate(self, future: cf.Future[Any]) -> bool:
@@ -533,7 +453,7 @@ class ExecutorView(cf.Executor):
     def options(self, **changes: Any) -> ExecutorView:
         """A view with these options changed too."""
         o = self._options
-        merged = _merge(
+        merged = merge_options(
             o,
             changes.pop("priority", None),
             changes.pop("resources", None),
@@ -551,34 +471,30 @@ class ExecutorView(cf.Executor):
         """Nothing: the executor this is a view of owns the pool."""
 
 
-def _merge(
-    options: TaskOptions,
-    priority: int | None,
-    resources: dict[str, float] | None,
-    task_timeout: float | None,
-    max_attempts: int | None,
-) -> TaskOptions:
-    """``options`` with the given ones changed, checked."""
-    if priority is not None and not -32768 <= priority <= 32767:
-        raise ValueError("priority must be between -32768 and 32767")
-    if task_timeout is not None and task_timeout <= 0:
-        raise ValueError("task_timeout must be positive")
-    if max_attempts is not None and not 1 <= max_attempts <= 65535:
-        raise ValueError("max_attempts must be between 1 and 65535")
-    spec = options.resources
-    if resources is not None:
-        try:
-            spec = p.encode_resources(p.decode_resources(p.encode_resources(resources)) or {})
-        except (ProtocolError, TypeError) as exc:
-            raise ValueError(f"bad resources {resources!r}: {exc}") from None
-        if spec == b"{}":
-            spec = b""
-    return TaskOptions(
-        options.priority if priority is None else priority,
-        spec,
-        options.task_timeout if task_timeout is None else task_timeout,
-        options.max_attempts if max_attempts is None else max_attempts,
+def _segments(
+    address: str | None, shared_memory: bool | None, fast_paths: bool | None
+) -> shm.ClientSegments | None:
+    """This client's shared memory (fade/shm.py), if it is to use any (``shared_memory``)."""
+    if not (shared_memory if shared_memory is not None else fastpath.enabled(fast_paths)):
+        return None
+    shm.sweep()  # what clients killed on this machine left
+    return shm.ClientSegments(eager=address is None or bool(shared_memory))
+
+
+def _pool(
+    address: str | None, max_workers: int | None, settings: ClientSettings
+) -> tuple[EmbeddedPool | None, str, int]:
+    """The embedded pool (None with an address), the broker's address, and the capacity
+    to assume until the broker reports it (fade/clientio.py, ``_start_early``)."""
+    if address is not None:
+        return None, address, 0
+    assumed_capacity = max_workers or os.cpu_count() or 1
+    pool = EmbeddedPool(
+        assumed_capacity,
+        heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_liveness=settings.heartbeat_liveness,
     )
+    return pool, pool.address, assumed_capacity
 
 
 def _release(
@@ -592,64 +508,6 @@ def _release(
         shelf.release(pinned)
     if segs and segments is not None:
         segments.release(segs)
-
-
-def _setup(
-    initializer: Callable[..., object] | None,
-    initargs: tuple[Any, ...],
-    max_tasks_per_child: int | None,
-) -> bytes:
-    """The executor's set-up (fade/initializer.py), pickled once; every task carries it."""
-    if initializer is not None and not callable(initializer):
-        raise TypeError("initializer must be a callable")
-    if max_tasks_per_child is not None:
-        if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
-            raise TypeError("max_tasks_per_child must be an integer")
-        if max_tasks_per_child < 1:
-            raise ValueError("max_tasks_per_child must be >= 1")
-    if initializer is None and max_tasks_per_child is None:
-        return b""
-    # Pickled now, so that an initializer that cannot travel fails here, as the standard
-    # pools fail at their start.
-    return ser.dumps_setup(os.urandom(16), initializer, tuple(initargs), max_tasks_per_child or 0)
-
-
-def _check_options(
-    ship_code: str,
-    max_workers: int | None,
-    max_attempts: int,
-    task_timeout: float | None,
-    heartbeat_interval: float,
-    heartbeat_liveness: int,
-    max_message_size: int,
-    connect_timeout: float,
-    reconnect_timeout: float,
-) -> None:
-    if ship_code not in ("auto", "pin", "off"):
-        raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
-    if max_workers is not None and max_workers < 1:
-        raise ValueError("max_workers must be greater than 0")
-    if not 1 <= max_attempts <= 65535:
-        raise ValueError("max_attempts must be between 1 and 65535")
-    if task_timeout is not None and task_timeout <= 0:
-        raise ValueError("task_timeout must be positive (or None for no limit)")
-    if heartbeat_interval <= 0 or heartbeat_liveness < 1:
-        raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
-    if max_message_size < 1:
-        raise ValueError("max_message_size must be at least 1 byte")
-    if connect_timeout <= 0 or reconnect_timeout <= 0:
-        raise ValueError("connect_timeout and reconnect_timeout must be positive")
-
-
-def _packages(ship: str | Sequence[str], limit: int) -> InstalledPackages | None:
-    if isinstance(ship, str):
-        if ship not in ("auto", "off"):
-            raise ValueError("ship_packages must be 'auto', 'off' or a list of distribution names")
-        if ship == "off":
-            return None
-    if limit < 0:
-        raise ValueError("ship_packages_limit must be at least 0 bytes")
-    return InstalledPackages(ship, limit)
 
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()

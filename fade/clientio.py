@@ -24,14 +24,16 @@
   silent for ``reconnect_timeout``) fails every pending future with
   BrokerUnreachableError naming the address and the likely cause; while it stays
   unreachable, new tasks fail the same way at once.
+
+What this module decides is *when*; the *what* lives apart, with no socket or thread:
+the outbox and SUBMIT packing (fade/outbox.py), what a RESULT means
+(fade/outcomes.py), the answers to FETCH (fade/clientfetch.py), the settings
+(fade/clientoptions.py).
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
-import heapq
-import json
 import logging
 import os
 import platform
@@ -40,147 +42,44 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import zmq
 
 from fade import fastpath, security
 from fade import protocol as p
-from fade import serialization as ser
 from fade._logutil import RateLimitedLog, printable
 from fade._version import __version__
+from fade.clientfetch import answer
+from fade.clientoptions import ClientSettings
 from fade.data import DataShelf
 from fade.embedded import EmbeddedPool
 from fade.errors import (
     BrokenPoolError,
     BrokerUnreachableError,
-    FadeError,
-    IncompatibleWorkerError,
     InitializerError,
     MessageTooLargeError,
-    MissingDependencyError,
-    ProtocolError,
-    QuotaExceededError,
-    ResultDecodeError,
     TaskTerminatedError,
-    WorkerLostError,
 )
 from fade.initializer import report_failure
 from fade.link import BrokerLink
 from fade.locallink import LocalLink
+from fade.outbox import MAX_BATCH, Outbox, WorkItem, batches, submit_record
+from fade.outcomes import Outcome, deliver, outcome
 from fade.packages import InstalledPackages
 from fade.shipping import LocalCode
 from fade.shm import SWEEP_INTERVAL, ClientSegments
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
 
-__all__ = ["DEFAULT_OPTIONS", "ClientIO", "TaskOptions", "WorkItem"]
+__all__ = ["ClientIO"]
 
 log = logging.getLogger("fade.client")
 
 T = TypeVar("T")
 
-#: At most this many tasks travel in one SUBMIT message (and p.BATCH_BYTES of inline data).
-MAX_BATCH = 512
 #: Seconds between checks that the embedded pool's processes are alive.
 POOL_CHECK_INTERVAL = 0.1
-
-Outcome = tuple["cf.Future[Any]", bool, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    """How tasks are to run: an Executor's defaults, or those of one of its views
-    (``Executor.options``). None: the broker's default."""
-
-    priority: int = 0
-    resources: bytes = b""  # p.encode_resources of the request; empty: none
-    task_timeout: float | None = None
-    max_attempts: int | None = None
-
-
-DEFAULT_OPTIONS = TaskOptions()
-
-
-@dataclass(slots=True, eq=False)
-class WorkItem:
-    """A submitted task as the client keeps it: it has the Future; only its payload travels."""
-
-    task_id: int
-    future: cf.Future[Any]
-    payload: p.Payload
-    largest: int = 0  # bytes in its largest frame (p.largest_part)
-    options: TaskOptions = DEFAULT_OPTIONS
-    started: bool = False  # marked running while still in the outbox (ClientIO.enqueue)
-    flags: int = 0  # SUBMIT flags (p.SUBMIT_NATIVE)
-
-
-class Outbox:
-    """Tasks waiting here to be sent, highest priority first, then in submission order.
-    Tasks of the default priority 0 (most) cost a deque's O(1); others a heap's O(log n)."""
-
-    __slots__ = ("_plain", "_ranked")
-
-    def __init__(self) -> None:
-        self._plain: collections.deque[WorkItem] = collections.deque()
-        self._ranked: list[tuple[int, int, WorkItem]] = []
-
-    def append(self, item: WorkItem) -> None:
-        priority = item.options.priority
-        if priority:
-            heapq.heappush(self._ranked, (-priority, item.task_id, item))
-        else:
-            self._plain.append(item)
-
-    def _ranked_first(self) -> bool:
-        if not self._ranked:
-            return False
-        if not self._plain:
-            return True
-        priority, task_id, _ = self._ranked[0]
-        return (priority, task_id) < (0, self._plain[0].task_id)
-
-    def peek(self) -> WorkItem:
-        return self._ranked[0][2] if self._ranked_first() else self._plain[0]
-
-    def popleft(self) -> WorkItem:
-        return heapq.heappop(self._ranked)[2] if self._ranked_first() else self._plain.popleft()
-
-    def remove(self, item: WorkItem) -> bool:
-        if item in self._plain:
-            self._plain.remove(item)
-            return True
-        for entry in self._ranked:
-            if entry[2] is item:
-                self._ranked.remove(entry)
-                heapq.heapify(self._ranked)
-                return True
-        return False
-
-    def clear(self) -> None:
-        self._plain.clear()
-        self._ranked.clear()
-
-    def drop(self, unwanted: Callable[[WorkItem], bool]) -> list[WorkItem]:
-        """Take out every item ``unwanted`` says, in one pass (the others keep their order)."""
-        dropped = [item for item in self._plain if unwanted(item)]
-        if dropped:
-            self._plain = collections.deque(item for item in self._plain if not unwanted(item))
-        ranked = [entry for entry in self._ranked if unwanted(entry[2])]
-        if ranked:
-            self._ranked = [entry for entry in self._ranked if not unwanted(entry[2])]
-            heapq.heapify(self._ranked)
-            dropped += [entry[2] for entry in ranked]
-        return dropped
-
-    def __iter__(self) -> Iterator[WorkItem]:
-        yield from self._plain
-        yield from (entry[2] for entry in self._ranked)
-
-    def __len__(self) -> int:
-        return len(self._plain) + len(self._ranked)
 
 
 class ClientIO:
@@ -189,32 +88,25 @@ class ClientIO:
     def __init__(
         self,
         address: str,
+        settings: ClientSettings,
         *,
-        heartbeat_interval: float,
-        heartbeat_liveness: int,
-        max_attempts: int,
-        task_timeout: float | None,
         pool: EmbeddedPool | None,
         code: LocalCode | None,
         keys: security.PeerKeys | None = None,
         packages: InstalledPackages | None = None,
-        max_message_size: int,
-        connect_timeout: float,
-        reconnect_timeout: float,
-        fast_paths: bool | None = None,
         assumed_capacity: int = 0,
         shelf: DataShelf | None = None,
         segments: ClientSegments | None = None,
     ) -> None:
-        self.max_message_size = max_message_size
+        self.max_message_size = settings.max_message_size
         self.segments = segments  # large buffers through shared memory (fade/shm.py)
         self._next_sweep = 0.0
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
         self._cancelled = False  # a future was cancelled since the outbox was last swept
         self.shelf = shelf
-        self.max_attempts = max_attempts
-        self.timeout = task_timeout or 0.0
+        self.max_attempts = settings.max_attempts
+        self.timeout = settings.task_timeout or 0.0
         self.pool = pool
         self.code = code
         self.packages = packages
@@ -238,35 +130,19 @@ class ClientIO:
         self._backlog_at = 0.0
         self.wake = WakePipe()
         self.sleeper = Sleeper(self.wake.fd)
-        self.link = self._make_link(
-            address,
-            keys=keys,
-            identity=security.peer_identity(b"C", keys),
-            interval=heartbeat_interval,
-            liveness=heartbeat_liveness,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
-        )
-        self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(fast_paths) else None
+        self.link = self._make_link(address, keys, settings)
+        self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(settings.fast_paths) else None
         self._notices = RateLimitedLog(log, burst=5, period=60.0)
         self._next_pool_check = 0.0
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
 
     def _make_link(
-        self,
-        address: str,
-        *,
-        keys: security.PeerKeys | None,
-        identity: bytes,
-        interval: float,
-        liveness: int,
-        connect_timeout: float,
-        reconnect_timeout: float,
+        self, address: str, keys: security.PeerKeys | None, settings: ClientSettings
     ) -> BrokerLink | LocalLink:
         """The link to the broker: through a socket, or, for the embedded pool, to the
         broker object this process drives itself (fade/locallink.py)."""
         common = {
-            "identity": identity,
+            "identity": security.peer_identity(b"C", keys),
             "hello": self._hello,
             "handlers": {
                 p.Command.RESULT: self._on_result,
@@ -286,10 +162,10 @@ class ClientIO:
             address,
             keys=keys,
             max_message_size=self.max_message_size,
-            interval=interval,
-            liveness=liveness,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
+            interval=settings.heartbeat_interval,
+            liveness=settings.heartbeat_liveness,
+            connect_timeout=settings.connect_timeout,
+            reconnect_timeout=settings.reconnect_timeout,
             **common,  # type: ignore[arg-type]
         )
 
@@ -358,7 +234,7 @@ class ClientIO:
                 with self.baton:
                     self._take_input(woken)
                     ready = self._take_ready()
-                _deliver(ready)  # before the upkeep: a caller is waiting for these
+                deliver(ready)  # before the upkeep: a caller is waiting for these
                 with self.baton:
                     self._upkeep()
                     finished = self._finished()
@@ -366,7 +242,7 @@ class ClientIO:
                         self.link.send(p.encode(p.Command.DISCONNECT))
                     timeout = self._poll_timeout()
                     ready = self._take_ready()
-                _deliver(ready)
+                deliver(ready)
                 if finished:
                     self._serve_until_workers_leave()
                     break
@@ -376,7 +252,7 @@ class ClientIO:
             self.break_pool(BrokenPoolError(f"the client's I/O thread failed: {exc!r}"))
         finally:
             with self.baton:
-                _deliver(self._take_ready())
+                deliver(self._take_ready())
                 self.link.close(linger_ms=200)
             self.sleeper.close()
             self.wake.close()
@@ -503,16 +379,8 @@ class ClientIO:
         log.info(
             "re-sending %d unfinished tasks to broker %s", len(self.in_flight), welcome.broker_id
         )
-        batch: list[WorkItem] = []
-        size = 0
-        for item in sorted(self.in_flight.values(), key=lambda item: item.task_id):
-            inline = len(item.payload.inline) + p.HEAD_ROOM
-            if batch and (len(batch) == MAX_BATCH or size + inline > self._batch_bytes()):
-                self.link.submit(self.submit_records(batch))
-                batch, size = [], 0
-            batch.append(item)
-            size += inline
-        if batch:
+        in_order = sorted(self.in_flight.values(), key=lambda item: item.task_id)
+        for batch in batches(in_order, self._batch_bytes()):
             self.link.submit(self.submit_records(batch))
 
     def _on_result(self, message: p.Message) -> None:
@@ -529,42 +397,18 @@ class ClientIO:
             self.capacity = announced
 
     def _on_fetch(self, message: p.Message) -> None:
-        """A worker asks for our code (the manifest of a version, or file contents) or for
-        our installed packages (fade/packages.py), or for data a task names by content
-        (fade/data.py)."""
+        """A worker asks for our code, our installed packages, data a task names by
+        content, or shared memory (fade/clientfetch.py)."""
         ref, request_id, frame = p.decode_fetch(message.body)
-        request = p.unpack_request(frame)
-        kind = request.get("kind")
-        status, frames = p.CodeStatus.MISSING, [b"this client ships no code"]
-        if kind in _PACKAGE_REQUESTS:
-            frames = [b"this client ships no packages"]
-            if self.packages is not None:
-                status, frames = self.packages.serve(request)
-        elif kind == "data":
-            frames = [b"this client sends no data by content"]
-            if self.shelf is not None:
-                ok, frames = self.shelf.serve(request)
-                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
-        elif kind in ("segments", "segment", "slot"):
-            frames = [b"this client uses no shared memory"]
-            if self.segments is not None:
-                if kind == "segments":
-                    ok, frames = self.segments.describe()
-                elif kind == "segment":
-                    ok, frames = self.segments.serve(request)
-                else:
-                    ok, frames = self._reserve(request)
-                status = p.CodeStatus.OK if ok else p.CodeStatus.MISSING
-        elif self.code is not None:
-            status, frames = _serve(self.code, request)
+        status, frames = answer(
+            p.unpack_request(frame),
+            code=self.code,
+            packages=self.packages,
+            shelf=self.shelf,
+            segments=self.segments,
+            pending=self.in_flight,
+        )
         self.link.send(p.encode_code(ref, request_id, status, frames))
-
-    def _reserve(self, request: dict[str, Any]) -> tuple[bool, list[bytes]]:
-        """A slot in shared memory for a result of a task of ours that is still pending."""
-        task_id = request.get("task")
-        if self.segments is None or not isinstance(task_id, int) or task_id not in self.in_flight:
-            return False, [b"no such task pending"]
-        return self.segments.reserve(task_id, request)
 
     def _on_notice(self, message: p.Message) -> None:
         text, task_ids = p.decode_notice(message.body)
@@ -593,7 +437,7 @@ class ClientIO:
         take = None
         if segments is not None and payload.inline[:1] == b"S":  # some in shared memory
             take = segments.taker(record.task_id)
-        ok, value = _outcome(record.status, payload, take)
+        ok, value = outcome(record.status, payload, take)
         if segments is not None:
             segments.done(record.task_id)
         self.ready.append((item.future, ok, value))
@@ -690,17 +534,9 @@ class ClientIO:
         return min(limits)
 
     def submit_records(self, items: list[WorkItem]) -> list[tuple[p.SubmitRecord, p.Payload]]:
-        return [(self._record(item), item.payload) for item in items]
-
-    def _record(self, item: WorkItem) -> p.SubmitRecord:
-        options = item.options
-        if options is DEFAULT_OPTIONS:
-            return p.SubmitRecord(item.task_id, self.max_attempts, self.timeout, flags=item.flags)
-        timeout = options.task_timeout if options.task_timeout is not None else self.timeout
-        attempts = options.max_attempts or self.max_attempts
-        return p.SubmitRecord(
-            item.task_id, attempts, timeout, options.priority, options.resources, item.flags
-        )
+        return [
+            (submit_record(item, self.max_attempts, self.timeout), item.payload) for item in items
+        ]
 
     # -- failure ---------------------------------------------------------------------
 
@@ -729,132 +565,5 @@ class ClientIO:
             pass  # completed or cancelled meanwhile
 
 
-def _deliver(ready: list[Outcome]) -> None:
-    """Complete the futures whose results came in (outside the baton, so a done-callback
-    may submit)."""
-    for future, ok, value in ready:
-        try:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        except cf.InvalidStateError:
-            pass  # completed meanwhile (failed with its broken pool, terminated...)
-    # Hold no result past its delivery (the loop keeps this list while it sleeps): a
-    # result in shared memory keeps its slot from reuse for as long as it is referenced.
-    ready.clear()
-
-
 def _cancelled_item(item: WorkItem) -> bool:
     return item.future.cancelled()
-
-
-def _outcome(
-    status: p.Status, payload: p.Payload, take: Callable[[Any], Any] | None = None
-) -> tuple[bool, Any]:
-    """What a result record means for its future: (True, value) or (False, exception);
-    ``take`` maps what the result has in shared memory."""
-    if status is p.Status.OK:
-        try:
-            return True, ser.loads_value(payload, take)
-        except FadeError as exc:
-            return False, exc
-        except BaseException as exc:  # unpickling ran code that raised SystemExit...
-            error = ResultDecodeError(
-                f"unpickling the task's result raised {type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
-            return False, error
-    if status is p.Status.RAISED:
-        return False, _name_distribution(ser.loads_exception(payload))
-    if status is p.Status.LOST:
-        return False, _lost_error(payload)
-    if status is p.Status.REFUSED:
-        return False, _refusal_error(payload)
-    return False, ProtocolError(f"unexpected result status {status.name}")
-
-
-_REFUSALS: dict[str, Callable[[str], FadeError]] = {
-    "too_large": MessageTooLargeError,
-    "incompatible": IncompatibleWorkerError,
-    "terminated": TaskTerminatedError,
-    "quota": QuotaExceededError,
-}
-
-
-def _refusal_error(payload: p.Payload) -> FadeError:
-    kind, message = p.decode_refusal(payload)
-    return _REFUSALS.get(kind, FadeError)(message)
-
-
-_PACKAGE_REQUESTS = frozenset({"environment", "distribution", "files"})
-
-
-def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list[bytes]]:
-    kind = request.get("kind")
-    if kind == "manifest":
-        try:
-            manifest = code.manifest_json(bytes.fromhex(str(request.get("version"))))
-        except ValueError:
-            manifest = None
-        if manifest is not None:
-            return p.CodeStatus.OK, [manifest]
-        return p.CodeStatus.MISSING, [b"unknown code version"]
-    hashes = request.get("hashes")
-    if kind == "blobs" and isinstance(hashes, list):
-        blobs = code.blobs([str(h) for h in hashes])
-        if blobs is not None:
-            return p.CodeStatus.OK, blobs
-        return p.CodeStatus.MISSING, [b"unknown file hash"]
-    return p.CodeStatus.MISSING, [b"malformed request"]
-
-
-def _name_distribution(exc: BaseException) -> BaseException:
-    """Add to a worker's MissingDependencyError the distribution the client has it from
-    (unless the worker named it already)."""
-    if not isinstance(exc, MissingDependencyError) or not exc.module or exc.distribution:
-        return exc
-    top = exc.module.partition(".")[0]
-    try:
-        import importlib.metadata as md
-
-        dists = md.packages_distributions().get(top, [])
-    except Exception:  # metadata is advisory; never hide the real error
-        dists = []
-    if dists:
-        versions = ", ".join(f"{d} {_version_of(d)}" for d in dists)
-        hint = (
-            f"; this client has it from the distribution {versions}: install that on the "
-            "workers, or name it in fade.Executor(ship_packages=[...]) to ship it"
-        )
-    else:
-        hint = "; install it on the workers"
-    enriched = MissingDependencyError(str(exc) + hint, module=exc.module, host=exc.host)
-    enriched.__cause__ = exc.__cause__
-    return enriched
-
-
-def _version_of(distribution: str) -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version(distribution)
-    except md.PackageNotFoundError:
-        return "?"
-
-
-def _lost_error(payload: p.Payload) -> WorkerLostError:
-    try:
-        info = json.loads(payload.inline)
-    except ValueError:
-        return WorkerLostError("the task's worker was lost too many times")
-    where = f"worker {info.get('worker', '?')} on host {info.get('host')} pid {info.get('pid')}"
-    if info.get("signal"):
-        where += f", killed by {info['signal']}"
-    elif info.get("exitcode") is not None:
-        where += f", exit code {info['exitcode']}"
-    return WorkerLostError(
-        f"the task was attempted {info.get('attempts')} times and lost its worker each time "
-        f"(it may crash its worker: a segfault, os._exit, running out of memory); "
-        f"last seen: {where} ({info.get('reason')})"
-    )

@@ -53,8 +53,9 @@ from fade.sockets import has_input, wait_for_input
 if TYPE_CHECKING:
     import concurrent.futures as cf
 
-    from fade.client import _Future
-    from fade.clientio import ClientIO, WorkItem
+    from fade.clientio import ClientIO
+    from fade.futures import _Future
+    from fade.outbox import WorkItem
 
 __all__ = ["LEAD_TIME", "ClientFastPath", "FutureSignal", "baton", "enabled"]
 
