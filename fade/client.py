@@ -207,6 +207,7 @@ class Executor(cf.Executor):
             max_message_size, connect_timeout, reconnect_timeout, fast_paths,
         )  # fmt: skip
         check_options(ship_code, max_workers, settings)
+        self._options = merge_options(TaskOptions(), priority, resources, None, None)
         self._packages = packages = installed_packages(ship_packages, ship_packages_limit)
         peer_keys = client_keys(address, keys)
         self._max_message_size = max_message_size
@@ -220,7 +221,6 @@ class Executor(cf.Executor):
         self._track = packages.environment if packages is not None else None
         self._noting = packages is not None and packages.noting
         self._io = self._open_io(settings, peer_keys, assumed_capacity)
-        self._options = merge_options(TaskOptions(), priority, resources, None, None)
         self._owner = os.getpid()
         self._io.thread.start()
         _live_executors.add(self)

@@ -19,6 +19,7 @@ checks of its two dozen arguments.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,8 @@ def merge_options(
     max_attempts: int | None,
 ) -> TaskOptions:
     """``options`` with the given ones changed, checked."""
+    if priority is not None:
+        priority = _integer("priority", priority)
     if priority is not None and not -32768 <= priority <= 32767:
         raise ValueError("priority must be between -32768 and 32767")
     if task_timeout is not None and task_timeout <= 0:
@@ -178,3 +181,13 @@ def merge_options(
         options.task_timeout if task_timeout is None else task_timeout,
         options.max_attempts if max_attempts is None else max_attempts,
     )
+
+
+def _integer(name: str, value: object) -> int:
+    """``value`` as an int (numpy's integers too, not bools or floats); TypeError if none."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None

@@ -71,6 +71,22 @@ def test_an_int_is_max_workers_and_other_types_are_refused() -> None:
             fade.Executor(bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"priority": object()}, TypeError),
+        ({"priority": 1 << 20}, ValueError),
+        ({"resources": {"gpu": -1}}, ValueError),
+        ({"resources": "gpu"}, ValueError),
+    ],
+)
+def test_bad_options_are_refused_before_a_pool_starts(options: dict, error: type) -> None:
+    """A constructor that raises leaves no embedded pool behind: nobody could stop it."""
+    with pytest.raises(error):
+        fade.Executor(**options)
+    assert psutil.Process().children(recursive=True) == []
+
+
 # -- a broker that cannot be reached ----------------------------------------------------------
 
 
