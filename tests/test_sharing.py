@@ -107,6 +107,34 @@ def test_weights_set_on_the_broker_divide_the_pool(
     assert all(abs(shares[n] / total - 0.25) <= 0.1 for n in ("light1", "light2")), shares
 
 
+def test_an_executor_past_its_quota_gets_the_documented_error(pool: Pool) -> None:
+    """An ordinary client whose window is larger than its quota: the excess fails with
+    QuotaExceededError naming the broker's option, the rest runs, the broker never holds
+    more than the quota, and another client is served meanwhile."""
+    pool.start_broker("--max-client-tasks", "3")
+    pool.start_worker(2)
+    pool.wait_workers(2)
+    with (
+        fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex,
+        fade.Executor(pool.address, heartbeat_interval=INTERVAL) as other,
+    ):
+        futures = [ex.submit(tasks.sleep_and_return, 0.2, i) for i in range(30)]
+        held = 0
+        deadline = time.monotonic() + 60
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            held = max([held] + [c["tasks"] for c in query(pool.address)["clients"]])
+            time.sleep(0.02)
+        assert other.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        errors = [f.exception(timeout=0) for f in futures]
+        refused = [e for e in errors if e is not None]
+        assert refused and all(isinstance(e, fade.QuotaExceededError) for e in refused)
+        assert "--max-client-tasks" in str(refused[0])
+        assert [f.result() for f, e in zip(futures, errors) if e is None] == [
+            i for i, e in enumerate(errors) if e is None
+        ]
+        assert 0 < held <= 3
+
+
 def test_a_flooding_client_is_held_to_its_quota(pool: Pool, tmp_path: Path) -> None:
     """A client that ignores its window and pushes 200,000 tasks: the broker keeps at most
     its quota (and its memory bounded), refuses the rest, and another client's tasks
@@ -148,7 +176,9 @@ def test_a_flooding_client_is_held_to_its_quota(pool: Pool, tmp_path: Path) -> N
         accepted = 200_000 - refused
         assert 20_000 <= accepted <= 20_000 + ran, (refused, ran)
         grown = broker.memory_info().rss - before
-        assert grown < 200 * 2**20, f"the broker grew by {grown >> 20} MiB"
+        # Measured 77 MiB here: the 20,000 kept tasks, and the peak of 180,000 refusals
+        # waiting in the broker's send queue for a client that reads them slowly.
+        assert grown < 128 * 2**20, f"the broker grew by {grown >> 20} MiB"
         log = tmp_path / "spans"
         with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as other:
             submitted = time.time()
