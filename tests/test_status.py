@@ -124,6 +124,24 @@ def test_status_command_reports_workers_and_tasks_done(
     assert sum(int(r[5]) for r in worker_rows) == n
 
 
+def test_short_ids_tell_sibling_workers_and_successive_clients_apart(pool: Pool) -> None:
+    """Issue 13: with --processes 2 both workers showed as one id, and three clients one
+    after another were logged under one id (short ids were prefixes of identities that
+    share their first bytes)."""
+    pool.start_broker()
+    pool.start_worker(2)
+    pool.wait_workers(2)
+    workers = [w["id"] for w in query(pool.address)["workers"]]
+    clients = []
+    for _ in range(3):
+        with fade.Executor(pool.address) as ex:
+            assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+            (client,) = query(pool.address)["clients"]
+            clients.append(client["id"])
+    assert len(set(workers)) == 2 and len(set(clients)) == 3, (workers, clients)
+    assert not set(workers) & set(clients)
+
+
 def test_status_shows_running_and_queued_tasks(
     tcp_pool: Pool, fade_executor: fade.Executor
 ) -> None:
