@@ -130,7 +130,7 @@ def test_short_ids_tell_sibling_workers_and_successive_clients_apart(pool: Pool)
     share their first bytes)."""
     pool.start_broker()
     pool.start_worker(2)
-    pool.wait_workers(2)
+    wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "two workers")
     workers = [w["id"] for w in query(pool.address)["workers"]]
     clients = []
     for _ in range(3):
