@@ -139,6 +139,18 @@ def test_failover_smoke_run_times_each_failover(tmp_path: Path) -> None:
     assert "bound: outage <= 2 x interval x liveness" in stdout, report
 
 
+@pytest.mark.timeout(120)
+def test_terminate_smoke_run_times_both_cases(tmp_path: Path) -> None:
+    """benchmarks/terminate.py: a time for terminating a running task and for freeing the
+    workers of a killed client (no thresholds: the benchmark reports, it does not judge)."""
+    out = tmp_path / "terminate.json"
+    stdout, report = _run_script("terminate.py", "--smoke", "--json", str(out))
+    rows = {row["case"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"terminate", "killed client"}, report
+    assert all(row["runs"] == 2 and 0 < row["min_s"] <= row["max_s"] for row in rows.values())
+    assert "killed client" in stdout, report
+
+
 # Every benchmark with a command line, but the helpers bench.py starts with ``python -m``.
 INTERNAL = {"runner.py", "rawzmq.py", "rawclient.py", "tasks.py"}
 SCRIPTS = sorted(
