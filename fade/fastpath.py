@@ -10,7 +10,7 @@ a round trip a few hundred):
   the first LEAD_TIME of its wait and completes its own future;
 * worker, **run where received**: the thread that received a task runs it and sends
   its result; the keeper thread takes the socket only when a task outlasts
-  TAKEOVER or waits for code (fade/worker.py, ``_WorkerIO``);
+  TAKEOVER or waits for code (fade/workerio.py and fade/keeper.py, ``WorkerIO``);
 * client, **light futures**: a future's ``_condition`` is a :class:`FutureSignal`,
   one object where a ``threading.Condition`` is eight that the garbage collector
   tracks (its dict, its deque of waiters, five bound methods): 20,000 pending
