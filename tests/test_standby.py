@@ -592,7 +592,11 @@ def test_dashboard_and_metrics_say_which_broker_is_active(
         view: dict[str, object] = json.loads(_get(f"http://127.0.0.1:{http[name]}/status"))
         return view
 
-    wait_for(lambda: status("b").get("pair", {}).get("state") == "passive", 30, "b's page")  # type: ignore[union-attr]
+    # Each page serves a snapshot its broker publishes now and then: wait for both.
+    def pages_show(name: str, state: str) -> bool:
+        return status(name).get("pair", {}).get("state") == state  # type: ignore[union-attr,no-any-return]
+
+    wait_for(lambda: pages_show("a", "active") and pages_show("b", "passive"), 30, "the pages")
     pair_a, pair_b = status("a")["pair"], status("b")["pair"]
     assert pair_a == {
         "role": "primary",
