@@ -7,6 +7,7 @@ session ends by checking that no child process of the test run survived.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import signal
 import socket
@@ -206,18 +207,32 @@ class Pool:
         return worker
 
     def worker_pids(self) -> list[int]:
-        """Pids of the worker processes (the supervisors' children)."""
+        """Pids of the live worker processes (the supervisors' children; one that has
+        exited but is not yet reaped does not count)."""
         pids = []
         for sup in self.workers:
             try:
-                pids += [c.pid for c in psutil.Process(sup.pid).children()]
+                children = psutil.Process(sup.pid).children()
             except psutil.NoSuchProcess:
-                pass
+                continue
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if child.status() != psutil.STATUS_ZOMBIE:
+                        pids.append(child.pid)
         return pids
 
     def wait_workers(self, count: int, timeout: float = 20) -> list[int]:
-        wait_for(lambda: len(self.worker_pids()) >= count, timeout, f"{count} worker processes")
-        return self.worker_pids()
+        """The worker pids once there are ``count``: those seen then (asking again could
+        catch a supervisor between reaping a process and starting its replacement)."""
+        seen: list[int] = []
+
+        def enough() -> bool:
+            nonlocal seen
+            seen = self.worker_pids()
+            return len(seen) >= count
+
+        wait_for(enough, timeout, f"{count} worker processes")
+        return seen
 
     def kill_broker(self) -> None:
         if self.broker is not None:

@@ -70,6 +70,7 @@ def test_worker_process_that_exits_is_replaced(
 
 
 def test_task_timeout_stops_the_task_and_replaces_its_process(tcp_pool: Pool) -> None:
+    before = set(tcp_pool.wait_workers(2))
     with fade.Executor(tcp_pool.address, heartbeat_interval=INTERVAL, task_timeout=0.5) as ex:
         started = time.monotonic()
         hung = ex.submit(tasks.sleep_and_return, 60)
@@ -78,7 +79,12 @@ def test_task_timeout_stops_the_task_and_replaces_its_process(tcp_pool: Pool) ->
             hung.result(timeout=30)
         assert time.monotonic() - started < 5
         assert [f.result(timeout=30) for f in quick] == [i * i for i in range(20)]
-        assert len(tcp_pool.wait_workers(2)) == 2
+
+        def replaced() -> bool:
+            now = set(tcp_pool.worker_pids())
+            return len(now) == 2 and len(now - before) == 1
+
+        wait_for(replaced, 20, "a fresh process in place of the one whose task hung")
         assert ex.submit(tasks.add, 2, 3).result(timeout=30) == 5
 
 
