@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -203,8 +204,17 @@ class Supervisor:
             pass_fds=(theirs.fileno(),),
         )
         theirs.close()
-        self._children[process.pid] = _Child(identity, process, time.monotonic(), ours)
+        child = _Child(identity, process, time.monotonic(), ours)
+        self._children[process.pid] = child
         log.debug("started worker process %d (%s)", process.pid, p.short_id(identity))
+        if self._stopping:
+            # A signal handled while Popen ran told every child but this one, which was
+            # not filed yet: without this it would serve on, and we would wait for it.
+            if self._stopping == 1:
+                with contextlib.suppress(OSError):
+                    child.control.send(CONTROL_DRAIN)
+            else:
+                _end_group(child)
 
     def _read_controls(self) -> None:
         for child in self._children.values():
