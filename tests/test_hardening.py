@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -34,6 +35,7 @@ from dists import make_dist
 
 import fade
 from fade import protocol as p
+from fade.options import WorkerOptions
 from fade.status import query
 
 pytestmark = pytest.mark.timeout(90)
@@ -455,6 +457,37 @@ def test_what_a_task_started_ends_with_its_worker(pool: Pool, tmp_path: Path) ->
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=15) == 0
     wait_for(lambda: not _running(child), 10, "the task's child to end with its worker")
+
+
+def test_a_worker_started_while_a_sigterm_is_handled_drains_too(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM handled while the supervisor is starting a worker (a replacement, say)
+    told every filed worker to drain but not the one being started, which served on:
+    fade-worker never exited. The signal is placed in that window here by running the
+    supervisor's handler from inside Popen."""
+    from fade import supervisor as sv
+
+    pool.start_broker()
+    sup = sv.Supervisor(
+        WorkerOptions(address=pool.address, heartbeat_interval=INTERVAL, heartbeat_liveness=3)
+    )
+    real_popen = subprocess.Popen
+
+    def popen_interrupted(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = real_popen(*args, **kwargs)
+        sup._on_signal(signal.SIGTERM, None)  # as if it came now
+        return process
+
+    monkeypatch.setattr(sv.subprocess, "Popen", popen_interrupted)
+    try:
+        sup.start()
+        deadline = time.monotonic() + 30
+        while sup.tick():
+            assert time.monotonic() < deadline, "the worker started during the stop serves on"
+            time.sleep(0.05)
+    finally:
+        sup.close()
 
 
 def _running(pid: int) -> bool:
