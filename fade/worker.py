@@ -256,8 +256,13 @@ class Worker:
         )
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))
-        self._interruptible = True  # a stop signal raises in the task's code only
         try:
+            self._interruptible = True  # a stop signal raises in the task's code only
+            # A stop that came while the task loaded (its signal did nothing then) takes
+            # effect now, not when its grace runs out and the process is replaced.
+            stopping = self.stopping
+            if stopping is not None and stopping[0] == key:
+                raise _Stopped
             return fn(*args, **kwargs)
         finally:
             self._interruptible = False

@@ -81,6 +81,22 @@ def die_if_first(marker: str, value: Any) -> Any:
     return value
 
 
+def _load_slowly(marker: str, seconds: float) -> None:
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+class SlowToLoad:
+    """Takes ``seconds`` to unpickle where a task's arguments are loaded, and creates
+    ``marker`` when that starts (the task has reached its worker but not its code)."""
+
+    def __init__(self, marker: str, seconds: float) -> None:
+        self.marker, self.seconds = marker, seconds
+
+    def __reduce__(self) -> Any:
+        return _load_slowly, (self.marker, self.seconds)
+
+
 class Unpicklable:
     def __reduce__(self) -> Any:
         raise TypeError("this object refuses to be pickled")

@@ -27,6 +27,7 @@ import fade
 from fade import protocol as p
 from fade import security
 from fade import serialization as ser
+from fade.worker import STOP_GRACE
 from fade.status import query
 
 pytestmark = pytest.mark.timeout(120)
@@ -252,6 +253,26 @@ def test_terminate_stops_a_running_task_and_its_worker_goes_on(tcp_pool: Pool) -
             running.result(timeout=30)
         assert time.monotonic() - asked < 2 * INTERVAL + 0.5
         assert ex.terminate(running) is False  # done already
+        assert set(tcp_pool.worker_pids()) == pids  # no process was replaced
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
+def test_a_task_asked_to_stop_while_its_arguments_load_stops_when_they_have(
+    tcp_pool: Pool, tmp_path: Path
+) -> None:
+    # The stop comes while the worker unpickles the task (its code has not started): it
+    # must take effect as the code starts, not wait out the grace and replace the process.
+    # (A CI run met this window by chance, under load.)
+    marker = tmp_path / "loading"
+    with fade.Executor(tcp_pool.address, heartbeat_interval=INTERVAL) as ex:
+        running = ex.submit(tasks.sleep_and_return, 600, tasks.SlowToLoad(str(marker), 0.4))
+        wait_for(marker.exists, 10, "the task's arguments to start loading")
+        pids = set(tcp_pool.worker_pids())
+        asked = time.monotonic()
+        assert ex.terminate(running)
+        with pytest.raises(fade.TaskTerminatedError, match="terminated on request"):
+            running.result(timeout=30)
+        assert time.monotonic() - asked < STOP_GRACE
         assert set(tcp_pool.worker_pids()) == pids  # no process was replaced
         assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
 
