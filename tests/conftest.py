@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 import pytest
@@ -29,6 +29,9 @@ import zmq
 import fade
 from fade import security
 from fade.sockets import connect_dealer
+
+if TYPE_CHECKING:
+    from browser import Chromium
 
 TESTS = Path(__file__).resolve().parent
 # Worker processes import the test helpers (tests/tasks.py) by name.
@@ -422,6 +425,25 @@ def sockets() -> Iterator[Sockets]:
         yield made
     finally:
         made.close()
+
+
+# -- a real headless Chromium (tests/browser.py) -------------------------------------------------
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Chromium]:
+    """Debian's Chromium, headless, with a profile of its own (skips where it is not
+    installed)."""
+    from browser import Chromium, find_chromium  # here: tests/browser.py imports conftest
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    chromium = Chromium(executable, tmp_path / "profile")
+    try:
+        yield chromium
+    finally:
+        chromium.close()
 
 
 # -- a network namespace of our own ------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import tasks
-from browser import Chromium, find_chromium
+from browser import Chromium
 from conftest import INTERVAL, LIVENESS, Pool, free_port, wait_for
 
 import fade
@@ -352,18 +352,6 @@ def test_http_address_parsing_and_host_check() -> None:
 # -- the page in a real browser ---------------------------------------------------------------
 
 WORKER_ROWS = "document.querySelectorAll('#workers-table tbody tr')"
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Chromium]:
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    chromium = Chromium(executable, tmp_path / "profile")
-    try:
-        yield chromium
-    finally:
-        chromium.close()
 
 
 def test_dashboard_in_headless_chromium(

@@ -27,8 +27,8 @@ import fade
 from fade import protocol as p
 from fade import security
 from fade import serialization as ser
-from fade.worker import STOP_GRACE
 from fade.status import query
+from fade.worker import STOP_GRACE
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import tasks
 import zmq
-from browser import Chromium, find_chromium
+from browser import Chromium
 from conftest import (
     INTERVAL,
     LIVENESS,
@@ -564,18 +564,6 @@ def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         body: str = response.read().decode()
         return body
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Chromium]:
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    chromium = Chromium(executable, tmp_path / "profile")
-    try:
-        yield chromium
-    finally:
-        chromium.close()
 
 
 def test_dashboard_and_metrics_say_which_broker_is_active(
