@@ -49,6 +49,7 @@ from fade.distributions import (
     normalize,
     record_entries,
     this_python,
+    top_level_modules,
 )
 from fade.shipping import _recorder
 
@@ -328,14 +329,15 @@ _top_maps: dict[tuple[str, ...], Mapping[str, list[str]]] = {}
 
 
 def _top_map() -> Mapping[str, list[str]]:
-    """importlib.metadata.packages_distributions(), which reads every distribution's
-    metadata (tens of milliseconds): once per process and sys.path, not per Executor."""
+    """Top-level module -> distributions (distributions.top_level_modules, which reads
+    every distribution's top_level.txt or RECORD: milliseconds to tens of them): once per
+    process and sys.path, not per Executor."""
     key = tuple(sys.path)
     found = _top_maps.get(key)
     if found is None:
         if len(_top_maps) > 8:
             _top_maps.clear()
-        found = _top_maps[key] = md.packages_distributions()
+        found = _top_maps[key] = top_level_modules(list(key))
     return found
 
 

@@ -10,6 +10,7 @@ installed by pip into two virtual environments.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import socket
 import subprocess
@@ -32,7 +33,13 @@ from dists import build_extension, build_library, make_dist, tree_of
 import fade
 from fade import protocol as p
 from fade import serialization as ser
-from fade.distributions import Distribution, content_id, record_entries
+from fade.distributions import (
+    Distribution,
+    content_id,
+    normalize,
+    record_entries,
+    top_level_modules,
+)
 from fade.packages import InstalledPackages
 from fade.pkgcache import PackageCache
 from fade.status import format_status, query
@@ -104,6 +111,50 @@ def _module(name: str, version: str, extra: str = "") -> str:
 
 
 # -- what travels, and how often ----------------------------------------------------------------
+
+
+def test_the_top_level_map_is_what_importlib_metadata_says(tmp_path: Path) -> None:
+    # fade reads it itself (a third of the cost); the standard library is the judge, here on
+    # a site folder with each kind of distribution, and on this interpreter's own.
+    ext = sysconfig.get_config_var("EXT_SUFFIX")
+    make_dist(tmp_path, "Pack-Age", "1.0", {"pack_age/__init__.py": "", "pack_age/m.py": ""})
+    make_dist(tmp_path, "single", "2.0", {"single.py": "", "__pycache__/single.cpython.pyc": ""})
+    make_dist(tmp_path, "two-tops", "1.0", {"alpha/__init__.py": "", "beta.py": "", "x.txt": ""})
+    declared = make_dist(tmp_path, "declared", "1.0", {"decl/__init__.py": ""})
+    (declared / "top_level.txt").write_text("decl\nhidden\n")
+    make_dist(tmp_path, "native", "1.0", {f"fast{ext}": ""})
+    make_dist(tmp_path, "shared-a", "1.0", {"ns/a/__init__.py": ""})
+    make_dist(tmp_path, "shared-b", "1.0", {"ns/b/__init__.py": ""})
+    expected = {
+        "pack_age": ["pack-age"], "single": ["single"], "alpha": ["two-tops"],
+        "beta": ["two-tops"], "decl": ["declared"], "hidden": ["declared"],
+        "fast": ["native"], "ns": ["shared-a", "shared-b"],
+    }  # fmt: skip
+    assert _sorted(top_level_modules([str(tmp_path)])) == expected
+    stdlib = _stdlib_map([str(tmp_path)])
+    assert stdlib == {top: expected[top] for top in stdlib}
+    assert set(expected) - set(stdlib) <= {"fast"}  # 3.11 infers no extension module
+    # And on this interpreter's own installation (where fade may also find extension
+    # modules that 3.11 does not infer).
+    ours, stdlib = _sorted(top_level_modules(sys.path)), _stdlib_map(sys.path)
+    assert {top: ours.get(top) for top in stdlib} == stdlib
+
+
+def _sorted(found: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {top: sorted(names) for top, names in found.items()}
+
+
+def _stdlib_map(path: list[str]) -> dict[str, list[str]]:
+    """importlib.metadata.packages_distributions(), for ``path`` instead of sys.path."""
+    found: dict[str, set[str]] = {}
+    saved = sys.path[:]
+    sys.path[:] = path
+    try:
+        for top, names in importlib.metadata.packages_distributions().items():
+            found.setdefault(top, set()).update(normalize(n) for n in names)
+    finally:
+        sys.path[:] = saved
+    return {top: sorted(names) for top, names in found.items()}
 
 
 def test_a_distribution_only_the_client_has_travels_once_per_host(
