@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.machinery
-import importlib.metadata as md
 import json
 import platform
 import re
@@ -76,6 +75,8 @@ def top_level_modules(path: list[str] | None = None) -> dict[str, list[str]]:
     rather than as one ``PackagePath`` object per file (a large distribution lists
     thousands). Modules inferred from a RECORD include extension modules, as Python
     3.12's inference does and 3.11's does not."""
+    import importlib.metadata as md  # here: workers import this module, and seldom need it
+
     found: dict[str, list[str]] = {}
     for dist in md.distributions(path=sys.path if path is None else path):
         # The name from the dist-info folder's name (where the distribution has it),

@@ -140,6 +140,15 @@ def test_the_top_level_map_is_what_importlib_metadata_says(tmp_path: Path) -> No
     assert {top: ours.get(top) for top in stdlib} == stdlib
 
 
+def test_a_worker_starts_without_reading_distributions() -> None:
+    # A worker reads installed distributions only for a task whose packages differ
+    # (importlib.metadata is 10 ms of its start-up, on the way to the first result).
+    code = "import sys, fade.worker; print(sorted({'importlib.metadata'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def _sorted(found: dict[str, list[str]]) -> dict[str, list[str]]:
     return {top: sorted(names) for top, names in found.items()}
 
