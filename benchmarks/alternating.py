@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""fade beside raw pyzmq in alternating rounds: round-trip latency and 50 MB round trips.
+"""fade beside raw pyzmq and ProcessPoolExecutor in alternating rounds: round-trip latency
+and 50 MB round trips.
 
     alternating.py ──> starts fade over TCP (broker + fade-worker, 2 processes), the embedded
-                       pool and raw pyzmq's broker + 2 workers, all at once (idle pools cost
-                       nothing), then runs R rounds of M sequential round trips of a no-op on
-                       each system in turn, in a new order every round, then R rounds of B
-                       round trips of a 50 MB array likewise
+                       pool, ProcessPoolExecutor(2) and raw pyzmq's broker + 2 workers, all at
+                       once (idle pools cost nothing), then runs R rounds of M sequential
+                       round trips of a no-op on each system in turn, in a new order every
+                       round, then R rounds of B round trips of a 50 MB array likewise
                    ──> per system: latency median and p99 over all round trips, 50 MB MB/s
                        over all; per fade system: the median of its per-round ratios to raw
-                       pyzmq, for both
+                       pyzmq, for both; for the embedded pool also to ProcessPoolExecutor
+                       (issue 18's round-trip target)
                    ──> --json PATH: the figures, every round's figures and the machine
 
 ``bench.py`` measures each system in its own process, one after another, minutes apart. On a
@@ -53,8 +55,10 @@ from benchmarks.systems import open_target  # noqa: E402
 from benchmarks.tasks import identity, noop  # noqa: E402
 
 BASELINE = "raw-zmq"
-SYSTEM_NAMES = ("fade-tcp", "fade-embedded", BASELINE)
+PROCESSPOOL = "processpool"
+SYSTEM_NAMES = ("fade-tcp", "fade-embedded", PROCESSPOOL, BASELINE)
 TARGET_LATENCY = 1.3  # issue #5: fade's median round trip <= 1.3x raw pyzmq's
+TARGET_LOCAL_LATENCY = 1.2  # issue 18: the embedded pool's <= 1.2x ProcessPoolExecutor's
 TARGET_BIG = 0.8  # issue #5: fade's 50 MB round trips >= 0.8x raw pyzmq's bandwidth
 MODES = {"smoke": (4, 50, 1), "full": (20, 100, 2)}  # rounds; calls and 50 MB trips per round
 WARM_UP_CALLS = 200
@@ -173,6 +177,11 @@ def _summarise(
     for name in SYSTEM_NAMES:
         if name != BASELINE:
             figures = systems[name]
+            if name == "fade-embedded":
+                pool = systems[PROCESSPOOL]
+                versus = _ratios(figures["round_medians_us"], pool["round_medians_us"])
+                figures["pp_ratio_per_round"] = versus
+                figures["pp_ratio_median"] = statistics.median(versus)
             latency = _ratios(figures["round_medians_us"], base["round_medians_us"])
             big = _ratios(figures["round_big_mbps"], base["round_big_mbps"])
             figures["ratio_per_round"] = latency
@@ -215,6 +224,11 @@ def _print(document: dict[str, Any]) -> None:
             f"{_ratio_cell(figures, 'ratio'):>22} {figures['big_mbps']:>11,.0f} "
             f"{_ratio_cell(figures, 'big_ratio'):>22}"
         )
+    local = document["systems"]["fade-embedded"]["pp_ratio_median"]
+    print(
+        f"target: fade-embedded round trip <= {TARGET_LOCAL_LATENCY}x processpool: {local:.2f}x "
+        f"{'PASS' if local <= TARGET_LOCAL_LATENCY else 'MISS'}"
+    )
     tcp = document["systems"]["fade-tcp"]
     latency, big = tcp["ratio_median"], tcp["big_ratio_median"]
     print(

@@ -112,7 +112,7 @@ def test_alternating_smoke_run_compares_every_round(tmp_path: Path) -> None:
     stdout, report = _run_script("alternating.py", "--smoke", "--json", str(out))
     document = json.loads(out.read_text())
     systems = document["systems"]
-    assert set(systems) == {"fade-tcp", "fade-embedded", "raw-zmq"}, report
+    assert set(systems) == {"fade-tcp", "fade-embedded", "processpool", "raw-zmq"}, report
     for name, figures in systems.items():
         assert figures["lat_median_us"] > 0 and figures["lat_p99_us"] >= figures["lat_median_us"]
         assert figures["big_mbps"] > 0, name
@@ -122,6 +122,9 @@ def test_alternating_smoke_run_compares_every_round(tmp_path: Path) -> None:
             for key in ("ratio", "big_ratio"):
                 assert len(figures[f"{key}_per_round"]) == document["rounds"], (name, key)
                 assert figures[f"{key}_median"] > 0, (name, key)
+    versus = systems["fade-embedded"]["pp_ratio_per_round"]
+    assert len(versus) == document["rounds"] and min(versus) > 0, report
+    assert "target: fade-embedded round trip" in stdout, report
     assert "target: fade-tcp round trip" in stdout, report
     assert "target: fade-tcp 50 MB" in stdout, report
 
