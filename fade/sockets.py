@@ -16,7 +16,9 @@ high-water marks, message size limits and CurveZMQ keys) is set once for all.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -40,6 +42,7 @@ __all__ = [
     "poll",
     "recv_frames",
     "send_frames",
+    "spin_for_input",
     "wait_for_input",
 ]
 
@@ -116,6 +119,26 @@ def poll(items: list[tuple[Any, int]], timeout_ms: int) -> list[tuple[Any, int]]
     """pyzmq's compiled poll over ready-made (socket or fd, events) items: zmq.Poller
     rebuilds its list and wraps the answer on every call."""
     return cast(list[tuple[Any, int]], _zmq_poll(items, timeout_ms))
+
+
+#: How long a fast path checks for a reply it expects soon before it sleeps (seconds).
+#: A thread woken from sleep costs tens of microseconds on bare metal and up to a
+#: hundred on a VM whose idle CPU must itself be woken; most replies on one machine
+#: come within this. Measured with benchmarks/alternating.py (docs/architecture.md).
+SPIN = 0.0002
+_yield = getattr(os, "sched_yield", lambda: None)
+
+
+def spin_for_input(sock: zmq.Socket[bytes], seconds: float = SPIN) -> bool:
+    """Check for a message to read for up to ``seconds`` without sleeping, yielding the
+    CPU to any thread that wants it between checks; True if one waits. For a reply
+    expected within microseconds: the caller then sleeps in a poll as ever."""
+    end = time.perf_counter() + seconds
+    while not (cast(int, _get(sock, _EVENTS)) & _POLLIN):
+        if time.perf_counter() >= end:
+            return False
+        _yield()
+    return True
 
 
 def wait_for_input(sock: zmq.Socket[bytes], timeout_ms: int) -> bool:

@@ -48,7 +48,7 @@ from fade.errors import BrokerUnreachableError, FadeError, ProtocolVersionError,
 from fade.keeper import Keeper
 from fade.lifecycle import PROCESS_MOVES, ProcessState, move
 from fade.link import BrokerLink
-from fade.sockets import POLLIN, has_input, poll
+from fade.sockets import POLLIN, SPIN, has_input, poll, spin_for_input
 from fade.supervisor import CONTROL_DRAIN, CONTROL_LEAVE, CONTROL_SERVING, EXIT_INCOMPATIBLE
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ class WorkerIO:
         self._drain_started = 0.0
         self._said_serving = False
         self._last_pass = 0.0
+        self._ran = False  # next_job has handed out a task: it then runs just after one
         self._next_check = 0.0
         self.keeper = Keeper(self)  # the second thread that may hold the socket
         # A broker pair: results lately sent (when, record, payload, bytes), and whether
@@ -170,6 +171,7 @@ class WorkerIO:
         if not self.w.fast:
             return self._wait_for_job()
         inbox = self.w._inbox
+        spin, self._ran = self._ran, True  # just after a task, the next may be µs away
         with self.baton:
             while not self.stopped:
                 # Back-to-back tasks skip the socket for a moment so that their results
@@ -180,7 +182,8 @@ class WorkerIO:
                     or self.w._drain_requests
                     or time.monotonic() - self._last_pass >= RESULT_DELAY
                 ):
-                    self.run_pass(block=not inbox)
+                    self.run_pass(block=not inbox, spin=spin)
+                    spin = False
                 if inbox and not self.stopped:
                     return self._start(inbox.popleft())
         return None
@@ -225,12 +228,15 @@ class WorkerIO:
 
     # -- the loop, run by whichever thread holds the baton ---------------------------------------
 
-    def run_pass(self, block: bool) -> None:
-        """One turn of the loop; never blocks longer than a heartbeat interval."""
+    def run_pass(self, block: bool, spin: bool = False) -> None:
+        """One turn of the loop; never blocks longer than a heartbeat interval. With
+        ``spin``, looks for a message a moment before sleeping (fade/fastpath.py)."""
         sock = self.link.socket
         assert sock is not None
         self._flush()  # before a blocking poll: a finished result must not wait
         timeout = self._poll_timeout() if block else 0.0
+        if spin and timeout and spin_for_input(sock, min(SPIN, timeout)):
+            timeout = 0.0
         events = dict(poll(self._polled, int(timeout * 1000)))
         if self.w.wake.fd in events:
             self.w.wake.clear()

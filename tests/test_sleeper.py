@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from fade.sockets import spin_for_input
 from fade.wakeup import Sleeper
 
 pytestmark = pytest.mark.timeout(20)
@@ -92,3 +93,45 @@ def test_muted_descriptor_does_not_end_a_later_sleep(sleeper: tuple) -> None:
     started = time.monotonic()
     assert s.sleep(5) is False and time.monotonic() - started < 4
     os.read(sock_r, 1)
+
+
+# -- looking before sleeping (fade.sockets.spin_for_input, the fast paths' short wait) -------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple]:
+    import zmq
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://spin")
+    b.connect("inproc://spin")
+    yield a, b
+    a.close(0)
+    b.close(0)
+    ctx.term()
+
+
+def test_a_spin_sees_a_waiting_message_at_once(pair: tuple) -> None:
+    sender, receiver = pair
+    sender.send(b"x")
+    time.sleep(0.05)
+    started = time.perf_counter()
+    assert spin_for_input(receiver, 5.0) is True
+    assert time.perf_counter() - started < 1.0
+    assert receiver.recv() == b"x"  # looking did not take it
+
+
+def test_a_spin_ends_when_a_message_comes(pair: tuple) -> None:
+    sender, receiver = pair
+    threading.Timer(0.05, sender.send, (b"x",)).start()
+    started = time.perf_counter()
+    assert spin_for_input(receiver, 5.0) is True
+    assert 0.04 < time.perf_counter() - started < 2.5  # not the 5 s it was allowed
+
+
+def test_a_spin_without_a_message_ends_after_its_time(pair: tuple) -> None:
+    _, receiver = pair
+    started = time.perf_counter()
+    assert spin_for_input(receiver, 0.05) is False
+    assert 0.05 <= time.perf_counter() - started < 1.0

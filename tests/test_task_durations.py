@@ -96,3 +96,22 @@ def test_worker_holds_a_queued_task_unless_its_tasks_are_slow(
         assert worker.wanted() == wanted
     finally:
         worker.wake.close()
+
+
+def test_an_idle_pool_burns_no_cpu_after_its_last_task() -> None:
+    # The fast paths look for a reply before they sleep (fade.sockets.spin_for_input):
+    # once after each task, for a fraction of a millisecond, never while idle.
+    psutil = pytest.importorskip("psutil")
+    with fade.Executor(max_workers=2) as ex:
+        assert list(ex.map(tasks.add, range(50), range(50))) == [2 * i for i in range(50)]
+        time.sleep(0.5)  # the pool settles (the workers' keepers go to sleep after 1 s idle)
+        processes = [psutil.Process(), *(psutil.Process(pid) for pid in ex._pool.pids)]
+        time.sleep(1.5)
+
+        def cpu() -> float:
+            return sum(sum(proc.cpu_times()[:2]) for proc in processes)
+
+        before = cpu()
+        time.sleep(2.0)
+        used = cpu() - before
+    assert used < 0.2, f"{used:.2f} s of CPU in 2 s idle"
