@@ -32,18 +32,16 @@ from fade.errors import (
     ProtocolVersionError,
     QuotaExceededError,
     RemoteTraceback,
-    ResultDecodeError,
     SecurityError,
     SerializationError,
     SharedDataError,
-    TaskDecodeError,
     TaskTerminatedError,
     TaskTimeoutError,
-    WorkerLostError,
 )
 from fade.shipping import install_import_hook
 
 if TYPE_CHECKING:
+    from fade._brokenpool import ResultDecodeError, TaskDecodeError, WorkerLostError
     from fade.client import Executor
     from fade.data import Shared, share
     from fade.progress import as_completed
@@ -60,6 +58,10 @@ def __getattr__(name: str) -> Any:
         from fade.client import Executor
 
         return Executor
+    if name in ("ResultDecodeError", "TaskDecodeError", "WorkerLostError"):
+        from fade import errors  # they import multiprocessing: see fade/errors.py
+
+        return getattr(errors, name)
     if name in ("share", "Shared"):
         from fade import data
 

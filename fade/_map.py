@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import cloudpickle
 
-from fade.errors import ResultDecodeError
+from fade import errors  # errors.ResultDecodeError: imported when met
 from fade.progress import ProgressBar, map_description, map_total
 from fade.serialization import remote_cause
 from fade.tracebacks import RemoteTrace, capture
@@ -50,7 +50,7 @@ class ChunkError(Exception):
         try:
             cloudpickle.dumps(error, protocol=5)
         except Exception as why:  # as for a task's own exception: say what it was
-            error = ResultDecodeError(
+            error = errors.ResultDecodeError(
                 f"the task raised {type(error).__qualname__}: {error}, "
                 f"which cannot be pickled ({type(why).__name__}: {why})"
             )

@@ -41,7 +41,10 @@ from __future__ import annotations
 
 import pickle
 from concurrent.futures import BrokenExecutor
-from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fade._brokenpool import ResultDecodeError, TaskDecodeError, WorkerLostError
 
 __all__ = [
     "BrokenPoolError",
@@ -96,27 +99,6 @@ class SerializationError(FadeError, pickle.PicklingError):
     """A function, argument, result or exception could not be pickled or unpickled.
 
     Also a ``pickle.PicklingError``: what code written for the standard pools catches."""
-
-
-class ResultDecodeError(SerializationError, BrokenProcessPool):
-    """The worker's result or exception could not be pickled there or rebuilt here.
-
-    Also a ``BrokenProcessPool``, which ``ProcessPoolExecutor`` raises when it cannot
-    unpickle a result; only this future fails, the pool goes on."""
-
-
-class TaskDecodeError(SerializationError, BrokenProcessPool):
-    """A worker could not unpickle the task's function or arguments (the cause says why).
-
-    Also a ``BrokenProcessPool``: a standard pool's worker dies there; only this future
-    fails, the pool goes on."""
-
-
-class WorkerLostError(FadeError, BrokenProcessPool):
-    """The task's worker died (crash, kill, lost heartbeats) on every allowed attempt.
-
-    Also a ``BrokenProcessPool``, as ``ProcessPoolExecutor`` reports a worker's death;
-    only this future fails, the pool goes on."""
 
 
 class TaskTimeoutError(FadeError):
@@ -235,3 +217,18 @@ class BrokerUnreachableError(FadeError):
 
 class MissingExtraError(FadeError, ImportError):
     """An optional feature needs a library that is not installed; the message names the extra."""
+
+
+#: The errors that are also ``BrokenProcessPool`` live in fade/_brokenpool.py: its module,
+#: ``concurrent.futures.process``, imports ``multiprocessing`` (10-15 ms of every worker's
+#: start and of ``import fade``), so they are imported the first time they are named.
+_BROKEN_POOL_ERRORS = frozenset({"ResultDecodeError", "TaskDecodeError", "WorkerLostError"})
+
+
+def __getattr__(name: str) -> type[FadeError]:
+    if name in _BROKEN_POOL_ERRORS:
+        from fade import _brokenpool
+
+        error: type[FadeError] = getattr(_brokenpool, name)
+        return error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from fade import errors  # errors.ResultDecodeError, WorkerLostError: imported when met
 from fade import protocol as p
 from fade import serialization as ser
 from fade.errors import (
@@ -29,9 +30,7 @@ from fade.errors import (
     MissingDependencyError,
     ProtocolError,
     QuotaExceededError,
-    ResultDecodeError,
     TaskTerminatedError,
-    WorkerLostError,
 )
 
 __all__ = ["Outcome", "deliver", "outcome"]
@@ -67,7 +66,7 @@ def outcome(
         except FadeError as exc:
             return False, exc
         except BaseException as exc:  # unpickling ran code that raised SystemExit...
-            error = ResultDecodeError(
+            error = errors.ResultDecodeError(
                 f"unpickling the task's result raised {type(exc).__name__}: {exc}"
             )
             error.__cause__ = exc
@@ -128,17 +127,17 @@ def _version_of(distribution: str) -> str:
         return "?"
 
 
-def _lost_error(payload: p.Payload) -> WorkerLostError:
+def _lost_error(payload: p.Payload) -> errors.WorkerLostError:
     try:
         info = json.loads(payload.inline)
     except ValueError:
-        return WorkerLostError("the task's worker was lost too many times")
+        return errors.WorkerLostError("the task's worker was lost too many times")
     where = f"worker {info.get('worker', '?')} on host {info.get('host')} pid {info.get('pid')}"
     if info.get("signal"):
         where += f", killed by {info['signal']}"
     elif info.get("exitcode") is not None:
         where += f", exit code {info['exitcode']}"
-    return WorkerLostError(
+    return errors.WorkerLostError(
         f"the task was attempted {info.get('attempts')} times and lost its worker each time "
         f"(it may crash its worker: a segfault, os._exit, running out of memory); "
         f"last seen: {where} ({info.get('reason')})"

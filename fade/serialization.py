@@ -58,9 +58,12 @@ from typing import Any
 
 import cloudpickle
 
-from fade import tracebacks
+from fade import (
+    errors,  # errors.ResultDecodeError, TaskDecodeError: imported when met
+    tracebacks,
+)
 from fade.data import DataRef, DataShelf
-from fade.errors import CodeShippingError, ResultDecodeError, SerializationError, TaskDecodeError
+from fade.errors import CodeShippingError, SerializationError
 from fade.payload import (
     RESULT_SEGMENTS,
     ExecutorSetup,
@@ -400,7 +403,7 @@ def loads_call(
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
         raise
     except BaseException as exc:  # SystemExit too: a __reduce__ may run anything
-        raise TaskDecodeError(
+        raise errors.TaskDecodeError(
             f"the task's function could not be unpickled on the worker: {_describe(exc)}"
         ) from exc
     buffers = [_as_buffer(f) for f in payload.buffers]
@@ -411,7 +414,7 @@ def loads_call(
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
         raise
     except BaseException as exc:
-        raise TaskDecodeError(
+        raise errors.TaskDecodeError(
             f"the arguments of {_fn_name(fn)} could not be unpickled on the worker: "
             f"{_describe(exc)}"
         ) from exc
@@ -452,7 +455,7 @@ def dumps_value(value: Any, segments: Segmenter | None = None) -> Payload:
     try:
         data = _dumps(value, buffers, segments=segments)
     except Exception as exc:
-        raise ResultDecodeError(
+        raise errors.ResultDecodeError(
             f"the task's result of type {type(value).__qualname__} cannot be pickled: "
             f"{type(exc).__name__}: {exc}"
         ) from None
@@ -473,17 +476,17 @@ def loads_value(payload: Payload, take: Callable[[SegmentRef], Any] | None = Non
         if data[:1] == RESULT_SEGMENTS:
             segs = result_segments(payload)
             if not segs or take is None:
-                raise ResultDecodeError("the result's shared memory could not be read here")
+                raise errors.ResultDecodeError("the result's shared memory could not be read here")
             data = result_pickle(data, segs)
             for seg in sorted(segs, key=lambda s: s.position):
                 if seg.position > len(buffers):
-                    raise ResultDecodeError("a result names an impossible buffer position")
+                    raise errors.ResultDecodeError("a result names an impossible buffer position")
                 buffers.insert(seg.position, take(seg))
         return pickle.loads(data, buffers=buffers)
-    except (KeyboardInterrupt, ResultDecodeError):
+    except (KeyboardInterrupt, errors.ResultDecodeError):
         raise
     except BaseException as exc:
-        raise ResultDecodeError(
+        raise errors.ResultDecodeError(
             f"the task's result could not be unpickled here: {_describe(exc)}"
         ) from exc
 
@@ -499,7 +502,7 @@ def dumps_exception(exc: BaseException) -> Payload:
     try:
         return Payload(cloudpickle_dumps((exc, text, trace)))
     except Exception as why:
-        stand_in = ResultDecodeError(
+        stand_in = errors.ResultDecodeError(
             f"the task raised {type(exc).__qualname__}: {exc}, "
             f"which cannot be pickled ({type(why).__name__}: {why})"
         )
@@ -514,11 +517,11 @@ def loads_exception(payload: Payload) -> BaseException:
     except KeyboardInterrupt:
         raise
     except BaseException as why:
-        return ResultDecodeError(
+        return errors.ResultDecodeError(
             f"the task raised an exception that could not be unpickled here: {_describe(why)}"
         )
     if not isinstance(exc, BaseException):
-        return ResultDecodeError(f"the worker sent {type(exc).__name__} as an exception")
+        return errors.ResultDecodeError(f"the worker sent {type(exc).__name__} as an exception")
     trace = more[0] if more and isinstance(more[0], tracebacks.RemoteTrace) else str(text)
     exc.__cause__ = remote_cause(trace)
     return exc

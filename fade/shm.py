@@ -62,7 +62,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fade.errors import ResultDecodeError
+from fade import errors  # errors.ResultDecodeError: imported when met
 from fade.shmfiles import lock, map_file, write_all
 
 __all__ = [
@@ -461,11 +461,11 @@ class ClientSegments:
                 slot = next((s for s in slots if s.name == ref.name), None)
                 folder = self._folder
             if slot is None or folder is None:
-                raise ResultDecodeError("a result names shared memory not given to its task")
+                raise errors.ResultDecodeError("a result names shared memory not given to its task")
             try:
                 view = map_file(self._path(folder, slot.name), ref.size)
             except OSError as exc:
-                raise ResultDecodeError(
+                raise errors.ResultDecodeError(
                     f"the task's result in shared memory could not be read: {exc}"
                 ) from None
             self.mapped += 1

@@ -140,13 +140,40 @@ def test_the_top_level_map_is_what_importlib_metadata_says(tmp_path: Path) -> No
     assert {top: ours.get(top) for top in stdlib} == stdlib
 
 
-def test_a_worker_starts_without_reading_distributions() -> None:
+@pytest.mark.parametrize(
+    ("imports", "absent"),
+    [
+        ("import fade.worker", ("importlib.metadata", "multiprocessing")),
+        ("import fade; fade.Executor", ("multiprocessing",)),
+    ],
+    ids=["worker", "client"],
+)
+def test_start_up_leaves_out_what_it_seldom_needs(imports: str, absent: tuple[str, ...]) -> None:
     # A worker reads installed distributions only for a task whose packages differ
-    # (importlib.metadata is 10 ms of its start-up, on the way to the first result).
-    code = "import sys, fade.worker; print(sorted({'importlib.metadata'} & set(sys.modules)))"
+    # (importlib.metadata: 10 ms of its start), and fade's errors that are also
+    # BrokenProcessPool import multiprocessing only when one is met (10-15 ms, worker and
+    # client): both on the way to the first result.
+    code = f"import sys; {imports}; print(sorted(set({absent!r}) & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_errors_made_on_first_use_are_fade_errors_and_broken_process_pools() -> None:
+    import pickle
+    from concurrent.futures.process import BrokenProcessPool
+
+    from fade import errors
+
+    for name in ("ResultDecodeError", "TaskDecodeError", "WorkerLostError"):
+        error = getattr(fade, name)
+        assert error is getattr(errors, name) and error.__module__ == "fade.errors"
+        assert issubclass(error, fade.FadeError) and issubclass(error, BrokenProcessPool)
+        again = pickle.loads(pickle.dumps(error("why")))  # by reference, as results travel
+        assert type(again) is error and str(again) == "why"
+    assert issubclass(fade.ResultDecodeError, pickle.PicklingError)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchError'"):
+        errors.NoSuchError  # noqa: B018
 
 
 def _sorted(found: dict[str, list[str]]) -> dict[str, list[str]]:
