@@ -18,6 +18,10 @@ a round trip a few hundred):
   message comes, and on a VM whose idle CPU is halted that wake-up is most of a short
   round trip (embedded pool, 2026-12-01: 255 -> 189 µs median, ProcessPoolExecutor
   195 µs; ``benchmarks/alternating.py``). Never while idle: once per task or wait;
+  and never in a process that may use fewer than two CPUs (its affinity or its
+  container's quota, ``fade.sockets.usable_cpus``): there the sender needs the CPU
+  the looking thread holds, and pinned to one CPU the look made a round trip 253 µs
+  instead of 151;
 * client, **light futures**: a future's ``_condition`` is a :class:`FutureSignal`,
   one object where a ``threading.Condition`` is eight that the garbage collector
   tracks (its dict, its deque of waiters, five bound methods): 20,000 pending

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from fade.sockets import spin_for_input
+from fade.sockets import SPIN, spin_for_input, usable_cpus
 from fade.wakeup import Sleeper
 
 pytestmark = pytest.mark.timeout(20)
@@ -135,3 +138,38 @@ def test_a_spin_without_a_message_ends_after_its_time(pair: tuple) -> None:
     started = time.perf_counter()
     assert spin_for_input(receiver, 0.05) is False
     assert 0.05 <= time.perf_counter() - started < 1.0
+
+
+def test_a_process_with_one_cpu_never_looks_before_sleeping() -> None:
+    # On one CPU the sender needs the very CPU a looking thread holds: pinned to one, a
+    # round trip took 253 µs with the look and 151 without.
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from fade import sockets; print(sockets.usable_cpus(), sockets.SPIN)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0.0"]
+    if len(os.sched_getaffinity(0)) >= 2 and usable_cpus() >= 2:  # a positive control
+        assert SPIN > 0
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # no limit: the affinity's count
+        ({"cpu.max": "50000 100000\n"}, 0.5),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+    ids=["v2-max", "v2-half", "v2-1.5", "v1-none", "v1-one", "unreadable", "none"],
+)
+def test_a_containers_cpu_quota_counts(tmp_path: Path, files: dict, expected: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(tmp_path)) == (affinity if expected is None else min(affinity, expected))
