@@ -150,10 +150,8 @@ class Supervisor:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Replace nobody from now on; SIGTERM drains the workers, SIGKILL ends them."""
         self._stopping = max(self._stopping, 1 if sig == signal.SIGTERM else 2)
-        if sig == signal.SIGTERM:
-            self._tell_all(CONTROL_DRAIN)
-        else:
-            self._kill_all()
+        for child in self._children.values():
+            self._pass_on_stop(child)
 
     def close(self) -> None:
         """Kill what is left and close the socket (from the thread that ticks)."""
@@ -173,12 +171,13 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(signal.SIGTERM if self._stopping == 0 else signal.SIGKILL)
 
-    def _tell_all(self, what: bytes) -> None:
-        for child in self._children.values():
-            try:
-                child.control.send(what)
-            except OSError:
-                pass  # it is gone; reaping will tell
+    def _pass_on_stop(self, child: _Child) -> None:
+        """What the stop asks of a child: drain (a SIGTERM), or end now (a second signal)."""
+        if self._stopping == 1:
+            with contextlib.suppress(OSError):  # it is gone; reaping will tell
+                child.control.send(CONTROL_DRAIN)
+        elif child.process.poll() is None:
+            _end_group(child)
 
     def _kill_all(self) -> None:
         for child in self._children.values():
@@ -210,11 +209,7 @@ class Supervisor:
         if self._stopping:
             # A signal handled while Popen ran told every child but this one, which was
             # not filed yet: without this it would serve on, and we would wait for it.
-            if self._stopping == 1:
-                with contextlib.suppress(OSError):
-                    child.control.send(CONTROL_DRAIN)
-            else:
-                _end_group(child)
+            self._pass_on_stop(child)
 
     def _read_controls(self) -> None:
         for child in self._children.values():

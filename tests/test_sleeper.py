@@ -149,7 +149,8 @@ def test_a_process_with_one_cpu_never_looks_before_sleeping() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["1", "0.0"]
+    cpus, spin = map(float, out.stdout.split())
+    assert cpus <= 1 and spin == 0  # (a container's quota may make it less than one)
     if len(os.sched_getaffinity(0)) >= 2 and usable_cpus() >= 2:  # a positive control
         assert SPIN > 0
 
