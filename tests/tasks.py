@@ -30,6 +30,18 @@ def sleep_and_return(seconds: float, value: Any = None) -> Any:
     return value
 
 
+def sleep_once_path_exists(path: str, seconds: float, value: Any = None) -> Any:
+    """Wait (at most 60 s) until ``path`` exists, then sleep ``seconds``; return value.
+
+    Keeps a worker busy until the test says so, instead of for a time that a loaded
+    machine may not leave the observer to look."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(seconds)
+    return value
+
+
 def fail_on(x: int, bad: int) -> int:
     if x == bad:
         raise ValueError(f"bad value {x}")

@@ -355,7 +355,7 @@ WORKER_ROWS = "document.querySelectorAll('#workers-table tbody tr')"
 
 
 def test_dashboard_in_headless_chromium(
-    http_pool: HttpPool, executor: fade.Executor, browser: Chromium
+    http_pool: HttpPool, executor: fade.Executor, browser: Chromium, tmp_path: Path
 ) -> None:
     browser.open(http_pool.url)
     page = browser.evaluate
@@ -398,10 +398,16 @@ def test_dashboard_in_headless_chromium(
     polls_before = int(page("document.body.dataset.polls"))
 
     # Tasks run while the same page stays open: its numbers must move by themselves.
+    # The first tasks hold their workers until the page has shown them busy: on a
+    # loaded machine the page's once-a-second poll could otherwise miss a short run
+    # (seen in CI: 150 tasks of 20 ms, over before any poll saw a busy worker).
     n = 150
+    go = tmp_path / "go"
     results: list[Any] = []
     runner = threading.Thread(
-        target=lambda: results.extend(executor.map(tasks.sleep_and_return, [0.02] * n, range(n)))
+        target=lambda: results.extend(
+            executor.map(tasks.sleep_once_path_exists, [str(go)] * n, [0.02] * n, range(n))
+        )
     )
     runner.start()
     try:
@@ -413,6 +419,7 @@ def test_dashboard_in_headless_chromium(
         busy_running = int(page("document.getElementById('running').textContent"))
         browser.screenshot(ARTIFACTS / "dashboard-busy.png")
     finally:
+        go.touch()
         runner.join(60)
     assert results == list(range(n))
     assert busy_running >= 1
