@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from fade.protocol import DEFAULT_ADDRESS
+from fade.defaults import DEFAULT_ADDRESS
 
 __all__ = ["ADDRESS_VAR", "KEYS_VAR", "default_address"]
 

@@ -41,17 +41,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:
-    import asyncio
-
-from fade import fastpath, security, shm
-from fade import protocol as p
-from fade import serialization as ser
-from fade.clientio import ClientIO
+from fade import defaults as d
 from fade.clientoptions import (
     ClientSettings,
     TaskOptions,
     check_options,
+    check_setup,
     client_keys,
     executor_setup,
     installed_packages,
@@ -59,20 +54,26 @@ from fade.clientoptions import (
     merge_options,
     pool_size,
 )
-from fade.data import DEFAULT_SHARE_THRESHOLD, DataShelf
-from fade.embedded import EmbeddedPool
+from fade.data import DataShelf
 from fade.errors import (
     BrokenPoolError,
     FadeError,
     MessageTooLargeError,
     TaskTerminatedError,
 )
-from fade.futures import _Future
-from fade.link import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
-from fade.outbox import WorkItem
-from fade.packages import DEFAULT_MAX_BYTES as DEFAULT_PACKAGES_LIMIT
-from fade.shipping import DEFAULT_MAX_BYTES, install_import_hook
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE
+from fade.launch import EmbeddedStart
+from fade.shipping import install_import_hook
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from fade import fastpath, security, shm
+    from fade import protocol as p
+    from fade import serialization as ser
+    from fade.clientio import ClientIO
+    from fade.embedded import EmbeddedPool
+    from fade.futures import _Future
+    from fade.outbox import WorkItem
 
 __all__ = ["Executor"]
 
@@ -181,45 +182,57 @@ class Executor(cf.Executor):
         max_workers: int | None = None,
         max_attempts: int = 3,
         task_timeout: float | None = None,
-        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
-        heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        heartbeat_interval: float = d.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = d.HEARTBEAT_LIVENESS,
         ship_code: str = "auto",
-        ship_code_limit: int = DEFAULT_MAX_BYTES,
+        ship_code_limit: int = d.SHIP_CODE_LIMIT,
         ship_packages: str | Sequence[str] = "auto",
-        ship_packages_limit: int = DEFAULT_PACKAGES_LIMIT,
+        ship_packages_limit: int = d.SHIP_PACKAGES_LIMIT,
         keys: security.KeySource | None = None,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        max_message_size: int = d.DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = d.DEFAULT_CONNECT_TIMEOUT,
+        reconnect_timeout: float = d.DEFAULT_RECONNECT_TIMEOUT,
         fast_paths: bool | None = None,
         priority: int = 0,
         resources: dict[str, float] | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
-        share_threshold: int | None = DEFAULT_SHARE_THRESHOLD,
+        share_threshold: int | None = d.DEFAULT_SHARE_THRESHOLD,
         shared_memory: bool | None = None,
     ) -> None:
         address, max_workers = pool_size(address, max_workers)
-        self._setup = executor_setup(initializer, initargs, max_tasks_per_child)
+        check_setup(initializer, max_tasks_per_child)
         settings = ClientSettings(
             max_attempts, task_timeout, heartbeat_interval, heartbeat_liveness,
             max_message_size, connect_timeout, reconnect_timeout, fast_paths,
         )  # fmt: skip
         check_options(ship_code, max_workers, settings)
-        self._options = merge_options(TaskOptions(), priority, resources, None, None)
-        self._packages = packages = installed_packages(ship_packages, ship_packages_limit)
-        peer_keys = client_keys(address, keys)
+        # The embedded pool's workers start now, and the rest of the client is imported
+        # while they do (fade/launch.py): both are on the way to the first result.
+        start = _start_workers(max_workers, settings) if address is None else None
+        try:
+            _import_the_rest()
+            self._setup = executor_setup(initializer, initargs, max_tasks_per_child)
+            self._options = merge_options(TaskOptions(), priority, resources, None, None)
+            self._packages = packages = installed_packages(ship_packages, ship_packages_limit)
+            peer_keys = client_keys(address, keys)
+        except BaseException:
+            if start is not None:
+                start.abandon()
+            raise
         self._max_message_size = max_message_size
         self._shelf = DataShelf(share_threshold)
         self._segments = _segments(address, shared_memory, fast_paths)
-        self._pool, self.address, assumed_capacity = _pool(address, max_workers, settings)
+        self._pool, self.address = _pool(start, address)
         self._shutdown_lock, self._shutdown = threading.Lock(), False
         self._ids = itertools.count(1)
         self._code = local_code(ship_code, ship_code_limit)
         # Looked up once: submit is the hot path.
         self._track = packages.environment if packages is not None else None
         self._noting = packages is not None and packages.noting
+        # Until the broker reports the pool's capacity: on an embedded pool, its size.
+        assumed_capacity = start.options.processes if start is not None else 0
         self._io = self._open_io(settings, peer_keys, assumed_capacity)
         self._owner = os.getpid()
         self._io.thread.start()
@@ -481,20 +494,35 @@ def _segments(
     return shm.ClientSegments(eager=address is None or bool(shared_memory))
 
 
-def _pool(
-    address: str | None, max_workers: int | None, settings: ClientSettings
-) -> tuple[EmbeddedPool | None, str, int]:
-    """The embedded pool (None with an address), the broker's address, and the capacity
-    to assume until the broker reports it (fade/clientio.py, ``_start_early``)."""
-    if address is not None:
-        return None, address, 0
-    assumed_capacity = max_workers or os.cpu_count() or 1
-    pool = EmbeddedPool(
-        assumed_capacity,
+def _start_workers(max_workers: int | None, settings: ClientSettings) -> EmbeddedStart:
+    """The embedded pool's workers, started (``max_workers``, default one per core)."""
+    return EmbeddedStart(
+        max_workers or os.cpu_count() or 1,
         heartbeat_interval=settings.heartbeat_interval,
         heartbeat_liveness=settings.heartbeat_liveness,
     )
-    return pool, pool.address, assumed_capacity
+
+
+def _pool(start: EmbeddedStart | None, address: str | None) -> tuple[EmbeddedPool | None, str]:
+    """The embedded pool (of the workers ``start`` started) and its address, or none and
+    the broker's ``address``: one of the two is None (``pool_size``)."""
+    if start is not None:
+        return EmbeddedPool(start), start.address
+    assert address is not None
+    return None, address
+
+
+def _import_the_rest() -> None:
+    """Import what a running client needs: ZeroMQ, its I/O thread, pickling (0.05-0.1 s,
+    which Executor() spends while the embedded pool's workers start; fade/launch.py)."""
+    global ClientIO, EmbeddedPool, WorkItem, _Future, fastpath, p, ser, shm
+    from fade import fastpath, shm
+    from fade import protocol as p
+    from fade import serialization as ser
+    from fade.clientio import ClientIO
+    from fade.embedded import EmbeddedPool
+    from fade.futures import _Future
+    from fade.outbox import WorkItem
 
 
 def _release(

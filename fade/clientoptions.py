@@ -14,7 +14,8 @@
   stands behind.
 
 Separate from fade/client.py so that the Executor reads as what it does, not as the
-checks of its two dozen arguments.
+checks of its two dozen arguments. ``pool_size``, ``check_setup`` and ``check_options``
+run before the embedded pool's workers start, with nothing heavy imported.
 """
 
 from __future__ import annotations
@@ -23,21 +24,25 @@ import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fade import protocol as p
-from fade import security
-from fade import serialization as ser
 from fade.errors import ProtocolError
-from fade.link import check_address
-from fade.packages import InstalledPackages
 from fade.shipping import LocalCode
+
+if TYPE_CHECKING:
+    from fade import security
+    from fade.packages import InstalledPackages
+
+# The modules that import ZeroMQ are imported in the functions that need them: the
+# Executor checks its arguments and starts the embedded pool's workers first, and
+# imports them while the workers start (fade/launch.py).
 
 __all__ = [
     "DEFAULT_OPTIONS",
     "ClientSettings",
     "TaskOptions",
     "check_options",
+    "check_setup",
     "client_keys",
     "executor_setup",
     "installed_packages",
@@ -83,16 +88,15 @@ def pool_size(address: str | int | None, max_workers: int | None) -> tuple[str |
             raise TypeError("Executor() got max_workers both as its first argument and by name")
         address, max_workers = None, address
     if address is not None:
+        from fade.link import check_address
+
         address = check_address(address)
     return address, max_workers
 
 
-def executor_setup(
-    initializer: Callable[..., object] | None,
-    initargs: tuple[Any, ...],
-    max_tasks_per_child: int | None,
-) -> bytes:
-    """The executor's set-up (fade/initializer.py), pickled once; every task carries it."""
+def check_setup(initializer: Callable[..., object] | None, max_tasks_per_child: int | None) -> None:
+    """Raise TypeError or ValueError for an initializer or max_tasks_per_child out of
+    their range."""
     if initializer is not None and not callable(initializer):
         raise TypeError("initializer must be a callable")
     if max_tasks_per_child is not None:
@@ -100,6 +104,17 @@ def executor_setup(
             raise TypeError("max_tasks_per_child must be an integer")
         if max_tasks_per_child < 1:
             raise ValueError("max_tasks_per_child must be >= 1")
+
+
+def executor_setup(
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    max_tasks_per_child: int | None,
+) -> bytes:
+    """The executor's set-up (fade/initializer.py; checked by ``check_setup``), pickled
+    once; every task carries it."""
+    from fade import serialization as ser
+
     if initializer is None and max_tasks_per_child is None:
         return b""
     # Pickled now, so that an initializer that cannot travel fails here, as the standard
@@ -135,6 +150,8 @@ def installed_packages(ship: str | Sequence[str], limit: int) -> InstalledPackag
             return None
     if limit < 0:
         raise ValueError("ship_packages_limit must be at least 0 bytes")
+    from fade.packages import InstalledPackages
+
     return InstalledPackages(ship, limit)
 
 
@@ -142,6 +159,8 @@ def client_keys(address: str | None, keys: security.KeySource | None) -> securit
     """The keys this client talks to a broker at ``address`` with (None: no CurveZMQ)."""
     if address is None and keys is not None:
         raise ValueError("keys are for a broker at an address; the embedded pool needs none")
+    from fade import security
+
     # $FADE_KEYS is for remote pools only: the embedded one talks over a private ipc socket.
     return security.resolve_peer_keys(keys, "client") if address is not None else None
 
@@ -169,6 +188,8 @@ def merge_options(
         raise ValueError("max_attempts must be between 1 and 65535")
     spec = options.resources
     if resources is not None:
+        from fade import protocol as p
+
         try:
             spec = p.encode_resources(p.decode_resources(p.encode_resources(resources)) or {})
         except (ProtocolError, TypeError) as exc:

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from fade import defaults
+
 __all__ = [
     "CONTENT_ID_SIZE",
     "DEFAULT_SHARE_THRESHOLD",
@@ -53,7 +55,7 @@ __all__ = [
 ]
 
 #: Argument buffers of at least this many bytes travel by content (``share_threshold``).
-DEFAULT_SHARE_THRESHOLD = 2**20
+DEFAULT_SHARE_THRESHOLD = defaults.DEFAULT_SHARE_THRESHOLD
 CONTENT_ID_SIZE = 32
 SCOPE_SIZE = 8
 #: A data request is answered with at most this many frames.

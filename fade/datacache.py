@@ -52,6 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
+from fade import defaults
 from fade.errors import SharedDataError
 
 __all__ = ["DEFAULT_LIMIT", "DataCache", "Entry", "Writer", "default_data_dir"]
@@ -59,7 +60,7 @@ __all__ = ["DEFAULT_LIMIT", "DataCache", "Entry", "Writer", "default_data_dir"]
 log = logging.getLogger("fade.datacache")
 
 #: The default bound on a host's data cache, in bytes (``fade-worker --data-cache``).
-DEFAULT_LIMIT = 4 * 2**30
+DEFAULT_LIMIT = defaults.DATA_CACHE_SIZE
 #: Striped fetch locks: two entries share a stripe only by chance, then one waits.
 STRIPES = 64
 #: Entries whose inode changed within this many seconds of boot are checked too: clocks

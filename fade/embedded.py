@@ -11,32 +11,28 @@ lives in this process.
 * The broker is the same :class:`fade.broker.Broker` (scheduler, heartbeats, re-runs,
   suspects, poison limits) driven by the client's I/O thread (fade/locallink.py): no
   broker process to start, and no hop between client and broker.
-* The workers are this process's own children, started at once (they connect before
-  the broker binds: ZeroMQ retries), each in its own session and process group, each
-  watching our pid: if this process dies, even by SIGKILL, they exit within a heartbeat
-  interval, and remove the socket's folder.
+* The workers are this process's own children, started before the client imports
+  ZeroMQ (fade/launch.py; they connect before the broker binds: ZeroMQ retries), each
+  in its own session and process group, each watching our pid: if this process dies,
+  even by SIGKILL, they exit within a heartbeat interval, and remove the socket's folder.
 * Only the process that started a pool stops it: a forked child that exits (and runs
   its atexit handlers) leaves its parent's pool alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import shutil
 import socket
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import zmq
 
 from fade.broker import Broker
-from fade.options import WorkerOptions
-from fade.security import KEYS_ENV
+from fade.launch import EmbeddedStart
+from fade.supervisor import Supervisor
 
 __all__ = ["EmbeddedPool"]
 
@@ -44,46 +40,25 @@ log = logging.getLogger("fade.embedded")
 
 #: Seconds the workers get to drain and leave when the pool stops.
 STOP_TIMEOUT = 10.0
-_FOLDER = re.compile(r"fade-(\d+)-")
 
 
 class EmbeddedPool:
-    """Start the workers at once; the client binds the broker; :meth:`stop` ends them and
-    removes the socket's folder."""
+    """Supervise the workers an :class:`~fade.launch.EmbeddedStart` started; the client
+    binds the broker; :meth:`stop` ends them and removes the socket's folder."""
 
-    def __init__(
-        self, max_workers: int, *, heartbeat_interval: float, heartbeat_liveness: int
-    ) -> None:
-        self._owner = os.getpid()
-        _remove_abandoned_folders()
-        self._dir = tempfile.mkdtemp(prefix=f"fade-{os.getpid()}-")
-        # ipc: no port to pick or race for, and the workers may connect before the
-        # broker has bound (ZeroMQ retries), so they start while the client sets up.
-        self.address = f"ipc://{self._dir}/broker"
-        from fade.supervisor import Supervisor
-
+    def __init__(self, start: EmbeddedStart) -> None:
+        self._owner = start.owner
+        self._dir = start.dir
+        self.address = start.address
+        options = start.options
         _log_like_the_workers()
-        options = WorkerOptions(
-            address=self.address,
-            processes=max_workers,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
-            log_level=os.environ.get("FADE_LOG_LEVEL", "WARNING"),
-            parent_pid=os.getpid(),
-            remove_dir=self._dir,
-            # Data by content, kept only as long as this pool: each client's entries are
-            # its own (scoped by its tag), so no later pool could use them.
-            data_cache_dir=os.path.join(self._dir, "data"),
-        )
-        # A private ipc socket needs no keys: $FADE_KEYS is meant for remote pools.
-        env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
-        self._supervisor = Supervisor(options, env=env)
-        self._supervisor.start()
+        self._supervisor = Supervisor(options, env=start.env)
+        self._supervisor.start(start.children)
         #: The broker, unbound: the client's I/O thread binds and drives it.
         self.broker = Broker(
             self.address,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
+            heartbeat_interval=options.heartbeat_interval,
+            heartbeat_liveness=options.heartbeat_liveness,
             context=zmq.Context(),
             own_context=True,
         )
@@ -133,26 +108,6 @@ class EmbeddedPool:
     @property
     def pids(self) -> list[int]:
         return self._supervisor.pids
-
-
-def _remove_abandoned_folders() -> None:
-    """Socket folders of embedded pools whose process is gone (killed before it could
-    clean up, with its workers): the folder name carries the pid."""
-    with contextlib.suppress(OSError):
-        for entry in Path(tempfile.gettempdir()).glob("fade-*-*"):
-            match = _FOLDER.match(entry.name)
-            if match and entry.stat().st_uid == os.getuid() and not _alive(int(match[1])):
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _log_like_the_workers() -> None:

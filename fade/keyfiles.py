@@ -27,6 +27,7 @@ from typing import Union
 import zmq
 from zmq.utils import z85
 
+from fade import defaults
 from fade.errors import SecurityError
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 #: Clients and workers read their key file from here when given none.
-KEYS_ENV = "FADE_KEYS"
+KEYS_ENV = defaults.KEYS_ENV
 ROLES = ("client", "worker")
 #: Bytes of a routing identity (after its role byte) that name the peer's key.
 TAG_SIZE = 8

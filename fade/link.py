@@ -41,8 +41,8 @@ from collections.abc import Callable, Mapping
 
 import zmq
 
+from fade import defaults, security
 from fade import protocol as p
-from fade import security
 from fade._logutil import RateLimitedLog
 from fade._version import __version__
 from fade.errors import BrokerUnreachableError, FadeError, ProtocolError, ProtocolVersionError
@@ -50,10 +50,10 @@ from fade.sockets import check_endpoint, connect_dealer, has_input, recv_frames,
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_RECONNECT_TIMEOUT", "BrokerLink", "check_address"]
 
-#: Seconds a peer waits for a broker it has never reached before saying so.
-DEFAULT_CONNECT_TIMEOUT = 10.0
-#: Seconds a peer waits for a broker that stopped answering (a restart) before saying so.
-DEFAULT_RECONNECT_TIMEOUT = 30.0
+#: Seconds a peer waits for a broker it has never reached, or that stopped answering
+#: (a restart), before saying so (fade/defaults.py).
+DEFAULT_CONNECT_TIMEOUT = defaults.DEFAULT_CONNECT_TIMEOUT
+DEFAULT_RECONNECT_TIMEOUT = defaults.DEFAULT_RECONNECT_TIMEOUT
 #: Seconds between the checks no message waits for: handshake failures.
 CHECK_INTERVAL = 0.1
 

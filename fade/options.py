@@ -14,14 +14,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from fade import protocol as p
+# Only light modules: the embedded pool makes WorkerOptions and starts its workers
+# before the client imports ZeroMQ (fade/launch.py).
+from fade import defaults as d
 from fade._env import default_address
 from fade._version import __version__
-from fade.datacache import DEFAULT_LIMIT
-from fade.keyfiles import KEYS_ENV
-from fade.pkgcache import DEFAULT_MAX_BYTES as DEFAULT_PACKAGE_CACHE_SIZE
+from fade.defaults import parse_size
 from fade.resources import parse_resources
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 
 __all__ = ["WorkerOptions", "child_argv", "parse_worker_args"]
 
@@ -30,17 +29,17 @@ __all__ = ["WorkerOptions", "child_argv", "parse_worker_args"]
 class WorkerOptions:
     """Everything a worker process (and its supervisor) is told."""
 
-    address: str = p.DEFAULT_ADDRESS
+    address: str = d.DEFAULT_ADDRESS
     processes: int = 1
-    heartbeat_interval: float = p.HEARTBEAT_INTERVAL
-    heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
+    heartbeat_interval: float = d.HEARTBEAT_INTERVAL
+    heartbeat_liveness: int = d.HEARTBEAT_LIVENESS
     prefetch: int | None = None  # tasks held beyond the running one; None: adapt
     code_cache: str | None = None
-    package_cache_size: int = DEFAULT_PACKAGE_CACHE_SIZE  # bytes of shipped packages kept
-    data_cache: int = DEFAULT_LIMIT  # bytes of task data this host keeps
+    package_cache_size: int = d.PACKAGE_CACHE_SIZE  # bytes of shipped packages kept
+    data_cache: int = d.DATA_CACHE_SIZE  # bytes of task data this host keeps
     data_cache_dir: str | None = None
     keys: str | None = None  # the key file's path
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_message_size: int = d.DEFAULT_MAX_MESSAGE_SIZE
     log_level: str = "INFO"
     clients: tuple[str, ...] | None = None  # serve only these client key names
     fast_paths: bool | None = None  # None: $FADE_FAST_PATHS decides
@@ -84,8 +83,8 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="worker processes to keep running on this host (default %(default)s)",
     )
-    parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
-    parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
+    parser.add_argument("--heartbeat-interval", type=float, default=d.HEARTBEAT_INTERVAL)
+    parser.add_argument("--heartbeat-liveness", type=int, default=d.HEARTBEAT_LIVENESS)
     parser.add_argument(
         "--prefetch",
         type=int,
@@ -105,7 +104,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--package-cache-size",
         type=parse_size,
-        default=DEFAULT_PACKAGE_CACHE_SIZE,
+        default=d.PACKAGE_CACHE_SIZE,
         metavar="BYTES",
         help="the most bytes of installed packages shipped from clients that this host keeps "
         "in its cache, e.g. 500M or 20G (default 8G); the least recently used go first",
@@ -113,7 +112,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-cache",
         type=_cache_size,
-        default=DEFAULT_LIMIT,
+        default=d.DATA_CACHE_SIZE,
         metavar="BYTES",
         help="the most task data (large arguments sent by content) this host keeps, e.g. "
         "500M or 4G (default 4G; 0: keep nothing, fetch for each task)",
@@ -133,7 +132,7 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
         "--keys",
         metavar="FILE",
         default=None,
-        help=f"this worker's key file (fade-keys add worker NAME); default ${KEYS_ENV}",
+        help=f"this worker's key file (fade-keys add worker NAME); default ${d.KEYS_ENV}",
     )
     parser.add_argument(
         "--serve-clients",
@@ -159,7 +158,7 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-message-size",
         type=parse_size,
-        default=DEFAULT_MAX_MESSAGE_SIZE,
+        default=d.DEFAULT_MAX_MESSAGE_SIZE,
         metavar="BYTES",
         help="largest frame sent or accepted, e.g. 64M or 2G (default 1G)",
     )
@@ -196,8 +195,10 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
             resources = parse_resources(args.resources)
         except ValueError as exc:
             parser.error(f"--resources: {exc}")
-    if len(args.label) > p.MAX_LABEL:
-        parser.error(f"--label must be at most {p.MAX_LABEL} characters")
+    from fade.protocol import MAX_LABEL  # ZeroMQ: not before the embedded pool starts
+
+    if len(args.label) > MAX_LABEL:
+        parser.error(f"--label must be at most {MAX_LABEL} characters")
     clients = None
     if args.serve_clients is not None:
         clients = tuple(name.strip() for name in args.serve_clients.split(",") if name.strip())

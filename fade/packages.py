@@ -36,6 +36,7 @@ import types
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from fade import defaults
 from fade import protocol as p
 from fade.distributions import (
     NEVER_SHIP,
@@ -56,7 +57,7 @@ from fade.shipping import _recorder
 __all__ = ["DEFAULT_MAX_BYTES", "InstalledPackages"]
 
 #: The most bytes of installed distributions that may travel to a worker for one task.
-DEFAULT_MAX_BYTES = 2**30
+DEFAULT_MAX_BYTES = defaults.SHIP_PACKAGES_LIMIT
 
 _IGNORED = frozenset({"__main__", "__mp_main__", "builtins", *sys.builtin_module_names})
 _STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))

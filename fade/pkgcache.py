@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from fade import defaults
 from fade.codecache import check_private_dir
 from fade.distributions import Distribution, Environment, Manifest, hash_matches
 from fade.errors import PackageShippingError
@@ -52,7 +53,7 @@ __all__ = ["DEFAULT_MAX_BYTES", "CachedDistribution", "PackageCache"]
 log = logging.getLogger("fade.pkgcache")
 
 #: The default bound of a host's package cache.
-DEFAULT_MAX_BYTES = 8 * 2**30
+DEFAULT_MAX_BYTES = defaults.PACKAGE_CACHE_SIZE
 MANIFEST_FILE = ".fade-dist.json"
 #: A worker asks for at most this many bytes of files in one FETCH.
 FILES_BATCH = 8 * 2**20

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from fade.sockets import parse_size
+from fade.defaults import parse_size
 
 __all__ = [
     "DEVICE_RESOURCES",
@@ -73,6 +73,30 @@ def detect_resources() -> dict[str, float]:
     if gpus:
         table["gpu"] = float(gpus)
     return table
+
+
+#: Where a cgroup says its CPU quota and period: v2 in one file, v1 in two.
+_QUOTA_FILES = (("cpu.max", ""), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"))
+
+
+def usable_cpus(cgroup: str = "/sys/fs/cgroup") -> float:
+    """The CPUs this process may use: its affinity, bounded by its cgroup's CPU quota (a
+    container's limit; cgroup v2's ``cpu.max`` or v1's ``cpu.cfs_quota_us``)."""
+    cpus: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    cpus = cpus or os.cpu_count() or 1
+    for quota_file, period_file in _QUOTA_FILES:
+        try:
+            with open(os.path.join(cgroup, quota_file)) as f:
+                quota, *rest = f.read().split()
+            if period_file:
+                with open(os.path.join(cgroup, period_file)) as f:
+                    rest = f.read().split()
+            if quota not in ("max", "-1") and int(rest[0]) > 0:
+                cpus = min(cpus, int(quota) / int(rest[0]))
+        except (OSError, IndexError, ValueError):
+            continue
+        break
+    return cpus
 
 
 def host_devices(resource: str) -> list[str]:

@@ -44,6 +44,7 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
+from fade import launch
 from fade import protocol as p
 from fade._logutil import RateLimitedLog
 from fade.errors import InsecureAddressError, ProtocolError, SecurityError
@@ -154,9 +155,7 @@ class Peer:
 def peer_identity(prefix: bytes, keys: PeerKeys | None) -> bytes:
     """A routing identity: role byte, key tag (with keys), then 15 random bytes. The
     broker never shows it to another peer: it is what would let one pose as another."""
-    if keys is None:
-        return prefix + os.urandom(15)
-    return prefix + keys.tag + os.urandom(15)
+    return launch.peer_identity(prefix, b"" if keys is None else keys.tag)
 
 
 # -- addresses ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
+from fade import defaults
 from fade.errors import CodeShippingError
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 #: The most code and data one client ships, unless told otherwise.
-DEFAULT_MAX_BYTES = 64 * 2**20
+DEFAULT_MAX_BYTES = defaults.SHIP_CODE_LIMIT
 #: Never shipped: workers have fade installed.
 NEVER_SHIP = frozenset({"fade", "__main__", "__mp_main__"})
 _EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)

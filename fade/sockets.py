@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -26,8 +25,10 @@ import zmq
 from zmq.backend import Socket as _CompiledSocket
 from zmq.backend import zmq_poll as _zmq_poll
 
+from fade import defaults
 from fade.keyfiles import BrokerKeys, PeerKeys
 from fade.protocol import frame_size
+from fade.resources import usable_cpus
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -52,8 +53,8 @@ ZAP_DOMAIN = b"fade"
 #: Reconnect quickly after a broker restart, backing off to this at most (ms).
 RECONNECT_IVL = 50
 RECONNECT_IVL_MAX = 1000
-#: The largest frame any fade socket accepts unless told otherwise: 1 GiB.
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+#: The largest frame any fade socket accepts unless told otherwise (fade/defaults.py).
+DEFAULT_MAX_MESSAGE_SIZE = defaults.DEFAULT_MAX_MESSAGE_SIZE
 
 # Plain ints: pyzmq's send_multipart and recv_multipart combine enum flags for every
 # part, which costs more than the send itself for the small messages fade sends most.
@@ -69,19 +70,7 @@ _send = _CompiledSocket.send
 _recv = _CompiledSocket.recv
 _get = _CompiledSocket.get
 
-_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``"1048576"``, ``"64M"``, ``"1GiB"`` -> bytes (binary units). Raises ValueError."""
-    match = _SIZE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not a size: {text!r} (examples: 1048576, 64M, 2G)")
-    number, unit = match.groups()
-    size = int(number) << (10 * " kmgt".index(unit.lower() or " "))
-    if size < 1:
-        raise ValueError("a size must be at least 1 byte")
-    return size
+parse_size = defaults.parse_size
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: Sequence[Any], block: bool = True) -> None:
@@ -120,30 +109,6 @@ def poll(items: list[tuple[Any, int]], timeout_ms: int) -> list[tuple[Any, int]]
     """pyzmq's compiled poll over ready-made (socket or fd, events) items: zmq.Poller
     rebuilds its list and wraps the answer on every call."""
     return cast(list[tuple[Any, int]], _zmq_poll(items, timeout_ms))
-
-
-#: Where a cgroup says its CPU quota and period: v2 in one file, v1 in two.
-_QUOTA_FILES = (("cpu.max", ""), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"))
-
-
-def usable_cpus(cgroup: str = "/sys/fs/cgroup") -> float:
-    """The CPUs this process may use: its affinity, bounded by its cgroup's CPU quota (a
-    container's limit; cgroup v2's ``cpu.max`` or v1's ``cpu.cfs_quota_us``)."""
-    cpus: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    cpus = cpus or os.cpu_count() or 1
-    for quota_file, period_file in _QUOTA_FILES:
-        try:
-            with open(os.path.join(cgroup, quota_file)) as f:
-                quota, *rest = f.read().split()
-            if period_file:
-                with open(os.path.join(cgroup, period_file)) as f:
-                    rest = f.read().split()
-            if quota not in ("max", "-1") and int(rest[0]) > 0:
-                cpus = min(cpus, int(quota) / int(rest[0]))
-        except (OSError, IndexError, ValueError):
-            continue
-        break
-    return cpus
 
 
 #: How long a fast path checks for a reply it expects soon before it sleeps (seconds).

@@ -33,16 +33,17 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 
 import zmq
 
 from fade import protocol as p
 from fade import security, shm
 from fade.initializer import EXIT_RETIRED
-from fade.options import WorkerOptions, child_argv
+from fade.launch import Child, spawn_worker
+from fade.options import WorkerOptions
 from fade.resources import detect_resources
 from fade.sockets import connect_dealer
 
@@ -62,15 +63,6 @@ CONTROL_SERVING = b"S"
 EXIT_INCOMPATIBLE = 3
 
 
-@dataclass(slots=True)
-class _Child:
-    identity: bytes
-    process: subprocess.Popen[bytes]
-    started: float
-    control: socket.socket
-    serving: bool = False
-
-
 class Supervisor:
     """Run ``options.processes`` worker processes and replace those that die."""
 
@@ -88,7 +80,7 @@ class Supervisor:
         self.keys = keys
         self.env = env  # the workers' environment; None: ours
         self.incompatible = False
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, Child] = {}
         self._stopping = 0
         self._backoff = 0.0
         self._owed = 0  # replacements not started yet
@@ -127,11 +119,15 @@ class Supervisor:
             self.close()
         return 2 if self.incompatible else 0
 
-    def start(self) -> None:
+    def start(self, started: Sequence[Child] = ()) -> None:
+        """Start the worker processes: those of ``started`` (spawned already, with these
+        options: fade/launch.py) and as many more as ``options.processes`` says."""
         log.info(
             "starting %d worker processes for %s", self.options.processes, self.options.address
         )
-        for _ in range(self.options.processes):
+        for child in started:
+            self._file(child)
+        for _ in range(self.options.processes - len(started)):
             self._spawn()
 
     def tick(self) -> bool:
@@ -171,7 +167,7 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(signal.SIGTERM if self._stopping == 0 else signal.SIGKILL)
 
-    def _pass_on_stop(self, child: _Child) -> None:
+    def _pass_on_stop(self, child: Child) -> None:
         """What the stop asks of a child: drain (a SIGTERM), or end now (a second signal)."""
         if self._stopping == 1:
             with contextlib.suppress(OSError):  # it is gone; reaping will tell
@@ -185,27 +181,11 @@ class Supervisor:
                 _end_group(child)
 
     def _spawn(self) -> None:
-        identity = security.peer_identity(b"W", self.keys)
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        argv = [
-            *child_argv(self.options, identity, os.getpid()),
-            "--control-fd",
-            str(theirs.fileno()),
-        ]
-        # A session (and process group) of its own: a terminal's Ctrl-C reaches the
-        # supervisor alone, and the group can be ended with everything a task started.
-        process = subprocess.Popen(
-            argv,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            pass_fds=(theirs.fileno(),),
-        )
-        theirs.close()
-        child = _Child(identity, process, time.monotonic(), ours)
-        self._children[process.pid] = child
-        log.debug("started worker process %d (%s)", process.pid, p.short_id(identity))
+        self._file(spawn_worker(self.options, security.peer_identity(b"W", self.keys), self.env))
+
+    def _file(self, child: Child) -> None:
+        self._children[child.process.pid] = child
+        log.debug("started worker process %d (%s)", child.process.pid, p.short_id(child.identity))
         if self._stopping:
             # A signal handled while Popen ran told every child but this one, which was
             # not filed yet: without this it would serve on, and we would wait for it.
@@ -244,7 +224,7 @@ class Supervisor:
                 self._report_death(child, status)
                 self._replace(child)
 
-    def _read_last_word(self, child: _Child) -> None:
+    def _read_last_word(self, child: Child) -> None:
         if not child.serving:
             try:
                 child.serving = CONTROL_SERVING in child.control.recv(64)
@@ -260,7 +240,7 @@ class Supervisor:
         self.incompatible = True
         self.stop(signal.SIGTERM)
 
-    def _report_death(self, child: _Child, status: int) -> None:
+    def _report_death(self, child: Child, status: int) -> None:
         info: dict[str, object] = {"host": socket.gethostname(), "pid": child.process.pid}
         if status < 0:
             info["signal"] = signal.Signals(-status).name
@@ -276,7 +256,7 @@ class Supervisor:
             except zmq.ZMQError:
                 pass  # the broker will notice the silence instead
 
-    def _replace(self, child: _Child) -> None:
+    def _replace(self, child: Child) -> None:
         if not child.serving and time.monotonic() - child.started < QUICK_DEATH:
             self._backoff = min(MAX_BACKOFF, max(0.1, self._backoff * 2))
             log.warning("workers are dying at start-up; waiting %.1fs", self._backoff)
@@ -286,7 +266,7 @@ class Supervisor:
         self._spawn_at = time.monotonic() + self._backoff
 
 
-def _end_group(child: _Child) -> None:
+def _end_group(child: Child) -> None:
     """Kill the worker's process group: the worker, if alive, and what its tasks started."""
     try:
         os.killpg(child.process.pid, signal.SIGKILL)

@@ -466,6 +466,7 @@ def test_a_worker_started_while_a_sigterm_is_handled_drains_too(
     told every filed worker to drain but not the one being started, which served on:
     fade-worker never exited. The signal is placed in that window here by running the
     supervisor's handler from inside Popen."""
+    from fade import launch
     from fade import supervisor as sv
 
     pool.start_broker()
@@ -479,7 +480,7 @@ def test_a_worker_started_while_a_sigterm_is_handled_drains_too(
         sup._on_signal(signal.SIGTERM, None)  # as if it came now
         return process
 
-    monkeypatch.setattr(sv.subprocess, "Popen", popen_interrupted)
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_interrupted)
     try:
         sup.start()
         deadline = time.monotonic() + 30

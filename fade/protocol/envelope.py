@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from fade import defaults
 from fade.errors import ProtocolError
 from fade.protocol.frames import Frame, _bytes, _head
 
@@ -45,12 +46,10 @@ MAGIC = b"fd"
 #: payload names its installed-package environment; workers report ENVIRONMENTS;
 #: TASK records carry the client's data scope (fade/data.py).
 VERSION = 4
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-
-#: Seconds between heartbeats, in both directions.
-HEARTBEAT_INTERVAL = 1.0
-#: Heartbeats a peer may miss before it is presumed dead.
-HEARTBEAT_LIVENESS = 3
+# The defaults a user can change live in fade/defaults.py (imported before ZeroMQ).
+DEFAULT_ADDRESS = defaults.DEFAULT_ADDRESS
+HEARTBEAT_INTERVAL = defaults.HEARTBEAT_INTERVAL
+HEARTBEAT_LIVENESS = defaults.HEARTBEAT_LIVENESS
 
 #: The oldest protocol version that parses an ERROR in its own version only: a peer
 #: of that version or older is answered in its own version, so that it logs why.
