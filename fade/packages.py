@@ -86,6 +86,7 @@ class InstalledPackages:
         self._dists: dict[str, Distribution | None] = {}
         self._requires: dict[str, tuple[str, ...]] = {}
         self._locations: dict[str, md.Distribution] = {}
+        self._requirement_lines: dict[str, list[str]] = {}
         self._top_map: Mapping[str, list[str]] | None = None
         self._environments: dict[bytes, Environment] = {}
         self._manifests: dict[str, tuple[Manifest, dict[str, str]]] = {}  # id -> (files)
@@ -219,11 +220,11 @@ class InstalledPackages:
     def _requirements(self, name: str) -> tuple[str, ...]:
         found = self._requires.get(name)
         if found is None:
-            dist = self._locations.get(name)
+            lines = self._requirement_lines.get(name)
             found = ()
-            if dist is not None:
+            if lines is not None:
                 deps = []
-                for line in dist.requires or ():
+                for line in lines:
                     _, _, marker = line.partition(";")
                     match = _REQUIREMENT.match(line)
                     if match is None or "extra" in marker:
@@ -247,8 +248,19 @@ class InstalledPackages:
             except md.PackageNotFoundError:
                 dist = None
             if dist is not None and not _editable(dist):
-                found = _describe(dist)
+                # Parsed once: importlib.metadata parses METADATA again on every access
+                # (name, version, requirements: three times, half a first submit's cost).
+                meta = dist.metadata
+                found = _describe(dist, meta)
                 self._locations[name] = dist
+                requires = meta.get_all("Requires-Dist")
+                self._requirement_lines[name] = (
+                    requires
+                    if requires is not None
+                    else (
+                        dist.requires or []  # an egg-info's requires.txt
+                    )
+                )
         self._dists[name] = found
         return found
 
@@ -393,8 +405,8 @@ def _info_dir(dist: md.Distribution) -> str:
     return os.path.basename(str(path)) if path is not None else ""
 
 
-def _describe(dist: md.Distribution) -> Distribution:
-    name, version = normalize(dist.metadata["Name"] or "?"), dist.version
+def _describe(dist: md.Distribution, meta: md.PackageMetadata) -> Distribution:
+    name, version = normalize(meta["Name"] or "?"), meta["Version"]
     record = dist.read_text("RECORD")
     if record is None:
         why = "it has no RECORD of its files (it was not installed from a wheel by pip)"
