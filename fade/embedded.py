@@ -53,7 +53,9 @@ class EmbeddedPool:
         options = start.options
         _log_like_the_workers()
         self._supervisor = Supervisor(options, env=start.env)
-        self._supervisor.start(start.children)
+        # The others start once a first one serves: on a machine with few CPUs they
+        # would take them from it and from this client, on the way to the first result.
+        self._supervisor.start(start.children, stagger=True)
         #: The broker, unbound: the client's I/O thread binds and drives it.
         self.broker = Broker(
             self.address,

@@ -55,6 +55,9 @@ log = logging.getLogger("fade.supervisor")
 #: counts as failing to start.
 QUICK_DEATH = 1.0
 MAX_BACKOFF = 10.0
+#: Seconds a staggered start (``Supervisor.start``) holds the other workers back at most
+#: while the first ones have not said they serve.
+STAGGER_LIMIT = 1.0
 #: Control bytes: supervisor -> worker, and worker -> supervisor.
 CONTROL_DRAIN = b"D"
 CONTROL_LEAVE = b"L"
@@ -84,6 +87,7 @@ class Supervisor:
         self._stopping = 0
         self._backoff = 0.0
         self._owed = 0  # replacements not started yet
+        self._held, self._hold_until = 0, 0.0  # first starts held back (``start``)
         self._spawn_at = 0.0
         self._next_sweep = 0.0
         self._context = zmq.Context()
@@ -119,15 +123,20 @@ class Supervisor:
             self.close()
         return 2 if self.incompatible else 0
 
-    def start(self, started: Sequence[Child] = ()) -> None:
+    def start(self, started: Sequence[Child] = (), *, stagger: bool = False) -> None:
         """Start the worker processes: those of ``started`` (spawned already, with these
-        options: fade/launch.py) and as many more as ``options.processes`` says."""
+        options: fade/launch.py) and as many more as ``options.processes`` says; with
+        ``stagger``, those more once one of them serves (or after STAGGER_LIMIT)."""
         log.info(
             "starting %d worker processes for %s", self.options.processes, self.options.address
         )
         for child in started:
             self._file(child)
-        for _ in range(self.options.processes - len(started)):
+        rest = self.options.processes - len(started)
+        if stagger and started:
+            self._held, self._hold_until = rest, time.monotonic() + STAGGER_LIMIT
+            return
+        for _ in range(rest):
             self._spawn()
 
     def tick(self) -> bool:
@@ -135,13 +144,17 @@ class Supervisor:
         self._read_controls()
         self._reap()
         now = time.monotonic()
+        if self._held and not self._stopping and (now >= self._hold_until or self._serving()):
+            for _ in range(self._held):
+                self._spawn()
+            self._held = 0
         if now >= self._next_sweep:
             self._next_sweep = now + shm.SWEEP_INTERVAL
             shm.sweep()
         if self._owed and not self._stopping and now >= self._spawn_at:
             self._owed -= 1
             self._spawn()
-        return bool(self._children) or bool(self._owed and not self._stopping)
+        return bool(self._children) or bool((self._owed or self._held) and not self._stopping)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Replace nobody from now on; SIGTERM drains the workers, SIGKILL ends them."""
@@ -179,6 +192,9 @@ class Supervisor:
         for child in self._children.values():
             if child.process.poll() is None:
                 _end_group(child)
+
+    def _serving(self) -> bool:
+        return any(child.serving for child in self._children.values())
 
     def _spawn(self) -> None:
         self._file(spawn_worker(self.options, security.peer_identity(b"W", self.keys), self.env))

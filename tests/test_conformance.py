@@ -46,8 +46,11 @@ def _executor(pool: Pool, **kwargs: object) -> fade.Executor:
 
 def test_an_int_first_argument_is_max_workers() -> None:
     with fade.Executor(3) as ex:
-        assert ex._pool is not None and len(ex._pool.pids) == 3  # 3 workers (the broker is here)
+        pool = ex._pool
+        assert pool is not None
         assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        # 3 workers (the broker is here); the others start once the first serves.
+        wait_for(lambda: len(pool.pids) == 3, 30, "the pool's 3 workers")
 
 
 @pytest.mark.parametrize("first", [2.5, b"tcp://127.0.0.1:5555", True, ["tcp://a:1"]])

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import psutil
 import pytest
+from conftest import INTERVAL, Pool, wait_for
 
 import fade
-from fade.launch import _started_at_once
+from fade.launch import _started_at_once, peer_identity, spawn_worker
+from fade.options import WorkerOptions
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,9 +36,13 @@ def hook(event, args):
         events.append("zmq")
 
 sys.addaudithook(hook)
+import time
 import fade
 with fade.Executor(max_workers=3) as ex:
     assert ex.submit(abs, -1).result(timeout=60) == 1
+    deadline = time.monotonic() + 30  # the others start once one serves
+    while events.count("worker") < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
 print(" ".join(events))
 """
 
@@ -85,3 +93,34 @@ def test_an_executor_that_fails_to_start_leaves_no_worker_behind(
             fade.Executor(max_workers=2, **kwargs)
     assert {c.pid for c in me.children()} - before == set()
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), f"fade-{os.getpid()}-*"))) == folders
+
+
+@pytest.mark.parametrize("broker", [True, False], ids=["first-serves", "none-serves"])
+def test_a_staggered_start_holds_the_others_until_one_serves(
+    pool: Pool, broker: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The others wait for the first to serve (it registered with the broker); with no
+    # broker none ever does, and they start after STAGGER_LIMIT all the same.
+    from fade import supervisor as sv
+
+    monkeypatch.setattr(sv, "STAGGER_LIMIT", 3.0)
+    if broker:
+        pool.start_broker()
+    options = WorkerOptions(
+        address=pool.address, processes=3, heartbeat_interval=INTERVAL, heartbeat_liveness=3
+    )
+    sup = sv.Supervisor(options)
+    try:
+        first = spawn_worker(sup.options, peer_identity(b"W"), None)
+        began = time.monotonic()
+        sup.start([first], stagger=True)
+        assert sup.pids == [first.process.pid]
+        wait_for(lambda: sup.tick() and len(sup.pids) == 3, 20, "the other workers to start")
+        waited = time.monotonic() - began
+        if broker:
+            assert first.serving and waited < 3.0
+        else:
+            assert not first.serving and waited >= 3.0
+    finally:
+        sup.stop(signal.SIGKILL)
+        sup.close()

@@ -214,6 +214,9 @@ def test_embedded_pool_dies_with_its_parent(tmp_path: Path) -> None:
             import os, sys, time, fade, psutil
             ex = fade.Executor(max_workers=2, heartbeat_interval=0.2)
             assert ex.submit(abs, -1).result(timeout=30) == 1
+            deadline = time.monotonic() + 30  # the second starts once the first serves
+            while len(psutil.Process().children()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
             pids = [c.pid for c in psutil.Process().children(recursive=True)]
             print(" ".join(map(str, pids)), flush=True)
             time.sleep(60)
