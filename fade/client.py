@@ -217,6 +217,7 @@ class Executor(cf.Executor):
             self._options = merge_options(TaskOptions(), priority, resources, None, None)
             self._packages = packages = installed_packages(ship_packages, ship_packages_limit)
             peer_keys = client_keys(address, keys)
+            self._pool, self.address = _pool(start, address)
         except BaseException:
             if start is not None:
                 start.abandon()
@@ -224,7 +225,6 @@ class Executor(cf.Executor):
         self._max_message_size = max_message_size
         self._shelf = DataShelf(share_threshold)
         self._segments = _segments(address, shared_memory, fast_paths)
-        self._pool, self.address = _pool(start, address)
         self._shutdown_lock, self._shutdown = threading.Lock(), False
         self._ids = itertools.count(1)
         self._code = local_code(ship_code, ship_code_limit)

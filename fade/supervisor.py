@@ -168,6 +168,7 @@ class Supervisor:
         for child in self._children.values():
             child.process.wait()
             _end_group(child)
+            child.control.close()
         self._children.clear()
         for sock in self._sockets:
             sock.close()

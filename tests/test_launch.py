@@ -72,14 +72,26 @@ def test_as_many_start_at_once_as_leave_the_client_a_cpu(monkeypatch: pytest.Mon
         ({"priority": "high"}, TypeError, "priority must be an int"),
         ({"initializer": lambda: threading.Lock()}, None, None),  # pickles: a control
         ({"initializer": print, "initargs": (threading.Lock(),)}, Exception, "pickle"),
+        ({"broker_fails": True}, OSError, "no room for a broker"),
     ],
-    ids=["keys", "priority", "control", "initargs"],
+    ids=["keys", "priority", "control", "initargs", "broker"],
 )
 def test_an_executor_that_fails_to_start_leaves_no_worker_behind(
-    kwargs: dict[str, Any], error: type[BaseException] | None, message: str | None
+    kwargs: dict[str, Any],
+    error: type[BaseException] | None,
+    message: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # These arguments are checked after the workers have started (checking them needs
-    # the modules imported while the workers start): a failure must end the workers.
+    # the modules imported while the workers start), and the broker is made then: a
+    # failure must end the workers.
+    if kwargs.pop("broker_fails", False):
+        from fade import embedded
+
+        def no_broker(*args: Any, **kwargs: Any) -> None:
+            raise OSError("no room for a broker")
+
+        monkeypatch.setattr(embedded, "Broker", no_broker)
     me = psutil.Process()
     before = {c.pid for c in me.children()}
     folders = set(glob.glob(os.path.join(tempfile.gettempdir(), f"fade-{os.getpid()}-*")))
