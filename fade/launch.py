@@ -3,16 +3,18 @@
 ::
 
     fade.Executor()
-      1. check its arguments                      (fade/clientoptions.py)
-      2. EmbeddedStart: socket folder, N x spawn  (here: no ZeroMQ yet)    worker 1..N start
-      3. import ZeroMQ, the I/O thread, ...       (0.05-0.1 s)             (0.1 s each,
-      4. EmbeddedPool: supervisor adopts them, broker binds                 at the same time)
+      1. check its arguments                       (fade/clientoptions.py)
+      2. EmbeddedStart: socket folder, K x spawn   (here: no ZeroMQ yet)    workers 1..K
+      3. import ZeroMQ, the I/O thread, ...        (0.05-0.1 s)             start (0.1 s
+      4. EmbeddedPool: supervisor adopts them, broker binds                  each, meanwhile)
       5. first submit ------------------------------------------------->  first result
+      6. one of them serves: the supervisor starts workers K+1..N
 
 Why: a worker process takes about 0.1 s to start (the interpreter, then ZeroMQ,
 cloudpickle and fade), and the client about 0.06 s to import what it runs with.
 Started one after the other they add up on the way to the first result; here they
-overlap. The workers connect before the broker binds: ZeroMQ retries.
+overlap. K leaves the client a CPU (:func:`_started_at_once`). The workers connect
+before the broker binds: ZeroMQ retries.
 
 The supervisor (fade/supervisor.py) spawns its replacements with the same
 :func:`spawn_worker`, and keeps the :class:`Child` records.
