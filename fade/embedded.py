@@ -53,24 +53,22 @@ class EmbeddedPool:
         options = start.options
         _log_like_the_workers()
         self._supervisor = Supervisor(options, env=start.env)
+        context = zmq.Context()
         try:
             # The others start once a first one serves: on a machine with few CPUs they
             # would take them from it and from this client, on the way to the first result.
             self._supervisor.start(start.children, stagger=True)
-            context = zmq.Context()
-            try:
-                #: The broker, unbound: the client's I/O thread binds and drives it.
-                self.broker = Broker(
-                    self.address,
-                    heartbeat_interval=options.heartbeat_interval,
-                    heartbeat_liveness=options.heartbeat_liveness,
-                    context=context,
-                    own_context=True,
-                )
-            except BaseException:
-                context.term()
-                raise
+            #: The broker, unbound: the client's I/O thread binds and drives it.
+            self.broker = Broker(
+                self.address,
+                heartbeat_interval=options.heartbeat_interval,
+                heartbeat_liveness=options.heartbeat_liveness,
+                context=context,
+                own_context=True,
+            )
         except BaseException:
+            # destroy, not term: term waits for sockets a half-made broker left open.
+            context.destroy(linger=0)
             self._supervisor.close()  # ends the workers (the caller removes the folder)
             raise
         self._stopping = threading.Event()

@@ -253,14 +253,8 @@ class InstalledPackages:
                 meta = dist.metadata
                 found = _describe(dist, meta)
                 self._locations[name] = dist
-                requires = meta.get_all("Requires-Dist")
-                self._requirement_lines[name] = (
-                    requires
-                    if requires is not None
-                    else (
-                        dist.requires or []  # an egg-info's requires.txt
-                    )
-                )
+                # From METADATA; an egg-info lists them in requires.txt (dist.requires)
+                self._requirement_lines[name] = meta.get_all("Requires-Dist") or dist.requires or []
         self._dists[name] = found
         return found
 
