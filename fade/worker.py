@@ -94,6 +94,11 @@ FETCH_TIMEOUT = 60.0
 #: process is replaced.
 STOP_SIGNAL = signal.SIGUSR1
 STOP_GRACE = 1.0
+#: How long a task asked to stop while fade still loads it (its code, its packages, its
+#: arguments) may take to load: its stop takes effect as its code starts, and a load
+#: that takes longer than this is stuck (an argument whose unpickling hangs), so its
+#: process is replaced.
+LOAD_GRACE = 10.0
 
 
 class _Stopped(BaseException):
@@ -138,7 +143,8 @@ class Worker:
             options.log_level,
         )
         self.devices = {name: host_devices(name) for name in DEVICE_RESOURCES}
-        self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, by when
+        self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, when
+        self._code_started = 0.0  # when the running task's code started (_call)
         self._interruptible = False
         self._handlers: dict[int, Any] = {}
 
@@ -257,6 +263,7 @@ class Worker:
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))
         try:
+            self._code_started = time.monotonic()
             self._interruptible = True  # a stop signal raises in the task's code only
             # A stop that came while the task loaded (its signal did nothing then) takes
             # effect now, not when its grace runs out and the process is replaced.
@@ -301,9 +308,22 @@ class Worker:
             current = self._current
             if current is None or current[0] != key:
                 return False
-            self.stopping = (key, time.monotonic() + STOP_GRACE)
+            self.stopping = (key, time.monotonic())
         signal.pthread_kill(threading.main_thread().ident or 0, STOP_SIGNAL)
         return True
+
+    def stop_deadline(self) -> float | None:
+        """When a task asked to stop has not ended in time (its process is then replaced):
+        STOP_GRACE after the stop or after its code started, whichever is later; while
+        fade still loads it, LOAD_GRACE after the stop (the stop takes effect as its code
+        starts). None: no stop asked."""
+        stopping = self.stopping
+        if stopping is None:
+            return None
+        asked = stopping[1]
+        if self._interruptible:
+            return max(asked, self._code_started) + STOP_GRACE
+        return asked + LOAD_GRACE
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         stopping, current = self.stopping, self._current

@@ -328,9 +328,9 @@ class WorkerIO:
         current = self.w._current
         if current is not None and current[2] > 0:
             timeout = min(timeout, current[1] + current[2] - now)
-        stopping = self.w.stopping
-        if stopping is not None:
-            timeout = min(timeout, stopping[1] - now)
+        stop_deadline = self.w.stop_deadline()
+        if stop_deadline is not None:
+            timeout = min(timeout, stop_deadline - now)
         return max(0.0, timeout)
 
     # -- the broker link's callbacks -------------------------------------------------------
@@ -430,8 +430,8 @@ class WorkerIO:
     def _check_stopping(self, now: float) -> None:
         """A task asked to stop that has not ended in time: report it and leave (the
         supervisor starts a fresh process and ends this one's process group)."""
-        stopping = self.w.stopping
-        if stopping is None or now < stopping[1]:
+        stopping, deadline = self.w.stopping, self.w.stop_deadline()
+        if stopping is None or deadline is None or now < deadline:
             return
         with self.w._lock:
             current = self.w._current
