@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,14 +41,22 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
-# Shipped code is cached per host; keep the test run's cache out of the home directory.
-os.environ.setdefault(
-    "FADE_CODE_CACHE", os.path.join(tempfile.gettempdir(), f"fade-test-code-{os.getpid()}")
-)
-# Task data sent by content likewise (fade/datacache.py).
-os.environ.setdefault(
-    "FADE_DATA_CACHE", os.path.join(tempfile.gettempdir(), f"fade-test-data-{os.getpid()}")
-)
+# Shipped code is cached per host; keep the test run's cache out of the home directory,
+# and task data sent by content likewise (fade/datacache.py). Caches this run made are
+# removed when it ends (pytest_unconfigure): each run left two folders behind.
+_RUN_CACHES: list[str] = []
+for _variable, _kind in (("FADE_CODE_CACHE", "code"), ("FADE_DATA_CACHE", "data")):
+    if _variable not in os.environ:
+        os.environ[_variable] = os.path.join(
+            tempfile.gettempdir(), f"fade-test-{_kind}-{os.getpid()}"
+        )
+        _RUN_CACHES.append(os.environ[_variable])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _RUN_CACHES:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 #: Fast failure detection for tests: a silent peer is dead after 0.6 s.
 INTERVAL = 0.2
