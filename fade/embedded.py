@@ -92,9 +92,15 @@ class EmbeddedPool:
 
     def problem(self) -> str | None:
         """Why the pool cannot work, if part of it has died; None if it is fine."""
-        if self._stopping.is_set() or self._thread.is_alive():
+        if self._stopping.is_set():
             return None
-        return "the embedded pool's supervisor thread has stopped"
+        if not self._thread.is_alive():
+            return "the embedded pool's supervisor thread has stopped"
+        failing = self._supervisor.cannot_start()
+        if failing is not None:
+            # Replacing them on would keep every future waiting, for ever.
+            return f"the embedded pool's worker processes cannot start: {failing}"
+        return None
 
     def begin_stop(self) -> None:
         """Ask the workers to drain and leave (the broker must still be served meanwhile:

@@ -229,12 +229,29 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
     )
 
 
+#: How a supervised worker process starts: ``fade.worker``'s main, with the current
+#: folder taken off the front of ``sys.path`` first. ``python -m`` (and ``-c``) put it
+#: there, so a module of the user's named like one of Python's own (a ``platform.py``,
+#: which ZeroMQ imports) was imported instead, and every worker died at start-up; the
+#: client, run as a script, has its script's folder there instead, and ``fade-worker``
+#: its own. (``-P`` does this from Python 3.11 only, and is passed on to processes a
+#: task starts with ``multiprocessing``.) Under ``-P`` or PYTHONSAFEPATH nothing was
+#: put there, and nothing is taken off.
+WORKER_BOOT = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '' and not getattr(sys.flags, 'safe_path', False):\n"
+    "    del sys.path[0]\n"
+    "from fade.worker import main\n"
+    "sys.exit(main())\n"
+)
+
+
 def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list[str]:
     """The command line of one supervised worker process."""
     argv = [
         sys.executable,
-        "-m",
-        "fade.worker",
+        "-c",
+        WORKER_BOOT,
         options.address,
         "--child",
         "--identity",

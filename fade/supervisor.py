@@ -55,6 +55,10 @@ log = logging.getLogger("fade.supervisor")
 #: counts as failing to start.
 QUICK_DEATH = 1.0
 MAX_BACKOFF = 10.0
+#: Worker processes in a row that died before saying SERVING, none serving since, after
+#: which :meth:`Supervisor.cannot_start` says why (the embedded pool then breaks; a
+#: ``fade-worker`` goes on trying, with back-off, as a service should).
+START_FAILURE_LIMIT = 5
 #: Seconds a staggered start (``Supervisor.start``) holds the other workers back at most
 #: while the first ones have not said they serve.
 STAGGER_LIMIT = 1.0
@@ -86,6 +90,8 @@ class Supervisor:
         self._children: dict[int, Child] = {}
         self._stopping = 0
         self._backoff = 0.0
+        self._failed_starts = 0  # in a row, none serving since (cannot_start)
+        self._last_failure = ""
         self._owed = 0  # replacements not started yet
         self._held, self._hold_until = 0, 0.0  # first starts held back (``start``)
         self._spawn_at = 0.0
@@ -178,6 +184,17 @@ class Supervisor:
     def pids(self) -> list[int]:
         return list(self._children)
 
+    def cannot_start(self) -> str | None:
+        """Why no worker process can start, once START_FAILURE_LIMIT in a row have died
+        before serving and none serves; None otherwise. Read from any thread."""
+        failed = self._failed_starts
+        if failed < START_FAILURE_LIMIT or self._serving():
+            return None
+        return (
+            f"{failed} worker processes in a row died during start-up, the last "
+            f"{self._last_failure}; their error output (above, or in the log) says why"
+        )
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(signal.SIGTERM if self._stopping == 0 else signal.SIGKILL)
 
@@ -220,6 +237,7 @@ class Supervisor:
                 data = b""
             if CONTROL_SERVING in data:
                 child.serving = True
+                self._failed_starts = 0
 
     def _reap(self) -> None:
         for pid, child in list(self._children.items()):
@@ -245,6 +263,8 @@ class Supervisor:
         if not child.serving:
             try:
                 child.serving = CONTROL_SERVING in child.control.recv(64)
+                if child.serving:
+                    self._failed_starts = 0
             except OSError:
                 pass
 
@@ -267,6 +287,9 @@ class Supervisor:
             what = f"exited with status {status}"
         when = "while serving" if child.serving else "during start-up"
         log.warning("worker process %d %s %s; replacing it", child.process.pid, what, when)
+        if not child.serving:
+            self._failed_starts += 1
+            self._last_failure = what
         for sock in self._sockets:
             try:
                 sock.send_multipart(p.encode_obituary(child.identity, info), zmq.NOBLOCK)

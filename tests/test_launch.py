@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,7 +31,7 @@ import sys
 events = []
 
 def hook(event, args):
-    if event == "subprocess.Popen" and "fade.worker" in list(args[1]):
+    if event == "subprocess.Popen" and any("fade.worker" in str(a) for a in args[1]):
         events.append("worker")
     elif event == "import" and args[0] == "zmq":
         events.append("zmq")
@@ -138,3 +139,76 @@ def test_a_staggered_start_holds_the_others_until_one_serves(
     finally:
         sup.stop(signal.SIGKILL)
         sup.close()
+
+
+# A client run as "python <elsewhere>/run.py" from a folder holding a module named like
+# one of Python's own (here platform.py, which ZeroMQ imports).
+_FROM_ANOTHER_FOLDER = r"""
+import fade
+with fade.Executor(max_workers=1) as ex:
+    print(ex.submit(pow, 2, 5).result(timeout=30))
+"""
+
+
+def test_a_module_in_the_current_folder_does_not_shadow_the_workers_imports(
+    tmp_path: Path,
+) -> None:
+    # The client's own path starts with its script's folder, not the current one; its
+    # workers' must not either ("python -m" puts the current folder first): there they
+    # imported the user's platform.py, died at start-up, again and again, and the
+    # first result never came.
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "platform.py").write_text('raise RuntimeError("the user\'s own platform.py")\n')
+    script = tmp_path / "elsewhere" / "run.py"
+    script.parent.mkdir()
+    script.write_text(_FROM_ANOTHER_FOLDER)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=here, capture_output=True, text=True, timeout=90
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["32"]
+    assert "platform.py" not in out.stderr
+
+
+# Workers whose environment is broken (a package that fails to import, on a path only
+# they have) die at start-up however often they are replaced.
+_CANNOT_START = r"""
+import os, sys, time
+import fade
+os.environ["PYTHONPATH"] = sys.argv[1]
+began = time.monotonic()
+with fade.Executor(max_workers=2) as ex:
+    future = ex.submit(pow, 2, 5)
+    try:
+        future.result(timeout=60)
+    except fade.BrokenPoolError as exc:
+        print("failed:", exc)
+    try:
+        ex.submit(pow, 2, 6)
+    except fade.BrokenPoolError:
+        print("later submits fail too")
+print(f"exited after {time.monotonic() - began:.1f}s")
+"""
+
+
+def test_an_embedded_pool_whose_workers_cannot_start_breaks_and_says_why(tmp_path: Path) -> None:
+    # ProcessPoolExecutor breaks when a worker dies; fade replaces workers that die, but
+    # when every one dies during start-up, again and again, waiting helps nobody: the
+    # futures fail (BrokenPoolError, a BrokenExecutor), and the pool ends promptly.
+    broken = tmp_path / "broken"
+    (broken / "zmq").mkdir(parents=True)
+    (broken / "zmq" / "__init__.py").write_text('raise ImportError("a broken zmq")\n')
+    script = tmp_path / "run.py"
+    script.write_text(_CANNOT_START)
+    out = subprocess.run(
+        [sys.executable, str(script), str(broken)], capture_output=True, text=True, timeout=90
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("failed: "), out.stdout
+    assert "worker processes cannot start" in lines[0]
+    assert "exited with status 1" in lines[0] and "error output" in lines[0]
+    assert lines[1] == "later submits fail too"
+    assert float(lines[2].split()[2].rstrip("s")) < 30, lines[2]
+    assert "ImportError: a broken zmq" in out.stderr  # the workers' own words, above
