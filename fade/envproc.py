@@ -54,10 +54,10 @@ _SIZE = struct.Struct("<Q")
 #: Runs in ``python -S``: the trees go first on sys.path *before* site-packages and the
 #: .pth files there are processed, then the trees' own .pth files are processed.
 _BOOT = """\
-import json, os, sys
+import json, sys
 args = json.loads(sys.argv[1])
-if sys.path and sys.path[0] == "":
-    sys.path[0] = os.getcwd()
+if sys.path and sys.path[0] == "":  # -c put the current folder first: not the worker's path
+    del sys.path[0]
 sys.path[0:0] = args["trees"]
 import site
 site.main()

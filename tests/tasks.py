@@ -400,3 +400,10 @@ def keep(a: Any) -> float:
 
 def kept_sums() -> list[float]:
     return [float(a.sum()) for a in _kept]
+
+
+def sees_module(name: str) -> tuple[bool, str, int]:
+    """Whether this process can import ``name``; its current folder; its pid."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None, os.getcwd(), os.getpid()

@@ -283,6 +283,62 @@ def test_local_code_that_uses_a_shipped_package_runs_in_its_environment_process(
         sys.modules.pop(local, None)
 
 
+def test_the_workers_current_folder_is_on_no_path_the_tasks_import_from(
+    packages: PackagePool, site: Site, tmp_path: Path
+) -> None:
+    # A worker's current folder is not its code: a module there named like one of
+    # Python's own (or like the task's) must not be imported, neither by the worker
+    # process (started with "python -m", which put the folder first) nor by the
+    # environment process that runs a task with shipped packages (which did the same).
+    here = tmp_path / "worker-cwd"
+    here.mkdir()
+    probe = _unique("fadecwdprobe")
+    (here / f"{probe}.py").write_text("")
+    mod = _unique("fadecwd")
+    site.add(
+        f"{mod}-dist",
+        "1.0",
+        {
+            f"{mod}/__init__.py": _module(
+                f"{mod}-dist",
+                "1.0",
+                """
+                def sees(name):
+                    import importlib.util
+                    return importlib.util.find_spec(name) is not None, os.getcwd(), os.getpid()
+                """,
+            )
+        },
+    )
+    pkg = site.module(mod)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fade.worker",
+            packages.pool.address,
+            "--processes",
+            "1",
+            "--code-cache",
+            str(packages.cache),
+            *packages.pool._timing(),
+        ],
+        cwd=here,
+    )
+    packages.pool.workers.append(worker)
+    (worker_pid,) = packages.pool.wait_workers(1)
+    with packages.executor() as ex:
+        # The worker process itself (tasks.find_module runs there: nothing to ship) ...
+        assert ex.submit(tasks.sees_module, probe).result(timeout=60) == (
+            False,
+            str(here),
+            worker_pid,
+        )
+        # ... and an environment process (the package only this client has).
+        seen, cwd, pid = ex.submit(pkg.sees, probe).result(timeout=60)  # type: ignore[attr-defined]
+        assert (seen, cwd) == (False, str(here)) and pid != worker_pid
+
+
 def test_requirements_travel_with_what_requires_them(packages: PackagePool, site: Site) -> None:
     base, top = _unique("fadebase"), _unique("fadetop")
     site.add(f"{base}-dist", "3.1", {f"{base}/__init__.py": "def value():\n    return 31\n"})
