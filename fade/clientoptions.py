@@ -123,10 +123,13 @@ def executor_setup(
 
 
 def check_options(ship_code: str, max_workers: int | None, settings: ClientSettings) -> None:
-    """Raise ValueError for the first argument out of its range."""
+    """Raise TypeError or ValueError for the first argument of the wrong type or out of
+    its range."""
     s = settings
     if ship_code not in ("auto", "pin", "off"):
         raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
+    if max_workers is not None and not isinstance(max_workers, int):
+        raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
     if max_workers is not None and max_workers < 1:
         raise ValueError("max_workers must be greater than 0")
     if not 1 <= s.max_attempts <= 65535:

@@ -71,6 +71,9 @@ def test_an_int_is_max_workers_and_other_types_are_refused() -> None:
     for bad in (4.5, b"tcp://127.0.0.1:5555", object(), True):
         with pytest.raises(TypeError):
             fade.Executor(bad)  # type: ignore[arg-type]
+    for bad in (1.5, "4"):  # by name too, as ProcessPoolExecutor refuses them
+        with pytest.raises(TypeError, match="max_workers must be an int"):
+            fade.Executor(max_workers=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
