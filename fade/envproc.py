@@ -253,6 +253,10 @@ class _Child:
         return message[2:]
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """SIGINT in an environment process (see child_main)."""
+
+
 def child_main(args: dict[str, Any]) -> None:
     """The environment process (see _BOOT): serve tasks until the worker process leaves."""
     logging.basicConfig(
@@ -260,7 +264,12 @@ def child_main(args: dict[str, Any]) -> None:
         format=f"%(asctime)s fade-worker-env[{os.getpid()}@{socket.gethostname()}] "
         "%(levelname)s %(message)s",
     )
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker process decides when to stop
+    from fade.taskenv import fork_with_pythons_signals
+
+    # The worker process decides when to stop. A handler that does nothing, not SIG_IGN:
+    # an ignored signal stays ignored in every process a task starts, even through exec.
+    fork_with_pythons_signals((signal.SIGINT,))
+    signal.signal(signal.SIGINT, _ignore)
     sock = socket.socket(fileno=int(args["fd"]))
     try:
         child = _Child(args, sock)

@@ -19,6 +19,11 @@ packages and their caches), variables set with ``os.putenv`` directly, files
 written, processes and threads started, signal handlers, ``sys.modules``,
 ``sys.meta_path`` and other interpreter settings, and anything else done with
 the worker user's rights.
+
+:func:`fork_with_pythons_signals`: a process a task forks (a ``multiprocessing``
+pool, say) gets the signal handlers the worker process started with, not the
+worker's own: with those, ``Process.terminate()`` asked a worker that is not there
+to drain, and the process lived on.
 """
 
 from __future__ import annotations
@@ -26,14 +31,28 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["TaskEnvironment"]
+__all__ = ["TaskEnvironment", "fork_with_pythons_signals"]
 
 log = logging.getLogger("fade.worker")
+
+
+def fork_with_pythons_signals(signals: tuple[signal.Signals, ...]) -> None:
+    """Give every child this process forks from now on the handlers ``signals`` have
+    now; call before the worker sets its own."""
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+
+    def restore() -> None:
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: not set from Python; left as it is
+                signal.signal(sig, handler)
+
+    os.register_at_fork(after_in_child=restore)
 
 
 def _raw_environ() -> dict[Any, Any]:

@@ -80,7 +80,7 @@ from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
 from fade.shm import SegmentRef
 from fade.shmworker import WorkerSegments
-from fade.taskenv import TaskEnvironment
+from fade.taskenv import TaskEnvironment, fork_with_pythons_signals
 from fade.wakeup import WakePipe
 from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, SLOW_TASK, Fetch, Job, WorkerIO
 
@@ -443,6 +443,7 @@ def _run_child(options: WorkerOptions, keys: security.PeerKeys | None, control_f
     uninstall_import_hook()
     control = socket.socket(fileno=control_fd) if control_fd >= 0 else None
     worker = Worker(options, keys=keys, control=control)
+    fork_with_pythons_signals((signal.SIGINT, signal.SIGTERM, STOP_SIGNAL))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.request_drain())
     return worker.run()

@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -140,6 +141,7 @@ class WorkerIO:
         self._last_pass = 0.0
         self._ran = False  # next_job has handed out a task: it then runs just after one
         self._next_check = 0.0
+        self._orphaned = False  # our supervisor is gone (its control socket closed)
         self.keeper = Keeper(self)  # the second thread that may hold the socket
         # A broker pair: results lately sent (when, record, payload, bytes), and whether
         # a broker welcomed us before (after the first WELCOME, every one re-sends them).
@@ -269,6 +271,7 @@ class WorkerIO:
             data = b""
         if not data:  # the supervisor is gone: nobody will replace or drain us
             log.info("the supervisor is gone; leaving now")
+            self._orphaned = True
             self.w._drain_requests = 2
         elif CONTROL_LEAVE in data:
             self.w._drain_requests = 2
@@ -308,6 +311,7 @@ class WorkerIO:
         if self._parent_gone():
             log.info("parent process is gone; exiting")
             self._clean_up_after_parent()
+            _end_own_group()
             os._exit(0)
 
     def _parent_gone(self) -> bool:
@@ -564,10 +568,20 @@ class WorkerIO:
         self.link.send(p.encode(p.Command.DISCONNECT))
         move(self, ProcessState.LEAVING, PROCESS_MOVES)
         self.link.close(linger_ms=2000)
-        if self._parent_gone():
+        if self._orphaned or self._parent_gone():
             self._clean_up_after_parent()
+            _end_own_group()  # no supervisor will, and its tasks' processes are in it
         logging.shutdown()
         os._exit(status)
+
+
+def _end_own_group() -> None:
+    """Kill this process's group (this process with it), if it leads one: what its tasks
+    started goes too. A supervisor ends the group when a worker leaves; one whose
+    supervisor is gone (an embedded pool's client killed, say) ends it itself."""
+    if os.getpgid(0) == os.getpid():
+        logging.shutdown()
+        os.killpg(0, signal.SIGKILL)
 
 
 def _overdue(current: Current | None, now: float) -> bool:

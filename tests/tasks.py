@@ -407,3 +407,23 @@ def sees_module(name: str) -> tuple[bool, str, int]:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None, os.getcwd(), os.getpid()
+
+
+def signal_forked_children() -> tuple[int | None, int | None]:
+    """Fork two children that sleep (as a multiprocessing Pool does); end one with SIGTERM
+    (Process.terminate) and one with SIGINT; their exit codes (None: still running)."""
+    import multiprocessing as mp
+    import signal
+
+    codes: list[int | None] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        child = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.2)  # into its sleep
+        os.kill(child.pid, sig)
+        child.join(10)
+        codes.append(child.exitcode)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+    return codes[0], codes[1]

@@ -462,6 +462,44 @@ def test_what_a_task_started_ends_with_its_worker(pool: Pool, tmp_path: Path) ->
     wait_for(lambda: not _running(child), 10, "the task's child to end with its worker")
 
 
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast", "plain"])
+def test_a_process_a_task_forks_has_pythons_own_signal_handlers(fast_paths: bool) -> None:
+    # It inherited its worker's: SIGTERM and SIGINT asked a worker that is not there to
+    # drain, so Process.terminate() and Pool.terminate() ended nothing (the task hung in
+    # join(), or left the process behind).
+    with fade.Executor(max_workers=1, fast_paths=fast_paths) as ex:
+        terminated, interrupted = ex.submit(tasks.signal_forked_children).result(timeout=60)
+    assert terminated == -signal.SIGTERM
+    assert interrupted == 1  # KeyboardInterrupt, as in any Python process
+
+
+def test_processes_a_task_started_end_when_its_embedded_client_is_killed() -> None:
+    # The workers notice that their client is gone and leave; what their tasks started
+    # in their process group must go with them (a supervisor ends it otherwise).
+    script = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fade, time, tasks\n"
+            "ex = fade.Executor(max_workers=1)\n"
+            "print(ex.submit(tasks.start_a_child, 600).result(timeout=30), flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=fade_env(),
+    )
+    try:
+        assert script.stdout is not None
+        child = int(script.stdout.readline())
+        assert _running(child)
+        script.kill()
+        script.wait()
+        wait_for(lambda: not _running(child), 15, "the task's child to end with its worker")
+    finally:
+        kill_tree(script.pid)
+
+
 def test_a_worker_started_while_a_sigterm_is_handled_drains_too(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

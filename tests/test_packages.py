@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -337,6 +338,27 @@ def test_the_workers_current_folder_is_on_no_path_the_tasks_import_from(
         # ... and an environment process (the package only this client has).
         seen, cwd, pid = ex.submit(pkg.sees, probe).result(timeout=60)  # type: ignore[attr-defined]
         assert (seen, cwd) == (False, str(here)) and pid != worker_pid
+
+
+def test_a_process_an_environment_process_forks_has_pythons_own_signal_handlers(
+    packages: PackagePool, site: Site
+) -> None:
+    # As in a worker process (test_hardening.py): SIGINT was ignored there (SIG_IGN, which
+    # even survives exec), so a forked child could not be interrupted.
+    mod = _unique("fadesig")
+    extra = """
+        def forked_signals():
+            import tasks
+            return tasks.signal_forked_children(), os.getpid()
+        """
+    site.add(f"{mod}-dist", "1.0", {f"{mod}/__init__.py": _module(f"{mod}-dist", "1.0", extra)})
+    pkg = site.module(mod)
+    packages.worker()
+    (worker_pid,) = packages.pool.wait_workers(1)
+    with packages.executor() as ex:
+        codes, pid = ex.submit(pkg.forked_signals).result(timeout=60)  # type: ignore[attr-defined]
+    assert pid != worker_pid  # an environment process ran it
+    assert codes == (-signal.SIGTERM, 1)
 
 
 def test_requirements_travel_with_what_requires_them(packages: PackagePool, site: Site) -> None:
