@@ -476,19 +476,7 @@ def test_a_process_a_task_forks_has_pythons_own_signal_handlers(fast_paths: bool
 def test_processes_a_task_started_end_when_its_embedded_client_is_killed() -> None:
     # The workers notice that their client is gone and leave; what their tasks started
     # in their process group must go with them (a supervisor ends it otherwise).
-    script = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fade, time, tasks\n"
-            "ex = fade.Executor(max_workers=1)\n"
-            "print(ex.submit(tasks.start_a_child, 600).result(timeout=30), flush=True)\n"
-            "time.sleep(600)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=fade_env(),
-    )
+    script = _embedded_client("print(ex.submit(tasks.start_a_child, 600).result(timeout=30))")
     try:
         assert script.stdout is not None
         child = int(script.stdout.readline())
@@ -532,6 +520,19 @@ def test_a_worker_started_while_a_sigterm_is_handled_drains_too(
         sup.close()
 
 
+def _embedded_client(body: str) -> subprocess.Popen[str]:
+    """A script that makes an embedded pool ``ex``, runs ``body`` (its output on our pipe),
+    and sleeps until killed."""
+    code = f"import fade, time, tasks\nex = fade.Executor(max_workers=1)\n{body}\n"
+    code += "sys.stdout.flush()\ntime.sleep(600)\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys\n" + code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=fade_env(),
+    )
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -567,20 +568,7 @@ def test_a_task_that_exits_is_not_called_a_start_up_failure() -> None:
 
 
 def test_a_killed_embedded_client_leaves_no_socket_folder() -> None:
-    script = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fade, time, tasks\n"
-            "ex = fade.Executor(max_workers=1)\n"
-            "ex.submit(tasks.add, 1, 1).result(timeout=30)\n"
-            "print(ex.address, flush=True)\n"
-            "time.sleep(600)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=fade_env(),
-    )
+    script = _embedded_client("ex.submit(tasks.add, 1, 1).result(timeout=30)\nprint(ex.address)")
     try:
         assert script.stdout is not None
         folder = Path(script.stdout.readline().strip().removeprefix("ipc://")).parent
