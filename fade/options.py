@@ -10,6 +10,7 @@ embedded pool; and the command line of one supervised worker process.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -229,18 +230,16 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
     )
 
 
-#: How a supervised worker process starts: ``fade.worker``'s main, with the current
-#: folder taken off the front of ``sys.path`` first. ``python -m`` (and ``-c``) put it
-#: there, so a module of the user's named like one of Python's own (a ``platform.py``,
-#: which ZeroMQ imports) was imported instead, and every worker died at start-up; the
-#: client, run as a script, has its script's folder there instead, and ``fade-worker``
-#: its own. (``-P`` does this from Python 3.11 only, and is passed on to processes a
-#: task starts with ``multiprocessing``.) Under ``-P`` or PYTHONSAFEPATH nothing was
-#: put there, and nothing is taken off.
+#: How a supervised worker process starts: with its supervisor's ``sys.path`` (the
+#: argument after this code, in JSON), then ``fade.worker``'s main. The embedded pool's
+#: supervisor is the client: its workers import what the client imports, as
+#: ProcessPoolExecutor's do, also with ship_code="off" (a module beside the script).
+#: ``python -m`` put the current folder first instead, so a user's module named like
+#: one of Python's own (a ``platform.py``, which ZeroMQ imports) shadowed it when the
+#: client ran from another folder, and every worker died at start-up.
 WORKER_BOOT = (
-    "import sys\n"
-    "if sys.path and sys.path[0] == '' and not getattr(sys.flags, 'safe_path', False):\n"
-    "    del sys.path[0]\n"
+    "import json, sys\n"
+    "sys.path[:] = json.loads(sys.argv.pop(1))\n"
     "from fade.worker import main\n"
     "sys.exit(main())\n"
 )
@@ -252,6 +251,7 @@ def child_argv(options: WorkerOptions, identity: bytes, parent_pid: int) -> list
         sys.executable,
         "-c",
         WORKER_BOOT,
+        json.dumps(sys.path),
         options.address,
         "--child",
         "--identity",

@@ -171,12 +171,12 @@ def test_a_module_in_the_current_folder_does_not_shadow_the_workers_imports(
     assert "platform.py" not in out.stderr
 
 
-# Workers whose environment is broken (a package that fails to import, on a path only
-# they have) die at start-up however often they are replaced.
+# Workers whose environment is broken (here a PYTHONHOME with no Python in it: the
+# interpreter cannot even start) die at start-up however often they are replaced.
 _CANNOT_START = r"""
 import os, sys, time
 import fade
-os.environ["PYTHONPATH"] = sys.argv[1]
+os.environ["PYTHONHOME"] = sys.argv[1]
 began = time.monotonic()
 with fade.Executor(max_workers=2) as ex:
     future = ex.submit(pow, 2, 5)
@@ -196,9 +196,8 @@ def test_an_embedded_pool_whose_workers_cannot_start_breaks_and_says_why(tmp_pat
     # ProcessPoolExecutor breaks when a worker dies; fade replaces workers that die, but
     # when every one dies during start-up, again and again, waiting helps nobody: the
     # futures fail (BrokenPoolError, a BrokenExecutor), and the pool ends promptly.
-    broken = tmp_path / "broken"
-    (broken / "zmq").mkdir(parents=True)
-    (broken / "zmq" / "__init__.py").write_text('raise ImportError("a broken zmq")\n')
+    broken = tmp_path / "no-python-here"
+    broken.mkdir()
     script = tmp_path / "run.py"
     script.write_text(_CANNOT_START)
     out = subprocess.run(
@@ -211,4 +210,31 @@ def test_an_embedded_pool_whose_workers_cannot_start_breaks_and_says_why(tmp_pat
     assert "exited with status 1" in lines[0] and "error output" in lines[0]
     assert lines[1] == "later submits fail too"
     assert float(lines[2].split()[2].rstrip("s")) < 30, lines[2]
-    assert "ImportError: a broken zmq" in out.stderr  # the workers' own words, above
+    assert "No module named 'encodings'" in out.stderr  # the workers' own words, above
+
+
+# A script and a module beside it, run from another folder, shipping nothing: the
+# embedded workers must import what the client imports, as ProcessPoolExecutor's do.
+_BESIDE = r"""
+import fade, helper
+with fade.Executor(max_workers=1, ship_code="off") as ex:
+    print(ex.submit(helper.triple, 14).result(timeout=30))
+"""
+
+
+def test_the_embedded_workers_import_from_the_clients_path(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "helper.py").write_text("def triple(x):\n    return 3 * x\n")
+    (project / "run.py").write_text(_BESIDE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run(
+        [sys.executable, str(project / "run.py")],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["42"]

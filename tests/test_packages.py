@@ -289,8 +289,9 @@ def test_the_workers_current_folder_is_on_no_path_the_tasks_import_from(
 ) -> None:
     # A worker's current folder is not its code: a module there named like one of
     # Python's own (or like the task's) must not be imported, neither by the worker
-    # process (started with "python -m", which put the folder first) nor by the
-    # environment process that runs a task with shipped packages (which did the same).
+    # process (started with "python -m", which put the folder first; now with the path
+    # of fade-worker, which has its bin folder there) nor by the environment process
+    # that runs a task with shipped packages (its "python -c" did the same).
     here = tmp_path / "worker-cwd"
     here.mkdir()
     probe = _unique("fadecwdprobe")
@@ -314,9 +315,7 @@ def test_the_workers_current_folder_is_on_no_path_the_tasks_import_from(
     pkg = site.module(mod)
     worker = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "fade.worker",
+            str(Path(sys.executable).parent / "fade-worker"),
             packages.pool.address,
             "--processes",
             "1",
