@@ -188,7 +188,10 @@ class Supervisor:
         """Why no worker process can start, once START_FAILURE_LIMIT in a row have died
         before serving and none serves; None otherwise. Read from any thread."""
         failed = self._failed_starts
-        if failed < START_FAILURE_LIMIT or self._serving():
+        if failed < START_FAILURE_LIMIT:
+            return None
+        # A copy, taken at once: the supervisor's thread files and reaps meanwhile.
+        if any(child.serving for child in list(self._children.values())):
             return None
         return (
             f"{failed} worker processes in a row died during start-up, the last "
