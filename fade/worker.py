@@ -94,6 +94,10 @@ FETCH_TIMEOUT = 60.0
 #: process is replaced.
 STOP_SIGNAL = signal.SIGUSR1
 STOP_GRACE = 1.0
+#: Seconds between stop signals to a task that has not ended: a signal that arrives just
+#: before the task enters a blocking call (while its thread waits for the GIL, say) does
+#: not interrupt that call; Python runs the handler only when the call returns.
+STOP_RESIGNAL = 0.1
 #: How long a task asked to stop while fade still loads it (its code, its packages, its
 #: arguments) may take to load: its stop takes effect as its code starts, and a load
 #: that takes longer than this is stuck (an argument whose unpickling hangs), so its
@@ -144,6 +148,7 @@ class Worker:
         )
         self.devices = {name: host_devices(name) for name in DEVICE_RESOURCES}
         self.stopping: tuple[bytes, float] | None = None  # the task asked to stop, when
+        self._stop_signalled = 0.0  # when the stop signal was last sent
         self._code_started = 0.0  # when the running task's code started (_call)
         self._interruptible = False
         self._handlers: dict[int, Any] = {}
@@ -309,8 +314,24 @@ class Worker:
             if current is None or current[0] != key:
                 return False
             self.stopping = (key, time.monotonic())
-        signal.pthread_kill(threading.main_thread().ident or 0, STOP_SIGNAL)
+        self.signal_stop()
         return True
+
+    def signal_stop(self) -> None:
+        """Interrupt the main thread with the stop signal (again, STOP_RESIGNAL later,
+        while the task asked to stop runs on: see resignal_due)."""
+        self._stop_signalled = time.monotonic()
+        signal.pthread_kill(threading.main_thread().ident or 0, STOP_SIGNAL)
+
+    def resignal_due(self) -> float | None:
+        """When to send the stop signal again (the task asked to stop runs its code);
+        None: not now."""
+        stopping, current = self.stopping, self._current
+        if stopping is None or current is None or current[0] != stopping[0]:
+            return None  # not asked, or that task has ended
+        if not self._interruptible:
+            return None  # still loading: the stop takes effect as its code starts
+        return self._stop_signalled + STOP_RESIGNAL
 
     def stop_deadline(self) -> float | None:
         """When a task asked to stop has not ended in time (its process is then replaced):

@@ -335,6 +335,9 @@ class WorkerIO:
         stop_deadline = self.w.stop_deadline()
         if stop_deadline is not None:
             timeout = min(timeout, stop_deadline - now)
+            resignal = self.w.resignal_due()
+            if resignal is not None:
+                timeout = min(timeout, resignal - now)
         return max(0.0, timeout)
 
     # -- the broker link's callbacks -------------------------------------------------------
@@ -435,7 +438,12 @@ class WorkerIO:
         """A task asked to stop that has not ended in time: report it and leave (the
         supervisor starts a fresh process and ends this one's process group)."""
         stopping, deadline = self.w.stopping, self.w.stop_deadline()
-        if stopping is None or deadline is None or now < deadline:
+        if stopping is None or deadline is None:
+            return
+        if now < deadline:
+            resignal = self.w.resignal_due()
+            if resignal is not None and now >= resignal:
+                self.w.signal_stop()  # the last one may have come before a blocking call
             return
         with self.w._lock:
             current = self.w._current

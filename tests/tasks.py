@@ -427,3 +427,14 @@ def signal_forked_children() -> tuple[int | None, int | None]:
             child.kill()
             child.join()
     return codes[0], codes[1]
+
+
+def lose_the_first_stop_then_sleep(seconds: float) -> str:
+    """Catch the first interruption (as a stop signal that came just before a blocking
+    call is lost: Python runs its handler only when that call returns), then sleep."""
+    try:
+        time.sleep(seconds)
+    except BaseException:
+        pass
+    time.sleep(seconds)
+    return "slept"

@@ -257,6 +257,24 @@ def test_terminate_stops_a_running_task_and_its_worker_goes_on(tcp_pool: Pool) -
         assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
 
 
+def test_a_stop_whose_first_signal_is_lost_still_stops_the_task(tcp_pool: Pool) -> None:
+    # A stop signal that arrives just before the task enters a blocking call (say while
+    # its thread waits for the GIL) does not interrupt that call: Python runs the handler
+    # only when the call returns. CI met it: time.sleep(600) slept on, and the process
+    # was replaced after the grace. The stop is signalled again until the task ends.
+    with fade.Executor(tcp_pool.address, heartbeat_interval=INTERVAL) as ex:
+        running = ex.submit(tasks.lose_the_first_stop_then_sleep, 600)
+        wait_for(lambda: query(tcp_pool.address)["running"] == 1, 10, "the task to start")
+        time.sleep(0.2)  # into its first sleep
+        pids = set(tcp_pool.worker_pids())
+        asked = time.monotonic()
+        assert ex.terminate(running)
+        with pytest.raises(fade.TaskTerminatedError, match="terminated on request"):
+            running.result(timeout=30)
+        assert time.monotonic() - asked < STOP_GRACE - 0.2  # not the grace running out
+        assert set(tcp_pool.worker_pids()) == pids  # no process was replaced
+
+
 @pytest.mark.parametrize("load", [0.4, STOP_GRACE + 1.0], ids=["short", "past-the-grace"])
 def test_a_task_asked_to_stop_while_its_arguments_load_stops_when_they_have(
     tcp_pool: Pool, tmp_path: Path, load: float
