@@ -409,17 +409,24 @@ def sees_module(name: str) -> tuple[bool, str, int]:
     return importlib.util.find_spec(name) is not None, os.getcwd(), os.getpid()
 
 
+def _say_ready_then_sleep(ready: Any, seconds: float) -> None:
+    ready.set()
+    time.sleep(seconds)
+
+
 def signal_forked_children() -> tuple[int | None, int | None]:
     """Fork two children that sleep (as a multiprocessing Pool does); end one with SIGTERM
     (Process.terminate) and one with SIGINT; their exit codes (None: still running)."""
     import multiprocessing as mp
     import signal
 
+    fork = mp.get_context("fork")
     codes: list[int | None] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        child = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+        ready = fork.Event()
+        child = fork.Process(target=_say_ready_then_sleep, args=(ready, 60))
         child.start()
-        time.sleep(0.2)  # into its sleep
+        ready.wait(30)  # past its start, however slow: into its sleep
         os.kill(child.pid, sig)
         child.join(10)
         codes.append(child.exitcode)
