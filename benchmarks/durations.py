@@ -20,7 +20,8 @@ cell that has not finished after ``--cell-limit`` seconds is cut: its efficiency
 tasks done by then, and it is marked. The "loop" column is what the tasks themselves allow:
 ``time.sleep(D)`` overruns D by the kernel's timer slack and wake-up (about 0.08 ms here), so
 0.5 ms sleeps reach only about 0.86 even with no pool at all. Usage:
-``python benchmarks/durations.py [--smoke] [--durations 0.5,1,2] [--json out.json]``.
+``python benchmarks/durations.py [--smoke] [--durations 0.5,1,2] [--json out.json]``;
+``--client-delay 2`` puts the tcp pool's client 2 ms from its broker (each way).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any  # noqa: E402
 import zmq  # noqa: E402
 
 import fade  # noqa: E402
+from benchmarks.delayproxy import delayed  # noqa: E402
 from benchmarks.metrics import Deadline  # noqa: E402
 from benchmarks.procs import free_tcp_address, module_processes  # noqa: E402
 from benchmarks.tasks import pid_after, spin  # noqa: E402
@@ -116,6 +118,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cell-seconds", type=float, help="ideal seconds per cell (0.5)")
     parser.add_argument("--cell-limit", type=float, help="seconds before a cell is cut (5)")
     parser.add_argument("--repeat", type=int, default=REPEAT, help="runs per cell (median)")
+    parser.add_argument(
+        "--client-delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="the tcp pool's client reaches its broker through a proxy that delays each "
+        "way by MS (benchmarks/delayproxy.py): a client on another host",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     args = parser.parse_args(argv)
     durations, cell_seconds, cell_limit, zero_tasks = MODES["smoke" if args.smoke else "full"]
@@ -127,6 +137,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("durations must be >= 0, --cell-seconds and --cell-limit > 0")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.client_delay < 0:
+        parser.error("--client-delay must be >= 0")
     return args
 
 
@@ -156,7 +168,7 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 
 
 @contextmanager
-def _open_pool(pool: str, workers: int) -> Iterator[cf.Executor]:
+def _open_pool(pool: str, workers: int, client_delay_s: float = 0.0) -> Iterator[cf.Executor]:
     """Start a pool of ``workers`` worker processes and yield it once all of them serve."""
     if pool == "loop":
         yield _InProcess()
@@ -176,7 +188,11 @@ def _open_pool(pool: str, workers: int) -> Iterator[cf.Executor]:
         ["fade.broker", address, "--log-level", "WARNING"],
         ["fade.worker", address, "--processes", str(workers), "--log-level", "WARNING"],
     ]
-    with module_processes(commands), fade.Executor(address) as executor:
+    with ExitStack() as stack:
+        stack.enter_context(module_processes(commands))
+        if client_delay_s:
+            address = stack.enter_context(delayed(address, client_delay_s))
+        executor = stack.enter_context(fade.Executor(address))
         _wait_until_serving(executor, workers)
         yield executor
 
@@ -203,7 +219,7 @@ def _wait_until_serving(executor: cf.Executor, workers: int) -> None:
 def _open_all(stack: ExitStack, args: argparse.Namespace) -> dict[tuple[str, int], cf.Executor]:
     """Start every pool at once (an idle pool costs nothing); (pool, workers) -> executor."""
     return {
-        (pool, workers): stack.enter_context(_open_pool(pool, workers))
+        (pool, workers): stack.enter_context(_open_pool(pool, workers, args.client_delay / 1000))
         for pool in args.pools
         for workers in args.workers
         if pool != "loop" or workers == 1  # the loop is one thread: one worker
@@ -333,6 +349,7 @@ def _document(cells: list[Cell], args: argparse.Namespace, load_before: Sequence
         "cell_seconds": args.cell_seconds,
         "cell_limit": args.cell_limit,
         "repeat": args.repeat,
+        "client_delay_ms": args.client_delay,
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
         "target": {"efficiency": TARGET, "from_ms": TARGET_FROM_MS},
@@ -352,6 +369,7 @@ def _report(document: dict[str, Any]) -> list[str]:
         f"{document['cpus']} cpus; python {document['python']}; median of {document['repeat']} "
         f"run(s) per cell; load average {document['load_before'][0]:.2f} before, "
         f"{document['load_after'][0]:.2f} after",
+        *_delay_lines(document),
         "",
         f"{'duration':>9} {'kind':5} " + " ".join(f"{f'{p} {w}w':>15}" for p, w in columns),
     ]
@@ -362,6 +380,13 @@ def _report(document: dict[str, Any]) -> list[str]:
         lines.append(f"* cut after {document['cell_limit']:g}s: the figure counts the tasks done")
     lines.append(_target_line(cells))
     return lines
+
+
+def _delay_lines(document: dict[str, Any]) -> list[str]:
+    delay = document.get("client_delay_ms") or 0
+    if not delay:
+        return []
+    return [f"the tcp pool's client is {delay:g} ms from its broker, each way (a delay proxy)"]
 
 
 def _figure(cell: Cell | None) -> str:

@@ -71,6 +71,7 @@ from fade.shipping import LocalCode
 from fade.shm import SWEEP_INTERVAL, ClientSegments
 from fade.sockets import has_input
 from fade.wakeup import Sleeper, WakePipe
+from fade.window import Window
 
 __all__ = ["ClientIO"]
 
@@ -120,7 +121,7 @@ class ClientIO:
         self.closing = False
         self.broken: BaseException | None = None
         self.unreachable: BrokerUnreachableError | None = None
-        self.capacity = 0
+        self.window = Window()  # how many tasks may be at the broker (fade/window.py)
         #: Results that came for a task already complete here (each future completes
         #: once regardless); the broker is meant to send none, and tests check it.
         self.late_results = 0
@@ -369,6 +370,15 @@ class ClientIO:
             abi=str(sysconfig.get_config_var("SOABI") or ""),
         )
 
+    @property
+    def capacity(self) -> int:
+        """The pool's capacity, as the broker last reported it."""
+        return self.window.capacity
+
+    @capacity.setter
+    def capacity(self, capacity: int) -> None:
+        self.window.capacity = capacity
+
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.capacity = welcome.capacity
         self._told_backlog = 0  # a broker that (re)welcomes us knows of no backlog
@@ -388,6 +398,7 @@ class ClientIO:
 
     def _take_results(self, capacity: int, results: list[tuple[p.ResultRecord, p.Payload]]) -> None:
         self.capacity = capacity
+        self.window.results(len(results), time.monotonic())
         for record, payload in results:
             self._complete(record, payload)
 
@@ -469,13 +480,13 @@ class ClientIO:
         if not self.link.welcomed:
             return
         while True:
-            room = min(MAX_BATCH, self.capacity - len(self.in_flight))
+            room = min(MAX_BATCH, self.window.size() - len(self.in_flight))
             urgent = False
             if room <= 0:
-                # A task of raised priority may go beyond the window (by up to its size
-                # again): at the broker it overtakes this client's queued tasks, which
+                # A task of raised priority may go beyond the window (by up to the
+                # capacity): at the broker it overtakes this client's queued tasks, which
                 # it could not from here.
-                room = min(MAX_BATCH, 2 * self.capacity - len(self.in_flight))
+                room = min(MAX_BATCH, self.window.size() + self.capacity - len(self.in_flight))
                 urgent = True
                 if room <= 0 or not self.outbox or self.outbox.peek().options.priority <= 0:
                     return
@@ -521,6 +532,8 @@ class ClientIO:
                 if item.started or item.future.set_running_or_notify_cancel():
                     batch.append(item)
                     size += inline
+        if batch:
+            self.window.sending(len(self.in_flight), time.monotonic())
         for item in batch:
             self.in_flight[item.task_id] = item
         return batch

@@ -117,6 +117,7 @@ class ClientFastPath:
                 or not item.future.set_running_or_notify_cancel()
             ):
                 return False
+            io.window.sending(0, time.monotonic())
             io.in_flight[item.task_id] = item
             link.submit(io.submit_records([item]))
             self._wake_if_input()
@@ -196,7 +197,7 @@ class ClientFastPath:
         those tasks wait for the I/O thread's poll to time out (up to a heartbeat
         interval): 100 tasks of 1 ms took 3-29 s instead of 0.1 s."""
         io = self.io
-        return bool(io.outbox) and io.capacity > len(io.in_flight)
+        return bool(io.outbox) and io.window.size() > len(io.in_flight)
 
     def _take_outcome(self, future: _Future[Any]) -> Outcome | None:
         if future.has_callbacks:

@@ -204,3 +204,19 @@ def test_durations_smoke_run_fills_every_cell(tmp_path: Path) -> None:
         else:
             assert cell["efficiency"] > 0, cell
     assert "target: fade's efficiency > 0.8" in stdout, report
+
+
+@pytest.mark.timeout(120)
+def test_durations_with_a_distant_client_runs_through_the_delay_proxy(tmp_path: Path) -> None:
+    """``--client-delay``: the tcp pool's client reaches its broker through
+    benchmarks/delayproxy.py; its cells fill, and the proxy leaves no process behind."""
+    out = tmp_path / "durations.json"
+    stdout, report = _run_script(
+        "durations.py", "--smoke", "--pools", "tcp", "--workers", "1", "--kinds", "sleep",
+        "--durations", "1", "--client-delay", "2", "--json", str(out),
+    )  # fmt: skip
+    document = json.loads(out.read_text())
+    assert document["client_delay_ms"] == 2
+    assert "2 ms from its broker" in stdout, report
+    (cell,) = document["cells"]
+    assert cell["done"] > 0 and cell["efficiency"] > 0, (cell, report)
