@@ -261,6 +261,10 @@ class Executor(cf.Executor):
     def _submit(
         self, options: TaskOptions, fn: Callable[..., T], args: Any, kwargs: Any
     ) -> cf.Future[T]:
+        if self._owner != _pid:
+            from fade.futures import forked_child_message
+
+            raise RuntimeError(forked_child_message("fade.Executor", self._owner))
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         broken = self._io.broken
@@ -541,9 +545,17 @@ def _release(
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
 
 
+#: This process's id, kept up to date in forked children: ``submit`` compares it with
+#: its executor's owner at no system call's cost.
+_pid = os.getpid()
+
+
 def _forget_in_child() -> None:
     # A forked child shares no thread or pool with its parent's executors: its exit
-    # must not shut them down (that would remove the parent's embedded pool).
+    # must not shut them down (that would remove the parent's embedded pool), and it
+    # cannot submit to them (fade.futures.forked_child_message).
+    global _pid
+    _pid = os.getpid()
     _live_executors.clear()
 
 

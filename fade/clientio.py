@@ -109,6 +109,7 @@ class ClientIO:
         self.max_attempts = settings.max_attempts
         self.timeout = settings.task_timeout or 0.0
         self.pool = pool
+        self.owner = os.getpid()  # a forked child has a copy of this, none of its threads
         self.code = code
         self.packages = packages
         self.tag = os.urandom(p.TAG_SIZE)

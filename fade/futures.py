@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fade import fastpath
+from fade.errors import BrokenPoolError
 
 if TYPE_CHECKING:
     from fade.clientio import ClientIO
 
-__all__ = ["_Future"]
+__all__ = ["_Future", "forked_child_message"]
 
 T = TypeVar("T")
 _PENDING = cf._base.PENDING
@@ -80,6 +82,7 @@ class _Future(cf.Future[T]):
     def result(self, timeout: float | None = None) -> T:
         if self.done():
             return super().result()
+        self._check_owner()
         fast = self._io.fast
         wait = timeout
         if fast is not None:
@@ -93,3 +96,27 @@ class _Future(cf.Future[T]):
             if self.done():
                 raise
             raise cf.TimeoutError(self._io.why_waiting(timeout)) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            self._check_owner()
+        return super().exception(timeout)
+
+    def _check_owner(self) -> None:
+        """A forked child has a copy of this future but not the I/O thread that would
+        complete it: waiting would never end."""
+        owner = self._io.owner
+        if owner != os.getpid():
+            raise BrokenPoolError(
+                forked_child_message("future's fade.Executor", owner)
+                + "; wait for it in that process"
+            )
+
+
+def forked_child_message(what: str, owner: int) -> str:
+    """Why a forked child cannot use its parent's executor or futures, and what to do."""
+    return (
+        f"this {what} belongs to process {owner}; a forked child (pid {os.getpid()}) has a "
+        "copy of it but none of its threads or connections, so it cannot be used here: "
+        "create a new fade.Executor in the child"
+    )

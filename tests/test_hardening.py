@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +410,57 @@ def test_a_forked_child_exiting_leaves_the_parents_pool_alone() -> None:
         for worker in list(ex._pool._supervisor.pids):  # type: ignore[union-attr]
             os.kill(worker, signal.SIGKILL)
         assert ex.submit(tasks.add, 2, 2).result(timeout=30) == 4
+
+
+def _in_a_forked_child(body: Callable[[], str], timeout: float = 20.0) -> str:
+    """Run ``body`` in a forked child; what it returned (or raised, by name). Fails if the
+    child is not done within ``timeout``: it is killed."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            outcome = body()
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, outcome.encode())
+        os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            pytest.fail(f"the forked child was still waiting after {timeout}s")
+        time.sleep(0.02)
+    with os.fdopen(read_end, "rb") as pipe:
+        return pipe.read().decode()
+
+
+def test_a_forked_child_cannot_submit_to_its_parents_executor_and_is_told_why() -> None:
+    # The child has a copy of the executor but none of its threads; its submit hung for
+    # ever (on a lock a parent's thread held at the fork).
+    with fade.Executor(max_workers=1, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+        def submit() -> str:
+            return repr(ex.submit(tasks.add, 2, 2).result(timeout=5))
+
+        outcome = _in_a_forked_child(submit)
+        assert outcome.startswith("RuntimeError"), outcome
+        assert "forked" in outcome and "create a new fade.Executor" in outcome, outcome
+        assert ex.submit(tasks.add, 3, 3).result(timeout=30) == 6  # the parent's goes on
+
+
+def test_a_forked_child_waiting_on_its_parents_future_is_told_why() -> None:
+    with fade.Executor(max_workers=1, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+        pending = ex.submit(time.sleep, 3)
+        outcome = _in_a_forked_child(lambda: repr(pending.result()))
+        assert outcome.startswith("BrokenPoolError"), outcome
+        assert "forked" in outcome, outcome
+        assert pending.result(timeout=30) is None  # the parent still gets it
 
 
 def _exit_normally() -> int:
