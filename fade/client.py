@@ -39,7 +39,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from fade import defaults as d
 from fade.clientoptions import (
@@ -322,6 +322,15 @@ class Executor(cf.Executor):
                 "workers, or send it by content (share_threshold, fade.share)"
             )
         return payload, largest, flags, pinned, segs
+
+    def __reduce__(self) -> NoReturn:
+        # Sent to a task (or closed over by its function), it failed with "cannot pickle
+        # '_thread.RLock' object", which names nothing the user wrote.
+        raise TypeError(
+            "a fade.Executor cannot be sent to a task: it holds this process's threads and "
+            "sockets. To submit from a task, create an executor there (fade.Executor(address) "
+            "for a shared pool); or return what to run next and submit it here"
+        )
 
     @property
     def _broken(self) -> BaseException | bool:

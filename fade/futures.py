@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from fade import fastpath
 from fade.errors import BrokenPoolError
@@ -101,6 +101,12 @@ class _Future(cf.Future[T]):
         if not self.done():
             self._check_owner()
         return super().exception(timeout)
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a future cannot be sent to a task: it completes only in the process that "
+            "submitted it. Pass its result instead (future.result())"
+        )
 
     def _check_owner(self) -> None:
         """A forked child has a copy of this future but not the I/O thread that would

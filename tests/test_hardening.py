@@ -393,6 +393,23 @@ def test_a_worker_on_another_python_never_gets_the_task(pool: Pool, tmp_path: Pa
         sys.modules.pop("fadehardening", None)
 
 
+# -- what cannot be sent to a task ------------------------------------------------------------
+
+
+def test_an_executor_or_a_future_sent_to_a_task_is_refused_by_name() -> None:
+    """Not "cannot pickle '_thread.RLock' object": what was sent, and what to do instead."""
+    with fade.Executor(max_workers=1) as ex:
+        first = ex.submit(tasks.add, 1, 1)
+        assert first.result(timeout=30) == 2
+        with pytest.raises(fade.SerializationError, match=r"a fade\.Executor cannot be sent"):
+            ex.submit(tasks.identity, ex).result(timeout=30)
+        with pytest.raises(fade.SerializationError, match=r"a fade\.Executor cannot be sent"):
+            ex.submit(lambda: ex.submit(tasks.add, 1, 1)).result(timeout=30)
+        with pytest.raises(fade.SerializationError, match=r"future.result\(\)"):
+            ex.submit(tasks.identity, first).result(timeout=30)
+        assert ex.submit(tasks.identity, first.result()).result(timeout=30) == 2
+
+
 # -- forks ---------------------------------------------------------------------------------
 
 
