@@ -9,10 +9,12 @@ Each chunk read from one side is written to the other DELAY seconds after it was
 in order; the proxy's own cost (an asyncio loop in one process) is tens of microseconds
 per chunk, far below the delays it is used with (1-10 ms). Usage: ``python
 benchmarks/delayproxy.py LISTEN_PORT TARGET_PORT DELAY_SECONDS``, or :func:`delayed`.
+It runs until it is stopped (SIGTERM).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import subprocess
@@ -106,5 +108,15 @@ async def _serve(listen: int, target: int, delay: float) -> None:
         await server.serve_forever()
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("listen", type=int, help="the port to listen on (127.0.0.1)")
+    parser.add_argument("target", type=int, help="the port to forward to (127.0.0.1)")
+    parser.add_argument("delay", type=float, help="seconds added each way")
+    args = parser.parse_args(argv)
+    asyncio.run(_serve(args.listen, args.target, args.delay))
+    return 0
+
+
 if __name__ == "__main__":
-    asyncio.run(_serve(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
+    sys.exit(main())
