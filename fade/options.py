@@ -196,7 +196,13 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
             resources = parse_resources(args.resources)
         except ValueError as exc:
             parser.error(f"--resources: {exc}")
-    from fade.protocol import MAX_LABEL  # ZeroMQ: not before the embedded pool starts
+    from fade.link import check_address  # ZeroMQ: not before the embedded pool starts
+    from fade.protocol import MAX_LABEL
+
+    try:
+        check_address(args.address)  # ZeroMQ would retry a malformed one for ever
+    except ValueError as exc:
+        parser.error(str(exc))
 
     if len(args.label) > MAX_LABEL:
         parser.error(f"--label must be at most {MAX_LABEL} characters")

@@ -35,6 +35,7 @@ __all__ = [
     "POLLIN",
     "ZAP_DOMAIN",
     "bind_router",
+    "check_bind_endpoint",
     "check_endpoint",
     "connect_dealer",
     "has_input",
@@ -217,6 +218,18 @@ def check_endpoint(address: str) -> None:
         raise ValueError(f"{address!r}: {port!r} is not a port number; {_ENDPOINT_FORMS}")
     if host == "*":
         raise ValueError(f"{address!r} is for binding; name the broker's host; {_ENDPOINT_FORMS}")
+
+
+def check_bind_endpoint(address: str) -> None:
+    """As :func:`check_endpoint`, for an address to bind: any host (``*``, an interface)
+    and a port the system picks (``*`` or 0) allowed. ZeroMQ would take port 99999 as
+    34463, modulo 65536."""
+    transport, sep, rest = address.partition("://")
+    if sep and transport == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if colon and host and port in ("*", "0") and "/" not in rest:
+            return
+    check_endpoint(address.replace("tcp://*:", "tcp://0.0.0.0:", 1))
 
 
 def is_local_address(address: str) -> bool:

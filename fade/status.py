@@ -35,6 +35,7 @@ from fade._env import default_address
 from fade._logutil import printable
 from fade._version import __version__
 from fade.errors import BrokerUnreachableError, FadeError, ProtocolError, SecurityError
+from fade.link import check_address
 from fade.sockets import connect_dealer
 
 __all__ = ["format_pair", "format_status", "main", "peer_id", "query", "query_each"]
@@ -407,6 +408,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    try:
+        check_address(args.address)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 

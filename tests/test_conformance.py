@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,48 @@ SUITE_COUNTS = {
     "3.11": {"tests": 59, "passed": 42, "excluded": 16},
     "3.13": {"tests": 63, "passed": 44, "excluded": 18},
 }
+
+
+# The command lines check their addresses as Executor() does: fade-broker bound port
+# 99999 as 34463 (ZeroMQ takes it modulo 65536) and fade-worker and fade-status retried
+# it until stopped; "fade-broker 127.0.0.1:5555" was refused for want of keys.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("command", "address", "why"),
+    [
+        ("fade-broker", "tcp://127.0.0.1:99999", "not a port number"),
+        ("fade-broker", "127.0.0.1:5555", "no scheme"),
+        ("fade-broker", "udp://127.0.0.1:5555", "unknown scheme 'udp'"),
+        ("fade-worker", "tcp://127.0.0.1:99999", "not a port number"),
+        ("fade-worker", "127.0.0.1:5555", "no scheme"),
+        ("fade-worker", "tcp://*:5555", "for binding"),
+        ("fade-status", "tcp://127.0.0.1:99999", "not a port number"),
+    ],
+)
+def test_a_command_given_a_malformed_address_says_so_and_exits(
+    command: str, address: str, why: str
+) -> None:
+    done = subprocess.run(
+        [command, address], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 2, done.stderr
+    assert repr(address) in done.stderr and why in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://127.0.0.1:0"])
+def test_the_broker_may_bind_a_port_the_system_picks(address: str) -> None:
+    proc = subprocess.Popen(
+        ["fade-broker", address], stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert proc.stderr is not None
+        line = ""
+        deadline = time.monotonic() + 30
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        assert "listening on tcp://127.0.0.1:" in line, line
+        assert not line.rstrip().endswith((":*", ":0")), line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
