@@ -82,7 +82,7 @@ class _Future(cf.Future[T]):
     def result(self, timeout: float | None = None) -> T:
         if self.done():
             return super().result()
-        self._check_owner()
+        self._check_can_wait()
         fast = self._io.fast
         wait = timeout
         if fast is not None:
@@ -99,7 +99,7 @@ class _Future(cf.Future[T]):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
-            self._check_owner()
+            self._check_can_wait()
         return super().exception(timeout)
 
     def __reduce__(self) -> NoReturn:
@@ -108,14 +108,22 @@ class _Future(cf.Future[T]):
             "submitted it. Pass its result instead (future.result())"
         )
 
-    def _check_owner(self) -> None:
-        """A forked child has a copy of this future but not the I/O thread that would
-        complete it: waiting would never end."""
-        owner = self._io.owner
-        if owner != os.getpid():
+    def _check_can_wait(self) -> None:
+        """Raise rather than wait for ever where this future cannot complete: in a forked
+        child (a copy of it, without the I/O thread), or on the I/O thread itself (a
+        done-callback: that thread delivers the result it would wait for)."""
+        io = self._io
+        if io.owner != os.getpid():
             raise BrokenPoolError(
-                forked_child_message("future's fade.Executor", owner)
+                forked_child_message("future's fade.Executor", io.owner)
                 + "; wait for it in that process"
+            )
+        if threading.get_ident() == io.thread.ident:
+            raise RuntimeError(
+                "a done-callback waits for a pending future: fade runs done-callbacks on "
+                "the executor's I/O thread, the one that delivers results, so the wait "
+                "would never end. Wait in a thread of your own, or chain the next step "
+                "with add_done_callback on that future"
             )
 
 

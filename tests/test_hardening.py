@@ -7,6 +7,7 @@ where a misbehaving or newer one is needed.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import re
 import signal
@@ -391,6 +392,54 @@ def test_a_worker_on_another_python_never_gets_the_task(pool: Pool, tmp_path: Pa
     finally:
         sys.path.remove(str(site))
         sys.modules.pop("fadehardening", None)
+
+
+# -- done-callbacks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait", ["result", "exception", "result-timeout"])
+def test_a_done_callback_waiting_for_a_pending_future_is_told_why_instead_of_hanging(
+    wait: str,
+) -> None:
+    """Done-callbacks run on the client's I/O thread, the one that delivers results: one
+    that waited there for another future froze the whole executor for ever."""
+    with fade.Executor(max_workers=1) as ex:
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+        seen: list[BaseException | None] = []
+        later: cf.Future[None] | None = None
+
+        def waiter(_: object) -> None:
+            assert later is not None
+            try:
+                if wait == "result":
+                    later.result()
+                elif wait == "exception":
+                    later.exception()
+                else:
+                    later.result(timeout=60)
+                seen.append(None)
+            except BaseException as exc:
+                seen.append(exc)
+
+        # One worker: ``later`` runs after ``first``, so it is pending when first's
+        # callback runs (on the I/O thread: first is still running when it is added).
+        first = ex.submit(time.sleep, 0.2)
+        later = ex.submit(time.sleep, 0.5)
+        first.add_done_callback(waiter)
+        assert later.result(timeout=30) is None
+        assert ex.submit(tasks.add, 3, 3).result(timeout=30) == 6
+        wait_for(lambda: seen, 10, "the callback to run")
+    assert isinstance(seen[0], RuntimeError), seen
+    assert "done-callback" in str(seen[0]) and "I/O thread" in str(seen[0]), seen
+
+
+def test_a_done_callback_may_read_its_own_future_and_submit() -> None:
+    with fade.Executor(max_workers=2) as ex:
+        chained: list[cf.Future[int]] = []
+        future = ex.submit(tasks.add, 1, 1)
+        future.add_done_callback(lambda f: chained.append(ex.submit(tasks.add, f.result(), 1)))
+        wait_for(lambda: chained, 30, "the callback to run")
+        assert chained[0].result(timeout=30) == 3
 
 
 # -- what cannot be sent to a task ------------------------------------------------------------
