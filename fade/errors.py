@@ -24,6 +24,8 @@
      +-- BrokerUnreachableError  the broker cannot be reached (never answered, or gone)
      +-- MissingExtraError       an optional feature's extra is not installed (an ImportError)
 
+    LargeFunctionWarning         (a UserWarning) a function pickled by value is large
+
 A task's own exception is never wrapped: ``result()`` raises the original type,
 with a :class:`RemoteTraceback` holding the worker's traceback as ``__cause__``.
 
@@ -54,6 +56,7 @@ __all__ = [
     "IncompatibleWorkerError",
     "InitializerError",
     "InsecureAddressError",
+    "LargeFunctionWarning",
     "MessageTooLargeError",
     "MissingDependencyError",
     "MissingExtraError",
@@ -217,6 +220,11 @@ class BrokerUnreachableError(FadeError):
 
 class MissingExtraError(FadeError, ImportError):
     """An optional feature needs a library that is not installed; the message names the extra."""
+
+
+class LargeFunctionWarning(UserWarning):
+    """A task's function, pickled by value with what it refers to, is large: every task
+    carries it again (fade/serialization.py names what makes it large)."""
 
 
 #: The errors that are also ``BrokenProcessPool`` live in fade/_brokenpool.py: its module,

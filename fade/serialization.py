@@ -52,6 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import sys
+import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -209,7 +212,81 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
         with contextlib.suppress(TypeError):
             _by_reference[fn] = found
         return found
+    if len(data) >= LARGE_FUNCTION:
+        _warn_large_function(fn, len(data))
     return data, frozenset(modules) if modules else NO_MODULES
+
+
+#: Bytes from which a function pickled by value is worth a warning: a task's function is
+#: pickled and sent again with every task (an argument's large buffers travel once per
+#: host, by content, or through shared memory).
+LARGE_FUNCTION = 1 << 20
+#: Code objects warned about (bounded: a program makes few large functions).
+_warned: set[types.CodeType] = set()
+_WARNED_MAX = 1024
+
+
+def _warn_large_function(fn: Callable[..., Any], size: int) -> None:
+    """Warn once per function (its code) that it pickles to ``size`` bytes, naming the
+    globals and closure variables that make it large, at the caller's line."""
+    code = getattr(fn, "__code__", None)
+    if code is None or code in _warned or len(_warned) >= _WARNED_MAX:
+        return
+    _warned.add(code)
+    large = ", ".join(f"{name} ({_megabytes(n)})" for name, n in _large_references(fn, size))
+    warnings.warn(
+        f"{_fn_name(fn)} is pickled by value with what it refers to, {_megabytes(size)}, and "
+        f"every task carries that again{': ' + large if large else ''}. Pass large arrays "
+        "as arguments instead (their buffers then travel once per host, by content, or "
+        "through shared memory on one machine), wrap large data in fade.share(), or load "
+        "it inside the task",
+        errors.LargeFunctionWarning,
+        stacklevel=_callers_level(),
+    )
+
+
+def _large_references(fn: Callable[..., Any], size: int) -> list[tuple[str, int]]:
+    """The globals and closure variables of ``fn`` that pickle to a tenth of ``size`` or
+    more, largest first (each pickled once more: this runs once per function)."""
+    code = fn.__code__
+    names: set[str] = set()
+    stack = [code]
+    while stack:  # names used by the function and the functions defined in it
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    referred = {n: fn.__globals__[n] for n in names if n in fn.__globals__}
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
+        with contextlib.suppress(ValueError):  # an empty cell
+            referred[name] = cell.cell_contents
+    sizes = []
+    for name, value in referred.items():
+        if isinstance(value, types.ModuleType) or callable(value):
+            continue
+        try:
+            n = len(cloudpickle.dumps(value, protocol=5))
+        except Exception:
+            continue
+        if n * 10 >= size:
+            sizes.append((name, n))
+    return sorted(sizes, key=lambda item: -item[1])[:3]
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside fade and concurrent.futures: the
+    user's submit or map."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("fade.", "concurrent.futures")
+    ):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 #: Given the modules a call's function and arguments refer to: the id of the package

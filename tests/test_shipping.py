@@ -925,3 +925,39 @@ def test_next_task_sees_the_workers_own_cwd_environment_path_and_builtins(
     with _executor(pool) as tenant_b:
         after = tenant_b.submit(tasks.worker_state).result(timeout=30)
     assert after == before
+
+
+# -- a function that carries large data with it ---------------------------------------------
+
+_LARGE_GLOBAL = bytearray(3 << 20)
+
+
+def test_a_function_carrying_large_data_is_warned_about_once_at_the_callers_line() -> None:
+    """A closure or ``__main__`` function is pickled by value with what it refers to, and
+    every task carries it again (40 tasks of a function reading a 50 MB array global took
+    6.6 s on the embedded pool, 0.04 s with it as an argument): say so once, naming what is
+    large and what to do instead."""
+    import warnings
+
+    table = bytearray(2 << 20)
+
+    def lookup(i: int) -> int:  # a closure: pickled by value
+        return len(table) + len(_LARGE_GLOBAL) + i
+
+    def small(i: int) -> int:
+        return i + 1
+
+    with fade.Executor(max_workers=1) as ex, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ex.submit(small, 1).result(timeout=30) == 2  # positive control: no warning
+        assert not [w for w in seen if w.category is fade.LargeFunctionWarning]
+        here = sys._getframe().f_lineno + 1
+        assert ex.submit(lookup, 1).result(timeout=30) == (5 << 20) + 1
+        assert list(ex.map(lookup, [2, 3])) == [(5 << 20) + 2, (5 << 20) + 3]
+    warned = [w for w in seen if w.category is fade.LargeFunctionWarning]
+    assert len(warned) == 1, [str(w.message) for w in warned]
+    message = str(warned[0].message)
+    assert "lookup is pickled by value" in message and "5.2 MB" in message, message
+    assert "_LARGE_GLOBAL (3.1 MB)" in message and "table (2.1 MB)" in message, message
+    assert "fade.share()" in message, message
+    assert (warned[0].filename, warned[0].lineno) == (__file__, here)
