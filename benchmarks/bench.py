@@ -230,6 +230,7 @@ def _read_result(out: Path, log: Path, timed_out: bool, time_limit: float) -> Sy
     result = SystemResult(
         status=data.get("status", "error"),
         metrics=data.get("metrics", {}),
+        runs=data.get("runs", {}),
         errors=data.get("errors", {}),
         sizes=data.get("sizes"),
     )

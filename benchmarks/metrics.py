@@ -78,6 +78,10 @@ class Sizes:
     calls: int  # M: sequential round trips for latency
     big_round_trips: int  # K: 50 MB round trips
     warmup_calls: int
+    #: R: runs of each throughput step; the median is reported. One map of 20,000 no-ops
+    #: in chunks of 100 takes about 20 ms, and a single run's ratio to another system's
+    #: swung from 1.1x to 2.1x between runs on this shared machine.
+    repeats: int = 1
 
     def scaled(self, factor: float) -> Sizes:
         """N and M times ``factor`` (rounded to hundreds, at least 100), for a system too slow
@@ -91,7 +95,7 @@ class Sizes:
 
 SIZES: dict[str, Sizes] = {
     "smoke": Sizes(tasks=2_000, calls=200, big_round_trips=2, warmup_calls=20),
-    "full": Sizes(tasks=20_000, calls=2_000, big_round_trips=5, warmup_calls=200),
+    "full": Sizes(tasks=20_000, calls=2_000, big_round_trips=5, warmup_calls=200, repeats=5),
 }
 
 

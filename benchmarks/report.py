@@ -42,6 +42,7 @@ class SystemResult:
     status: str  # "ok", "error", "timeout" or "skipped"
     reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, list[float]] = field(default_factory=dict)  # a repeated step's runs
     errors: dict[str, str] = field(default_factory=dict)  # failed step -> error
     elapsed_s: float | None = None
     log_tail: list[str] = field(default_factory=list)

@@ -5,6 +5,7 @@
                    open_target(SYSTEM) ─┐
                    first result        ─┴─ "start to first result"
                    warm-up, submit, map, latency, 50 MB   each step recorded when it ends
+                                                           (submit and map: R runs, the median)
                    close                                   phase "shutdown"
 
 The JSON file is rewritten after every step, so when ``bench.py`` kills a runner that overran its
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -32,6 +34,8 @@ from benchmarks.systems import open_target, preload, system
 __all__ = ["Record", "main", "measure"]
 
 SHUTDOWN_MARGIN_S = 5.0
+#: The throughput steps, run ``Sizes.repeats`` times each (the median is reported).
+REPEATED_STEPS = frozenset({"submit", "map chunksize=1", "map chunksize=100"})
 
 
 class Record:
@@ -44,6 +48,7 @@ class Record:
             "status": "running",
             "phase": "start",
             "metrics": {},
+            "runs": {},  # a repeated step's metric: every run's figure
             "errors": {},
             "error": None,
             "sizes": None,
@@ -61,6 +66,15 @@ class Record:
     def add(self, metrics: dict[str, float]) -> None:
         self.data["metrics"].update(metrics)
         self._write()
+
+    def add_runs(self, runs: list[dict[str, float]]) -> None:
+        """Several runs of one step: each metric's median, and every run's figure."""
+        if len(runs) == 1:
+            self.add(runs[0])
+            return
+        for key in runs[0]:
+            self.data["runs"][key] = [run[key] for run in runs]
+        self.add({key: statistics.median(run[key] for run in runs) for key in runs[0]})
 
     def step_failed(self, step: str, exc: BaseException) -> None:
         self.data["errors"][step] = _describe(exc)
@@ -102,7 +116,8 @@ def measure(name: str, sizes: Sizes, deadline: Deadline, record: Record) -> None
         for step_name, step in target.steps(sizes):
             record.phase(step_name)
             try:
-                record.add(step(deadline))
+                repeats = sizes.repeats if step_name in REPEATED_STEPS else 1
+                record.add_runs([step(deadline) for _ in range(repeats)])
             except Exception as exc:
                 traceback.print_exc()
                 record.step_failed(step_name, exc)

@@ -220,3 +220,19 @@ def test_durations_with_a_distant_client_runs_through_the_delay_proxy(tmp_path: 
     assert "2 ms from its broker" in stdout, report
     (cell,) = document["cells"]
     assert cell["done"] > 0 and cell["efficiency"] > 0, (cell, report)
+
+
+@pytest.mark.timeout(30)
+def test_a_repeated_step_records_the_median_and_every_run(tmp_path: Path) -> None:
+    """bench.py --full runs each throughput step several times (one run of a map in
+    chunks of 100 lasts about 20 ms): the table shows the median, the JSON every run."""
+    from benchmarks.runner import REPEATED_STEPS, Record
+
+    assert {"submit", "map chunksize=1", "map chunksize=100"} == REPEATED_STEPS
+    out = tmp_path / "record.json"
+    record = Record("fade-embedded", out)
+    record.add_runs([{"submit_tps": 30.0}, {"submit_tps": 10.0}, {"submit_tps": 20.0}])
+    record.add_runs([{"big_mbps": 7.0}])
+    data = json.loads(out.read_text())
+    assert data["metrics"] == {"submit_tps": 20.0, "big_mbps": 7.0}
+    assert data["runs"] == {"submit_tps": [30.0, 10.0, 20.0]}
