@@ -55,6 +55,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 from fade import fastpath, security
@@ -227,12 +228,15 @@ class Worker:
                     status, payload = elsewhere
                     if status is p.Status.OK:
                         payload = self._checked_size(payload)
+                    else:
+                        payload = self._checked_exception(None, payload)
             except ModuleNotFoundError as exc:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
             except _Stopped:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self.terminated())
             except BaseException as exc:  # the task's own failure, SystemExit included
-                status, payload = p.Status.RAISED, ser.dumps_exception(exc)
+                payload = self._checked_exception(exc, ser.dumps_exception(exc))
+                status = p.Status.RAISED
             finally:
                 self._job = None  # the payload's frames must not outlive the task
         self._after_task()
@@ -419,15 +423,28 @@ class Worker:
 
     def _checked_size(self, payload: p.Payload) -> p.Payload:
         """The result, or MessageTooLargeError if a peer on the way would refuse a part."""
-        limits = [self.options.max_message_size, self.broker_max_message_size or sys.maxsize]
+        limit = self._return_limit()
         largest = p.largest_part(payload)
-        if largest > min(limits):
+        if largest > limit:
             raise MessageTooLargeError(
                 f"the result has a {largest}-byte frame; the limit on its way back is "
-                f"{min(limits)} bytes (--max-message-size of the worker and the broker, "
-                "max_message_size of the Executor)"
+                f"{limit} bytes ({RETURN_LIMITS})"
             )
         return payload
+
+    def _checked_exception(self, exc: BaseException | None, payload: p.Payload) -> p.Payload:
+        """The raised exception's payload, or a MessageTooLargeError naming it (type, the
+        start of its message, where it was raised) if a peer on the way would refuse
+        it: the broker drops a connection that sends it a frame over its limit, and the
+        task's future would never hear of it again."""
+        limit = self._return_limit()
+        largest = p.largest_part(payload)
+        if largest <= limit:
+            return payload
+        return ser.dumps_exception(_oversized_exception(exc, largest, limit))
+
+    def _return_limit(self) -> int:
+        return min(self.options.max_message_size, self.broker_max_message_size or sys.maxsize)
 
     broker_max_message_size = 0  # set by the link's WELCOME
 
@@ -456,6 +473,32 @@ class Worker:
 
 
 # -- command line -------------------------------------------------------------------------
+
+
+#: What limits the frames a task's outcome may have on its way back, for error messages.
+RETURN_LIMITS = "--max-message-size of the worker and the broker, max_message_size of the Executor"
+#: Characters of an oversized exception's message kept in the error that replaces it.
+SHOWN_MESSAGE = 500
+
+
+def _oversized_exception(
+    exc: BaseException | None, largest: int, limit: int
+) -> MessageTooLargeError:
+    """What stands in for a raised exception too large to travel back."""
+    what = "an exception"
+    if exc is not None:
+        message = str(exc)
+        if len(message) > SHOWN_MESSAGE:
+            message = f"{message[:SHOWN_MESSAGE]}... ({len(message)} characters)"
+        what = f"{type(exc).__qualname__}: {message}"
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            last = frames[-1]
+            what += f" (in {last.name}, {last.filename}:{last.lineno})"
+    return MessageTooLargeError(
+        f"the task raised {what}; pickled, it has a {largest}-byte frame, and the limit on "
+        f"its way back is {limit} bytes ({RETURN_LIMITS})"
+    )
 
 
 def _run_child(options: WorkerOptions, keys: security.PeerKeys | None, control_fd: int) -> int:

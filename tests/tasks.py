@@ -170,6 +170,11 @@ def pid_after(x: int, seconds: float) -> tuple[int, int]:
     return x, os.getpid()
 
 
+def raise_big(size: int) -> None:
+    """Raise an exception whose pickle is over ``size`` bytes."""
+    raise ValueError("too much: " + "x" * size)
+
+
 def bytes_of_size(size: int) -> bytes:
     return b"z" * size
 

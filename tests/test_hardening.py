@@ -255,6 +255,32 @@ def test_a_result_over_the_clients_limit_fails_its_future(tcp_pool: Pool) -> Non
         assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
 
 
+def test_an_exception_over_the_brokers_limit_fails_its_future_and_names_it(pool: Pool) -> None:
+    # Its DONE went over the broker's limit: the broker dropped the worker's connection,
+    # the task was lost, and its future waited for ever.
+    pool.start_broker("--max-message-size", "1M")
+    pool.start_worker(1)
+    pool.wait_workers(1)
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        with pytest.raises(fade.MessageTooLargeError, match="limit on its way back") as info:
+            ex.submit(tasks.raise_big, 2 << 20).result(timeout=30)
+        message = str(info.value)
+        assert "ValueError: too much: xxx" in message and "raise_big" in message, message
+        assert len(message) < 10_000, len(message)
+        with pytest.raises(ValueError, match="too much"):  # under the limit: as raised
+            ex.submit(tasks.raise_big, 100_000).result(timeout=30)
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
+def test_an_exception_over_the_clients_limit_fails_its_future(tcp_pool: Pool) -> None:
+    with fade.Executor(
+        tcp_pool.address, heartbeat_interval=INTERVAL, max_message_size=1 << 20
+    ) as ex:
+        with pytest.raises(fade.MessageTooLargeError, match="max_message_size"):
+            ex.submit(tasks.raise_big, 2 << 20).result(timeout=30)
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
 def test_workers_never_get_a_frame_over_their_limit(pool: Pool) -> None:
     pool.start_broker()
     for _ in range(2):
