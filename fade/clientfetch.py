@@ -89,6 +89,14 @@ def _serve(code: LocalCode, request: dict[str, Any]) -> tuple[p.CodeStatus, list
         if manifest is not None:
             return p.CodeStatus.OK, [manifest]
         return p.CodeStatus.MISSING, [b"unknown code version"]
+    if kind == "blob_range":
+        digest, offset, size = request.get("hash"), request.get("offset"), request.get("size")
+        if isinstance(digest, str) and isinstance(offset, int) and isinstance(size, int):
+            piece = code.blob_range(digest, offset, size)
+            if piece is not None:
+                return p.CodeStatus.OK, [piece]
+            return p.CodeStatus.MISSING, [b"unknown file hash or range"]
+        return p.CodeStatus.MISSING, [b"malformed request"]
     hashes = request.get("hashes")
     if kind == "blobs" and isinstance(hashes, list):
         blobs = code.blobs([str(h) for h in hashes])

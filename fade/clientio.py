@@ -420,6 +420,18 @@ class ClientIO:
             segments=self.segments,
             pending=self.in_flight,
         )
+        limit = self.link.broker_max_message_size
+        largest = max((len(frame) for frame in frames), default=0)
+        if limit and largest + p.HEAD_ROOM > limit:
+            # The broker would drop our connection for it, and the worker wait for ever.
+            status, frames = (
+                p.CodeStatus.MISSING,
+                [
+                    f"the answer has a {largest}-byte part, over the broker's frame limit of "
+                    f"{limit} bytes (its --max-message-size): raise the limit on the broker and "
+                    "the workers, or install what is shipped on the workers".encode()
+                ],
+            )
         self.link.send(p.encode_code(ref, request_id, status, frames))
 
     def _on_notice(self, message: p.Message) -> None:

@@ -6,7 +6,8 @@
         │ no: forget the unpickled functions; drop the modules of the shipped names
         ▼
     tree for V on disk? ──no──> FETCH manifest V from C (through the broker): its id must be V
-        │                         FETCH the files this host lacks (or has with other content)
+        │                         FETCH the files this host lacks (or has with other content);
+        │                         a file over the frame limit on the way in pieces (blob_range)
         │                         build trees/V from objects/ atomically
         ▼
     first use of V in this process: every file hashed against the manifest, nothing else
@@ -74,6 +75,8 @@ log = logging.getLogger("fade.codecache")
 #: A function that asks the task's client for something: (a reference to the task or its
 #: client, request) -> frames.
 Fetch = Callable[[bytes, dict[str, object]], list[bytes]]
+#: Bytes of a frame limit left for the CODE message's own fields around a file's piece.
+FRAME_HEAD_ROOM = 4096
 
 MANIFEST_FILE = ".fade-manifest.json"
 
@@ -295,10 +298,15 @@ class CodeRunner:
     """
 
     def __init__(
-        self, cache: CodeCache, fetch: Fetch, functions: FunctionCache | None = None
+        self,
+        cache: CodeCache,
+        fetch: Fetch,
+        functions: FunctionCache | None = None,
+        frame_limit: Callable[[], int] = lambda: 0,
     ) -> None:
         self.cache = cache
         self._fetch = fetch
+        self._frame_limit = frame_limit  # the smallest between the client and us (0: none)
         self.functions = functions if functions is not None else FunctionCache()
         self.active = b""
         self._client = b""
@@ -391,10 +399,27 @@ class CodeRunner:
         manifest = Manifest.from_json(manifest_json)
         missing = self.cache.missing(manifest)
         if missing:
-            blobs = self._fetch(client, {"kind": "blobs", "hashes": missing})
-            self.cache.store(missing, blobs)
+            self._fetch_files(client, missing, manifest)
         self.cache.build(version, manifest_json, manifest)
         return manifest
+
+    def _fetch_files(self, client: bytes, missing: list[str], manifest: Manifest) -> None:
+        """The files this host lacks: together, each in one frame, but a file over the
+        frame limit in pieces that fit (a frame over a peer's limit costs the sender its
+        connection, and the task would wait for ever)."""
+        piece = self._frame_limit() - FRAME_HEAD_ROOM
+        sizes = {digest: size for _, digest, size in manifest.files}
+        large = [d for d in missing if piece > 0 and sizes.get(d, 0) > piece]
+        whole = [d for d in missing if d not in large]
+        if whole:
+            self.cache.store(whole, self._fetch(client, {"kind": "blobs", "hashes": whole}))
+        for digest in large:
+            parts = []
+            for offset in range(0, sizes[digest], piece):
+                request = {"kind": "blob_range", "hash": digest, "offset": offset, "size": piece}
+                (part,) = self._fetch(client, request)
+                parts.append(part)
+            self.cache.store([digest], [b"".join(parts)])
 
     def _activate(self, version: bytes, tree: str, manifest: Manifest) -> None:
         self._deactivate()

@@ -287,6 +287,15 @@ class LocalCode:
         self.stats["bytes_served"] += sum(len(b) for b in found)
         return found
 
+    def blob_range(self, digest: str, offset: int, size: int) -> bytes | None:
+        """``size`` bytes of a file from ``offset``: a file over a frame limit travels in
+        pieces (fade/codecache.py)."""
+        content = self._blobs.get(digest)
+        if content is None or offset < 0 or size <= 0 or offset >= len(content):
+            return None
+        self.stats["bytes_served"] += min(size, len(content) - offset)
+        return content[offset : offset + size]
+
     def file_of(self, version: bytes, rel: str) -> tuple[str, list[str]] | None:
         """Our file for a path of a version we shipped, and its lines as they were shipped."""
         manifest = self._manifests.get(version)

@@ -129,7 +129,9 @@ class Worker:
         self._functions = ser.FunctionCache()
         self._avg_duration: float | None = None
         self.tasks_done = 0
-        self._code = CodeRunner(CodeCache(options.code_cache), self._fetch, self._functions)
+        self._code = CodeRunner(
+            CodeCache(options.code_cache), self._fetch, self._functions, self._frame_limit
+        )
         self._task_env = TaskEnvironment(self._code.managed_path)
         self._setups = Setups()  # initializer and max_tasks_per_child (fade/initializer.py)
         self.retired = False

@@ -224,6 +224,25 @@ def test_a_distribution_only_the_client_has_travels_once_per_host(
         assert ex._packages.stats == stats, "a second worker process fetched again"  # type: ignore[union-attr]
 
 
+def test_a_package_file_over_the_brokers_frame_limit_fails_the_task_and_says_why(
+    pool: Pool, site: Site, tmp_path: Path
+) -> None:
+    # The client answered with the whole file, over the broker's --max-message-size: the
+    # broker dropped the client's connection, and the task waited for ever.
+    mod = _unique("fadebig")
+    files = {f"{mod}/__init__.py": _module(f"{mod}-dist", "1.0"), f"{mod}/big.bin": "x" * (2 << 20)}
+    site.add(f"{mod}-dist", "1.0", files)
+    pkg = site.module(mod)
+    pool.start_broker("--max-message-size", "1M")
+    pool.start_worker(1, None, "--code-cache", str(tmp_path / "worker-cache"))
+    pool.wait_workers(1)
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        with pytest.raises(fade.FadeError, match="over the broker's frame limit") as info:
+            ex.submit(pkg.where).result(timeout=60)  # type: ignore[attr-defined]
+        assert "--max-message-size" in str(info.value)
+        assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+
+
 def test_a_worker_with_another_version_runs_the_clients_and_its_own_side_by_side(
     packages: PackagePool, site: Site, tmp_path: Path
 ) -> None:

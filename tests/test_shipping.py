@@ -383,6 +383,34 @@ def test_size_cap_is_a_clear_error(code_pool: Pool, make_package: MakePackage) -
         ex.submit(pkg.f).result(timeout=0)
 
 
+def test_a_file_over_the_brokers_frame_limit_travels_in_pieces(
+    pool: Pool, make_package: MakePackage, tmp_path: Path
+) -> None:
+    # A local package with a 3 MB data file, a broker with --max-message-size 1M: the
+    # client's answer with the whole file cost it its connection to the broker, and the
+    # task waited for ever.
+    data = os.urandom(3_000_000).hex()  # 6 MB of text, different in every piece
+    name = make_package(
+        {
+            "PKG/__init__.py": """
+                import hashlib, os
+                def digest():
+                    with open(os.path.join(os.path.dirname(__file__), "big.txt"), "rb") as f:
+                        return hashlib.sha256(f.read()).hexdigest()
+                """,
+            "PKG/big.txt": data,
+        }
+    )
+    pkg = importlib.import_module(name)
+    pool.start_broker("--max-message-size", "1M")
+    pool.start_worker(1, None, "--code-cache", str(tmp_path / "worker-code-cache"))
+    pool.wait_workers(1)
+    with _executor(pool) as ex:
+        expected = hashlib.sha256(data.encode()).hexdigest()
+        assert ex.submit(pkg.digest).result(timeout=60) == expected
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
 def test_ship_code_off_sends_nothing(code_pool: Pool, make_package: MakePackage) -> None:
     name = make_package(PACKAGE)
     pkg = importlib.import_module(name)
