@@ -259,9 +259,12 @@ def _large_references(fn: Callable[..., Any], size: int) -> list[tuple[str, int]
     for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
         with contextlib.suppress(ValueError):  # an empty cell
             referred[name] = cell.cell_contents
+    owner = getattr(fn, "__self__", None)  # a bound method takes its instance along
+    if owner is not None and not isinstance(owner, (type, types.ModuleType)):
+        referred[f"its instance of {type(owner).__qualname__}"] = owner
     sizes = []
     for name, value in referred.items():
-        if isinstance(value, types.ModuleType) or callable(value):
+        if isinstance(value, types.ModuleType) or (callable(value) and value is not owner):
             continue
         try:
             n = len(cloudpickle.dumps(value, protocol=5))

@@ -989,3 +989,21 @@ def test_a_function_carrying_large_data_is_warned_about_once_at_the_callers_line
     assert "_LARGE_GLOBAL (3.1 MB)" in message and "table (2.1 MB)" in message, message
     assert "fade.share()" in message, message
     assert (warned[0].filename, warned[0].lineno) == (__file__, here)
+
+
+def test_a_bound_method_carrying_a_large_instance_names_the_instance() -> None:
+    import warnings
+
+    class Model:  # local: pickled by value, with its instance
+        def __init__(self) -> None:
+            self.weights = bytearray(2 << 20)
+
+        def predict(self, x: int) -> int:
+            return len(self.weights) + x
+
+    model = Model()
+    with fade.Executor(max_workers=1) as ex, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ex.submit(model.predict, 1).result(timeout=30) == (2 << 20) + 1
+    warned = [str(w.message) for w in seen if w.category is fade.LargeFunctionWarning]
+    assert len(warned) == 1 and "its instance of " in warned[0], warned
