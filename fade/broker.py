@@ -301,7 +301,12 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
                 who = peer_name(identity, hello)
                 log.info("client %s connected; %d clients", who, len(sched.clients))
         welcome = p.Welcome(
-            self.broker_id, self.interval, self.liveness, sched.capacity, self.max_message_size
+            self.broker_id,
+            self.interval,
+            self.liveness,
+            sched.capacity,
+            self.max_message_size,
+            sched.max_client_tasks,
         )
         self._send(identity, p.encode_welcome(welcome))
 

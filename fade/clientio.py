@@ -382,6 +382,7 @@ class ClientIO:
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.capacity = welcome.capacity
+        self.window.quota = welcome.max_client_tasks
         self._told_backlog = 0  # a broker that (re)welcomes us knows of no backlog
         if not self.in_flight:
             return

@@ -22,7 +22,9 @@ client's round trip is shorter than HORIZON, more room brings results sooner, wh
 brings more room, until the workers, not the trip, set the pace. Slow tasks add
 nothing (tasks of a second on two workers add 0.1 task): tasks at the broker count as
 running and can no longer be cancelled, and for them the extra tasks would buy nothing.
-Each burst (tasks sent when none was out) starts from the capacity alone.
+Each burst (tasks sent when none was out) starts from the capacity alone. The
+horizon never takes the window past the quota of tasks the broker allows a client
+(``--max-client-tasks``, announced in WELCOME): it would refuse them.
 
 Plain data, no sockets or threads: the client's I/O thread (and its waiting thread,
 holding the baton) update and ask it.
@@ -44,10 +46,11 @@ RATE_PERIOD = 0.05
 class Window:
     """The capacity the broker reports and the rate this client's results come back."""
 
-    __slots__ = ("_count", "_since", "capacity", "rate")
+    __slots__ = ("_count", "_since", "capacity", "quota", "rate")
 
     def __init__(self) -> None:
         self.capacity = 0
+        self.quota = 0  # the broker's max_client_tasks, if it said (0: not said)
         self.rate = 0.0  # results per second, while tasks were out
         self._since = 0.0  # start of the current measurement
         self._count = 0
@@ -56,7 +59,10 @@ class Window:
         """Tasks this client may have at the broker."""
         if not self.capacity:  # no worker: nothing is sent, whatever the rate was
             return 0
-        return self.capacity + min(MAX_EXTRA, int(self.rate * HORIZON))
+        extra = min(MAX_EXTRA, int(self.rate * HORIZON))
+        if self.quota:  # what the broker would refuse is not worth sending
+            extra = max(0, min(extra, self.quota - self.capacity))
+        return self.capacity + extra
 
     def sending(self, out: int, now: float) -> None:
         """Tasks are about to leave with ``out`` already at the broker. A burst after an

@@ -78,6 +78,11 @@ def test_hello_welcome_obituary_round_trip() -> None:
     assert p.platform_of(CLIENT_HELLO) == ("", "")  # a peer that does not say
     welcome = p.Welcome("abc", 1.0, 3, 4)
     assert p.decode_welcome(p.parse(p.encode_welcome(welcome)).body) == welcome
+    announced = p.Welcome("abc", 1.0, 3, 4, max_message_size=1 << 20, max_client_tasks=300)
+    assert p.decode_welcome(p.parse(p.encode_welcome(announced)).body) == announced
+    # A broker of before: no quota said.
+    old = b'{"broker_id": "abc", "heartbeat_interval": 1.0, "heartbeat_liveness": 3, "capacity": 4}'
+    assert p.decode_welcome([old]).max_client_tasks == 0
     assert p.decode_obituary(p.parse(p.encode_obituary(b"id", {"exitcode": 3})).body) == (
         b"id",
         {"exitcode": 3},

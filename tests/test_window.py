@@ -79,6 +79,15 @@ def test_the_horizon_adds_at_most_max_extra() -> None:
     assert window.size() == 8 + MAX_EXTRA
 
 
+def test_the_horizon_never_takes_the_window_past_the_brokers_quota() -> None:
+    window = Window()
+    window.capacity, window.quota = 132, 300
+    _burst(window, 20_000, 4 * RATE_PERIOD)
+    assert window.size() == 300
+    window.quota = 100  # a quota below the capacity: the capacity, as ever
+    assert window.size() == 132
+
+
 def test_no_capacity_is_no_window_whatever_the_rate() -> None:
     window = Window()
     window.capacity = 4
@@ -131,3 +140,16 @@ def test_slow_tasks_keep_no_more_than_the_capacity_at_the_broker(pool: Pool) -> 
         list(executor.map(time.sleep, [0.1] * 4, timeout=30))
         most, capacity = _most_out(executor, time.sleep, [0.1] * 12)
     assert 0 < most <= capacity, f"at most {most} tasks out, capacity {capacity}"
+
+
+def test_a_client_never_sends_past_the_brokers_quota(pool: Pool) -> None:
+    # With --max-client-tasks 300 and two workers (capacity 132), the window's extra
+    # for fast tasks took the client past the quota: 8,817 of 20,000 tasks failed with
+    # QuotaExceededError. The broker announces its quota; the window stops there.
+    pool.start_broker("--max-client-tasks", "300")
+    pool.start_worker(2)
+    pool.wait_workers(2)
+    with fade.Executor(pool.address) as executor:
+        assert executor.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        most, _ = _most_out(executor, tasks.add, [1.0] * 10_000)
+    assert most <= 300, most

@@ -104,6 +104,7 @@ class Welcome:
     heartbeat_liveness: int
     capacity: int
     max_message_size: int = 0  # the broker's frame size limit; 0: not announced
+    max_client_tasks: int = 0  # the broker's quota of tasks per client; 0: not announced
 
 
 def encode_hello(hello: Hello) -> list[Frame]:
@@ -240,6 +241,7 @@ def encode_welcome(welcome: Welcome) -> list[Frame]:
                 "heartbeat_liveness": welcome.heartbeat_liveness,
                 "capacity": welcome.capacity,
                 "max_message_size": welcome.max_message_size,
+                "max_client_tasks": welcome.max_client_tasks,
             }
         ),
     ]
@@ -254,6 +256,7 @@ def decode_welcome(body: Sequence[Frame]) -> Welcome:
             heartbeat_liveness=int(data["heartbeat_liveness"]),
             capacity=int(data["capacity"]),
             max_message_size=int(data.get("max_message_size", 0)),
+            max_client_tasks=int(data.get("max_client_tasks", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad WELCOME: {exc}") from None
