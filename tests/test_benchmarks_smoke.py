@@ -223,9 +223,12 @@ def test_durations_with_a_distant_client_runs_through_the_delay_proxy(tmp_path: 
 
 
 @pytest.mark.timeout(30)
-def test_a_repeated_step_records_the_median_and_every_run(tmp_path: Path) -> None:
+def test_a_repeated_step_records_the_median_and_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bench.py --full runs each throughput step several times (one run of a map in
     chunks of 100 lasts about 20 ms): the table shows the median, the JSON every run."""
+    monkeypatch.syspath_prepend(str(ROOT))  # the checkout: benchmarks/ is not installed
     from benchmarks.runner import REPEATED_STEPS, Record
 
     assert {"submit", "map chunksize=1", "map chunksize=100"} == REPEATED_STEPS
