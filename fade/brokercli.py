@@ -29,7 +29,7 @@ from fade.broker import INSECURE_WARNING_PERIOD, PUBLISH_INTERVAL, Broker
 from fade.errors import SecurityError
 from fade.link import check_address
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_CLIENT_TASKS
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, check_bind_endpoint, parse_size
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, check_endpoint, parse_size
 
 if TYPE_CHECKING:
     from fade.web import StatusServer
@@ -191,7 +191,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             "and name each other with --peer"
         )
     try:
-        check_bind_endpoint(args.address)
+        check_endpoint(args.address, binding=True)
     except ValueError as exc:
         parser.error(str(exc))
     if args.peer is not None and not (args.primary or args.backup):

@@ -35,7 +35,6 @@ __all__ = [
     "POLLIN",
     "ZAP_DOMAIN",
     "bind_router",
-    "check_bind_endpoint",
     "check_endpoint",
     "connect_dealer",
     "has_input",
@@ -198,10 +197,12 @@ def connect_dealer(
 _ENDPOINT_FORMS = "expected tcp://host:port (port 1-65535) or ipc://path"
 
 
-def check_endpoint(address: str) -> None:
+def check_endpoint(address: str, *, binding: bool = False) -> None:
     """Raise ValueError, naming ``address`` and the expected forms, unless it is an endpoint
-    a client or worker can connect to. ZeroMQ would accept some malformed ones and fail
-    later, in a thread, where no caller sees it."""
+    a client or worker can connect to (``binding``: one a broker can bind, where any host,
+    ``*`` included, and a port the system picks, ``*`` or 0, will do). ZeroMQ would accept
+    some malformed ones and fail later, in a thread, where no caller sees it, or take
+    port 99999 as 34463 (modulo 65536)."""
     transport, sep, rest = address.partition("://")
     if not sep:
         raise ValueError(f"{address!r} is not a broker address: no scheme; {_ENDPOINT_FORMS}")
@@ -214,22 +215,12 @@ def check_endpoint(address: str) -> None:
     host, colon, port = rest.rpartition(":")
     if not colon or not host or "/" in rest:
         raise ValueError(f"{address!r} has no host and port; {_ENDPOINT_FORMS}")
+    if binding and port in ("*", "0"):
+        return
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{address!r}: {port!r} is not a port number; {_ENDPOINT_FORMS}")
-    if host == "*":
+    if host == "*" and not binding:
         raise ValueError(f"{address!r} is for binding; name the broker's host; {_ENDPOINT_FORMS}")
-
-
-def check_bind_endpoint(address: str) -> None:
-    """As :func:`check_endpoint`, for an address to bind: any host (``*``, an interface)
-    and a port the system picks (``*`` or 0) allowed. ZeroMQ would take port 99999 as
-    34463, modulo 65536."""
-    transport, sep, rest = address.partition("://")
-    if sep and transport == "tcp":
-        host, colon, port = rest.rpartition(":")
-        if colon and host and port in ("*", "0") and "/" not in rest:
-            return
-    check_endpoint(address.replace("tcp://*:", "tcp://0.0.0.0:", 1))
 
 
 def is_local_address(address: str) -> bool:

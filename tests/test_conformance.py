@@ -350,6 +350,7 @@ SUITE_COUNTS = {
         ("fade-broker", "tcp://127.0.0.1:99999", "not a port number"),
         ("fade-broker", "127.0.0.1:5555", "no scheme"),
         ("fade-broker", "udp://127.0.0.1:5555", "unknown scheme 'udp'"),
+        ("fade-broker", "tcp://*:99999", "not a port number"),  # named as given
         ("fade-worker", "tcp://127.0.0.1:99999", "not a port number"),
         ("fade-worker", "127.0.0.1:5555", "no scheme"),
         ("fade-worker", "tcp://*:5555", "for binding"),
