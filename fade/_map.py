@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -98,10 +99,15 @@ def map_in_order(
     if chunksize > 1:
         calls = iter(lambda: list(itertools.islice(args, chunksize)), [])
 
+    # One callable for every chunk: when fn pickles by reference, so does it, and its
+    # pickle is made once (fade/serialization.py); the chunk itself is plain data the C
+    # pickler takes alone, if its arguments are.
+    run_chunk_of_fn = functools.partial(run_chunk, fn)
+
     def submit(task: Any) -> cf.Future[Any]:
         future: cf.Future[Any]
         if chunksize > 1:
-            future = executor.submit(run_chunk, fn, task)
+            future = executor.submit(run_chunk_of_fn, task)
         else:
             future = executor.submit(fn, *task)
         if bar is not None:

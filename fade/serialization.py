@@ -51,6 +51,7 @@ the worker, the environments and many tests have always found them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import pickle
 import sys
 import types
@@ -204,9 +205,10 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
         data = cloudpickle_dumps(fn, None, modules)
     except Exception as exc:
         raise SerializationError(f"cannot pickle function {fn!r}: {exc}") from exc
-    if pickles_by_reference(fn):
-        # The bytes name the module; nothing else is pickled, nothing else is noted.
-        found = (data, frozenset({fn.__module__}))
+    referred = _referred_modules(fn)
+    if referred is not None:
+        # The bytes name modules only; nothing else is pickled, nothing else is noted.
+        found = (data, referred)
         if len(_by_reference) >= _BY_REFERENCE_MAX:
             _by_reference.clear()
         with contextlib.suppress(TypeError):
@@ -215,6 +217,20 @@ def _function_pickle(fn: Callable[..., Any], noting: bool) -> tuple[bytes, froze
     if len(data) >= LARGE_FUNCTION:
         _warn_large_function(fn, len(data))
     return data, frozenset(modules) if modules else NO_MODULES
+
+
+def _referred_modules(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The modules ``fn`` pickles as names of, when its pickle is names only (so its bytes
+    never change): a function by reference, or a ``functools.partial`` of one with such
+    arguments (``Executor.map`` sends its chunks as ``partial(run_chunk, fn)``); else None."""
+    if pickles_by_reference(fn):
+        return frozenset({fn.__module__})
+    if type(fn) is not functools.partial or fn.keywords or fn.__dict__:
+        return None
+    parts = (fn.func, *fn.args)
+    if not all(pickles_by_reference(part) for part in parts):
+        return None
+    return frozenset(part.__module__ for part in parts)
 
 
 #: Bytes from which a function pickled by value is worth a warning: a task's function is

@@ -9,6 +9,7 @@ tests/cpython_suite.py (docs/conformance.md).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from cpython_suite import NO_SUITE
 
 import fade
 from fade import serialization as ser
+from fade._map import run_chunk
 from fade.initializer import Setups
 from fade.protocol import Payload
 from fade.status import query
@@ -141,6 +143,20 @@ def test_a_payload_without_setup_has_no_setup_section() -> None:
     # Header (code version size, environment size, function size, refs), then the sections.
     assert payload.inline.startswith(struct.pack("<BBIH", 16, 0, len(fn), 0) + b"v" * 16 + fn)
     assert ser.executor_setup(payload) is None
+
+
+def test_a_partial_of_functions_by_reference_is_pickled_once_and_notes_their_modules() -> None:
+    # Executor.map sends every chunk with partial(run_chunk, fn): one pickle per map.
+    chunked = functools.partial(run_chunk, tasks.add)
+    first = ser.dumps_function(chunked)
+    assert ser.dumps_function(chunked) is first
+    assert pickle.loads(first)([(1, 2), (3, 4)]) == [3, 7]
+    assert ser._function_pickle(chunked, True) == (first, {"fade._map", tasks.__name__})
+    # A function by value may change between calls: pickled again each time.
+    by_value = functools.partial(run_chunk, lambda a, b: a - b)
+    assert ser.dumps_function(by_value) is not ser.dumps_function(by_value)
+    with_keywords = functools.partial(tasks.add, b=1)
+    assert ser.dumps_function(with_keywords) is not ser.dumps_function(with_keywords)
 
 
 def test_a_payload_carries_its_executors_setup() -> None:
