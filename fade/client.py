@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from fade import defaults as d
+from fade import taskenv
 from fade.clientoptions import (
     ClientSettings,
     TaskOptions,
@@ -202,6 +203,8 @@ class Executor(cf.Executor):
         shared_memory: bool | None = None,
     ) -> None:
         address, max_workers = pool_size(address, max_workers)
+        if address is None and taskenv.loading:
+            taskenv.check_not_loading_a_task("fade.Executor() started an embedded pool")
         check_setup(initializer, max_tasks_per_child)
         settings = ClientSettings(
             max_attempts, task_timeout, heartbeat_interval, heartbeat_liveness,
@@ -267,6 +270,8 @@ class Executor(cf.Executor):
             raise RuntimeError(forked_child_message("fade.Executor", self._owner))
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if taskenv.loading:
+            taskenv.check_not_loading_a_task("a task was submitted")
         broken = self._io.broken
         if broken is not None:
             kind = type(broken) if isinstance(broken, BrokenPoolError) else BrokenPoolError

@@ -34,6 +34,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -207,12 +208,17 @@ class _Child:
 
     def _run(self, key: bytes, payload: p.Payload) -> tuple[p.Status, p.Payload]:
         from fade import serialization as ser
+        from fade import taskenv
         from fade.errors import MissingDependencyError
 
         with self.task_env:
             try:
-                self.code.ensure(ser.code_version(payload), p.key_tag(key), key)
-                fn, args, kwargs = ser.loads_call(payload, self.functions)
+                taskenv.loading = threading.get_ident()  # no pool from the code it imports
+                try:
+                    self.code.ensure(ser.code_version(payload), p.key_tag(key), key)
+                    fn, args, kwargs = ser.loads_call(payload, self.functions)
+                finally:
+                    taskenv.loading = 0
                 return p.Status.OK, ser.dumps_value(fn(*args, **kwargs))
             except ModuleNotFoundError as exc:
                 error = MissingDependencyError.on_host(exc, self.host)

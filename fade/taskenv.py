@@ -33,11 +33,42 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["TaskEnvironment", "fork_with_pythons_signals"]
+__all__ = ["TaskEnvironment", "check_not_loading_a_task", "fork_with_pythons_signals", "loading"]
+
+#: The thread of this process that is loading a task (unpickling its function and
+#: arguments, which imports their modules), or 0. Set by the worker around the load.
+loading = 0
+
+
+def check_not_loading_a_task(what: str) -> None:
+    """Refuse ``what`` (starting an embedded pool, submitting a task) in module-level code
+    a worker runs to load a task: that code runs again in every worker that imports the
+    module, so each of its workers would do the same, without end (multiprocessing
+    refuses to start processes in a child importing ``__main__`` for the same reason). A
+    running task may do both; a module may create an executor for a remote pool."""
+    if not loading or loading != threading.get_ident():
+        return
+    module = _importing_module()
+    raise RuntimeError(
+        f"{what} while this worker imported module {module!r} to load a task: a module's "
+        "top-level code runs again in every worker that imports it, so its workers would "
+        'do the same, without end. Do it under `if __name__ == "__main__":` or inside a '
+        "function"
+    )
+
+
+def _importing_module() -> str:
+    """The name of the innermost module whose top-level code is running."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back  # type: ignore[assignment]
+    return "?" if frame is None else str(frame.f_globals.get("__name__", "?"))
+
 
 log = logging.getLogger("fade.worker")
 

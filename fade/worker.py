@@ -58,7 +58,7 @@ import time
 import traceback
 from typing import Any
 
-from fade import fastpath, security
+from fade import fastpath, security, taskenv
 from fade import protocol as p
 from fade import serialization as ser
 from fade.codecache import CodeCache, CodeRunner
@@ -266,11 +266,15 @@ class Worker:
 
     def _call(self, job: Job) -> object:
         key = job.record.key
-        self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
-        self._setups.before(job.payload)
-        fn, args, kwargs = ser.loads_call(
-            job.payload, self._functions, self._resolve, self._resolve_segments
-        )
+        taskenv.loading = threading.get_ident()  # no pool from the code it imports
+        try:
+            self._code.ensure(ser.code_version(job.payload), p.key_tag(key), key)
+            self._setups.before(job.payload)
+            fn, args, kwargs = ser.loads_call(
+                job.payload, self._functions, self._resolve, self._resolve_segments
+            )
+        finally:
+            taskenv.loading = 0
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))
         try:

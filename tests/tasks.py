@@ -450,3 +450,11 @@ def lose_the_first_stop_then_sleep(seconds: float) -> str:
         pass
     time.sleep(seconds)
     return "slept"
+
+
+def nested_pool_sum(values: list[int]) -> int:
+    """Start an embedded pool inside the task (a pool in a worker) and sum through it."""
+    import fade
+
+    with fade.Executor(max_workers=1) as ex:
+        return sum(ex.map(abs, values))

@@ -562,6 +562,67 @@ def _exit_normally() -> int:
     return 0
 
 
+# -- a pool started by a module's top-level code ----------------------------------------------
+
+#: A module that starts a pool when imported (embedded, or a client of a shared pool)
+#: and runs one of its own functions there.
+POOL_AT_IMPORT = """
+    import fade
+
+    def double(x):
+        return 2 * x
+
+    with fade.Executor({address!r}, max_workers=1) as ex:
+        DOUBLED = ex.submit(double, 21).result(timeout=60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["embedded", "tcp"])
+def test_a_pool_used_by_an_imported_modules_top_level_code_is_refused_in_its_workers(
+    kind: str, tmp_path: Path, pool: Pool
+) -> None:
+    # Each worker imported the module to load double(), which started a pool whose
+    # worker imported it again: hundreds of nested pools within a minute, none ending.
+    # Through a shared pool, each import's submit waited on another worker's import.
+    address = None
+    if kind == "tcp":
+        pool.start_broker()
+        pool.start_worker(processes=2)
+        pool.wait_workers(2)
+        address = pool.address
+    module = textwrap.dedent(POOL_AT_IMPORT).format(address=address)
+    (tmp_path / "startspool.py").write_text(module)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import startspool"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=fade_env(PYTHONPATH=str(tmp_path)),
+        )
+    finally:
+        _kill_processes_naming(str(tmp_path))
+    what = "started an embedded pool" if kind == "embedded" else "a task was submitted"
+    assert done.returncode == 1, done.stderr
+    assert "TaskDecodeError" in done.stderr, done.stderr
+    assert f"{what} while this worker imported module 'startspool'" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr, done.stderr
+
+
+def test_a_task_may_start_a_pool_of_its_own(tmp_path: Path) -> None:
+    # The control: only a module's top-level code, run to load a task, is refused.
+    with fade.Executor(max_workers=1, heartbeat_interval=INTERVAL) as ex:
+        assert ex.submit(tasks.nested_pool_sum, [1, 2, 3]).result(timeout=60) == 6
+
+
+def _kill_processes_naming(text: str) -> None:
+    """Kill every process whose command line mentions ``text`` (a test's nested pools)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(text in part for part in proc.info["cmdline"] or ()):
+            proc.kill()
+
+
 # -- tasks that would keep a worker from leaving ---------------------------------------------
 
 
