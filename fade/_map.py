@@ -116,7 +116,7 @@ def map_in_order(
 
     first = calls if buffersize is None else itertools.islice(calls, buffersize)
     futures = collections.deque(submit(task) for task in first)
-    return _results(futures, calls, submit, buffersize, end_time, chunked=chunksize > 1, bar=bar)
+    return _results(futures, calls, submit, buffersize, end_time, chunksize=chunksize, bar=bar)
 
 
 def _results(
@@ -126,7 +126,7 @@ def _results(
     buffersize: int | None,
     end_time: float | None,
     *,
-    chunked: bool,
+    chunksize: int,
     bar: ProgressBar | None = None,
 ) -> Iterator[Any]:
     # No local variable may hold a result (or its future) across a yield: the caller
@@ -139,10 +139,10 @@ def _results(
                 if task is not None:
                     futures.append(submit(task))
             timeout = None if end_time is None else end_time - time.monotonic()
-            if not chunked:
+            if chunksize == 1:
                 yield _result_or_cancel(futures.popleft(), timeout)
                 continue
-            values, error = _chunk_or_cancel(futures.popleft(), timeout)
+            values, error = _chunk_or_cancel(futures.popleft(), timeout, chunksize)
             values.reverse()
             while values:
                 yield values.pop()
@@ -171,7 +171,7 @@ def _result_or_cancel(future: cf.Future[Any], timeout: float | None) -> Any:
 
 
 def _chunk_or_cancel(
-    future: cf.Future[Any], timeout: float | None
+    future: cf.Future[Any], timeout: float | None, chunksize: int
 ) -> tuple[list[Any], BaseException | None]:
     """A chunk's results, and the exception of the call that raised, if one did (with
     the worker's traceback as its ``__cause__``, as for a task's own exception)."""
@@ -181,3 +181,9 @@ def _chunk_or_cancel(
         error = carrier.error
         error.__cause__ = remote_cause(carrier.trace)
         return carrier.values, error
+    except errors.MessageTooLargeError as exc:
+        # The limit was met by a chunk, not by one call: say what the caller can change.
+        raise errors.MessageTooLargeError(
+            f"{exc} (the task is a chunk of up to {chunksize} calls of map(chunksize="
+            f"{chunksize}): a smaller chunksize sends fewer calls, and their results, per task)"
+        ) from exc

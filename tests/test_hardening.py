@@ -281,6 +281,23 @@ def test_an_exception_over_the_clients_limit_fails_its_future(tcp_pool: Pool) ->
         assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
 
 
+def test_a_map_chunk_over_the_brokers_limit_says_to_lower_the_chunksize(pool: Pool) -> None:
+    # Each call's arguments (~0.6 MB) are under the limit; five together are not.
+    pool.start_broker("--max-message-size", "1M")
+    pool.start_worker(1)
+    pool.wait_workers(1)
+    lists = [list(range(i, 100_000 + i)) for i in range(10)]
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        with pytest.raises(fade.MessageTooLargeError, match="chunksize=5") as info:
+            list(ex.map(len, lists, chunksize=5))
+        assert "broker accepts at most 1048576" in str(info.value)
+        assert "a smaller chunksize" in str(info.value)
+        assert list(ex.map(len, lists, chunksize=1)) == [100_000] * 10
+        # The way back: each result under the limit, a chunk of them over it.
+        with pytest.raises(fade.MessageTooLargeError, match="chunksize=4"):
+            list(ex.map(tasks.bytes_of_size, [400_000] * 8, chunksize=4))
+
+
 def test_workers_never_get_a_frame_over_their_limit(pool: Pool) -> None:
     pool.start_broker()
     for _ in range(2):
