@@ -427,6 +427,7 @@ class Executor(cf.Executor):
             for item in items:
                 if not item.future.cancel():
                     io.fail(item, TaskTerminatedError("the task was terminated before it was sent"))
+            io.settle_cancelled()  # now: the I/O thread may be about to end
         if terminate:
             with io.baton:
                 running = list(io.in_flight.values())

@@ -81,6 +81,10 @@ T = TypeVar("T")
 
 #: Seconds between checks that the embedded pool's processes are alive.
 POOL_CHECK_INTERVAL = 0.1
+#: The outbox is swept of cancelled tasks once they may be 1/SWEEP_SHARE of it.
+SWEEP_SHARE = 4
+_CANCELLED = cf._base.CANCELLED
+_CANCELLED_AND_NOTIFIED = cf._base.CANCELLED_AND_NOTIFIED
 
 
 class ClientIO:
@@ -104,7 +108,8 @@ class ClientIO:
         self._next_sweep = 0.0
         self.assumed_capacity = assumed_capacity  # until the broker says: see enqueue()
         self._started = 0  # tasks in the outbox marked running, guarded by lock
-        self._cancelled = False  # a future was cancelled since the outbox was last swept
+        self._cancelled: list[cf.Future[Any]] = []  # since the last pass: waiters to tell
+        self._unswept = 0  # cancelled tasks maybe still in the outbox
         self.shelf = shelf
         self.max_attempts = settings.max_attempts
         self.timeout = settings.task_timeout or 0.0
@@ -299,23 +304,36 @@ class ClientIO:
         if sock is not None:
             self.link.read(sock)
 
-    def note_cancelled(self) -> None:
-        """A future was cancelled (any thread): its task leaves the outbox soon, so that it
+    def note_cancelled(self, future: cf.Future[Any]) -> None:
+        """A future was cancelled (any thread): its waiters are told (``wait`` and
+        ``as_completed`` count it done) and its task leaves the outbox soon, so that it
         neither holds up shutdown nor counts as work for a scaler."""
-        self._cancelled = True
+        with self.lock:
+            self._cancelled.append(future)
         self.wake.wake()
 
-    def _drop_cancelled(self) -> None:
+    def settle_cancelled(self) -> None:
+        """(Any thread.) Tell the waiters of futures cancelled since the last call, and
+        sweep the outbox of their tasks when they are a good share of it."""
         if not self._cancelled:
             return
-        self._cancelled = False  # before the pass: a later cancel sets it again
         with self.lock:
+            cancelled, self._cancelled = self._cancelled, []
+            for future in cancelled:
+                _notify_cancelled(future)
+            # Each sweep reads the whole outbox: sweep once the cancels since the last one
+            # are a good share of it (cancelling 100,000 queued futures one by one, a
+            # sweep per cancel took 30 s). _take skips any left over.
+            self._unswept += len(cancelled)
+            if self._unswept * SWEEP_SHARE < len(self.outbox):
+                return
+            self._unswept = 0
             dropped = self.outbox.drop(_cancelled_item)
             self._started -= sum(item.started for item in dropped)
 
     def _upkeep(self) -> None:
         """Send what waits, heartbeat, reconnect (holding the socket); never blocks."""
-        self._drop_cancelled()
+        self.settle_cancelled()
         self._send_tasks()
         now = time.monotonic()
         self._report_backlog(now)
@@ -543,7 +561,7 @@ class ClientIO:
                 item = self.outbox.popleft()
                 if item.started:
                     self._started -= 1
-                if item.started or item.future.set_running_or_notify_cancel():
+                if item.started or _start_unless_cancelled(item.future):
                     batch.append(item)
                     size += inline
         if batch:
@@ -594,3 +612,20 @@ class ClientIO:
 
 def _cancelled_item(item: WorkItem) -> bool:
     return item.future.cancelled()
+
+
+# (Holding ClientIO.lock, as every call that moves a future out of PENDING or CANCELLED
+# does: set_running_or_notify_cancel may be called once only.)
+
+
+def _notify_cancelled(future: cf.Future[Any]) -> None:
+    """Tell a cancelled future's waiters, unless they were told."""
+    if future._state == _CANCELLED:
+        future.set_running_or_notify_cancel()
+
+
+def _start_unless_cancelled(future: cf.Future[Any]) -> bool:
+    """Mark a future running; False if it was cancelled (its waiters told, once)."""
+    if future._state == _CANCELLED_AND_NOTIFIED:
+        return False
+    return future.set_running_or_notify_cancel()

@@ -63,7 +63,7 @@ class _Future(cf.Future[T]):
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:
-            self._io.note_cancelled()
+            self._io.note_cancelled(self)
         return cancelled
 
     def complete_here(self, ok: bool, value: Any) -> bool:

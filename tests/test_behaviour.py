@@ -129,6 +129,35 @@ def test_cancel_queued_future_never_runs(executor: cf.Executor, tmp_path: Path) 
     assert not log.exists(), "a cancelled task ran"
 
 
+def test_cancelled_futures_count_as_done_for_wait_and_as_completed(executor: cf.Executor) -> None:
+    # fade dropped a cancelled task from its queue without telling the future's waiters:
+    # wait() and as_completed() never counted it done (the standard pools do, once they
+    # get to it, here when the blockers end).
+    blockers = [executor.submit(tasks.sleep_and_return, 1.0) for _ in range(4)]
+    queued = [executor.submit(tasks.sleep_and_return, 1.0) for _ in range(500)]
+    cancelled = [f for f in queued if f.cancel()]
+    assert len(cancelled) > 400
+    done, not_done = cf.wait(cancelled, timeout=20)
+    assert not not_done and done == set(cancelled)
+    assert set(cf.as_completed(cancelled, timeout=20)) == set(cancelled)
+    last = cancelled[-1]
+    assert cf.wait([last], timeout=20).done == {last}
+    cf.wait(blockers, timeout=30)
+    assert executor.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_futures_shutdown_cancels_count_as_done_for_wait(executor: cf.Executor, wait: bool) -> None:
+    _fade_only(executor, "shutdown(cancel_futures=True) leaves their waiters waiting")
+    blockers = [executor.submit(tasks.sleep_and_return, 0.5) for _ in range(4)]
+    queued = [executor.submit(tasks.sleep_and_return, 0.5) for _ in range(200)]
+    executor.shutdown(wait=wait, cancel_futures=True)
+    cancelled = [f for f in queued if f.cancelled()]
+    assert len(cancelled) > 150
+    assert cf.wait(cancelled, timeout=10).done == set(cancelled)
+    assert cf.wait(blockers, timeout=30).done == set(blockers)
+
+
 def test_shutdown_cancel_futures(executor: cf.Executor, tmp_path: Path) -> None:
     log = tmp_path / "ran.txt"
     blockers = [executor.submit(tasks.sleep_and_return, 0.3) for _ in range(8)]
