@@ -26,10 +26,11 @@ from fade._env import default_address
 from fade._logutil import OneLineFormatter
 from fade._version import __version__
 from fade.broker import INSECURE_WARNING_PERIOD, PUBLISH_INTERVAL, Broker
+from fade.defaults import argument_type, parse_message_size, parse_size
 from fade.errors import SecurityError
 from fade.link import check_address
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_CLIENT_TASKS
-from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, check_endpoint, parse_size
+from fade.sockets import DEFAULT_MAX_MESSAGE_SIZE, check_endpoint
 
 if TYPE_CHECKING:
     from fade.web import StatusServer
@@ -97,7 +98,7 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-client-bytes",
-        type=parse_size,
+        type=argument_type(parse_size),
         default=DEFAULT_MAX_CLIENT_BYTES,
         metavar="BYTES",
         help="bytes of task data one client may hold at the broker (default 2G)",
@@ -152,7 +153,7 @@ def _add_security_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-message-size",
-        type=parse_size,
+        type=argument_type(parse_message_size),
         default=DEFAULT_MAX_MESSAGE_SIZE,
         metavar="BYTES",
         help="largest frame accepted, e.g. 64M or 2G (default 1G); a peer sending more "

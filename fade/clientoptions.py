@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fade.defaults import check_message_size
 from fade.errors import ProtocolError
 from fade.shipping import LocalCode
 
@@ -138,8 +139,7 @@ def check_options(ship_code: str, max_workers: int | None, settings: ClientSetti
         raise ValueError("task_timeout must be positive (or None for no limit)")
     if s.heartbeat_interval <= 0 or s.heartbeat_liveness < 1:
         raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
-    if s.max_message_size < 1:
-        raise ValueError("max_message_size must be at least 1 byte")
+    check_message_size(s.max_message_size, "max_message_size")
     if s.connect_timeout <= 0 or s.reconnect_timeout <= 0:
         raise ValueError("connect_timeout and reconnect_timeout must be positive")
 

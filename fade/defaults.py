@@ -1,5 +1,5 @@
 """Every default a user can change, and how a size is written, in a module that
-imports nothing but the standard library's ``re``.
+imports nothing but the standard library's ``re`` and typing helpers.
 
 Why a module of its own: ``fade.Executor()`` starts the embedded pool's worker
 processes before it imports ZeroMQ and the rest of the client (fade/launch.py), so
@@ -12,6 +12,8 @@ from here, under the names they always had.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = [
     "DATA_CACHE_SIZE",
@@ -23,11 +25,17 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
     "KEYS_ENV",
+    "MIN_MAX_MESSAGE_SIZE",
     "PACKAGE_CACHE_SIZE",
     "SHIP_CODE_LIMIT",
     "SHIP_PACKAGES_LIMIT",
+    "argument_type",
+    "check_message_size",
+    "parse_message_size",
     "parse_size",
 ]
+
+T = TypeVar("T")
 
 #: Where the command-line tools find the broker when told nothing (fade/_env.py).
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -37,6 +45,10 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 #: The largest frame any fade socket accepts unless told otherwise: 1 GiB.
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+#: The smallest limit a peer takes: fade's own messages must fit under it (a peer's
+#: hello; a shipped file's pieces, which leave 4 KiB for their header). A broker told
+#: 100 bytes dropped every client's hello, and the task waited in vain.
+MIN_MAX_MESSAGE_SIZE = 64 << 10
 #: Seconds a peer waits for a broker it has never reached before saying so.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Seconds a peer waits for a broker that stopped answering (a restart) before saying so.
@@ -67,3 +79,35 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise ValueError("a size must be at least 1 byte")
     return size
+
+
+def parse_message_size(text: str) -> int:
+    """A ``--max-message-size``: a size (:func:`parse_size`) fade's messages fit under."""
+    size = parse_size(text)
+    check_message_size(size, "--max-message-size")
+    return size
+
+
+def check_message_size(size: int, name: str) -> None:
+    """Raise ValueError, naming the setting, if ``size`` is under MIN_MAX_MESSAGE_SIZE."""
+    if size < MIN_MAX_MESSAGE_SIZE:
+        raise ValueError(
+            f"{name} must be at least 64K ({MIN_MAX_MESSAGE_SIZE} bytes), not {size}: "
+            "fade's own messages (a peer's hello, the pieces of a shipped file) must fit"
+        )
+
+
+def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse ``type``, its ValueError's message shown (argparse would
+    print only "invalid parse_size value")."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            import argparse  # only for a bad value: the embedded pool starts without it
+
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert

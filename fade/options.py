@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from fade import defaults as d
 from fade._env import default_address
 from fade._version import __version__
-from fade.defaults import parse_size
+from fade.defaults import argument_type, parse_message_size, parse_size
 from fade.resources import parse_resources
 
 __all__ = ["WorkerOptions", "child_argv", "parse_worker_args"]
@@ -104,7 +104,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--package-cache-size",
-        type=parse_size,
+        type=argument_type(parse_size),
         default=d.PACKAGE_CACHE_SIZE,
         metavar="BYTES",
         help="the most bytes of installed packages shipped from clients that this host keeps "
@@ -112,7 +112,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data-cache",
-        type=_cache_size,
+        type=argument_type(_cache_size),
         default=d.DATA_CACHE_SIZE,
         metavar="BYTES",
         help="the most task data (large arguments sent by content) this host keeps, e.g. "
@@ -158,7 +158,7 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-message-size",
-        type=parse_size,
+        type=argument_type(parse_message_size),
         default=d.DEFAULT_MAX_MESSAGE_SIZE,
         metavar="BYTES",
         help="largest frame sent or accepted, e.g. 64M or 2G (default 1G)",
@@ -190,6 +190,8 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
         parser.error("--processes must be at least 1")
     if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
         parser.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
+    if args.prefetch is not None and args.prefetch < 0:
+        parser.error("--prefetch must be at least 0 (a worker holding -1 asks for nothing)")
     resources = None
     if args.resources is not None:
         try:

@@ -383,6 +383,40 @@ def test_a_command_given_a_malformed_address_says_so_and_exits(
     assert repr(address) in done.stderr and why in done.stderr, done.stderr
 
 
+# A worker told --prefetch -1 asked for no task and ran none, silently; a broker told
+# --max-message-size 100 dropped every client's hello, whose task then waited in vain.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("command", "option", "value", "why"),
+    [
+        ("fade-worker", "--prefetch", "-1", "--prefetch must be at least 0"),
+        ("fade-worker", "--max-message-size", "100", "--max-message-size must be at least 64K"),
+        ("fade-worker", "--max-message-size", "0", "a size must be at least 1 byte"),
+        ("fade-broker", "--max-message-size", "1K", "--max-message-size must be at least 64K"),
+        ("fade-broker", "--max-client-bytes", "lots", "not a size: 'lots'"),
+        ("fade-worker", "--package-cache-size", "x", "not a size: 'x'"),
+    ],
+)
+def test_a_command_given_an_unusable_value_says_so_and_exits(
+    command: str, option: str, value: str, why: str
+) -> None:
+    done = subprocess.run(
+        [command, "tcp://127.0.0.1:5555", option, value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr
+    assert why in done.stderr, done.stderr
+
+
+def test_an_executor_refuses_a_max_message_size_too_small_for_fades_own_messages() -> None:
+    with pytest.raises(ValueError, match="max_message_size must be at least 64K"):
+        fade.Executor("tcp://127.0.0.1:5555", max_message_size=100)
+    fade.Executor("tcp://127.0.0.1:5555", max_message_size=64 << 10).shutdown(wait=False)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://127.0.0.1:0"])
 def test_the_broker_may_bind_a_port_the_system_picks(address: str) -> None:
