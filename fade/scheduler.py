@@ -92,6 +92,8 @@ class Scheduler:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if max_client_tasks < 1:
+            raise ValueError("max_client_tasks must be >= 1 (a client may hold no task at all)")
         self.max_attempts = max_attempts
         self.weights = dict(weights or {})
         self.max_client_tasks = max_client_tasks

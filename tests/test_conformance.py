@@ -394,6 +394,7 @@ def test_a_command_given_a_malformed_address_says_so_and_exits(
         ("fade-worker", "--max-message-size", "0", "a size must be at least 1 byte"),
         ("fade-broker", "--max-message-size", "1K", "--max-message-size must be at least 64K"),
         ("fade-broker", "--max-client-bytes", "lots", "not a size: 'lots'"),
+        ("fade-broker", "--max-client-tasks", "0", "max_client_tasks must be >= 1"),
         ("fade-worker", "--package-cache-size", "x", "not a size: 'x'"),
     ],
 )
