@@ -245,6 +245,12 @@ _WARNED_MAX = 1024
 def _warn_large_function(fn: Callable[..., Any], size: int) -> None:
     """Warn once per function (its code) that it pickles to ``size`` bytes, naming the
     globals and closure variables that make it large, at the caller's line."""
+    if type(fn) is functools.partial:  # map's chunks send partial(run_chunk, fn): name fn
+        by_value = [part for part in (fn.func, *fn.args) if hasattr(part, "__code__")]
+        by_value = [part for part in by_value if not pickles_by_reference(part)]
+        if len(by_value) != 1:
+            return
+        fn = by_value[0]
     code = getattr(fn, "__code__", None)
     if code is None or code in _warned or len(_warned) >= _WARNED_MAX:
         return

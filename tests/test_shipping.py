@@ -991,6 +991,26 @@ def test_a_function_carrying_large_data_is_warned_about_once_at_the_callers_line
     assert (warned[0].filename, warned[0].lineno) == (__file__, here)
 
 
+def test_a_map_in_chunks_of_a_function_carrying_large_data_is_warned_about() -> None:
+    # map(chunksize=...) sends partial(run_chunk, fn): the warning names fn.
+    import warnings
+
+    table = bytearray(2 << 20)
+
+    def lookup(i: int) -> int:
+        return len(table) + i
+
+    with fade.Executor(max_workers=1) as ex, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        here = sys._getframe().f_lineno + 1
+        assert list(ex.map(lookup, [1, 2, 3], chunksize=2)) == [(2 << 20) + i for i in (1, 2, 3)]
+    warned = [w for w in seen if w.category is fade.LargeFunctionWarning]
+    assert len(warned) == 1, [str(w.message) for w in warned]
+    assert "lookup is pickled by value" in str(warned[0].message)
+    assert "table (2.1 MB)" in str(warned[0].message)
+    assert (warned[0].filename, warned[0].lineno) == (__file__, here)
+
+
 def test_a_bound_method_carrying_a_large_instance_names_the_instance() -> None:
     import warnings
 
