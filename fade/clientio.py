@@ -213,6 +213,14 @@ class ClientIO:
         if not link.reached:
             waited = f"after {timeout:g}s" if timeout is not None else "yet"
             return f"no answer yet from the broker at {link.address} {waited}: {link.cause()}"
+        if link.welcomed and not self.capacity:
+            if self.pool is not None:
+                return "the embedded pool's worker processes have not connected yet"
+            return (
+                f"no worker is connected to the broker at {link.address}: tasks wait until "
+                f"one is (start one: fade-worker {link.address}, with --keys for a pool "
+                "that uses keys)"
+            )
         return f"the task did not finish within {timeout:g}s (broker {link.address})"
 
     def _start_early(self, item: WorkItem) -> None:

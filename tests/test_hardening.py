@@ -131,6 +131,22 @@ def test_a_result_wait_that_times_out_says_why() -> None:
         ex.shutdown(wait=False, cancel_futures=True)
 
 
+def test_a_result_wait_on_a_pool_without_workers_says_so(pool: Pool) -> None:
+    # It said only "the task did not finish within 1s": a pool with no worker started
+    # looks the same as a slow task.
+    pool.start_broker()
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        future = ex.submit(tasks.add, 1, 2)
+        with pytest.raises(TimeoutError, match="no worker is connected to the broker"):
+            future.result(timeout=1)
+        pool.start_worker(1)
+        assert future.result(timeout=30) == 3
+        slow = ex.submit(tasks.sleep_and_return, 3)
+        with pytest.raises(TimeoutError, match=r"did not finish within 0\.5s") as info:
+            slow.result(timeout=0.5)
+        assert "no worker" not in str(info.value)
+
+
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
     pool.start_broker("--keys", str(curve_keys.dir))
     with (
