@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 __all__ = ["TaskEnvironment", "check_not_loading_a_task", "fork_with_pythons_signals", "loading"]
@@ -50,10 +50,13 @@ def check_not_loading_a_task(what: str) -> None:
     a worker runs to load a task: that code runs again in every worker that imports the
     module, so each of its workers would do the same, without end (multiprocessing
     refuses to start processes in a child importing ``__main__`` for the same reason). A
-    running task may do both; a module may create an executor for a remote pool."""
+    running task may do both, so may an initializer; a module may create an executor for
+    a remote pool."""
     if not loading or loading != threading.get_ident():
         return
-    module = _importing_module()
+    module = _importing_module(sys._getframe(1))
+    if module is None:
+        return
     raise RuntimeError(
         f"{what} while this worker imported module {module!r} to load a task: a module's "
         "top-level code runs again in every worker that imports it, so its workers would "
@@ -62,12 +65,19 @@ def check_not_loading_a_task(what: str) -> None:
     )
 
 
-def _importing_module() -> str:
-    """The name of the innermost module whose top-level code is running."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_name != "<module>":
-        frame = frame.f_back  # type: ignore[assignment]
-    return "?" if frame is None else str(frame.f_globals.get("__name__", "?"))
+#: The modules whose frames load a task: a module's code above them is being imported.
+_LOADERS = frozenset({"fade.worker", "fade.envproc", "fade.initializer"})
+
+
+def _importing_module(frame: FrameType | None) -> str | None:
+    """The name of the module whose top-level code called, between ``frame`` and the
+    worker's loading of the task; None if the call came from a function (an initializer,
+    a ``__setstate__``)."""
+    while frame is not None and frame.f_globals.get("__name__") not in _LOADERS:
+        if frame.f_code.co_name == "<module>":
+            return str(frame.f_globals.get("__name__", "?"))
+        frame = frame.f_back
+    return None
 
 
 log = logging.getLogger("fade.worker")

@@ -458,3 +458,11 @@ def nested_pool_sum(values: list[int]) -> int:
 
     with fade.Executor(max_workers=1) as ex:
         return sum(ex.map(abs, values))
+
+
+def init_with_a_pool() -> None:
+    """An initializer that starts a pool of its own (its module is already imported)."""
+    import fade
+
+    with fade.Executor(max_workers=1) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1

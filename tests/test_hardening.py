@@ -649,6 +649,12 @@ def test_a_task_may_start_a_pool_of_its_own(tmp_path: Path) -> None:
         assert ex.submit(tasks.nested_pool_sum, [1, 2, 3]).result(timeout=60) == 6
 
 
+def test_an_initializer_may_start_a_pool_of_its_own() -> None:
+    # It runs while the worker loads the task, but it is a function, not a module's code.
+    with fade.Executor(max_workers=1, initializer=tasks.init_with_a_pool) as ex:
+        assert ex.submit(tasks.add, 1, 2).result(timeout=60) == 3
+
+
 def _kill_processes_naming(text: str) -> None:
     """Kill every process whose command line mentions ``text`` (a test's nested pools)."""
     for proc in psutil.process_iter(["cmdline"]):
