@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ __all__ = [
     "resolve_peer_keys",
     "revoke_peer",
 ]
+
+log = logging.getLogger("fade.keys")
 
 #: Clients and workers read their key file from here when given none.
 KEYS_ENV = defaults.KEYS_ENV
@@ -201,6 +204,7 @@ def load_broker_keys(directory: str | os.PathLike[str]) -> BrokerKeys:
     if not path.exists():
         raise SecurityError(f"no broker key in {root}: create one with `fade-keys init {root}`")
     fields = _read_key_file(path)
+    _warn_if_others_can_read(path, "the broker")
     public, secret = _pair(fields, path)
     for role in ROLES:
         if not (root / f"{role}s").is_dir():
@@ -221,6 +225,8 @@ def load_peer_keys(path: str | os.PathLike[str], role: str | None = None) -> Pee
             f"(fade-keys add {role} NAME --dir DIR)"
         )
     broker = _z85_key(fields, "broker-public-key", path)
+    name = fields.get("fade-name", b"?").decode()
+    _warn_if_others_can_read(Path(path), f"{file_role} {name!r}")
     return PeerKeys(
         role=file_role,
         name=fields.get("fade-name", b"?").decode(),
@@ -282,6 +288,25 @@ def _write_key_file(
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _warn_if_others_can_read(path: Path, who: str) -> None:
+    """A secret key that every user can read lets them act as its owner (``cp`` gives a
+    copy the umask's 644); ssh refuses such keys, fade says so. A group may share one on
+    purpose (the Kubernetes recipe mounts keys 0440 for the pod's fsGroup)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o004:
+        log.warning(
+            "%s can be read by other users (mode %o): whoever reads it can connect as %s; "
+            "chmod 600 %s",
+            path,
+            mode,
+            who,
+            path,
+        )
 
 
 def _read_key_file(path: Path) -> dict[str, bytes]:

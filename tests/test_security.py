@@ -495,6 +495,26 @@ def test_fade_keys_command_line(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "fade-keys init nowhere" in missing.stderr
 
 
+def test_a_secret_key_file_others_can_read_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Copied with cp (the umask's 644), a client key lets every local user act as it.
+    keys = make_keys(tmp_path)
+    security.load_peer_keys(keys.client)  # as fade-keys wrote it: 600
+    assert "can be read by other users" not in caplog.text
+    keys.client.chmod(0o644)
+    security.load_peer_keys(keys.client)
+    assert f"{keys.client} can be read by other users (mode 644)" in caplog.text
+    assert f"chmod 600 {keys.client}" in caplog.text
+    broker_secret = keys.dir / "broker.key_secret"
+    broker_secret.chmod(0o440)  # a group's, as the Kubernetes recipe mounts keys: fine
+    security.load_broker_keys(keys.dir)
+    assert f"{broker_secret} can be read" not in caplog.text
+    broker_secret.chmod(0o604)
+    security.load_broker_keys(keys.dir)
+    assert f"{broker_secret} can be read by other users (mode 604)" in caplog.text
+
+
 def test_damaged_key_files_are_refused_clearly(tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     text = keys.client.read_text()
