@@ -100,8 +100,8 @@ def map_in_order(
         calls = iter(lambda: list(itertools.islice(args, chunksize)), [])
 
     # One callable for every chunk: when fn pickles by reference, so does it, and its
-    # pickle is made once (fade/serialization.py); the chunk itself is plain data the C
-    # pickler takes alone, if its arguments are.
+    # pickle is made once per map (fade/serialization.py), not again in every chunk's
+    # arguments; the worker's function cache keeps it too.
     run_chunk_of_fn = functools.partial(run_chunk, fn)
 
     def submit(task: Any) -> cf.Future[Any]:

@@ -229,7 +229,7 @@ def load_peer_keys(path: str | os.PathLike[str], role: str | None = None) -> Pee
     _warn_if_others_can_read(Path(path), f"{file_role} {name!r}")
     return PeerKeys(
         role=file_role,
-        name=fields.get("fade-name", b"?").decode(),
+        name=name,
         public=public,
         secret=secret,
         broker=broker,
