@@ -34,6 +34,7 @@ the outbox and SUBMIT packing (fade/outbox.py), what a RESULT means
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import platform
@@ -606,24 +607,24 @@ class ClientIO:
         for item in items:
             self.fail(item, error)
 
-    @staticmethod
-    def fail(item: WorkItem, error: BaseException) -> None:
+    def fail(self, item: WorkItem, error: BaseException) -> None:
         future = item.future
         if future.done():
-            return
-        try:
-            if future.running() or future.set_running_or_notify_cancel():
-                future.set_exception(error)
-        except (cf.InvalidStateError, RuntimeError):
-            pass  # completed or cancelled meanwhile
+            return  # finished, or cancelled (settle_cancelled tells its waiters)
+        with self.lock:
+            started = future.running() or _start_unless_cancelled(future)
+        if started:
+            with contextlib.suppress(cf.InvalidStateError):
+                future.set_exception(error)  # unless its result came meanwhile
 
 
 def _cancelled_item(item: WorkItem) -> bool:
     return item.future.cancelled()
 
 
-# (Holding ClientIO.lock, as every call that moves a future out of PENDING or CANCELLED
-# does: set_running_or_notify_cancel may be called once only.)
+# (Holding ClientIO.lock, as every call that moves a future the caller may have
+# cancelled out of PENDING or CANCELLED does: set_running_or_notify_cancel may be called
+# once only, and a second call logs a CRITICAL and raises.)
 
 
 def _notify_cancelled(future: cf.Future[Any]) -> None:

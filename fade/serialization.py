@@ -246,8 +246,10 @@ def _warn_large_function(fn: Callable[..., Any], size: int) -> None:
     """Warn once per function (its code) that it pickles to ``size`` bytes, naming the
     globals and closure variables that make it large, at the caller's line."""
     if type(fn) is functools.partial:  # map's chunks send partial(run_chunk, fn): name fn
-        by_value = [part for part in (fn.func, *fn.args) if hasattr(part, "__code__")]
-        by_value = [part for part in by_value if not pickles_by_reference(part)]
+        parts = (fn.func, *fn.args)
+        by_value = [
+            part for part in parts if hasattr(part, "__code__") and not pickles_by_reference(part)
+        ]
         if len(by_value) != 1:
             return
         fn = by_value[0]
