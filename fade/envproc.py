@@ -189,6 +189,7 @@ class _Child:
 
         uninstall_import_hook()
         self.sock = sock
+        self.pid = os.getpid()  # a process a task forks is not this one
         self.host = socket.gethostname()
         self.trees = {str(t): str(label) for t, label in zip(args["trees"], args["labels"])}
         self.functions = ser.FunctionCache()
@@ -219,7 +220,15 @@ class _Child:
                     fn, args, kwargs = ser.loads_call(payload, self.functions)
                 finally:
                     taskenv.loading = 0
-                return p.Status.OK, ser.dumps_value(fn(*args, **kwargs))
+                try:
+                    value = fn(*args, **kwargs)
+                except BaseException as exc:
+                    if os.getpid() != self.pid:  # a process the task forked came back
+                        taskenv.end_forked_child(exc)
+                    raise
+                if os.getpid() != self.pid:
+                    taskenv.end_forked_child(None)
+                return p.Status.OK, ser.dumps_value(value)
             except ModuleNotFoundError as exc:
                 error = MissingDependencyError.on_host(exc, self.host)
                 return p.Status.RAISED, ser.dumps_exception(self._load_error(error))

@@ -24,6 +24,10 @@ the worker user's rights.
 pool, say) gets the signal handlers the worker process started with, not the
 worker's own: with those, ``Process.terminate()`` asked a worker that is not there
 to drain, and the process lived on.
+
+:func:`end_forked_child`: a process a task forks that comes back into fade's code
+(its function returned, raised or called ``sys.exit`` in the child too) ends there,
+as a ``multiprocessing`` child does, instead of serving as a copy of its worker.
 """
 
 from __future__ import annotations
@@ -34,11 +38,18 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["TaskEnvironment", "check_not_loading_a_task", "fork_with_pythons_signals", "loading"]
+__all__ = [
+    "TaskEnvironment",
+    "check_not_loading_a_task",
+    "end_forked_child",
+    "fork_with_pythons_signals",
+    "loading",
+]
 
 #: The thread of this process that is loading a task (unpickling its function and
 #: arguments, which imports their modules), or 0. Set by the worker around the load.
@@ -94,6 +105,34 @@ def fork_with_pythons_signals(signals: tuple[signal.Signals, ...]) -> None:
                 signal.signal(sig, handler)
 
     os.register_at_fork(after_in_child=restore)
+
+
+def end_forked_child(exc: BaseException | None) -> NoReturn:
+    """End a process a task forked that came back here: the task's function returned,
+    raised, or called ``sys.exit`` in the child as well as in the parent.
+
+    The child holds copies of its worker's sockets and loop: going on, it would serve
+    as a second worker on them, and a parent waiting for it (``os.waitpid``) would wait,
+    with its task, for ever. So it leaves as a ``multiprocessing`` child leaves: its
+    streams flushed, the atexit handlers (its worker's) not run, its exit status what
+    its outcome would give a script: 0, 1 after printing the exception, or sys.exit's.
+    """
+    status = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int):
+            status = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            status = 1
+    elif exc is not None:
+        traceback.print_exception(exc)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream: nothing more to say on it
+            pass
+    os._exit(status)
 
 
 def _raw_environ() -> dict[Any, Any]:

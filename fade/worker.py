@@ -81,7 +81,7 @@ from fade.resources import DEVICE_RESOURCES, device_env, host_devices
 from fade.shipping import uninstall_import_hook
 from fade.shm import SegmentRef
 from fade.shmworker import WorkerSegments
-from fade.taskenv import TaskEnvironment, fork_with_pythons_signals
+from fade.taskenv import TaskEnvironment, end_forked_child, fork_with_pythons_signals
 from fade.wakeup import WakePipe
 from fade.workerio import MAX_PREFETCH, PREFETCH_HORIZON, SLOW_TASK, Fetch, Job, WorkerIO
 
@@ -125,6 +125,7 @@ class Worker:
         self.keys = keys
         self.identity = options.identity or security.peer_identity(b"W", keys)
         self.control = control  # the supervisor's end of our control pair
+        self._pid = os.getpid()  # a process a task forks is not this worker
         self._init_queues()
         self._functions = ser.FunctionCache()
         self._avg_duration: float | None = None
@@ -285,7 +286,15 @@ class Worker:
             stopping = self.stopping
             if stopping is not None and stopping[0] == key:
                 raise _Stopped
-            return fn(*args, **kwargs)
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as exc:
+                if os.getpid() != self._pid:  # a process the task forked came back
+                    end_forked_child(exc)
+                raise
+            if os.getpid() != self._pid:
+                end_forked_child(None)
+            return value
         finally:
             self._interruptible = False
 

@@ -466,3 +466,18 @@ def init_with_a_pool() -> None:
 
     with fade.Executor(max_workers=1) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
+
+
+def fork_and_come_back(how: str) -> tuple[str, int]:
+    """Fork; the child comes back into its caller's code (returns, raises, or calls
+    sys.exit) instead of leaving with os._exit, as careless task code does. The parent
+    returns the child's exit status."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "return":
+            return "child", os.getpid()
+        if how == "raise":
+            raise ValueError("raised in the forked child")
+        sys.exit(3)
+    _, status = os.waitpid(pid, 0)
+    return "parent", os.waitstatus_to_exitcode(status)

@@ -537,6 +537,22 @@ def test_a_forked_child_exiting_leaves_the_parents_pool_alone() -> None:
         assert ex.submit(tasks.add, 2, 2).result(timeout=30) == 4
 
 
+@pytest.mark.parametrize(("how", "status"), [("return", 0), ("raise", 1), ("exit", 3)])
+def test_a_tasks_forked_child_that_comes_back_into_the_worker_ends_there(
+    how: str, status: int
+) -> None:
+    # The child went on as a copy of the worker process (its socket, its loop), and the
+    # parent's waitpid, with the task, waited for ever; ProcessPoolExecutor sends the
+    # child's outcome as the task's (or hangs, on sys.exit). It ends as a
+    # multiprocessing child does, its status from what it did.
+    with fade.Executor(max_workers=1) as ex:
+        future = ex.submit(tasks.fork_and_come_back, how)
+        assert future.result(timeout=30) == ("parent", status)
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+        (worker,) = ex._pool._supervisor.pids  # type: ignore[union-attr]
+        assert psutil.Process(worker).children() == []  # no second worker left behind
+
+
 def _in_a_forked_child(body: Callable[[], str], timeout: float = 20.0) -> str:
     """Run ``body`` in a forked child; what it returned (or raised, by name). Fails if the
     child is not done within ``timeout``: it is killed."""

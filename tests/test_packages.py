@@ -379,6 +379,29 @@ def test_a_process_an_environment_process_forks_has_pythons_own_signal_handlers(
     assert codes == (-signal.SIGTERM, 1)
 
 
+def test_a_forked_child_that_comes_back_into_an_environment_process_ends_there(
+    packages: PackagePool, site: Site
+) -> None:
+    # As in a worker process (test_hardening.py): the child went on serving the worker's
+    # socket pair, and its parent waited for it, with the task, for ever.
+    mod = _unique("fadefork")
+    extra = """
+        def fork_three_ways():
+            import tasks
+            ways = ("return", "raise", "exit")
+            return [tasks.fork_and_come_back(how) for how in ways], os.getpid()
+        """
+    site.add(f"{mod}-dist", "1.0", {f"{mod}/__init__.py": _module(f"{mod}-dist", "1.0", extra)})
+    pkg = site.module(mod)
+    packages.worker()
+    (worker_pid,) = packages.pool.wait_workers(1)
+    with packages.executor() as ex:
+        outcomes, pid = ex.submit(pkg.fork_three_ways).result(timeout=60)  # type: ignore[attr-defined]
+        assert ex.submit(pkg.fork_three_ways).result(timeout=60)[1] == pid  # type: ignore[attr-defined]
+    assert pid != worker_pid  # an environment process ran it
+    assert outcomes == [("parent", 0), ("parent", 1), ("parent", 3)]
+
+
 def test_requirements_travel_with_what_requires_them(packages: PackagePool, site: Site) -> None:
     base, top = _unique("fadebase"), _unique("fadetop")
     site.add(f"{base}-dist", "3.1", {f"{base}/__init__.py": "def value():\n    return 31\n"})
