@@ -1,18 +1,20 @@
-"""Put back what a task changed in its worker process: cwd, environment, sys.path, builtins.
+"""Put back what a task changed in its worker process: cwd, environment, sys.path, builtins,
+the standard streams.
 
 ::
 
-    worker start: baseline = cwd, os.environ, sys.path, builtins (copied once)
+    worker start: baseline = cwd, os.environ, sys.path, builtins, sys.stdin/stdout/stderr
     each task:    with task_environment:  run it, pickle its outcome
                   on the way out: compare with the baseline ── same ──> nothing to do
                                                   └─ differs ──> put the baseline back, log
 
 A task may be followed, in the same worker process, by another client's task.
 What it did to the process's working directory, ``os.environ``, ``sys.path``
-(beyond the code tree that code activation puts first, fade/codecache.py) and
-the ``builtins`` module is undone after it, so the next task starts from the
-worker's own state. The usual case costs comparisons only (no copies): about a
-microsecond (``python benchmarks/taskenv.py``).
+(beyond the code tree that code activation puts first, fade/codecache.py), the
+``builtins`` module and the standard streams (``sys.stdout = buffer`` left in
+place, or ``sys.stdout.close()``) is undone after it, so the next task starts from
+the worker's own state. The usual case costs comparisons only (no copies): about 3
+µs here (``python benchmarks/taskenv.py``).
 
 Not undone (see docs/security.md): the state of imported modules (installed
 packages and their caches), variables set with ``os.putenv`` directly, files
@@ -33,6 +35,7 @@ as a ``multiprocessing`` child does, instead of serving as a copy of its worker.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import signal
@@ -148,7 +151,17 @@ class TaskEnvironment:
     (None: none); it is kept in front of the baseline's entries.
     """
 
-    __slots__ = ("_builtins", "_cwd", "_environ", "_environ_raw", "_managed", "_path", "restored")
+    __slots__ = (
+        "_builtins",
+        "_cwd",
+        "_environ",
+        "_environ_raw",
+        "_fds",
+        "_managed",
+        "_path",
+        "_streams",
+        "restored",
+    )
 
     def __init__(self, managed_path: Callable[[], str | None] = lambda: None) -> None:
         self._cwd = os.getcwd()
@@ -156,6 +169,8 @@ class TaskEnvironment:
         self._environ_raw = dict(_raw_environ())
         self._path = list(sys.path)
         self._builtins = dict(builtins.__dict__)
+        self._streams = (sys.stdin, sys.stdout, sys.stderr)
+        self._fds = (_descriptor(sys.stdout), _descriptor(sys.stderr))
         self._managed = managed_path
         self.restored = 0  # tasks after which something had to be put back
 
@@ -194,6 +209,9 @@ class TaskEnvironment:
         if builtins.__dict__ != self._builtins:
             changed.append("builtins")
             self._restore_builtins()
+        if self._streams_changed():
+            changed.append("standard streams")
+            self._restore_streams()
         if changed:
             self.restored += 1
             log.debug("the task changed the worker's %s; put back", ", ".join(changed))
@@ -205,8 +223,68 @@ class TaskEnvironment:
             if os.environ.get(key) != value:
                 os.environ[key] = value
 
+    def _streams_changed(self) -> bool:
+        stdin, stdout, stderr = self._streams
+        return (
+            sys.stdout is not stdout
+            or sys.stderr is not stderr
+            or sys.stdin is not stdin
+            or (stdout is not None and stdout.closed)
+            or (stderr is not None and stderr.closed)
+        )
+
+    def _restore_streams(self) -> None:
+        """Put the worker's streams back; one the task closed is opened again on its file
+        descriptor (Python's own streams leave it open), also for the worker's logging."""
+        stdin, stdout, stderr = self._streams
+        if stdout is not None and stdout.closed:
+            stdout = _reopened(stdout, self._fds[0])
+        if stderr is not None and stderr.closed:
+            stderr = _reopened(stderr, self._fds[1])
+        _retarget_log_handlers(self._streams, (stdin, stdout, stderr))
+        self._streams = (stdin, stdout, stderr)
+        sys.stdin, sys.stdout, sys.stderr = self._streams
+
     def _restore_builtins(self) -> None:
         namespace = builtins.__dict__
         for key in [k for k in namespace if k not in self._builtins]:
             del namespace[key]
         namespace.update(self._builtins)
+
+
+def _descriptor(stream: Any) -> int | None:
+    try:
+        return int(stream.fileno())
+    except (AttributeError, ValueError, OSError):  # not a file's stream, or closed
+        return None
+
+
+def _reopened(stream: Any, fd: int | None) -> Any:
+    """A new text stream like ``stream`` (closed) on its file descriptor ``fd``; the
+    closed one if that cannot be done (the descriptor is gone too, or there was none)."""
+    if fd is None:
+        return stream
+    try:
+        return open(  # the worker's stream for as long as it lives: never closed
+            fd,
+            "w",
+            buffering=1 if stream.line_buffering else -1,
+            encoding=stream.encoding,
+            errors=stream.errors,
+            closefd=False,
+        )
+    except (OSError, ValueError, AttributeError, TypeError):
+        return stream
+
+
+def _retarget_log_handlers(old: tuple[Any, ...], new: tuple[Any, ...]) -> None:
+    """Logging handlers that wrote to a stream replaced by ``new`` write to its successor."""
+    replaced = {id(a): b for a, b in zip(old, new) if a is not b}
+    if not replaced:
+        return
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and id(stream) in replaced:
+                with handler.lock or contextlib.nullcontext():  # not setStream: it flushes
+                    handler.stream = replaced[id(stream)]  # the old one, closed

@@ -237,6 +237,11 @@ def change_worker_state(folder: str) -> int:
     sys.path.append(folder)
     builtins.leaked_by_tenant_a = True  # type: ignore[attr-defined]
     builtins.input = lambda *_: "hijacked"
+    import io
+
+    sys.stdout.close()  # and would read what the next tasks print:
+    sys.stdout = io.StringIO()
+    sys.stderr.close()
     return os.getpid()
 
 
@@ -252,7 +257,17 @@ def worker_state() -> dict[str, object]:
         "path": [p for p in sys.path if "/trees/" not in p],
         "leaked": hasattr(builtins, "leaked_by_tenant_a"),
         "input": builtins.input.__module__,
+        "stdout": (type(sys.stdout).__name__, sys.stdout.closed, _fileno(sys.stdout)),
+        "stderr": (type(sys.stderr).__name__, sys.stderr.closed, _fileno(sys.stderr)),
+        "printed": print("printed by the next task", flush=True),
     }
+
+
+def _fileno(stream: Any) -> int | None:
+    try:
+        return int(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def record_span(path: str, tag: str, seconds: float) -> str:
