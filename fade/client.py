@@ -381,13 +381,12 @@ class Executor(cf.Executor):
         """``submit`` for asyncio code: an ``asyncio.Future`` of the running loop to await.
 
         No thread waits for it: the result reaches the loop through a done-callback.
-        Cancelling it cancels the task if it has not left this process yet. Call it
-        from a coroutine (it raises RuntimeError when no event loop is running).
+        Cancelling it stops the task, running or not (as :meth:`terminate`): in asyncio a
+        cancel means the work is no longer wanted (a ``wait_for`` timeout, the end of
+        ``asyncio.run``). Call it from a coroutine (it raises RuntimeError when no event
+        loop is running).
         """
-        import asyncio  # here, not at the top: worker processes never need it
-
-        loop = asyncio.get_running_loop()
-        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
+        return _awaitable(self, self._options, fn, args, kwargs)
 
     def map(
         self,
@@ -464,10 +463,7 @@ class ExecutorView(cf.Executor):
 
     def asubmit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """As :meth:`Executor.asubmit`, with this view's options."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        return asyncio.wrap_future(self.submit(fn, *args, **kwargs), loop=loop)
+        return _awaitable(self._executor, self._options, fn, args, kwargs)
 
     def map(
         self,
@@ -501,6 +497,29 @@ class ExecutorView(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Nothing: the executor this is a view of owns the pool."""
+
+
+def _awaitable(
+    executor: Executor,
+    options: TaskOptions,
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> asyncio.Future[T]:
+    """A task's future for the running loop; cancelling it stops the task, running or not."""
+    import asyncio  # here, not at the top: worker processes never need it
+
+    loop = asyncio.get_running_loop()  # first: no loop, no task
+    future = executor._submit(options, fn, args, kwargs)
+    awaited = asyncio.wrap_future(future, loop=loop)
+
+    def stop_if_cancelled(awaited: asyncio.Future[T]) -> None:
+        # wrap_future has called future.cancel() already: it stops a task not yet started.
+        if awaited.cancelled() and not future.done():
+            executor.terminate(future)
+
+    awaited.add_done_callback(stop_if_cancelled)
+    return awaited
 
 
 def _segments(

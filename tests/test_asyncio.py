@@ -74,3 +74,39 @@ def test_many_awaits_do_not_start_a_thread_each(
         assert during[1] <= before[1] + 2, f"OS threads {before[1]} -> {during[1]}"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("how", ["wait_for", "run_ends"])
+def test_a_cancelled_await_stops_its_running_task(how: str, tmp_path: Path) -> None:
+    # A timeout (asyncio.wait_for) or the end of asyncio.run cancels what is still
+    # awaited: the work is no longer wanted. Cancelling only kept it from starting; a
+    # task already at the broker ran on, and held the pool's one worker for a minute.
+    gate = tmp_path / "never-opened"
+
+    async def time_out(ex: fade.Executor) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ex.asubmit(et.wait_for_path, str(gate), 1), 1.0)
+
+    async def leave_it_pending(ex: fade.Executor) -> None:
+        async def wait_on_it() -> None:
+            await ex.asubmit(et.wait_for_path, str(gate), 1)
+
+        waiting = asyncio.create_task(wait_on_it())
+        await asyncio.sleep(1.0)  # it runs; asyncio.run then cancels the task awaiting it
+        assert not waiting.done()
+
+    with fade.Executor(max_workers=1) as ex:
+        asyncio.run(time_out(ex) if how == "wait_for" else leave_it_pending(ex))
+        # The one worker is free again (the task ran 60 s before).
+        assert ex.submit(et.square, 3).result(timeout=30) == 9
+
+        async def control() -> None:  # a task not yet started is cancelled, as before
+            running = ex.asubmit(et.wait_for_path, str(gate), 1)
+            queued = ex.asubmit(et.square, 4)
+            await asyncio.sleep(0.5)
+            queued.cancel()
+            running.cancel()
+            await asyncio.sleep(0.1)
+
+        asyncio.run(control())
+        assert ex.submit(et.square, 5).result(timeout=30) == 25
