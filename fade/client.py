@@ -240,6 +240,10 @@ class Executor(cf.Executor):
         self._owner = os.getpid()
         self._io.thread.start()
         _live_executors.add(self)
+        # Garbage-collected without a shutdown: shut down then, as the standard pools do
+        # (the callback holds what it needs, never the executor).
+        self._forgotten = weakref.finalize(self, _forgotten, self._io, self._pool, self._owner)
+        self._forgotten.atexit = False  # at exit: _shutdown_at_exit, for live ones
 
     def _open_io(
         self, settings: ClientSettings, keys: security.PeerKeys | None, assumed_capacity: int
@@ -416,6 +420,7 @@ class Executor(cf.Executor):
             self._shutdown = True
         if os.getpid() != self._owner:
             return
+        self._forgotten.detach()
         io = self._io
         if cancel_futures or terminate:
             with io.lock:
@@ -434,20 +439,10 @@ class Executor(cf.Executor):
                 io.terminate(item.task_id, item.future)
         io.close_soon()
         if wait:
-            io.thread.join()
-            self._stop_pool()
+            _finish(io, self._pool)
         else:
-            threading.Thread(target=self._finish_later, name="fade-shutdown", daemon=True).start()
-            return  # still finished at interpreter exit, as the standard library does
+            _finish_in_background(io, self._pool)  # and at interpreter exit
         _live_executors.discard(self)
-
-    def _finish_later(self) -> None:
-        self._io.thread.join()
-        self._stop_pool()
-
-    def _stop_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.stop()
 
 
 class ExecutorView(cf.Executor):
@@ -577,6 +572,34 @@ def _release(
 
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+#: Shutdowns that did not wait (shutdown(wait=False), an executor garbage-collected):
+#: interpreter exit waits for them, as for live executors.
+_finishing: set[threading.Thread] = set()
+
+
+def _finish(io: ClientIO, pool: EmbeddedPool | None, close: bool = False) -> None:
+    """Wait for the I/O thread to deliver every pending result and end; stop the pool."""
+    if close:
+        io.close_soon()
+    io.thread.join()
+    if pool is not None:
+        pool.stop()
+
+
+def _finish_in_background(io: ClientIO, pool: EmbeddedPool | None, close: bool = False) -> None:
+    thread = threading.Thread(
+        target=_finish, args=(io, pool, close), name="fade-shutdown", daemon=True
+    )
+    _finishing.add(thread)
+    thread.start()
+
+
+def _forgotten(io: ClientIO, pool: EmbeddedPool | None, owner: int) -> None:
+    """An executor was garbage-collected without a shutdown: shut it down, not waiting.
+    The garbage collector may run this in any thread, the I/O thread holding its lock
+    included: everything, close_soon's lock too, happens in another thread."""
+    if os.getpid() == owner:
+        _finish_in_background(io, pool, close=True)
 
 
 #: This process's id, kept up to date in forked children: ``submit`` compares it with
@@ -591,6 +614,7 @@ def _forget_in_child() -> None:
     global _pid
     _pid = os.getpid()
     _live_executors.clear()
+    _finishing.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -602,3 +626,5 @@ def _shutdown_at_exit() -> None:
     # interpreter exits, and leave no embedded pool behind.
     for executor in list(_live_executors):
         executor.shutdown(wait=True)
+    for thread in list(_finishing):
+        thread.join()

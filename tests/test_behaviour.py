@@ -474,6 +474,38 @@ def test_shutdown_cancel_futures_lets_the_first_tasks_run(
         assert future.done() and future.exception() is None
 
 
+@pytest.mark.parametrize("kind", ["embedded", "tcp", "processpool"])
+def test_an_executor_nobody_refers_to_finishes_its_work_and_stops(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # As ProcessPoolExecutor does: once garbage-collected, an executor shuts down (its
+    # futures still complete). Its I/O thread and embedded pool lived on until the
+    # interpreter exited: re-running "ex = fade.Executor()" in a notebook cell added a
+    # pool each time.
+    import psutil
+
+    if kind == "tcp":
+        request.getfixturevalue("tcp_pool")  # its broker and workers: started before
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    threads = threading.active_count()
+
+    def submit_and_forget() -> tuple[cf.Future[str], weakref.ref[cf.Executor]]:
+        executor = make_executor(kind, request)
+        return executor.submit(tasks.sleep_and_return, 0.5, "done"), weakref.ref(executor)
+
+    future, executor = submit_and_forget()
+    gc.collect()
+    assert executor() is None
+    assert future.result(timeout=30) == "done"
+
+    def stopped() -> bool:
+        started = {child.pid for child in me.children()} - before
+        return threading.active_count() <= threads and not started
+
+    wait_for(stopped, 30, "the forgotten executor's threads and worker processes to end")
+
+
 # -- at interpreter exit (CPython's suite runs these in child interpreters) ----------------
 
 
@@ -503,6 +535,19 @@ EXIT_SCRIPTS = {
         t = EXECUTOR
         """,
         "runtime-error",
+    ),
+    # An executor nobody shut down and nobody refers to any more: its work is done too.
+    "an abandoned executor's work is done": (
+        """
+        import gc
+
+        def submit_and_forget():
+            EXECUTOR.submit(tasks.sleep_and_print, 1.0, "apple")
+
+        submit_and_forget()
+        gc.collect()
+        """,
+        "apple",
     ),
     # test_hang_gh83386: shutdown(wait=False) with work running does not hang at exit.
     "shutdown(wait=False) does not hang": (
