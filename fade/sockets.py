@@ -169,6 +169,8 @@ def connect_dealer(
     other end stopped answering within the timeout."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, linger_ms)
+    if needs_ipv6(address):
+        sock.setsockopt(zmq.IPV6, 1)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)
@@ -223,6 +225,19 @@ def check_endpoint(address: str, *, binding: bool = False) -> None:
         raise ValueError(f"{address!r} is for binding; name the broker's host; {_ENDPOINT_FORMS}")
 
 
+def needs_ipv6(address: str, *, binding: bool = False) -> bool:
+    """Whether a socket for this endpoint needs ZMQ_IPV6: libzmq speaks IPv4 only unless
+    told. An IPv6 literal (``tcp://[::1]:5555``) needs it; a bind to every interface
+    (``tcp://*:5555``) takes connections of both families with it (libzmq falls back to
+    IPv4 where the host has no IPv6). Not for host names: with it on, libzmq connects to
+    the first address the resolver gives, and ``localhost`` would become ::1 where a
+    broker listens on 127.0.0.1."""
+    transport, _, rest = address.partition("://")
+    if transport != "tcp":
+        return False
+    return rest.startswith("[") or (binding and rest.startswith("*:"))
+
+
 def is_local_address(address: str) -> bool:
     """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
     transport, sep, rest = address.partition("://")
@@ -263,6 +278,8 @@ def bind_router(
         context.set(zmq.MAX_SOCKETS, 65536)
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    if needs_ipv6(address, binding=True):
+        sock.setsockopt(zmq.IPV6, 1)
     # Without keys, a reconnecting peer's new connection takes over its identity at once.
     # With keys, identities are bound to keys, and handover would let any key holder who
     # learnt an identity take over that peer's traffic (the broker checks what a peer

@@ -175,6 +175,7 @@ class Pool:
     """A broker and worker processes on a loopback port, started and ended by the test."""
 
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"  # "[::1]": IPv6 loopback
     interval: float = INTERVAL
     liveness: int = LIVENESS
     broker: subprocess.Popen[bytes] | None = None
@@ -182,7 +183,7 @@ class Pool:
 
     @property
     def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
+        return f"tcp://{self.host}:{self.port}"
 
     def _timing(self) -> list[str]:
         return [

@@ -211,6 +211,18 @@ def test_a_broker_killed_for_good_ends_the_script_within_the_bound(pool: Pool) -
         kill_tree(script.pid)
 
 
+def test_a_pool_on_an_ipv6_address_works(pool: Pool) -> None:
+    # libzmq speaks IPv4 only unless told: the broker failed with "No such device", and
+    # workers and clients waited for a broker they could never reach.
+    pool.host = "[::1]"
+    pool.start_broker()
+    pool.start_worker(1)
+    pool.wait_workers(1)
+    with fade.Executor(pool.address, connect_timeout=20) as ex:
+        assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+    wait_for(lambda: query(pool.address)["workers"], 20, "the worker in fade-status")
+
+
 def test_a_worker_pointed_at_a_name_that_does_not_resolve_says_so(tmp_path: Path) -> None:
     log = tmp_path / "worker.log"
     with log.open("wb") as f:
