@@ -50,6 +50,7 @@ import logging
 import os
 import pwd
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -59,6 +60,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 from fade._codeimport import TreeFiles, TreeImporter
+from fade.datacache import FILE_SYSTEM_FAILURES
 from fade.errors import CodeShippingError
 from fade.serialization import FunctionCache
 
@@ -263,9 +265,14 @@ def _hash_file(path: str) -> str | None:
 def _write_atomically(path: str, data: bytes) -> None:
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a half-written file would hold the space
+            os.unlink(tmp)
+        raise
 
 
 class _Refuser(importlib.abc.MetaPathFinder):
@@ -397,11 +404,25 @@ class CodeRunner:
         if hashlib.sha256(manifest_json).digest()[:16] != version:
             raise CodeShippingError("the client's manifest does not match its version id")
         manifest = Manifest.from_json(manifest_json)
-        missing = self.cache.missing(manifest)
-        if missing:
-            self._fetch_files(client, missing, manifest)
-        self.cache.build(version, manifest_json, manifest)
+        try:
+            missing = self.cache.missing(manifest)
+            if missing:
+                self._fetch_files(client, missing, manifest)
+            self.cache.build(version, manifest_json, manifest)
+        except OSError as exc:
+            if exc.errno not in FILE_SYSTEM_FAILURES:
+                raise
+            raise self._cache_failure(exc, manifest) from exc
         return manifest
+
+    def _cache_failure(self, exc: OSError, manifest: Manifest) -> CodeShippingError:
+        size = sum(size for _, _, size in manifest.files)
+        return CodeShippingError(
+            f"the code cache {self.cache.root} on host {socket.gethostname()} cannot take "
+            f"this client's code ({len(manifest.files)} files, {size} bytes): "
+            f"{exc.strerror or exc}. Make room there, or give the worker a cache folder on "
+            f"another file system with fade-worker --code-cache DIR (or FADE_CODE_CACHE)"
+        )
 
     def _fetch_files(self, client: bytes, missing: list[str], manifest: Manifest) -> None:
         """The files this host lacks: together, each in one frame, but a file over the

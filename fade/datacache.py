@@ -40,6 +40,7 @@ task finds only entries of its own client's scope.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -55,9 +56,22 @@ from types import TracebackType
 from fade import defaults
 from fade.errors import SharedDataError
 
-__all__ = ["DEFAULT_LIMIT", "DataCache", "Entry", "Writer", "default_data_dir"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "FILE_SYSTEM_FAILURES",
+    "DataCache",
+    "Entry",
+    "Writer",
+    "default_data_dir",
+]
 
 log = logging.getLogger("fade.datacache")
+
+#: Errors of a cache's file system, not of what is cached: full, over quota, read-only.
+#: The caches of task data and of shipped code say so, naming the folder.
+FILE_SYSTEM_FAILURES = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+)
 
 #: The default bound on a host's data cache, in bytes (``fade-worker --data-cache``).
 DEFAULT_LIMIT = defaults.DATA_CACHE_SIZE

@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
+from fade._logutil import RateLimitedLog
 from fade.data import DataRef
-from fade.datacache import DataCache, Writer
+from fade.datacache import FILE_SYSTEM_FAILURES, DataCache, Writer
 from fade.errors import SharedDataError
 
 __all__ = ["CHUNK", "WINDOW_CHUNKS", "DataFetcher", "download"]
@@ -94,6 +95,7 @@ class DataFetcher:
         self.cache = cache
         self._fetch = fetch
         self._frame_limit = frame_limit  # the smallest frame limit on the way here; 0: none
+        self._refusals = RateLimitedLog(log, burst=3, period=60.0)  # a full disk stays full
         self.hits = 0
         self.fetched = 0  # entries fetched by this process
         self.fetched_bytes = 0
@@ -115,7 +117,11 @@ class DataFetcher:
             if view is not None:
                 self.hits += 1
                 return view
-            writer = self.cache.create(scope, ref.cid, ref.size)
+            try:
+                writer = self.cache.create(scope, ref.cid, ref.size)
+            except OSError as exc:
+                self._cache_failed(exc, ref)
+                writer = None
             sink: Writer | _Memory
             if writer is None:
                 self.uncached += 1
@@ -129,12 +135,36 @@ class DataFetcher:
                 sink = _Memory(ref.cid, ref.size)
             else:
                 sink = writer
-            with sink:
-                self._download(key, ref, sink)
-                view = sink.commit()
+            try:
+                with sink:
+                    self._download(key, ref, sink)
+                    view = sink.commit()
+            except OSError as exc:
+                if isinstance(sink, _Memory):
+                    raise
+                self._cache_failed(exc, ref)  # the writer removed its partial entry
+                self.uncached += 1
+                with _Memory(ref.cid, ref.size) as memory:
+                    self._download(key, ref, memory)
+                    view = memory.commit()
         self.fetched += 1
         self.fetched_bytes += ref.size
         return view
+
+    def _cache_failed(self, exc: OSError, ref: DataRef) -> None:
+        """The cache's file system refused (full, over quota, read-only): the data is an
+        argument the task needs, the cache only saves fetching it again. Hold it in
+        memory, and say what is wrong, and where, so that it can be mended."""
+        if exc.errno not in FILE_SYSTEM_FAILURES:
+            raise exc
+        self._refusals.warning(
+            "the data cache %s cannot take %d bytes of task data (%s): holding them in "
+            "memory for this task. Make room there, or start the worker with "
+            "--data-cache-dir on another file system",
+            self.cache.root,
+            ref.size,
+            exc.strerror or exc,
+        )
 
     def _download(self, key: bytes, ref: DataRef, sink: Writer | _Memory) -> None:
         fields: dict[str, object] = {"kind": "data", "id": ref.cid.hex()}

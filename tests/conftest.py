@@ -260,6 +260,22 @@ class Pool:
 
 
 @pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A private folder on a 128 KiB file system of its own (tmpfs), for what a full
+    disk does; root only (mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    folder = tmp_path / "small-file-system"
+    folder.mkdir(mode=0o700)
+    options = "size=128k,mode=0700"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
 def pool() -> Iterator[Pool]:
     """An empty pool description: the test starts what it needs; all is killed after."""
     p = Pool()

@@ -165,6 +165,24 @@ def test_data_the_cache_cannot_hold_still_reaches_each_task(
     assert fetched >= 3 * a.nbytes  # nothing kept: each task fetched it
 
 
+def test_data_a_full_disk_cannot_cache_still_reaches_each_task(
+    pool: Pool, small_file_system: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The cache is within its bound (64M by default) but its file system is full: the
+    # task failed with a bare "OSError: [Errno 28] No space left on device".
+    pool.start_broker()
+    pool.start_worker(1, None, "--data-cache-dir", str(small_file_system))
+    pool.wait_workers(1)
+    a = array(3, seed=5)
+    with executor(pool) as ex:
+        results = [ex.submit(tasks.checksum, a).result(timeout=60) for _ in range(2)]
+    assert results == [tasks.checksum(a)] * 2
+    assert entries(small_file_system) == [] and os.listdir(small_file_system / "tmp") == []
+    logged = capfd.readouterr().err
+    assert f"the data cache {small_file_system} cannot take" in logged, logged
+    assert "No space left on device" in logged and "--data-cache-dir" in logged, logged
+
+
 # -- distinct arrays, a small cache --------------------------------------------------------
 
 

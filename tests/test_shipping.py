@@ -383,6 +383,31 @@ def test_size_cap_is_a_clear_error(code_pool: Pool, make_package: MakePackage) -
         ex.submit(pkg.f).result(timeout=0)
 
 
+def test_a_full_code_cache_fails_the_task_naming_the_folder_and_the_fix(
+    pool: Pool, make_package: MakePackage, small_file_system: Path
+) -> None:
+    # It failed with a bare "OSError: [Errno 28] No space left on device" from deep in
+    # the cache, and left the half-written file taking the space.
+    name = make_package(
+        {"PKG/__init__.py": "def f():\n    return 1\n", "PKG/big.bin": "x" * 400_000}
+    )
+    pkg = importlib.import_module(name)
+    pool.start_broker()
+    full_cache = small_file_system
+    pool.start_worker(1, None, "--code-cache", str(full_cache))
+    pool.wait_workers(1)
+    with _executor(pool) as ex:
+        with pytest.raises(fade.CodeShippingError) as info:
+            ex.submit(pkg.f).result(timeout=60)
+        message = str(info.value)
+        assert "No space left on device" in message and str(full_cache) in message, message
+        assert "--code-cache" in message, message
+    leftovers = [p.name for p in full_cache.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    with _executor(pool, ship_code="off") as ex:  # the worker itself is fine
+        assert ex.submit(abs, -2).result(timeout=30) == 2
+
+
 def test_a_file_over_the_brokers_frame_limit_travels_in_pieces(
     pool: Pool, make_package: MakePackage, tmp_path: Path
 ) -> None:
