@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 from fade import defaults
 from fade.codecache import check_private_dir
+from fade.datacache import FILE_SYSTEM_FAILURES
 from fade.distributions import Distribution, Environment, Manifest, hash_matches
 from fade.errors import PackageShippingError
 
@@ -121,9 +123,20 @@ class PackageCache:
             manifest = Manifest.from_json(manifest_json, dist)
             self._make_room(dist)
             staging = tempfile.mkdtemp(prefix=f".staging-{dist.id}-", dir=self.dists)
-            self._download(dist, manifest, ask, staging)
-            _write_atomically(os.path.join(staging, MANIFEST_FILE), manifest_json, False)
-            os.rename(staging, final)
+            try:
+                self._download(dist, manifest, ask, staging)
+                _write_atomically(os.path.join(staging, MANIFEST_FILE), manifest_json, False)
+                os.rename(staging, final)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)  # the space it took, back
+                if exc.errno not in FILE_SYSTEM_FAILURES:
+                    raise
+                raise PackageShippingError(
+                    f"the package cache {self.dists} on host {socket.gethostname()} cannot "
+                    f"take {dist.label} ({_mib(dist.size)}): {exc.strerror or exc}. Make "
+                    f"room there, or give the worker a cache folder on another file system "
+                    f"with fade-worker --code-cache DIR (packages are kept in it)"
+                ) from exc
             self.downloads += 1
             log.info("%s (%d bytes) is now in the package cache", dist.label, dist.size)
         return final

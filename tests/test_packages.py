@@ -521,6 +521,25 @@ def test_a_distribution_larger_than_the_workers_cache_fails_naming_the_option(
         assert ex.submit(tasks.add, 2, 2).result(timeout=60) == 4
 
 
+def test_a_full_package_cache_disk_fails_the_task_naming_the_folder(
+    packages: PackagePool, site: Site, small_file_system: Path
+) -> None:
+    name = _unique("fadefull")
+    site.add(
+        f"{name}-dist", "1.0", {f"{name}/__init__.py": "X = 1\n", f"{name}/b": os.urandom(2**19)}
+    )
+    pkg = site.module(name)
+    packages.cache = small_file_system
+    packages.worker()
+    packages.pool.wait_workers(1)
+    with packages.executor() as ex, pytest.raises(fade.PackageShippingError) as info:
+        ex.submit(getattr, pkg, "X").result(timeout=60)
+    message = str(info.value)
+    assert f"{name}-dist 1.0" in message and "No space left on device" in message, message
+    assert str(small_file_system) in message and "--code-cache" in message, message
+    assert not [p for p in small_file_system.rglob(".staging-*")]  # its space given back
+
+
 # -- controls and what cannot travel -------------------------------------------------------------
 
 
