@@ -84,6 +84,8 @@ T = TypeVar("T")
 POOL_CHECK_INTERVAL = 0.1
 #: The outbox is swept of cancelled tasks once they may be 1/SWEEP_SHARE of it.
 SWEEP_SHARE = 4
+#: Tasks whose latest NOTICE the client keeps, to say why a result() timed out.
+NOTED = 10_000
 _CANCELLED = cf._base.CANCELLED
 _CANCELLED_AND_NOTIFIED = cf._base.CANCELLED_AND_NOTIFIED
 
@@ -141,6 +143,9 @@ class ClientIO:
         self.link = self._make_link(address, keys, settings)
         self.fast = fastpath.ClientFastPath(self) if fastpath.enabled(settings.fast_paths) else None
         self._notices = RateLimitedLog(log, burst=5, period=60.0)
+        #: The broker's latest word on a waiting task (why it cannot be placed), by task
+        #: id, for a result() that times out; the oldest go first past NOTED.
+        self._noted: dict[int, tuple[float, str]] = {}
         self._next_pool_check = 0.0
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
 
@@ -208,7 +213,7 @@ class ClientIO:
             self.wake.wake()
         return True
 
-    def why_waiting(self, timeout: float | None) -> str:
+    def why_waiting(self, timeout: float | None, task_id: int = 0) -> str:
         """For a result() that timed out: what the task is waiting for, as far as we know."""
         link = self.link
         if not link.reached:
@@ -221,6 +226,14 @@ class ClientIO:
                 f"no worker is connected to the broker at {link.address}: tasks wait until "
                 f"one is (start one: fade-worker {link.address}, with --keys for a pool "
                 "that uses keys)"
+            )
+        noted = self._noted.get(task_id)
+        if noted is not None:  # it may have started since: say when the broker said it
+            said, text = noted
+            ago = time.monotonic() - said
+            return (
+                f"the task did not finish within {timeout:g}s; the broker said {ago:.0f}s "
+                f"ago: {text}"
             )
         return f"the task did not finish within {timeout:g}s (broker {link.address})"
 
@@ -464,9 +477,14 @@ class ClientIO:
 
     def _on_notice(self, message: p.Message) -> None:
         text, task_ids = p.decode_notice(message.body)
-        self._notices.warning(
-            "the broker says, of %d tasks: %s", len(task_ids), printable(text, limit=1000)
-        )
+        text = printable(text, limit=1000)
+        self._notices.warning("the broker says, of %d tasks: %s", len(task_ids), text)
+        noted, now = self._noted, time.monotonic()
+        for task_id in task_ids:
+            noted.pop(task_id, None)  # re-inserted: the newest last
+            noted[task_id] = (now, text)
+        while len(noted) > NOTED:
+            del noted[next(iter(noted))]
 
     def _on_unreachable(self, error: BrokerUnreachableError | None) -> None:
         self.unreachable = error

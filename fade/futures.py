@@ -95,7 +95,7 @@ class _Future(cf.Future[T]):
         except cf.TimeoutError:
             if self.done():
                 raise
-            raise cf.TimeoutError(self._io.why_waiting(timeout)) from None
+            raise cf.TimeoutError(self._io.why_waiting(timeout, self.task_id)) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():

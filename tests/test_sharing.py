@@ -8,6 +8,7 @@ issue asks, not in task counts.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import signal
 import subprocess
@@ -237,6 +238,10 @@ def test_tasks_that_need_a_gpu_run_where_one_is_and_see_it(
         state = query(pool.address)
         assert sum(c["waiting_for_resources"] for c in state["clients"]) == 1
         assert not waiting.done()
+        # A result() that times out says so too ("did not finish within 1s" read like a
+        # slow task).
+        with pytest.raises(cf.TimeoutError, match=r"no connected worker has the resources"):
+            waiting.result(timeout=1)
         ex.terminate(waiting)
 
 
