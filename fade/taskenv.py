@@ -1,9 +1,10 @@
 """Put back what a task changed in its worker process: cwd, environment, sys.path, builtins,
-the standard streams.
+the standard streams, interpreter settings.
 
 ::
 
-    worker start: baseline = cwd, os.environ, sys.path, builtins, sys.stdin/stdout/stderr
+    worker start: baseline = cwd, os.environ, sys.path, builtins, sys.stdin/stdout/stderr,
+                  interpreter settings, warning filters
     each task:    with task_environment:  run it, pickle its outcome
                   on the way out: compare with the baseline ── same ──> nothing to do
                                                   └─ differs ──> put the baseline back, log
@@ -11,15 +12,17 @@ the standard streams.
 A task may be followed, in the same worker process, by another client's task.
 What it did to the process's working directory, ``os.environ``, ``sys.path``
 (beyond the code tree that code activation puts first, fade/codecache.py), the
-``builtins`` module and the standard streams (``sys.stdout = buffer`` left in
-place, or ``sys.stdout.close()``) is undone after it, so the next task starts from
-the worker's own state. The usual case costs comparisons only (no copies): about 3
-µs here (``python benchmarks/taskenv.py``).
+``builtins`` module, the standard streams (``sys.stdout = buffer`` left in
+place, or ``sys.stdout.close()``), the interpreter settings that change how code
+runs (recursion limit, switch interval, profile and trace functions, the garbage
+collector, sockets' default timeout) and the warning filters is undone after it,
+so the next task starts from the worker's own state. The usual case costs
+comparisons only (no copies): about 3.5 µs here (``python benchmarks/taskenv.py``).
 
 Not undone (see docs/security.md): the state of imported modules (installed
 packages and their caches), variables set with ``os.putenv`` directly, files
 written, processes and threads started, signal handlers, ``sys.modules``,
-``sys.meta_path`` and other interpreter settings, and anything else done with
+``sys.meta_path``, the umask, resource limits, and anything else done with
 the worker user's rights.
 
 :func:`fork_with_pythons_signals`: a process a task forks (a ``multiprocessing``
@@ -36,12 +39,15 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
@@ -157,9 +163,11 @@ class TaskEnvironment:
         "_environ",
         "_environ_raw",
         "_fds",
+        "_interpreter",
         "_managed",
         "_path",
         "_streams",
+        "_warnings",
         "restored",
     )
 
@@ -171,6 +179,8 @@ class TaskEnvironment:
         self._builtins = dict(builtins.__dict__)
         self._streams = (sys.stdin, sys.stdout, sys.stderr)
         self._fds = (_descriptor(sys.stdout), _descriptor(sys.stderr))
+        self._interpreter = _interpreter_settings()
+        self._warnings = list(warnings.filters)
         self._managed = managed_path
         self.restored = 0  # tasks after which something had to be put back
 
@@ -212,6 +222,13 @@ class TaskEnvironment:
         if self._streams_changed():
             changed.append("standard streams")
             self._restore_streams()
+        if _interpreter_settings() != self._interpreter:
+            changed.append("interpreter settings")
+            _restore_interpreter_settings(self._interpreter)
+        if warnings.filters != self._warnings:
+            changed.append("warning filters")
+            warnings.filters[:] = self._warnings  # type: ignore[index]  # a list
+            warnings._filters_mutated()  # type: ignore[attr-defined]  # its caches too
         if changed:
             self.restored += 1
             log.debug("the task changed the worker's %s; put back", ", ".join(changed))
@@ -250,6 +267,38 @@ class TaskEnvironment:
         for key in [k for k in namespace if k not in self._builtins]:
             del namespace[key]
         namespace.update(self._builtins)
+
+
+#: What a task may change of the interpreter that would change the next task's run:
+#: (recursion limit, switch interval, profile and trace functions, the collector's
+#: state and thresholds, sockets' default timeout). Read in 0.2 µs.
+Settings = tuple[int, float, Any, Any, bool, tuple[int, ...], "float | None"]
+
+
+def _interpreter_settings() -> Settings:
+    return (
+        sys.getrecursionlimit(),
+        sys.getswitchinterval(),
+        sys.getprofile(),
+        sys.gettrace(),
+        gc.isenabled(),
+        gc.get_threshold(),
+        socket.getdefaulttimeout(),
+    )
+
+
+def _restore_interpreter_settings(settings: Settings) -> None:
+    recursion, switch, profile, trace, collecting, threshold, timeout = settings
+    sys.setrecursionlimit(recursion)
+    sys.setswitchinterval(switch)
+    sys.setprofile(profile)
+    sys.settrace(trace)
+    if collecting:
+        gc.enable()
+    else:
+        gc.disable()
+    gc.set_threshold(*threshold)
+    socket.setdefaulttimeout(timeout)
 
 
 def _descriptor(stream: Any) -> int | None:

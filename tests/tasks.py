@@ -242,6 +242,17 @@ def change_worker_state(folder: str) -> int:
     sys.stdout.close()  # and would read what the next tasks print:
     sys.stdout = io.StringIO()
     sys.stderr.close()
+    import gc
+    import socket
+    import warnings
+
+    sys.setrecursionlimit(60)  # the next tenant's recursion fails
+    sys.setswitchinterval(1.0)
+    sys.setprofile(lambda *args: None)  # a profiler left running slows every task
+    gc.disable()
+    gc.set_threshold(1, 1, 1)
+    socket.setdefaulttimeout(0.001)
+    warnings.simplefilter("error")  # every later warning an exception
     return os.getpid()
 
 
@@ -260,6 +271,23 @@ def worker_state() -> dict[str, object]:
         "stdout": (type(sys.stdout).__name__, sys.stdout.closed, _fileno(sys.stdout)),
         "stderr": (type(sys.stderr).__name__, sys.stderr.closed, _fileno(sys.stderr)),
         "printed": print("printed by the next task", flush=True),
+        "interpreter": _interpreter_settings(),
+    }
+
+
+def _interpreter_settings() -> dict[str, object]:
+    import gc
+    import socket
+    import warnings
+
+    return {
+        "recursion": sys.getrecursionlimit(),
+        "switch": sys.getswitchinterval(),
+        "profile": sys.getprofile(),
+        "trace": sys.gettrace(),
+        "gc": (gc.isenabled(), gc.get_threshold()),
+        "socket timeout": socket.getdefaulttimeout(),
+        "warnings": [f[0] for f in warnings.filters[:3]],
     }
 
 
