@@ -120,6 +120,16 @@ def _header(inline: bytes) -> tuple[int, int, int, int, int, int, int]:
 def split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
     """(code version, environment, executor setup, function pickle, arguments pickle,
     number of refs and segments)."""
+    start, env, setup, fn, args, tables = _sections(inline)
+    parts = inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
+    return (*parts, tables)
+
+
+def _sections(inline: bytes) -> tuple[int, int, int, int, int, int]:
+    """Where a task payload's code version, environment, setup, function and arguments
+    start, and its number of refs and segments. The worker reads the code version and
+    the environment before the call: one section each, not copies of all five (the
+    arguments may be large)."""
     code_size, env_size, fn_size, nrefs, nsegs, setup_size, start = _header(inline)
     start += nrefs * _REF.size + nsegs * SEGMENT_SIZE
     env = start + code_size
@@ -128,8 +138,7 @@ def split_call(inline: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, int]:
     args = fn + fn_size
     if args > len(inline):
         raise SerializationError("a task payload is shorter than its header says")
-    parts = inline[start:env], inline[env:setup], inline[setup:fn], inline[fn:args], inline[args:]
-    return (*parts, nrefs + nsegs)
+    return start, env, setup, fn, args, nrefs + nsegs
 
 
 def _tables(payload: Payload) -> tuple[list[DataRef], list[SegmentRef]]:
@@ -214,12 +223,16 @@ def insert_data(
 
 def code_version(payload: Payload) -> bytes:
     """The code version a task payload names (b"" for none)."""
-    return split_call(payload.inline)[0]
+    inline = payload.inline
+    start, env = _sections(inline)[:2]
+    return inline[start:env]
 
 
 def environment_of(payload: Payload) -> bytes:
     """The package environment a task payload names (b"" for none)."""
-    return split_call(payload.inline)[1]
+    inline = payload.inline
+    env, setup = _sections(inline)[1:3]
+    return inline[env:setup]
 
 
 # -- the executor setup: initializer, initargs, max_tasks_per_child ------------------------------
@@ -243,7 +256,9 @@ def executor_setup(payload: Payload) -> ExecutorSetup | None:
     """The setup a task payload carries; None for a task of an executor without one."""
     if not payload.inline or not payload.inline[0] & _HAS_SETUP:
         return None
-    setup = split_call(payload.inline)[2]
+    inline = payload.inline
+    start, end = _sections(inline)[2:4]
+    setup = inline[start:end]
     if len(setup) < _SETUP.size:
         raise SerializationError("a task's executor setup is too short")
     executor_id, max_tasks = _SETUP.unpack_from(setup)
