@@ -26,7 +26,7 @@ from fade._env import default_address
 from fade._logutil import OneLineFormatter
 from fade._version import __version__
 from fade.broker import INSECURE_WARNING_PERIOD, PUBLISH_INTERVAL, Broker
-from fade.defaults import argument_type, parse_message_size, parse_size
+from fade.defaults import argument_type, parse_message_size, parse_seconds, parse_size
 from fade.errors import SecurityError
 from fade.link import check_address
 from fade.scheduler import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CLIENT_BYTES, DEFAULT_MAX_CLIENT_TASKS
@@ -72,7 +72,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _add_pool_options(parser: argparse.ArgumentParser) -> None:
     """Timing, re-runs, and each client's share and limits."""
-    parser.add_argument("--heartbeat-interval", type=float, default=p.HEARTBEAT_INTERVAL)
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=argument_type(parse_seconds),
+        default=p.HEARTBEAT_INTERVAL,
+    )
     parser.add_argument("--heartbeat-liveness", type=int, default=p.HEARTBEAT_LIVENESS)
     parser.add_argument(
         "--max-attempts",
@@ -195,6 +199,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         check_endpoint(args.address, binding=True)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.heartbeat_liveness < 1:
+        parser.error("--heartbeat-liveness must be at least 1")
     if args.peer is not None and not (args.primary or args.backup):
         parser.error("--peer needs --primary (on one broker) or --backup (on the other)")
     if args.peer is None and (args.primary or args.backup):

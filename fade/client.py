@@ -210,7 +210,7 @@ class Executor(cf.Executor):
             max_attempts, task_timeout, heartbeat_interval, heartbeat_liveness,
             max_message_size, connect_timeout, reconnect_timeout, fast_paths,
         )  # fmt: skip
-        check_options(ship_code, max_workers, settings)
+        check_options(ship_code, ship_code_limit, max_workers, settings)
         # The embedded pool's workers start now, and the rest of the client is imported
         # while they do (fade/launch.py): both are on the way to the first result.
         start = _start_workers(max_workers, settings) if address is None else None
@@ -220,17 +220,18 @@ class Executor(cf.Executor):
             self._options = merge_options(TaskOptions(), priority, resources, None, None)
             self._packages = packages = installed_packages(ship_packages, ship_packages_limit)
             peer_keys = client_keys(address, keys)
+            self._shelf = DataShelf(share_threshold)
+            self._segments = _segments(address, shared_memory, fast_paths)
+            self._code = local_code(ship_code, ship_code_limit)
+            # Last: what raises before here (a bad argument) leaves no pool to stop.
             self._pool, self.address = _pool(start, address)
         except BaseException:
             if start is not None:
                 start.abandon()
             raise
         self._max_message_size = max_message_size
-        self._shelf = DataShelf(share_threshold)
-        self._segments = _segments(address, shared_memory, fast_paths)
         self._shutdown_lock, self._shutdown = threading.Lock(), False
         self._ids = itertools.count(1)
-        self._code = local_code(ship_code, ship_code_limit)
         # Looked up once: submit is the hot path.
         self._track = packages.environment if packages is not None else None
         self._noting = packages is not None and packages.noting

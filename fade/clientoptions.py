@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fade.defaults import check_message_size
+from fade.defaults import check_message_size, check_seconds
 from fade.errors import ProtocolError
 from fade.shipping import LocalCode
 
@@ -123,25 +123,31 @@ def executor_setup(
     return ser.dumps_setup(os.urandom(16), initializer, tuple(initargs), max_tasks_per_child or 0)
 
 
-def check_options(ship_code: str, max_workers: int | None, settings: ClientSettings) -> None:
+def check_options(
+    ship_code: str, ship_code_limit: int, max_workers: int | None, settings: ClientSettings
+) -> None:
     """Raise TypeError or ValueError for the first argument of the wrong type or out of
-    its range."""
+    its range (before an embedded pool starts: nothing to clean up)."""
     s = settings
     if ship_code not in ("auto", "pin", "off"):
         raise ValueError("ship_code must be 'auto', 'pin' or 'off'")
+    if ship_code_limit < 0:
+        raise ValueError("ship_code_limit must be at least 0 bytes")
     if max_workers is not None and not isinstance(max_workers, int):
         raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
     if max_workers is not None and max_workers < 1:
         raise ValueError("max_workers must be greater than 0")
     if not 1 <= s.max_attempts <= 65535:
         raise ValueError("max_attempts must be between 1 and 65535")
-    if s.task_timeout is not None and s.task_timeout <= 0:
-        raise ValueError("task_timeout must be positive (or None for no limit)")
-    if s.heartbeat_interval <= 0 or s.heartbeat_liveness < 1:
-        raise ValueError("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+    if s.task_timeout is not None:
+        check_seconds(s.task_timeout, "task_timeout (None for no limit)")
+    check_seconds(s.heartbeat_interval, "heartbeat_interval")
+    if s.heartbeat_liveness < 1:
+        raise ValueError("heartbeat_liveness must be >= 1")
     check_message_size(s.max_message_size, "max_message_size")
-    if s.connect_timeout <= 0 or s.reconnect_timeout <= 0:
-        raise ValueError("connect_timeout and reconnect_timeout must be positive")
+    # Finite: every wait has a deadline; inf or nan would leave one waiting for ever.
+    check_seconds(s.connect_timeout, "connect_timeout")
+    check_seconds(s.reconnect_timeout, "reconnect_timeout")
 
 
 def installed_packages(ship: str | Sequence[str], limit: int) -> InstalledPackages | None:

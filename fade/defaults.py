@@ -11,6 +11,7 @@ from here, under the names they always had.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import TypeVar
@@ -95,6 +96,25 @@ def check_message_size(size: int, name: str) -> None:
             f"{name} must be at least 64K ({MIN_MAX_MESSAGE_SIZE} bytes), not {size}: "
             "fade's own messages (a peer's hello, the pieces of a shipped file) must fit"
         )
+
+
+def parse_seconds(text: str) -> float:
+    """A duration option: a finite number of seconds greater than 0 (float() also reads
+    "inf" and "nan", which no deadline or poll takes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {text!r}") from None
+    check_seconds(value, "the value")
+    return value
+
+
+def check_seconds(value: float, name: str) -> None:
+    """Raise ValueError, naming the setting, unless ``value`` is finite and > 0."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
 
 
 def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:

@@ -84,7 +84,11 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="worker processes to keep running on this host (default %(default)s)",
     )
-    parser.add_argument("--heartbeat-interval", type=float, default=d.HEARTBEAT_INTERVAL)
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=d.argument_type(d.parse_seconds),
+        default=d.HEARTBEAT_INTERVAL,
+    )
     parser.add_argument("--heartbeat-liveness", type=int, default=d.HEARTBEAT_LIVENESS)
     parser.add_argument(
         "--prefetch",

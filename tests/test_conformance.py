@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import functools
 import json
 import logging
+import math
 import os
 import pickle
 import struct
@@ -396,6 +397,12 @@ def test_a_command_given_a_malformed_address_says_so_and_exits(
         ("fade-broker", "--max-client-bytes", "lots", "not a size: 'lots'"),
         ("fade-broker", "--max-client-tasks", "0", "max_client_tasks must be >= 1"),
         ("fade-worker", "--package-cache-size", "x", "not a size: 'x'"),
+        # inf and nan passed "> 0" checks, or failed none: a worker died at start-up in
+        # a loop (OverflowError), a broker with a traceback.
+        ("fade-worker", "--heartbeat-interval", "inf", "a finite number of seconds"),
+        ("fade-worker", "--heartbeat-interval", "nan", "a finite number of seconds"),
+        ("fade-broker", "--heartbeat-interval", "inf", "a finite number of seconds"),
+        ("fade-broker", "--heartbeat-interval", "0", "must be > 0 seconds"),
     ],
 )
 def test_a_command_given_an_unusable_value_says_so_and_exits(
@@ -410,6 +417,26 @@ def test_a_command_given_an_unusable_value_says_so_and_exits(
     )
     assert done.returncode == 2, done.stderr
     assert why in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("heartbeat_interval", math.inf),  # the I/O thread died of an OverflowError
+        ("heartbeat_interval", math.nan),
+        ("task_timeout", math.nan),  # taken: no limit, silently
+        ("task_timeout", math.inf),
+        ("connect_timeout", math.nan),
+        ("reconnect_timeout", math.inf),
+        ("ship_code_limit", -1),
+        ("share_threshold", -1),  # refused after the pool started: its workers lived on
+    ],
+)
+def test_an_executor_refuses_a_number_that_is_not_finite_or_is_negative(
+    option: str, value: float
+) -> None:
+    with pytest.raises(ValueError, match=option):
+        fade.Executor(max_workers=1, **{option: value})
 
 
 def test_an_executor_refuses_a_max_message_size_too_small_for_fades_own_messages() -> None:
