@@ -34,6 +34,7 @@ from fade import security
 from fade._env import default_address
 from fade._logutil import printable
 from fade._version import __version__
+from fade.defaults import argument_type, parse_seconds
 from fade.errors import BrokerUnreachableError, FadeError, ProtocolError, SecurityError
 from fade.link import check_address
 from fade.sockets import connect_dealer
@@ -400,14 +401,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=argument_type(parse_seconds),
         default=DEFAULT_TIMEOUT,
         help="seconds to wait for the broker's answer (default %(default)s)",
     )
     parser.add_argument("--version", action="version", version=f"fade {__version__}")
     args = parser.parse_args(argv)
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
     try:
         check_address(args.address)
     except ValueError as exc:

@@ -403,6 +403,7 @@ def test_a_command_given_a_malformed_address_says_so_and_exits(
         ("fade-worker", "--heartbeat-interval", "nan", "a finite number of seconds"),
         ("fade-broker", "--heartbeat-interval", "inf", "a finite number of seconds"),
         ("fade-broker", "--heartbeat-interval", "0", "must be > 0 seconds"),
+        ("fade-status", "--timeout", "inf", "a finite number of seconds"),
     ],
 )
 def test_a_command_given_an_unusable_value_says_so_and_exits(
