@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tasks
@@ -358,21 +359,33 @@ def test_the_workers_current_folder_is_on_no_path_the_tasks_import_from(
         assert (seen, cwd) == (False, str(here)) and pid != worker_pid
 
 
+def _environment_process_for(
+    packages: PackagePool, site: Site, prefix: str, extra: str
+) -> tuple[Any, int]:
+    """A package only the client has, its module with ``extra`` (so its functions run in
+    an environment process), and the pid of the one worker process started for it."""
+    mod = _unique(prefix)
+    site.add(f"{mod}-dist", "1.0", {f"{mod}/__init__.py": _module(f"{mod}-dist", "1.0", extra)})
+    packages.worker()
+    (worker_pid,) = packages.pool.wait_workers(1)
+    return site.module(mod), worker_pid
+
+
 def test_a_process_an_environment_process_forks_has_pythons_own_signal_handlers(
     packages: PackagePool, site: Site
 ) -> None:
     # As in a worker process (test_hardening.py): SIGINT was ignored there (SIG_IGN, which
     # even survives exec), so a forked child could not be interrupted.
-    mod = _unique("fadesig")
-    extra = """
+    pkg, worker_pid = _environment_process_for(
+        packages,
+        site,
+        "fadesig",
+        """
         def forked_signals():
             import tasks
             return tasks.signal_forked_children(), os.getpid()
-        """
-    site.add(f"{mod}-dist", "1.0", {f"{mod}/__init__.py": _module(f"{mod}-dist", "1.0", extra)})
-    pkg = site.module(mod)
-    packages.worker()
-    (worker_pid,) = packages.pool.wait_workers(1)
+        """,
+    )
     with packages.executor() as ex:
         codes, pid = ex.submit(pkg.forked_signals).result(timeout=60)  # type: ignore[attr-defined]
     assert pid != worker_pid  # an environment process ran it
@@ -384,17 +397,17 @@ def test_a_forked_child_that_comes_back_into_an_environment_process_ends_there(
 ) -> None:
     # As in a worker process (test_hardening.py): the child went on serving the worker's
     # socket pair, and its parent waited for it, with the task, for ever.
-    mod = _unique("fadefork")
-    extra = """
+    pkg, worker_pid = _environment_process_for(
+        packages,
+        site,
+        "fadefork",
+        """
         def fork_three_ways():
             import tasks
             ways = ("return", "raise", "exit")
             return [tasks.fork_and_come_back(how) for how in ways], os.getpid()
-        """
-    site.add(f"{mod}-dist", "1.0", {f"{mod}/__init__.py": _module(f"{mod}-dist", "1.0", extra)})
-    pkg = site.module(mod)
-    packages.worker()
-    (worker_pid,) = packages.pool.wait_workers(1)
+        """,
+    )
     with packages.executor() as ex:
         outcomes, pid = ex.submit(pkg.fork_three_ways).result(timeout=60)  # type: ignore[attr-defined]
         assert ex.submit(pkg.fork_three_ways).result(timeout=60)[1] == pid  # type: ignore[attr-defined]
