@@ -228,7 +228,11 @@ class TaskEnvironment:
         if warnings.filters != self._warnings:
             changed.append("warning filters")
             warnings.filters[:] = self._warnings  # type: ignore[index]  # a list
-            warnings._filters_mutated()  # type: ignore[attr-defined]  # its caches too
+            # Its caches too: a private function (3.10-3.13), looked up so that a Python
+            # without it still gets the filters back rather than a failing worker.
+            mutated = getattr(warnings, "_filters_mutated", None)
+            if mutated is not None:
+                mutated()
         if changed:
             self.restored += 1
             log.debug("the task changed the worker's %s; put back", ", ".join(changed))
