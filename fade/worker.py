@@ -274,8 +274,14 @@ class Worker:
             fn, args, kwargs = ser.loads_call(
                 job.payload, self._functions, self._resolve, self._resolve_segments
             )
+        except BaseException as exc:
+            if os.getpid() != self._pid:  # the initializer or an unpickling forked
+                end_forked_child(exc)
+            raise
         finally:
             taskenv.loading = 0
+        if os.getpid() != self._pid:  # ... and its child came back: never the task
+            end_forked_child(None)
         if job.record.devices:
             os.environ.update(device_env(job.record.devices, self.devices))
         try:

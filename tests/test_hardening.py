@@ -565,6 +565,18 @@ def test_a_tasks_forked_child_that_comes_back_into_the_worker_ends_there(
         assert psutil.Process(worker).children() == []  # no second worker left behind
 
 
+def test_an_initializers_forked_child_that_comes_back_never_runs_the_task(
+    tmp_path: Path,
+) -> None:
+    # The child went on to load and run the task as well (twice its side effects), and
+    # then served as a copy of the worker.
+    runs = tmp_path / "runs"
+    with fade.Executor(max_workers=1, initializer=tasks.fork_in_initializer) as ex:
+        pid = ex.submit(tasks.note_run, str(runs)).result(timeout=30)
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+    assert runs.read_text().split() == [str(pid)]
+
+
 def _in_a_forked_child(body: Callable[[], str], timeout: float = 20.0) -> str:
     """Run ``body`` in a forked child; what it returned (or raised, by name). Fails if the
     child is not done within ``timeout``: it is killed."""
