@@ -588,9 +588,11 @@ def _finish(io: ClientIO, pool: EmbeddedPool | None, close: bool = False) -> Non
 
 
 def _finish_in_background(io: ClientIO, pool: EmbeddedPool | None, close: bool = False) -> None:
-    thread = threading.Thread(
-        target=_finish, args=(io, pool, close), name="fade-shutdown", daemon=True
-    )
+    def finish() -> None:
+        _finish(io, pool, close)
+        _finishing.discard(threading.current_thread())  # done: nothing to wait for
+
+    thread = threading.Thread(target=finish, name="fade-shutdown", daemon=True)
     _finishing.add(thread)
     thread.start()
 
