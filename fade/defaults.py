@@ -32,7 +32,9 @@ __all__ = [
     "SHIP_PACKAGES_LIMIT",
     "argument_type",
     "check_message_size",
+    "check_seconds",
     "parse_message_size",
+    "parse_seconds",
     "parse_size",
 ]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from fade import defaults as d
 from fade._env import default_address
 from fade._version import __version__
-from fade.defaults import argument_type, parse_message_size, parse_size
+from fade.defaults import argument_type, parse_message_size, parse_seconds, parse_size
 from fade.resources import parse_resources
 
 __all__ = ["WorkerOptions", "child_argv", "parse_worker_args"]
@@ -86,7 +86,7 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--heartbeat-interval",
-        type=d.argument_type(d.parse_seconds),
+        type=argument_type(parse_seconds),
         default=d.HEARTBEAT_INTERVAL,
     )
     parser.add_argument("--heartbeat-liveness", type=int, default=d.HEARTBEAT_LIVENESS)
@@ -192,8 +192,8 @@ def parse_worker_args(argv: Sequence[str] | None) -> WorkerOptions:
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error("--processes must be at least 1")
-    if args.heartbeat_interval <= 0 or args.heartbeat_liveness < 1:
-        parser.error("--heartbeat-interval must be > 0 and --heartbeat-liveness >= 1")
+    if args.heartbeat_liveness < 1:  # the interval: parse_seconds
+        parser.error("--heartbeat-liveness must be at least 1")
     if args.prefetch is not None and args.prefetch < 0:
         parser.error("--prefetch must be at least 0 (a worker holding -1 asks for nothing)")
     resources = None
