@@ -13,6 +13,13 @@ Separate from fade/serialization.py, which decides what goes where (frames, cont
 refs, shared memory) and lays out payloads: this module only knows how an object
 becomes bytes, and which modules those bytes refer to.
 
+Unpickling is ``pickle.loads``, with one second try: an exception whose ``__init__``
+needs more than its ``args`` (``def __init__(self, part, detail)`` calling
+``super().__init__(f"{part}: {detail}")``) cannot be rebuilt by calling its class
+with ``args``, which is what pickle does (bpo-32696); :func:`loads` then builds it
+without its ``__init__``, as the exception it was (type, ``args``, attributes), so the
+caller can still catch it by its type.
+
 Code pickled by value (a function of ``__main__``, a lambda, a closure) keeps its
 real file name: cloudpickle writes ``"<dynamic-code>"`` instead (to make equal
 functions from different files pickle alike), which leaves a remote traceback
@@ -38,6 +45,7 @@ __all__ = [
     "SCALARS",
     "cloudpickle_dumps",
     "is_plain",
+    "loads",
     "pickles_by_reference",
 ]
 
@@ -175,3 +183,39 @@ def pickles_by_reference(fn: Any) -> bool:
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj is fn
+
+
+def loads(data: bytes | memoryview, buffers: list[Any] | tuple[Any, ...] = ()) -> Any:
+    """``pickle.loads``; if that fails, once more with exceptions rebuilt without their
+    ``__init__`` (see the module's text). The first failure is raised if that fails too."""
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except (ImportError, pickle.UnpicklingError):
+        raise  # a missing module or broken bytes: a second try cannot do better
+    except Exception as first:
+        try:
+            return _ExceptionRebuildingUnpickler(io.BytesIO(data), buffers=buffers).load()
+        except Exception:
+            raise first from None
+
+
+class _ExceptionRebuildingUnpickler(pickle._Unpickler):  # the Python one: its opcodes are methods
+    """An unpickler that rebuilds an exception its class refuses to take back (only used
+    after the C unpickler failed: it is many times slower)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_reduce(self) -> None:
+        stack = self.stack  # type: ignore[attr-defined]  # set by load()
+        args = stack.pop()
+        func = stack[-1]
+        try:
+            stack[-1] = func(*args)
+        except Exception:
+            if not (isinstance(func, type) and issubclass(func, BaseException)):
+                raise
+            # What BaseException.__reduce__ gave: the class and its args; the attributes
+            # follow (BUILD) and are set as usual. __new__ stores args and runs no __init__.
+            stack[-1] = func.__new__(func, *args)
+
+    dispatch[pickle.REDUCE[0]] = _load_reduce  # type: ignore[assignment]  # a subclass's method

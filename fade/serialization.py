@@ -86,7 +86,7 @@ from fade.payload import (
     split_call,
     with_data_inline,
 )
-from fade.pickling import ARRAYS, SCALARS, cloudpickle_dumps, is_plain, pickles_by_reference
+from fade.pickling import ARRAYS, SCALARS, cloudpickle_dumps, is_plain, loads, pickles_by_reference
 from fade.protocol import Payload
 from fade.shipping import client_file
 from fade.shm import ClientSegments, SegmentRef
@@ -514,7 +514,7 @@ def loads_call(
     if nrefs:
         insert_data(payload, buffers, resolve, resolve_segments)
     try:
-        args, kwargs = pickle.loads(arg_bytes, buffers=buffers)
+        args, kwargs = loads(arg_bytes, buffers)
     except (ModuleNotFoundError, CodeShippingError, KeyboardInterrupt):
         raise
     except BaseException as exc:
@@ -586,7 +586,7 @@ def loads_value(payload: Payload, take: Callable[[SegmentRef], Any] | None = Non
                 if seg.position > len(buffers):
                     raise errors.ResultDecodeError("a result names an impossible buffer position")
                 buffers.insert(seg.position, take(seg))
-        return pickle.loads(data, buffers=buffers)
+        return loads(data, buffers)
     except (KeyboardInterrupt, errors.ResultDecodeError):
         raise
     except BaseException as exc:
@@ -617,7 +617,7 @@ def loads_exception(payload: Payload) -> BaseException:
     """The task's exception, with the remote traceback attached as ``__cause__`` (file
     names and source lines as this client knows them)."""
     try:
-        exc, text, *more = pickle.loads(payload.inline)
+        exc, text, *more = loads(payload.inline)
     except KeyboardInterrupt:
         raise
     except BaseException as why:

@@ -139,6 +139,33 @@ def raise_bad_rebuild() -> None:
     raise BadRebuild(1, 2)
 
 
+class TwoPartError(Exception):
+    """An exception whose __init__ needs two arguments and keeps them: pickle rebuilds
+    it by calling the class with ``args`` alone, which raises TypeError."""
+
+    def __init__(self, part: str, detail: str) -> None:
+        super().__init__(f"{part}: {detail}")
+        self.part = part
+        self.detail = detail
+
+
+def raise_two_part(part: str) -> None:
+    raise TwoPartError(part, "broken")
+
+
+def return_two_part(parts: list[str]) -> list[Any]:
+    """Errors returned as values (the ``return_exceptions`` idiom)."""
+    return [TwoPartError(part, "returned") for part in parts]
+
+
+def raise_unrebuildable() -> None:
+    """An exception that cannot be rebuilt whatever is tried: an attribute of it
+    raises where it is unpickled."""
+    error = BadRebuild(1, 2)
+    error.payload = ErrorAtUnpickle()  # type: ignore[attr-defined]
+    raise error
+
+
 def array_roundtrip(arr: Any) -> Any:
     return arr * 2
 

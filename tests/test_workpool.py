@@ -200,9 +200,38 @@ def test_unpicklable_exception_is_reported_by_name(fade_executor: fade.Executor)
         fade_executor.submit(tasks.raise_unpicklable).result(timeout=30)
 
 
-def test_exception_that_cannot_be_rebuilt(fade_executor: fade.Executor) -> None:
-    with pytest.raises(fade.ResultDecodeError, match="could not be unpickled"):
+def test_an_exception_whose_init_needs_more_than_its_args_arrives_as_itself(
+    fade_executor: fade.Executor,
+) -> None:
+    """pickle rebuilds an exception by calling its class with ``args`` (bpo-32696): one
+    whose ``__init__`` takes other arguments cannot be rebuilt so. The caller must still
+    be able to catch it by its type, with its message, attributes and remote traceback."""
+    with pytest.raises(tasks.TwoPartError) as caught:
+        fade_executor.submit(tasks.raise_two_part, "valve").result(timeout=30)
+    error = caught.value
+    assert str(error) == "valve: broken"
+    assert (error.part, error.detail) == ("valve", "broken")
+    assert "raise_two_part" in str(error.__cause__)
+    with pytest.raises(tasks.BadRebuild, match=r"^1$"):
         fade_executor.submit(tasks.raise_bad_rebuild).result(timeout=30)
+    # The same inside a result and inside a chunk of a map.
+    returned = fade_executor.submit(tasks.return_two_part, ["a", "b"]).result(timeout=30)
+    assert [(type(e), e.part, str(e)) for e in returned] == [
+        (tasks.TwoPartError, "a", "a: returned"),
+        (tasks.TwoPartError, "b", "b: returned"),
+    ]
+    # And as an argument, unpickled on the worker.
+    sent = fade_executor.submit(tasks.identity, tasks.TwoPartError("d", "sent")).result(timeout=30)
+    assert (type(sent), sent.detail, str(sent)) == (tasks.TwoPartError, "sent", "d: sent")
+    with pytest.raises(tasks.TwoPartError, match=r"^c: broken$"):
+        list(fade_executor.map(tasks.raise_two_part, ["c"] * 3, chunksize=3))
+
+
+def test_an_exception_that_cannot_be_rebuilt_fails_its_future_only(
+    fade_executor: fade.Executor,
+) -> None:
+    with pytest.raises(fade.ResultDecodeError, match="could not be unpickled"):
+        fade_executor.submit(tasks.raise_unrebuildable).result(timeout=30)
     assert fade_executor.submit(tasks.add, 2, 2).result(timeout=30) == 4
 
 
