@@ -1,10 +1,10 @@
 """Put back what a task changed in its worker process: cwd, environment, sys.path, builtins,
-the standard streams, interpreter settings.
+the standard streams, interpreter settings, signal handlers and timers.
 
 ::
 
     worker start: baseline = cwd, os.environ, sys.path, builtins, sys.stdin/stdout/stderr,
-                  interpreter settings, warning filters
+                  interpreter settings, warning filters, signal handlers
     each task:    with task_environment:  run it, pickle its outcome
                   on the way out: compare with the baseline ── same ──> nothing to do
                                                   └─ differs ──> put the baseline back, log
@@ -15,15 +15,16 @@ What it did to the process's working directory, ``os.environ``, ``sys.path``
 ``builtins`` module, the standard streams (``sys.stdout = buffer`` left in
 place, or ``sys.stdout.close()``), the interpreter settings that change how code
 runs (recursion limit, switch interval, profile and trace functions, the garbage
-collector, sockets' default timeout) and the warning filters is undone after it,
-so the next task starts from the worker's own state. The usual case costs
-comparisons only (no copies): about 3.5 µs here (``python benchmarks/taskenv.py``).
+collector, sockets' default timeout), the warning filters, and the handlers of the
+signals a task may take over (SIGALRM, SIGCHLD, SIGPIPE, ...) with a pending alarm
+are undone after it, so the next task starts from the worker's own state. The usual case costs
+comparisons only (no copies): about 4 µs here (``python benchmarks/taskenv.py``).
 
 Not undone (see docs/security.md): the state of imported modules (installed
 packages and their caches), variables set with ``os.putenv`` directly, files
-written, processes and threads started, signal handlers, ``sys.modules``,
-``sys.meta_path``, the umask, resource limits, and anything else done with
-the worker user's rights.
+written, processes and threads started, ``sys.modules``, ``sys.meta_path``, the
+umask, resource limits, the handlers of other signals, and anything else done
+with the worker user's rights.
 
 :func:`fork_with_pythons_signals`: a process a task forks (a ``multiprocessing``
 pool, say) gets the signal handlers the worker process started with, not the
@@ -37,6 +38,7 @@ as a ``multiprocessing`` child does, instead of serving as a copy of its worker.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal.getsignal, without the enum
 import builtins
 import contextlib
 import gc
@@ -166,6 +168,7 @@ class TaskEnvironment:
         "_interpreter",
         "_managed",
         "_path",
+        "_signals",
         "_streams",
         "_warnings",
         "restored",
@@ -181,6 +184,7 @@ class TaskEnvironment:
         self._fds = (_descriptor(sys.stdout), _descriptor(sys.stderr))
         self._interpreter = _interpreter_settings()
         self._warnings = list(warnings.filters)
+        self._signals = _handlers()
         self._managed = managed_path
         self.restored = 0  # tasks after which something had to be put back
 
@@ -225,6 +229,9 @@ class TaskEnvironment:
         if _interpreter_settings() != self._interpreter:
             changed.append("interpreter settings")
             _restore_interpreter_settings(self._interpreter)
+        if _handlers() != self._signals or _timer_pending():
+            changed.append("signal handlers or timers")
+            self._restore_signals()
         if warnings.filters != self._warnings:
             changed.append("warning filters")
             warnings.filters[:] = self._warnings  # type: ignore[index]  # a list
@@ -266,6 +273,20 @@ class TaskEnvironment:
         self._streams = (stdin, stdout, stderr)
         sys.stdin, sys.stdout, sys.stderr = self._streams
 
+    def _restore_signals(self) -> None:
+        """Stop the timers (first: one must not go off into a handler just put back),
+        then put the handlers back."""
+        changed = {sig for sig, was, now in zip(_SIGNALS, self._signals, _handlers()) if now != was}
+        for which, sig in _TIMERS:
+            if which == signal.ITIMER_REAL or sig in changed:
+                signal.setitimer(which, 0)
+        for sig, handler in zip(_SIGNALS, self._signals):
+            if sig in changed and handler is not None:  # None: not set from Python
+                try:
+                    signal.signal(sig, handler)
+                except (ValueError, OSError) as exc:  # not the main thread: cannot be done
+                    log.warning("cannot put back the handler of %s: %s", sig.name, exc)
+
     def _restore_builtins(self) -> None:
         namespace = builtins.__dict__
         for key in [k for k in namespace if k not in self._builtins]:
@@ -303,6 +324,44 @@ def _restore_interpreter_settings(settings: Settings) -> None:
         gc.disable()
     gc.set_threshold(*threshold)
     socket.setdefaulttimeout(timeout)
+
+
+#: The signals whose handlers a task may set and that would outlive it: the timers'
+#: (alarm, virtual, profiling), a child's end (SIGCHLD left ignored makes every later
+#: waitpid fail), a closed pipe (SIGPIPE at its default kills the process instead of
+#: raising BrokenPipeError), a lost terminal, the spare user signal. The worker puts
+#: back its own (SIGTERM, SIGINT, its stop signal) itself, fade/worker.py.
+_SIGNALS = (
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+    signal.SIGHUP,
+    signal.SIGUSR2,
+)
+#: The interval timers and the signal each sends. The real one (``signal.alarm``) is
+#: checked after every task, as its signal's default kills the worker under the next
+#: task; the two CPU-time ones only with their handler changed (a profiler's).
+_TIMERS = (
+    (signal.ITIMER_REAL, signal.SIGALRM),
+    (signal.ITIMER_VIRTUAL, signal.SIGVTALRM),
+    (signal.ITIMER_PROF, signal.SIGPROF),
+)
+_getsignal = _signal.getsignal  # signal's own wraps every answer in an enum: a cost per task
+
+
+_ALRM, _VTALRM, _PROF, _CHLD, _PIPE, _HUP, _USR2 = map(int, _SIGNALS)  # ints: no enum
+
+
+def _handlers() -> tuple[Any, ...]:
+    # Written out: half the cost of tuple(map(...)), and this runs after every task.
+    g = _getsignal
+    return (g(_ALRM), g(_VTALRM), g(_PROF), g(_CHLD), g(_PIPE), g(_HUP), g(_USR2))
+
+
+def _timer_pending() -> bool:
+    return signal.getitimer(signal.ITIMER_REAL)[0] != 0.0
 
 
 def _descriptor(stream: Any) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -565,3 +567,37 @@ def note_run(path: str) -> int:
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     return os.getpid()
+
+
+def _late_alarm(signum: int, frame: Any) -> None:
+    raise RuntimeError("an earlier task's alarm went off")
+
+
+def leave_signals_behind() -> int:
+    """Leave what a task should not: a pending alarm whose handler raises, SIGCHLD
+    ignored (the kernel then reaps children itself: waitpid fails), SIGPIPE at its
+    default (a closed pipe then kills the process) and a profiling timer."""
+    signal.signal(signal.SIGALRM, _late_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    signal.signal(signal.SIGPROF, _late_alarm)
+    signal.setitimer(signal.ITIMER_PROF, 30.0, 30.0)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return os.getpid()
+
+
+def signals_after(seconds: float) -> tuple[int, int, bool, bool, tuple[float, float]]:
+    """After ``seconds``: this process, a child's exit status as waitpid sees it, whether
+    SIGPIPE is ignored (Python's own setting) and SIGALRM's handler the default, and
+    the profiling timer."""
+    time.sleep(seconds)
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    _, status = os.waitpid(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    return (
+        os.getpid(),
+        child.returncode,
+        signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN,
+        signal.getsignal(signal.SIGALRM) is signal.SIG_DFL,
+        signal.getitimer(signal.ITIMER_PROF),
+    )

@@ -570,6 +570,17 @@ def test_a_tasks_forked_child_that_comes_back_into_the_worker_ends_there(
         assert psutil.Process(worker).children() == []  # no second worker left behind
 
 
+def test_signals_and_timers_a_task_leaves_are_put_back_for_the_next_task() -> None:
+    # A pending alarm went off in the next task (another client's, on a shared worker),
+    # raising there, or with its handler at the default killed the worker under it; a
+    # SIGCHLD left ignored made the next task's waitpid fail; SIGPIPE left at its
+    # default kills a worker writing to a closed pipe; a profiling timer runs on.
+    with fade.Executor(max_workers=1) as ex:
+        pid = ex.submit(tasks.leave_signals_behind).result(timeout=30)
+        after = ex.submit(tasks.signals_after, 1.0).result(timeout=30)
+    assert after == (pid, 7, True, True, (0.0, 0.0))
+
+
 def test_an_initializers_forked_child_that_comes_back_never_runs_the_task(
     tmp_path: Path,
 ) -> None:
