@@ -37,7 +37,18 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
-import cloudpickle.cloudpickle as _cloudpickle_impl
+
+# fade uses cloudpickle 3's pickler and reducers: an older one (left by pip install
+# --no-deps, a PYTHONPATH or another package manager) failed only later, a function
+# pickled by value at a time, naming cloudpickle's internals and not the fix.
+if int(cloudpickle.__version__.split(".")[0]) < 3:
+    raise ImportError(
+        f"fade needs cloudpickle 3 or later, and this Python ({sys.executable}) has "
+        f"cloudpickle {cloudpickle.__version__} from {cloudpickle.__file__}: install a "
+        f"newer one with pip install 'cloudpickle>=3'"
+    )
+
+import cloudpickle.cloudpickle as _cloudpickle_impl  # after the check
 
 __all__ = [
     "ARRAYS",

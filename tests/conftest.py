@@ -99,14 +99,32 @@ def other_python(minor: str) -> Path:
     found = sorted(PYENV.glob(f"{minor}.*/bin/python"))
     if not found:
         pytest.skip(f"no Python {minor} under {PYENV} (pyenv install {minor})")
-    venv = Path(tempfile.gettempdir()) / f"fade-test-python-{minor}"
+    return _test_venv(found[-1], f"python-{minor}", ["pyzmq>=25", "cloudpickle>=3"])
+
+
+def python_with(name: str, requirements: list[str]) -> Path:
+    """This Python in a virtual environment (made once per machine) with
+    ``requirements`` instead of this one's packages: another side's versions of fade's
+    dependencies. fade itself comes from this checkout (PYTHONPATH)."""
+    return _test_venv(Path(sys.executable), name, requirements)
+
+
+def _test_venv(base: Path, name: str, requirements: list[str]) -> Path:
+    venv = Path(tempfile.gettempdir()) / f"fade-test-{name}"
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([str(found[-1]), "-m", "venv", str(venv)], check=True, timeout=120)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "pyzmq>=25", "cloudpickle>=3"],
+        # The base interpreter, not this virtual environment's: its site-packages
+        # would shadow the requirements.
+        real = subprocess.run(
+            [str(base), "-c", "import sys; print(sys._base_executable)"],
             check=True,
-            timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+        subprocess.run([real, "-m", "venv", str(venv)], check=True, timeout=120)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *requirements], check=True, timeout=300
         )
     return python
 

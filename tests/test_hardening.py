@@ -32,6 +32,7 @@ from conftest import (
     free_port,
     kill_tree,
     other_python,
+    python_with,
     wait_for,
 )
 from dists import make_dist
@@ -422,6 +423,33 @@ def test_a_newer_peer_gets_an_error_it_can_read(tcp_pool: Pool) -> None:
 
 
 # -- Python versions ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_an_older_cloudpickle_is_named_at_start(pool: Pool) -> None:
+    # fade needs cloudpickle 3; with 2.2.1 beside it (pip install --no-deps, a
+    # PYTHONPATH) a worker started and then failed every function pickled by value with
+    # "Can't get attribute '_function_setstate' on <module 'cloudpickle.cloudpickle'>",
+    # and a client failed each submit with "module 'cloudpickle.cloudpickle' has no
+    # attribute '_code_reduce'": neither named the versions or the fix.
+    python = python_with("cloudpickle-2", ["pyzmq>=25", "cloudpickle==2.2.1"])
+    pool.start_broker()
+    expected = "fade needs cloudpickle 3 or later, and this Python"
+    worker = subprocess.run(
+        [str(python), "-m", "fade.worker", pool.address, *pool._timing()],
+        env=fade_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode != 0
+    assert expected in worker.stderr and "has cloudpickle 2.2.1" in worker.stderr
+    script = f"import fade\nfade.Executor({pool.address!r}).submit(len, 'ab').result(30)"
+    client = subprocess.run(
+        [str(python), "-c", script], env=fade_env(), capture_output=True, text=True, timeout=60
+    )
+    assert client.returncode != 0
+    assert expected in client.stderr and "pip install 'cloudpickle>=3'" in client.stderr
 
 
 @pytest.mark.timeout(240)
