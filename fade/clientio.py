@@ -86,6 +86,9 @@ POOL_CHECK_INTERVAL = 0.1
 SWEEP_SHARE = 4
 #: Tasks whose latest NOTICE the client keeps, to say why a result() timed out.
 NOTED = 10_000
+#: Seconds tasks may wait on a pool with no worker before the client says so (once, until
+#: workers come): a result() or map without a timeout would otherwise wait in silence.
+NO_WORKERS_WARNING = 10.0
 _CANCELLED = cf._base.CANCELLED
 _CANCELLED_AND_NOTIFIED = cf._base.CANCELLED_AND_NOTIFIED
 
@@ -147,6 +150,10 @@ class ClientIO:
         #: id, for a result() that times out; the oldest go first past NOTED.
         self._noted: dict[int, tuple[float, str]] = {}
         self._next_pool_check = 0.0
+        #: Since when tasks have waited with no worker connected (None: they do not), and
+        #: whether the client said so.
+        self._workerless_since: float | None = None
+        self._said_workerless = False
         self.thread = threading.Thread(target=self._run, name="fade-client-io", daemon=True)
 
     def _make_link(
@@ -220,13 +227,7 @@ class ClientIO:
             waited = f"after {timeout:g}s" if timeout is not None else "yet"
             return f"no answer yet from the broker at {link.address} {waited}: {link.cause()}"
         if link.welcomed and not self.capacity:
-            if self.pool is not None:
-                return "the embedded pool's worker processes have not connected yet"
-            return (
-                f"no worker is connected to the broker at {link.address}: tasks wait until "
-                f"one is (start one: fade-worker {link.address}, with --keys for a pool "
-                "that uses keys)"
-            )
+            return self._no_workers()
         noted = self._noted.get(task_id)
         if noted is not None:  # it may have started since: say when the broker said it
             said, text = noted
@@ -236,6 +237,35 @@ class ClientIO:
                 f"ago: {text}"
             )
         return f"the task did not finish within {timeout:g}s (broker {link.address})"
+
+    def _no_workers(self) -> str:
+        if self.pool is not None:
+            return "the embedded pool's worker processes have not connected yet"
+        address = self.link.address
+        return (
+            f"no worker is connected to the broker at {address}: tasks wait until one is "
+            f"(start one: fade-worker {address}, with --keys for a pool that uses keys)"
+        )
+
+    def _say_if_workerless(self, now: float) -> None:
+        """Say once, after NO_WORKERS_WARNING seconds, that tasks wait on a pool with no
+        worker; again only after workers came and went."""
+        if self.capacity:  # workers came: say it again the next time there are none
+            self._workerless_since, self._said_workerless = None, False
+            return
+        waiting = len(self.outbox) + len(self.in_flight)
+        if not waiting or not self.link.welcomed:  # nothing waits, or for the broker
+            self._workerless_since = None
+        elif self._workerless_since is None:
+            self._workerless_since = now
+        elif not self._said_workerless and now - self._workerless_since >= NO_WORKERS_WARNING:
+            self._said_workerless = True
+            log.warning(
+                "%d tasks have waited %.0fs: %s",
+                waiting,
+                now - self._workerless_since,
+                self._no_workers(),
+            )
 
     def _start_early(self, item: WorkItem) -> None:
         """(Holding ``lock``.) As in the standard pools, the first tasks count as running as
@@ -359,6 +389,7 @@ class ClientIO:
         self._send_tasks()
         now = time.monotonic()
         self._report_backlog(now)
+        self._say_if_workerless(now)
         self.link.upkeep(now)
         if self.pool is not None and now >= self._next_pool_check:
             self._next_pool_check = now + POOL_CHECK_INTERVAL  # it asks the OS: not every pass

@@ -8,6 +8,7 @@ where a misbehaving or newer one is needed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 import re
 import signal
@@ -147,6 +148,33 @@ def test_a_result_wait_on_a_pool_without_workers_says_so(pool: Pool) -> None:
         with pytest.raises(TimeoutError, match=r"did not finish within 0\.5s") as info:
             slow.result(timeout=0.5)
         assert "no worker" not in str(info.value)
+
+
+def test_tasks_waiting_on_a_pool_without_workers_are_named_without_a_timeout(
+    pool: Pool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A result() or a map with no timeout on a pool whose workers never came (not
+    # started, started with the wrong keys, a batch job still queued) waited in
+    # silence: nothing said why, ever. After a while the client says it, once.
+    from fade import clientio
+
+    monkeypatch.setattr(clientio, "NO_WORKERS_WARNING", 1.0)
+    pool.start_broker()
+    with (
+        caplog.at_level(logging.WARNING, logger="fade.client"),
+        fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex,
+    ):
+        futures = [ex.submit(tasks.add, i, 1) for i in range(3)]
+        wait_for(lambda: "no worker is connected" in caplog.text, 20, "the warning")
+        (record,) = [r for r in caplog.records if "no worker is connected" in r.getMessage()]
+        message = record.getMessage()
+        assert message.startswith("3 tasks have waited")
+        assert f"fade-worker {pool.address}" in message
+        pool.start_worker(1)
+        assert [f.result(timeout=30) for f in futures] == [1, 2, 3]
+        time.sleep(1.5)  # a task that waits no more: no second warning
+        assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+    assert caplog.text.count("no worker is connected") == 1
 
 
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
