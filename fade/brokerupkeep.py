@@ -109,6 +109,7 @@ class UpkeepDuties:
         if now >= self._next_ageing:
             self._next_ageing = now + self._orphan_age
             self.scheduler.age_orphans()
+        self.scheduler.expire_declines()
         if self._code.parked:
             self._code.unpark(self.scheduler, now)
         self._drop_revoked(now)

@@ -49,12 +49,13 @@ class Holdings:
 
     def keep(self, worker: Worker, record: p.DoneRecord, payload: p.Payload) -> None:
         """A result for a task this worker told us it holds, whose client has not re-sent
-        it yet: keep it for the client's copy (a handed-back task is just forgotten)."""
+        it yet: keep it for the client's copy (a handed-back or declined task is just
+        forgotten)."""
         if self.held.get(record.key) is not worker:
             return
         del self.held[record.key]
-        if record.status is p.Status.RETURNED:
-            return
+        if record.status is p.Status.RETURNED or record.status is p.Status.DECLINED:
+            return  # not an outcome: the task runs again once its client re-sends it
         while len(self.orphans) >= MAX_ORPHANS:
             del self.orphans[next(iter(self.orphans))]
         self.orphans[record.key] = (record.status, payload)

@@ -81,6 +81,11 @@ class Client:
     start_sum: float = 0.0  # the sum of their start times
     next_seq: int = 0
     backlog: int = 0  # tasks it holds back for want of room here, as it last said
+    #: Workers that declined its tasks (their host cannot keep its code: a full cache
+    #: disk), each until when it gets none of them; and the last one's error, for its
+    #: tasks that no other worker can take (fade/scheduler.py, Scheduler.decline).
+    declined: dict[bytes, float] = field(default_factory=dict)
+    decline: p.Payload | None = None
 
     def usage(self, now: float) -> float:
         """Worker-seconds used, running tasks counted up to ``now``: O(1)."""

@@ -21,6 +21,7 @@ data, no sockets, like the scheduler.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 
 from fade import protocol as p
 from fade.peers import Client, Task, Worker, WorkerClass
@@ -41,29 +42,39 @@ class Filed:
         self.members = 0
         self.hosts: collections.Counter[str] = collections.Counter()  # to name them
 
-    def next_worker(self) -> Worker | None:
-        """The idle worker filed last (most recently busy), else the busy one filed first.
+    def next_worker(self, skip: dict[bytes, float] | None = None) -> Worker | None:
+        """The idle worker filed last (most recently busy), else the busy one filed first;
+        none of those in ``skip`` (workers that declined the client's tasks).
 
         Most recently busy, not idle longest: a light load then stays on the few workers
         it needs, whose caches and threads are warm (a round trip on two idle workers
         took 200 us served in turn, 145 us on one), and the others stay idle long
         enough for an elastic pool to give them back (fade/scale)."""
+        if skip:
+            return next(self._candidates(skip), None)
         if self.idle:
             return next(reversed(self.idle.values()))
         if self.busy:
             return next(iter(self.busy.values()))
         return None
 
-    def with_room(self, need: dict[str, float]) -> Worker | None:
+    def with_room(
+        self, need: dict[str, float], skip: dict[bytes, float] | None = None
+    ) -> Worker | None:
         """A worker with credit whose host has ``need`` free (idle ones first, in the
-        order of next_worker)."""
-        for worker in reversed(self.idle.values()):
-            if worker.pool is not None and worker.pool.fits(need):
-                return worker
-        for worker in self.busy.values():
+        order of next_worker), not one in ``skip``."""
+        for worker in self._candidates(skip or {}):
             if worker.pool is not None and worker.pool.fits(need):
                 return worker
         return None
+
+    def _candidates(self, skip: dict[bytes, float]) -> Iterator[Worker]:
+        for worker in reversed(self.idle.values()):
+            if worker.identity not in skip:
+                yield worker
+        for worker in self.busy.values():
+            if worker.identity not in skip:
+                yield worker
 
 
 class Roster:
@@ -132,17 +143,24 @@ class Roster:
     # -- finding a worker -------------------------------------------------------------------
 
     def worker_for(self, client: Client, task: Task) -> Worker | None:
+        skip = client.declined
         for kind, filed in self.classes.items():
             if kind.serves(client) and kind.fits(task):
-                worker = filed.next_worker() if task.need is None else filed.with_room(task.need)
+                if task.need is None:
+                    worker = filed.next_worker(skip)
+                else:
+                    worker = filed.with_room(task.need, skip)
                 if worker is not None:
                     return worker
         return None
 
     def idle_worker_for(self, task: Task) -> Worker | None:
+        skip = task.client.declined
         for kind, filed in self.classes.items():
             if filed.idle and kind.serves(task.client) and kind.fits(task):
                 for worker in filed.idle.values():
+                    if worker.identity in skip:
+                        continue
                     if task.need is None or (worker.pool and worker.pool.fits(task.need)):
                         return worker
         return None

@@ -34,6 +34,12 @@
 * **Terminate**: a queued task is failed at once; a running one is STOPped on its worker,
   which answers with the task's TaskTerminatedError. A client that leaves has its
   running tasks stopped the same way, so they free their workers.
+* **Declines**: a worker whose host cannot keep a task's code (its cache disk is full)
+  declines it: that worker gets none of the client's tasks for ``DECLINE_PERIOD``
+  seconds, and the task goes to another worker. Where no other worker could take it,
+  it fails with the worker's error, and so does every task of the client that no
+  worker could take, at once (the error names the folder and the fix), rather than
+  one by one as each worker's period ends.
 * **Quotas**: a client may hold at most ``max_client_tasks`` tasks and
   ``max_client_bytes`` bytes here; beyond that its tasks are refused, so no client can
   exhaust the broker's memory.
@@ -72,6 +78,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_CLIENT_TASKS = 100_000
 #: ... and this many bytes of their payloads.
 DEFAULT_MAX_CLIENT_BYTES = 2 << 30
+#: Seconds a worker that declined a client's task (its host could not keep the code)
+#: gets none of that client's tasks; then it may try again (its disk may have room).
+DECLINE_PERIOD = 60.0
 
 
 class Refusal(Exception):
@@ -293,6 +302,9 @@ class Scheduler:
                     self.holdings.keep(worker, record, payload)
                 continue  # late, duplicate, or not this worker's to answer
             self._unassign(task, refile=False)
+            if record.status is p.Status.DECLINED:
+                self._decline(task, worker, payload)
+                continue
             if record.status is p.Status.RETURNED:
                 if task.terminating:
                     self.refuse(task, "terminated", "the task was terminated before it started")
@@ -323,6 +335,60 @@ class Scheduler:
         else:
             move(task, TaskState.QUEUED, TASK_MOVES)
             self._suspects.append(task)
+
+    # -- workers that cannot keep a client's code ------------------------------------------
+
+    def _decline(self, task: Task, worker: Worker, payload: p.Payload) -> None:
+        """The worker's host cannot keep the task's code: it gets none of the client's
+        tasks for DECLINE_PERIOD; the task goes to another worker, or fails with the
+        worker's error, as do the client's queued tasks no other worker could take."""
+        client = task.client
+        client.declined[worker.identity] = self.clock() + DECLINE_PERIOD
+        client.decline = payload
+        if task.terminating:
+            self.refuse(task, "terminated", "the task was terminated before it started")
+        elif self._has_taker(client, task):
+            self._requeue(task)
+        else:
+            self._finish(task, TaskState.FAILED, p.Status.RAISED, payload)
+            stranded = [t for t in client.tasks.values() if t.state is TaskState.QUEUED]
+            for other in stranded:
+                if not self._has_taker(client, other):
+                    self._finish(other, TaskState.FAILED, p.Status.RAISED, payload)
+
+    def _has_taker(self, client: Client, task: Task) -> bool:
+        """Whether a connected worker that has not declined the client's tasks could run
+        this one (now or once it has room). O(workers): only after a decline."""
+        declined = client.declined
+        for worker in self.workers.values():
+            kind = worker.kind
+            if worker.draining or worker.identity in declined or not kind.serves(client):
+                continue
+            if not kind.fits(task):
+                continue
+            if task.need is None or (worker.pool is not None and worker.pool.could(task.need)):
+                return True
+        return False
+
+    def _forget_declines(self, client: Client) -> bool:
+        """Drop the client's declines whose period has passed; True if any was."""
+        now = self.clock()
+        expired = [w for w, until in client.declined.items() if until <= now]
+        for identity in expired:
+            del client.declined[identity]
+        if not client.declined:
+            client.decline = None
+        return bool(expired)
+
+    def expire_declines(self) -> None:
+        """Workers whose decline period has passed may take their clients' tasks again
+        (the broker calls this from its upkeep)."""
+        expired = False
+        for client in self.clients.values():
+            if client.declined and self._forget_declines(client):
+                expired = True
+        if expired:
+            self._dispatch()
 
     # -- task records ------------------------------------------------------------------------
 
@@ -396,6 +462,8 @@ class Scheduler:
             present = self.roster.hosts()
             self.refuse(task, "incompatible", refusals.incompatible(client, present))
             return True
+        if client.declined and self._stranded(task):
+            return True
         if not any(kind.fits(task) for kind in kinds):
             native = [kind for kind in kinds if kind.platform == client.platform]
             if task.native and not native:
@@ -406,6 +474,16 @@ class Scheduler:
             self.refuse(task, "too_large", refusals.too_large(task.largest, limit))
             return True
         return False
+
+    def _stranded(self, task: Task) -> bool:
+        """Fail a new task that only workers which declined its client's tasks could
+        take, with their error; True if it was."""
+        client = task.client
+        self._forget_declines(client)
+        if not client.declined or client.decline is None or self._has_taker(client, task):
+            return False
+        self._finish(task, TaskState.FAILED, p.Status.RAISED, client.decline)
+        return True
 
     def _kinds_serving(self, client: Client) -> list[WorkerClass] | None:
         """The classes of connected workers that serve this client; None if no worker is

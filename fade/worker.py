@@ -61,9 +61,10 @@ from typing import Any
 from fade import fastpath, security, taskenv
 from fade import protocol as p
 from fade import serialization as ser
+from fade._logutil import RateLimitedLog
 from fade.codecache import CodeCache, CodeRunner
 from fade.data import DataRef
-from fade.datacache import DataCache
+from fade.datacache import FILE_SYSTEM_FAILURES, DataCache
 from fade.datafetch import DataFetcher
 from fade.environments import Environments
 from fade.errors import (
@@ -134,6 +135,7 @@ class Worker:
             CodeCache(options.code_cache), self._fetch, self._functions, self._frame_limit
         )
         self._task_env = TaskEnvironment(self._code.managed_path)
+        self._declines = RateLimitedLog(log, burst=3, period=60.0)  # _shipping_failed
         self._setups = Setups()  # initializer and max_tasks_per_child (fade/initializer.py)
         self.retired = False
         self._job: Job | None = None
@@ -237,6 +239,8 @@ class Worker:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self._missing(exc))
             except _Stopped:
                 status, payload = p.Status.RAISED, ser.dumps_exception(self.terminated())
+            except CodeShippingError as exc:
+                status, payload = self._shipping_failed(exc)
             except BaseException as exc:  # the task's own failure, SystemExit included
                 payload = self._checked_exception(exc, ser.dumps_exception(exc))
                 status = p.Status.RAISED
@@ -389,6 +393,18 @@ class Worker:
             # _signal's, not signal's: that one wraps every answer in an enum, a cost per task
             if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+
+    def _shipping_failed(self, exc: CodeShippingError) -> tuple[p.Status, p.Payload]:
+        """The task's code or packages could not be made ready here. When this host's
+        file system is the cause (a full cache disk), the task is declined: another
+        worker may have room, and the broker sends it there (or fails it with this, if
+        none can take it). Anything else is the task's failure, as raised."""
+        payload = ser.dumps_exception(exc)
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno not in FILE_SYSTEM_FAILURES:
+            return p.Status.RAISED, payload
+        self._declines.warning("%s; handing the task back for another worker", exc)
+        return p.Status.DECLINED, payload
 
     def _missing(self, exc: ModuleNotFoundError) -> BaseException:
         """Name the module and this host; the client adds the distribution it came from."""

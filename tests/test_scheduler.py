@@ -463,3 +463,63 @@ def test_capacity_counts_credits_held_tasks_and_one_per_worker(sched: Scheduler)
     assert sched.take_sends().capacity_changed  # a worker joined
     sched.remove_worker(b"W1")
     assert sched.capacity == 0
+
+
+# -- declines: a worker whose host cannot keep a client's code -------------------------------
+
+
+def decline(sched: Scheduler, worker: bytes, client: bytes, task_id: int, credits: int = 1) -> None:
+    tag = sched.clients[client].hello.tag
+    error = p.Payload(b"the code cache is full")
+    sched.done(worker, [(p.DoneRecord(p.task_key(tag, task_id), p.Status.DECLINED), error)])
+    sched.grant(worker, credits)
+
+
+def test_a_declined_task_goes_to_another_worker_and_the_decliner_gets_no_more_of_that_client() -> (
+    None
+):
+    now = [100.0]
+    sched = Scheduler(clock=lambda: now[0])
+    sched.add_client(b"C1", client_hello(), None)
+    sched.add_client(b"C2", client_hello(), None)
+    sched.add_worker(b"W1", worker_hello(), None)
+    sched.add_worker(b"W2", worker_hello(), None)
+    sched.submit(b"C1", records(1, 2, 3))
+    assert sorted(sent(sched.take_sends()).values()) == [[1], [2]]
+    holder = next(w for w in (b"W1", b"W2") if sched.workers[w].tasks)
+    other = b"W2" if holder == b"W1" else b"W1"
+    first = next(iter(sched.workers[holder].tasks.values())).task_id
+    decline(sched, holder, b"C1", first)  # back in line, not failed; none of C1's for it
+    sends = sched.take_sends()
+    assert results(sends, b"C1") == {} and sent(sends) == {}
+    sched.submit(b"C2", records(7))  # another client's task: the decliner takes it
+    assert sent(sched.take_sends()) == {holder: [7]}
+    ok(sched, other, b"C1", 3 - first)  # the other worker: the declined task next
+    assert sent(sched.take_sends()) == {other: [first]}
+    ok(sched, holder, b"C2", 7)
+    assert sent(sched.take_sends()) == {}  # task 3 waits for the other worker
+    now[0] += 61  # the period has passed: the decliner may try again
+    sched.expire_declines()
+    assert sent(sched.take_sends()) == {holder: [3]}
+
+
+def test_when_every_worker_declined_a_clients_tasks_they_fail_with_its_error(
+    sched: Scheduler,
+) -> None:
+    sched.add_client(b"C1", client_hello(), None)
+    sched.add_client(b"C2", client_hello(), None)
+    sched.add_worker(b"W1", worker_hello(), None)
+    sched.submit(b"C1", records(1, 2, 3))
+    sched.take_sends()
+    decline(sched, b"W1", b"C1", 1)
+    sends = sched.take_sends()
+    raised = p.Status.RAISED
+    assert results(sends, b"C1") == {1: raised, 2: raised, 3: raised}  # at once, all
+    assert {bytes(pl.inline) for _, pl in sends.results[b"C1"]} == {b"the code cache is full"}
+    sched.submit(b"C1", records(4))
+    assert results(sched.take_sends(), b"C1") == {4: raised}
+    sched.submit(b"C2", records(5))  # the worker serves other clients as before
+    assert sent(sched.take_sends()) == {b"W1": [5]}
+    sched.add_worker(b"W2", worker_hello(), None)  # a worker that has not declined
+    sched.submit(b"C1", records(6))
+    assert sent(sched.take_sends()) == {b"W2": [6]}

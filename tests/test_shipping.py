@@ -29,9 +29,10 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from conftest import INTERVAL, Pool, kill_tree
+from conftest import INTERVAL, Pool, kill_tree, wait_for
 
 import fade
+from fade.status import query
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -402,10 +403,51 @@ def test_a_full_code_cache_fails_the_task_naming_the_folder_and_the_fix(
         message = str(info.value)
         assert "No space left on device" in message and str(full_cache) in message, message
         assert "--code-cache" in message, message
+        # Its next tasks fail as promptly: no other worker can take them.
+        started = time.monotonic()
+        for future in [ex.submit(pkg.f) for _ in range(5)]:
+            with pytest.raises(fade.CodeShippingError, match="No space left on device"):
+                future.result(timeout=30)
+        assert time.monotonic() - started < 20
     leftovers = [p.name for p in full_cache.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     with _executor(pool, ship_code="off") as ex:  # the worker itself is fine
         assert ex.submit(abs, -2).result(timeout=30) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_code_cache_is_full_leaves_the_clients_tasks_to_another(
+    pool: Pool,
+    make_package: MakePackage,
+    small_file_system: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # The worker with the full disk failed each task of the client at once and took the
+    # next: a black hole that failed about half of a map while a worker with room stood
+    # by. Its host cannot keep the code, so the task is another worker's to run.
+    name = make_package(
+        {
+            "PKG/__init__.py": "import os\ndef pid(x):\n    return x, os.getpid()\n",
+            "PKG/big.bin": "x" * 400_000,
+        }
+    )
+    pkg = importlib.import_module(name)
+    pool.start_broker()
+    pool.start_worker(1, None, "--code-cache", str(small_file_system))
+    full = pool.wait_workers(1)
+    pool.start_worker(1, None, "--code-cache", str(tmp_path / "roomy"))
+    both = pool.wait_workers(2)
+    (roomy,) = set(both) - set(full)
+    wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "both at the broker")
+    with _executor(pool) as ex:
+        results = list(ex.map(pkg.pid, range(40)))
+        assert [x for x, _ in results] == list(range(40))
+        assert {pid for _, pid in results} == {roomy}
+        assert ex.submit(pkg.pid, 1).result(timeout=30) == (1, roomy)
+    logged = capfd.readouterr().err
+    assert f"the code cache {small_file_system}" in logged, logged
+    assert "another worker" in logged, logged
 
 
 def test_a_file_over_the_brokers_frame_limit_travels_in_pieces(

@@ -71,6 +71,8 @@ class Status(enum.IntEnum):
     LOST = 2  # broker-made; payload: JSON about the lost worker
     RETURNED = 3  # worker hands the task back unrun; no payload
     REFUSED = 4  # broker-made; payload: JSON {"error": kind, "message": text}
+    DECLINED = 5  # worker: its host cannot keep the task's code (a full cache disk);
+    # payload as RAISED. The broker gives the task to another worker, or fails it with it
 
 
 _STATUSES = {status.value: status for status in Status}  # faster than calling Status()

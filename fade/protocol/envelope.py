@@ -45,7 +45,7 @@ MAGIC = b"fd"
 #: 4: SUBMIT records carry flags (SUBMIT_NATIVE); HELLOs say platform and ABI; a task
 #: payload names its installed-package environment; workers report ENVIRONMENTS;
 #: TASK records carry the client's data scope (fade/data.py).
-VERSION = 4
+VERSION = 5
 # The defaults a user can change live in fade/defaults.py (imported before ZeroMQ).
 DEFAULT_ADDRESS = defaults.DEFAULT_ADDRESS
 HEARTBEAT_INTERVAL = defaults.HEARTBEAT_INTERVAL
