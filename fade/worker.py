@@ -14,7 +14,9 @@ holds it.
   is fade/link.py, shared with the client.
 * Credits: the worker asks for as many tasks as it wants to hold: one to run
   plus a prefetch sized to cover a round trip to the broker for the tasks it
-  has been seeing (none for slow tasks, up to ``MAX_PREFETCH`` for tiny ones).
+  has been seeing (none for slow tasks, up to ``MAX_PREFETCH`` for tiny ones); a
+  task that runs far longer than those hands the prefetched ones back, for a free
+  worker, and the worker asks for none until it ends (``Worker.hand_back_due``).
 * The keeper heartbeats for a long task, and enforces ``task_timeout`` by
   reporting TaskTimeoutError, handing back what has not started, and ending the
   process (its supervisor starts a fresh one and ends the process group, so
@@ -90,6 +92,10 @@ __all__ = ["MAX_PREFETCH", "SLOW_TASK", "Worker", "main"]
 
 log = logging.getLogger("fade.worker")
 
+#: A running task that has lasted this long, and this many times the worker's average,
+#: sends the tasks prefetched behind it back to the broker (Worker.hand_back_due).
+HAND_BACK_AFTER = 0.04
+HAND_BACK_FACTOR = 10
 #: Seconds to wait for a client to send code before the task fails.
 FETCH_TIMEOUT = 60.0
 #: The signal that interrupts a task asked to stop, and how long it has to end before its
@@ -488,13 +494,29 @@ class Worker:
     # -- used by whichever thread holds the socket -----------------------------------------
 
     def wanted(self) -> int:
-        """How many tasks this worker wants to hold: one to run plus its prefetch."""
+        """How many tasks this worker wants to hold: one to run plus its prefetch (none
+        behind a task that outlasts its kind, :meth:`hand_back_due`)."""
         if self.options.prefetch is not None:
             return 1 + self.options.prefetch
         avg = self._avg_duration
         if avg is None or avg >= SLOW_TASK:
             return 1
+        due = self.hand_back_due()
+        if due is not None and time.monotonic() >= due:
+            return 1
         return 1 + min(MAX_PREFETCH, math.ceil(PREFETCH_HORIZON / max(avg, 1e-6)))
+
+    def hand_back_due(self) -> float | None:
+        """When the running task will have run so much longer than this worker's tasks
+        do that the tasks prefetched behind it go back to the broker, for a worker that
+        is free (they waited here for it: 60 tiny tasks behind a 3 s one finished 3 s
+        late while the other worker stood idle). None: no task runs, or the prefetch
+        was set by hand (``--prefetch``)."""
+        current = self._current
+        if current is None or self.options.prefetch is not None:
+            return None
+        avg = self._avg_duration or 0.0
+        return current[1] + max(HAND_BACK_AFTER, HAND_BACK_FACTOR * avg)
 
     def holding(self) -> list[bytes]:
         """Keys of every task this worker still owes the broker an answer for."""

@@ -250,8 +250,10 @@ class WorkerIO:
         self._act_on_requests()
         if self.stopped:
             return
-        self._flush()
         now = time.monotonic()
+        if self.w._inbox and self.w._current is not None:
+            self._hand_back_if_outlasted(now)
+        self._flush()
         self._check_timeout(now)
         self._check_stopping(now)
         self.link.upkeep(now)
@@ -261,6 +263,18 @@ class WorkerIO:
         if now >= self._next_check:
             self._slow_checks(now)
         self._last_pass = now
+
+    def _hand_back_if_outlasted(self, now: float) -> None:
+        """Tasks prefetched behind a task that runs far longer than this worker's tasks
+        do go back to the broker, which gives them to a free worker (here they would
+        wait for it); until it ends, this worker asks for none (Worker.wanted)."""
+        due = self.w.hand_back_due()
+        if due is None or now < due:
+            return
+        jobs = self._take_inbox()
+        if jobs:
+            log.debug("handing back %d tasks queued behind a long task", len(jobs))
+            self._outbox_returned(jobs)
 
     def _read_control(self, control: socket.socket) -> None:
         try:
@@ -332,6 +346,10 @@ class WorkerIO:
         current = self.w._current
         if current is not None and current[2] > 0:
             timeout = min(timeout, current[1] + current[2] - now)
+        if self.w._inbox:
+            hand_back = self.w.hand_back_due()
+            if hand_back is not None:
+                timeout = min(timeout, hand_back - now)
         stop_deadline = self.w.stop_deadline()
         if stop_deadline is not None:
             timeout = min(timeout, stop_deadline - now)

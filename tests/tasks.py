@@ -601,3 +601,16 @@ def signals_after(seconds: float) -> tuple[int, int, bool, bool, tuple[float, fl
         signal.getsignal(signal.SIGALRM) is signal.SIG_DFL,
         signal.getitimer(signal.ITIMER_PROF),
     )
+
+
+def wait_on_own_pool(address: str) -> int:
+    """Submit a task to the pool this task runs on, and wait for it."""
+    import fade
+
+    with fade.Executor(address, heartbeat_interval=0.2) as ex:
+        return int(ex.submit(add, 1, 2).result(timeout=120))
+
+
+def stamp(_: Any) -> float:
+    """When it ran (time.monotonic: one clock for every process of a host)."""
+    return time.monotonic()

@@ -256,6 +256,20 @@ def test_callbacks_never_run_in_a_thread_waiting_for_a_result(executor: cf.Execu
     assert me not in ran_in
 
 
+def test_tasks_queued_behind_a_long_task_go_to_a_free_worker(executor: cf.Executor) -> None:
+    # After short tasks a worker holds some queued behind the one it runs (a prefetch):
+    # 60 of them waited 3 s behind a 3 s task while the other worker stood idle.
+    list(executor.map(tasks.stamp, range(2000)))  # short tasks: prefetching workers
+    start = time.monotonic()
+    futures = [executor.submit(tasks.stamp, i) for i in range(300)]
+    long = executor.submit(tasks.sleep_and_return, 3.0, "long")
+    futures += [executor.submit(tasks.stamp, i) for i in range(300)]
+    last = max(f.result(timeout=60) for f in futures) - start
+    assert long.result(timeout=60) == "long"
+    assert time.monotonic() - start >= 3.0
+    assert last < 1.5, f"the last short task finished {last:.2f}s in"
+
+
 def test_result_timeout_is_honoured(executor: cf.Executor) -> None:
     executor.submit(tasks.add, 0, 0).result(timeout=30)  # the pool is up and warm
     future = executor.submit(tasks.sleep_and_return, 3.0, "late")
