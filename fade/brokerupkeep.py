@@ -45,6 +45,10 @@ log = logging.getLogger("fade.broker")
 
 #: Seconds between two rounds of timed work (expiry, heartbeats), at least.
 MIN_UPKEEP_GAP = 0.001
+#: Expiries (heartbeat interval x liveness) that tasks waiting for tasks of their own pool
+#: must have held every worker before their clients are told of the deadlock (9 s by
+#: default): long enough for a worker about to come, or a parent about to give up.
+NESTED_WAIT_NOTICE = 3
 #: Results a worker sent for tasks whose clients have not re-sent them yet (a fresh broker)
 #: are kept for one to two of these (in seconds, at least two expiries): clients re-send
 #: everything at once after their WELCOME.
@@ -110,6 +114,7 @@ class UpkeepDuties:
             self._next_ageing = now + self._orphan_age
             self.scheduler.age_orphans()
         self.scheduler.expire_declines()
+        self.scheduler.check_nested_waits(NESTED_WAIT_NOTICE * self._clocks.expiry)
         if self._code.parked:
             self._code.unpark(self.scheduler, now)
         self._drop_revoked(now)

@@ -17,6 +17,7 @@ from fade.peers import Client, Task, Worker, WorkerClass
 __all__ = [
     "incompatible",
     "lost_report",
+    "nested_deadlock",
     "over_quota",
     "result_too_large",
     "too_large",
@@ -114,4 +115,24 @@ def too_large(largest: int, limit: int) -> str:
     return (
         f"the task has a {largest}-byte frame; the workers accept at most {limit} "
         "(their --max-message-size): raise it on the workers"
+    )
+
+
+def nested_deadlock(workers: list[Worker], parent: bool) -> str:
+    """Why tasks that wait for tasks of their own pool, on every worker, cannot finish:
+    said to the waiting tasks' clients (``parent``) and to the clients inside them."""
+    names = ", ".join(f"{p.short_id(w.identity)}@{w.hello.host}:{w.hello.pid}" for w in workers[:3])
+    if len(workers) > 3:
+        names += f" and {len(workers) - 3} more"
+    what = (
+        "the task waits for tasks it submitted to this pool, and every worker that could "
+        "run those is busy with a task that waits the same way"
+        if parent
+        else "these tasks cannot start: every worker that could run them is busy with a "
+        "task that waits for tasks it submitted to this pool"
+    )
+    return (
+        f"{what} (workers {names}): none can finish, a deadlock. Give the pool more "
+        "workers than tasks that wait so, or do not wait in a task for tasks of its "
+        "own pool"
     )

@@ -40,6 +40,11 @@
   it fails with the worker's error, and so does every task of the client that no
   worker could take, at once (the error names the folder and the fix), rather than
   one by one as each worker's period ends.
+* **Nested waits**: a client in a worker process (a task that submits to its own pool)
+  is *nested* in that worker. When every worker that could run a nested client's
+  queued tasks is itself running a task whose nested client has queued tasks, no
+  task can finish; once that has lasted a while, the clients of the waiting tasks and
+  the nested clients are told so (a NOTICE naming the workers).
 * **Quotas**: a client may hold at most ``max_client_tasks`` tasks and
   ``max_client_bytes`` bytes here; beyond that its tasks are refused, so no client can
   exhaust the broker's memory.
@@ -118,6 +123,12 @@ class Scheduler:
         self._suspects: collections.deque[Task] = collections.deque()
         self.holdings = Holdings()  # across a broker restart (fade/holdings.py)
         self._sends = Sends()
+        #: Worker processes by (host, pid); clients in a worker's process, by identity.
+        self._processes: dict[tuple[str, int], Worker] = {}
+        self._nested: dict[bytes, Worker] = {}
+        #: Since when the pool has looked deadlocked by nested waits; whether told.
+        self._deadlocked_since: float | None = None
+        self._told_deadlock = False
 
     def has_sends(self) -> bool:
         return bool(self._sends)
@@ -152,6 +163,9 @@ class Scheduler:
         client.hello, client.python = hello, p.python_of(hello)
         client.platform = p.platform_of(hello)
         self.roster.serving.pop(identity, None)
+        host = self._processes.get((hello.host, hello.pid))
+        if host is not None:  # a task's own client, in its worker's process
+            self._nested[identity] = host
         return client
 
     def remove_client(self, identity: bytes) -> list[Task]:
@@ -168,6 +182,7 @@ class Scheduler:
             self._finish(task, TaskState.DROPPED)
         client.queues.clear()
         self._waiting.pop(identity, None)
+        self._nested.pop(identity, None)
         self.roster.serving.pop(identity, None)
         self._tags.pop(client.hello.tag, None)
         self._dispatch()
@@ -244,6 +259,7 @@ class Scheduler:
             worker = Worker(identity, hello, kind, key_name, self.roster.pool(hello))
             self.workers[identity] = worker
             self.roster.members(kind, hello.host, +1)
+            self._processes[(hello.host, hello.pid)] = worker
         else:
             self.roster.unfile(worker)
             self._requeue_unheld(worker, set(hello.holding))
@@ -286,6 +302,10 @@ class Scheduler:
         self.roster.members(worker.kind, worker.hello.host, -1)
         self.roster.leave_pool(worker)
         self.holdings.forget(worker)
+        if self._processes.get((worker.hello.host, worker.hello.pid)) is worker:
+            del self._processes[(worker.hello.host, worker.hello.pid)]
+        for client_id in [c for c, w in self._nested.items() if w is worker]:
+            del self._nested[client_id]
         self._sends.capacity_changed = True
         self._dispatch()
         return held
@@ -389,6 +409,56 @@ class Scheduler:
                 expired = True
         if expired:
             self._dispatch()
+
+    # -- tasks that wait for tasks of their own pool -----------------------------------------
+
+    def check_nested_waits(self, after: float) -> None:
+        """Tell the clients concerned when, for ``after`` seconds, every worker that could
+        run a nested client's queued tasks has been running a task that waits the same
+        way (the broker calls this from its upkeep; O(nested clients x workers))."""
+        stuck, blocked = self._nested_deadlock()
+        if not stuck:
+            self._deadlocked_since, self._told_deadlock = None, False
+            return
+        now = self.clock()
+        if self._deadlocked_since is None:
+            self._deadlocked_since = now
+        if self._told_deadlock or now - self._deadlocked_since < after:
+            return
+        self._told_deadlock = True
+        workers = sorted(blocked.values(), key=lambda w: w.identity)
+        for client in stuck:
+            queued = [t.task_id for t in client.tasks.values() if t.state is TaskState.QUEUED]
+            self._notice(client, refusals.nested_deadlock(workers, parent=False), queued)
+        parents: dict[bytes, list[int]] = {}
+        for worker in workers:
+            for task in worker.tasks.values():
+                parents.setdefault(task.client.identity, []).append(task.task_id)
+        for client_id, ids in parents.items():
+            client = self.clients[client_id]
+            self._notice(client, refusals.nested_deadlock(workers, parent=True), ids)
+
+    def _nested_deadlock(self) -> tuple[list[Client], dict[bytes, Worker]]:
+        """The nested clients whose queued tasks only waiting workers could run, and the
+        waiting workers (running a task whose nested client has queued tasks)."""
+        if not self._nested:
+            return [], {}
+        waiting = {
+            worker.identity: worker
+            for client_id, worker in self._nested.items()
+            if worker.tasks and self.clients[client_id].queued
+        }
+        if not waiting:
+            return [], {}
+        stuck = []
+        for client_id, worker in self._nested.items():
+            client = self.clients[client_id]
+            if worker.identity in waiting and not any(
+                w.identity not in waiting and not w.draining and w.kind.serves(client)
+                for w in self.workers.values()
+            ):
+                stuck.append(client)
+        return stuck, waiting
 
     # -- task records ------------------------------------------------------------------------
 

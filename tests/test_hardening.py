@@ -177,6 +177,31 @@ def test_tasks_waiting_on_a_pool_without_workers_are_named_without_a_timeout(
     assert caplog.text.count("no worker is connected") == 1
 
 
+@pytest.mark.timeout(180)
+def test_tasks_waiting_for_tasks_of_their_own_pool_on_every_worker_are_named_a_deadlock(
+    pool: Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A task that submits to its own pool and waits, on a pool whose every worker runs
+    # such a task: nothing can ever finish, and nothing said so, anywhere.
+    pool.start_broker()
+    pool.start_worker(1)
+    wait_for(lambda: len(query(pool.address)["workers"]) == 1, 30, "the worker")
+    with (
+        caplog.at_level(logging.WARNING, logger="fade.client"),
+        fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex,
+    ):
+        parent = ex.submit(tasks.wait_on_own_pool, pool.address)
+        wait_for(lambda: "deadlock" in caplog.text, 60, "the deadlock to be named")
+        with pytest.raises(TimeoutError, match="waits for tasks it submitted to this pool"):
+            parent.result(timeout=0.1)
+        pool.start_worker(1)  # a worker to run the child: the parent finishes
+        assert parent.result(timeout=60) == 3
+        # Control: with a worker free for the child, no deadlock is named.
+        assert ex.submit(tasks.wait_on_own_pool, pool.address).result(timeout=60) == 3
+        time.sleep(3)
+    assert caplog.text.count("deadlock") == 1, caplog.text
+
+
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
     pool.start_broker("--keys", str(curve_keys.dir))
     with (

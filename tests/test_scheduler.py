@@ -7,6 +7,7 @@ under two seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -523,3 +524,45 @@ def test_when_every_worker_declined_a_clients_tasks_they_fail_with_its_error(
     sched.add_worker(b"W2", worker_hello(), None)  # a worker that has not declined
     sched.submit(b"C1", records(6))
     assert sent(sched.take_sends()) == {b"W2": [6]}
+
+
+# -- tasks that wait for tasks of their own pool --------------------------------------------
+
+
+def test_tasks_waiting_for_their_own_pool_on_every_worker_are_named_a_deadlock() -> None:
+    now = [0.0]
+    sched = Scheduler(clock=lambda: now[0])
+    sched.add_worker(b"W1", worker_hello(host="h"), None)  # pid 2 on host h
+    sched.add_client(b"C1", client_hello(), None)
+    sched.submit(b"C1", records(1))  # the parent, on W1
+    # The client the parent made, in W1's process: its task can go nowhere.
+    sched.add_client(b"N1", dataclasses.replace(client_hello(), host="h", pid=2), None)
+    sched.submit(b"N1", records(1))
+    sched.take_sends()
+    sched.check_nested_waits(after=5.0)
+    assert not sched.take_sends().notices  # not yet: a worker may be about to come
+    now[0] = 6.0
+    sched.check_nested_waits(after=5.0)
+    notices = sched.take_sends().notices
+    assert [ids for _, ids in notices[b"N1"]] == [[1]]
+    assert [ids for _, ids in notices[b"C1"]] == [[1]]
+    assert "a deadlock" in notices[b"C1"][0][0] and "h:2" in notices[b"C1"][0][0]
+    now[0] = 20.0
+    sched.check_nested_waits(after=5.0)
+    assert not sched.take_sends().notices  # said once
+    sched.add_worker(b"W2", worker_hello(host="h2"), None)  # the child can run there
+    assert sent(sched.take_sends()) == {b"W2": [1]}
+    sched.check_nested_waits(after=5.0)
+    assert not sched.take_sends().notices
+
+
+def test_a_nested_client_with_a_free_worker_is_no_deadlock(sched: Scheduler) -> None:
+    sched.add_worker(b"W1", worker_hello(host="h"), None)
+    sched.add_worker(b"W2", worker_hello(credits=0, host="h2"), None)  # busy, will free
+    sched.add_client(b"C1", client_hello(), None)
+    sched.submit(b"C1", records(1))
+    sched.add_client(b"N1", dataclasses.replace(client_hello(), host="h", pid=2), None)
+    sched.submit(b"N1", records(1))
+    sched.take_sends()
+    sched.check_nested_waits(after=0.0)
+    assert not sched.take_sends().notices
