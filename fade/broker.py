@@ -381,6 +381,18 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
         if departures.obituary(self.scheduler, dead, info):
             self._clocks.forget(dead)
 
+    def _on_alive(self, identity: bytes, body: list[p.Frame]) -> None:
+        """A supervisor vouches for its worker processes: they live and run (not stopped),
+        so one silent meanwhile is busy, not gone: a task holding the GIL in native code
+        keeps its heartbeats from being sent, not its process from working."""
+        now = time.monotonic()
+        workers = self.scheduler.workers
+        for worker in p.decode_alive(body):
+            if worker in workers:
+                self._clocks.heard(worker, now)
+        if not self._known(identity):
+            self._clocks.forget(identity)  # a supervisor: no heartbeats, no expiry
+
     def _on_fetch(self, identity: bytes, body: list[p.Frame]) -> None:
         """A worker asks for the code of a task it holds (fade/coderelay.py)."""
         key, request_id, request = p.decode_fetch(body)
@@ -424,6 +436,7 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
         p.Command.DRAIN: _on_drain,
         p.Command.DISCONNECT: _on_disconnect,
         p.Command.OBITUARY: _on_obituary,
+        p.Command.ALIVE: _on_alive,
         p.Command.FETCH: _on_fetch,
         p.Command.CODE: _on_code,
         p.Command.ENVIRONMENTS: _on_environments,
@@ -443,6 +456,7 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
         p.Command.STATUS: _on_status,
         p.Command.PAIR: PairDuties._on_pair,
         p.Command.OBITUARY: PairDuties._on_ignored,
+        p.Command.ALIVE: PairDuties._on_ignored,
         p.Command.DISCONNECT: PairDuties._on_ignored,
     }
 

@@ -130,6 +130,7 @@ PERMITTED: dict[str, frozenset[p.Command]] = {
             p.Command.DRAIN,
             p.Command.DISCONNECT,
             p.Command.OBITUARY,  # sent by the supervisor, which holds its workers' key
+            p.Command.ALIVE,  # the supervisor's, too
             p.Command.FETCH,  # asks a task's client for its code
             p.Command.ENVIRONMENTS,  # what it has of installed packages, for fade-status
             p.Command.STATUS,
@@ -364,6 +365,10 @@ class Guard:
             dead, _ = p.decode_obituary(message.body)
             if dead[1 : 1 + TAG_SIZE] != peer.tag:
                 raise Refused("a supervisor may only report deaths of workers with its own key")
+        elif command is p.Command.ALIVE and any(
+            w[1 : 1 + TAG_SIZE] != peer.tag for w in p.decode_alive(message.body)
+        ):
+            raise Refused("a supervisor may only vouch for workers with its own key")
         return peer
 
 

@@ -160,13 +160,15 @@ def connect_dealer(
     keys: PeerKeys | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     lossy: tuple[int, int] | None = None,
+    immediate: bool = False,
 ) -> zmq.Socket[bytes]:
     """A DEALER connected to the broker at ``address``, with a stable routing identity.
 
     ``lossy`` (interval, timeout in ms), for messages worth sending only while they are
     fresh (a broker pair's reports): nothing is queued for a connection that is not up,
     at most a few messages for one that is, and ZMTP heartbeats end a connection whose
-    other end stopped answering within the timeout."""
+    other end stopped answering within the timeout. ``immediate``: nothing is queued
+    for a connection that is not up (a send with NOBLOCK raises zmq.Again)."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, linger_ms)
     if needs_ipv6(address):
@@ -183,6 +185,8 @@ def connect_dealer(
     # Never drop outgoing messages while the broker is away: they are bounded by
     # the client window and worker credits, and re-sent after a reconnection.
     sock.setsockopt(zmq.SNDHWM, 0)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
     if lossy is not None:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 4)

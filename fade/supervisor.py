@@ -96,6 +96,7 @@ class Supervisor:
         self._held, self._hold_until = 0, 0.0  # first starts held back (``start``)
         self._spawn_at = 0.0
         self._next_sweep = 0.0
+        self._next_vouch = 0.0
         self._context = zmq.Context()
         # With keys the broker checks that every sender's identity carries its key's tag.
         identity = security.peer_identity(b"S", keys)
@@ -109,6 +110,9 @@ class Supervisor:
                 linger_ms=500,
                 keys=keys,
                 max_message_size=options.max_message_size,
+                # What it says is worth saying only now: none of it queues up for a
+                # broker that is away (a death it missed, it learns from the silence).
+                immediate=True,
             )
             for address in options.address.split(",")
         ]
@@ -157,6 +161,9 @@ class Supervisor:
         if now >= self._next_sweep:
             self._next_sweep = now + shm.SWEEP_INTERVAL
             shm.sweep()
+        if now >= self._next_vouch:
+            self._next_vouch = now + self.options.heartbeat_interval
+            self._vouch()
         if self._owed and not self._stopping and now >= self._spawn_at:
             self._owed -= 1
             self._spawn()
@@ -280,6 +287,22 @@ class Supervisor:
         self.incompatible = True
         self.stop(signal.SIGTERM)
 
+    def _vouch(self) -> None:
+        """Tell the broker which worker processes live and run (not stopped, not dead): a
+        task that holds the GIL in native code (a backtracking regular expression, a
+        sort of a huge list) keeps its process from sending heartbeats for as long, and
+        it must not be taken for dead and run again elsewhere. A stopped or frozen
+        host says nothing, and its workers expire as before."""
+        alive = [c.identity for c in self._children.values() if c.serving and _runs(c)]
+        for sock in self._sockets:
+            for start in range(0, len(alive), p.ALIVE_LIMIT):
+                try:
+                    sock.send_multipart(
+                        p.encode_alive(alive[start : start + p.ALIVE_LIMIT]), zmq.NOBLOCK
+                    )
+                except zmq.ZMQError:
+                    pass  # no connection now: nothing to vouch to
+
     def _report_death(self, child: Child, status: int) -> None:
         info: dict[str, object] = {"host": socket.gethostname(), "pid": child.process.pid}
         if status < 0:
@@ -315,3 +338,22 @@ def _end_group(child: Child) -> None:
         os.killpg(child.process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+#: Process states (``/proc/PID/stat``) of a process that can work: running, sleeping,
+#: waiting on a disk. Not stopped (SIGSTOP, a debugger), not a zombie.
+_WORKING_STATES = frozenset("RSD")
+
+
+def _runs(child: Child) -> bool:
+    """Whether the worker process lives and is not stopped (Linux; elsewhere, where
+    there is no /proc, False: its heartbeats alone speak for it)."""
+    if child.process.poll() is not None:
+        return False
+    try:
+        with open(f"/proc/{child.process.pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat.rpartition(b")")[2].split()  # the name, in parentheses, may hold spaces
+    return bool(fields) and fields[0].decode() in _WORKING_STATES

@@ -614,3 +614,21 @@ def wait_on_own_pool(address: str) -> int:
 def stamp(_: Any) -> float:
     """When it ran (time.monotonic: one clock for every process of a host)."""
     return time.monotonic()
+
+
+def hold_the_gil(path: str, seconds: float) -> float:
+    """Note this process in ``path``, then hold the GIL for at least ``seconds`` in one
+    call into native code (a regular expression that backtracks: no other thread of the
+    process runs meanwhile, the worker's heartbeats included); how long it held it."""
+    import re
+
+    record(path, "held")
+    pattern, started = re.compile(r"(a+)+$"), time.perf_counter()
+    pattern.match("a" * 18 + "b")
+    unit = max(time.perf_counter() - started, 1e-4)  # each more "a" doubles the time
+    n = 18
+    while unit * 2 ** (n - 18) < seconds:
+        n += 1
+    started = time.perf_counter()
+    pattern.match("a" * n + "b")
+    return time.perf_counter() - started

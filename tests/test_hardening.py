@@ -26,12 +26,14 @@ import pytest
 import tasks
 import zmq
 from conftest import (
+    EXPIRY,
     INTERVAL,
     Keys,
     Pool,
     fade_env,
     free_port,
     kill_tree,
+    make_executor,
     other_python,
     python_with,
     wait_for,
@@ -200,6 +202,37 @@ def test_tasks_waiting_for_tasks_of_their_own_pool_on_every_worker_are_named_a_d
         assert ex.submit(tasks.wait_on_own_pool, pool.address).result(timeout=60) == 3
         time.sleep(3)
     assert caplog.text.count("deadlock") == 1, caplog.text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["embedded", "tcp"])
+def test_a_task_that_holds_the_gil_is_not_taken_for_a_dead_worker(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # A task in native code that holds the GIL (a backtracking regular expression, a
+    # sort of a huge list) silences its worker's heartbeats: the broker took the worker
+    # for dead, ran the task again elsewhere, and after 3 such losses the task failed
+    # with WorkerLostError ("it may crash its worker"), though nothing had crashed.
+    ex = make_executor(kind, request)
+    runs = tmp_path / "runs"
+    try:
+        held = ex.submit(tasks.hold_the_gil, str(runs), 5 * EXPIRY).result(timeout=90)
+        assert held >= 4 * EXPIRY
+        assert len(runs.read_text().splitlines()) == 1  # it ran once, where it began
+        # Control: a worker that is stopped (SIGSTOP) is still found out, its task run
+        # again elsewhere.
+        stopped_runs = tmp_path / "stopped"
+        future = ex.submit(tasks.record_then_sleep, str(stopped_runs), "x", 3.0)
+        wait_for(stopped_runs.exists, 30, "the task to start")
+        pid = int(stopped_runs.read_text().split()[1])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert future.result(timeout=30) == "x"
+            assert len(stopped_runs.read_text().splitlines()) == 2
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:

@@ -366,6 +366,10 @@ def test_identity_must_belong_to_the_key(secure: SecurePool, sockets: Sockets) -
     other = security.peer_identity(b"W", None)
     supervisor.send_multipart(p.encode_obituary(other, {"exitcode": 1}))
     assert "only report deaths of workers with its own key" in _error_reason(supervisor)
+    # ... and vouch that its own workers live (a silent one is busy), no other key's.
+    voucher = sockets.peer(secure.pool.address, secure.keys.worker, b"S")
+    voucher.send_multipart(p.encode_alive([other]))
+    assert "only vouch for workers with its own key" in _error_reason(voucher)
 
 
 def test_broker_restart_with_keys_reconnects_everyone(secure: SecurePool) -> None:
@@ -641,7 +645,8 @@ def _guard(tmp_path: Path) -> tuple[security.Guard, security.PeerKeys, security.
 def test_role_table() -> None:
     client, worker = security.PERMITTED["client"], security.PERMITTED["worker"]
     assert p.Command.SUBMIT in client and p.Command.SUBMIT not in worker
-    for command in (p.Command.READY, p.Command.DONE, p.Command.DRAIN, p.Command.OBITUARY):
+    worker_only = (p.Command.READY, p.Command.DONE, p.Command.DRAIN, p.Command.OBITUARY)
+    for command in (*worker_only, p.Command.ALIVE):
         assert command in worker and command not in client
     # Nothing the broker itself sends is accepted from anyone.
     for command in (p.Command.TASK, p.Command.RESULT, p.Command.WELCOME, p.Command.ERROR):
@@ -668,6 +673,10 @@ def test_guard_checks_key_identity_role_and_obituaries(tmp_path: Path) -> None:
     dead_ours, dead_other = security.peer_identity(b"W", worker), security.peer_identity(b"W", None)
     assert check(worker, w_id, p.encode_obituary(dead_ours, {})) == "ok"
     assert "its own key" in check(worker, w_id, p.encode_obituary(dead_other, {}))
+    # Vouching that workers live (ALIVE): for its own key's workers only.
+    assert check(worker, w_id, p.encode_alive([dead_ours])) == "ok"
+    assert "its own key" in check(worker, w_id, p.encode_alive([dead_ours, dead_other]))
+    assert check(client, c_id, p.encode_alive([])) == "a client key may not send ALIVE"
     security.revoke_peer(tmp_path / "pool", "tester")
     guard.keyring.refresh()
     assert [peer.name for peer in guard.keyring.take_revoked()] == ["tester"]

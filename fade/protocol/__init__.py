@@ -35,7 +35,7 @@ The package is the protocol module, split by family of message; import it whole
     hello      HELLO, WELCOME; resource tables
     control    READY, capacity and backlog, DRAIN, refusals, TERMINATE, STOP, NOTICE
     fetch      FETCH, CODE (code shipping)
-    reports    OBITUARY, ENVIRONMENTS, STATUS, STATE
+    reports    OBITUARY, ALIVE, ENVIRONMENTS, STATUS, STATE
     pair       PAIR, STANDBY (a broker pair)
 """
 
@@ -149,11 +149,14 @@ from fade.protocol.pair import (
     encode_standby,
 )
 from fade.protocol.reports import (
+    ALIVE_LIMIT,
     ENVIRONMENTS_LIMIT,
+    decode_alive,
     decode_environments,
     decode_obituary,
     decode_state,
     decode_status,
+    encode_alive,
     encode_environments,
     encode_obituary,
     encode_state,
@@ -161,6 +164,7 @@ from fade.protocol.reports import (
 )
 
 __all__ = [
+    "ALIVE_LIMIT",
     "BATCH_BYTES",
     "DEFAULT_ADDRESS",
     "ENVIRONMENTS_LIMIT",
@@ -201,6 +205,7 @@ __all__ = [
     "Welcome",
     "WorkerHello",
     "chunked",
+    "decode_alive",
     "decode_backlog",
     "decode_capacity",
     "decode_code",
@@ -226,6 +231,7 @@ __all__ = [
     "decode_terminate",
     "decode_welcome",
     "encode",
+    "encode_alive",
     "encode_backlog",
     "encode_capacity",
     "encode_code",

@@ -99,6 +99,7 @@ class Command(enum.IntEnum):
     ENVIRONMENTS = 21  # worker -> broker: the package environments it has (JSON)
     PAIR = 22  # broker -> its pair's other broker: my role, state and term (JSON)
     STANDBY = 23  # passive broker -> client|worker: I do not serve; go to the other (JSON)
+    ALIVE = 24  # supervisor -> broker: these worker processes of mine live and run (identities)
 
 
 _HEADERS = {c: MAGIC + bytes((VERSION, c)) for c in Command}

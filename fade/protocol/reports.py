@@ -1,6 +1,7 @@
-"""Reports in JSON: OBITUARY, ENVIRONMENTS, STATUS and STATE.
+"""Reports: OBITUARY, ALIVE, ENVIRONMENTS, STATUS and STATE.
 
-What a supervisor says of a worker process that died, what a worker has of installed
+What a supervisor says of a worker process that died or of those that live (ALIVE: a
+list of identities, the one report that is not JSON), what a worker has of installed
 packages (fade/environments.py), and the pool's state for operators' tools
 (fade/status.py). Each body is one JSON object, checked on the way in. None is on a
 task's path, so they are apart from the batches and from the handshake.
@@ -16,11 +17,14 @@ from fade.protocol.envelope import _HEADERS, Command
 from fade.protocol.frames import Frame, _bytes, _json, _unjson, frame_size
 
 __all__ = [
+    "ALIVE_LIMIT",
     "ENVIRONMENTS_LIMIT",
+    "decode_alive",
     "decode_environments",
     "decode_obituary",
     "decode_state",
     "decode_status",
+    "encode_alive",
     "encode_environments",
     "encode_obituary",
     "encode_state",
@@ -38,6 +42,25 @@ def decode_obituary(body: Sequence[Frame]) -> tuple[bytes, dict[str, Any]]:
     if len(body) != 2:
         raise ProtocolError(f"OBITUARY needs 2 frames, got {len(body)}")
     return _bytes(body[0]), _unjson(body[1:], "OBITUARY")
+
+
+# -- ALIVE: a supervisor's word that its worker processes live and run --------------------
+
+#: The most identities one ALIVE may name (a supervisor of more sends several).
+ALIVE_LIMIT = 1024
+
+
+def encode_alive(identities: Sequence[bytes]) -> list[Frame]:
+    return [_HEADERS[Command.ALIVE], *identities]
+
+
+def decode_alive(body: Sequence[Frame]) -> list[bytes]:
+    if len(body) > ALIVE_LIMIT:
+        raise ProtocolError(f"ALIVE names at most {ALIVE_LIMIT} workers, got {len(body)}")
+    identities = [_bytes(frame) for frame in body]
+    if any(not 1 <= len(identity) <= 255 for identity in identities):
+        raise ProtocolError("ALIVE names an identity that is empty or over 255 bytes")
+    return identities
 
 
 # -- ENVIRONMENTS: what a worker has of installed packages (fade/environments.py) --------
