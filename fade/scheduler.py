@@ -453,12 +453,16 @@ class Scheduler:
         stuck = []
         for client_id, worker in self._nested.items():
             client = self.clients[client_id]
-            if worker.identity in waiting and not any(
-                w.identity not in waiting and not w.draining and w.kind.serves(client)
-                for w in self.workers.values()
-            ):
+            if client.queued and worker.identity in waiting and not self._free(client, waiting):
                 stuck.append(client)
         return stuck, waiting
+
+    def _free(self, client: Client, waiting: dict[bytes, Worker]) -> bool:
+        """Whether a worker that is not waiting so could run the client's tasks."""
+        return any(
+            w.identity not in waiting and not w.draining and w.kind.serves(client)
+            for w in self.workers.values()
+        )
 
     # -- task records ------------------------------------------------------------------------
 
