@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -623,12 +624,11 @@ def hold_the_gil(path: str, seconds: float) -> float:
     import re
 
     record(path, "held")
-    pattern, started = re.compile(r"(a+)+$"), time.perf_counter()
-    pattern.match("a" * 18 + "b")
-    unit = max(time.perf_counter() - started, 1e-4)  # each more "a" doubles the time
-    n = 18
-    while unit * 2 ** (n - 18) < seconds:
-        n += 1
-    started = time.perf_counter()
-    pattern.match("a" * n + "b")
-    return time.perf_counter() - started
+    pattern = re.compile(r"(a+)+$")
+    for n in itertools.count(18):  # each more "a" doubles the time: no guess needed
+        started = time.perf_counter()
+        pattern.match("a" * n + "b")
+        held = time.perf_counter() - started
+        if held >= seconds:
+            return held
+    raise AssertionError("unreachable")

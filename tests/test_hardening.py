@@ -216,8 +216,8 @@ def test_a_task_that_holds_the_gil_is_not_taken_for_a_dead_worker(
     ex = make_executor(kind, request)
     runs = tmp_path / "runs"
     try:
-        held = ex.submit(tasks.hold_the_gil, str(runs), 5 * EXPIRY).result(timeout=90)
-        assert held >= 4 * EXPIRY
+        held = ex.submit(tasks.hold_the_gil, str(runs), 4 * EXPIRY).result(timeout=90)
+        assert held >= 4 * EXPIRY  # one hold of four expiries: lost three times before
         assert len(runs.read_text().splitlines()) == 1  # it ran once, where it began
         # Control: a worker that is stopped (SIGSTOP) is still found out, its task run
         # again elsewhere.
