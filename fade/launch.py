@@ -52,6 +52,8 @@ class Child:
     started: float
     control: socket.socket
     serving: bool = False
+    interval: float = 0.0  # the broker's heartbeat interval it was told; 0: not yet
+    unread: bytes = b""  # the start of a control record not all read yet
 
 
 def peer_identity(role: bytes, tag: bytes = b"") -> bytes:

@@ -12,9 +12,10 @@
 * Each worker runs in a process group of its own; when it exits or is replaced,
   the group is killed, so processes its tasks started do not outlive it.
 * Control goes through a socket pair, not signals (a task may ignore SIGTERM):
-  the supervisor writes DRAIN or LEAVE; the worker writes SERVING once registered,
-  so a death after that is not a start-up failure; end of file on either side
-  means the other is gone.
+  the supervisor writes DRAIN or LEAVE; the worker writes SERVING at each
+  registration, with the heartbeat interval the broker announced, so a death after
+  that is not a start-up failure and the supervisor vouches at the broker's pace;
+  end of file on either side means the other is gone.
 * A worker that exits with status 0 left on purpose (it was drained): it is not
   replaced. When every worker has left, the supervisor exits. A worker that
   exits with EXIT_INCOMPATIBLE cannot work with this broker: nothing is replaced.
@@ -22,6 +23,8 @@
 * :meth:`Supervisor.tick` never blocks: back-off delays a spawn, it does not sleep.
 * With keys, the supervisor and its workers use the same worker key: the
   broker accepts an OBITUARY only for identities bound to the sender's key.
+* Every heartbeat interval of the broker (the shortest its workers were told) it
+  vouches for its live workers (ALIVE): a task holding the GIL silences its worker.
 * Every SWEEP_INTERVAL it removes the shared-memory folders of processes of this
   host that are gone (fade/shm.py): a client killed while its workers wrote results.
 """
@@ -33,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -47,7 +51,14 @@ from fade.options import WorkerOptions
 from fade.resources import detect_resources
 from fade.sockets import connect_dealer
 
-__all__ = ["CONTROL_DRAIN", "CONTROL_LEAVE", "CONTROL_SERVING", "EXIT_INCOMPATIBLE", "Supervisor"]
+__all__ = [
+    "CONTROL_DRAIN",
+    "CONTROL_LEAVE",
+    "CONTROL_SERVING",
+    "EXIT_INCOMPATIBLE",
+    "Supervisor",
+    "encode_serving",
+]
 
 log = logging.getLogger("fade.supervisor")
 
@@ -66,8 +77,23 @@ STAGGER_LIMIT = 1.0
 CONTROL_DRAIN = b"D"
 CONTROL_LEAVE = b"L"
 CONTROL_SERVING = b"S"
+#: SERVING as the worker writes it: the tag, then the broker's heartbeat interval.
+_SERVING = struct.Struct("<cd")
 #: Exit status of a worker that cannot work with this broker (another protocol version).
 EXIT_INCOMPATIBLE = 3
+
+
+def encode_serving(interval: float) -> bytes:
+    """What a worker writes to its supervisor at each registration (WELCOME)."""
+    return _SERVING.pack(CONTROL_SERVING, interval)
+
+
+def decode_serving(data: bytes) -> tuple[list[float], bytes]:
+    """The intervals of the whole SERVING records in ``data``, and the bytes left over
+    (a record split between two reads of the stream)."""
+    whole = len(data) - len(data) % _SERVING.size
+    intervals = [interval for _, interval in _SERVING.iter_unpack(data[:whole])]
+    return intervals, data[whole:]
 
 
 class Supervisor:
@@ -162,7 +188,7 @@ class Supervisor:
             self._next_sweep = now + shm.SWEEP_INTERVAL
             shm.sweep()
         if now >= self._next_vouch:
-            self._next_vouch = now + self.options.heartbeat_interval
+            self._next_vouch = now + self._vouch_interval()
             self._vouch()
         if self._owed and not self._stopping and now >= self._spawn_at:
             self._owed -= 1
@@ -237,17 +263,31 @@ class Supervisor:
 
     def _read_controls(self) -> None:
         for child in self._children.values():
-            if child.serving:
-                continue
             try:
-                data = child.control.recv(64)
+                data = child.control.recv(4096)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 data = b""
-            if CONTROL_SERVING in data:
-                child.serving = True
-                self._failed_starts = 0
+            self._take_reports(child, data)
+
+    def _take_reports(self, child: Child, data: bytes) -> None:
+        intervals, child.unread = decode_serving(child.unread + data)
+        if not intervals:
+            return
+        if not child.serving:
+            child.serving = True
+            self._failed_starts = 0
+        if child.interval != intervals[-1]:
+            child.interval = intervals[-1]
+            # A broker faster than our own settings: vouch at its pace from now on.
+            self._next_vouch = min(self._next_vouch, time.monotonic() + child.interval)
+
+    def _vouch_interval(self) -> float:
+        """The broker's heartbeat interval, as our workers were told it (the shortest,
+        for a pair of brokers told apart), or ours until one registers."""
+        told = [c.interval for c in self._children.values() if c.interval]
+        return min(told) if told else self.options.heartbeat_interval
 
     def _reap(self) -> None:
         for pid, child in list(self._children.items()):
@@ -272,9 +312,7 @@ class Supervisor:
     def _read_last_word(self, child: Child) -> None:
         if not child.serving:
             try:
-                child.serving = CONTROL_SERVING in child.control.recv(64)
-                if child.serving:
-                    self._failed_starts = 0
+                self._take_reports(child, child.control.recv(4096))
             except OSError:
                 pass
 

@@ -50,7 +50,7 @@ from fade.keeper import Keeper
 from fade.lifecycle import PROCESS_MOVES, ProcessState, move
 from fade.link import BrokerLink
 from fade.sockets import POLLIN, SPIN, has_input, poll, spin_for_input
-from fade.supervisor import CONTROL_DRAIN, CONTROL_LEAVE, CONTROL_SERVING, EXIT_INCOMPATIBLE
+from fade.supervisor import CONTROL_DRAIN, CONTROL_LEAVE, EXIT_INCOMPATIBLE, encode_serving
 
 if TYPE_CHECKING:
     from fade.worker import Worker
@@ -137,7 +137,6 @@ class WorkerIO:
         self._credits = 0  # credits the broker believes we have unused
         self._drain_acked = False
         self._drain_started = 0.0
-        self._said_serving = False
         self._last_pass = 0.0
         self._ran = False  # next_job has handed out a task: it then runs just after one
         self._next_check = 0.0
@@ -406,10 +405,11 @@ class WorkerIO:
         self._welcomed_before = True
         if self.state is ProcessState.DRAINING:
             self.link.send(p.encode(p.Command.DRAIN))
-        if not self._said_serving and self.w.control is not None:
-            self._said_serving = True
+        if self.w.control is not None:
+            # At every registration: the broker (a restarted one, the other of a pair)
+            # may use another interval, which our supervisor's vouches must keep up with.
             try:
-                self.w.control.send(CONTROL_SERVING)
+                self.w.control.send(encode_serving(welcome.heartbeat_interval))
             except OSError:
                 pass
 

@@ -235,6 +235,24 @@ def test_a_task_that_holds_the_gil_is_not_taken_for_a_dead_worker(
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.timeout(120)
+def test_workers_vouched_for_at_the_brokers_interval_not_their_own(
+    pool: Pool, tmp_path: Path
+) -> None:
+    # The broker expires a worker after 0.6 s (0.2 s x 3); the worker's supervisor was
+    # started with the defaults (1 s). It vouched for its workers once a second, at its
+    # own interval: a task holding the GIL was taken for dead between two vouches.
+    pool.start_broker()
+    pool.start_worker(1, None, "--heartbeat-interval", "1.0", "--heartbeat-liveness", "3")
+    pool.start_worker(1, None, "--heartbeat-interval", "1.0", "--heartbeat-liveness", "3")
+    wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the workers")
+    runs = tmp_path / "runs"
+    with fade.Executor(pool.address) as ex:  # the client's defaults, too
+        held = ex.submit(tasks.hold_the_gil, str(runs), 4 * EXPIRY).result(timeout=90)
+        assert held >= 4 * EXPIRY
+        assert len(runs.read_text().splitlines()) == 1  # it ran once, where it began
+
+
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
     pool.start_broker("--keys", str(curve_keys.dir))
     with (

@@ -134,11 +134,22 @@ def test_a_staggered_start_holds_the_others_until_one_serves(
         waited = time.monotonic() - began
         if broker:
             assert first.serving and waited < limit
+            assert first.interval == INTERVAL  # the broker's, which it vouches at
         else:
             assert not first.serving and waited >= limit
     finally:
         sup.stop(signal.SIGKILL)
         sup.close()
+
+
+def test_serving_records_split_between_reads_are_joined() -> None:
+    from fade.supervisor import decode_serving, encode_serving
+
+    stream = encode_serving(0.2) + encode_serving(1.5)
+    intervals, rest = decode_serving(stream[:12])
+    assert intervals == [0.2] and rest == stream[9:12]
+    intervals, rest = decode_serving(rest + stream[12:])
+    assert intervals == [1.5] and rest == b""
 
 
 # A client run as "python <elsewhere>/run.py" from a folder holding a module named like
