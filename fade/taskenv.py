@@ -168,6 +168,7 @@ class TaskEnvironment:
         "_interpreter",
         "_managed",
         "_path",
+        "_signal_numbers",
         "_signals",
         "_streams",
         "_warnings",
@@ -184,9 +185,17 @@ class TaskEnvironment:
         self._fds = (_descriptor(sys.stdout), _descriptor(sys.stderr))
         self._interpreter = _interpreter_settings()
         self._warnings = list(warnings.filters)
-        self._signals = _handlers()
+        self._signal_numbers = _SIGNAL_NUMBERS
+        self._signals = self._handlers()
         self._managed = managed_path
         self.restored = 0  # tasks after which something had to be put back
+
+    def keep_handlers(self, *signals: signal.Signals) -> None:
+        """Put back, after each task, the handlers ``signals`` have now as well: the
+        owner's own (the worker's SIGTERM, SIGINT and stop signal), set after it made
+        this environment."""
+        self._signal_numbers = (*_SIGNAL_NUMBERS, *(int(sig) for sig in signals))
+        self._signals = self._handlers()
 
     def __enter__(self) -> TaskEnvironment:
         return self
@@ -229,7 +238,7 @@ class TaskEnvironment:
         if _interpreter_settings() != self._interpreter:
             changed.append("interpreter settings")
             _restore_interpreter_settings(self._interpreter)
-        if _handlers() != self._signals or _timer_pending():
+        if self._handlers() != self._signals or _timer_pending():
             changed.append("signal handlers or timers")
             self._restore_signals()
         if warnings.filters != self._warnings:
@@ -273,19 +282,26 @@ class TaskEnvironment:
         self._streams = (stdin, stdout, stderr)
         sys.stdin, sys.stdout, sys.stderr = self._streams
 
+    def _handlers(self) -> tuple[Any, ...]:
+        return tuple(map(_getsignal, self._signal_numbers))
+
     def _restore_signals(self) -> None:
         """Stop the timers (first: one must not go off into a handler just put back),
         then put the handlers back."""
-        changed = {sig for sig, was, now in zip(_SIGNALS, self._signals, _handlers()) if now != was}
+        now = self._handlers()
+        changed = {
+            sig for sig, was, is_ in zip(self._signal_numbers, self._signals, now) if is_ != was
+        }
         for which, sig in _TIMERS:
             if which == signal.ITIMER_REAL or sig in changed:
                 signal.setitimer(which, 0)
-        for sig, handler in zip(_SIGNALS, self._signals):
+        for sig, handler in zip(self._signal_numbers, self._signals):
             if sig in changed and handler is not None:  # None: not set from Python
                 try:
                     signal.signal(sig, handler)
                 except (ValueError, OSError) as exc:  # not the main thread: cannot be done
-                    log.warning("cannot put back the handler of %s: %s", sig.name, exc)
+                    name = signal.Signals(sig).name
+                    log.warning("cannot put back the handler of %s: %s", name, exc)
 
     def _restore_builtins(self) -> None:
         namespace = builtins.__dict__
@@ -329,8 +345,8 @@ def _restore_interpreter_settings(settings: Settings) -> None:
 #: The signals whose handlers a task may set and that would outlive it: the timers'
 #: (alarm, virtual, profiling), a child's end (SIGCHLD left ignored makes every later
 #: waitpid fail), a closed pipe (SIGPIPE at its default kills the process instead of
-#: raising BrokenPipeError), a lost terminal, the spare user signal. The worker puts
-#: back its own (SIGTERM, SIGINT, its stop signal) itself, fade/worker.py.
+#: raising BrokenPipeError), a lost terminal, the spare user signal. The worker adds its
+#: own (SIGTERM, SIGINT, its stop signal) with TaskEnvironment.keep_handlers.
 _SIGNALS = (
     signal.SIGALRM,
     signal.SIGVTALRM,
@@ -340,24 +356,17 @@ _SIGNALS = (
     signal.SIGHUP,
     signal.SIGUSR2,
 )
+#: As ints: the interval timers below name theirs so, and no enum is made per task.
+_SIGNAL_NUMBERS = tuple(int(sig) for sig in _SIGNALS)
 #: The interval timers and the signal each sends. The real one (``signal.alarm``) is
 #: checked after every task, as its signal's default kills the worker under the next
 #: task; the two CPU-time ones only with their handler changed (a profiler's).
 _TIMERS = (
-    (signal.ITIMER_REAL, signal.SIGALRM),
-    (signal.ITIMER_VIRTUAL, signal.SIGVTALRM),
-    (signal.ITIMER_PROF, signal.SIGPROF),
+    (signal.ITIMER_REAL, int(signal.SIGALRM)),
+    (signal.ITIMER_VIRTUAL, int(signal.SIGVTALRM)),
+    (signal.ITIMER_PROF, int(signal.SIGPROF)),
 )
 _getsignal = _signal.getsignal  # signal's own wraps every answer in an enum: a cost per task
-
-
-_ALRM, _VTALRM, _PROF, _CHLD, _PIPE, _HUP, _USR2 = map(int, _SIGNALS)  # ints: no enum
-
-
-def _handlers() -> tuple[Any, ...]:
-    # Written out: half the cost of tuple(map(...)), and this runs after every task.
-    g = _getsignal
-    return (g(_ALRM), g(_VTALRM), g(_PROF), g(_CHLD), g(_PIPE), g(_HUP), g(_USR2))
 
 
 def _timer_pending() -> bool:

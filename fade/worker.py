@@ -45,7 +45,6 @@ holds it.
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # signal.getsignal, without the enum
 import collections
 import functools
 import itertools
@@ -58,7 +57,6 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
 
 from fade import fastpath, security, taskenv
 from fade import protocol as p
@@ -163,7 +161,6 @@ class Worker:
         self._stop_signalled = 0.0  # when the stop signal was last sent
         self._code_started = 0.0  # when the running task's code started (_call)
         self._interruptible = False
-        self._handlers: dict[int, Any] = {}
 
     def _init_queues(self) -> None:
         """What the main thread and the socket holder share, and its locks."""
@@ -199,8 +196,8 @@ class Worker:
     def run(self) -> int:
         """Serve tasks until drained or stopped; returns the process exit status."""
         signal.signal(STOP_SIGNAL, self._on_stop_signal)
-        signals = (signal.SIGTERM, signal.SIGINT, STOP_SIGNAL)
-        self._handlers = {int(sig): _signal.getsignal(sig) for sig in signals}
+        # Ours, which a task may take over too: put back after each, with the others.
+        self._task_env.keep_handlers(signal.SIGTERM, signal.SIGINT, STOP_SIGNAL)
         io = WorkerIO(self)
         keeper = threading.Thread(target=io.keep, name="fade-worker-keeper", daemon=True)
         try:
@@ -225,7 +222,8 @@ class Worker:
     def _execute(self, job: Job) -> None:
         started = time.monotonic()
         self._job = job  # for _resolve, if the task names data by content
-        with self._task_env:  # cwd, environment, sys.path, builtins: put back after the task
+        # cwd, environment, sys.path, builtins, signal handlers: put back after the task
+        with self._task_env:
             try:
                 elsewhere = self.environments.run(job.record.key, job.payload, self._data_inline)
                 if elsewhere is None:
@@ -252,7 +250,6 @@ class Worker:
                 status = p.Status.RAISED
             finally:
                 self._job = None  # the payload's frames must not outlive the task
-        self._after_task()
         duration = time.monotonic() - started
         with self._lock:
             if self._current is None:  # the keeper already reported a timeout
@@ -392,13 +389,6 @@ class Worker:
         return TaskTerminatedError(
             f"the task was terminated on request, on worker pid {os.getpid()} on {self.host}"
         )
-
-    def _after_task(self) -> None:
-        """Undo what a task may have changed that the worker itself relies on."""
-        for sig, handler in self._handlers.items():
-            # _signal's, not signal's: that one wraps every answer in an enum, a cost per task
-            if _signal.getsignal(sig) is not handler:
-                signal.signal(sig, handler)
 
     def _shipping_failed(self, exc: CodeShippingError) -> tuple[p.Status, p.Payload]:
         """The task's code or packages could not be made ready here. When this host's

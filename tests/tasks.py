@@ -577,7 +577,10 @@ def _late_alarm(signum: int, frame: Any) -> None:
 def leave_signals_behind() -> int:
     """Leave what a task should not: a pending alarm whose handler raises, SIGCHLD
     ignored (the kernel then reaps children itself: waitpid fails), SIGPIPE at its
-    default (a closed pipe then kills the process) and a profiling timer."""
+    default (a closed pipe then kills the process), a profiling timer, and the worker's
+    own signals (a drain, its stop signal) ignored."""
+    for own in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(own, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _late_alarm)
     signal.setitimer(signal.ITIMER_REAL, 0.5)
     signal.signal(signal.SIGPROF, _late_alarm)
@@ -587,10 +590,10 @@ def leave_signals_behind() -> int:
     return os.getpid()
 
 
-def signals_after(seconds: float) -> tuple[int, int, bool, bool, tuple[float, float]]:
+def signals_after(seconds: float) -> tuple[int, int, bool, bool, tuple[float, float], bool]:
     """After ``seconds``: this process, a child's exit status as waitpid sees it, whether
-    SIGPIPE is ignored (Python's own setting) and SIGALRM's handler the default, and
-    the profiling timer."""
+    SIGPIPE is ignored (Python's own setting) and SIGALRM's handler the default, the
+    profiling timer, and whether the worker's own signals have handlers of Python code."""
     time.sleep(seconds)
     child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
     _, status = os.waitpid(child.pid, 0)
@@ -601,6 +604,10 @@ def signals_after(seconds: float) -> tuple[int, int, bool, bool, tuple[float, fl
         signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN,
         signal.getsignal(signal.SIGALRM) is signal.SIG_DFL,
         signal.getitimer(signal.ITIMER_PROF),
+        all(
+            callable(signal.getsignal(own))
+            for own in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        ),
     )
 
 

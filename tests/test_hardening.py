@@ -706,11 +706,12 @@ def test_signals_and_timers_a_task_leaves_are_put_back_for_the_next_task() -> No
     # A pending alarm went off in the next task (another client's, on a shared worker),
     # raising there, or with its handler at the default killed the worker under it; a
     # SIGCHLD left ignored made the next task's waitpid fail; SIGPIPE left at its
-    # default kills a worker writing to a closed pipe; a profiling timer runs on.
+    # default kills a worker writing to a closed pipe; a profiling timer runs on; the
+    # worker's own SIGTERM, SIGINT and stop signal left ignored defeat a drain and stops.
     with fade.Executor(max_workers=1) as ex:
         pid = ex.submit(tasks.leave_signals_behind).result(timeout=30)
         after = ex.submit(tasks.signals_after, 1.0).result(timeout=30)
-    assert after == (pid, 7, True, True, (0.0, 0.0))
+    assert after == (pid, 7, True, True, (0.0, 0.0), True)
 
 
 def test_an_initializers_forked_child_that_comes_back_never_runs_the_task(
