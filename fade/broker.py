@@ -82,6 +82,9 @@ log = logging.getLogger("fade.broker")
 PUBLISH_INTERVAL = 1.0
 #: Seconds between the repeated warnings of a broker started with ``insecure``.
 INSECURE_WARNING_PERIOD = 60.0
+#: The first byte of the identities ZeroMQ makes up (0, then a counter); fade's peers
+#: name themselves, each identity starting with its role (fade/launch.py).
+MADE_UP = b"\x00"
 
 
 class Broker(PairDuties, UpkeepDuties, LocalDuties):
@@ -250,6 +253,13 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
             self._bad_input.warning("dropped a message with no body")
             return
         identity = frames[0].bytes
+        if identity[:1] == MADE_UP:
+            # A connection whose identity a reconnected peer took over (ROUTER_HANDOVER):
+            # ZeroMQ renames it and hands us what was left in it. That is stale (the
+            # peer says on its new connection what counts: HELLO, what it holds), and
+            # taken as a peer of its own it became a worker that was never there.
+            log.debug("dropped a message left in a connection its peer replaced")
+            return
         try:
             message = p.parse(frames[1:])
             self._sender = self.gate.check(frames[0], identity, message)

@@ -73,6 +73,27 @@ class Outbox:
             log.debug("could not send to %s: %s", p.short_id(identity), exc)
         self._told(identity, time.monotonic())
 
+    def connected(self, identity: bytes) -> bool:
+        """Whether the peer still has a connection here: a HEARTBEAT sent so that ZeroMQ
+        says if it has none (ROUTER_MANDATORY, for this one send). The kernel closes the
+        sockets of a process that ends, and TCP keepalive and TCP_MAXRT (fade/sockets.py)
+        a connection whose host vanished; a process whose threads cannot run (its code
+        holds the GIL) or that is stopped keeps its connection. A local client is
+        connected for as long as it is attached."""
+        if identity in self._local:
+            return True
+        sock = self.socket
+        assert sock is not None
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            send_frames(sock, [identity, *p.encode(p.Command.HEARTBEAT)])
+        except zmq.ZMQError:  # EHOSTUNREACH: no connection for this identity
+            return False
+        finally:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._told(identity, time.monotonic())
+        return True
+
     def flush(self, sched: Scheduler) -> None:
         """Send what the scheduler decided: STOPs and TASK batches to workers, RESULT
         batches and NOTICEs to clients, the capacity."""

@@ -4,6 +4,7 @@ an interval is due rather than when a message comes.
 ::
 
     loop: poll(timeout = _poll_timeout) --> messages --> _upkeep when due:
+        stall       --> the loop did not run: its peers' silence meanwhile does not count
         throughput  <-- tasks done so far
         pair        --> _pair_upkeep (fade/brokerpair.py)
         expiry      --> peers silent past interval x liveness are lost (fade/departures.py)
@@ -28,6 +29,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from fade import departures
+from fade._logutil import RateLimitedLog
 
 if TYPE_CHECKING:
     from fade import protocol as p
@@ -93,6 +95,8 @@ class UpkeepDuties:
         self._next_publish = 0.0
         self._orphan_age = max(ORPHAN_AGE, 2 * self._clocks.expiry)
         self._next_ageing = now + self._orphan_age
+        self._upkept_at = now
+        self._busy_log = RateLimitedLog(log, burst=1, period=60.0)
 
     def upkeep(self, now: float) -> float:
         """Timed work when it is due (for a loop that drives this broker itself); returns
@@ -104,6 +108,7 @@ class UpkeepDuties:
 
     def _upkeep(self, now: float) -> bool:
         """Expire, heartbeat, publish and re-read keys; False if our parent is gone."""
+        self._forgive_own_stall(now)
         self.throughput.record(now, self.tasks_done)
         if self.pair is not None:
             self._pair_upkeep(self.pair, now)
@@ -124,6 +129,22 @@ class UpkeepDuties:
             return False
         return True
 
+    def _forgive_own_stall(self, now: float) -> None:
+        """Upkeep runs at least once an interval. When it comes later than that by more
+        than an interval, this broker did not run (its process was stopped: a paused VM,
+        a host asleep; or the embedded broker's client held the GIL): what its peers sent
+        meanwhile waits unread, and their silence must not count, or every one of them
+        is lost at once and the tasks of clients and workers alive are dropped."""
+        late = now - self._upkept_at - self._clocks.interval
+        self._upkept_at = now
+        if late > self._clocks.interval:
+            log.warning(
+                "this broker did not run for %.1fs (stopped, or starved of CPU, or its "
+                "process held the GIL): its peers' silence meanwhile does not count",
+                late,
+            )
+            self._clocks.pause(late)
+
     def _poll_timeout(self, now: float) -> float:
         due = self._clocks.next_due(now)
         if self.publish_interval is not None:
@@ -135,8 +156,27 @@ class UpkeepDuties:
     def _purge_silent_peers(self, now: float) -> None:
         """Expire every peer not heard from within the expiry; O(expired)."""
         for identity, silent in list(self._clocks.expired(now)):
-            departures.expire(self.scheduler, identity, silent)
+            if not self._busy_client(identity, silent, now):
+                departures.expire(self.scheduler, identity, silent)
         self._flush()
+
+    def _busy_client(self, identity: bytes, silent: float, now: float) -> bool:
+        """A silent client whose connection is up is busy, not gone: its code holds the
+        GIL (a regular expression, a sort of a huge list) so that its I/O thread cannot
+        run, or its process is stopped (Ctrl-Z). Its tasks run on, and it is heard from
+        again when it can (a worker, in that case, its supervisor vouches for: ALIVE).
+        One whose process ended has no connection, and is lost."""
+        client = self.scheduler.clients.get(identity)
+        if client is None or not self._out.connected(identity):
+            return False
+        self._clocks.heard(identity, now)
+        self._busy_log.warning(
+            "client %s silent for %.1fs, but connected: busy (its code may hold the GIL, "
+            "or its process is stopped); its tasks go on",
+            departures.peer_name(identity, client.hello),
+            silent,
+        )
+        return True
 
     def _drop_revoked(self, now: float) -> None:
         """Disconnect the peers whose keys were revoked since the last check."""

@@ -142,7 +142,7 @@ class BrokerLink:
     def _init_liveness(self, log: logging.Logger) -> None:
         """What the link knows of the broker's silence, its outages, and a pair's votes."""
         now = time.monotonic()
-        self.heard = self.told = self._quiet_since = now
+        self.heard = self.told = self._quiet_since = self._upkept_at = now
         self._last_word = now  # the last message received (a reconnection resets ``heard``)
         self.reached = False  # heard from the broker at least once
         self._outage: BrokerUnreachableError | None = None
@@ -336,6 +336,7 @@ class BrokerLink:
     def upkeep(self, now: float) -> None:
         """Heartbeat when due; replace a socket whose broker went silent; report a broker
         that cannot be reached. Never blocks."""
+        self._forgive_own_stall(now)
         if now >= self._next_check:
             self._next_check = now + CHECK_INTERVAL
             if self._watch is not None:
@@ -359,6 +360,19 @@ class BrokerLink:
         elif now - self.told >= self.interval:
             self.send(p.encode(p.Command.HEARTBEAT))
         self._check_outage(now)
+
+    def _forgive_own_stall(self, now: float) -> None:
+        """Upkeep runs at least once an interval. When it comes later than that by more
+        than an interval, this thread did not run (the process was stopped, or code
+        holding the GIL kept it out: a task, the client's own; or the host slept): what
+        the broker sent meanwhile waits unread, and its silence must not count, towards
+        a reconnection or an outage."""
+        late = now - self._upkept_at - self.interval
+        self._upkept_at = now
+        if late > self.interval:
+            self.heard += late
+            self._last_word += late
+            self._quiet_since += late
 
     def poll_timeout(self, now: float) -> float:
         """Seconds until upkeep has something to do (at most one interval)."""

@@ -36,6 +36,13 @@ class Liveness:
         self._heard.pop(identity, None)
         self._told.pop(identity, None)
 
+    def pause(self, seconds: float) -> None:
+        """Count ``seconds`` as heard from every peer: the broker itself did not run for
+        as long (it could not hear them). Once per such stall: O(peers)."""
+        heard = self._heard
+        for identity in heard:
+            heard[identity] += seconds
+
     def last_heard(self, identity: bytes, default: float) -> float:
         return self._heard.get(identity, default)
 

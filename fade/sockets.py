@@ -273,7 +273,8 @@ def bind_router(
     """The broker's ROUTER, bound to ``address``; with ``keys``, a CURVE server.
 
     ``keepalive`` (seconds between probes, probes): TCP keepalive ends a connection whose
-    peer vanished without closing it (a network partition) within about their product.
+    peer vanished without closing it (a network partition) within about their product,
+    and so does TCP_MAXRT one with data the peer does not acknowledge.
     (Not ZMTP heartbeats: libzmq 4.3 can abort the process when one times out, a crash
     the fuzz test found; the kernel's probes have no such path.)"""
     # Each peer is a socket inside libzmq too; its default cap (1023) would limit the
@@ -294,6 +295,12 @@ def bind_router(
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, keepalive[0])
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, keepalive[0])
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, keepalive[1])
+    # Keepalive probes only an idle connection; one with data the peer never acknowledges
+    # (its host vanished while the broker sent it heartbeats) would stay up for the
+    # kernel's retransmissions, about 15 minutes. This bounds that to the same time
+    # (TCP_USER_TIMEOUT on Linux). A silent client is kept for as long as it has a
+    # connection (fade/brokerupkeep.py): its connection must end when its host does.
+    sock.setsockopt(zmq.TCP_MAXRT, keepalive[0] * (1 + keepalive[1]) * 1000)
     # Never drop a message to a slow peer: credits and client windows
     # already bound what is in flight to each one.
     sock.setsockopt(zmq.SNDHWM, 0)

@@ -74,8 +74,8 @@ CHECK_INTERVAL = 0.1
 #: Exit status of a worker that ended itself after a task timed out, or did not stop.
 EXIT_TIMEOUT = 75
 EXIT_STOPPED = 77
-#: With a broker pair: results sent within this many expiries are kept to be sent again
-#: after a failover; at most this many, and this many bytes.
+#: Results sent within this many expiries are kept to be sent again after a new WELCOME
+#: (a failover, a broker restarted or stalled); at most this many, and this many bytes.
 RETAIN_EXPIRIES = 2
 RETAIN_MAX = 1024
 RETAIN_BYTES = 16 << 20
@@ -142,9 +142,11 @@ class WorkerIO:
         self._next_check = 0.0
         self._orphaned = False  # our supervisor is gone (its control socket closed)
         self.keeper = Keeper(self)  # the second thread that may hold the socket
-        # A broker pair: results lately sent (when, record, payload, bytes), and whether
-        # a broker welcomed us before (after the first WELCOME, every one re-sends them).
-        self._retain = len(self.link.addresses) > 1
+        # Results lately sent (when, record, payload, bytes), and whether a broker
+        # welcomed us before (after the first WELCOME, every one re-sends them): the
+        # other broker of a pair, a restarted one, or one that stalled while we moved to
+        # a new connection (what was left unread in the old one is dropped), may not
+        # have read them, and without them would run their tasks again.
         self._retained: collections.deque[tuple[float, p.DoneRecord, p.Payload, int]] = (
             collections.deque()
         )
@@ -514,13 +516,12 @@ class WorkerIO:
         if results:
             for i, batch in enumerate(p.chunked(results, self._batch_limit())):
                 self.link.send(p.encode_done(grant if i == 0 else 0, batch))
-            if self._retain:
-                self._keep(results)
+            self._keep(results)
         else:
             self.link.send(p.encode_ready(grant))
 
     def _keep(self, results: list[tuple[p.DoneRecord, p.Payload]]) -> None:
-        """Keep results just sent (a broker pair), dropping those past the limits."""
+        """Keep results just sent, dropping those past the limits."""
         now = time.monotonic()
         kept = self._retained
         for record, payload in results:

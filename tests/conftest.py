@@ -219,7 +219,11 @@ class Pool:
         return self.broker
 
     def start_worker(
-        self, processes: int = 1, env: dict[str, str] | None = None, *extra: str
+        self,
+        processes: int = 1,
+        env: dict[str, str] | None = None,
+        *extra: str,
+        stderr: int | None = None,
     ) -> subprocess.Popen[bytes]:
         worker = subprocess.Popen(
             [
@@ -233,6 +237,7 @@ class Pool:
                 *extra,
             ],
             env={**os.environ, **(env or {})},
+            stderr=stderr,
         )
         self.workers.append(worker)
         return worker

@@ -236,6 +236,64 @@ def test_a_task_that_holds_the_gil_is_not_taken_for_a_dead_worker(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["embedded", "tcp"])
+def test_a_client_that_holds_the_gil_loses_no_task(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # The embedded broker runs in the client's process: the client's own code holding
+    # the GIL (a regular expression, a sort of a huge list) stopped it too. The workers
+    # took its silence for a dead broker and reconnected; once it ran again, the messages
+    # left in their old connections came in under names ZeroMQ made up, as workers of
+    # their own, the tasks went to those, and were lost: WorkerLostError, or run again.
+    runs = tmp_path / "runs"
+    ex = make_executor(kind, request)
+    try:
+        futures = [ex.submit(tasks.record_then_sleep, str(runs), i, 1.0) for i in range(2)]
+        wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 2, 30, "tasks")
+        assert tasks.hold_the_gil(str(tmp_path / "held"), 6 * EXPIRY) >= 6 * EXPIRY
+        assert [f.result(timeout=60) for f in futures] == [0, 1]
+        assert sorted(runs.read_text().split()[::2]) == ["0", "1"]  # each ran once
+        assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        address = ex._pool.address if kind == "embedded" else ex.address  # type: ignore[attr-defined]
+        assert len(query(address)["workers"]) == 2
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_broker_stopped_for_a_while_loses_no_task_and_makes_up_no_worker(
+    pool: Pool, tmp_path: Path
+) -> None:
+    # The same on a broker of its own, stopped (SIGSTOP: a paused VM, a laptop asleep)
+    # for several expiries while its workers ran tasks: once back, it took every peer
+    # for lost (dropping the client's tasks, re-queueing the workers'), and only their
+    # re-registration put things right.
+    log = tmp_path / "broker.log"
+    with open(log, "wb") as out:
+        pool.start_broker(stderr=out.fileno())
+    pool.start_worker(2)
+    wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the workers")
+    runs = tmp_path / "runs"
+    assert pool.broker is not None
+    with fade.Executor(pool.address, heartbeat_interval=INTERVAL) as ex:
+        # Tasks that run on after the broker is back, and one in the queue.
+        futures = [ex.submit(tasks.record_then_sleep, str(runs), i, 8 * EXPIRY) for i in range(3)]
+        wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 2, 30, "tasks")
+        pool.broker.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(6 * EXPIRY)
+        finally:
+            pool.broker.send_signal(signal.SIGCONT)
+        assert [f.result(timeout=60) for f in futures] == [0, 1, 2]
+        assert sorted(runs.read_text().split()[::2]) == ["0", "1", "2"]  # each ran once
+        assert ex.submit(tasks.add, 1, 2).result(timeout=30) == 3
+        assert len(query(pool.address)["workers"]) == 2
+    said = log.read_text()
+    assert "did not run for" in said
+    assert " lost " not in said, said
+
+
+@pytest.mark.timeout(120)
 def test_workers_vouched_for_at_the_brokers_interval_not_their_own(
     pool: Pool, tmp_path: Path
 ) -> None:
@@ -243,14 +301,27 @@ def test_workers_vouched_for_at_the_brokers_interval_not_their_own(
     # started with the defaults (1 s). It vouched for its workers once a second, at its
     # own interval: a task holding the GIL was taken for dead between two vouches.
     pool.start_broker()
-    pool.start_worker(1, None, "--heartbeat-interval", "1.0", "--heartbeat-liveness", "3")
-    pool.start_worker(1, None, "--heartbeat-interval", "1.0", "--heartbeat-liveness", "3")
+    log = tmp_path / "workers.log"
+    with open(log, "wb") as out:
+        for _ in range(2):
+            pool.start_worker(
+                1,
+                None,
+                "--heartbeat-interval",
+                "1.0",
+                "--heartbeat-liveness",
+                "3",
+                stderr=out.fileno(),
+            )
     wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the workers")
     runs = tmp_path / "runs"
     with fade.Executor(pool.address) as ex:  # the client's defaults, too
         held = ex.submit(tasks.hold_the_gil, str(runs), 4 * EXPIRY).result(timeout=90)
         assert held >= 4 * EXPIRY
         assert len(runs.read_text().splitlines()) == 1  # it ran once, where it began
+    # Nor did the worker take the broker for silent: it was its own thread that could
+    # not run, and what the broker sent meanwhile was waiting for it.
+    assert "silent" not in log.read_text(), log.read_text()
 
 
 def test_a_keyed_broker_without_keys_says_it_requires_keys(pool: Pool, curve_keys: Keys) -> None:
@@ -313,6 +384,49 @@ def test_a_broker_killed_for_good_ends_the_script_within_the_bound(pool: Pool) -
         # The bound: reconnect_timeout (3 s) after the last word from the broker.
         assert took < 3 + 5, f"exit took {took:.1f}s"
         assert f"the broker at {pool.address} stopped answering" in err
+    finally:
+        kill_tree(script.pid)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_stopped_longer_than_its_reconnect_timeout_gets_its_results(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """Ctrl-Z, then fg: the client was stopped (SIGSTOP) past its reconnect_timeout while
+    its tasks ran. Its time stopped is neither the broker's silence nor its own."""
+    pool.start_broker()
+    pool.start_worker(2)
+    wait_for(lambda: len(query(pool.address)["workers"]) == 2, 30, "the workers")
+    runs = tmp_path / "runs"
+    script = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fade, tasks
+                with fade.Executor({pool.address!r}, heartbeat_interval={INTERVAL},
+                                   reconnect_timeout=2) as ex:
+                    futures = [ex.submit(tasks.record_then_sleep, {str(runs)!r}, i, 3.0)
+                               for i in range(2)]
+                    print([f.result(timeout=60) for f in futures], flush=True)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=fade_env(),
+    )
+    try:
+        wait_for(lambda: runs.exists() and len(runs.read_text().splitlines()) == 2, 30, "tasks")
+        script.send_signal(signal.SIGSTOP)
+        time.sleep(5)  # past the reconnect timeout and the tasks' end
+        script.send_signal(signal.SIGCONT)
+        out, err = script.communicate(timeout=60)
+        assert out.strip() == "[0, 1]", err
+        assert sorted(runs.read_text().split()[::2]) == ["0", "1"]  # each ran once
+        assert "Unreachable" not in err and "stopped answering" not in err, err
     finally:
         kill_tree(script.pid)
 
