@@ -253,15 +253,11 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
             self._bad_input.warning("dropped a message with no body")
             return
         identity = frames[0].bytes
-        if identity[:1] == MADE_UP:
-            # A connection whose identity a reconnected peer took over (ROUTER_HANDOVER):
-            # ZeroMQ renames it and hands us what was left in it. That is stale (the
-            # peer says on its new connection what counts: HELLO, what it holds), and
-            # taken as a peer of its own it became a worker that was never there.
-            log.debug("dropped a message left in a connection its peer replaced")
-            return
         try:
-            message = p.parse(frames[1:])
+            message = p.parse(frames[1:])  # a newer peer's version is answered first
+            if identity[:1] == MADE_UP:
+                self._made_up(identity, message)
+                return
             self._sender = self.gate.check(frames[0], identity, message)
             self._clocks.heard(identity, time.monotonic())
             handler = self._handlers.get(message.command)
@@ -272,6 +268,22 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
             self._dropped(identity, frames[1], exc)
         finally:
             self._sender = None
+
+    def _made_up(self, identity: bytes, message: p.Message) -> None:
+        """A message under an identity ZeroMQ made up, dropped. Mostly what was left in a
+        connection whose identity its peer took over when it reconnected
+        (ROUTER_HANDOVER): ZeroMQ renames the old one and hands us the rest of it. That
+        is stale (the peer says on its new connection what counts: HELLO, what it
+        holds), and taken for a peer of its own it became a worker that was never
+        there, which tasks went to and were lost. Else a socket that set no identity:
+        its HELLO is told why."""
+        log.debug("dropped a %s under an identity ZeroMQ made up", message.command.name)
+        if message.command is p.Command.HELLO:
+            self._answer_error(
+                identity,
+                "a peer must set a routing identity of its own on its socket "
+                "(zmq.IDENTITY; docs/protocol.md)",
+            )
 
     def _dropped(self, identity: bytes, head: zmq.Frame, exc: Exception) -> None:
         """Log a dropped message (rate-limited); answer ERROR if its sender can read it."""

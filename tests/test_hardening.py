@@ -640,6 +640,45 @@ def test_a_newer_peer_gets_an_error_it_can_read(tcp_pool: Pool) -> None:
         ctx.destroy(linger=0)
 
 
+def test_a_peer_without_an_identity_of_its_own_is_told_and_never_registered(
+    tcp_pool: Pool,
+) -> None:
+    # ZeroMQ names a connection that set no identity itself (first byte 0), and so it
+    # names what is left in a connection a reconnected peer took over: the broker
+    # registers neither (such leftovers became workers that were never there).
+    hello = p.encode_hello(
+        p.ClientHello(
+            host="h",
+            pid=1,
+            version="0",
+            python="3.11.7",
+            implementation="cpython",
+            tag=b"t" * p.TAG_SIZE,
+        )
+    )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        anonymous = ctx.socket(zmq.DEALER)
+        anonymous.linger = 0
+        anonymous.connect(tcp_pool.address)
+        anonymous.send_multipart(hello)
+        assert anonymous.poll(10_000)
+        header, text = anonymous.recv_multipart()
+        assert header == p.MAGIC + bytes((p.VERSION, p.Command.ERROR))
+        assert b"routing identity of its own" in text
+        assert query(tcp_pool.address)["clients"] == []
+        # Control: the same HELLO from a socket with an identity is welcome.
+        named = ctx.socket(zmq.DEALER)
+        named.linger = 0
+        named.setsockopt(zmq.IDENTITY, b"C" + os.urandom(15))
+        named.connect(tcp_pool.address)
+        named.send_multipart(hello)
+        assert named.poll(10_000)
+        assert p.parse(named.recv_multipart()).command is p.Command.WELCOME
+    finally:
+        ctx.destroy(linger=0)
+
+
 # -- Python versions ---------------------------------------------------------------------------
 
 
