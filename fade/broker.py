@@ -255,7 +255,7 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
         identity = frames[0].bytes
         try:
             message = p.parse(frames[1:])  # a newer peer's version is answered first
-            if identity[:1] == MADE_UP:
+            if identity[:1] == MADE_UP and message.command is not p.Command.STATUS:
                 self._made_up(identity, message)
                 return
             self._sender = self.gate.check(frames[0], identity, message)
@@ -275,8 +275,9 @@ class Broker(PairDuties, UpkeepDuties, LocalDuties):
         (ROUTER_HANDOVER): ZeroMQ renames the old one and hands us the rest of it. That
         is stale (the peer says on its new connection what counts: HELLO, what it
         holds), and taken for a peer of its own it became a worker that was never
-        there, which tasks went to and were lost. Else a socket that set no identity:
-        its HELLO is told why."""
+        there, which tasks went to and were lost. Else a socket that set no identity
+        (a peer must: the broker knows it by it across reconnections): its HELLO is told
+        why. STATUS, which registers nothing, is answered."""
         log.debug("dropped a %s under an identity ZeroMQ made up", message.command.name)
         if message.command is p.Command.HELLO:
             self._answer_error(

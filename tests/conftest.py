@@ -440,9 +440,12 @@ class Sockets:
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._made: list[zmq.Socket[bytes]] = []
 
-    def dealer(self, address: str) -> zmq.Socket[bytes]:
+    def dealer(self, address: str, identity: bytes | None = None) -> zmq.Socket[bytes]:
+        """A DEALER with a routing identity of its own, as a peer must set (random, with
+        the role byte of a worker, unless given)."""
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity or b"W" + os.urandom(15))
         sock.connect(address)
         self._made.append(sock)
         return sock

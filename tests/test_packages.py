@@ -710,6 +710,7 @@ class FakeWorker(threading.Thread):
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
+        sock.setsockopt(zmq.IDENTITY, b"W" + os.urandom(15))
         sock.connect(self.address)
         sock.send_multipart(raw_hello("worker", **self.hello))
         while not self.stopping.is_set():

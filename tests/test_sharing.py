@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def test_a_flooding_client_is_held_to_its_quota(pool: Pool, tmp_path: Path) -> N
     try:
         flood = ctx.socket(zmq.DEALER)
         flood.linger = 0
+        flood.setsockopt(zmq.IDENTITY, b"C" + os.urandom(15))
         flood.connect(pool.address)
         flood.send_multipart(raw_hello("client"))
         payload = ser.dumps_call(tasks.sleep_and_return, (0.2,), {})

@@ -165,6 +165,7 @@ def test_garbage_does_not_hurt_the_broker(tcp_pool: Pool, fade_executor: fade.Ex
         for frames in GARBAGE * 5:
             stranger.send_multipart(frames)
         registered = ctx.socket(zmq.DEALER)
+        registered.setsockopt(zmq.IDENTITY, b"W" + os.urandom(15))
         registered.connect(tcp_pool.address)
         registered.send_multipart(raw_hello("worker", credits=0))
         for frames in GARBAGE:
