@@ -147,9 +147,10 @@ class WorkerIO:
         # other broker of a pair, a restarted one, or one that stalled while we moved to
         # a new connection (what was left unread in the old one is dropped), may not
         # have read them, and without them would run their tasks again.
-        self._retained: collections.deque[tuple[float, p.DoneRecord, p.Payload, int]] = (
-            collections.deque()
-        )
+        self._retained: collections.deque[
+            tuple[float, list[tuple[p.DoneRecord, p.Payload]], int]
+        ] = collections.deque()
+        self._retained_count = 0
         self._retained_bytes = 0
         self._welcomed_before = False
 
@@ -390,7 +391,7 @@ class WorkerIO:
         keys = self.w.holding()
         room = p.MAX_HOLDING - len(keys)
         if room > 0 and self._retained:
-            keys += [entry[1].key for entry in list(self._retained)[-room:]]
+            keys += [record.key for record, _ in self._kept()[-room:]]
         return tuple(keys)
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
@@ -401,7 +402,7 @@ class WorkerIO:
             # It may be the other broker of a pair, or a restarted one: our code requests
             # and the results we sent lately may never have reached their clients.
             self.w.ask_again()
-            kept = [(record, payload) for _, record, payload, _ in self._retained]
+            kept = self._kept()
             for batch in p.chunked(kept, self._batch_limit()):
                 self.link.send(p.encode_done(0, batch))
         self._welcomed_before = True
@@ -521,19 +522,34 @@ class WorkerIO:
             self.link.send(p.encode_ready(grant))
 
     def _keep(self, results: list[tuple[p.DoneRecord, p.Payload]]) -> None:
-        """Keep results just sent, dropping those past the limits."""
+        """Keep results just sent, dropping the oldest past the limits. One entry per
+        flush, not per result: this runs after every task (0.7 us per result kept one
+        by one, measured; RETURNED ones are skipped when re-sent instead)."""
         now = time.monotonic()
+        size = 0
+        for _, payload in results:
+            size += len(payload.inline)
+            if payload.buffers:
+                size += sum(p.frame_size(b) for b in payload.buffers)
         kept = self._retained
-        for record, payload in results:
-            if record.status is not p.Status.RETURNED:
-                size = len(payload.inline) + sum(p.frame_size(b) for b in payload.buffers)
-                kept.append((now, record, payload, size))
-                self._retained_bytes += size
+        kept.append((now, results, size))
+        self._retained_count += len(results)
+        self._retained_bytes += size
         oldest = now - RETAIN_EXPIRIES * self.link.expiry
         while kept and (
-            len(kept) > RETAIN_MAX or self._retained_bytes > RETAIN_BYTES or kept[0][0] < oldest
+            self._retained_count > RETAIN_MAX
+            or self._retained_bytes > RETAIN_BYTES
+            or kept[0][0] < oldest
         ):
-            self._retained_bytes -= kept.popleft()[3]
+            _, gone, gone_size = kept.popleft()
+            self._retained_count -= len(gone)
+            self._retained_bytes -= gone_size
+
+    def _kept(self) -> list[tuple[p.DoneRecord, p.Payload]]:
+        """The results kept (oldest first), but those handed back: not outcomes."""
+        returned = p.Status.RETURNED
+        kept = [result for _, results, _ in self._retained for result in results]
+        return [result for result in kept if result[0].status is not returned]
 
     def _batch_limit(self) -> int:
         limit = self.link.broker_max_message_size
