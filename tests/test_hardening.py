@@ -36,6 +36,7 @@ from conftest import (
     make_executor,
     other_python,
     python_with,
+    raw_hello,
     wait_for,
 )
 from dists import make_dist
@@ -646,16 +647,7 @@ def test_a_peer_without_an_identity_of_its_own_is_told_and_never_registered(
     # ZeroMQ names a connection that set no identity itself (first byte 0), and so it
     # names what is left in a connection a reconnected peer took over: the broker
     # registers neither (such leftovers became workers that were never there).
-    hello = p.encode_hello(
-        p.ClientHello(
-            host="h",
-            pid=1,
-            version="0",
-            python="3.11.7",
-            implementation="cpython",
-            tag=b"t" * p.TAG_SIZE,
-        )
-    )
+    hello = raw_hello("client")
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         anonymous = ctx.socket(zmq.DEALER)
